@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Idempotent host set-up for Ferry on Debian or Ubuntu, run as root.
+#
+#   deploy/install.sh          a node: ZFS, etcd, Docker, Ferry in a virtualenv
+#   deploy/install.sh --dev    the same, plus the test and lint tools
+#
+# ZFS: kernel OpenZFS userland (and python3-pyzfs, so the libzfs_core backend
+# is used) when the zfs kernel module is loaded, zfs-fuse otherwise.
+# Environment: FERRY_VENV (default /opt/ferry/venv).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${FERRY_VENV:-/opt/ferry/venv}"
+dev=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) dev=1 ;;
+        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        *) echo "install.sh: unknown argument '$arg' (use --dev or nothing)" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install.sh: run as root (it installs system packages)" >&2
+    exit 1
+fi
+
+log() { printf 'install: %s\n' "$*" >&2; }
+
+missing_packages() {
+    local pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || printf '%s\n' "$pkg"
+    done
+}
+
+apt_install() {
+    local -a todo
+    mapfile -t todo < <(missing_packages "$@")
+    [ "${#todo[@]}" -eq 0 ] && return 0
+    log "installing ${todo[*]}"
+    if [ -z "${apt_updated:-}" ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    # No recommends: docker.io's and vagrant's recommends would remove fuse, which zfs-fuse needs.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${todo[@]}"
+}
+
+kernel_zfs=0
+if [ -e /sys/module/zfs ]; then
+    kernel_zfs=1
+fi
+
+packages=(ca-certificates iproute2 etcd-server docker.io python3 python3-venv python3-pip util-linux)
+if [ "$kernel_zfs" -eq 1 ]; then
+    packages+=(zfsutils-linux python3-pyzfs)
+else
+    packages+=(zfs-fuse fuse)
+fi
+if [ "$dev" -eq 1 ]; then
+    packages+=(shellcheck)
+fi
+apt_install "${packages[@]}"
+
+if [ "$kernel_zfs" -eq 0 ]; then
+    "$repo/deploy/zfs-fuse-up.sh"
+fi
+
+python="$(command -v python3)"
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating virtualenv $venv"
+    mkdir -p "$(dirname "$venv")"
+    if [ "$kernel_zfs" -eq 1 ]; then
+        # python3-pyzfs lives in the system site-packages.
+        "$python" -m venv --system-site-packages "$venv"
+    else
+        "$python" -m venv "$venv"
+    fi
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+if [ "$dev" -eq 1 ]; then
+    "$venv/bin/python" -m pip install -q -e "${repo}[dev]"
+else
+    "$venv/bin/python" -m pip install -q "$repo"
+fi
+for tool in ferryctl ferry-control ferry-agent; do
+    ln -sf "$venv/bin/$tool" "/usr/local/bin/$tool"
+done
+log "ferry installed in $venv ($( [ "$kernel_zfs" -eq 1 ] && echo "kernel OpenZFS" || echo "zfs-fuse" ))"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Regenerate the Python code for protos/ferry/v1/*.proto (committed; a test fails when stale).
+# Run from anywhere: the output lands beside the .proto files, importable as protos.ferry.v1.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${1:-$repo}"
+cd "$repo"
+python="${PYTHON:-python3}"
+"$python" -m grpc_tools.protoc -I . \
+    --python_out="$out" --grpc_python_out="$out" --mypy_out="$out" \
+    protos/ferry/v1/*.proto
