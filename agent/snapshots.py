@@ -1,0 +1,73 @@
+"""Ferry's snapshot names and the choice of a common base.
+
+Ferry names its snapshots ``ferry-<epoch>-<seq>``: the owner epoch that took
+it, and a sequence number that only grows on a volume across epochs, so the
+newest snapshot is the one with the highest sequence. Identity of data is
+decided by ZFS GUID, never by name: a fenced old owner may hold a snapshot
+with a familiar name and different data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+PREFIX = "ferry-"
+_PATTERN = re.compile(r"^ferry-(\d+)-(\d+)$")
+
+
+@dataclass(frozen=True, order=True)
+class SnapshotName:
+    """A parsed Ferry snapshot name; orders by sequence, then epoch."""
+
+    seq: int
+    epoch: int
+
+    def __str__(self) -> str:
+        return f"{PREFIX}{self.epoch}-{self.seq}"
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """A snapshot as a peer reports it: short name and ZFS GUID."""
+
+    name: str
+    guid: int
+
+
+def parse(name: str) -> SnapshotName | None:
+    """The Ferry snapshot name in ``name``, or None for snapshots Ferry did not take."""
+    match = _PATTERN.match(name)
+    if match is None:
+        return None
+    return SnapshotName(seq=int(match.group(2)), epoch=int(match.group(1)))
+
+
+def next_name(existing: Iterable[str], epoch: int) -> str:
+    """The name of the next snapshot the owner at ``epoch`` takes."""
+    seqs = [parsed.seq for parsed in map(parse, existing) if parsed is not None]
+    return str(SnapshotName(seq=max(seqs, default=0) + 1, epoch=epoch))
+
+
+def newest_common(local: Sequence[SnapshotRef], remote: Sequence[SnapshotRef]) -> str | None:
+    """The newest snapshot of ``local`` (oldest first) that ``remote`` holds with the same GUID."""
+    remote_guids = {ref.guid for ref in remote}
+    for ref in reversed(local):
+        if ref.guid in remote_guids:
+            return ref.name
+    return None
+
+
+def prunable(snapshots: Sequence[str], keep: Iterable[str], keep_newest: int = 2) -> list[str]:
+    """Ferry snapshots (oldest first in ``snapshots``) that no longer serve as a base.
+
+    Keeps the ``keep_newest`` newest Ferry snapshots and everything named in
+    ``keep`` (the newest common base with each peer), and only prunes
+    snapshots older than the oldest kept one, so an incremental chain to a
+    peer is never broken.
+    """
+    ferry = [name for name in snapshots if parse(name) is not None]
+    kept = set(ferry[-keep_newest:]) | set(keep)
+    oldest_kept = min((ferry.index(name) for name in kept if name in ferry), default=len(ferry))
+    return ferry[:oldest_kept]

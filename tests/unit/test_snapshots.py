@@ -1,0 +1,38 @@
+"""Ferry snapshot names, the common base between two copies, and pruning."""
+
+from agent.snapshots import SnapshotRef, newest_common, next_name, parse, prunable
+
+
+def test_names_round_trip_and_foreign_names_are_ignored() -> None:
+    assert str(parse("ferry-3-12")) == "ferry-3-12"
+    assert parse("ferry-3-12") is not None and parse("ferry-3-12").seq == 12  # type: ignore[union-attr]
+    for foreign in ("manual", "ferry-3", "ferry-a-1", "ferry-1-2-3", "xferry-1-2"):
+        assert parse(foreign) is None
+
+
+def test_sequence_keeps_growing_across_epochs() -> None:
+    assert next_name([], epoch=1) == "ferry-1-1"
+    assert next_name(["ferry-1-1", "manual", "ferry-1-7"], epoch=2) == "ferry-2-8"
+    assert next_name(["ferry-4-9", "ferry-5-3"], epoch=5) == "ferry-5-10"
+
+
+def test_common_base_is_decided_by_guid_not_name() -> None:
+    local = [
+        SnapshotRef("ferry-1-1", 11),
+        SnapshotRef("ferry-1-2", 12),
+        SnapshotRef("ferry-2-3", 23),
+    ]
+    remote_same = [SnapshotRef("ferry-1-1", 11), SnapshotRef("ferry-1-2", 12)]
+    assert newest_common(local, remote_same) == "ferry-1-2"
+    diverged = [SnapshotRef("ferry-1-1", 11), SnapshotRef("ferry-1-2", 99)]
+    assert newest_common(local, diverged) == "ferry-1-1"
+    assert newest_common(local, []) is None
+    assert newest_common([], remote_same) is None
+
+
+def test_pruning_keeps_the_newest_and_every_base_a_peer_needs() -> None:
+    snaps = ["ferry-1-1", "manual", "ferry-1-2", "ferry-1-3", "ferry-1-4", "ferry-1-5"]
+    assert prunable(snaps, keep=[]) == ["ferry-1-1", "ferry-1-2", "ferry-1-3"]
+    assert prunable(snaps, keep=["ferry-1-2"]) == ["ferry-1-1"]
+    assert prunable(snaps, keep=["ferry-1-1"]) == []
+    assert prunable(["ferry-1-1"], keep=[]) == []
