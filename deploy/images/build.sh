@@ -98,9 +98,11 @@ EOF
             && chroot "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive \
                 apt-get "${apt_opts[@]}" install -y --no-install-recommends postgresql-15 \
             && chroot "$root" apt-get clean \
-            && chroot "$root" dpkg --purge --force-depends libllvm14 libz3-4 locales
+            && chroot "$root" dpkg --purge --force-depends libllvm14 libz3-4 locales \
+                perl perl-modules-5.36 libperl5.36
     } >>"$build_log" 2>&1 || die "installing postgresql-15 failed; see the end of $build_log"
-    # JIT (LLVM, 130 MB) is off in this image; C.UTF-8 is built into libc, no locales needed.
+    # JIT (LLVM, 130 MB) is off in this image; C.UTF-8 is built into libc, no locales needed;
+    # full perl only serves postgresql-common's cluster wrappers: PATH leads to the binaries.
     rm -rf "$root/usr/sbin/policy-rc.d" "$root"/usr/lib/postgresql/15/lib/llvmjit* \
         "$root/usr/lib/postgresql/15/lib/bitcode"
     install -m 0755 "$here/postgres/entrypoint.sh" "$root/usr/local/bin/ferry-postgres-entrypoint"

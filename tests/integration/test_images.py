@@ -53,7 +53,7 @@ def test_second_build_reuses_the_cached_root_filesystem(
 def test_postgres_image_is_small_and_runs_its_entrypoint(daemon: DockerDaemon) -> None:
     image = daemon.client.images.get(POSTGRES)
     config = image.attrs["Config"]
-    assert image.attrs["Size"] < 250 * 1024 * 1024, f"image is {image.attrs['Size']} bytes"
+    assert image.attrs["Size"] < 200 * 1024 * 1024, f"image is {image.attrs['Size']} bytes"
     assert config["Entrypoint"] == ["/usr/local/bin/ferry-postgres-entrypoint"]
     assert "PGDATA=/var/lib/postgresql/data" in config["Env"]
 
