@@ -1,0 +1,1 @@
+"""Cluster tests: several hosts (netns here, Vagrant nodes there) from one description file."""

@@ -1,0 +1,50 @@
+"""The cluster every test in tests/cluster runs against.
+
+FERRY_CLUSTER_FILE=PATH uses an already running cluster described by that file
+(a Vagrant cluster, or a local one brought up by hand). Otherwise a local netns
+cluster is brought up once per session with deploy/local-cluster and taken down
+at the end; FERRY_CLUSTER_HOSTS (default 2), FERRY_CLUSTER_DOCKER (default 1)
+and FERRY_CLUSTER_AGENTS (default 1; 0 runs hosts, pools, etcd and dockerd only)
+shape it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import Cluster, local_cluster
+
+NOT_ROOT_REASON = (
+    "a local cluster needs root (network namespaces, zpools, dockerd); run as root, "
+    "or set FERRY_CLUSTER_FILE to the description file of a running cluster"
+)
+
+
+def requires_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip(NOT_ROOT_REASON)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value not in ("0", "no", "false", "")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    described = os.environ.get("FERRY_CLUSTER_FILE")
+    if described:
+        yield Cluster.load(Path(described))
+        return
+    requires_root()
+    with local_cluster(
+        f"lc{os.getpid() % 1_000_000}",
+        hosts=int(os.environ.get("FERRY_CLUSTER_HOSTS", "2")),
+        docker=env_flag("FERRY_CLUSTER_DOCKER", True),
+        agents=env_flag("FERRY_CLUSTER_AGENTS", True),
+    ) as running:
+        yield running
