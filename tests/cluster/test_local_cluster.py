@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import sys
 import tarfile
 import threading
 import uuid
@@ -308,3 +309,100 @@ def test_second_up_with_the_same_name_refuses_and_keeps_the_cluster(
     assert "already exists" in again.stderr
     code, report = status_of(docker_cluster.name)
     assert code == 0 and report["healthy"] is True
+
+
+FAKE_FERRY = """#!{python}
+# Stands in for {program} to test how local-cluster starts, checks and stops Ferry processes.
+import os, socket, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+with open(os.environ["LC_FAKE_RECORD"], "a") as record:
+    record.write("{program} " + " ".join(args) + "\\n")
+def flag(name):
+    return args[args.index(name) + 1]
+if "{program}" == "ferryctl":
+    certs = Path(flag("--dir"))
+    certs.mkdir(parents=True, exist_ok=True)
+    for name in ["ca"] if args[1] == "init" else [flag("--name")]:
+        (certs / f"{{name}}.crt").touch()
+        (certs / f"{{name}}.key").touch()
+    sys.exit(0)
+if "{program}" == "ferry-agent" and flag("--node") == os.environ.get("LC_FAKE_AGENT_FAILS_ON"):
+    print("agent: cannot open pool " + flag("--pool"), file=sys.stderr)
+    sys.exit(3)
+host, port = flag("--listen").rsplit(":", 1)
+listener = socket.create_server((host, int(port)))
+if "{program}" == "ferry-agent":
+    plugin = socket.socket(socket.AF_UNIX)
+    plugin.bind(flag("--plugin-socket"))
+    plugin.listen()
+time.sleep(3600)
+"""
+
+
+def fake_ferry_bin(directory: Path) -> Path:
+    directory.mkdir()
+    for program in ("ferry-agent", "ferry-control", "ferryctl"):
+        script = directory / program
+        script.write_text(FAKE_FERRY.format(python=sys.executable, program=program))
+        script.chmod(0o755)
+    return directory
+
+
+def test_up_issues_certificates_and_starts_control_and_an_agent_per_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requires_root()
+    name = unique_cluster_name()
+    record = tmp_path / "calls.txt"
+    monkeypatch.setenv("LC_FAKE_RECORD", str(record))
+    ferry_bin = fake_ferry_bin(tmp_path / "bin")
+    pids: list[int] = []
+    up = local_cluster_command("up", "--name", name, "--ferry-bin", str(ferry_bin))
+    try:
+        assert up.returncode == 0, up.stderr
+        cluster = Cluster.load(Path(up.stdout.strip()))
+        code, report = status_of(name)
+        assert code == 0 and report["healthy"] is True
+        pids = all_pids(report)
+        assert len(pids) == 4  # etcd, control, two agents
+        calls = record.read_text().splitlines()
+        bridge = cluster.control_address.split(":")[0]  # type: ignore[union-attr]
+        certs = cluster.tls_ca.parent  # type: ignore[union-attr]
+        assert f"ferryctl ca init --dir {certs}" in calls
+        issued = {c.split("--name ")[1].split()[0] for c in calls if " ca issue " in c}
+        assert issued == {"control", "admin", *cluster.host_names}
+        assert f"--kind control --name control --ip {bridge}" in "\n".join(calls)
+        for host in cluster.hosts:
+            assert f"--kind node --name {host.name} --ip {host.address}" in "\n".join(calls)
+            agent = next(c for c in calls if c.startswith(f"ferry-agent --node {host.name} "))
+            assert f"--pool {host.pool} " in agent
+            assert f"--listen {host.agent_address} --advertise {host.agent_address}" in agent
+            assert f"--tls-cert {certs}/{host.name}.crt" in agent
+            assert f"--etcd {cluster.etcd_endpoints[0]}" in agent
+        assert cluster.user_cert == certs / "admin.crt"
+        assert cluster.ferryctl_environment()["FERRY_TLS_CERT"] == str(certs / "admin.crt")
+    finally:
+        down = local_cluster_command("down", "--name", name)
+    assert down.returncode == 0, down.stderr
+    assert leftovers(name, Path("/run/ferry-cluster") / name, pids) == []
+
+
+def test_an_agent_that_exits_during_up_is_reported_and_everything_is_cleaned_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requires_root()
+    name = unique_cluster_name()
+    monkeypatch.setenv("LC_FAKE_RECORD", str(tmp_path / "calls.txt"))
+    monkeypatch.setenv("LC_FAKE_AGENT_FAILS_ON", "host2")
+    ferry_bin = fake_ferry_bin(tmp_path / "bin")
+    try:
+        up = local_cluster_command(
+            "up", "--name", name, "--insecure", "--ferry-bin", str(ferry_bin)
+        )
+        assert up.returncode != 0
+        assert "ferry-agent on host2 exited with code 3" in up.stderr
+        assert f"cannot open pool ferry-{name}-host2" in up.stderr
+        assert leftovers(name, Path("/run/ferry-cluster") / name, []) == []
+    finally:
+        local_cluster_command("down", "--name", name)
