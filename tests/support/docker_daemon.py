@@ -159,7 +159,7 @@ class DockerDaemon:
 
     def _kill_leftover_processes(self) -> None:
         """Kills containerd and shims of this daemon that outlived it (found by our unique name)."""
-        for pid in _pids_with_argument(self.name):
+        for pid in set(_pids_with_argument(self.name)) - {os.getpid()}:
             try:
                 os.kill(pid, signal.SIGKILL)
                 log.warning("killed leftover process: daemon=%s pid=%d", self.name, pid)

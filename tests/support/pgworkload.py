@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from docker.errors import APIError, NotFound
+from docker.errors import APIError
 from docker.models.containers import Container
 from docker.utils.socket import next_frame_header, read_exactly
 
@@ -284,7 +284,7 @@ class Writer:
     def _run(self) -> None:
         try:
             session = _PsqlSession(self._container, self._statement_timeout)
-        except (APIError, NotFound, OSError) as error:
+        except (APIError, OSError) as error:
             self.ended_because = f"could not start psql: {error}"
             log.warning("writer not started: container=%s error=%s", self._container.name, error)
             return
