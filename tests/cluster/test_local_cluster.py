@@ -56,6 +56,8 @@ def unique_cluster_name() -> str:
 
 
 # ---------------------------------------------------------------- any cluster
+# Commands go to hosts as plain words and scripts through stdin, so that a remote
+# `run` prefix (vagrant ssh, which joins words with spaces) runs them unchanged.
 
 
 def test_suite_reads_its_hosts_from_the_description_file(cluster: Cluster) -> None:
@@ -71,29 +73,34 @@ def test_suite_reads_its_hosts_from_the_description_file(cluster: Cluster) -> No
 
 
 def test_hosts_reach_each_other_and_the_cluster_services(cluster: Cluster) -> None:
-    listeners = [
-        subprocess.Popen(
-            [*host.run_prefix, "python3", "-c", LISTENER, host.address, str(PROBE_PORT)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for host in cluster.hosts
-    ]
+    listeners = []
     try:
-        for host, listener in zip(cluster.hosts, listeners, strict=True):
-            assert listener.stdout is not None
+        for host in cluster.hosts:
+            listener = subprocess.Popen(
+                [*host.run_prefix, "python3", "-", host.address, str(PROBE_PORT)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            listeners.append(listener)
+            assert listener.stdin is not None and listener.stdout is not None
+            listener.stdin.write(LISTENER)
+            listener.stdin.close()
             assert listener.stdout.readline().strip() == "ready", f"no listener on {host.name}"
         services = [*cluster.etcd_endpoints]
         if cluster.control_address:
             services.append(cluster.control_address)
         for host in cluster.hosts:
             peers = [f"{o.address}:{PROBE_PORT}" for o in cluster.hosts if o is not host]
-            failed = cluster.run(host, ["python3", "-c", CONNECTOR, *peers, *services]).stdout
+            connect = ["python3", "-", *peers, *services]
+            failed = cluster.run(host, connect, input=CONNECTOR).stdout
             assert failed.strip() == "", f"{host.name} cannot reach:\n{failed}"
     finally:
         for listener in listeners:
             listener.kill()
-            listener.communicate()
+            listener.wait()
+            if listener.stdout:
+                listener.stdout.close()
 
 
 def test_each_host_has_its_own_usable_pool(cluster: Cluster) -> None:
@@ -110,7 +117,7 @@ def test_each_host_has_its_own_usable_pool(cluster: Cluster) -> None:
             mountpoint = cluster.run(
                 host, ["zfs", "get", "-H", "-o", "value", "mountpoint", dataset]
             ).stdout.strip()
-            cluster.run(host, ["sh", "-c", f"echo written-on-{host.name} > {mountpoint}/file"])
+            cluster.run(host, ["tee", f"{mountpoint}/file"], input=f"written-on-{host.name}\n")
             content = cluster.run(host, ["cat", f"{mountpoint}/file"]).stdout.strip()
             assert content == f"written-on-{host.name}"
         for host, dataset in created:

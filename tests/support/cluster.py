@@ -130,10 +130,12 @@ class Cluster:
         argv: Sequence[str],
         check: bool = True,
         timeout: float = COMMAND_TIMEOUT_SECONDS,
+        input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command on a host through its argv prefix."""
+        """Run a command on a host through its argv prefix; `input` goes to its stdin.
+        Pass plain words: a remote prefix (ssh) joins them with spaces, so avoid `sh -c`."""
         target = host if isinstance(host, ClusterHost) else self.host(host)
-        return _run([*target.run_prefix, *argv], check, timeout)
+        return _run([*target.run_prefix, *argv], check, timeout, input=input)
 
     def ferryctl(
         self, args: Sequence[str], check: bool = True, timeout: float = COMMAND_TIMEOUT_SECONDS
@@ -185,11 +187,21 @@ def _ferry_command(name: str) -> str:
 
 
 def _run(
-    argv: Sequence[str], check: bool, timeout: float, env: Mapping[str, str] | None = None
+    argv: Sequence[str],
+    check: bool,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     log.debug("cluster command argv=%s", " ".join(argv))
     result = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, env=env, check=False
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        input=input,
+        check=False,
     )
     if check and result.returncode != 0:
         raise ClusterError(
