@@ -1,0 +1,139 @@
+"""Ferry's own layer over the ZFS API: volumes as datasets under one root in a pool.
+
+A volume is ``<pool>/ferry/<name>``; copies that were kept aside live under
+``<pool>/ferry-aside/`` so they are never taken for a volume. Both roots have
+``mountpoint=none``; a volume gets the mountpoint Ferry chooses when it is
+mounted. zfs-fuse refuses to rename or destroy a mounted or just-unmounted
+filesystem ("dataset is busy"), so those steps unmount first and retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from agent import zfs
+from agent.zfs.exceptions import DatasetBusy, PropertyInvalid
+from agent.zfs.names import validate_dataset, validate_under, validate_volume_name
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BUSY_ATTEMPTS = 20
+BUSY_DELAY_SECONDS = 0.25
+BASE_COMPRESSION = frozenset(
+    {"on", "off", "lzjb", "zle", "gzip", *(f"gzip-{n}" for n in range(1, 10))}
+)
+
+
+def retry_busy(operation: Callable[[], T], what: str) -> T:
+    """Run ``operation``, retrying while ZFS says the dataset is busy."""
+    for attempt in range(1, BUSY_ATTEMPTS + 1):
+        try:
+            return operation()
+        except DatasetBusy:
+            if attempt == BUSY_ATTEMPTS:
+                raise
+            log.debug("dataset busy, retrying: what=%s attempt=%d", what, attempt)
+            time.sleep(BUSY_DELAY_SECONDS * attempt)
+    raise AssertionError("unreachable")
+
+
+def compression_values() -> frozenset[str]:
+    """The compression settings this ZFS accepts."""
+    return BASE_COMPRESSION | ({"lz4"} if zfs.features().lz4 else set())
+
+
+def validate_compression(value: str) -> str:
+    if value not in compression_values():
+        raise PropertyInvalid(
+            value, f"Invalid compression; use one of {', '.join(sorted(compression_values()))}"
+        )
+    return value
+
+
+class PoolRoot:
+    """The datasets Ferry manages in one pool."""
+
+    def __init__(self, pool: str, root: str = "ferry") -> None:
+        self.pool = pool
+        self.base = validate_dataset(f"{pool}/{root}")
+        self.aside = validate_dataset(f"{pool}/{root}-aside")
+
+    def dataset(self, volume: str) -> bytes:
+        """The dataset of a volume; rejects names that are not volume names."""
+        validate_volume_name(volume)
+        return validate_under(self.base + b"/" + volume.encode(), self.base)
+
+    def ensure(self) -> None:
+        """Create the roots if missing."""
+        for root in (self.base, self.aside):
+            if not zfs.lzc_exists(root):
+                zfs.lzc_create(root, props={"mountpoint": "none"})
+                log.info("created ferry root: dataset=%s", root.decode())
+
+    def volumes(self) -> list[str]:
+        """Names of the volumes this pool holds."""
+        prefix = len(self.base) + 1
+        return [child[prefix:].decode() for child in zfs.lzc_list_children(self.base)]
+
+    def create_volume(
+        self, volume: str, size_bytes: int, compression: str, mountpoint: Path
+    ) -> None:
+        if size_bytes <= 0:
+            raise PropertyInvalid(volume, "Invalid size: must be positive")
+        zfs.lzc_create(
+            self.dataset(volume),
+            props={
+                "refquota": size_bytes,
+                "compression": validate_compression(compression),
+                "mountpoint": str(mountpoint),
+            },
+        )
+
+    def is_mounted(self, volume: str) -> bool:
+        return zfs.lzc_get_props(self.dataset(volume)).get("mounted") == "yes"
+
+    def mount(self, volume: str, path: Path) -> None:
+        """Mount at ``path`` (setting the mountpoint if it differs); no-op when mounted there."""
+        dataset = self.dataset(volume)
+        props = zfs.lzc_get_props(dataset)
+        if props.get("mountpoint") != str(path):
+            zfs.lzc_set_prop(dataset, "mountpoint", str(path))
+        if props.get("canmount") != "on":
+            zfs.lzc_set_prop(dataset, "canmount", "on")
+        if zfs.lzc_get_props(dataset).get("mounted") != "yes":
+            path.mkdir(parents=True, exist_ok=True)
+            zfs.zfs_mount(dataset)
+
+    def unmount(self, volume: str) -> None:
+        """Unmount (retrying while busy) and keep it from being mounted automatically."""
+        dataset = self.dataset(volume)
+        if zfs.lzc_get_props(dataset).get("mounted") == "yes":
+            retry_busy(lambda: zfs.zfs_unmount(dataset), f"unmount {volume}")
+        zfs.lzc_set_prop(dataset, "canmount", "noauto")
+
+    def destroy_volume(self, volume: str) -> None:
+        """Destroy the volume's dataset and its snapshots (holds released first)."""
+        dataset = self.dataset(volume)
+        self.unmount(volume)
+        snapshots = zfs.lzc_list_snaps(dataset)
+        if snapshots:
+            retry_busy(lambda: zfs.lzc_destroy_snaps(snapshots, defer=False), f"destroy {volume}@*")
+        retry_busy(lambda: zfs.lzc_destroy(dataset), f"destroy {volume}")
+
+    def rename_aside(self, volume: str, suffix: str) -> bytes:
+        """Move a copy out of the volume root, keeping every byte; returns its new name."""
+        dataset = self.dataset(volume)
+        self.unmount(volume)
+        target = validate_under(self.aside + b"/" + f"{volume}-{suffix}".encode(), self.aside)
+        retry_busy(lambda: zfs.lzc_rename(dataset, target), f"rename {volume} aside")
+        log.warning("copy kept aside: volume=%s dataset=%s", volume, target.decode())
+        return target
+
+    def free_bytes(self) -> int:
+        return zfs.pool_free_bytes(self.pool)
