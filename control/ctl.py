@@ -1,8 +1,430 @@
-"""Placeholder entry point; replaced by the control plane issue."""
+"""ferryctl: the command line of a Ferry cluster.
+
+Settings come from flags, then ``FERRY_*`` environment variables, then the
+config file (``--config``, default ``~/.config/ferry/ferryctl.yaml``, keys
+``control``, ``tls_ca``, ``tls_cert``, ``tls_key``, ``insecure``). Every read
+takes ``-o table|json|yaml``. Exit code 0 on success; otherwise one line on
+stderr saying what failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
+import grpc
+import yaml
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from control import ca
+from control.declared import Current, DeclarationError, changes, parse
+from control.tls import TlsFiles
+from protos.ferry.v1 import control_pb2, control_pb2_grpc
+
+DEFAULT_CONFIG = Path("~/.config/ferry/ferryctl.yaml").expanduser()
+SETTINGS = ("control", "tls_ca", "tls_cert", "tls_key", "insecure")
+CONTROL_NAME = "control"
+OUTPUT = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+)
+
+console = Console()
 
 
-@click.command()
-def main() -> None:
-    """Ferry control plane (arrives with the control plane issue)."""
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"ferryctl: {message}", err=True)
+    sys.exit(code)
+
+
+class Api:
+    """A connection to ferry-control, made on first use."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self._settings = settings
+        self._stub: control_pb2_grpc.ControlStub | None = None
+
+    @property
+    def stub(self) -> control_pb2_grpc.ControlStub:
+        if self._stub is None:
+            self._stub = control_pb2_grpc.ControlStub(self._channel())
+        return self._stub
+
+    def _channel(self) -> grpc.Channel:
+        s = self._settings
+        address = s.get("control")
+        if not address:
+            fail(
+                "no control address: give --control, FERRY_CONTROL or 'control' in the config file"
+            )
+        if s.get("insecure"):
+            return grpc.insecure_channel(address)
+        if not (s.get("tls_ca") and s.get("tls_cert") and s.get("tls_key")):
+            fail(
+                "give --tls-ca, --tls-cert and --tls-key (or --insecure for a development cluster)"
+            )
+        tls = TlsFiles(Path(s["tls_ca"]), Path(s["tls_cert"]), Path(s["tls_key"]))
+        try:
+            credentials = tls.channel_credentials()
+        except FileNotFoundError as error:
+            fail(str(error))
+        return grpc.secure_channel(
+            address, credentials, options=[("grpc.ssl_target_name_override", CONTROL_NAME)]
+        )
+
+    def call(self, method: str, request: Any, timeout: float = 30.0) -> Any:
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.RpcError as error:
+            fail(_rpc_message(error))
+
+
+def _rpc_message(error: grpc.RpcError) -> str:
+    code = error.code()
+    details = error.details()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach ferry-control: {details}; is it running and is the address right?"
+    return f"{details} ({code.name.lower()})"
+
+
+def _load_settings(config: Path | None, given: dict[str, Any]) -> dict[str, Any]:
+    path = config or DEFAULT_CONFIG
+    from_file: dict[str, Any] = {}
+    if path.exists():
+        try:
+            from_file = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            fail(f"config file {path} is not valid YAML: {error}")
+        unknown = set(from_file) - set(SETTINGS)
+        if unknown:
+            fail(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    elif config is not None:
+        fail(f"config file {path} does not exist")
+    return {
+        key: given[key] if given.get(key) not in (None, False) else from_file.get(key)
+        for key in SETTINGS
+    }
+
+
+@click.group(
+    context_settings={"auto_envvar_prefix": "FERRY", "help_option_names": ["-h", "--help"]}
+)
+@click.option("--control", default=None, help="ferry-control address HOST:PORT.")
+@click.option("--tls-ca", default=None, help="Cluster CA certificate.")
+@click.option("--tls-cert", default=None, help="Your certificate (ferryctl ca issue --kind user).")
+@click.option("--tls-key", default=None, help="Your private key.")
+@click.option("--insecure", is_flag=True, default=None, help="No TLS (development clusters).")
+@click.option("--config", type=click.Path(path_type=Path), default=None, help="Config file.")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None, **given: Any) -> None:
+    """Declare and inspect where Ferry volumes live."""
+    ctx.obj = Api(_load_settings(config, given))
+
+
+def _volume_dict(volume: control_pb2.Volume) -> dict[str, Any]:
+    data = MessageToDict(
+        volume, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    data["size_bytes"] = int(data.get("size_bytes", 0))
+    data["epoch"] = int(data.get("epoch", 0))
+    if volume.HasField("move"):
+        for key in ("bytes_sent", "bytes_total"):
+            data["move"][key] = int(data["move"].get(key, 0))
+    else:
+        data.pop("move", None)
+    return data
+
+
+def _emit(
+    output: str, rows: list[dict[str, Any]], columns: list[str], single: bool = False
+) -> None:
+    if output == "json":
+        click.echo(json.dumps(rows[0] if single else rows, indent=2, sort_keys=True))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(rows[0] if single else rows, sort_keys=True), nl=False)
+    else:
+        table = Table(*[c.upper() for c in columns], box=None, pad_edge=False)
+        for row in rows:
+            table.add_row(*[_cell(row, c) for c in columns])
+        console.print(table)
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    if column == "size":
+        return _human(row.get("size_bytes", 0))
+    if column == "move":
+        move = row.get("move")
+        return f"{move['phase']} {move['source']}->{move['target']}" if move else "-"
+    if column == "mounted_on":
+        return ",".join(row.get("mounted_on") or []) or "-"
+    if column == "free":
+        return _human(int(row.get("free_bytes", 0)))
+    return str(row.get(column, ""))
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{size}B"
+
+
+VOLUME_COLUMNS = ["name", "size", "compression", "node", "owner", "epoch", "mounted_on", "move"]
+
+
+@main.group()
+def volume() -> None:
+    """Create, inspect, move and delete volumes."""
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("--size", default="", help="e.g. 512M, 10G, or bytes (default 1G).")
+@click.option("--compression", default="", help="off, on, lzjb, gzip, gzip-N, zle.")
+@click.option("--node", default="", help="Node to create it on (default: most free space).")
+@OUTPUT
+@click.pass_obj
+def volume_create(api: Api, name: str, size: str, compression: str, node: str, output: str) -> None:
+    """Create a volume."""
+    created = api.call(
+        "CreateVolume",
+        control_pb2.CreateVolumeRequest(name=name, size=size, compression=compression, node=node),
+    )
+    _emit(output, [_volume_dict(created)], VOLUME_COLUMNS, single=True)
+
+
+@volume.command("list")
+@OUTPUT
+@click.pass_obj
+def volume_list(api: Api, output: str) -> None:
+    """List volumes."""
+    reply = api.call("ListVolumes", control_pb2.ListVolumesRequest())
+    _emit(output, [_volume_dict(v) for v in reply.volumes], VOLUME_COLUMNS)
+
+
+@volume.command("get")
+@click.argument("name")
+@OUTPUT
+@click.pass_obj
+def volume_get(api: Api, name: str, output: str) -> None:
+    """Show one volume, with its owner and move."""
+    found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
+    _emit(output, [_volume_dict(found)], VOLUME_COLUMNS, single=True)
+
+
+@volume.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Delete even while mounted.")
+@click.pass_obj
+def volume_delete(api: Api, name: str, force: bool) -> None:
+    """Delete a volume cluster-wide (agents destroy its data)."""
+    api.call("DeleteVolume", control_pb2.DeleteVolumeRequest(name=name, force=force))
+    click.echo(f"volume {name} deleted")
+
+
+@volume.command("move")
+@click.argument("name")
+@click.argument("node")
+@click.option("--wait", is_flag=True, help="Follow the move; exit 0 once the target owns it.")
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
+@click.pass_obj
+def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> None:
+    """Move a volume to NODE (pre-copy now, handoff once nothing mounts it)."""
+    moved = api.call("MoveVolume", control_pb2.MoveVolumeRequest(name=name, node=node))
+    if not moved.HasField("move") or (moved.owner == node and not _moving(moved)):
+        click.echo(f"volume {name} is on {node}")
+        return
+    click.echo(f"volume {name}: moving {moved.move.source} -> {node}")
+    if wait:
+        _follow(api, name, node, timeout)
+
+
+def _moving(volume: control_pb2.Volume) -> bool:
+    return volume.HasField("move") and volume.move.phase not in ("done", "failed")
+
+
+def _follow(api: Api, name: str, node: str, timeout: float) -> None:
+    columns = (
+        TextColumn("{task.fields[phase]:<20}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    )
+    deadline = time.monotonic() + timeout
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task(name, total=None, phase="pending")
+        for current in _watch(api, name, deadline):
+            move = current.move
+            progress.update(
+                task,
+                completed=move.bytes_sent,
+                total=move.bytes_total or None,
+                phase=move.phase
+                + (" (waiting for unmount)" if move.phase == "waiting_for_unmount" else ""),
+            )
+            if move.phase == "failed":
+                fail(f"move of {name} failed: {move.error or 'see the agents logs'}")
+            if current.owner == node and move.phase == "done":
+                progress.update(task, phase="done")
+                break
+    click.echo(f"volume {name} is on {node}")
+
+
+def _watch(api: Api, name: str, deadline: float) -> Iterator[control_pb2.Volume]:
+    remaining = max(deadline - time.monotonic(), 1.0)
+    try:
+        yield from api.stub.WatchVolume(control_pb2.GetVolumeRequest(name=name), timeout=remaining)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            fail(f"move of {name} did not finish in time; 'ferryctl move status {name}' follows it")
+        fail(_rpc_message(error))
+
+
+@main.group()
+def move() -> None:
+    """Follow moves."""
+
+
+@move.command("status")
+@click.argument("name")
+@OUTPUT
+@click.pass_obj
+def move_status(api: Api, name: str, output: str) -> None:
+    """Show the current or last move of a volume."""
+    found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
+    if not found.HasField("move"):
+        fail(f"volume {name} has never moved")
+    data = _volume_dict(found)["move"]
+    _emit(
+        output,
+        [data],
+        ["phase", "source", "target", "bytes_sent", "bytes_total", "error"],
+        single=True,
+    )
+
+
+@main.group()
+def node() -> None:
+    """Inspect nodes."""
+
+
+@node.command("list")
+@OUTPUT
+@click.pass_obj
+def node_list(api: Api, output: str) -> None:
+    """List live nodes."""
+    reply = api.call("ListNodes", control_pb2.ListNodesRequest())
+    rows = [
+        {**MessageToDict(n, preserving_proto_field_name=True), "free_bytes": n.free_bytes}
+        for n in reply.nodes
+    ]
+    _emit(output, rows, ["name", "address", "pool", "free", "version"])
+
+
+def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
+    try:
+        declared = parse(file.read_text(), str(file))
+    except OSError as error:
+        fail(f"cannot read {file}: {error.strerror}")
+    except DeclarationError as error:
+        fail(str(error))
+    reply = api.call("ListVolumes", control_pb2.ListVolumesRequest())
+    current = {v.name: Current(v.name, v.size_bytes, v.compression, v.node) for v in reply.volumes}
+    return [
+        (change, next((d for d in declared if d.name == change.name), None))
+        for change in changes(declared, current, prune)
+    ]
+
+
+@main.command("diff")
+@click.option("-f", "--file", "file", type=click.Path(path_type=Path), required=True)
+@click.option("--prune", is_flag=True, help="Also show deletions of volumes not in the file.")
+@OUTPUT
+@click.pass_obj
+def diff(api: Api, file: Path, prune: bool, output: str) -> None:
+    """Show what 'apply' would change."""
+    planned = _plan(api, file, prune)
+    _emit(output, [asdict(change) for change, _ in planned], ["action", "name", "detail"])
+
+
+@main.command("apply")
+@click.option("-f", "--file", "file", type=click.Path(path_type=Path), required=True)
+@click.option("--prune", is_flag=True, help="Delete volumes that are not in the file.")
+@click.option("--dry-run", is_flag=True, help="Only show what would change.")
+@click.pass_obj
+def apply(api: Api, file: Path, prune: bool, dry_run: bool) -> None:
+    """Make the cluster match a file of volumes (idempotent)."""
+    planned = _plan(api, file, prune)
+    if not planned:
+        click.echo("nothing to change")
+        return
+    actions: dict[str, Callable[[Any], Any]] = {
+        "create": lambda d: api.call(
+            "CreateVolume",
+            control_pb2.CreateVolumeRequest(
+                name=d.name, size=d.size, compression=d.compression, node=d.node
+            ),
+        ),
+        "move": lambda d: api.call(
+            "MoveVolume", control_pb2.MoveVolumeRequest(name=d.name, node=d.node)
+        ),
+        "update": lambda d: api.call(
+            "UpdateVolume",
+            control_pb2.CreateVolumeRequest(name=d.name, size=d.size, compression=d.compression),
+        ),
+    }
+    for change, wanted in planned:
+        click.echo(f"{'would ' if dry_run else ''}{change.action} {change.name}: {change.detail}")
+        if dry_run:
+            continue
+        if change.action == "delete":
+            api.call("DeleteVolume", control_pb2.DeleteVolumeRequest(name=change.name))
+        else:
+            actions[change.action](wanted)
+
+
+@main.group("ca")
+def ca_group() -> None:
+    """The cluster CA and its certificates."""
+
+
+@ca_group.command("init")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+def ca_init(directory: Path) -> None:
+    """Create a cluster CA in DIR."""
+    try:
+        path = ca.init(directory)
+    except ca.CAError as error:
+        fail(str(error))
+    click.echo(f"CA certificate: {path}")
+
+
+@ca_group.command("issue")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@click.option("--kind", type=click.Choice(ca.KINDS), required=True)
+@click.option("--name", required=True, help="Identity: node name, 'control', or a user name.")
+@click.option("--ip", "ips", multiple=True, help="IP address the holder serves on (repeatable).")
+@click.option("--dns", "dns", multiple=True, help="Extra DNS name (repeatable).")
+def ca_issue(
+    directory: Path, kind: str, name: str, ips: tuple[str, ...], dns: tuple[str, ...]
+) -> None:
+    """Issue a certificate and key signed by the CA in DIR."""
+    try:
+        cert, key = ca.issue(directory, kind, name, ips, dns)
+    except ca.CAError as error:
+        fail(str(error))
+    click.echo(f"certificate: {cert}\nkey: {key}")

@@ -1,8 +1,206 @@
-"""Placeholder entry point; replaced by the control plane issue."""
+"""ferry-control: a stateless gRPC API in front of etcd.
+
+Any number of instances may run against one etcd: every decision is an etcd
+transaction, so two racing requests cannot both win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import click
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agent.logs import setup_logging
+from control.keyspace import Keyspace, endpoints_client
+from control.operations import OperationError, VolumeOps
+from control.tls import TlsFiles, warn_insecure
+from protos.ferry.v1 import control_pb2, control_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
-@click.command()
-def main() -> None:
-    """Ferry control plane (arrives with the control plane issue)."""
+class ControlService(control_pb2_grpc.ControlServicer):
+    """The Control API over the keyspace."""
+
+    def __init__(self, keyspace: Keyspace) -> None:
+        self._keyspace = keyspace
+        self._ops = VolumeOps(keyspace)
+
+    async def CreateVolume(
+        self, request: control_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.Volume:
+        await self._guard(
+            context, self._ops.create(request.name, request.size, request.compression, request.node)
+        )
+        return await self._volume(request.name, context)
+
+    async def GetVolume(
+        self, request: control_pb2.GetVolumeRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.Volume:
+        return await self._volume(request.name, context)
+
+    async def ListVolumes(
+        self, request: control_pb2.ListVolumesRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListVolumesReply:
+        specs = await self._keyspace.list_volumes()
+        volumes = [await self._volume(s.value.name, context) for s in specs if not s.value.deleted]
+        return control_pb2.ListVolumesReply(volumes=volumes)
+
+    async def DeleteVolume(
+        self, request: control_pb2.DeleteVolumeRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.DeleteVolumeReply:
+        await self._guard(context, self._ops.delete(request.name, request.force))
+        return control_pb2.DeleteVolumeReply()
+
+    async def MoveVolume(
+        self, request: control_pb2.MoveVolumeRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.Volume:
+        await self._guard(context, self._ops.move(request.name, request.node))
+        return await self._volume(request.name, context)
+
+    async def UpdateVolume(
+        self, request: control_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.Volume:
+        await self._guard(
+            context, self._ops.update(request.name, request.size, request.compression)
+        )
+        return await self._volume(request.name, context)
+
+    async def ListNodes(
+        self, request: control_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListNodesReply:
+        nodes = await self._keyspace.list_nodes()
+        return control_pb2.ListNodesReply(
+            nodes=[
+                control_pb2.Node(
+                    name=n.name,
+                    address=n.address,
+                    pool=n.pool,
+                    free_bytes=n.free_bytes,
+                    version=n.version,
+                    started_at=n.started_at,
+                )
+                for n in sorted(nodes, key=lambda n: n.name)
+            ]
+        )
+
+    async def WatchVolume(
+        self, request: control_pb2.GetVolumeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[control_pb2.Volume]:
+        changes = self._keyspace.watch("volumes", "owners", "moves", "mounts")
+        first = await self._volume(request.name, context)
+        yield first
+        last = first
+        async for change in changes:
+            if change.name.split("/")[0] != request.name:
+                continue
+            current = await self._volume(request.name, context)
+            if current != last:
+                yield current
+                last = current
+
+    async def _guard(self, context: grpc.aio.ServicerContext, operation: object) -> None:
+        try:
+            await operation  # type: ignore[misc]
+        except OperationError as error:
+            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+
+    async def _volume(self, name: str, context: grpc.aio.ServicerContext) -> control_pb2.Volume:
+        spec = await self._keyspace.get_volume(name)
+        if spec is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"volume {name} does not exist")
+        assert spec is not None
+        owner = await self._keyspace.get_owner(name)
+        move = await self._keyspace.get_move(name)
+        mounts = await self._keyspace.list_mounts(name)
+        volume = control_pb2.Volume(
+            name=name,
+            size_bytes=spec.value.size_bytes,
+            compression=spec.value.compression,
+            node=spec.value.node,
+            owner=owner.value.node if owner else "",
+            epoch=owner.value.epoch if owner else 0,
+            deleted=spec.value.deleted,
+            created_at=spec.value.created_at,
+            mounted_on=sorted(m.node for m in mounts),
+        )
+        if move is not None:
+            m = move.value
+            volume.move.CopyFrom(
+                control_pb2.MoveStatus(
+                    source=m.source,
+                    target=m.target,
+                    phase=m.phase.value,
+                    bytes_sent=m.bytes_sent,
+                    bytes_total=m.bytes_total,
+                    rate_bps=m.rate_bps,
+                    error=m.error,
+                    attempt=m.attempt,
+                )
+            )
+        return volume
+
+
+async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix: str) -> None:
+    """Serve the Control API and gRPC health checking until cancelled."""
+    client = endpoints_client(etcd)
+    keyspace = Keyspace(client, prefix)
+    server = grpc.aio.server()
+    control_pb2_grpc.add_ControlServicer_to_server(ControlService(keyspace), server)
+    health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    if tls is None:
+        warn_insecure()
+        server.add_insecure_port(listen)
+    else:
+        server.add_secure_port(listen, tls.server_credentials())
+    await server.start()
+    await health_service.set("ferry.v1.Control", health_pb2.HealthCheckResponse.SERVING)
+    await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "ferry-control serving: listen=%s etcd=%s tls=%s", listen, ",".join(etcd), tls is not None
+    )
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=2)
+        await client.close()
+
+
+@click.command(context_settings={"auto_envvar_prefix": "FERRY", "show_default": True})
+@click.option("--etcd", required=True, help="etcd endpoints, HOST:PORT[,HOST:PORT...].")
+@click.option("--listen", default="0.0.0.0:7070", help="Address of the Control gRPC API.")
+@click.option("--tls-ca", default="", help="Cluster CA certificate (PEM).")
+@click.option("--tls-cert", default="", help="Control's certificate (PEM).")
+@click.option("--tls-key", default="", help="Control's private key (PEM).")
+@click.option("--insecure", is_flag=True, help="No TLS (development only; says so loudly).")
+@click.option("--etcd-prefix", default="/ferry/v1", help="Key prefix of Ferry's state in etcd.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+def main(
+    etcd: str,
+    listen: str,
+    tls_ca: str,
+    tls_cert: str,
+    tls_key: str,
+    insecure: bool,
+    etcd_prefix: str,
+    log_level: str,
+) -> None:
+    """Run ferry-control: the cluster's API for volumes and nodes."""
+    setup_logging(log_level)
+    if not insecure and not (tls_ca and tls_cert and tls_key):
+        raise click.UsageError(
+            "give --tls-ca, --tls-cert and --tls-key (see 'ferryctl ca issue'), "
+            "or --insecure for development"
+        )
+    tls = None if insecure else TlsFiles(Path(tls_ca), Path(tls_cert), Path(tls_key))
+    endpoints = tuple(e.strip() for e in etcd.split(",") if e.strip())
+    try:
+        asyncio.run(serve(endpoints, listen, tls, etcd_prefix))
+    except KeyboardInterrupt:
+        log.info("ferry-control stopped")

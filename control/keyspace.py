@@ -1,0 +1,230 @@
+"""Ferry's state in etcd: the only module that knows key strings.
+
+Keys, under a prefix (default ``/ferry/v1``):
+
+| key | record | written by |
+|---|---|---|
+| ``volumes/<name>`` | VolumeSpec | control |
+| ``owners/<name>`` | Owner | agents, compare-and-swap only |
+| ``nodes/<node>`` | NodeInfo, on the node's lease | that agent |
+| ``state/<node>/<name>`` | NodeState, on the node's lease | that agent |
+| ``moves/<name>`` | Move | control creates, the source agent advances |
+| ``mounts/<name>/<node>`` | MountRecord, on the node's lease | that agent |
+
+Every write that depends on what was read is a transaction comparing the
+key's ``mod_revision`` (or its absence); nothing is read-then-written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import aetcd
+
+from control.records import (
+    MountRecord,
+    Move,
+    NodeInfo,
+    NodeState,
+    Owner,
+    VolumeSpec,
+)
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "/ferry/v1"
+KINDS = ("volumes", "owners", "nodes", "state", "moves", "mounts")
+
+
+class AlreadyExists(Exception):
+    """The key exists already (e.g. a volume of that name)."""
+
+
+class NotFound(Exception):
+    """The key does not exist."""
+
+
+@dataclass(frozen=True)
+class Versioned(Generic[T]):
+    """A record with the etcd ``mod_revision`` it was read at, for compare-and-swap."""
+
+    value: T
+    revision: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change seen by a watch: kind (``volumes``, ``owners``, ...), name, deleted or not."""
+
+    kind: str
+    name: str
+    deleted: bool
+    revision: int
+
+
+class Keyspace:
+    """Typed access to Ferry's keys through an ``aetcd.Client``."""
+
+    def __init__(self, client: aetcd.Client, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self._prefix = prefix.rstrip("/") + "/"
+
+    def _key(self, kind: str, *parts: str) -> bytes:
+        return (self._prefix + "/".join((kind, *parts))).encode()
+
+    async def _get(self, key: bytes, cls: type[T]) -> Versioned[T] | None:
+        found = await self.client.get(key)
+        if found is None:
+            return None
+        return Versioned(cls.from_json(found.value), found.mod_revision)  # type: ignore[attr-defined]
+
+    async def _list(self, prefix: bytes, cls: type[T]) -> list[Versioned[T]]:
+        found = await self.client.get_prefix(prefix)
+        return [Versioned(cls.from_json(kv.value), kv.mod_revision) for kv in found]  # type: ignore[attr-defined]
+
+    async def _put_if(
+        self, key: bytes, value: bytes, revision: int | None, lease: object = None
+    ) -> bool:
+        """Put ``value`` if the key is at ``revision`` (None: only if absent)."""
+        tx = self.client.transactions
+        compare = tx.create(key) == 0 if revision is None else tx.mod(key) == revision
+        succeeded, _ = await self.client.transaction(
+            compare=[compare], success=[tx.put(key, value, lease=lease)], failure=[]
+        )
+        return bool(succeeded)
+
+    # volumes
+
+    async def create_volume(self, spec: VolumeSpec) -> None:
+        if not await self._put_if(self._key("volumes", spec.name), spec.to_json(), None):
+            raise AlreadyExists(f"volume {spec.name} already exists")
+
+    async def get_volume(self, name: str) -> Versioned[VolumeSpec] | None:
+        return await self._get(self._key("volumes", name), VolumeSpec)
+
+    async def list_volumes(self) -> list[Versioned[VolumeSpec]]:
+        return await self._list(self._key("volumes", ""), VolumeSpec)
+
+    async def update_volume(self, spec: VolumeSpec, expected_revision: int) -> bool:
+        return await self._put_if(
+            self._key("volumes", spec.name), spec.to_json(), expected_revision
+        )
+
+    async def purge_volume(self, name: str) -> None:
+        """Remove every trace of a deleted volume (after agents destroyed its data)."""
+        for kind in ("volumes", "owners", "moves"):
+            await self.client.delete(self._key(kind, name))
+
+    # owners
+
+    async def get_owner(self, name: str) -> Versioned[Owner] | None:
+        return await self._get(self._key("owners", name), Owner)
+
+    async def list_owners(self) -> dict[str, Versioned[Owner]]:
+        found = await self.client.get_prefix(self._key("owners", ""))
+        return {
+            kv.key.decode().rsplit("/", 1)[1]: Versioned(Owner.from_json(kv.value), kv.mod_revision)
+            for kv in found
+        }
+
+    async def claim_owner(self, name: str, node: str) -> bool:
+        """Become the first owner (epoch 1) of a volume nobody owns."""
+        return await self._put_if(self._key("owners", name), Owner(node, 1).to_json(), None)
+
+    async def transfer_owner(self, name: str, expected: Owner, new_node: str) -> bool:
+        """Swap ownership from ``expected`` to ``new_node`` at the next epoch, atomically."""
+        key = self._key("owners", name)
+        tx = self.client.transactions
+        new = Owner(new_node, expected.epoch + 1)
+        succeeded, _ = await self.client.transaction(
+            compare=[tx.value(key) == expected.to_json()],
+            success=[tx.put(key, new.to_json())],
+            failure=[],
+        )
+        return bool(succeeded)
+
+    # nodes and leases
+
+    async def register_node(self, info: NodeInfo, ttl: int) -> aetcd.Lease:
+        lease = await self.client.lease(ttl)
+        await self.client.put(self._key("nodes", info.name), info.to_json(), lease=lease)
+        return lease
+
+    async def refresh_lease(self, lease: aetcd.Lease) -> int:
+        """Keep a lease alive; returns its remaining TTL (<= 0 when it has expired)."""
+        reply = await lease.refresh()
+        return int(reply.TTL) if reply is not None else 0
+
+    async def get_node(self, name: str) -> NodeInfo | None:
+        found = await self._get(self._key("nodes", name), NodeInfo)
+        return found.value if found else None
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        return [v.value for v in await self._list(self._key("nodes", ""), NodeInfo)]
+
+    # state
+
+    async def put_state(self, state: NodeState, lease: aetcd.Lease) -> None:
+        await self.client.put(
+            self._key("state", state.node, state.volume), state.to_json(), lease=lease
+        )
+
+    async def delete_state(self, node: str, volume: str) -> None:
+        await self.client.delete(self._key("state", node, volume))
+
+    async def list_state(self, volume: str) -> list[NodeState]:
+        found = await self._list(self._key("state", ""), NodeState)
+        return [v.value for v in found if v.value.volume == volume]
+
+    # moves
+
+    async def get_move(self, name: str) -> Versioned[Move] | None:
+        return await self._get(self._key("moves", name), Move)
+
+    async def list_moves(self) -> dict[str, Versioned[Move]]:
+        return {v.value.volume: v for v in await self._list(self._key("moves", ""), Move)}
+
+    async def put_move(self, move: Move, expected_revision: int | None) -> bool:
+        return await self._put_if(
+            self._key("moves", move.volume), move.to_json(), expected_revision
+        )
+
+    # mounts
+
+    async def put_mount(self, record: MountRecord, lease: aetcd.Lease) -> None:
+        await self.client.put(
+            self._key("mounts", record.volume, record.node), record.to_json(), lease=lease
+        )
+
+    async def delete_mount(self, volume: str, node: str) -> None:
+        await self.client.delete(self._key("mounts", volume, node))
+
+    async def list_mounts(self, volume: str) -> list[MountRecord]:
+        return [v.value for v in await self._list(self._key("mounts", volume, ""), MountRecord)]
+
+    # watch
+
+    async def watch(self, *kinds: str) -> AsyncIterator[Change]:
+        """Changes under the given kinds (all when none), until the stream breaks.
+
+        A watch does not replay what happened while it was down: after an
+        error, callers resync by reading the full state, then watch again.
+        """
+        wanted = set(kinds or KINDS)
+        watch = await self.client.watch_prefix(self._prefix.encode())
+        try:
+            async for event in watch:
+                relative = event.kv.key.decode()[len(self._prefix) :]
+                kind, _, name = relative.partition("/")
+                if kind in wanted:
+                    yield Change(kind, name, event.kind == "DELETE", event.kv.mod_revision)
+        finally:
+            await watch.cancel()
+
+
+def endpoints_client(endpoints: tuple[str, ...] | list[str]) -> aetcd.Client:
+    """A client for the first endpoint (aetcd talks to one member; etcd forwards to the leader)."""
+    host, _, port = endpoints[0].rpartition(":")
+    return aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=10)

@@ -1,0 +1,172 @@
+"""What control does with volumes: validation, placement, and the etcd writes for each request.
+
+The gRPC service (``control.server``) and the agent's Docker plugin both
+call these, so a volume is validated and placed the same way whichever door
+the request came through.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from agent.zfs.volumes import BASE_COMPRESSION
+from control.keyspace import AlreadyExists, Keyspace, Versioned
+from control.records import Move, MovePhase, NodeInfo, VolumeSpec, parse_size
+
+log = logging.getLogger(__name__)
+
+# lz4 is accepted where every node's ZFS has it; zfs-fuse has not, so control offers the common set.
+COMPRESSION = frozenset(BASE_COMPRESSION)
+ACTIVE_PHASES = frozenset(
+    {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
+)
+
+
+class OperationError(Exception):
+    """A request that cannot be carried out; ``code`` names the gRPC status it maps to."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class InvalidArgument(OperationError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(OperationError):
+    code = "NOT_FOUND"
+
+
+class Exists(OperationError):
+    code = "ALREADY_EXISTS"
+
+
+class Conflict(OperationError):
+    code = "ABORTED"
+
+
+class VolumeOps:
+    """Volume requests against the keyspace."""
+
+    def __init__(self, keyspace: Keyspace) -> None:
+        self._keyspace = keyspace
+
+    async def create(
+        self, name: str, size: str, compression: str = "", node: str = ""
+    ) -> VolumeSpec:
+        """Validate and store a new volume; without a node, the live node with most free space."""
+        try:
+            size_bytes = parse_size(size) if size else 1 << 30
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from error
+        compression = self._compression(compression or "off")
+        target = await self._live_node(node) if node else await self._roomiest()
+        if size_bytes > target.free_bytes:
+            raise InvalidArgument(
+                f"size {size_bytes} bytes is more than node {target.name} has free "
+                f"({target.free_bytes} bytes); choose a smaller size or another node"
+            )
+        try:
+            spec = VolumeSpec(
+                name=name, size_bytes=size_bytes, compression=compression, node=target.name
+            )
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from error
+        try:
+            await self._keyspace.create_volume(spec)
+        except AlreadyExists as error:
+            raise Exists(f"volume {name} already exists") from error
+        log.info("volume created: volume=%s node=%s size=%d", name, target.name, size_bytes)
+        return spec
+
+    async def update(self, name: str, size: str = "", compression: str = "") -> VolumeSpec:
+        """Change size or compression (the owner applies them); empty values stay."""
+        current = await self._existing(name)
+        changes: dict[str, object] = {}
+        if size:
+            try:
+                changes["size_bytes"] = parse_size(size)
+            except ValueError as error:
+                raise InvalidArgument(str(error)) from error
+        if compression:
+            changes["compression"] = self._compression(compression)
+        spec = replace(current.value, **changes)  # type: ignore[arg-type]
+        if spec != current.value and not await self._keyspace.update_volume(spec, current.revision):
+            raise Conflict(f"volume {name} changed while updating it; retry")
+        return spec
+
+    async def delete(self, name: str, force: bool = False) -> None:
+        """Mark deleted (agents destroy the data); refuses while mounted unless forced."""
+        current = await self._existing(name)
+        mounts = await self._keyspace.list_mounts(name)
+        if mounts and not force:
+            where = ", ".join(sorted({m.node for m in mounts}))
+            raise OperationError(
+                f"volume {name} is mounted on {where}; stop its containers or delete with --force"
+            )
+        if current.value.deleted:
+            return
+        if not await self._keyspace.update_volume(
+            replace(current.value, deleted=True), current.revision
+        ):
+            raise Conflict(f"volume {name} changed while deleting it; retry")
+        log.info("volume deleted: volume=%s", name)
+
+    async def move(self, name: str, node: str) -> Move | None:
+        """Place the volume on ``node``; returns the move record, or None if it is there already."""
+        current = await self._existing(name)
+        await self._live_node(node)
+        owner = await self._keyspace.get_owner(name)
+        if owner is None:
+            raise OperationError(f"volume {name} is not created on any node yet; retry shortly")
+        existing = await self._keyspace.get_move(name)
+        if existing is not None and existing.value.phase in ACTIVE_PHASES:
+            if existing.value.target == node:
+                return existing.value
+            raise OperationError(
+                f"volume {name} is already moving to {existing.value.target} "
+                f"(phase {existing.value.phase.value}); wait for it to finish"
+            )
+        if owner.value.node == node:
+            if current.value.node != node:
+                await self._keyspace.update_volume(
+                    replace(current.value, node=node), current.revision
+                )
+            return None
+        if current.value.node != node and not await self._keyspace.update_volume(
+            replace(current.value, node=node), current.revision
+        ):
+            raise Conflict(f"volume {name} changed while moving it; retry")
+        move = Move(volume=name, source=owner.value.node, target=node, started_at=time.time())
+        if not await self._keyspace.put_move(move, existing.revision if existing else None):
+            raise Conflict(f"another move of {name} started at the same time; retry")
+        log.info("move requested: volume=%s from=%s to=%s", name, move.source, node)
+        return move
+
+    @staticmethod
+    def _compression(value: str) -> str:
+        if value not in COMPRESSION:
+            raise InvalidArgument(
+                f"invalid compression {value!r}: use one of {', '.join(sorted(COMPRESSION))}"
+            )
+        return value
+
+    async def _existing(self, name: str) -> Versioned[VolumeSpec]:
+        current = await self._keyspace.get_volume(name)
+        if current is None or current.value.deleted:
+            raise NotFound(f"volume {name} does not exist")
+        return current
+
+    async def _live_node(self, node: str) -> NodeInfo:
+        info = await self._keyspace.get_node(node)
+        if info is None:
+            known = ", ".join(n.name for n in await self._keyspace.list_nodes()) or "none"
+            raise OperationError(f"node {node!r} is unknown or down (live nodes: {known})")
+        return info
+
+    async def _roomiest(self) -> NodeInfo:
+        nodes = await self._keyspace.list_nodes()
+        if not nodes:
+            raise OperationError("no live nodes: start ferry-agent on at least one host")
+        return max(nodes, key=lambda n: (n.free_bytes, n.name))

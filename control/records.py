@@ -1,0 +1,194 @@
+"""Ferry's state records: immutable, checked at construction, stored as versioned JSON.
+
+Every record serialises with ``"v": SCHEMA_VERSION``; a reader refuses a
+record from a newer schema instead of guessing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum, StrEnum
+from typing import Any, Self
+
+from agent.zfs.exceptions import NameInvalid
+from agent.zfs.names import validate_volume_name
+
+SCHEMA_VERSION = 1
+
+_NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def check_volume_name(name: str) -> str:
+    """A volume name by Docker's and ZFS's rules; ValueError with the rule otherwise."""
+    try:
+        return validate_volume_name(name)
+    except NameInvalid as error:
+        raise ValueError(f"invalid volume name {name!r}: {error.message}") from error
+
+
+def check_node_name(name: str) -> str:
+    if not isinstance(name, str) or not _NODE_NAME.match(name):
+        raise ValueError(
+            f"invalid node name {name!r}: use lowercase letters, digits and '-', up to 63"
+        )
+    return name
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``1048576``, ``512M``, ``10G``, ``1.5GiB``; binary units; must be positive."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = _SIZE.match(str(text))
+        if match is None:
+            raise ValueError(f"invalid size {text!r}: use bytes or a number with K, M, G, T or P")
+        size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise ValueError(f"invalid size {text!r}: must be positive")
+    return size
+
+
+class _Record:
+    """JSON (de)serialisation with the schema version, for frozen dataclasses."""
+
+    def to_json(self) -> bytes:
+        data = asdict(self)  # type: ignore[call-overload]
+        return json.dumps({"v": SCHEMA_VERSION, **data}, default=_encode).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Self:
+        data = json.loads(raw)
+        version = data.pop("v", None)
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"{cls.__name__} record has schema version {version}; this Ferry reads "
+                f"{SCHEMA_VERSION}: upgrade Ferry on this host"
+            )
+        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        values = {}
+        for key, value in data.items():
+            if key in known:
+                values[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**values)
+
+
+def _encode(value: object) -> object:
+    if isinstance(value, Enum):
+        return value.value
+    raise TypeError(f"cannot store {value!r}")
+
+
+@dataclass(frozen=True)
+class VolumeSpec(_Record):
+    """Desired state of a volume: what control writes, agents converge to."""
+
+    name: str
+    size_bytes: int
+    node: str
+    compression: str = "off"
+    replicas: tuple[str, ...] = ()
+    created_at: float = field(default_factory=time.time)
+    deleted: bool = False
+
+    def __post_init__(self) -> None:
+        check_volume_name(self.name)
+        check_node_name(self.node)
+        parse_size(self.size_bytes)
+        for replica in self.replicas:
+            check_node_name(replica)
+
+
+@dataclass(frozen=True)
+class Owner(_Record):
+    """The one node allowed to write a volume, and the epoch that fences older owners."""
+
+    node: str
+    epoch: int
+
+    def __post_init__(self) -> None:
+        check_node_name(self.node)
+        if self.epoch < 1:
+            raise ValueError(f"owner epoch must be >= 1, got {self.epoch}")
+
+
+@dataclass(frozen=True)
+class NodeInfo(_Record):
+    """A live agent, on its lease."""
+
+    name: str
+    address: str
+    pool: str
+    free_bytes: int
+    version: str
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        check_node_name(self.name)
+        if ":" not in self.address:
+            raise ValueError(f"node address must be HOST:PORT, got {self.address!r}")
+
+
+@dataclass(frozen=True)
+class NodeState(_Record):
+    """What one node actually holds of one volume."""
+
+    node: str
+    volume: str
+    snapshots: tuple[str, ...] = ()
+    used_bytes: int = 0
+    writable: bool = False
+    mounted: bool = False
+    updated_at: float = field(default_factory=time.time)
+
+
+class MovePhase(StrEnum):
+    PENDING = "pending"
+    PRECOPY = "precopy"
+    WAITING_FOR_UNMOUNT = "waiting_for_unmount"
+    HANDOFF = "handoff"
+    ACTIVATING = "activating"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Move(_Record):
+    """A move in progress (or the last one), as its source agent reports it."""
+
+    volume: str
+    source: str
+    target: str
+    phase: MovePhase = MovePhase.PENDING
+    bytes_sent: int = 0
+    bytes_total: int = 0
+    rate_bps: float = 0.0
+    error: str = ""
+    attempt: int = 0
+    final_snapshot: str = ""
+    started_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phase", MovePhase(self.phase))
+        check_volume_name(self.volume)
+        if self.source == self.target:
+            raise ValueError(f"a move needs two different nodes, got {self.source} twice")
+
+
+@dataclass(frozen=True)
+class MountRecord(_Record):
+    """Which containers (Docker mount IDs) use a volume on one node."""
+
+    volume: str
+    node: str
+    ids: tuple[str, ...] = ()
+
+
+def to_dict(record: Any) -> dict[str, Any]:
+    """A record as plain JSON-able values (for ``-o json``)."""
+    return dict(json.loads(record.to_json()))

@@ -1,0 +1,62 @@
+"""Mutual TLS from the cluster CA, for control, agents and ferryctl alike.
+
+Every party presents a certificate issued by the cluster CA (``ferryctl ca``)
+whose common name is its identity (a node's name, ``control``, a user), and
+requires one from its peer. Clients verify servers by name
+(``grpc.ssl_target_name_override``), not by address.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+INSECURE_WARNING = (
+    "INSECURE MODE: no TLS, any client is accepted and any peer can claim any name; "
+    "for development only (use 'ferryctl ca init' and 'ferryctl ca issue' for real clusters)"
+)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The CA certificate a party trusts, and its own certificate and key (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        missing = [str(p) for p in (self.ca, self.cert, self.key) if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"TLS file(s) not found: {', '.join(missing)}; issue them with 'ferryctl ca issue'"
+            )
+        return Path(self.ca).read_bytes(), Path(self.cert).read_bytes(), Path(self.key).read_bytes()
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Server side: client certificates from the cluster CA are required."""
+        ca, cert, key = self._read()
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        ca, cert, key = self._read()
+        return grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+
+
+def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
+    """The common name of the peer's verified client certificate, or None without one."""
+    names = list(context.auth_context().get("x509_common_name") or [])
+    return names[0].decode() if names else None
+
+
+def warn_insecure() -> None:
+    log.warning(INSECURE_WARNING)
