@@ -1,9 +1,81 @@
 """ferry-agent: the per-host Ferry agent."""
 
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
 import click
 
+from agent.config import AgentConfig
+from agent.logs import setup_logging
+from agent.service import run
+from control.tls import TlsFiles
 
-@click.command()
-def main() -> None:
-    """Run the Ferry agent on this host (arrives with the agent issue)."""
-    click.echo("ferry-agent: not runnable yet; see the issue 'Agent: convergence, gRPC transfer'")
+log = logging.getLogger("agent")
+
+
+@click.command(context_settings={"auto_envvar_prefix": "FERRY", "show_default": True})
+@click.option("--node", required=True, help="This host's name in the cluster.")
+@click.option("--etcd", required=True, help="etcd endpoints, HOST:PORT[,HOST:PORT...].")
+@click.option("--control", default="", help="ferry-control address (used by the Docker plugin).")
+@click.option("--pool", required=True, help="ZFS pool that holds this host's volumes.")
+@click.option("--listen", default="0.0.0.0:7480", help="Address of the agent's gRPC server.")
+@click.option("--advertise", default="", help="Address peers use to reach this agent.")
+@click.option(
+    "--mount-root",
+    default="/var/lib/ferry/mnt",
+    type=click.Path(path_type=Path),
+    help="Directory under which volumes are mounted.",
+)
+@click.option(
+    "--plugin-socket",
+    default="/run/docker/plugins/ferry.sock",
+    type=click.Path(path_type=Path),
+    help="Unix socket of the Docker volume plugin.",
+)
+@click.option("--tls-ca", default="", help="Cluster CA certificate (PEM).")
+@click.option("--tls-cert", default="", help="This node's certificate (PEM, CN = node name).")
+@click.option("--tls-key", default="", help="This node's private key (PEM).")
+@click.option("--insecure", is_flag=True, help="No TLS (development only; says so loudly).")
+@click.option("--etcd-prefix", default="/ferry/v1", help="Key prefix of Ferry's state in etcd.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+def main(
+    node: str,
+    etcd: str,
+    control: str,
+    pool: str,
+    listen: str,
+    advertise: str,
+    mount_root: Path,
+    plugin_socket: Path,
+    tls_ca: str,
+    tls_cert: str,
+    tls_key: str,
+    insecure: bool,
+    etcd_prefix: str,
+    log_level: str,
+) -> None:
+    """Run the Ferry agent on this host: volumes, transfers, and the Docker plugin."""
+    setup_logging(log_level)
+    if not insecure and not (tls_ca and tls_cert and tls_key):
+        raise click.UsageError(
+            "give --tls-ca, --tls-cert and --tls-key (see 'ferryctl ca issue'), "
+            "or --insecure for development"
+        )
+    config = AgentConfig(
+        node=node,
+        etcd=tuple(e.strip() for e in etcd.split(",") if e.strip()),
+        pool=pool,
+        listen=listen,
+        advertise=advertise or listen,
+        mount_root=mount_root,
+        plugin_socket=plugin_socket,
+        tls=None if insecure else TlsFiles(ca=Path(tls_ca), cert=Path(tls_cert), key=Path(tls_key)),
+        etcd_prefix=etcd_prefix,
+    )
+    try:
+        asyncio.run(run(config))
+    except KeyboardInterrupt:
+        log.info("agent stopped")

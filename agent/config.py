@@ -1,0 +1,33 @@
+"""The agent's settings, from flags or FERRY_* environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from control.tls import TlsFiles
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything one agent needs to know about its host and its cluster."""
+
+    node: str
+    etcd: tuple[str, ...]
+    pool: str
+    listen: str
+    advertise: str
+    mount_root: Path
+    plugin_socket: Path | None
+    tls: TlsFiles | None
+    etcd_prefix: str = "/ferry/v1"
+    lease_ttl: int = 10
+    resync_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.node:
+            raise ValueError("--node is required: the name this host has in the cluster")
+        if not self.etcd:
+            raise ValueError("--etcd is required: HOST:PORT of at least one etcd member")
+        if not self.pool:
+            raise ValueError("--pool is required: the ZFS pool that holds this host's volumes")

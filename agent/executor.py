@@ -1,0 +1,122 @@
+"""Applies the actions of ``agent.plan`` to this node's pool and to etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from agent.moves import MoveAbandoned, MoveDriver
+from agent.plan import (
+    Action,
+    Activate,
+    Claim,
+    Create,
+    Destroy,
+    DriveMove,
+    Fence,
+    Missing,
+    Purge,
+)
+from agent.retry import Backoff
+from agent.store import VolumeStore
+from control.keyspace import Keyspace
+from control.records import MovePhase
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    """Carries out planned actions; move drivers run as background tasks."""
+
+    def __init__(
+        self,
+        node: str,
+        keyspace: Keyspace,
+        store: VolumeStore,
+        driver: MoveDriver,
+        wake: Callable[[], None],
+    ) -> None:
+        self._node = node
+        self._keyspace = keyspace
+        self._store = store
+        self._driver = driver
+        self._wake = wake
+        self._moves: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def running_moves(self) -> frozenset[str]:
+        return frozenset(name for name, task in self._moves.items() if not task.done())
+
+    async def apply(self, action: Action) -> None:
+        log.info("applying: action=%s volume=%s", type(action).__name__, action.volume)
+        match action:
+            case Create(volume, size_bytes, compression):
+                await self._store.create(volume, size_bytes, compression)
+                if await self._keyspace.claim_owner(volume, self._node):
+                    log.info("volume created and owned: volume=%s node=%s", volume, self._node)
+            case Claim(volume):
+                await self._keyspace.claim_owner(volume, self._node)
+            case Fence(volume):
+                await self._store.fence(volume)
+            case Activate(volume, epoch):
+                await self._activate(volume, epoch)
+            case DriveMove(volume):
+                self._moves[volume] = asyncio.create_task(self._drive(volume))
+            case Destroy(volume):
+                await self._store.destroy(volume)
+                await self._keyspace.delete_state(self._node, volume)
+            case Purge(volume):
+                if not await self._keyspace.list_state(volume):
+                    await self._keyspace.purge_volume(volume)
+            case Missing(volume):
+                log.error(
+                    "this node owns volume=%s but holds no copy of it; restore the dataset "
+                    "or move the volume to a node that has it",
+                    volume,
+                )
+
+    async def _activate(self, volume: str, epoch: int) -> None:
+        move = await self._keyspace.get_move(volume)
+        incoming = move is not None and move.value.target == self._node
+        if incoming and move is not None and move.value.final_snapshot:
+            held = [ref.name for ref in await self._store.snapshots(volume) or []]
+            if move.value.final_snapshot not in held:
+                log.error(
+                    "not activating: volume=%s lacks final snapshot %s of the handoff",
+                    volume,
+                    move.value.final_snapshot,
+                )
+                return
+        spec = await self._keyspace.get_volume(volume)
+        if spec is None:
+            return
+        await self._store.activate(volume, spec.value.size_bytes, spec.value.compression)
+        log.info("volume writable: volume=%s node=%s epoch=%d", volume, self._node, epoch)
+        if incoming and move is not None and move.value.phase != MovePhase.DONE:
+            done = replace(move.value, phase=MovePhase.DONE, error="", updated_at=time.time())
+            await self._keyspace.put_move(done, move.revision)
+
+    async def _drive(self, volume: str) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await self._driver.run(volume)
+                break
+            except MoveAbandoned as why:
+                log.info("move paused: volume=%s reason=%s", volume, why)
+                break
+            except Exception as error:
+                delay = backoff.next()
+                log.warning(
+                    "move attempt failed: volume=%s error=%s retry_in=%.1fs", volume, error, delay
+                )
+                await asyncio.sleep(delay)
+        self._wake()
+
+    async def close(self) -> None:
+        for task in self._moves.values():
+            task.cancel()
+        await asyncio.gather(*self._moves.values(), return_exceptions=True)

@@ -1,0 +1,226 @@
+"""The move protocol, run by the node that owns the volume (the source).
+
+Read top to bottom; each phase says what it waits for and what it writes.
+
+1. ``pending`` -> ``precopy``: the control service created ``moves/<name>``
+   and changed the desired node. The source snapshots and sends to the
+   target (full the first time, then incrementals from the newest snapshot
+   both hold with the same GUID) while the volume stays writable here.
+2. ``waiting_for_unmount``: a container on this node still mounts the
+   volume. The source keeps sending incrementals every few seconds so the
+   last delta stays small, and waits for the mount records to go.
+3. ``handoff``: nothing mounts the volume here. The source unmounts it and
+   makes it read-only (writes stop), takes the final snapshot, sends the
+   final incremental, writes the final snapshot's name into the move
+   record, then moves ownership in one etcd compare-and-swap from
+   ``{source, e}`` to ``{target, e+1}``.
+4. ``activating``: the target sees that it owns the volume, checks that it
+   holds the final snapshot, makes its copy writable and mounts it, and
+   writes ``done`` (see ``agent.executor``). The source keeps a read-only
+   copy.
+
+If this process dies between any two steps, the convergence loop starts
+the driver again and it resumes from the phase in etcd: before the CAS the
+source still owns the volume and simply repeats the step (a repeated send
+finds the target already holding the snapshot and sends only what is new);
+after the CAS it no longer owns the volume and the driver has nothing to do.
+A transfer cut in half leaves the target's copy as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from agent.snapshots import newest_common, prunable
+from agent.store import VolumeStore
+from agent.transfer.client import PeerClient, TransferFailed
+from control.keyspace import Keyspace, Versioned
+from control.records import Move, MovePhase, Owner
+from protos.ferry.v1 import transfer_pb2
+
+log = logging.getLogger(__name__)
+
+SMALL_DELTA_BYTES = 64 << 20
+RESYNC_SECONDS = 3.0
+PROGRESS_SECONDS = 0.5
+
+PeerLookup = Callable[[str], Awaitable[PeerClient]]
+
+
+class MoveAbandoned(Exception):
+    """The move record changed under the driver (cancelled, retargeted, or ownership lost)."""
+
+
+class MoveDriver:
+    """Drives one volume's move away from this node, phase by phase."""
+
+    def __init__(
+        self,
+        node: str,
+        keyspace: Keyspace,
+        store: VolumeStore,
+        connect: PeerLookup,
+        small_delta: int = SMALL_DELTA_BYTES,
+    ) -> None:
+        self._node = node
+        self._keyspace = keyspace
+        self._store = store
+        self._connect = connect
+        self._small_delta = small_delta
+
+    async def run(self, volume: str) -> None:
+        """One attempt to finish the move; raises on failure, the caller retries with back-off."""
+        move = await self._keyspace.get_move(volume)
+        owner = await self._keyspace.get_owner(volume)
+        if move is None or owner is None or owner.value.node != self._node:
+            return
+        epoch = owner.value.epoch
+        tracker = _MoveRecord(self._keyspace, move)
+        try:
+            peer = await self._connect(tracker.move.target)
+            if tracker.move.phase != MovePhase.HANDOFF:
+                await self._precopy(volume, epoch, peer, tracker)
+            await self._handoff(volume, epoch, peer, tracker)
+        except (TransferFailed, OSError) as error:
+            await tracker.update(error=str(error), attempt=tracker.move.attempt + 1)
+            raise
+
+    async def _precopy(
+        self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord
+    ) -> None:
+        await tracker.update(phase=MovePhase.PRECOPY, error="")
+        while True:
+            sent = await self._sync(volume, epoch, peer, tracker)
+            if not await self._mounted_here(volume):
+                if sent <= self._small_delta:
+                    return
+                continue
+            if tracker.move.phase != MovePhase.WAITING_FOR_UNMOUNT:
+                log.info("waiting for unmount: volume=%s node=%s", volume, self._node)
+                await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT)
+            await asyncio.sleep(RESYNC_SECONDS)
+
+    async def _handoff(
+        self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord
+    ) -> None:
+        await tracker.update(phase=MovePhase.HANDOFF)
+        if await self._mounted_here(volume):
+            # A container mounted it between the check and the phase change.
+            await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT)
+            raise MoveAbandoned(f"{volume} was mounted again on {self._node}; waiting for unmount")
+        paused = time.monotonic()
+        await self._store.stop_writes(volume)
+        await self._sync(volume, epoch, peer, tracker)
+        final = (await self._store.snapshots(volume) or [])[-1].name
+        await tracker.update(final_snapshot=final)
+        if not await self._keyspace.transfer_owner(
+            volume, Owner(node=self._node, epoch=epoch), tracker.move.target
+        ):
+            raise MoveAbandoned(f"ownership of {volume} changed during the handoff")
+        log.info(
+            "handed off: volume=%s from=%s to=%s epoch=%d final=%s writes_stopped_for=%.2fs",
+            volume,
+            self._node,
+            tracker.move.target,
+            epoch + 1,
+            final,
+            time.monotonic() - paused,
+        )
+        await tracker.update(phase=MovePhase.ACTIVATING)
+
+    async def _sync(self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord) -> int:
+        """Snapshot now and bring the peer up to that snapshot; returns the bytes sent."""
+        snapshot = await self._store.take_snapshot(volume, epoch)
+        local = await self._store.snapshots(volume) or []
+        remote = await peer.holdings(volume)
+        base = newest_common(local, remote)
+        estimated = await self._store.send_space(volume, snapshot.name, base)
+        header = transfer_pb2.StreamHeader(
+            volume=volume,
+            from_snapshot=base or "",
+            to_snapshot=snapshot.name,
+            to_guid=snapshot.guid,
+            epoch=epoch,
+            sender=self._node,
+            estimated_bytes=estimated,
+        )
+        progress = _Progress(tracker, estimated)
+        async with self._store.held(volume, [name for name in (base, snapshot.name) if name]):
+            chunks = self._store.send_chunks(volume, snapshot.name, base)
+            held = await peer.send(header, chunks, progress.report)
+        await progress.finish()
+        if not any(ref == snapshot for ref in held):
+            raise TransferFailed(f"{peer.node} does not report {volume}@{snapshot.name} after send")
+        await self._store.destroy_snapshots(
+            volume, prunable([ref.name for ref in local], keep=[snapshot.name, base or ""])
+        )
+        return progress.sent
+
+    async def _mounted_here(self, volume: str) -> bool:
+        return any(m.node == self._node for m in await self._keyspace.list_mounts(volume))
+
+
+class _MoveRecord:
+    """The move record as this driver last wrote it; every write is a compare-and-swap."""
+
+    def __init__(self, keyspace: Keyspace, current: Versioned[Move]) -> None:
+        self._keyspace = keyspace
+        self._current = current
+
+    @property
+    def move(self) -> Move:
+        return self._current.value
+
+    async def update(self, **changes: object) -> None:
+        new = replace(self.move, updated_at=time.time(), **changes)  # type: ignore[arg-type]
+        if await self._keyspace.put_move(new, self._current.revision):
+            fresh = await self._keyspace.get_move(new.volume)
+            if fresh is not None:
+                self._current = fresh
+            return
+        fresh = await self._keyspace.get_move(new.volume)
+        if fresh is None or (fresh.value.target, fresh.value.started_at) != (
+            self.move.target,
+            self.move.started_at,
+        ):
+            raise MoveAbandoned(f"the move of {new.volume} was cancelled or retargeted")
+        self._current = fresh
+        await self.update(**changes)
+
+
+class _Progress:
+    """Bytes sent, written to the move record at most every PROGRESS_SECONDS."""
+
+    def __init__(self, tracker: _MoveRecord, total: int) -> None:
+        self._tracker = tracker
+        self._total = total
+        self._started = time.monotonic()
+        self._written_at = 0.0
+        self._pending: asyncio.Task[None] | None = None
+        self.sent = 0
+
+    def report(self, sent: int) -> None:
+        self.sent = sent
+        now = time.monotonic()
+        if now - self._written_at >= PROGRESS_SECONDS and (
+            self._pending is None or self._pending.done()
+        ):
+            self._written_at = now
+            self._pending = asyncio.create_task(self._write())
+
+    async def finish(self) -> None:
+        if self._pending is not None:
+            await self._pending
+        await self._write()
+
+    async def _write(self) -> None:
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        await self._tracker.update(
+            bytes_sent=self.sent,
+            bytes_total=max(self._total, self.sent),
+            rate_bps=self.sent / elapsed,
+        )

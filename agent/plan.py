@@ -1,0 +1,148 @@
+"""The convergence step as a pure function: ``plan(desired, actual) -> actions``.
+
+Level-triggered: it looks only at what etcd wants and what this node holds
+now, never at what happened before, so running it again after a crash at
+any point picks up where the node stands. The executor applies the actions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from control.records import Move, MovePhase, Owner, VolumeSpec
+
+
+@dataclass(frozen=True)
+class LocalVolume:
+    """A volume dataset as this node holds it."""
+
+    name: str
+    snapshots: tuple[str, ...] = ()
+    writable: bool = False
+    mounted: bool = False
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What etcd says, as far as it concerns this node."""
+
+    node: str
+    volumes: Mapping[str, VolumeSpec] = field(default_factory=dict)
+    owners: Mapping[str, Owner] = field(default_factory=dict)
+    moves: Mapping[str, Move] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Actual:
+    """What this node holds, and which move drivers already run here."""
+
+    volumes: Mapping[str, LocalVolume] = field(default_factory=dict)
+    running_moves: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Create:
+    """Create the dataset of a new volume placed here, then claim ownership at epoch 1."""
+
+    volume: str
+    size_bytes: int
+    compression: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The dataset exists here but nobody owns the volume yet: claim it."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A writable copy here that this node no longer owns: stop writes now."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
+class Activate:
+    """This node owns the volume at ``epoch``: make the copy writable and mount it."""
+
+    volume: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class DriveMove:
+    """This node owns a volume with a move away from it: run the move protocol."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
+class Destroy:
+    """The volume was deleted: destroy the local copy."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
+class Purge:
+    """The volume was deleted and this node holds nothing of it any more."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
+class Missing:
+    """This node owns the volume but holds no copy: report, never invent data."""
+
+    volume: str
+
+
+Action = Create | Claim | Fence | Activate | DriveMove | Destroy | Purge | Missing
+
+_ACTIVE_PHASES = frozenset(
+    {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
+)
+
+
+def plan(desired: Desired, actual: Actual) -> list[Action]:
+    """The actions that bring this node closer to the desired state, one volume at a time."""
+    names = sorted(set(desired.volumes) | set(actual.volumes))
+    actions: list[Action] = []
+    for name in names:
+        actions.extend(_plan_volume(name, desired, actual))
+    return actions
+
+
+def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
+    me = desired.node
+    spec = desired.volumes.get(name)
+    owner = desired.owners.get(name)
+    move = desired.moves.get(name)
+    local = actual.volumes.get(name)
+    if spec is None:
+        # No desired state at all (etcd wiped, or a foreign dataset): touch nothing.
+        return []
+    if spec.deleted:
+        if local is None:
+            return [Purge(name)]
+        if local.mounted and local.writable and owner is not None and owner.node == me:
+            return [Fence(name), Destroy(name)]
+        return [Destroy(name)]
+    if owner is None:
+        if spec.node != me:
+            return []
+        if local is None:
+            return [Create(name, spec.size_bytes, spec.compression)]
+        return [Claim(name)]
+    if owner.node != me:
+        return [Fence(name)] if local is not None and local.writable else []
+    if local is None:
+        return [Missing(name)]
+    if move is not None and move.source == me and move.phase in _ACTIVE_PHASES:
+        return [] if name in actual.running_moves else [DriveMove(name)]
+    if not local.writable or not local.mounted:
+        return [Activate(name, owner.epoch)]
+    return []

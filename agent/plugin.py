@@ -1,0 +1,293 @@
+"""The Docker volume plugin (protocol ``VolumeDriver``), served by the agent on a Unix socket.
+
+Docker calls it to create, mount and remove volumes. ``Mount`` on a host
+that does not own the volume asks control to move it here and waits, but
+returns inside Docker's two-minute limit: mounted, or with an error that
+says how far the move is, so that a retry succeeds once it is done.
+
+Mounts are counted by Docker's request ``ID``; the mount record in etcd
+(which blocks a move's handoff and a delete) is released when the last
+container lets go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from agent.store import VolumeStore
+from control.keyspace import Keyspace
+from control.records import MountRecord, MovePhase
+
+log = logging.getLogger(__name__)
+
+MOUNT_WAIT_SECONDS = 100.0
+POLL_SECONDS = 0.5
+KNOWN_OPTIONS = frozenset({"size", "compression", "node"})
+
+
+class PluginError(Exception):
+    """An error Docker shows to the user as it is."""
+
+
+class ControlApi(Protocol):
+    """What the plugin asks of ferry-control; errors are raised as PluginError."""
+
+    async def create_volume(self, name: str, size: str, compression: str, node: str) -> None: ...
+
+    async def delete_volume(self, name: str) -> None: ...
+
+    async def move_volume(self, name: str, node: str) -> None: ...
+
+
+@dataclass
+class VolumePlugin:
+    """The plugin's behaviour, independent of HTTP."""
+
+    node: str
+    keyspace: Keyspace
+    store: VolumeStore
+    control: ControlApi
+    lease: Callable[[], Any]
+
+    def __post_init__(self) -> None:
+        self._mounts: dict[str, set[str]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def create(self, name: str, opts: dict[str, str]) -> None:
+        unknown = sorted(set(opts) - KNOWN_OPTIONS)
+        if unknown:
+            raise PluginError(
+                f"unknown option(s) {', '.join(unknown)}; Ferry takes "
+                f"{', '.join(sorted(KNOWN_OPTIONS))} (e.g. -o size=1G)"
+            )
+        await self.control.create_volume(
+            name, opts.get("size", ""), opts.get("compression", ""), opts.get("node", "")
+        )
+
+    async def remove(self, name: str) -> None:
+        await self.control.delete_volume(name)
+
+    async def mount(self, name: str, request_id: str) -> str:
+        async with self._lock(name):
+            await self._wait_until_owned_here(name)
+            ids = self._mounts.setdefault(name, set())
+            ids.add(request_id)
+            await self.keyspace.put_mount(
+                MountRecord(volume=name, node=self.node, ids=tuple(sorted(ids))), self.lease()
+            )
+            move = await self.keyspace.get_move(name)
+            if (
+                move is not None
+                and move.value.source == self.node
+                and (move.value.phase == MovePhase.HANDOFF)
+            ):
+                await self._release(name, request_id)
+                raise PluginError(
+                    f"volume {name} is being handed off to {move.value.target}; "
+                    f"run the container there"
+                )
+            await self.store.ensure_mounted(name)
+        log.info("mounted: volume=%s id=%s containers=%d", name, request_id, len(ids))
+        return str(self.store.mountpoint(name))
+
+    async def unmount(self, name: str, request_id: str) -> None:
+        async with self._lock(name):
+            await self._release(name, request_id)
+        log.info("unmounted: volume=%s id=%s", name, request_id)
+
+    async def path(self, name: str) -> str:
+        return str(self.store.mountpoint(name)) if self._mounts.get(name) else ""
+
+    async def get(self, name: str) -> dict[str, Any]:
+        spec = await self.keyspace.get_volume(name)
+        if spec is None or spec.value.deleted:
+            raise PluginError(f"volume {name} does not exist")
+        return {
+            "Name": name,
+            "Mountpoint": await self.path(name),
+            "Status": await self._status(name),
+        }
+
+    async def list(self) -> list[dict[str, Any]]:
+        return [
+            {"Name": v.value.name, "Mountpoint": await self.path(v.value.name)}
+            for v in await self.keyspace.list_volumes()
+            if not v.value.deleted
+        ]
+
+    async def _status(self, name: str) -> dict[str, Any]:
+        owner = await self.keyspace.get_owner(name)
+        move = await self.keyspace.get_move(name)
+        status: dict[str, Any] = {
+            "owner": owner.value.node if owner else "",
+            "epoch": owner.value.epoch if owner else 0,
+        }
+        if move is not None:
+            status.update(
+                move_phase=move.value.phase.value,
+                move_from=move.value.source,
+                move_to=move.value.target,
+                move_bytes_sent=move.value.bytes_sent,
+                move_bytes_total=move.value.bytes_total,
+                move_error=move.value.error,
+            )
+        return status
+
+    async def _release(self, name: str, request_id: str) -> None:
+        ids = self._mounts.get(name, set())
+        ids.discard(request_id)
+        if ids:
+            await self.keyspace.put_mount(
+                MountRecord(volume=name, node=self.node, ids=tuple(sorted(ids))), self.lease()
+            )
+            return
+        self._mounts.pop(name, None)
+        await self.keyspace.delete_mount(name, self.node)
+
+    async def _wait_until_owned_here(self, name: str) -> None:
+        spec = await self.keyspace.get_volume(name)
+        if spec is None or spec.value.deleted:
+            raise PluginError(f"volume {name} does not exist (deleted?); create it first")
+        owner = await self.keyspace.get_owner(name)
+        if owner is not None and owner.value.node != self.node:
+            await self.control.move_volume(name, self.node)
+            log.info("mount asked for a move: volume=%s from=%s", name, owner.value.node)
+        deadline = time.monotonic() + MOUNT_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            owner = await self.keyspace.get_owner(name)
+            if (
+                owner is not None
+                and owner.value.node == self.node
+                and await self.store.is_writable(name)
+            ):
+                return
+            await asyncio.sleep(POLL_SECONDS)
+        raise PluginError(await self._still_moving(name))
+
+    async def _still_moving(self, name: str) -> str:
+        move = await self.keyspace.get_move(name)
+        if move is None:
+            return f"volume {name} is not ready on {self.node} yet; retry in a few seconds"
+        m = move.value
+        done = f"{m.bytes_sent >> 20} of {m.bytes_total >> 20} MiB" if m.bytes_total else "starting"
+        waiting = (
+            f"; a container on {m.source} still uses it: stop it there"
+            if m.phase == MovePhase.WAITING_FOR_UNMOUNT
+            else ""
+        )
+        error = f"; last error: {m.error}" if m.error else ""
+        return (
+            f"volume {name} is still moving from {m.source} to {m.target} "
+            f"(phase {m.phase.value}, {done}){waiting}{error}; the move continues, "
+            f"retry when 'ferryctl move status {name}' says done"
+        )
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+
+Handler = Callable[[VolumePlugin, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def _activate(plugin: VolumePlugin, body: dict[str, Any]) -> dict[str, Any]:
+    return {"Implements": ["VolumeDriver"]}
+
+
+async def _capabilities(plugin: VolumePlugin, body: dict[str, Any]) -> dict[str, Any]:
+    return {"Capabilities": {"Scope": "global"}}
+
+
+async def _create(plugin: VolumePlugin, body: dict[str, Any]) -> dict[str, Any]:
+    await plugin.create(body["Name"], body.get("Opts") or {})
+    return {}
+
+
+async def _remove(plugin: VolumePlugin, body: dict[str, Any]) -> dict[str, Any]:
+    await plugin.remove(body["Name"])
+    return {}
+
+
+async def _mount(plugin: VolumePlugin, body: dict[str, Any]) -> dict[str, Any]:
+    return {"Mountpoint": await plugin.mount(body["Name"], body.get("ID", ""))}
+
+
+async def _unmount(plugin: VolumePlugin, body: dict[str, Any]) -> dict[str, Any]:
+    await plugin.unmount(body["Name"], body.get("ID", ""))
+    return {}
+
+
+async def _path(plugin: VolumePlugin, body: dict[str, Any]) -> dict[str, Any]:
+    return {"Mountpoint": await plugin.path(body["Name"])}
+
+
+async def _get(plugin: VolumePlugin, body: dict[str, Any]) -> dict[str, Any]:
+    return {"Volume": await plugin.get(body["Name"])}
+
+
+async def _list(plugin: VolumePlugin, body: dict[str, Any]) -> dict[str, Any]:
+    return {"Volumes": await plugin.list()}
+
+
+ROUTES: dict[str, Handler] = {
+    "/Plugin.Activate": _activate,
+    "/VolumeDriver.Capabilities": _capabilities,
+    "/VolumeDriver.Create": _create,
+    "/VolumeDriver.Remove": _remove,
+    "/VolumeDriver.Mount": _mount,
+    "/VolumeDriver.Unmount": _unmount,
+    "/VolumeDriver.Path": _path,
+    "/VolumeDriver.Get": _get,
+    "/VolumeDriver.List": _list,
+}
+
+
+def make_app(plugin: VolumePlugin) -> web.Application:
+    """An aiohttp application answering Docker's plugin calls; errors become ``{"Err": ...}``."""
+
+    def endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def respond(request: web.Request) -> web.Response:
+            try:
+                body = json.loads(await request.read() or b"{}")
+                reply = await handler(plugin, body or {})
+                return web.json_response({"Err": "", **reply}, content_type=CONTENT_TYPE)
+            except PluginError as error:
+                log.warning("plugin call refused: path=%s error=%s", request.path, error)
+                return web.json_response({"Err": str(error)}, content_type=CONTENT_TYPE)
+            except (KeyError, ValueError) as error:
+                return web.json_response(
+                    {"Err": f"bad request to {request.path}: {error}"}, content_type=CONTENT_TYPE
+                )
+
+        return respond
+
+    app = web.Application()
+    for path, handler in ROUTES.items():
+        app.router.add_post(path, endpoint(handler))
+    return app
+
+
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+
+
+async def serve(plugin: VolumePlugin, socket_path: Path) -> web.AppRunner:
+    """Start serving on ``socket_path`` (replacing a stale socket file)."""
+    await asyncio.to_thread(_replace_socket_file, socket_path)
+    runner = web.AppRunner(make_app(plugin))
+    await runner.setup()
+    await web.UnixSite(runner, str(socket_path)).start()
+    log.info("docker plugin listening: socket=%s", socket_path)
+    return runner
+
+
+def _replace_socket_file(socket_path: Path) -> None:
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    socket_path.unlink(missing_ok=True)

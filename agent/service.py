@@ -1,0 +1,263 @@
+"""The running agent: registration, the convergence loop, and the servers, on one event loop.
+
+Level-triggered convergence: any etcd change under the keys this node cares
+about, a finished move driver, or the periodic resync wakes the loop; each
+pass reads the whole desired state, discovers local ZFS state, plans and
+applies. Errors back off; nothing is remembered between passes that is not
+in etcd or ZFS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aetcd
+import grpc
+
+from agent.config import AgentConfig
+from agent.executor import Executor
+from agent.moves import MoveDriver
+from agent.plan import Actual, Desired, plan
+from agent.plugin import PluginError, VolumePlugin, serve
+from agent.retry import Backoff
+from agent.store import VolumeStore
+from agent.transfer.client import PeerClient, TransferFailed
+from agent.transfer.options import SERVER_OPTIONS
+from agent.transfer.server import TransferService
+from agent.zfs.volumes import PoolRoot
+from control.keyspace import Keyspace, endpoints_client
+from control.operations import Exists, OperationError, VolumeOps
+from control.records import NodeInfo, NodeState
+from control.tls import warn_insecure
+from protos.ferry.v1 import transfer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class AgentService:
+    """One host's agent."""
+
+    def __init__(self, config: AgentConfig, keyspace: Keyspace, store: VolumeStore) -> None:
+        self._config = config
+        self._keyspace = keyspace
+        self._store = store
+        self._wakeup = asyncio.Event()
+        self._peers: dict[str, PeerClient] = {}
+        self._driver = MoveDriver(config.node, keyspace, store, self._peer)
+        self._executor = Executor(config.node, keyspace, store, self._driver, self._wakeup.set)
+        self._lease: aetcd.Lease | None = None
+        self._reported: set[str] = set()
+
+    async def run(self) -> None:
+        """Serve until cancelled."""
+        await self._store.ensure_root()
+        server = await self._start_transfer_server()
+        await self._register()
+        plugin = None
+        if self._config.plugin_socket is not None:
+            plugin = await serve(
+                VolumePlugin(
+                    node=self._config.node,
+                    keyspace=self._keyspace,
+                    store=self._store,
+                    control=PluginControl(VolumeOps(self._keyspace)),
+                    lease=lambda: self._lease,
+                ),
+                self._config.plugin_socket,
+            )
+        tasks = [
+            asyncio.create_task(self._keep_registered(), name="registration"),
+            asyncio.create_task(self._watch(), name="watch"),
+            asyncio.create_task(self._converge_forever(), name="converge"),
+        ]
+        log.info(
+            "agent running: node=%s pool=%s listen=%s tls=%s",
+            self._config.node,
+            self._config.pool,
+            self._config.listen,
+            "on" if self._config.tls else "OFF (insecure)",
+        )
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self._executor.close()
+            if plugin is not None:
+                await plugin.cleanup()
+            await server.stop(grace=2)
+            for peer in self._peers.values():
+                await peer.close()
+
+    async def _start_transfer_server(self) -> grpc.aio.Server:
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        service = TransferService(
+            self._config.node, self._store, self._keyspace, insecure=self._config.tls is None
+        )
+        transfer_pb2_grpc.add_TransferServicer_to_server(service, server)
+        if self._config.tls is None:
+            warn_insecure()
+            server.add_insecure_port(self._config.listen)
+        else:
+            server.add_secure_port(self._config.listen, self._config.tls.server_credentials())
+        await server.start()
+        return server
+
+    async def _register(self) -> None:
+        info = NodeInfo(
+            name=self._config.node,
+            address=self._config.advertise,
+            pool=self._config.pool,
+            free_bytes=await self._store.free_bytes(),
+            version=VERSION,
+            started_at=time.time(),
+        )
+        self._lease = await self._keyspace.register_node(info, ttl=self._config.lease_ttl)
+        self._reported.clear()
+        log.info("registered: node=%s address=%s", info.name, info.address)
+
+    async def _keep_registered(self) -> None:
+        """Refresh the node lease; register again when it was lost (e.g. etcd was down too long)."""
+        backoff = Backoff()
+        while True:
+            await asyncio.sleep(self._config.lease_ttl / 3)
+            try:
+                assert self._lease is not None
+                remaining = await self._keyspace.refresh_lease(self._lease)
+                if remaining <= 0:
+                    await self._register()
+                    self._wakeup.set()
+                backoff.reset()
+            except Exception as error:
+                delay = backoff.next()
+                log.warning("etcd lease refresh failed: error=%s retry_in=%.1fs", error, delay)
+                await asyncio.sleep(delay)
+
+    async def _watch(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                async for _change in self._keyspace.watch("volumes", "owners", "moves", "mounts"):
+                    self._wakeup.set()
+                    backoff.reset()
+            except Exception as error:
+                delay = backoff.next()
+                log.warning("etcd watch failed: error=%s retry_in=%.1fs", error, delay)
+                await asyncio.sleep(delay)
+                self._wakeup.set()
+
+    async def _converge_forever(self) -> None:
+        backoff = Backoff()
+        while True:
+            self._wakeup.clear()
+            try:
+                await self.converge()
+                backoff.reset()
+                timeout = self._config.resync_seconds
+            except Exception as error:
+                timeout = backoff.next()
+                log.warning("convergence failed: error=%s retry_in=%.1fs", error, timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def converge(self) -> None:
+        """One pass: read desired and actual state, plan, apply, report."""
+        desired = Desired(
+            node=self._config.node,
+            volumes={v.value.name: v.value for v in await self._keyspace.list_volumes()},
+            owners={name: o.value for name, o in (await self._keyspace.list_owners()).items()},
+            moves={name: m.value for name, m in (await self._keyspace.list_moves()).items()},
+        )
+        actual = Actual(
+            volumes=await self._store.local_volumes(),
+            running_moves=self._executor.running_moves,
+        )
+        for action in plan(desired, actual):
+            try:
+                await self._executor.apply(action)
+            except Exception as error:
+                log.warning(
+                    "action failed: action=%s volume=%s error=%s",
+                    type(action).__name__,
+                    action.volume,
+                    error,
+                )
+                self._wakeup.set()
+        await self._report()
+
+    async def _report(self) -> None:
+        """Write what this node holds to etcd, on its lease."""
+        assert self._lease is not None
+        volumes = await self._store.local_volumes()
+        for name, local in volumes.items():
+            state = NodeState(
+                node=self._config.node,
+                volume=name,
+                snapshots=local.snapshots,
+                used_bytes=await self._store.used_bytes(name),
+                writable=local.writable,
+                mounted=local.mounted,
+                updated_at=time.time(),
+            )
+            await self._keyspace.put_state(state, self._lease)
+        for gone in self._reported - set(volumes):
+            await self._keyspace.delete_state(self._config.node, gone)
+        self._reported = set(volumes)
+
+    async def _peer(self, node: str) -> PeerClient:
+        info = await self._keyspace.get_node(node)
+        if info is None:
+            raise TransferFailed(f"node {node} is not registered (down?); the move waits for it")
+        peer = self._peers.get(node)
+        if peer is None or peer.address != info.address:
+            if peer is not None:
+                await peer.close()
+            peer = PeerClient(node, info.address, self._config.tls)
+            self._peers[node] = peer
+        return peer
+
+
+class PluginControl:
+    """The plugin's requests to control, through the same operations as ferry-control."""
+
+    def __init__(self, ops: VolumeOps) -> None:
+        self._ops = ops
+
+    async def create_volume(self, name: str, size: str, compression: str, node: str) -> None:
+        try:
+            await self._ops.create(name, size, compression, node)
+        except Exists:
+            if size or compression or node:
+                raise PluginError(
+                    f"volume {name} already exists; omit options to use it as it is"
+                ) from None
+        except OperationError as error:
+            raise PluginError(str(error)) from error
+
+    async def delete_volume(self, name: str) -> None:
+        try:
+            await self._ops.delete(name)
+        except OperationError as error:
+            raise PluginError(str(error)) from error
+
+    async def move_volume(self, name: str, node: str) -> None:
+        try:
+            await self._ops.move(name, node)
+        except OperationError as error:
+            raise PluginError(str(error)) from error
+
+
+async def run(config: AgentConfig) -> None:
+    """Connect to etcd and run the agent until cancelled."""
+    client = endpoints_client(config.etcd)
+    try:
+        keyspace = Keyspace(client, config.etcd_prefix)
+        store = VolumeStore(PoolRoot(config.pool), config.mount_root)
+        await AgentService(config, keyspace, store).run()
+    finally:
+        await client.close()

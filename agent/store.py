@@ -1,0 +1,186 @@
+"""This node's volume datasets, as the agent sees them: async, by volume name.
+
+The one place where the agent touches ZFS, through ``agent.zfs`` only. Every
+call runs in a worker thread (the ZFS layer is synchronous) so the event
+loop keeps serving gRPC, the plugin socket and etcd watches meanwhile.
+
+A volume is ``<pool>/<root>/<name>``. The owner's copy is writable and
+mounted at ``<mount root>/<name>``; every other copy is read-only and not
+mounted. Copies that cannot continue a stream are renamed aside, never
+destroyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from agent import zfs
+from agent.plan import LocalVolume
+from agent.snapshots import SnapshotRef, next_name, prunable
+from agent.zfs.streams import send_chunks
+from agent.zfs.volumes import PoolRoot
+
+log = logging.getLogger(__name__)
+
+HOLD_TAG = "ferry-transfer"
+
+
+class VolumeStore:
+    """Async operations on this node's volume datasets."""
+
+    def __init__(self, root: PoolRoot, mount_root: Path) -> None:
+        self._root = root
+        self._mount_root = mount_root
+
+    async def ensure_root(self) -> None:
+        await asyncio.to_thread(self._root.ensure)
+
+    def mountpoint(self, volume: str) -> Path:
+        return self._mount_root / volume
+
+    def snapshot_name(self, volume: str, short: str) -> bytes:
+        return self._root.dataset(volume) + b"@" + short.encode()
+
+    async def local_volumes(self) -> dict[str, LocalVolume]:
+        return await asyncio.to_thread(self._local_volumes)
+
+    def _local_volumes(self) -> dict[str, LocalVolume]:
+        found = {}
+        for volume in self._root.volumes():
+            props = zfs.lzc_get_props(self._root.dataset(volume))
+            found[volume] = LocalVolume(
+                name=volume,
+                snapshots=tuple(ref.name for ref in self._snapshots(volume) or ()),
+                writable=props.get("readonly") == "off",
+                mounted=props.get("mounted") == "yes",
+            )
+        return found
+
+    async def snapshots(self, volume: str) -> list[SnapshotRef] | None:
+        """Snapshots of the volume, oldest first; None when this node holds no copy."""
+        return await asyncio.to_thread(self._snapshots, volume)
+
+    def _snapshots(self, volume: str) -> list[SnapshotRef] | None:
+        dataset = self._root.dataset(volume)
+        if not zfs.lzc_exists(dataset):
+            return None
+        refs = []
+        for full in zfs.lzc_list_snaps(dataset):
+            guid = int(zfs.lzc_get_props(full)["guid"])
+            refs.append(SnapshotRef(full.split(b"@", 1)[1].decode(), guid))
+        return refs
+
+    async def guid(self, volume: str, short: str) -> int:
+        props = await asyncio.to_thread(zfs.lzc_get_props, self.snapshot_name(volume, short))
+        return int(props["guid"])
+
+    async def is_writable(self, volume: str) -> bool:
+        props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
+        return props.get("readonly") == "off"
+
+    async def used_bytes(self, volume: str) -> int:
+        props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
+        return int(props.get("used", 0))
+
+    async def free_bytes(self) -> int:
+        return await asyncio.to_thread(self._root.free_bytes)
+
+    async def create(self, volume: str, size_bytes: int, compression: str) -> None:
+        await asyncio.to_thread(
+            self._root.create_volume, volume, size_bytes, compression, self.mountpoint(volume)
+        )
+        log.info("dataset created: volume=%s size=%d", volume, size_bytes)
+
+    async def activate(self, volume: str, size_bytes: int, compression: str) -> None:
+        """Make this node's copy the writable, mounted one."""
+        await asyncio.to_thread(self._activate, volume, size_bytes, compression)
+
+    def _activate(self, volume: str, size_bytes: int, compression: str) -> None:
+        dataset = self._root.dataset(volume)
+        zfs.lzc_set_prop(dataset, "refquota", size_bytes)
+        zfs.lzc_set_prop(dataset, "compression", compression)
+        zfs.lzc_set_prop(dataset, "readonly", "off")
+        self._root.mount(volume, self.mountpoint(volume))
+
+    async def ensure_mounted(self, volume: str) -> None:
+        """Mount the owner's copy if it is not (after the last container unmounted it)."""
+        await asyncio.to_thread(self._root.mount, volume, self.mountpoint(volume))
+
+    async def stop_writes(self, volume: str) -> None:
+        """Unmount and make read-only: after this, nothing writes to this copy."""
+        await asyncio.to_thread(self._stop_writes, volume)
+
+    def _stop_writes(self, volume: str) -> None:
+        self._root.unmount(volume)
+        zfs.lzc_set_prop(self._root.dataset(volume), "readonly", "on")
+
+    async def fence(self, volume: str) -> None:
+        """Stop writes on a copy this node no longer owns, keeping what it wrote in a snapshot."""
+        await asyncio.to_thread(self._stop_writes, volume)
+        name = self.snapshot_name(volume, f"fenced-{int(time.time())}")
+        await asyncio.to_thread(zfs.lzc_snapshot, [name])
+        log.warning("fenced: volume=%s kept=%s", volume, name.decode())
+
+    async def keep_aside(self, volume: str) -> str:
+        """Rename a copy that cannot take the next stream out of the way; returns its new name."""
+        aside = await asyncio.to_thread(
+            self._root.rename_aside, volume, f"aside-{int(time.time())}"
+        )
+        return aside.decode() if isinstance(aside, bytes) else str(aside)
+
+    async def after_receive(self, volume: str) -> None:
+        """A received copy stays read-only and unmounted; older snapshots are pruned."""
+        await asyncio.to_thread(self._after_receive, volume)
+
+    def _after_receive(self, volume: str) -> None:
+        dataset = self._root.dataset(volume)
+        zfs.lzc_set_prop(dataset, "readonly", "on")
+        zfs.lzc_set_prop(dataset, "mountpoint", str(self.mountpoint(volume)))
+        names = [ref.name for ref in self._snapshots(volume) or ()]
+        self._destroy_snapshots(volume, prunable(names, keep=[]))
+
+    async def take_snapshot(self, volume: str, epoch: int) -> SnapshotRef:
+        existing = [ref.name for ref in await self.snapshots(volume) or ()]
+        short = next_name(existing, epoch)
+        await asyncio.to_thread(zfs.lzc_snapshot, [self.snapshot_name(volume, short)])
+        return SnapshotRef(short, await self.guid(volume, short))
+
+    async def send_space(self, volume: str, short: str, base: str | None) -> int:
+        """Estimated stream size, or 0 when the ZFS backend cannot estimate."""
+        source = self.snapshot_name(volume, base) if base else None
+        try:
+            return await asyncio.to_thread(
+                zfs.lzc_send_space, self.snapshot_name(volume, short), source
+            )
+        except NotImplementedError:
+            return 0
+
+    def send_chunks(self, volume: str, short: str, base: str | None) -> AsyncIterator[bytes]:
+        source = self.snapshot_name(volume, base) if base else None
+        return send_chunks(self.snapshot_name(volume, short), source)
+
+    @asynccontextmanager
+    async def held(self, volume: str, shorts: Sequence[str]) -> AsyncIterator[None]:
+        """Hold snapshots for the duration of a transfer, so no pruning destroys them."""
+        names = [self.snapshot_name(volume, s) for s in shorts]
+        await asyncio.to_thread(zfs.lzc_hold, dict.fromkeys(names, HOLD_TAG))
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(zfs.lzc_release, {name: [HOLD_TAG] for name in names})
+
+    async def destroy_snapshots(self, volume: str, shorts: Sequence[str]) -> None:
+        await asyncio.to_thread(self._destroy_snapshots, volume, shorts)
+
+    def _destroy_snapshots(self, volume: str, shorts: Sequence[str]) -> None:
+        if shorts:
+            zfs.lzc_destroy_snaps([self.snapshot_name(volume, s) for s in shorts], defer=True)
+
+    async def destroy(self, volume: str) -> None:
+        await asyncio.to_thread(self._root.destroy_volume, volume)
+        log.info("dataset destroyed: volume=%s", volume)

@@ -1,0 +1,203 @@
+"""The receiving end of a transfer: the gRPC ``Transfer`` service of an agent.
+
+Before a byte reaches ``zfs receive`` the receiver checks, in this order:
+the certificate names the sender (unless the cluster runs insecure), the
+sender owns the volume at the stated epoch in etcd, this node does not own
+it (a writable copy is never overwritten), the volume is not deleted, and
+the base snapshot matches by GUID. The target is always this node's own
+dataset for the volume, under its pool root. A stream cut in half makes
+``zfs receive`` fail, which leaves the dataset as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from agent.holdings import LocalHoldings
+from agent.zfs import ZFSError
+from agent.zfs.streams import receive_chunks
+from control.keyspace import Keyspace
+from control.tls import peer_identity
+from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class TransferService(transfer_pb2_grpc.TransferServicer):
+    """Accepts snapshot streams from the owner of a volume into this node's copy."""
+
+    def __init__(
+        self, node: str, holdings: LocalHoldings, keyspace: Keyspace, insecure: bool
+    ) -> None:
+        self._node = node
+        self._holdings = holdings
+        self._keyspace = keyspace
+        self._insecure = insecure
+        self._busy: set[str] = set()
+
+    async def Holdings(
+        self, request: transfer_pb2.HoldingsRequest, context: grpc.aio.ServicerContext
+    ) -> transfer_pb2.HoldingsReply:
+        await self._authenticate(context, claimed=None)
+        return await self._reply(request.volume, context)
+
+    async def Receive(
+        self,
+        request_iterator: AsyncIterator[transfer_pb2.ReceiveRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> transfer_pb2.HoldingsReply:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a stream starts with a header")
+        header = first.header
+        volume = header.volume
+        await self._authenticate(context, claimed=header.sender)
+        await self._authorize(header, context)
+        if volume in self._busy:
+            await context.abort(
+                grpc.StatusCode.ABORTED,
+                f"a transfer into volume {volume} is already running on {self._node}; retry later",
+            )
+        self._busy.add(volume)
+        try:
+            await self._prepare_base(header, context)
+            received = await self._receive(header, request_iterator, context)
+        finally:
+            self._busy.discard(volume)
+        reply = await self._reply(volume, context)
+        reply.bytes_received = received
+        return reply
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> None:
+        if self._insecure:
+            return
+        identity = peer_identity(context)
+        if identity is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        if claimed is not None and identity != claimed:
+            log.warning("transfer refused: certificate=%s claims sender=%s", identity, claimed)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate names {identity!r} but the stream claims sender {claimed!r}",
+            )
+
+    async def _authorize(
+        self, header: transfer_pb2.StreamHeader, context: grpc.aio.ServicerContext
+    ) -> None:
+        volume = header.volume
+        spec = await self._keyspace.get_volume(volume)
+        if spec is None or spec.value.deleted:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"volume {volume} does not exist")
+        owner = await self._keyspace.get_owner(volume)
+        if owner is None or (owner.value.node, owner.value.epoch) != (header.sender, header.epoch):
+            held = "nobody" if owner is None else f"{owner.value.node} at epoch {owner.value.epoch}"
+            log.warning(
+                "transfer refused: volume=%s sender=%s epoch=%d owner=%s",
+                volume,
+                header.sender,
+                header.epoch,
+                held,
+            )
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{header.sender} is not the owner of {volume} at epoch {header.epoch} "
+                f"(etcd says {held})",
+            )
+        if header.sender == self._node:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a node does not send to itself")
+
+    async def _prepare_base(
+        self, header: transfer_pb2.StreamHeader, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Make sure the local copy can take this stream without losing anything."""
+        volume = header.volume
+        local = await self._holdings.snapshots(volume)
+        if local is None:
+            if header.from_snapshot:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{self._node} holds no copy of {volume}; send a full stream",
+                )
+            return
+        if await self._holdings.is_writable(volume):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self._node} holds a writable copy of {volume}; it must be fenced first",
+            )
+        names = [ref.name for ref in local]
+        if header.from_snapshot and names and names[-1] == header.from_snapshot:
+            return
+        aside = await self._holdings.keep_aside(volume)
+        log.warning(
+            "copy does not continue the stream, kept aside: volume=%s from=%s local_newest=%s "
+            "aside=%s",
+            volume,
+            header.from_snapshot or "(full)",
+            names[-1] if names else "(none)",
+            aside,
+        )
+        if header.from_snapshot:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self._node}'s copy of {volume} diverged from {header.from_snapshot}; "
+                f"kept aside as {aside}; send a full stream",
+            )
+
+    async def _receive(
+        self,
+        header: transfer_pb2.StreamHeader,
+        request_iterator: AsyncIterator[transfer_pb2.ReceiveRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> int:
+        volume = header.volume
+        snapshot = self._holdings.snapshot_name(volume, header.to_snapshot)
+        received = 0
+
+        async def data() -> AsyncIterator[bytes]:
+            nonlocal received
+            async for message in request_iterator:
+                received += len(message.data)
+                yield message.data
+
+        log.info(
+            "receiving: volume=%s from=%s to=%s sender=%s epoch=%d",
+            volume,
+            header.from_snapshot or "(full)",
+            header.to_snapshot,
+            header.sender,
+            header.epoch,
+        )
+        try:
+            await receive_chunks(snapshot, data(), force=True)
+        except (ZFSError, asyncio.IncompleteReadError, grpc.RpcError) as error:
+            log.warning("receive failed, copy unchanged: volume=%s error=%s", volume, error)
+            await context.abort(
+                grpc.StatusCode.DATA_LOSS,
+                f"receive of {volume}@{header.to_snapshot} failed, copy left unchanged: {error}",
+            )
+        guid = await self._holdings.guid(volume, header.to_snapshot)
+        if header.to_guid and guid != header.to_guid:
+            await context.abort(
+                grpc.StatusCode.DATA_LOSS,
+                f"received {volume}@{header.to_snapshot} has GUID {guid}, sender said "
+                f"{header.to_guid}",
+            )
+        await self._holdings.after_receive(volume)
+        log.info("received: volume=%s snapshot=%s bytes=%d", volume, header.to_snapshot, received)
+        return received
+
+    async def _reply(
+        self, volume: str, context: grpc.aio.ServicerContext
+    ) -> transfer_pb2.HoldingsReply:
+        try:
+            local = await self._holdings.snapshots(volume)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        reply = transfer_pb2.HoldingsReply(volume=volume, node=self._node)
+        for ref in local or ():
+            reply.snapshots.add(name=ref.name, guid=ref.guid)
+        return reply

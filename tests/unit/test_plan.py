@@ -1,0 +1,104 @@
+"""The convergence plan: what one node does for each volume, given etcd and its pool."""
+
+from __future__ import annotations
+
+from agent.plan import (
+    Activate,
+    Actual,
+    Claim,
+    Create,
+    Desired,
+    Destroy,
+    DriveMove,
+    Fence,
+    LocalVolume,
+    Missing,
+    Purge,
+    plan,
+)
+from control.records import Move, MovePhase, Owner, VolumeSpec
+
+GIB = 1 << 30
+
+
+def spec(name: str = "pg", node: str = "a", deleted: bool = False) -> VolumeSpec:
+    return VolumeSpec(
+        name=name, size_bytes=GIB, compression="off", node=node, created_at=1.0, deleted=deleted
+    )
+
+
+def move(source: str, target: str, phase: MovePhase = MovePhase.PENDING) -> Move:
+    return Move(
+        volume="pg", source=source, target=target, phase=phase, started_at=1.0, updated_at=1.0
+    )
+
+
+def writable(name: str = "pg") -> LocalVolume:
+    return LocalVolume(name=name, snapshots=("ferry-1-1",), writable=True, mounted=True)
+
+
+def replica(name: str = "pg") -> LocalVolume:
+    return LocalVolume(name=name, snapshots=("ferry-1-1",), writable=False, mounted=False)
+
+
+def test_a_new_volume_is_created_only_on_its_node() -> None:
+    desired = Desired(node="a", volumes={"pg": spec(node="a")})
+    assert plan(desired, Actual()) == [Create("pg", GIB, "off")]
+    elsewhere = Desired(node="b", volumes={"pg": spec(node="a")})
+    assert plan(elsewhere, Actual()) == []
+
+
+def test_a_dataset_created_before_a_crash_is_claimed_not_created_again() -> None:
+    desired = Desired(node="a", volumes={"pg": spec()})
+    assert plan(desired, Actual(volumes={"pg": writable()})) == [Claim("pg")]
+
+
+def test_the_owner_activates_its_copy_and_then_rests() -> None:
+    desired = Desired(node="b", volumes={"pg": spec(node="b")}, owners={"pg": Owner("b", 2)})
+    assert plan(desired, Actual(volumes={"pg": replica()})) == [Activate("pg", 2)]
+    assert plan(desired, Actual(volumes={"pg": writable()})) == []
+
+
+def test_a_writable_copy_on_a_node_that_lost_ownership_is_fenced() -> None:
+    desired = Desired(node="a", volumes={"pg": spec(node="b")}, owners={"pg": Owner("b", 2)})
+    assert plan(desired, Actual(volumes={"pg": writable()})) == [Fence("pg")]
+    assert plan(desired, Actual(volumes={"pg": replica()})) == []
+
+
+def test_the_owner_drives_a_move_away_once() -> None:
+    desired = Desired(
+        node="a",
+        volumes={"pg": spec(node="b")},
+        owners={"pg": Owner("a", 1)},
+        moves={"pg": move("a", "b")},
+    )
+    local = Actual(volumes={"pg": writable()})
+    assert plan(desired, local) == [DriveMove("pg")]
+    running = Actual(volumes={"pg": writable()}, running_moves=frozenset({"pg"}))
+    assert plan(desired, running) == []
+
+
+def test_a_failed_move_leaves_the_owner_serving() -> None:
+    desired = Desired(
+        node="a",
+        volumes={"pg": spec(node="b")},
+        owners={"pg": Owner("a", 1)},
+        moves={"pg": move("a", "b", MovePhase.FAILED)},
+    )
+    assert plan(desired, Actual(volumes={"pg": replica()})) == [Activate("pg", 1)]
+
+
+def test_an_owner_without_data_reports_and_never_creates_an_empty_copy() -> None:
+    desired = Desired(node="b", volumes={"pg": spec(node="b")}, owners={"pg": Owner("b", 2)})
+    assert plan(desired, Actual()) == [Missing("pg")]
+
+
+def test_deleted_volumes_are_destroyed_then_purged() -> None:
+    desired = Desired(node="a", volumes={"pg": spec(deleted=True)}, owners={"pg": Owner("a", 1)})
+    assert plan(desired, Actual(volumes={"pg": replica()})) == [Destroy("pg")]
+    assert plan(desired, Actual(volumes={"pg": writable()})) == [Fence("pg"), Destroy("pg")]
+    assert plan(desired, Actual()) == [Purge("pg")]
+
+
+def test_datasets_without_desired_state_are_left_alone() -> None:
+    assert plan(Desired(node="a"), Actual(volumes={"orphan": writable("orphan")})) == []
