@@ -193,10 +193,11 @@ class _MoveRecord:
 
 
 class _Progress:
-    """Bytes sent, written to the move record at most every PROGRESS_SECONDS."""
+    """Bytes sent in this move so far, written to the move record at most every PROGRESS_SECONDS."""
 
     def __init__(self, tracker: _MoveRecord, total: int) -> None:
         self._tracker = tracker
+        self._before = tracker.move.bytes_sent
         self._total = total
         self._started = time.monotonic()
         self._written_at = 0.0
@@ -220,7 +221,7 @@ class _Progress:
     async def _write(self) -> None:
         elapsed = max(time.monotonic() - self._started, 1e-6)
         await self._tracker.update(
-            bytes_sent=self.sent,
-            bytes_total=max(self._total, self.sent),
+            bytes_sent=self._before + self.sent,
+            bytes_total=self._before + max(self._total, self.sent),
             rate_bps=self.sent / elapsed,
         )

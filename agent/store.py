@@ -36,6 +36,8 @@ class VolumeStore:
     def __init__(self, root: PoolRoot, mount_root: Path) -> None:
         self._root = root
         self._mount_root = mount_root
+        self.receiving: set[str] = set()
+        """Volumes a transfer is writing into now; convergence leaves them alone."""
 
     async def ensure_root(self) -> None:
         await asyncio.to_thread(self._root.ensure)
@@ -51,12 +53,12 @@ class VolumeStore:
 
     def _local_volumes(self) -> dict[str, LocalVolume]:
         found = {}
-        for volume in self._root.volumes():
+        for volume in set(self._root.volumes()) - self.receiving:
             props = zfs.lzc_get_props(self._root.dataset(volume))
             found[volume] = LocalVolume(
                 name=volume,
                 snapshots=tuple(ref.name for ref in self._snapshots(volume) or ()),
-                writable=props.get("readonly") == "off",
+                writable=_writable(props),
                 mounted=props.get("mounted") == "yes",
             )
         return found
@@ -69,19 +71,20 @@ class VolumeStore:
         dataset = self._root.dataset(volume)
         if not zfs.lzc_exists(dataset):
             return None
-        refs = []
-        for full in zfs.lzc_list_snaps(dataset):
-            guid = int(zfs.lzc_get_props(full)["guid"])
-            refs.append(SnapshotRef(full.split(b"@", 1)[1].decode(), guid))
-        return refs
+        return [
+            SnapshotRef(full.split(b"@", 1)[1].decode(), guid)
+            for full, guid in zfs.snapshot_guids(dataset)
+        ]
 
     async def guid(self, volume: str, short: str) -> int:
-        props = await asyncio.to_thread(zfs.lzc_get_props, self.snapshot_name(volume, short))
-        return int(props["guid"])
+        for ref in await self.snapshots(volume) or ():
+            if ref.name == short:
+                return ref.guid
+        raise zfs.SnapshotNotFound(self.snapshot_name(volume, short))
 
     async def is_writable(self, volume: str) -> bool:
         props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
-        return props.get("readonly") == "off"
+        return _writable(props)
 
     async def used_bytes(self, volume: str) -> int:
         props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
@@ -139,8 +142,8 @@ class VolumeStore:
 
     def _after_receive(self, volume: str) -> None:
         dataset = self._root.dataset(volume)
+        zfs.lzc_set_prop(dataset, "canmount", "noauto")
         zfs.lzc_set_prop(dataset, "readonly", "on")
-        zfs.lzc_set_prop(dataset, "mountpoint", str(self.mountpoint(volume)))
         names = [ref.name for ref in self._snapshots(volume) or ()]
         self._destroy_snapshots(volume, prunable(names, keep=[]))
 
@@ -157,7 +160,7 @@ class VolumeStore:
             return await asyncio.to_thread(
                 zfs.lzc_send_space, self.snapshot_name(volume, short), source
             )
-        except NotImplementedError:
+        except zfs.FeatureNotSupported:
             return 0
 
     def send_chunks(self, volume: str, short: str, base: str | None) -> AsyncIterator[bytes]:
@@ -184,3 +187,8 @@ class VolumeStore:
     async def destroy(self, volume: str) -> None:
         await asyncio.to_thread(self._root.destroy_volume, volume)
         log.info("dataset destroyed: volume=%s", volume)
+
+
+def _writable(props: dict[str, str]) -> bool:
+    """Writable means mounted read-write: a copy being received is neither, and is left alone."""
+    return props.get("readonly") == "off" and props.get("mounted") == "yes"

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from agent.holdings import LocalHoldings
+from agent.store import VolumeStore
 from agent.zfs import ZFSError
 from agent.zfs.streams import receive_chunks
 from control.keyspace import Keyspace
@@ -31,13 +31,12 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
     """Accepts snapshot streams from the owner of a volume into this node's copy."""
 
     def __init__(
-        self, node: str, holdings: LocalHoldings, keyspace: Keyspace, insecure: bool
+        self, node: str, holdings: VolumeStore, keyspace: Keyspace, insecure: bool
     ) -> None:
         self._node = node
         self._holdings = holdings
         self._keyspace = keyspace
         self._insecure = insecure
-        self._busy: set[str] = set()
 
     async def Holdings(
         self, request: transfer_pb2.HoldingsRequest, context: grpc.aio.ServicerContext
@@ -57,17 +56,17 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         volume = header.volume
         await self._authenticate(context, claimed=header.sender)
         await self._authorize(header, context)
-        if volume in self._busy:
+        if volume in self._holdings.receiving:
             await context.abort(
                 grpc.StatusCode.ABORTED,
                 f"a transfer into volume {volume} is already running on {self._node}; retry later",
             )
-        self._busy.add(volume)
+        self._holdings.receiving.add(volume)
         try:
             await self._prepare_base(header, context)
             received = await self._receive(header, request_iterator, context)
         finally:
-            self._busy.discard(volume)
+            self._holdings.receiving.discard(volume)
         reply = await self._reply(volume, context)
         reply.bytes_received = received
         return reply

@@ -28,6 +28,7 @@ from agent.zfs.cli import (
     lzc_list_snaps,
     lzc_set_prop,
     pool_free_bytes,
+    snapshot_guids,
     zfs_mount,
     zfs_unmount,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "lzc_set_prop",
     "lzc_snapshot",
     "pool_free_bytes",
+    "snapshot_guids",
     "zfs_mount",
     "zfs_unmount",
 ]

@@ -341,6 +341,16 @@ def lzc_list_snaps(name: Name) -> list[bytes]:
     return [line.encode() for line in out.splitlines() if line.startswith(raw.decode() + "@")]
 
 
+def snapshot_guids(name: Name) -> list[tuple[bytes, int]]:
+    """The dataset's snapshots, oldest first, with their GUIDs (``all`` omits guid on zfs-fuse)."""
+    snaps = lzc_list_snaps(name)
+    if not snaps:
+        return []
+    out = run(_zfs("get", "-Hp", "-o", "name,value", "guid", *snaps), snaps[0])
+    guids = dict(line.split("\t", 1) for line in out.splitlines())
+    return [(snap, int(guids[snap.decode()])) for snap in snaps]
+
+
 def lzc_list_children(name: Name) -> list[bytes]:
     """Direct child filesystems of a dataset."""
     raw = validate_dataset(name)
