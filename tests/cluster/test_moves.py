@@ -1,0 +1,128 @@
+"""Moving volumes between hosts: data intact, incremental back, waiting for unmount.
+
+Runs against any cluster description (the netns hosts here, Vagrant nodes
+there): files are written and checksummed on the hosts themselves, and the
+volume is driven through ferryctl like an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from control.keyspace import Keyspace, endpoints_client
+from control.records import MountRecord
+from tests.support.cluster import Cluster, ClusterHost
+
+pytestmark = pytest.mark.cluster
+
+MIB = 1 << 20
+
+
+def volume_info(cluster: Cluster, name: str) -> dict[str, object]:
+    return dict(json.loads(cluster.ferryctl(["volume", "get", name, "-o", "json"]).stdout))
+
+
+def wait_for(what: str, predicate: object, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def mountpoint(host: ClusterHost, name: str) -> str:
+    assert host.mount_root, f"{host.name} has no mount_root in the cluster description"
+    return f"{host.mount_root}/{name}"
+
+
+def write_random(cluster: Cluster, host: ClusterHost, path: str, mib: int) -> None:
+    cluster.run(
+        host, ["dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={mib}", "status=none"]
+    )
+
+
+def checksums(cluster: Cluster, host: ClusterHost, directory: str) -> dict[str, str]:
+    out = cluster.run(
+        host, ["sh", "-s"], input=f"cd {directory} && sha256sum * | sort -k2\n"
+    ).stdout
+    return {line.split()[1]: line.split()[0] for line in out.splitlines()}
+
+
+@pytest.fixture
+def volume(cluster: Cluster) -> Iterator[str]:
+    name = f"mv-{secrets.token_hex(3)}"
+    first = cluster.hosts[0].name
+    cluster.ferryctl(["volume", "create", name, "--size", "1G", "--node", first])
+    wait_for(f"{name} owned by {first}", lambda: volume_info(cluster, name)["owner"] == first)
+    yield name
+    cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
+
+
+def test_a_volume_moves_with_its_data_and_comes_back_incrementally(
+    cluster: Cluster, volume: str
+) -> None:
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    write_random(cluster, a, f"{mountpoint(a, volume)}/big", 256)
+    write_random(cluster, a, f"{mountpoint(a, volume)}/small", 1)
+    before = checksums(cluster, a, mountpoint(a, volume))
+
+    cluster.ferryctl(["volume", "move", volume, b.name, "--wait", "--timeout", "300"])
+    there = volume_info(cluster, volume)
+    assert (there["owner"], there["epoch"]) == (b.name, 2)
+    assert checksums(cluster, b, mountpoint(b, volume)) == before
+    first_move = there["move"]
+    assert isinstance(first_move, dict) and first_move["bytes_sent"] >= 256 * MIB
+
+    write_random(cluster, b, f"{mountpoint(b, volume)}/new-on-b", 4)
+    after_b = checksums(cluster, b, mountpoint(b, volume))
+    cluster.ferryctl(["volume", "move", volume, a.name, "--wait", "--timeout", "300"])
+    back = volume_info(cluster, volume)
+    assert (back["owner"], back["epoch"]) == (a.name, 3)
+    assert checksums(cluster, a, mountpoint(a, volume)) == after_b
+    back_move = back["move"]
+    assert isinstance(back_move, dict)
+    assert back_move["bytes_sent"] < 32 * MIB, "the way back must send only what changed"
+
+
+def test_a_move_waits_while_mounted_and_completes_after_unmount(
+    cluster: Cluster, volume: str
+) -> None:
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    write_random(cluster, a, f"{mountpoint(a, volume)}/before", 16)
+
+    async def hold_mount() -> Keyspace:
+        client = endpoints_client(cluster.etcd_endpoints)
+        keyspace = Keyspace(client)
+        lease = await client.lease(60)
+        await keyspace.put_mount(MountRecord(volume=volume, node=a.name, ids=("test",)), lease)
+        return keyspace
+
+    loop = asyncio.new_event_loop()
+    try:
+        keyspace = loop.run_until_complete(hold_mount())
+        cluster.ferryctl(["volume", "move", volume, b.name])
+        wait_for(
+            "the move to wait for the unmount",
+            lambda: volume_info(cluster, volume)["move"]["phase"] == "waiting_for_unmount",  # type: ignore[index]
+        )
+        write_random(cluster, a, f"{mountpoint(a, volume)}/while-mounted", 8)
+        time.sleep(1)
+        assert volume_info(cluster, volume)["owner"] == a.name, "still writable on a while mounted"
+        expected = checksums(cluster, a, mountpoint(a, volume))
+        loop.run_until_complete(keyspace.delete_mount(volume, a.name))
+        wait_for("the handoff", lambda: volume_info(cluster, volume)["owner"] == b.name, 120)
+        wait_for(
+            "the move to finish",
+            lambda: volume_info(cluster, volume)["move"]["phase"] == "done",  # type: ignore[index]
+        )
+        assert checksums(cluster, b, mountpoint(b, volume)) == expected
+    finally:
+        loop.run_until_complete(keyspace.client.close())
+        loop.close()
