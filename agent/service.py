@@ -65,7 +65,7 @@ class AgentService:
                     node=self._config.node,
                     keyspace=self._keyspace,
                     store=self._store,
-                    control=PluginControl(VolumeOps(self._keyspace)),
+                    control=PluginControl(VolumeOps(self._keyspace), self._config.node),
                     lease=lambda: self._lease,
                 ),
                 self._config.plugin_socket,
@@ -225,12 +225,14 @@ class AgentService:
 class PluginControl:
     """The plugin's requests to control, through the same operations as ferry-control."""
 
-    def __init__(self, ops: VolumeOps) -> None:
+    def __init__(self, ops: VolumeOps, here: str) -> None:
         self._ops = ops
+        self._here = here
 
     async def create_volume(self, name: str, size: str, compression: str, node: str) -> None:
+        """Without a node option, the volume is created where Docker asked for it."""
         try:
-            await self._ops.create(name, size, compression, node)
+            await self._ops.create(name, size, compression, node or self._here)
         except Exists:
             if size or compression or node:
                 raise PluginError(
