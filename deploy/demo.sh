@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The Ferry demo: two hosts on this machine move a PostgreSQL database.
+#
+# Installs what it needs (deploy/install.sh), builds the PostgreSQL image
+# from Debian packages (cached), brings up a two-host local cluster (network
+# namespaces, each with its own ZFS pool, agent and dockerd; etcd and
+# ferry-control beside them), runs PostgreSQL on host1 with its data on a
+# Ferry volume while a writer inserts rows, moves the volume to host2
+# (pre-copy while the database runs), stops the container on host1, starts
+# the same container on host2, checks every committed row, prints the
+# pause, and cleans everything up. Run as root on Debian or Ubuntu.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${FERRY_VENV:-/opt/ferry/venv}"
+name="${FERRY_DEMO_CLUSTER:-demo}"
+
+"$repo/deploy/install.sh"
+python="$venv/bin/python"
+
+cleanup() {
+    echo "== cleaning up"
+    "$python" "$repo/deploy/local-cluster" down --name "$name" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+echo "== bringing up hosts host1 and host2 (netns, ZFS pools, agents, dockerds, etcd, control)"
+cluster_file="$("$python" "$repo/deploy/local-cluster" up --name "$name" --hosts 2 --docker)"
+echo "== cluster described in $cluster_file"
+cd "$repo"
+"$python" -m tests.support.migration "$cluster_file"
