@@ -1,5 +1,9 @@
 """The exceptions of OpenZFS's pyzfs (``libzfs_core.exceptions``): same names, same hierarchy.
 
+Channel-program, checkpoint and encryption errors are left out: Ferry uses
+none of those operations. ``ReleaseFailure`` is an alias of pyzfs's
+``HoldReleaseFailure``.
+
 Code above ``agent.zfs`` catches these whichever backend runs, so a
 ``DatasetNotFound`` from the ``zfs`` command and one from libzfs_core are
 the same class.
@@ -27,6 +31,14 @@ class ZFSError(Exception):
         if self.name is not None:
             return f"[Errno {self.errno}] {self.message}: '{self.name}'"
         return f"[Errno {self.errno}] {self.message}"
+
+
+class ZFSInitializationFailed(ZFSError):
+    message = "Failed to initialize libzfs_core"
+
+    def __init__(self, errno: int) -> None:
+        self.errno = errno
+        super().__init__(None)
 
 
 class ZFSGenericError(ZFSError):
@@ -97,12 +109,20 @@ class DuplicateSnapshots(ZFSError):
 
 
 class MultipleOperationsFailure(ZFSError):
-    """Several operations failed; ``errors`` holds each one's exception."""
+    """Several operations failed; ``errors`` holds each one's exception, the first sets errno."""
 
     def __init__(self, errors: Sequence[ZFSError], suppressed_count: int = 0) -> None:
         self.errors = list(errors)
         self.suppressed_count = suppressed_count
+        if self.errors:
+            self.errno = self.errors[0].errno
         super().__init__(None)
+
+    def __str__(self) -> str:
+        return (
+            f"{super().__str__()}, {len(self.errors)} errors included, "
+            f"{self.suppressed_count} suppressed: {'; '.join(map(str, self.errors))}"
+        )
 
 
 class SnapshotFailure(MultipleOperationsFailure):
@@ -120,9 +140,47 @@ class HoldFailure(MultipleOperationsFailure):
     message = "Placement of hold(s) failed for one or more reasons"
 
 
-class ReleaseFailure(MultipleOperationsFailure):
+class HoldReleaseFailure(MultipleOperationsFailure):
     errno = _errno.EIO
     message = "Release of hold(s) failed for one or more reasons"
+
+
+ReleaseFailure = HoldReleaseFailure
+
+
+class HoldExists(ZFSError):
+    errno = _errno.EEXIST
+    message = "Hold with a given tag already exists on snapshot"
+
+
+class HoldNotFound(ZFSError):
+    errno = _errno.ENOENT
+    message = "Hold with a given tag does not exist on snapshot"
+
+
+class BadHoldCleanupFD(ZFSError):
+    errno = _errno.EBADF
+    message = "Bad file descriptor as cleanup file descriptor"
+
+
+class BookmarkExists(ZFSError):
+    errno = _errno.EEXIST
+    message = "Bookmark already exists"
+
+
+class BookmarkNotFound(ZFSError):
+    errno = _errno.ENOENT
+    message = "Bookmark not found"
+
+
+class BookmarkNotSupported(ZFSError):
+    errno = _errno.ENOTSUP
+    message = "Bookmark feature is not supported"
+
+
+class SnapshotMismatch(ZFSError):
+    errno = _errno.ENODEV
+    message = "Snapshot is not descendant of source snapshot"
 
 
 class NameInvalid(ZFSError):
@@ -130,9 +188,9 @@ class NameInvalid(ZFSError):
     message = "Invalid name"
 
 
-class NameTooLong(NameInvalid):
+class NameTooLong(ZFSError):
     errno = _errno.ENAMETOOLONG
-    message = "Name is too long"
+    message = "Dataset name is too long"
 
 
 class SnapshotNameInvalid(NameInvalid):
@@ -225,8 +283,19 @@ class StreamIOError(ZFSError):
         super().__init__(name)
 
 
-class StreamTruncated(BadStream):
-    message = "Stream ended before it was complete"
+class StreamFeatureInvalid(ZFSError):
+    errno = _errno.EINVAL
+    message = "Kernel modules must be upgraded to receive this stream"
+
+
+class StreamTruncated(ZFSError):
+    errno = _errno.EPIPE
+    message = "incomplete stream"
+
+
+class ReceivePropertyFailure(MultipleOperationsFailure):
+    errno = _errno.EIO
+    message = "Receiving of properties failed for one or more reasons"
 
 
 class ZIOError(ZFSError):
