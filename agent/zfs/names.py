@@ -2,9 +2,9 @@
 
 A dataset name is ``pool/child/...``; a snapshot adds ``@snap``, a bookmark
 ``#mark``. Components use ``[A-Za-z0-9_.:-]`` (and space), are never empty,
-``.`` or ``..``, and the whole name fits in 255 bytes. ``%`` is reserved by
-ZFS for temporary clones and never valid here. A leading ``-`` would be read
-as an option by the ``zfs`` command.
+``.`` or ``..``, the pool name starts with a letter, and the whole name fits
+in 255 bytes. ``%`` is reserved by ZFS for temporary clones and never valid
+here. A leading ``-`` would be read as an option by the ``zfs`` command.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def validate(name: Name, kind: str = "any") -> bytes:
         raise NameInvalid(raw, f"Invalid name: not a {kind} name")
     for component in dataset.split(b"/"):
         _check_component(component, raw)
+    if not dataset[:1].isalpha():
+        raise NameInvalid(raw, "Invalid name: the pool name must start with a letter")
     if sep:
         _check_component(tail, raw)
     return raw

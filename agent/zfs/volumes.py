@@ -5,6 +5,8 @@ A volume is ``<pool>/ferry/<name>``; copies that were kept aside live under
 ``mountpoint=none``; a volume gets the mountpoint Ferry chooses when it is
 mounted. zfs-fuse refuses to rename or destroy a mounted or just-unmounted
 filesystem ("dataset is busy"), so those steps unmount first and retry.
+Every method blocks on ``zfs`` commands: async callers run them with
+``asyncio.to_thread`` (as ``agent.store`` does).
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ class PoolRoot:
         if zfs.lzc_get_props(dataset).get("mounted") == "yes":
             retry_busy(lambda: zfs.zfs_unmount(dataset), f"unmount {volume}")
         zfs.lzc_set_prop(dataset, "canmount", "noauto")
+
+    def set_readonly(self, volume: str, readonly: bool) -> None:
+        """Make the volume refuse (or accept again) writes, e.g. while it is being moved."""
+        zfs.lzc_set_prop(self.dataset(volume), "readonly", "on" if readonly else "off")
 
     def destroy_volume(self, volume: str) -> None:
         """Destroy the volume's dataset and its snapshots (holds released first)."""
