@@ -73,7 +73,7 @@ def parse(text: str, source: str = "<file>") -> list[Declared]:
     if unknown:
         raise DeclarationError(f"{source}:1: unknown top-level key(s) {', '.join(sorted(unknown))}")
     items = top.get("volumes")
-    if items is None:
+    if items is None or items.tag == "tag:yaml.org,2002:null":
         return []
     if not isinstance(items, yaml.SequenceNode):
         raise DeclarationError(f"{source}:{items.start_mark.line + 1}: 'volumes' must be a list")

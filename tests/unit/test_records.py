@@ -1,0 +1,125 @@
+"""Records refuse invalid values at construction and survive a JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from control.records import (
+    SCHEMA_VERSION,
+    MountRecord,
+    Move,
+    MovePhase,
+    NodeInfo,
+    NodeState,
+    Owner,
+    VolumeSpec,
+    parse_size,
+    to_dict,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1048576", 1 << 20),
+        (4096, 4096),
+        ("512M", 512 << 20),
+        ("10G", 10 << 30),
+        ("10g", 10 << 30),
+        ("1.5GiB", 3 << 29),
+        ("2T", 2 << 40),
+        ("64K", 64 << 10),
+    ],
+)
+def test_parse_size_reads_bytes_and_binary_units(text: str | int, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "ten", "10X", "-1G", "0", "0M", 0, -5, "1 G B"])
+def test_parse_size_refuses_what_is_not_a_positive_size(text: str | int) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size(text)
+
+
+def test_volume_spec_refuses_bad_names_sizes_and_nodes() -> None:
+    with pytest.raises(ValueError, match="invalid volume name"):
+        VolumeSpec(name="bad/name", size_bytes=1, node="n1")
+    with pytest.raises(ValueError, match="invalid volume name"):
+        VolumeSpec(name="-dash", size_bytes=1, node="n1")
+    with pytest.raises(ValueError, match="invalid node name"):
+        VolumeSpec(name="pg", size_bytes=1, node="Node_1")
+    with pytest.raises(ValueError, match="invalid size"):
+        VolumeSpec(name="pg", size_bytes=0, node="n1")
+    with pytest.raises(ValueError, match="invalid node name"):
+        VolumeSpec(name="pg", size_bytes=1, node="n1", replicas=("UP",))
+
+
+def test_owner_epoch_starts_at_one() -> None:
+    with pytest.raises(ValueError, match="epoch"):
+        Owner("n1", 0)
+
+
+def test_node_address_needs_a_port() -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        NodeInfo(name="n1", address="10.0.0.1", pool="tank", free_bytes=1, version="0.1")
+
+
+def test_move_needs_two_different_nodes() -> None:
+    with pytest.raises(ValueError, match="two different nodes"):
+        Move(volume="pg", source="n1", target="n1")
+
+
+def test_move_refuses_an_unknown_phase() -> None:
+    with pytest.raises(ValueError):
+        Move(volume="pg", source="n1", target="n2", phase="teleporting")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        VolumeSpec(name="pg", size_bytes=10 << 30, node="n1", compression="lzjb", replicas=("n2",)),
+        Owner("n2", 7),
+        NodeInfo(name="n1", address="10.0.0.1:7071", pool="tank", free_bytes=5, version="0.1"),
+        NodeState(node="n1", volume="pg", snapshots=("ferry-1-1", "ferry-1-2"), mounted=True),
+        Move(volume="pg", source="n1", target="n2", phase=MovePhase.PRECOPY, bytes_sent=9),
+        MountRecord(volume="pg", node="n1", ids=("abc", "def")),
+    ],
+    ids=lambda r: type(r).__name__,
+)
+def test_json_round_trip_gives_an_equal_record(record: object) -> None:
+    raw = record.to_json()  # type: ignore[attr-defined]
+    assert json.loads(raw)["v"] == SCHEMA_VERSION
+    assert type(record).from_json(raw) == record  # type: ignore[attr-defined]
+
+
+def test_move_phase_is_stored_as_its_name() -> None:
+    move = Move(volume="pg", source="n1", target="n2", phase=MovePhase.HANDOFF)
+    assert to_dict(move)["phase"] == "handoff"
+    assert Move.from_json(move.to_json()).phase is MovePhase.HANDOFF
+
+
+def test_a_record_from_a_newer_schema_is_refused_with_what_to_do() -> None:
+    raw = json.loads(Owner("n1", 1).to_json())
+    raw["v"] = SCHEMA_VERSION + 1
+    with pytest.raises(ValueError, match="upgrade Ferry"):
+        Owner.from_json(json.dumps(raw))
+
+
+def test_a_record_without_a_schema_version_is_refused() -> None:
+    with pytest.raises(ValueError, match="schema version None"):
+        Owner.from_json('{"node": "n1", "epoch": 1}')
+
+
+def test_fields_unknown_to_this_version_are_ignored() -> None:
+    raw = json.loads(Owner("n1", 3).to_json())
+    raw["added_later"] = "x"
+    assert Owner.from_json(json.dumps(raw)) == Owner("n1", 3)
+
+
+def test_stored_records_are_checked_when_read() -> None:
+    raw = json.loads(Owner("n1", 1).to_json())
+    raw["epoch"] = 0
+    with pytest.raises(ValueError, match="epoch"):
+        Owner.from_json(json.dumps(raw))
