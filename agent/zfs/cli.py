@@ -31,9 +31,9 @@ class Features:
     resumable_receive: bool
     send_estimate: bool
     list_holds: bool
+    bookmarks: bool
     lz4: bool
     multi_snapshot: bool
-    receive_no_mount: bool
 
 
 def run(argv: Sequence[str], name: Name | None = None, **kwargs: object) -> str:
@@ -48,6 +48,8 @@ def run(argv: Sequence[str], name: Name | None = None, **kwargs: object) -> str:
 
 
 _PATTERNS: list[tuple[str, type[exc.ZFSError]]] = [
+    ("tag already exists", exc.HoldExists),
+    ("no such tag", exc.HoldNotFound),
     ("dataset already exists", exc.DatasetExists),
     ("destination already exists", exc.DatasetExists),
     ("does not match incremental source", exc.StreamMismatch),
@@ -57,24 +59,31 @@ _PATTERNS: list[tuple[str, type[exc.ZFSError]]] = [
     ("could not find any snapshots", exc.DatasetNotFound),
     ("dataset does not exist", exc.DatasetNotFound),
     ("no such pool", exc.PoolNotFound),
+    ("dependent clones", exc.SnapshotIsCloned),
+    ("more recent snapshots exist", exc.SnapshotNotLatest),
     ("dataset is busy", exc.DatasetBusy),
     ("pool or dataset is busy", exc.DatasetBusy),
     ("out of space", exc.NoSpace),
+    ("no space left", exc.NoSpace),
     ("quota exceeded", exc.QuotaExceeded),
     ("invalid backup stream", exc.BadStream),
     ("invalid stream", exc.BadStream),
     ("checksum mismatch", exc.BadStream),
     ("incomplete stream", exc.StreamTruncated),
     ("premature eof", exc.StreamTruncated),
+    ("failed to read from stream", exc.StreamTruncated),
     ("bad property value", exc.PropertyInvalid),
     ("invalid property", exc.PropertyInvalid),
+    ("must be one of", exc.PropertyInvalid),
+    ("size is less than current used", exc.PropertyInvalid),
+    ("invalid option", exc.FeatureNotSupported),
     ("not a clone", exc.NotClone),
 ]
 
 
 def error_for(stderr: str, name: Name | None) -> exc.ZFSError:
-    """The exception class for a command's error message."""
-    text = stderr.strip()
+    """The exception for a command's error message (zfs wraps long messages: joined first)."""
+    text = " ".join(stderr.split())
     lowered = text.lower()
     for needle, cls in _PATTERNS:
         if needle in lowered:
@@ -83,7 +92,7 @@ def error_for(stderr: str, name: Name | None) -> exc.ZFSError:
             if cls is exc.DatasetNotFound and name is not None and b"@" in as_bytes(name):
                 cls = exc.SnapshotNotFound
             error = cls(name)
-            error.message = f"{cls.message} ({text.splitlines()[-1] if text else 'no message'})"
+            error.message = f"{cls.message} ({text or 'no message'})"
             return error
     return exc.CommandFailed(errno.EIO, name, text or "zfs command failed without a message")
 
@@ -103,15 +112,16 @@ def features() -> Features:
     send = _usage("zfs", "send")
     receive = _usage("zfs", "receive")
     holds = _usage("zfs", "holds")
+    commands = _usage("zfs")
     snapshot = _usage("zfs", "snapshot")
     upgrade = _usage("zpool", "upgrade", "-v")
     found = Features(
         resumable_receive=bool(re.search(r"receive \[[^\]]*s", receive)),
         send_estimate=bool(re.search(r"send \[[^\]]*n", send)),
         list_holds=bool(re.search(r"holds \[", holds)),
+        bookmarks=bool(re.search(r"^\s*bookmark ", commands, re.MULTILINE)),
         lz4="lz4" in upgrade,
-        multi_snapshot="<filesystem@snapname|volume@snapname>..." in snapshot,
-        receive_no_mount=bool(re.search(r"receive \[[^\]]*u", receive)),
+        multi_snapshot=bool(re.search(r"snap(name)?>\s*\.\.\.", snapshot)),
     )
     log.info("zfs features: %s", found)
     return found
@@ -180,13 +190,26 @@ def lzc_exists(name: Name) -> bool:
     return True
 
 
+_SEND_FLAGS = {"embedded_data": "-e", "large_blocks": "-L", "compress": "-c", "raw": "-w"}
+
+
+def _send_args(snap: bytes, fromsnap: Name | None, flags: Sequence[str] | None) -> list[str]:
+    """``zfs send`` options for pyzfs's stream flags; zfs-fuse has none of them."""
+    unknown = set(flags or ()) - set(_SEND_FLAGS)
+    if unknown:
+        raise exc.UnknownStreamFeature(snap, f"Unknown stream flags {sorted(unknown)}")
+    args = [_SEND_FLAGS[flag] for flag in flags or ()]
+    if fromsnap:
+        args += ["-i", validate_snapshot(fromsnap).decode()]
+    return args
+
+
 def lzc_send(
     snapname: Name, fromsnap: Name | None, fd: int, flags: Sequence[str] | None = None
 ) -> None:
     """Write the stream of ``snapname`` (incremental from ``fromsnap``) to ``fd``."""
     snap = validate_snapshot(snapname)
-    base = ["-i", validate_snapshot(fromsnap).decode()] if fromsnap else []
-    run(_zfs("send", *base, snap), snap, stdout=fd)
+    run(_zfs("send", *_send_args(snap, fromsnap, flags), snap), snap, stdout=fd)
 
 
 def lzc_receive(
@@ -197,13 +220,15 @@ def lzc_receive(
     origin: Name | None = None,
     props: Mapping[str, PropValue] | None = None,
 ) -> None:
-    """Receive a stream from ``fd`` into exactly ``snapname``; a bad stream changes nothing."""
+    """Receive a stream from ``fd`` into exactly ``snapname``, unmounted like libzfs_core does.
+
+    A bad or truncated stream raises and changes nothing. ``raw``, ``origin``
+    and ``props`` are not offered by the commands on every ZFS: refused.
+    """
     snap = validate_snapshot(snapname)
     if raw or origin is not None or props:
-        raise exc.FeatureNotSupported(snap)
-    args = ["-F"] if force else []
-    if features().receive_no_mount:
-        args.append("-u")
+        raise exc.FeatureNotSupported(snap, "receive with raw, origin or props is not offered")
+    args = ["-u", *(["-F"] if force else [])]
     run(_zfs("receive", *args, snap), snap, stdin=fd)
 
 
@@ -213,8 +238,7 @@ def lzc_send_space(
     """Estimated stream size; without ``zfs send -n`` only a full stream can be estimated."""
     snap = validate_snapshot(snapname)
     if features().send_estimate:
-        base = ["-i", validate_snapshot(fromsnap).decode()] if fromsnap else []
-        out = run(_zfs("send", "-nvP", *base, snap), snap)
+        out = run(_zfs("send", "-nvP", *_send_args(snap, fromsnap, flags), snap), snap)
         sizes = re.findall(r"^size\s+(\d+)", out, re.MULTILINE)
         if sizes:
             return int(sizes[-1])
@@ -224,7 +248,12 @@ def lzc_send_space(
 
 
 def lzc_hold(holds: Mapping[Name, str], fd: int | None = None) -> list[bytes]:
-    """Place holds (snapshot -> tag); returns the snapshots that do not exist."""
+    """Place holds (snapshot -> tag); returns the snapshots that do not exist.
+
+    The commands cannot tie holds to a cleanup descriptor, so ``fd`` is refused.
+    """
+    if fd is not None:
+        raise exc.FeatureNotSupported(None, "holds released on close of fd are not offered")
     missing: list[bytes] = []
     errors: list[exc.ZFSError] = []
     for snap, tag in holds.items():
@@ -254,7 +283,7 @@ def lzc_release(holds: Mapping[Name, Sequence[str]]) -> list[bytes]:
             except exc.ZFSError as error:
                 errors.append(error)
     if errors:
-        raise exc.ReleaseFailure(errors)
+        raise exc.HoldReleaseFailure(errors)
     return missing
 
 
@@ -311,14 +340,20 @@ def lzc_promote(name: Name) -> None:
 
 
 def lzc_get_props(name: Name) -> dict[str, str]:
-    """Every property (user properties too) as strings, numbers in exact bytes."""
+    """Every property (user properties too) as strings, numbers in exact bytes.
+
+    zfs-fuse leaves ``guid`` and ``createtxg`` out of ``all``: asked for by name.
+    """
     raw = validate(name)
-    out = run(_zfs("get", "-Hp", "-o", "property,value", "all", raw), raw)
-    props = {}
-    for line in out.splitlines():
-        key, _, value = line.partition("\t")
-        props[key] = value
+    props = _get(raw, "all")
+    if "guid" not in props:
+        props.update(_get(raw, "guid,createtxg"))
     return props
+
+
+def _get(raw: bytes, which: str) -> dict[str, str]:
+    out = run(_zfs("get", "-Hp", "-o", "property,value", which, raw), raw)
+    return dict(line.partition("\t")[::2] for line in out.splitlines())
 
 
 def lzc_set_prop(name: Name, prop: str, value: PropValue) -> None:

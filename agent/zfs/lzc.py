@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from agent.zfs import exceptions as exc
+from agent.zfs.names import validate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,49 +31,90 @@ def available() -> bool:
     return True
 
 
-def _translated(function: F) -> F:
-    """Re-raise the binding's exceptions as the same-named classes of agent.zfs.exceptions."""
+def _ours(error: Exception) -> Exception:
+    """The same-named class of agent.zfs.exceptions for a binding exception, else ``error``."""
+    ours = getattr(exc, type(error).__name__, None)
+    if not isinstance(ours, type) or not issubclass(ours, exc.ZFSError):
+        return error
+    if issubclass(ours, exc.MultipleOperationsFailure):
+        inner = [_ours(e) for e in getattr(error, "errors", [])]
+        return ours(
+            [e for e in inner if isinstance(e, exc.ZFSError)],
+            getattr(error, "suppressed_count", 0),
+        )
+    translated = ours(None)
+    translated.name = _text(getattr(error, "name", None))
+    translated.errno = getattr(error, "errno", None) or translated.errno
+    return translated
+
+
+def _text(name: object) -> str | None:
+    return name.decode() if isinstance(name, bytes) else None if name is None else str(name)
+
+
+def _names(value: Any) -> Any:
+    """Names as the binding wants them: validated bytes (in lists and dict keys too)."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes):
+        return validate(value)
+    if isinstance(value, dict):
+        return {validate(key): _tags(tags) for key, tags in value.items()}
+    return [validate(item) for item in value]
+
+
+def _tags(tags: Any) -> Any:
+    if isinstance(tags, str):
+        return tags.encode()
+    if isinstance(tags, list | tuple):
+        return [_tags(tag) for tag in tags]
+    return tags
+
+
+def _translated(function: F, name_args: int) -> F:
+    """Validate the first ``name_args`` arguments as names; raise Ferry's exception classes."""
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
+        converted = [_names(a) for a in args[:name_args]] + list(args[name_args:])
         try:
-            return function(*args, **kwargs)
+            return function(*converted, **kwargs)
         except Exception as error:
-            ours = getattr(exc, type(error).__name__, None)
-            if ours is None or not isinstance(ours, type) or not issubclass(ours, exc.ZFSError):
+            ours = _ours(error)
+            if ours is error:
                 raise
-            if issubclass(ours, exc.MultipleOperationsFailure):
-                raise ours(getattr(error, "errors", [])) from error
-            translated = ours(getattr(error, "name", None))
-            raise translated from error
+            raise ours from error
 
     return call  # type: ignore[return-value]
+
+
+# How many leading arguments of each binding function are dataset or snapshot names.
+_NAME_ARGS = {
+    "lzc_create": 1,
+    "lzc_snapshot": 1,
+    "lzc_destroy_snaps": 1,
+    "lzc_exists": 1,
+    "lzc_send": 2,
+    "lzc_receive": 1,
+    "lzc_send_space": 2,
+    "lzc_hold": 1,
+    "lzc_release": 1,
+    "lzc_get_holds": 1,
+    "lzc_rollback": 1,
+    "lzc_rollback_to": 2,
+    "lzc_rename": 2,
+    "lzc_clone": 2,
+    "lzc_promote": 1,
+    "lzc_destroy": 1,
+}
 
 
 def functions() -> dict[str, Callable[..., Any]]:
     """The lzc_* functions of the binding, translated; only called when available()."""
     import libzfs_core
 
-    names = [
-        "lzc_create",
-        "lzc_snapshot",
-        "lzc_destroy_snaps",
-        "lzc_exists",
-        "lzc_send",
-        "lzc_receive",
-        "lzc_send_space",
-        "lzc_hold",
-        "lzc_release",
-        "lzc_get_holds",
-        "lzc_rollback",
-        "lzc_rollback_to",
-        "lzc_rename",
-        "lzc_clone",
-        "lzc_promote",
-        "lzc_destroy",
-    ]
     return {
-        name: _translated(getattr(libzfs_core, name))
-        for name in names
+        name: _translated(getattr(libzfs_core, name), count)
+        for name, count in _NAME_ARGS.items()
         if hasattr(libzfs_core, name)
     }
