@@ -1,0 +1,121 @@
+"""The keyspace on a real etcd: every write that depends on a read is a compare-and-swap."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+
+import pytest
+
+from control.keyspace import AlreadyExists, Change, Keyspace, endpoints_client
+from control.records import Move, MovePhase, NodeInfo, Owner, VolumeSpec
+from tests.support.etcd import EtcdServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
+    client = endpoints_client([etcd.endpoint])
+    try:
+        yield Keyspace(client, prefix=f"/ct-{secrets.token_hex(4)}/v1")
+    finally:
+        await client.close()
+
+
+def _spec(name: str = "pg", node: str = "n1") -> VolumeSpec:
+    return VolumeSpec(name=name, size_bytes=1 << 30, node=node)
+
+
+async def test_create_volume_twice_is_already_exists(keyspace: Keyspace) -> None:
+    await keyspace.create_volume(_spec())
+    with pytest.raises(AlreadyExists, match="volume pg already exists"):
+        await keyspace.create_volume(_spec(node="n2"))
+    stored = await keyspace.get_volume("pg")
+    assert stored is not None and stored.value.node == "n1"
+
+
+async def test_update_volume_fails_when_someone_changed_it_since_the_read(
+    keyspace: Keyspace,
+) -> None:
+    await keyspace.create_volume(_spec())
+    read = await keyspace.get_volume("pg")
+    assert read is not None
+    assert await keyspace.update_volume(replace(read.value, node="n2"), read.revision)
+    assert not await keyspace.update_volume(replace(read.value, node="n3"), read.revision)
+    final = await keyspace.get_volume("pg")
+    assert final is not None and final.value.node == "n2"
+
+
+async def test_claim_owner_succeeds_once_only(keyspace: Keyspace) -> None:
+    results = await asyncio.gather(*(keyspace.claim_owner("pg", f"n{i}") for i in range(5)))
+    assert sorted(results) == [False, False, False, False, True]
+    owner = await keyspace.get_owner("pg")
+    assert owner is not None and owner.value.epoch == 1
+    assert owner.value.node == f"n{results.index(True)}"
+
+
+async def test_transfer_owner_only_from_the_expected_owner_and_epoch(keyspace: Keyspace) -> None:
+    assert await keyspace.claim_owner("pg", "n1")
+    assert not await keyspace.transfer_owner("pg", Owner("n2", 1), "n3")
+    assert not await keyspace.transfer_owner("pg", Owner("n1", 2), "n3")
+    assert await keyspace.transfer_owner("pg", Owner("n1", 1), "n2")
+    assert not await keyspace.transfer_owner("pg", Owner("n1", 1), "n3")
+    owner = await keyspace.get_owner("pg")
+    assert owner is not None and owner.value == Owner("n2", 2)
+
+
+async def test_put_move_compares_the_revision(keyspace: Keyspace) -> None:
+    move = Move(volume="pg", source="n1", target="n2")
+    assert await keyspace.put_move(move, None)
+    assert not await keyspace.put_move(move, None)
+    read = await keyspace.get_move("pg")
+    assert read is not None
+    advanced = replace(move, phase=MovePhase.PRECOPY, bytes_sent=10)
+    assert await keyspace.put_move(advanced, read.revision)
+    assert not await keyspace.put_move(replace(move, phase=MovePhase.FAILED), read.revision)
+    final = await keyspace.get_move("pg")
+    assert final is not None and final.value.phase is MovePhase.PRECOPY
+
+
+async def test_a_node_disappears_when_its_lease_expires(keyspace: Keyspace) -> None:
+    info = NodeInfo(name="n1", address="127.0.0.1:1", pool="p", free_bytes=1, version="t")
+    lease = await keyspace.register_node(info, ttl=2)
+    assert await keyspace.list_nodes() == [info]
+    assert await keyspace.refresh_lease(lease) > 0
+    deadline = asyncio.get_running_loop().time() + 8
+    while await keyspace.get_node("n1") is not None:
+        assert asyncio.get_running_loop().time() < deadline, "node outlived its 2 s lease"
+        await asyncio.sleep(0.2)
+    assert await keyspace.list_nodes() == []
+
+
+async def test_watch_sees_volume_and_owner_changes(keyspace: Keyspace) -> None:
+    seen: list[Change] = []
+
+    async def follow() -> None:
+        async for change in keyspace.watch("volumes", "owners"):
+            seen.append(change)
+            if len(seen) == 3:
+                return
+
+    watcher = asyncio.create_task(follow())
+    await asyncio.sleep(0.3)
+    await keyspace.create_volume(_spec())
+    await keyspace.put_move(Move(volume="pg", source="n1", target="n2"), None)
+    assert await keyspace.claim_owner("pg", "n1")
+    await keyspace.purge_volume("pg")
+    await asyncio.wait_for(watcher, timeout=10)
+    assert [(c.kind, c.name, c.deleted) for c in seen] == [
+        ("volumes", "pg", False),
+        ("owners", "pg", False),
+        ("volumes", "pg", True),
+    ]
