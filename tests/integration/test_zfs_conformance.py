@@ -1,0 +1,437 @@
+"""One conformance suite for every ZFS backend present, on real pools (zfs-fuse here).
+
+Each test runs once per backend: the ``zfs`` commands always, OpenZFS's
+libzfs_core binding where ``/dev/zfs`` exists. Two scratch pools stand for
+two hosts; every test uses fresh dataset names in them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from agent.zfs import cli, lzc
+from agent.zfs import exceptions as exc
+from tests.support.pools import ScratchPool, scratch_pool
+
+pytestmark = pytest.mark.integration
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def src() -> Iterator[ScratchPool]:
+    with scratch_pool("zt") as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def dst() -> Iterator[ScratchPool]:
+    with scratch_pool("zt") as pool:
+        yield pool
+
+
+@pytest.fixture(params=["cli", "libzfs_core"])
+def api(request: pytest.FixtureRequest) -> Any:
+    """The ZFS API as one backend offers it (extras come from the commands in both)."""
+    if request.param == "cli":
+        return cli
+    if not lzc.available():
+        pytest.skip("libzfs_core backend needs `import libzfs_core` and /dev/zfs (kernel OpenZFS)")
+    functions = {name: getattr(cli, name) for name in dir(cli) if not name.startswith("_")}
+    functions.update(lzc.functions())
+    return SimpleNamespace(**functions)
+
+
+def fresh(pool: ScratchPool) -> tuple[bytes, Path]:
+    """A dataset name not used before in this pool, and where it mounts."""
+    component = f"ds{next(_counter)}"
+    return pool.dataset(component), pool.path(component)
+
+
+def write_random(path: Path, size: int) -> str:
+    """Write incompressible data to ``path``; returns its sha256."""
+    data = os.urandom(size)
+    with path.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``root``, by relative path."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".zfs" not in p.parts
+    }
+
+
+def send_to_file(api: Any, snap: bytes, fromsnap: bytes | None, path: Path) -> Path:
+    with path.open("wb") as out:
+        api.lzc_send(snap, fromsnap, out.fileno())
+    return path
+
+
+def receive_file(api: Any, snap: bytes, path: Path, force: bool = False) -> None:
+    with path.open("rb") as stream:
+        api.lzc_receive(snap, stream.fileno(), force=force)
+
+
+def mounted_copy(api: Any, dataset: bytes, where: Path) -> Path:
+    """Mount a received copy read-only, as Ferry keeps replicas, so its files can be compared.
+
+    Read-only matters: reading files of a writable mount updates access times,
+    which counts as a local change to the next incremental receive.
+    """
+    if api.lzc_get_props(dataset)["mounted"] != "yes":
+        api.lzc_set_prop(dataset, "readonly", "on")
+        api.zfs_mount(dataset)
+    return where
+
+
+def test_create_exists_destroy(api: Any, src: ScratchPool) -> None:
+    name, _ = fresh(src)
+    assert not api.lzc_exists(name)
+    api.lzc_create(name, props={"mountpoint": "none"})
+    assert api.lzc_exists(name)
+    with pytest.raises(exc.DatasetExists):
+        api.lzc_create(name)
+    api.lzc_destroy(name)
+    assert not api.lzc_exists(name)
+    with pytest.raises(exc.DatasetNotFound):
+        api.lzc_destroy(name)
+
+
+def test_create_under_a_missing_parent_fails(api: Any, src: ScratchPool) -> None:
+    name, _ = fresh(src)
+    with pytest.raises(exc.ZFSError):
+        api.lzc_create(name + b"/child")
+    assert not api.lzc_exists(name + b"/child")
+
+
+def test_several_snapshots_at_once_listed_oldest_first(api: Any, src: ScratchPool) -> None:
+    a, _ = fresh(src)
+    b, _ = fresh(src)
+    api.lzc_create(a)
+    api.lzc_create(b)
+    api.lzc_snapshot([a + b"@one", b + b"@one"])
+    api.lzc_snapshot([a + b"@two"])
+    api.lzc_snapshot([a + b"@three"])
+    assert api.lzc_list_snaps(a) == [a + b"@one", a + b"@two", a + b"@three"]
+    assert api.lzc_list_snaps(b) == [b + b"@one"]
+    assert api.lzc_exists(b + b"@one")
+
+
+def test_snapshots_are_all_or_none(api: Any, src: ScratchPool) -> None:
+    a, _ = fresh(src)
+    b, _ = fresh(src)
+    api.lzc_create(a)
+    api.lzc_create(b)
+    api.lzc_snapshot([b + b"@taken"])
+    with pytest.raises(exc.SnapshotFailure) as failed:
+        api.lzc_snapshot([a + b"@taken", b + b"@taken"])
+    assert any(isinstance(e, exc.SnapshotExists) for e in failed.value.errors)
+    assert api.lzc_list_snaps(a) == []
+    with pytest.raises(exc.SnapshotFailure) as duplicate:
+        api.lzc_snapshot([a + b"@x", a + b"@y"])
+    assert isinstance(duplicate.value.errors[0], exc.DuplicateSnapshots)
+    assert api.lzc_list_snaps(a) == []
+
+
+def test_full_and_incremental_send_receive_are_byte_identical(
+    api: Any, src: ScratchPool, dst: ScratchPool, tmp_path: Path
+) -> None:
+    source, source_dir = fresh(src)
+    target, target_dir = fresh(dst)
+    api.lzc_create(source)
+    write_random(source_dir / "big", 3 << 20)
+    (source_dir / "sub").mkdir()
+    write_random(source_dir / "sub" / "small", 1000)
+    api.lzc_snapshot([source + b"@s1"])
+    receive_file(api, target + b"@s1", send_to_file(api, source + b"@s1", None, tmp_path / "s1"))
+
+    assert api.lzc_get_props(target)["mounted"] == "no"
+    assert tree_digest(mounted_copy(api, target, target_dir)) == tree_digest(source_dir)
+
+    write_random(source_dir / "big", 2 << 20)
+    write_random(source_dir / "new", 500_000)
+    os.remove(source_dir / "sub" / "small")
+    api.lzc_snapshot([source + b"@s2"])
+    incremental = send_to_file(api, source + b"@s2", source + b"@s1", tmp_path / "s2")
+    assert incremental.stat().st_size < (4 << 20)
+    receive_file(api, target + b"@s2", incremental)
+
+    assert tree_digest(target_dir) == tree_digest(source_dir)
+    assert api.lzc_list_snaps(target) == [target + b"@s1", target + b"@s2"]
+    assert [g for _, g in api.snapshot_guids(target)] == [g for _, g in api.snapshot_guids(source)]
+
+
+def test_receive_with_force_rolls_back_local_changes(
+    api: Any, src: ScratchPool, dst: ScratchPool, tmp_path: Path
+) -> None:
+    source, source_dir = fresh(src)
+    target, target_dir = fresh(dst)
+    api.lzc_create(source)
+    write_random(source_dir / "data", 100_000)
+    api.lzc_snapshot([source + b"@s1"])
+    receive_file(api, target + b"@s1", send_to_file(api, source + b"@s1", None, tmp_path / "s1"))
+    api.lzc_set_prop(target, "readonly", "off")
+    api.zfs_mount(target)
+    write_random(target_dir / "local", 10_000)
+    write_random(source_dir / "data", 100_000)
+    api.lzc_snapshot([source + b"@s2"])
+    stream = send_to_file(api, source + b"@s2", source + b"@s1", tmp_path / "s2")
+
+    with pytest.raises(exc.DestinationModified):
+        receive_file(api, target + b"@s2", stream)
+    assert (target_dir / "local").exists()
+    assert api.lzc_list_snaps(target) == [target + b"@s1"]
+
+    receive_file(api, target + b"@s2", stream, force=True)
+    assert api.lzc_list_snaps(target) == [target + b"@s1", target + b"@s2"]
+    assert tree_digest(mounted_copy(api, target, target_dir)) == tree_digest(source_dir)
+
+
+def test_incremental_from_the_wrong_base_is_a_stream_mismatch(
+    api: Any, src: ScratchPool, dst: ScratchPool, tmp_path: Path
+) -> None:
+    source, _ = fresh(src)
+    target, _ = fresh(dst)
+    api.lzc_create(source)
+    for snap in (b"@s1", b"@s2", b"@s3"):
+        api.lzc_snapshot([source + snap])
+    receive_file(api, target + b"@s1", send_to_file(api, source + b"@s1", None, tmp_path / "s1"))
+    stream = send_to_file(api, source + b"@s3", source + b"@s2", tmp_path / "s3")
+    with pytest.raises(exc.StreamMismatch):
+        receive_file(api, target + b"@s3", stream, force=True)
+    assert api.lzc_list_snaps(target) == [target + b"@s1"]
+
+
+def test_a_hold_blocks_destroy_until_released(api: Any, src: ScratchPool) -> None:
+    name, _ = fresh(src)
+    api.lzc_create(name)
+    snap = name + b"@held"
+    api.lzc_snapshot([snap])
+    assert api.lzc_hold({snap: "ferry-test"}) == []
+    assert api.hold_count(snap) == 1
+    with pytest.raises(exc.HoldFailure) as again:
+        api.lzc_hold({snap: "ferry-test"})
+    assert isinstance(again.value.errors[0], exc.HoldExists)
+
+    with pytest.raises(exc.SnapshotDestructionFailure) as blocked:
+        api.lzc_destroy_snaps([snap], defer=False)
+    assert isinstance(blocked.value.errors[0], exc.SnapshotIsHeld)
+    assert api.lzc_exists(snap)
+
+    if cli.features().list_holds:
+        assert set(api.lzc_get_holds(snap)) == {"ferry-test"}
+    else:
+        with pytest.raises(exc.FeatureNotSupported):
+            api.lzc_get_holds(snap)
+
+    with pytest.raises(exc.HoldReleaseFailure) as unknown:
+        api.lzc_release({snap: ["no-such-tag"]})
+    assert isinstance(unknown.value.errors[0], exc.HoldNotFound)
+    assert api.lzc_release({snap: ["ferry-test"]}) == []
+    assert api.hold_count(snap) == 0
+    api.lzc_destroy_snaps([snap], defer=False)
+    assert not api.lzc_exists(snap)
+
+
+def test_deferred_destroy_of_a_held_snapshot_happens_on_release(api: Any, src: ScratchPool) -> None:
+    name, _ = fresh(src)
+    api.lzc_create(name)
+    snap = name + b"@deferred"
+    api.lzc_snapshot([snap])
+    api.lzc_hold({snap: "ferry-test"})
+    api.lzc_destroy_snaps([snap], defer=True)
+    assert api.lzc_exists(snap)
+    assert api.lzc_get_props(snap)["defer_destroy"] == "on"
+    api.lzc_release({snap: ["ferry-test"]})
+    assert not api.lzc_exists(snap)
+
+
+def test_refquota_stops_writes_with_edquot(api: Any, src: ScratchPool) -> None:
+    name, where = fresh(src)
+    api.lzc_create(name, props={"refquota": 2 << 20, "compression": "off"})
+    assert api.lzc_get_props(name)["refquota"] == str(2 << 20)
+    with pytest.raises(OSError) as full:
+        for part in range(8):
+            write_random(where / f"part{part}", 1 << 20)
+    assert full.value.errno == errno.EDQUOT
+    assert int(api.lzc_get_props(name)["referenced"]) <= (2 << 20) + (256 << 10)
+
+
+def test_rename_keeps_data_and_snapshots(api: Any, src: ScratchPool) -> None:
+    name, _ = fresh(src)
+    other, _ = fresh(src)
+    api.lzc_create(name, props={"mountpoint": "none"})
+    api.lzc_snapshot([name + b"@s1"])
+    guid = api.lzc_get_props(name)["guid"]
+    api.lzc_rename(name, other)
+    assert not api.lzc_exists(name)
+    assert api.lzc_get_props(other)["guid"] == guid
+    assert api.lzc_list_snaps(other) == [other + b"@s1"]
+    api.lzc_create(name, props={"mountpoint": "none"})
+    with pytest.raises(exc.DatasetExists):
+        api.lzc_rename(other, name)
+
+
+def test_rollback_restores_the_latest_snapshot(api: Any, src: ScratchPool) -> None:
+    name, where = fresh(src)
+    api.lzc_create(name)
+    with pytest.raises(exc.SnapshotNotFound):
+        api.lzc_rollback(name)
+    digest = write_random(where / "f", 50_000)
+    api.lzc_snapshot([name + b"@s1"])
+    write_random(where / "f", 50_000)
+    write_random(where / "g", 1000)
+    assert api.lzc_rollback(name) == name + b"@s1"
+    assert tree_digest(where) == {"f": digest}
+
+    api.lzc_snapshot([name + b"@s2"])
+    with pytest.raises(exc.SnapshotNotLatest):
+        api.lzc_rollback_to(name, name + b"@s1")
+    write_random(where / "h", 1000)
+    api.lzc_rollback_to(name, name + b"@s2")
+    assert tree_digest(where) == {"f": digest}
+
+
+def test_clone_and_promote(api: Any, src: ScratchPool) -> None:
+    name, where = fresh(src)
+    clone, clone_dir = fresh(src)
+    api.lzc_create(name)
+    digest = write_random(where / "f", 20_000)
+    api.lzc_snapshot([name + b"@base"])
+    api.lzc_clone(clone, name + b"@base")
+    assert api.lzc_get_props(clone)["origin"] == (name + b"@base").decode()
+    if api.lzc_get_props(clone)["mounted"] != "yes":
+        api.zfs_mount(clone)
+    assert tree_digest(clone_dir) == {"f": digest}
+    with pytest.raises(exc.NotClone):
+        api.lzc_promote(name)
+
+    api.lzc_promote(clone)
+    assert api.lzc_list_snaps(clone) == [clone + b"@base"]
+    assert api.lzc_get_props(name)["origin"] == (clone + b"@base").decode()
+    with pytest.raises(exc.ZFSError):
+        api.lzc_destroy(clone)
+
+
+def test_properties_including_user_properties(api: Any, src: ScratchPool) -> None:
+    name, where = fresh(src)
+    api.lzc_create(name, props={"ferry:volume": "db", "compression": "gzip"})
+    props = api.lzc_get_props(name)
+    assert props["ferry:volume"] == "db"
+    assert props["compression"] == "gzip"
+    assert props["readonly"] == "off"
+    assert props["mounted"] == "yes"
+    assert int(props["guid"]) > 0
+    assert int(props["used"]) > 0
+
+    api.lzc_set_prop(name, "ferry:epoch", 7)
+    assert api.lzc_get_props(name)["ferry:epoch"] == "7"
+    api.lzc_set_prop(name, "readonly", "on")
+    with pytest.raises(OSError) as refused:
+        write_random(where / "f", 10)
+    assert refused.value.errno == errno.EROFS
+    api.zfs_unmount(name)
+    assert api.lzc_get_props(name)["readonly"] == "on"
+    api.lzc_inherit_prop(name, "ferry:epoch")
+    assert "ferry:epoch" not in api.lzc_get_props(name)
+    with pytest.raises(exc.PropertyInvalid):
+        api.lzc_set_prop(name, "compression", "no-such-algorithm")
+    with pytest.raises(exc.DatasetNotFound):
+        api.lzc_get_props(name + b"-missing")
+
+
+def test_list_children(api: Any, src: ScratchPool) -> None:
+    name, _ = fresh(src)
+    api.lzc_create(name)
+    api.lzc_create(name + b"/a")
+    api.lzc_create(name + b"/b")
+    api.lzc_create(name + b"/a/deeper")
+    api.lzc_snapshot([name + b"@s"])
+    assert sorted(api.lzc_list_children(name)) == [name + b"/a", name + b"/b"]
+
+
+def test_send_space_estimates_a_full_stream(api: Any, src: ScratchPool, tmp_path: Path) -> None:
+    name, where = fresh(src)
+    api.lzc_create(name, props={"compression": "off"})
+    write_random(where / "f", 1 << 20)
+    api.lzc_snapshot([name + b"@s1"])
+    api.lzc_snapshot([name + b"@s2"])
+    estimate = api.lzc_send_space(name + b"@s1")
+    actual = send_to_file(api, name + b"@s1", None, tmp_path / "s").stat().st_size
+    assert 0.8 * actual <= estimate <= 1.25 * actual
+    if cli.features().send_estimate:
+        assert api.lzc_send_space(name + b"@s2", name + b"@s1") < 200_000
+    else:
+        with pytest.raises(exc.FeatureNotSupported):
+            api.lzc_send_space(name + b"@s2", name + b"@s1")
+
+
+def _truncated(path: Path, keep: int) -> Path:
+    data = path.read_bytes()
+    assert len(data) > keep
+    cut = path.with_suffix(".cut")
+    cut.write_bytes(data[:keep])
+    return cut
+
+
+def _garbage(path: Path) -> Path:
+    path.write_bytes(os.urandom(300_000))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_stream_changes_nothing(
+    api: Any, damage: str, src: ScratchPool, dst: ScratchPool, tmp_path: Path
+) -> None:
+    source, source_dir = fresh(src)
+    target, target_dir = fresh(dst)
+    api.lzc_create(source, props={"compression": "off"})
+    write_random(source_dir / "f", 1 << 20)
+    api.lzc_snapshot([source + b"@s1"])
+    full = send_to_file(api, source + b"@s1", None, tmp_path / "s1")
+    write_random(source_dir / "f", 1 << 20)
+    api.lzc_snapshot([source + b"@s2"])
+    incremental = send_to_file(api, source + b"@s2", source + b"@s1", tmp_path / "s2")
+
+    def damaged(stream: Path) -> Path:
+        if damage == "garbage":
+            return _garbage(tmp_path / "garbage")
+        return _truncated(stream, stream.stat().st_size // 2)
+
+    with pytest.raises(exc.ZFSError):
+        receive_file(api, target + b"@s1", damaged(full))
+    assert not api.lzc_exists(target)
+
+    receive_file(api, target + b"@s1", full)
+    before = tree_digest(mounted_copy(api, target, target_dir))
+    for force in (False, True):
+        with pytest.raises(exc.ZFSError) as failed:
+            receive_file(api, target + b"@s2", damaged(incremental), force=force)
+        assert isinstance(failed.value, exc.BadStream | exc.StreamTruncated), failed.value
+        assert api.lzc_list_snaps(target) == [target + b"@s1"]
+        assert tree_digest(mounted_copy(api, target, target_dir)) == before
+
+
+def test_no_zfs_process_is_left_behind(api: Any, src: ScratchPool) -> None:
+    name, _ = fresh(src)
+    api.lzc_create(name)
+    leftovers = subprocess.run(
+        ["pgrep", "-f", f"zfs (send|receive).*{src.name}"], capture_output=True, check=False
+    )
+    assert leftovers.stdout == b""
