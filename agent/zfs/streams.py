@@ -79,36 +79,41 @@ async def send_chunks(
 
 
 async def receive_chunks(snapname: Name, chunks: AsyncIterable[bytes], force: bool = False) -> int:
-    """Feed ``chunks`` into ``zfs receive`` of exactly ``snapname``; returns the bytes received.
+    """Feed ``chunks`` into a receive of exactly ``snapname`` (unmounted); returns the bytes fed.
 
-    If ``chunks`` raises, the receive is aborted (ZFS sees a truncated stream
-    and keeps the target as it was) and the exception propagates. If the
-    receive fails, its ZFSError is raised.
+    If ``chunks`` raises or the caller is cancelled, the pipe is cut without
+    flushing: ZFS sees a truncated stream, keeps the target as it was, and the
+    exception propagates. If the receive fails, its ZFSError is raised.
     """
+    loop = asyncio.get_running_loop()
     read_fd, write_fd = _pipe()
     receiver = asyncio.ensure_future(
         asyncio.to_thread(_receive_then_close, snapname, read_fd, force)
     )
+    # A write-only pipe still needs a stream protocol: it gives the writer drain and close.
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), loop=loop),
+        os.fdopen(write_fd, "wb", 0),
+    )
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
     total = 0
     try:
         async for chunk in chunks:
             if receiver.done():
                 break
-            await asyncio.to_thread(_write_all, write_fd, chunk)
+            writer.write(chunk)
+            await writer.drain()
             total += len(chunk)
-    except BrokenPipeError:
-        pass  # zfs receive stopped reading; its own error is raised below
+    except (BrokenPipeError, ConnectionResetError):
+        transport.abort()  # zfs receive stopped reading; its own error is raised below
     except BaseException:
-        os.close(write_fd)
+        transport.abort()
         with contextlib.suppress(Exception):
             await asyncio.shield(receiver)
         raise
-    os.close(write_fd)
+    else:
+        writer.close()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await writer.wait_closed()
     await receiver
     return total
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
