@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 
 from agent import zfs
 from agent.zfs.names import Name
@@ -48,7 +48,7 @@ def _receive_then_close(snapname: Name, read_fd: int, force: bool) -> None:
 
 async def send_chunks(
     snapname: Name, fromsnap: Name | None = None, chunk_size: int = CHUNK_BYTES
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The send stream of ``snapname`` (incremental from ``fromsnap``) in chunks of ``chunk_size``.
 
     Raises the backend's ZFSError at the end if ``zfs send`` failed.
