@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Make the Vagrant cluster's CA and certificates on this machine (run by the
+# Vagrantfile's trigger before up/provision/reload). Idempotent: an existing CA
+# or certificate is kept, so running it again changes nothing.
+#
+#   certs.sh DIR CONTROL_IP NODE=IP [NODE=IP...]
+#
+# Writes DIR/ca.crt, ca.key, control.{crt,key}, NODE.{crt,key}, admin.{crt,key}.
+# ferryctl comes from FERRYCTL, else from PATH.
+set -euo pipefail
+
+if [ "$#" -lt 3 ]; then
+    echo "usage: certs.sh DIR CONTROL_IP NODE=IP [NODE=IP...]" >&2
+    exit 2
+fi
+dir="$1"
+control_ip="$2"
+shift 2
+
+ferryctl="${FERRYCTL:-$(command -v ferryctl || true)}"
+if [ -z "$ferryctl" ] || [ ! -x "$ferryctl" ]; then
+    echo "certs.sh: ferryctl not found. Install Ferry on this machine (pip install -e . in a" \
+        "virtualenv, or sudo deploy/install.sh) and put ferryctl on PATH or set FERRYCTL=/path/to/ferryctl" >&2
+    exit 1
+fi
+
+issue() {
+    local kind="$1" name="$2"
+    shift 2
+    if [ -e "$dir/$name.crt" ]; then
+        return 0
+    fi
+    "$ferryctl" ca issue --dir "$dir" --kind "$kind" --name "$name" "$@"
+}
+
+if [ ! -e "$dir/ca.key" ]; then
+    mkdir -p "$dir"
+    "$ferryctl" ca init --dir "$dir"
+fi
+issue control control --ip "$control_ip"
+for entry in "$@"; do
+    issue node "${entry%%=*}" --ip "${entry#*=}"
+done
+issue user admin

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# Provision one Vagrant node as a Ferry host (run as root by the Vagrantfile).
+#
+#   provision.sh --node NAME --nodes NAME=IP[,NAME=IP...] --etcd-members N
+#                [--zfs kernel|fuse] [--repo DIR] [--pki DIR] [--disk DEV]
+#                [--dry-run --root DIR]
+#
+# Steps: the zfs kernel module (DKMS, --zfs kernel), the repository's
+# deploy/install.sh (packages, Ferry's venv), the pool "ferry" on the second
+# disk, certificates into /etc/ferry/pki, /etc/ferry/*.env from deploy/config
+# and deploy/etcd, then the systemd units. The first N nodes of --nodes run
+# etcd, the first one runs ferry-control. Run it again at any time: every step
+# checks first.
+#
+# --dry-run prints the commands that change the system instead of running
+# them, and writes files under --root (a throwaway directory) instead of /.
+set -euo pipefail
+
+POOL=ferry
+POOL_MOUNTPOINT=/var/lib/ferry/pool
+POOL_DISK_SERIAL_LINK=/dev/disk/by-id/virtio-ferry-pool
+AGENT_PORT=7480
+CONTROL_PORT=7070
+
+node="" nodes="" etcd_members="" zfs=kernel repo=/vagrant pki="" disk="" dry_run=0 root=""
+
+log() { printf 'provision %s: %s\n' "${node:-?}" "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --node) node="$2"; shift 2 ;;
+        --nodes) nodes="$2"; shift 2 ;;
+        --etcd-members) etcd_members="$2"; shift 2 ;;
+        --zfs) zfs="$2"; shift 2 ;;
+        --repo) repo="$2"; shift 2 ;;
+        --pki) pki="$2"; shift 2 ;;
+        --disk) disk="$2"; shift 2 ;;
+        --dry-run) dry_run=1; shift ;;
+        --root) root="$2"; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+done
+if [ -z "$node" ] || [ -z "$nodes" ] || [ -z "$etcd_members" ]; then
+    die "give --node, --nodes and --etcd-members (see --help)"
+fi
+case "$zfs" in kernel|fuse) ;; *) die "--zfs $zfs: use kernel or fuse" ;; esac
+if [ "$dry_run" -eq 1 ] && [ -z "$root" ]; then
+    die "--dry-run needs --root DIR for the files it writes"
+fi
+if [ "$dry_run" -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
+    die "run as root"
+fi
+
+# Commands that change the system; printed instead under --dry-run.
+run() {
+    if [ "$dry_run" -eq 1 ]; then
+        printf 'dry-run: %s\n' "$*"
+    else
+        "$@"
+    fi
+}
+
+# --- the cluster's shape, from --nodes ---------------------------------------
+declare -a names=() addresses=()
+IFS=',' read -r -a entries <<< "$nodes"
+for entry in "${entries[@]}"; do
+    [[ "$entry" == *=* ]] || die "--nodes entry '$entry' is not NAME=IP"
+    names+=("${entry%%=*}")
+    addresses+=("${entry#*=}")
+done
+if ! [[ "$etcd_members" =~ ^[0-9]+$ ]] || [ "$etcd_members" -lt 1 ] || [ "$etcd_members" -gt "${#names[@]}" ]; then
+    die "--etcd-members $etcd_members: give a number from 1 to ${#names[@]}"
+fi
+
+index=-1
+for i in "${!names[@]}"; do
+    [ "${names[$i]}" = "$node" ] && index=$i
+done
+[ "$index" -ge 0 ] || die "--node $node is not in --nodes $nodes"
+address="${addresses[$index]}"
+control_address="${addresses[0]}:$CONTROL_PORT"
+is_control=0
+[ "$index" -eq 0 ] && is_control=1
+is_etcd_member=0
+[ "$index" -lt "$etcd_members" ] && is_etcd_member=1
+
+etcd_endpoints=""
+initial_cluster=""
+for ((i = 0; i < etcd_members; i++)); do
+    etcd_endpoints+="${etcd_endpoints:+,}${addresses[$i]}:2379"
+    initial_cluster+="${initial_cluster:+,}${names[$i]}=http://${addresses[$i]}:2380"
+done
+
+# --- files --------------------------------------------------------------------
+# Copy a documented template from the repository to $root/DEST.
+install_template() {
+    local source="$1" dest="$root$2" mode="$3"
+    mkdir -p "$(dirname "$dest")"
+    install -m "$mode" "$repo/$source" "$dest"
+}
+
+# Set KEY=VALUE in an env file: replaces the line "KEY=..." or "#KEY=...".
+set_env() {
+    local file="$root$1" key="$2" value="$3"
+    if grep -q "^#\?$key=" "$file"; then
+        sed -i "s|^#\?$key=.*|$key=$value|" "$file"
+    else
+        printf '%s=%s\n' "$key" "$value" >> "$file"
+    fi
+}
+
+write_configs() {
+    install_template deploy/config/agent.env /etc/ferry/agent.env 0644
+    set_env /etc/ferry/agent.env FERRY_NODE "$node"
+    set_env /etc/ferry/agent.env FERRY_ETCD "$etcd_endpoints"
+    set_env /etc/ferry/agent.env FERRY_CONTROL "$control_address"
+    set_env /etc/ferry/agent.env FERRY_POOL "$POOL"
+    set_env /etc/ferry/agent.env FERRY_LISTEN "$address:$AGENT_PORT"
+    set_env /etc/ferry/agent.env FERRY_ADVERTISE "$address:$AGENT_PORT"
+    if [ "$is_control" -eq 1 ]; then
+        install_template deploy/config/control.env /etc/ferry/control.env 0644
+        set_env /etc/ferry/control.env FERRY_ETCD "$etcd_endpoints"
+        set_env /etc/ferry/control.env FERRY_LISTEN "$control_address"
+    fi
+    if [ "$is_etcd_member" -eq 1 ]; then
+        install_template deploy/etcd/etcd.env /etc/ferry/etcd.env 0644
+        set_env /etc/ferry/etcd.env ETCD_NAME "$node"
+        set_env /etc/ferry/etcd.env ETCD_LISTEN_CLIENT_URLS "http://$address:2379,http://127.0.0.1:2379"
+        set_env /etc/ferry/etcd.env ETCD_ADVERTISE_CLIENT_URLS "http://$address:2379"
+        set_env /etc/ferry/etcd.env ETCD_LISTEN_PEER_URLS "http://$address:2380"
+        set_env /etc/ferry/etcd.env ETCD_INITIAL_ADVERTISE_PEER_URLS "http://$address:2380"
+        set_env /etc/ferry/etcd.env ETCD_INITIAL_CLUSTER "$initial_cluster"
+    fi
+}
+
+# Certificates from the CA made on the host machine (vagrant/certs.sh).
+install_certificates() {
+    local dest="$root/etc/ferry/pki"
+    [ -n "$pki" ] || die "give --pki DIR (the certificates made by vagrant/certs.sh)"
+    for file in ca.crt "$node.crt" "$node.key"; do
+        [ -r "$pki/$file" ] || die "$pki/$file is missing: run 'vagrant provision $node' (its trigger runs certs.sh)"
+    done
+    install -d -m 0755 "$dest"
+    install -m 0644 "$pki/ca.crt" "$dest/ca.crt"
+    install -m 0644 "$pki/$node.crt" "$dest/node.crt"
+    install -m 0600 "$pki/$node.key" "$dest/node.key"
+    if [ "$is_control" -eq 1 ]; then
+        install -m 0644 "$pki/control.crt" "$dest/control.crt"
+        install -m 0600 "$pki/control.key" "$dest/control.key"
+    fi
+}
+
+install_units() {
+    local units="$root/etc/systemd/system"
+    install -d "$units/docker.service.d"
+    install -m 0644 "$repo"/deploy/systemd/ferry-*.service "$units/"
+    install -m 0644 "$repo/deploy/systemd/docker.service.d/ferry.conf" "$units/docker.service.d/ferry.conf"
+}
+
+# --- system -------------------------------------------------------------------
+# Debian's zfs-dkms (contrib) builds the module for the running kernel;
+# deploy/install.sh then sees /sys/module/zfs and installs the OpenZFS
+# userland and python3-pyzfs.
+load_kernel_zfs() {
+    if [ -e /sys/module/zfs ]; then
+        return 0
+    fi
+    log "building the zfs kernel module with DKMS (several minutes)"
+    if [ "$dry_run" -eq 0 ]; then
+        local codename
+        codename="$(sed -n 's/^VERSION_CODENAME=//p' /etc/os-release)"
+        printf 'deb http://deb.debian.org/debian %s contrib\n' "$codename" > /etc/apt/sources.list.d/contrib.list
+    fi
+    run apt-get -o DPkg::Lock::Timeout=600 update -qq
+    run env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends "linux-headers-$(uname -r)" zfs-dkms
+    run modprobe zfs
+    if [ "$dry_run" -eq 0 ]; then
+        echo zfs > /etc/modules-load.d/zfs.conf
+    fi
+}
+
+# The second disk: by serial on libvirt, else the only whole disk without
+# partitions or a filesystem.
+find_pool_disk() {
+    if [ -n "$disk" ]; then
+        echo "$disk"
+        return 0
+    fi
+    if [ -e "$POOL_DISK_SERIAL_LINK" ]; then
+        echo "$POOL_DISK_SERIAL_LINK"
+        return 0
+    fi
+    local -a empty=()
+    local name type
+    while read -r name type; do
+        [ "$type" = disk ] || continue
+        [ "$(lsblk -nro NAME "$name" | wc -l)" -eq 1 ] || continue
+        [ -z "$(blkid -p -o value -s TYPE "$name" 2>/dev/null)" ] || continue
+        empty+=("$name")
+    done < <(lsblk -dpnro NAME,TYPE)
+    if [ "${#empty[@]}" -ne 1 ]; then
+        die "expected one empty disk for pool $POOL, found ${#empty[@]} (${empty[*]:-none}); pass --disk DEV"
+    fi
+    echo "${empty[0]}"
+}
+
+create_pool() {
+    if [ "$dry_run" -eq 0 ] && zpool list -H -o name "$POOL" >/dev/null 2>&1; then
+        log "pool $POOL exists"
+        return 0
+    fi
+    local device
+    device="$(find_pool_disk)"
+    log "creating pool $POOL on $device"
+    run zpool create -f -m "$POOL_MOUNTPOINT" "$POOL" "$device"
+}
+
+start_services() {
+    run systemctl daemon-reload
+    # Debian's etcd.service (localhost only, started by the package) would hold port 2379.
+    run systemctl disable --now etcd.service
+    # --no-block: etcd's first member, control and the agents wait for quorum,
+    # which forms only once the next nodes are provisioned.
+    if [ "$is_etcd_member" -eq 1 ]; then
+        run systemctl enable --now --no-block ferry-etcd.service
+    fi
+    if [ "$is_control" -eq 1 ]; then
+        run systemctl enable --now --no-block ferry-control.service
+    fi
+    run systemctl enable --now --no-block ferry-agent.service
+    run systemctl restart --no-block docker.service
+}
+
+log "role: etcd=$is_etcd_member control=$is_control zfs=$zfs address=$address"
+if [ "$zfs" = kernel ]; then
+    load_kernel_zfs
+fi
+run bash "$repo/deploy/install.sh" --dev
+create_pool
+install_certificates
+write_configs
+install_units
+start_services
+log "done: agent $address:$AGENT_PORT, control $control_address, etcd $etcd_endpoints"
