@@ -61,6 +61,11 @@ def test_valid_names_pass_and_come_back_as_bytes(name: str | bytes) -> None:
         ("tank/a\nb", "newline"),
         ("tank/é", "non-ASCII"),
         ("tank/a;rm", "shell metacharacter"),
+        ("1tank/a", "pool name starts with a digit"),
+        (".tank/a", "pool name starts with a dot"),
+        ("@snap", "no dataset before @"),
+        ("tank/a@..", "dot-dot snapshot"),
+        ("tank/a\tb", "tab"),
     ],
 )
 def test_invalid_names_are_refused(name: str, why: str) -> None:

@@ -1,0 +1,152 @@
+"""Ferry's pool root on a real pool: volumes as datasets with refquota, mounted where Ferry says."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import zfs
+from agent.zfs.volumes import PoolRoot
+from tests.support.pools import ScratchPool, scratch_pool
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pool() -> Iterator[ScratchPool]:
+    with scratch_pool("zt") as made:
+        yield made
+
+
+@pytest.fixture
+def root(pool: ScratchPool) -> PoolRoot:
+    made = PoolRoot(pool.name)
+    made.ensure()
+    return made
+
+
+def test_ensure_is_idempotent_and_roots_are_not_mounted(pool: ScratchPool) -> None:
+    root = PoolRoot(pool.name, root="ferry-t")
+    root.ensure()
+    root.ensure()
+    assert zfs.lzc_get_props(pool.dataset("ferry-t"))["mountpoint"] == "none"
+    assert root.volumes() == []
+
+
+def test_a_volume_is_created_mounted_and_limited(
+    pool: ScratchPool, root: PoolRoot, tmp_path: Path
+) -> None:
+    where = tmp_path / "mnt" / "db"
+    root.create_volume("db", 4 << 20, "gzip", where)
+    props = zfs.lzc_get_props(root.dataset("db"))
+    assert (props["refquota"], props["compression"], props["mounted"]) == (
+        str(4 << 20),
+        "gzip",
+        "yes",
+    )
+    assert root.volumes() == ["db"]
+    (where / "hello").write_text("hi")
+    with pytest.raises(OSError) as full, (where / "big").open("wb") as out:
+        for _ in range(16):
+            out.write(os.urandom(1 << 20))
+            out.flush()
+            os.fsync(out.fileno())
+    assert full.value.errno == errno.EDQUOT
+
+
+def test_compression_this_zfs_lacks_is_refused(root: PoolRoot, tmp_path: Path) -> None:
+    if zfs.features().lz4:
+        pytest.skip("this ZFS has lz4")
+    with pytest.raises(zfs.PropertyInvalid, match="gzip"):
+        root.create_volume("db", 1 << 20, "lz4", tmp_path / "db")
+    assert root.volumes() == []
+
+
+def test_unmount_then_mount_elsewhere(root: PoolRoot, tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    root.create_volume("db", 8 << 20, "off", first)
+    (first / "kept").write_text("data")
+    root.unmount("db")
+    assert not root.is_mounted("db")
+    assert not (first / "kept").exists()
+    root.mount("db", second)
+    root.mount("db", second)
+    assert (second / "kept").read_text() == "data"
+
+
+def test_readonly_refuses_writes_and_reads_back_when_unmounted(
+    root: PoolRoot, tmp_path: Path
+) -> None:
+    where = tmp_path / "db"
+    root.create_volume("db", 8 << 20, "off", where)
+    root.set_readonly("db", True)
+    with pytest.raises(OSError) as refused:
+        (where / "x").write_text("no")
+    assert refused.value.errno == errno.EROFS
+    root.unmount("db")
+    assert zfs.lzc_get_props(root.dataset("db"))["readonly"] == "on"
+    root.set_readonly("db", False)
+    root.mount("db", where)
+    (where / "x").write_text("yes")
+
+
+def test_destroy_a_mounted_volume_with_snapshots(root: PoolRoot, tmp_path: Path) -> None:
+    where = tmp_path / "db"
+    root.create_volume("db", 8 << 20, "off", where)
+    (where / "f").write_bytes(os.urandom(100_000))
+    zfs.lzc_snapshot([root.dataset("db") + b"@one"])
+    zfs.lzc_snapshot([root.dataset("db") + b"@two"])
+    root.destroy_volume("db")
+    assert not zfs.lzc_exists(root.dataset("db"))
+    assert root.volumes() == []
+
+
+def test_a_held_snapshot_stops_destroy(root: PoolRoot, tmp_path: Path) -> None:
+    root.create_volume("db", 8 << 20, "off", tmp_path / "db")
+    snap = root.dataset("db") + b"@held"
+    zfs.lzc_snapshot([snap])
+    zfs.lzc_hold({snap: "ferry-transfer"})
+    with pytest.raises(zfs.SnapshotDestructionFailure):
+        root.destroy_volume("db")
+    assert zfs.lzc_exists(snap)
+
+
+def test_rename_aside_keeps_the_data_out_of_the_volume_list(
+    pool: ScratchPool, root: PoolRoot, tmp_path: Path
+) -> None:
+    where = tmp_path / "db"
+    root.create_volume("db", 8 << 20, "off", where)
+    (where / "f").write_text("diverged")
+    zfs.lzc_snapshot([root.dataset("db") + b"@s"])
+    aside = root.rename_aside("db", "epoch3")
+    assert aside == pool.dataset("ferry-aside", "db-epoch3")
+    assert root.volumes() == []
+    assert zfs.lzc_list_snaps(aside) == [aside + b"@s"]
+    root.create_volume("db", 8 << 20, "off", where)
+    assert root.volumes() == ["db"]
+
+
+def test_free_bytes_shrinks_as_data_is_written(root: PoolRoot, tmp_path: Path) -> None:
+    where = tmp_path / "db"
+    root.create_volume("db", 64 << 20, "off", where)
+    before = root.free_bytes()
+    assert 0 < before < 1 << 30
+    with (where / "f").open("wb") as out:
+        out.write(os.urandom(16 << 20))
+        os.fsync(out.fileno())
+    for _ in range(50):
+        if root.free_bytes() < before - (8 << 20):
+            break
+        zfs.lzc_snapshot([root.dataset("db") + b"@sync"])
+        zfs.lzc_destroy_snaps([root.dataset("db") + b"@sync"], defer=False)
+    assert root.free_bytes() < before - (8 << 20)
+
+
+def test_names_outside_the_root_never_reach_zfs(root: PoolRoot) -> None:
+    for bad in ("../../etc", "a/b", "db@snap", "-rf", ""):
+        with pytest.raises(zfs.NameInvalid):
+            root.create_volume(bad, 1 << 20, "off", Path("/nonexistent"))
