@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
+from agent import failpoints
 from agent.snapshots import newest_common, prunable
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
@@ -117,10 +118,12 @@ class MoveDriver:
         await self._sync(volume, epoch, peer, tracker)
         final = (await self._store.snapshots(volume) or [])[-1].name
         await tracker.update(final_snapshot=final)
+        failpoints.reached("handoff.before_cas")
         if not await self._keyspace.transfer_owner(
             volume, Owner(node=self._node, epoch=epoch), tracker.move.target
         ):
             raise MoveAbandoned(f"ownership of {volume} changed during the handoff")
+        failpoints.reached("handoff.after_cas")
         log.info(
             "handed off: volume=%s from=%s to=%s epoch=%d final=%s writes_stopped_for=%.2fs",
             volume,

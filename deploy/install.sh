@@ -79,10 +79,12 @@ if [ ! -x "$venv/bin/python" ]; then
     fi
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
+# Editable: the venv runs this checkout, so an update of the checkout is the update of
+# Ferry, and a plain install never shadows a development one with a stale copy.
 if [ "$dev" -eq 1 ]; then
     "$venv/bin/python" -m pip install -q -e "${repo}[dev]"
 else
-    "$venv/bin/python" -m pip install -q "$repo"
+    "$venv/bin/python" -m pip install -q -e "$repo"
 fi
 for tool in ferryctl ferry-control ferry-agent; do
     ln -sf "$venv/bin/$tool" "/usr/local/bin/$tool"

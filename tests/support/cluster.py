@@ -59,6 +59,7 @@ class Cluster:
     user_cert: Path | None
     user_key: Path | None
     logs: Mapping[str, str | None]
+    kind: str = "local"
 
     @classmethod
     def load(cls, path: Path) -> Cluster:
@@ -112,6 +113,7 @@ class Cluster:
                 "etcd": (raw["etcd"] or {}).get("log"),
                 "control": control.get("log"),
             },
+            kind=str(raw.get("kind", "local")),
         )
 
     def host(self, name: str) -> ClusterHost:
@@ -158,6 +160,19 @@ class Cluster:
                 FERRY_TLS_KEY=str(self.user_key),
             )
         return env
+
+    def agent(self, host: str, action: str, failpoints: str = "") -> None:
+        """Kill (SIGKILL), stop (SIGTERM) or start a host's agent: local-cluster's own
+        command for netns hosts, systemd's on real machines. ``failpoints`` arms
+        agent.failpoints in the started agent (local clusters only)."""
+        if self.kind == "local":
+            env = {"FERRY_FAILPOINTS": failpoints} if failpoints else {}
+            result = local_cluster_command("agent", "--name", self.name, host, action, env=env)
+            if result.returncode != 0:
+                raise ClusterError(f"local-cluster agent {host} {action} failed: {result.stderr}")
+            return
+        verbs = {"kill": ["kill", "--signal=SIGKILL"], "stop": ["stop"], "start": ["start"]}
+        self.run(host, ["systemctl", *verbs[action], "ferry-agent"])
 
     def docker(
         self,
@@ -211,9 +226,16 @@ def _run(
     return result
 
 
-def local_cluster_command(*args: str) -> subprocess.CompletedProcess[str]:
+def local_cluster_command(
+    *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """deploy/local-cluster with the test venv's python (it needs PyYAML)."""
-    return _run([sys.executable, str(LOCAL_CLUSTER), *args], False, COMMAND_TIMEOUT_SECONDS)
+    return _run(
+        [sys.executable, str(LOCAL_CLUSTER), *args],
+        False,
+        COMMAND_TIMEOUT_SECONDS,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 @contextmanager

@@ -1,0 +1,195 @@
+"""Faults during a move: every one ends with exactly one writable copy and the data intact.
+
+Agents are killed with SIGKILL mid-transfer and around the ownership
+compare-and-swap (through agent.failpoints, which exit like kill -9 at an
+exact line), the target's link is cut, and streams from impostors are sent
+straight to an agent's Transfer service.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
+from tests.cluster.test_moves import (
+    checksums,
+    mountpoint,
+    volume_info,
+    wait_for,
+    write_random,
+)
+from tests.support.cluster import Cluster, ClusterHost
+
+pytestmark = pytest.mark.cluster
+
+
+def writable_copies(cluster: Cluster, name: str) -> list[str]:
+    """Hosts where the volume's dataset is mounted read-write."""
+    found = []
+    for host in cluster.hosts[:2]:
+        out = cluster.run(
+            host,
+            ["zfs", "get", "-H", "-o", "value", "readonly,mounted", f"{host.pool}/ferry/{name}"],
+            check=False,
+        ).stdout.split()
+        if out == ["off", "yes"]:
+            found.append(host.name)
+    return found
+
+
+def move_phase(cluster: Cluster, name: str) -> str:
+    move = volume_info(cluster, name).get("move") or {}
+    assert isinstance(move, dict)
+    return str(move.get("phase", ""))
+
+
+def sent(cluster: Cluster, name: str) -> int:
+    move = volume_info(cluster, name).get("move") or {}
+    assert isinstance(move, dict)
+    return int(move.get("bytes_sent", 0))
+
+
+@pytest.fixture
+def loaded(cluster: Cluster) -> Iterator[tuple[str, dict[str, str]]]:
+    """A volume on the first host with 192 MiB of data, and its checksums."""
+    if cluster.kind != "local":
+        pytest.skip("fault injection drives local-cluster agents")
+    a = cluster.hosts[0]
+    name = f"ft-{secrets.token_hex(3)}"
+    cluster.ferryctl(["volume", "create", name, "--size", "1G", "--node", a.name])
+    wait_for(f"{name} owned by {a.name}", lambda: volume_info(cluster, name)["owner"] == a.name)
+    write_random(cluster, a, f"{mountpoint(a, name)}/data", 192)
+    yield name, checksums(cluster, a, mountpoint(a, name))
+    for host in cluster.hosts:
+        if not _port_open(host.agent_address or ""):
+            cluster.agent(host.name, "start")
+    cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
+
+
+def _port_open(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def finish_and_check(
+    cluster: Cluster, name: str, data: dict[str, str], target: ClusterHost
+) -> None:
+    wait_for("the move to finish", lambda: volume_info(cluster, name)["owner"] == target.name, 180)
+    wait_for("the target to serve it", lambda: writable_copies(cluster, name) == [target.name], 60)
+    assert checksums(cluster, target, mountpoint(target, name)) == data
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["source", "target"])
+def test_an_agent_killed_mid_transfer_leaves_the_source_owner_and_the_move_completes(
+    cluster: Cluster, loaded: tuple[str, dict[str, str]], victim: int
+) -> None:
+    name, data = loaded
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    cluster.ferryctl(["volume", "move", name, b.name])
+    wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
+    cluster.agent(cluster.hosts[victim].name, "kill")
+    info = volume_info(cluster, name)
+    assert (info["owner"], info["epoch"]) == (a.name, 1)
+    assert writable_copies(cluster, name) == [a.name]
+    time.sleep(2)
+    cluster.agent(cluster.hosts[victim].name, "start")
+    finish_and_check(cluster, name, data, b)
+
+
+@pytest.mark.parametrize("failpoint", ["handoff.before_cas", "handoff.after_cas"])
+def test_the_source_dying_around_the_ownership_swap_loses_nothing(
+    cluster: Cluster, loaded: tuple[str, dict[str, str]], failpoint: str
+) -> None:
+    name, data = loaded
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    cluster.agent(a.name, "stop")
+    cluster.agent(a.name, "start", failpoints=failpoint)
+    wait_for("the armed agent", lambda: _port_open(a.agent_address or ""), 30)
+    cluster.ferryctl(["volume", "move", name, b.name])
+    wait_for(
+        "the source to die at the failpoint", lambda: not _port_open(a.agent_address or ""), 120
+    )
+    expected_owner = a.name if failpoint == "handoff.before_cas" else b.name
+    assert volume_info(cluster, name)["owner"] == expected_owner
+    assert len(writable_copies(cluster, name)) <= 1
+    cluster.agent(a.name, "start")
+    finish_and_check(cluster, name, data, b)
+
+
+def test_a_cut_link_to_the_target_delays_the_move_and_it_completes(
+    cluster: Cluster, loaded: tuple[str, dict[str, str]]
+) -> None:
+    name, data = loaded
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    cluster.ferryctl(["volume", "move", name, b.name])
+    wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
+    cluster.run(b, ["ip", "link", "set", "eth0", "down"])
+    try:
+        time.sleep(12)
+        assert volume_info(cluster, name)["owner"] == a.name
+        assert writable_copies(cluster, name) == [a.name]
+    finally:
+        cluster.run(b, ["ip", "link", "set", "eth0", "up"])
+    finish_and_check(cluster, name, data, b)
+
+
+def _stub(
+    cluster: Cluster, host: ClusterHost, identity: str | None
+) -> transfer_pb2_grpc.TransferStub:
+    assert cluster.tls_ca and host.agent_address
+    certs = cluster.tls_ca.parent
+    key = (certs / f"{identity}.key").read_bytes() if identity else None
+    cert = (certs / f"{identity}.crt").read_bytes() if identity else None
+    credentials = grpc.ssl_channel_credentials(cluster.tls_ca.read_bytes(), key, cert)
+    channel = grpc.secure_channel(
+        host.agent_address, credentials, options=[("grpc.ssl_target_name_override", host.name)]
+    )
+    return transfer_pb2_grpc.TransferStub(channel)
+
+
+def _push(stub: transfer_pb2_grpc.TransferStub, header: transfer_pb2.StreamHeader) -> grpc.RpcError:
+    requests = iter(
+        [transfer_pb2.ReceiveRequest(header=header), transfer_pb2.ReceiveRequest(data=b"x" * 4096)]
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Receive(requests, timeout=20)
+    return refused.value
+
+
+def test_streams_from_impostors_are_refused_and_change_nothing(
+    cluster: Cluster, loaded: tuple[str, dict[str, str]]
+) -> None:
+    name, _ = loaded
+    if cluster.insecure or cluster.tls_ca is None:
+        pytest.skip("the cluster runs without TLS")
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    before = cluster.run(b, ["zfs", "list", "-H", "-r", "-t", "all", "-o", "name", b.pool]).stdout
+
+    def header(sender: str, epoch: int = 1) -> transfer_pb2.StreamHeader:
+        return transfer_pb2.StreamHeader(
+            volume=name, to_snapshot="ferry-1-99", epoch=epoch, sender=sender
+        )
+
+    claims_other = _push(_stub(cluster, b, a.name), header("host9"))
+    assert claims_other.code() == grpc.StatusCode.PERMISSION_DENIED
+    refused = _push(_stub(cluster, b, a.name), header(a.name, epoch=7))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not the owner" in (refused.details() or "")
+    not_owner = _push(_stub(cluster, b, b.name), header(b.name))
+    assert not_owner.code() == grpc.StatusCode.FAILED_PRECONDITION
+    no_cert = _push(_stub(cluster, b, None), header(a.name))
+    assert no_cert.code() == grpc.StatusCode.UNAVAILABLE
+
+    after = cluster.run(b, ["zfs", "list", "-H", "-r", "-t", "all", "-o", "name", b.pool]).stdout
+    assert after == before
+    assert sent(cluster, name) == 0
