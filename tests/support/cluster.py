@@ -247,10 +247,11 @@ def local_cluster(
     agents: bool = True,
     insecure: bool = False,
     state_dir: Path | None = None,
+    pool_size: str = "4G",
 ) -> Iterator[Cluster]:
     """A netns cluster from deploy/local-cluster, always taken down again."""
     where = ["--name", name] + (["--state-dir", str(state_dir)] if state_dir else [])
-    flags = [f"--hosts={hosts}"]
+    flags = [f"--hosts={hosts}", f"--pool-size={pool_size}"]
     flags += ["--docker"] if docker else []
     flags += [] if agents else ["--no-agents"]
     flags += ["--insecure"] if insecure else []
