@@ -46,33 +46,56 @@ def _receive_then_close(snapname: Name, read_fd: int, force: bool) -> None:
         os.close(read_fd)
 
 
+async def _readable(fd: int) -> None:
+    """Wait until ``fd`` has data or is at end of file."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 async def send_chunks(
     snapname: Name, fromsnap: Name | None = None, chunk_size: int = CHUNK_BYTES
 ) -> AsyncGenerator[bytes, None]:
     """The send stream of ``snapname`` (incremental from ``fromsnap``) in chunks of ``chunk_size``.
 
-    Raises the backend's ZFSError at the end if ``zfs send`` failed.
+    The last chunk may be shorter. Reads are non-blocking ``os.read`` calls
+    on the event loop (a full pipe is one read, no buffer copying in
+    between). Raises the backend's ZFSError at the end if the send failed.
     """
-    loop = asyncio.get_running_loop()
     read_fd, write_fd = _pipe()
+    os.set_blocking(read_fd, False)
     sender = asyncio.ensure_future(
         asyncio.to_thread(_send_then_close, snapname, fromsnap, write_fd)
     )
-    reader = asyncio.StreamReader(limit=2 * chunk_size, loop=loop)
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader, loop=loop), os.fdopen(read_fd, "rb", 0)
-    )
     try:
+        pieces: list[bytes] = []
+        pending = 0
         while True:
             try:
-                yield await reader.readexactly(chunk_size)
-            except asyncio.IncompleteReadError as end:
-                if end.partial:
-                    yield end.partial
+                piece = os.read(read_fd, chunk_size - pending)
+            except BlockingIOError:
+                await _readable(read_fd)
+                continue
+            if piece:
+                pieces.append(piece)
+                pending += len(piece)
+            if pending and (pending == chunk_size or not piece):
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces, pending = [], 0
+            if not piece:
                 break
     finally:
-        transport.close()
-        # Stopped early: zfs send ends on the broken pipe; wait for it, keep the first error.
+        os.close(read_fd)
+        # Stopped early: the send ends on the broken pipe; wait for it, keep the first error.
         with contextlib.suppress(Exception):
             await asyncio.shield(sender)
     sender.result()
