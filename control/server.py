@@ -42,7 +42,13 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def GetVolume(
         self, request: control_pb2.GetVolumeRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.Volume:
-        return await self._volume(request.name, context)
+        found = await self._volume(request.name, context)
+        if found.deleted:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"volume {request.name} does not exist (deleted; agents are destroying its data)",
+            )
+        return found
 
     async def ListVolumes(
         self, request: control_pb2.ListVolumesRequest, context: grpc.aio.ServicerContext

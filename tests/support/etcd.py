@@ -1,12 +1,20 @@
-"""A real etcd for tests: free loopback ports, a data dir in a temporary directory, always removed.
+"""The control plane for tests: a real etcd, and real ferry-control processes in front of it.
 
-``EtcdServer`` is a context manager. ``stop()``/``restart()`` keep the data
-dir, so a test can prove that nothing is lost across an etcd restart;
+``EtcdServer`` runs ``/usr/bin/etcd`` on free loopback ports with its data dir
+in a temporary directory, always removed. ``stop()``/``restart()`` keep the
+data dir, so a test can prove that nothing is lost across an etcd restart;
 ``kill()`` is SIGKILL, the crash case.
+
+``issue_certificates`` makes a cluster CA with ``ferryctl ca``, and
+``ControlServer`` runs the ``ferry-control`` console script on mutual TLS
+from it. Both servers are context managers and always stop their process.
+``LiveNodes`` puts node records on real etcd leases, as agents do (control
+only reads them), and ``ferryctl`` runs the CLI as a user would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import shutil
@@ -16,14 +24,23 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from control.keyspace import Keyspace
+from control.records import NodeInfo
+from control.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
 ETCD_BINARY = Path("/usr/bin/etcd")
+VENV_BIN = Path("/opt/ferry/venv/bin")
+ADMIN = "ct-admin"
 START_TIMEOUT = 20.0
 
 
@@ -155,3 +172,205 @@ class EtcdServer:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class ClusterCerts:
+    """A cluster CA directory with certificates for control and for one user."""
+
+    directory: Path
+
+    @property
+    def control(self) -> TlsFiles:
+        d = self.directory
+        return TlsFiles(d / "ca.crt", d / "control.crt", d / "control.key")
+
+    @property
+    def admin(self) -> TlsFiles:
+        d = self.directory
+        return TlsFiles(d / "ca.crt", d / f"{ADMIN}.crt", d / f"{ADMIN}.key")
+
+
+def issue_certificates(directory: Path) -> ClusterCerts:
+    """``ferryctl ca init`` then certificates for control (127.0.0.1) and the user ``ct-admin``."""
+    ferryctl, where = str(VENV_BIN / "ferryctl"), str(directory)
+    for command in (
+        ["ca", "init", "--dir", where],
+        [
+            "ca",
+            "issue",
+            "--dir",
+            where,
+            "--kind",
+            "control",
+            "--name",
+            "control",
+            "--ip",
+            "127.0.0.1",
+        ],
+        ["ca", "issue", "--dir", where, "--kind", "user", "--name", ADMIN],
+    ):
+        subprocess.run([ferryctl, *command], check=True, capture_output=True, timeout=60)
+    return ClusterCerts(directory)
+
+
+class ControlServer:
+    """``ferry-control`` on a free loopback port in front of one etcd, on mutual TLS."""
+
+    def __init__(
+        self, etcd: str, certs: ClusterCerts, log_dir: Path, prefix: str = "/ferry/v1"
+    ) -> None:
+        self.port = free_port()
+        self.certs = certs
+        self.log_path = log_dir / f"control-{self.port}.log"
+        tls = certs.control
+        self._command = [
+            str(VENV_BIN / "ferry-control"),
+            "--etcd",
+            etcd,
+            "--listen",
+            self.address,
+            "--tls-ca",
+            str(tls.ca),
+            "--tls-cert",
+            str(tls.cert),
+            "--tls-key",
+            str(tls.key),
+            "--etcd-prefix",
+            prefix,
+        ]
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ferryctl_env(self, tls: TlsFiles | None = None) -> dict[str, str]:
+        """Environment for a ``ferryctl`` talking to this control (the admin's certificate)."""
+        tls = tls or self.certs.admin
+        return {
+            "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+            "HOME": str(self.log_path.parent),
+            "FERRY_CONTROL": self.address,
+            "FERRY_TLS_CA": str(tls.ca),
+            "FERRY_TLS_CERT": str(tls.cert),
+            "FERRY_TLS_KEY": str(tls.key),
+        }
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as out:
+            self._process = subprocess.Popen(
+                self._command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._wait_serving()
+        log.info("ferry-control started: address=%s", self.address)
+
+    def _wait_serving(self) -> None:
+        channel = grpc.secure_channel(
+            self.address,
+            self.certs.admin.channel_credentials(),
+            options=[("grpc.ssl_target_name_override", "control")],
+        )
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                assert self._process is not None
+                if self._process.poll() is not None:
+                    raise RuntimeError(
+                        f"ferry-control exited with {self._process.returncode}:\n"
+                        + self.log_path.read_text(errors="replace")[-2000:]
+                    )
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    time.sleep(0.1)
+        finally:
+            channel.close()
+        self.stop()
+        raise RuntimeError(f"ferry-control not serving in {START_TIMEOUT}s: see {self.log_path}")
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> ControlServer:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class LiveNodes:
+    """Node records on etcd leases, standing in for agents; ``revoke_all`` makes them vanish."""
+
+    def __init__(self, keyspace: Keyspace) -> None:
+        self._keyspace = keyspace
+        self._leases: list[object] = []
+
+    async def add(self, name: str, free_bytes: int, ttl: int = 60) -> NodeInfo:
+        info = NodeInfo(
+            name=name,
+            address=f"127.0.0.1:{free_port()}",
+            pool=f"ct-{name}",
+            free_bytes=free_bytes,
+            version="test",
+        )
+        self._leases.append(await self._keyspace.register_node(info, ttl))
+        return info
+
+    async def revoke_all(self) -> None:
+        for lease in self._leases:
+            await lease.revoke()  # type: ignore[attr-defined]
+        self._leases.clear()
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What a ``ferryctl`` run printed and returned."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+CLI_TIMEOUT = 60.0
+
+
+async def ferryctl(env: dict[str, str], *args: str) -> CliResult:
+    """Run ``ferryctl ARGS`` with ``env`` as its whole environment."""
+    process = await asyncio.create_subprocess_exec(
+        str(VENV_BIN / "ferryctl"),
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return CliResult(process.returncode, out.decode(), err.decode())

@@ -1,0 +1,291 @@
+"""ferryctl end to end: the CLI as a subprocess, a real ferry-control on mutual TLS, real etcd.
+
+Node records sit on real etcd leases (``LiveNodes``) in place of agents:
+control only reads them. Ownership is claimed through the keyspace the way
+an agent claims a volume it created.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from control.keyspace import Keyspace, endpoints_client
+from control.records import MountRecord
+from tests.support.etcd import (
+    CliResult,
+    ControlServer,
+    EtcdServer,
+    LiveNodes,
+    ferryctl,
+    free_port,
+    issue_certificates,
+)
+
+pytestmark = pytest.mark.integration
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def control(etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlServer]:
+    workdir = tmp_path_factory.mktemp("ct-ferryctl")
+    certs = issue_certificates(workdir / "ca")
+    with ControlServer(etcd.endpoint, certs, workdir) as server:
+        yield server
+
+
+@pytest.fixture
+async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
+    client = endpoints_client([etcd.endpoint])
+    try:
+        yield Keyspace(client)
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def nodes(keyspace: Keyspace) -> AsyncIterator[LiveNodes]:
+    live = LiveNodes(keyspace)
+    await live.add("ct-n1", 50 * GIB)
+    await live.add("ct-n2", 20 * GIB)
+    try:
+        yield live
+    finally:
+        await live.revoke_all()
+
+
+@pytest.fixture
+def env(control: ControlServer) -> dict[str, str]:
+    return control.ferryctl_env()
+
+
+def unique(base: str) -> str:
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+def ok(result: CliResult) -> CliResult:
+    assert result.code == 0, f"ferryctl failed ({result.code}): {result.stderr}"
+    return result
+
+
+def refused(result: CliResult, *phrases: str) -> str:
+    """The one-line error of a failed run, checked for each phrase."""
+    assert result.code != 0, f"ferryctl should have failed:\n{result.stdout}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    for phrase in phrases:
+        assert phrase in lines[0]
+    return lines[0]
+
+
+async def get_json(env: dict[str, str], name: str) -> dict[str, object]:
+    result = ok(await ferryctl(env, "volume", "get", name, "-o", "json"))
+    found: dict[str, object] = json.loads(result.stdout)
+    return found
+
+
+async def listed(env: dict[str, str]) -> dict[str, dict[str, object]]:
+    result = ok(await ferryctl(env, "volume", "list", "-o", "json"))
+    return {v["name"]: v for v in json.loads(result.stdout)}
+
+
+async def test_create_then_get_and_list_in_every_format(
+    env: dict[str, str], nodes: LiveNodes
+) -> None:
+    name = unique("pg")
+    created = ok(
+        await ferryctl(
+            env,
+            "volume",
+            "create",
+            name,
+            "--size",
+            "512M",
+            "--node",
+            "ct-n2",
+            "--compression",
+            "lzjb",
+            "-o",
+            "json",
+        )
+    )
+    volume = json.loads(created.stdout)
+    assert (volume["name"], volume["size_bytes"], volume["node"], volume["compression"]) == (
+        name,
+        512 << 20,
+        "ct-n2",
+        "lzjb",
+    )
+    assert volume["deleted"] is False
+    assert await get_json(env, name) == volume
+    assert (await listed(env))[name] == volume
+    as_yaml = ok(await ferryctl(env, "volume", "get", name, "-o", "yaml"))
+    assert yaml.safe_load(as_yaml.stdout) == volume
+    table = ok(await ferryctl(env, "volume", "list")).stdout
+    row = next(line for line in table.splitlines() if line.startswith(name))
+    assert "512.0MiB" in row and "ct-n2" in row and "lzjb" in row
+
+
+async def test_move_records_the_move_and_changes_the_desired_node(
+    env: dict[str, str], nodes: LiveNodes, keyspace: Keyspace
+) -> None:
+    name = unique("db")
+    ok(await ferryctl(env, "volume", "create", name, "--size", "1G", "--node", "ct-n1"))
+    assert await keyspace.claim_owner(name, "ct-n1")
+    moved = ok(await ferryctl(env, "volume", "move", name, "ct-n2"))
+    assert "moving ct-n1 -> ct-n2" in moved.stdout
+    volume = await get_json(env, name)
+    assert volume["node"] == "ct-n2"
+    assert volume["owner"] == "ct-n1"
+    assert volume["move"] == {
+        **volume["move"],  # type: ignore[dict-item]
+        "source": "ct-n1",
+        "target": "ct-n2",
+        "phase": "pending",
+    }
+    status = json.loads(ok(await ferryctl(env, "move", "status", name, "-o", "json")).stdout)
+    assert (status["source"], status["target"], status["phase"]) == ("ct-n1", "ct-n2", "pending")
+    refused(await ferryctl(env, "volume", "move", name, "ct-n9"), "ct-n9", "unknown or down")
+
+
+async def test_delete_is_refused_while_mounted_unless_forced(
+    env: dict[str, str], nodes: LiveNodes, keyspace: Keyspace
+) -> None:
+    name = unique("web")
+    ok(await ferryctl(env, "volume", "create", name, "--size", "1G", "--node", "ct-n1"))
+    lease = await keyspace.client.lease(60)
+    await keyspace.put_mount(MountRecord(volume=name, node="ct-n1", ids=("c1",)), lease)
+    try:
+        refused(await ferryctl(env, "volume", "delete", name), "mounted on ct-n1", "--force")
+        assert name in await listed(env)
+        ok(await ferryctl(env, "volume", "delete", name, "--force"))
+    finally:
+        await lease.revoke()
+    assert name not in await listed(env)
+    refused(await ferryctl(env, "volume", "get", name), "does not exist", "not_found")
+    stored = await keyspace.get_volume(name)
+    assert stored is not None and stored.value.deleted, "deletion is desired state for agents"
+
+
+async def test_node_list_shows_live_nodes(env: dict[str, str], nodes: LiveNodes) -> None:
+    rows = json.loads(ok(await ferryctl(env, "node", "list", "-o", "json")).stdout)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["ct-n1"]["free_bytes"] == 50 * GIB
+    assert by_name["ct-n2"]["pool"] == "ct-ct-n2"
+    table = ok(await ferryctl(env, "node", "list")).stdout
+    assert "50.0GiB" in table and "20.0GiB" in table
+
+
+def write(path: Path, volumes: list[dict[str, str]]) -> Path:
+    path.write_text(yaml.safe_dump({"volumes": volumes}, sort_keys=False))
+    return path
+
+
+async def test_apply_creates_then_changes_nothing_then_moves_then_prunes(
+    env: dict[str, str], nodes: LiveNodes, keyspace: Keyspace, tmp_path: Path
+) -> None:
+    a, b, stray = unique("app"), unique("logs"), unique("stray")
+    ok(await ferryctl(env, "volume", "create", stray, "--size", "1G", "--node", "ct-n2"))
+    first = [
+        {"name": a, "size": "2G", "node": "ct-n1", "compression": "gzip"},
+        {"name": b, "size": "256M"},
+    ]
+    file = write(tmp_path / "volumes.yaml", first)
+    created = ok(await ferryctl(env, "apply", "-f", str(file))).stdout
+    assert f"create {a}: on ct-n1" in created and f"create {b}" in created
+    now = await listed(env)
+    assert (now[a]["node"], now[a]["size_bytes"], now[a]["compression"]) == (
+        "ct-n1",
+        2 * GIB,
+        "gzip",
+    )
+    assert now[b]["node"] == "ct-n1", "placed on the node with most free space"
+    assert ok(await ferryctl(env, "apply", "-f", str(file))).stdout.strip() == "nothing to change"
+    assert json.loads(ok(await ferryctl(env, "diff", "-f", str(file), "-o", "json")).stdout) == []
+
+    assert await keyspace.claim_owner(a, "ct-n1")
+    second = [{**first[0], "node": "ct-n2", "size": "3G"}, first[1]]
+    write(file, second)
+    planned = json.loads(ok(await ferryctl(env, "diff", "-f", str(file), "-o", "json")).stdout)
+    assert planned == [
+        {"action": "move", "name": a, "detail": "ct-n1 -> ct-n2"},
+        {"action": "update", "name": a, "detail": f"size {2 * GIB} -> {3 * GIB}"},
+    ]
+    dry = ok(await ferryctl(env, "apply", "--dry-run", "-f", str(file))).stdout
+    assert f"would move {a}" in dry
+    assert (await get_json(env, a))["node"] == "ct-n1", "a dry run changes nothing"
+    ok(await ferryctl(env, "apply", "-f", str(file)))
+    moved = await get_json(env, a)
+    assert (moved["node"], moved["size_bytes"]) == ("ct-n2", 3 * GIB)
+    assert moved["move"]["target"] == "ct-n2"  # type: ignore[index]
+    assert ok(await ferryctl(env, "apply", "-f", str(file))).stdout.strip() == "nothing to change"
+
+    assert stray in await listed(env), "without --prune, volumes absent from the file stay"
+    pruning = json.loads(
+        ok(await ferryctl(env, "diff", "--prune", "-f", str(file), "-o", "json")).stdout
+    )
+    assert {"action": "delete", "name": stray, "detail": "not in the file"} in pruning
+    ok(await ferryctl(env, "apply", "--prune", "-f", str(file)))
+    after = await listed(env)
+    assert stray not in after and a in after and b in after
+
+
+async def test_a_malformed_file_is_rejected_whole_with_its_line(
+    env: dict[str, str], nodes: LiveNodes, tmp_path: Path
+) -> None:
+    good, bad = unique("good"), unique("bad")
+    file = tmp_path / "broken.yaml"
+    file.write_text(f"volumes:\n  - name: {good}\n    size: 1G\n  - name: {bad}\n    size: lots\n")
+    before = await listed(env)
+    for command in ("apply", "diff"):
+        refused(await ferryctl(env, command, "-f", str(file)), f"{file}:4:", "invalid size 'lots'")
+    assert await listed(env) == before
+    file.write_text(f"volumes:\n  - name: {good}\n    colour: red\n")
+    refused(await ferryctl(env, "apply", "-f", str(file)), f"{file}:3:", "unknown key 'colour'")
+    assert await listed(env) == before
+
+
+async def test_every_bad_input_exits_non_zero_with_one_line(
+    env: dict[str, str], nodes: LiveNodes, control: ControlServer
+) -> None:
+    name = unique("dup")
+    ok(await ferryctl(env, "volume", "create", name, "--size", "1G"))
+    refused(
+        await ferryctl(env, "volume", "create", name, "--size", "1G"),
+        f"volume {name} already exists",
+    )
+    refused(
+        await ferryctl(env, "volume", "create", "no/slash", "--size", "1G"),
+        "invalid volume name 'no/slash'",
+    )
+    refused(
+        await ferryctl(env, "volume", "create", unique("v"), "--size", "huge"),
+        "invalid size 'huge'",
+    )
+    refused(await ferryctl(env, "volume", "create", unique("v"), "--size", "-1G"), "invalid size")
+    refused(
+        await ferryctl(env, "volume", "create", unique("v"), "--node", "ct-ghost"),
+        "node 'ct-ghost' is unknown or down",
+    )
+    refused(
+        await ferryctl(env, "volume", "create", unique("v"), "--compression", "zstd"),
+        "invalid compression 'zstd'",
+    )
+    refused(await ferryctl(env, "volume", "get", "ct-missing"), "volume ct-missing does not exist")
+    refused(await ferryctl(env, "volume", "delete", "ct-missing"), "does not exist")
+    refused(await ferryctl(env, "volume", "move", "ct-missing", "ct-n1"), "does not exist")
+    unreachable = {**env, "FERRY_CONTROL": f"127.0.0.1:{free_port()}"}
+    refused(await ferryctl(unreachable, "volume", "list"), "cannot reach ferry-control")
+    assert name in await listed(env)
