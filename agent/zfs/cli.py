@@ -43,7 +43,14 @@ def run(argv: Sequence[str], name: Name | None = None, **kwargs: object) -> str:
         list(argv), stderr=subprocess.PIPE, text=True, check=False, **kwargs
     )
     if result.returncode != 0:
-        raise error_for(result.stderr, name)
+        error = error_for(result.stderr, name)
+        log.debug(
+            "zfs command failed: argv=%s rc=%d error=%s",
+            argv,
+            result.returncode,
+            type(error).__name__,
+        )
+        raise error
     return str(result.stdout or "")
 
 
