@@ -12,6 +12,10 @@ module FerryCluster
   MAX_NODES = 9 # addresses .11 to .19
   PLUGIN_SOCKET = "/run/docker/plugins/ferry.sock".freeze
   MOUNT_ROOT = "/var/lib/ferry/mnt".freeze
+  # provision.sh makes each node's dockerd listen here too, without TLS, on the
+  # private network only: the suite and the migration scenario drive Docker
+  # from the host machine through it.
+  DOCKER_TCP_PORT = 2375
 
   Node = Struct.new(:name, :address, keyword_init: true)
 
@@ -70,7 +74,7 @@ module FerryCluster
       "agent" => "#{node.address}:#{AGENT_PORT}",
       "plugin_socket" => PLUGIN_SOCKET,
       "mount_root" => MOUNT_ROOT,
-      "docker_host" => nil,
+      "docker_host" => "tcp://#{node.address}:#{DOCKER_TCP_PORT}",
       "logs" => { "agent" => nil, "docker" => nil }, # journalctl -u ferry-agent / -u docker
     }
   end

@@ -21,6 +21,7 @@ POOL_MOUNTPOINT=/var/lib/ferry/pool
 POOL_DISK_SERIAL_LINK=/dev/disk/by-id/virtio-ferry-pool
 AGENT_PORT=7480
 CONTROL_PORT=7070
+DOCKER_TCP_PORT=2375
 
 node="" nodes="" etcd_members="" zfs=kernel repo=/vagrant pki="" disk="" dry_run=0 root=""
 
@@ -157,6 +158,11 @@ install_units() {
     install -d "$units/docker.service.d"
     install -m 0644 "$repo"/deploy/systemd/ferry-*.service "$units/"
     install -m 0644 "$repo/deploy/systemd/docker.service.d/ferry.conf" "$units/docker.service.d/ferry.conf"
+    # Test cluster only: Docker's API on the private network, no TLS, so the
+    # cluster suite drives each node's Docker from the host machine
+    # (docker_host in vagrant/cluster.yaml). Never do this on a shared network.
+    printf '[Service]\nEnvironment="DOCKER_OPTS=-H tcp://%s:%s"\n' "$address" "$DOCKER_TCP_PORT" \
+        > "$units/docker.service.d/vagrant-tcp.conf"
 }
 
 # --- system -------------------------------------------------------------------

@@ -220,6 +220,7 @@ def test_vagrant_writes_a_description_the_cluster_suite_reads(
     )
     assert node1.agent_address == "192.168.56.11:7480"
     assert node1.plugin_socket == "/run/docker/plugins/ferry.sock"
+    assert node1.docker_host == "tcp://192.168.56.11:2375"
     assert cluster.control_address == "192.168.56.11:7070"
     assert cluster.etcd_endpoints == tuple(
         f"192.168.56.{10 + i}:2379" for i in range(1, min(count, 3) + 1)
@@ -337,6 +338,8 @@ def test_provisioning_a_node_beyond_the_etcd_members_runs_only_the_agent(tmp_pat
     etc = tmp_path / "root/etc/ferry"
     assert sorted(p.name for p in etc.iterdir()) == ["agent.env", "pki"]
     assert (etc / "pki/node.crt").read_text() == "certificate of node4\n"
+    docker_drop_in = tmp_path / "root/etc/systemd/system/docker.service.d/vagrant-tcp.conf"
+    assert 'DOCKER_OPTS=-H tcp://192.168.56.14:2375"' in docker_drop_in.read_text()
 
 
 def test_provisioning_without_the_node_certificate_says_how_to_make_it(tmp_path: Path) -> None:
