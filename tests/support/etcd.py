@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import aetcd
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -341,7 +342,11 @@ class LiveNodes:
 
     async def revoke_all(self) -> None:
         for lease in self._leases:
-            await lease.revoke()  # type: ignore[attr-defined]
+            try:
+                await lease.revoke()  # type: ignore[attr-defined]
+            except aetcd.ClientError as error:
+                if "lease not found" not in str(error):
+                    raise
         self._leases.clear()
 
 
