@@ -111,8 +111,8 @@ async def test_two_instances_racing_the_same_create_let_exactly_one_win(
                     assert loss.code() == grpc.StatusCode.ALREADY_EXISTS
                     assert loss.details() == f"volume {name} already exists"
         finally:
-            await first_channel.close()
-            await second_channel.close()
+            await first_channel.close(None)
+            await second_channel.close(None)
 
 
 async def test_desired_state_survives_an_etcd_restart(
@@ -206,7 +206,7 @@ async def test_clients_without_a_cluster_certificate_are_refused(
         assert isinstance(reply, control_pb2.ListVolumesReply)
     finally:
         for open_channel in (anonymous, plaintext, impostor, trusted):
-            await open_channel.close()
+            await open_channel.close(None)
     through_cli = await ferryctl(control.ferryctl_env(foreign), "volume", "list")
     assert through_cli.code != 0
     assert len(through_cli.stderr.strip().splitlines()) == 1
