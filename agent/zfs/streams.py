@@ -128,9 +128,9 @@ async def receive_chunks(snapname: Name, chunks: AsyncIterable[bytes], force: bo
             await writer.drain()
             total += len(chunk)
     except (BrokenPipeError, ConnectionResetError):
-        transport.abort()  # zfs receive stopped reading; its own error is raised below
+        _abort(transport)  # zfs receive stopped reading; its own error is raised below
     except BaseException:
-        transport.abort()
+        _abort(transport)
         with contextlib.suppress(Exception):
             await asyncio.shield(receiver)
         raise
@@ -140,3 +140,9 @@ async def receive_chunks(snapname: Name, chunks: AsyncIterable[bytes], force: bo
             await writer.wait_closed()
     await receiver
     return total
+
+
+def _abort(transport: asyncio.WriteTransport) -> None:
+    """Cut the pipe without flushing, unless the receiver's exit closed it already."""
+    if not transport.is_closing():
+        transport.abort()

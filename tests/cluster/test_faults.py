@@ -57,14 +57,14 @@ def sent(cluster: Cluster, name: str) -> int:
 
 @pytest.fixture
 def loaded(cluster: Cluster) -> Iterator[tuple[str, dict[str, str]]]:
-    """A volume on the first host with 192 MiB of data, and its checksums."""
+    """A volume on the first host with 384 MiB of data, and its checksums."""
     if cluster.kind != "local":
         pytest.skip("fault injection drives local-cluster agents")
     a = cluster.hosts[0]
     name = f"ft-{secrets.token_hex(3)}"
     cluster.ferryctl(["volume", "create", name, "--size", "1G", "--node", a.name])
     wait_for(f"{name} owned by {a.name}", lambda: volume_info(cluster, name)["owner"] == a.name)
-    write_random(cluster, a, f"{mountpoint(a, name)}/data", 192)
+    write_random(cluster, a, f"{mountpoint(a, name)}/data", 384)
     yield name, checksums(cluster, a, mountpoint(a, name))
     for host in cluster.hosts:
         if not _port_open(host.agent_address or ""):
@@ -100,7 +100,8 @@ def test_an_agent_killed_mid_transfer_leaves_the_source_owner_and_the_move_compl
     cluster.agent(cluster.hosts[victim].name, "kill")
     info = volume_info(cluster, name)
     assert (info["owner"], info["epoch"]) == (a.name, 1)
-    assert writable_copies(cluster, name) == [a.name]
+    # Writable on the source, or read-only there if the handoff had begun: never on both.
+    assert writable_copies(cluster, name) in ([a.name], [])
     time.sleep(2)
     cluster.agent(cluster.hosts[victim].name, "start")
     finish_and_check(cluster, name, data, b)

@@ -1,0 +1,84 @@
+"""The Docker volume plugin through the docker CLI: bad input is refused and changes nothing."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+
+import pytest
+
+from tests.support.cluster import Cluster, ClusterHost
+
+pytestmark = pytest.mark.cluster
+
+TOOLBOX = "ferry/toolbox"
+
+
+def docker_host(cluster: Cluster) -> ClusterHost:
+    host = cluster.hosts[0]
+    if not host.docker_host:
+        pytest.skip("this cluster runs no dockerd per host (FERRY_CLUSTER_DOCKER=0)")
+    return host
+
+
+def volume_names(cluster: Cluster) -> set[str]:
+    listed = json.loads(cluster.ferryctl(["volume", "list", "-o", "json"]).stdout)
+    return {v["name"] for v in listed}
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        (["-o", "size=lots"], "invalid size"),
+        (["-o", "size=-5G"], "invalid size"),
+        (["-o", "colour=blue"], "unknown option"),
+        (["-o", "compression=zstd-max"], "invalid compression"),
+        (["-o", "node=nowhere"], "unknown or down"),
+    ],
+)
+def test_bad_create_options_are_refused_and_nothing_is_created(
+    cluster: Cluster, opts: list[str], message: str
+) -> None:
+    host = docker_host(cluster)
+    name = f"bad-{secrets.token_hex(3)}"
+    result = cluster.docker(host, ["volume", "create", "-d", "ferry", *opts, name], check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert name not in volume_names(cluster)
+
+
+def test_an_invalid_volume_name_is_refused(cluster: Cluster) -> None:
+    host = docker_host(cluster)
+    result = cluster.docker(host, ["volume", "create", "-d", "ferry", "x"], check=False)
+    assert result.returncode != 0
+    assert "x" not in volume_names(cluster)
+
+
+def test_volumes_show_their_owner_and_remove_waits_for_containers(cluster: Cluster) -> None:
+    host = docker_host(cluster)
+    assert host.docker_host
+    subprocess.run(
+        ["deploy/images/build.sh", "--docker-host", host.docker_host, TOOLBOX],
+        check=True,
+        capture_output=True,
+    )
+    name = f"dk-{secrets.token_hex(3)}"
+    cluster.docker(host, ["volume", "create", "-d", "ferry", "-o", "size=256M", name])
+    inspected = json.loads(cluster.docker(host, ["volume", "inspect", name]).stdout)[0]
+    assert inspected["Driver"] == "ferry"
+    container = f"c-{name}"
+    cluster.docker(
+        host,
+        ["run", "-d", "--name", container, "--network", "none", "-v", f"{name}:/data",
+         TOOLBOX, "sh", "-c", "echo kept > /data/file && sleep 300"],
+    )  # fmt: skip
+    status = json.loads(cluster.docker(host, ["volume", "inspect", name]).stdout)[0]["Status"]
+    assert status["owner"] == host.name and status["epoch"] == 1
+    refused = cluster.docker(host, ["volume", "rm", name], check=False)
+    assert refused.returncode != 0
+    assert "in use" in refused.stderr or "mounted on" in refused.stderr
+    assert name in volume_names(cluster)
+    cluster.docker(host, ["rm", "-f", container])
+    cluster.docker(host, ["volume", "rm", name])
+    assert name not in volume_names(cluster)
