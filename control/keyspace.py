@@ -204,6 +204,10 @@ class Keyspace:
     async def list_mounts(self, volume: str) -> list[MountRecord]:
         return [v.value for v in await self._list(self._key("mounts", volume, ""), MountRecord)]
 
+    async def list_all_mounts(self) -> list[MountRecord]:
+        """Every mount record of every volume, in one read."""
+        return [v.value for v in await self._list(self._key("mounts", ""), MountRecord)]
+
     # watch
 
     async def watch(self, *kinds: str) -> AsyncIterator[Change]:

@@ -16,8 +16,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.logs import setup_logging
-from control.keyspace import Keyspace, endpoints_client
+from control.keyspace import Keyspace, Versioned, endpoints_client
 from control.operations import OperationError, VolumeOps
+from control.records import MountRecord, Move, Owner, VolumeSpec
 from control.tls import TlsFiles, warn_insecure
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
@@ -54,7 +55,21 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self, request: control_pb2.ListVolumesRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListVolumesReply:
         specs = await self._keyspace.list_volumes()
-        volumes = [await self._volume(s.value.name, context) for s in specs if not s.value.deleted]
+        owners = await self._keyspace.list_owners()
+        moves = await self._keyspace.list_moves()
+        mounted: dict[str, list[MountRecord]] = {}
+        for mount in await self._keyspace.list_all_mounts():
+            mounted.setdefault(mount.volume, []).append(mount)
+        volumes = [
+            _volume_message(
+                s.value,
+                owners.get(s.value.name),
+                moves.get(s.value.name),
+                mounted.get(s.value.name, []),
+            )
+            for s in specs
+            if not s.value.deleted
+        ]
         return control_pb2.ListVolumesReply(volumes=volumes)
 
     async def DeleteVolume(
@@ -124,32 +139,42 @@ class ControlService(control_pb2_grpc.ControlServicer):
         owner = await self._keyspace.get_owner(name)
         move = await self._keyspace.get_move(name)
         mounts = await self._keyspace.list_mounts(name)
-        volume = control_pb2.Volume(
-            name=name,
-            size_bytes=spec.value.size_bytes,
-            compression=spec.value.compression,
-            node=spec.value.node,
-            owner=owner.value.node if owner else "",
-            epoch=owner.value.epoch if owner else 0,
-            deleted=spec.value.deleted,
-            created_at=spec.value.created_at,
-            mounted_on=sorted(m.node for m in mounts),
-        )
-        if move is not None:
-            m = move.value
-            volume.move.CopyFrom(
-                control_pb2.MoveStatus(
-                    source=m.source,
-                    target=m.target,
-                    phase=m.phase.value,
-                    bytes_sent=m.bytes_sent,
-                    bytes_total=m.bytes_total,
-                    rate_bps=m.rate_bps,
-                    error=m.error,
-                    attempt=m.attempt,
-                )
+        return _volume_message(spec.value, owner, move, mounts)
+
+
+def _volume_message(
+    spec: VolumeSpec,
+    owner: Versioned[Owner] | None,
+    move: Versioned[Move] | None,
+    mounts: list[MountRecord],
+) -> control_pb2.Volume:
+    """The API's view of one volume from its records."""
+    volume = control_pb2.Volume(
+        name=spec.name,
+        size_bytes=spec.size_bytes,
+        compression=spec.compression,
+        node=spec.node,
+        owner=owner.value.node if owner else "",
+        epoch=owner.value.epoch if owner else 0,
+        deleted=spec.deleted,
+        created_at=spec.created_at,
+        mounted_on=sorted(m.node for m in mounts),
+    )
+    if move is not None:
+        m = move.value
+        volume.move.CopyFrom(
+            control_pb2.MoveStatus(
+                source=m.source,
+                target=m.target,
+                phase=m.phase.value,
+                bytes_sent=m.bytes_sent,
+                bytes_total=m.bytes_total,
+                rate_bps=m.rate_bps,
+                error=m.error,
+                attempt=m.attempt,
             )
-        return volume
+        )
+    return volume
 
 
 async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix: str) -> None:

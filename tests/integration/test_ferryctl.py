@@ -169,7 +169,8 @@ async def test_delete_is_refused_while_mounted_unless_forced(
     await keyspace.put_mount(MountRecord(volume=name, node="ct-n1", ids=("c1",)), lease)
     try:
         refused(await ferryctl(env, "volume", "delete", name), "mounted on ct-n1", "--force")
-        assert name in await listed(env)
+        assert (await listed(env))[name]["mounted_on"] == ["ct-n1"]
+        assert (await get_json(env, name))["mounted_on"] == ["ct-n1"]
         ok(await ferryctl(env, "volume", "delete", name, "--force"))
     finally:
         await lease.revoke()
