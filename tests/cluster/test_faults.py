@@ -194,3 +194,17 @@ def test_streams_from_impostors_are_refused_and_change_nothing(
     after = cluster.run(b, ["zfs", "list", "-H", "-r", "-t", "all", "-o", "name", b.pool]).stdout
     assert after == before
     assert sent(cluster, name) == 0
+
+
+def test_etcd_restarted_mid_move_loses_nothing_and_the_move_completes(
+    cluster: Cluster, loaded: tuple[str, dict[str, str]]
+) -> None:
+    name, data = loaded
+    b = cluster.hosts[1]
+    cluster.ferryctl(["volume", "move", name, b.name])
+    wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
+    cluster.local_process("etcd", "kill")
+    time.sleep(3)
+    cluster.local_process("etcd", "start")
+    finish_and_check(cluster, name, data, b)
+    assert volume_info(cluster, name)["epoch"] == 2

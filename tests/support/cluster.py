@@ -167,12 +167,16 @@ class Cluster:
         agent.failpoints in the started agent (local clusters only)."""
         if self.kind == "local":
             env = {"FERRY_FAILPOINTS": failpoints} if failpoints else {}
-            result = local_cluster_command("agent", "--name", self.name, host, action, env=env)
-            if result.returncode != 0:
-                raise ClusterError(f"local-cluster agent {host} {action} failed: {result.stderr}")
+            self.local_process(f"agent:{host}", action, env)
             return
         verbs = {"kill": ["kill", "--signal=SIGKILL"], "stop": ["stop"], "start": ["start"]}
         self.run(host, ["systemctl", *verbs[action], "ferry-agent"])
+
+    def local_process(self, role: str, action: str, env: Mapping[str, str] | None = None) -> None:
+        """Kill, stop or start etcd, control or agent:HOST of a local cluster."""
+        result = local_cluster_command("process", "--name", self.name, role, action, env=env)
+        if result.returncode != 0:
+            raise ClusterError(f"local-cluster process {role} {action} failed: {result.stderr}")
 
     def docker(
         self,
