@@ -11,7 +11,7 @@ import click
 from agent.config import AgentConfig
 from agent.logs import setup_logging
 from agent.service import run
-from control.tls import TlsFiles
+from control.tls import endpoints, from_flags
 
 log = logging.getLogger("agent")
 
@@ -59,20 +59,19 @@ def main(
 ) -> None:
     """Run the Ferry agent on this host: volumes, transfers, and the Docker plugin."""
     setup_logging(log_level)
-    if not insecure and not (tls_ca and tls_cert and tls_key):
-        raise click.UsageError(
-            "give --tls-ca, --tls-cert and --tls-key (see 'ferryctl ca issue'), "
-            "or --insecure for development"
-        )
+    try:
+        tls = from_flags(tls_ca, tls_cert, tls_key, insecure)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
     config = AgentConfig(
         node=node,
-        etcd=tuple(e.strip() for e in etcd.split(",") if e.strip()),
+        etcd=endpoints(etcd),
         pool=pool,
         listen=listen,
         advertise=advertise or listen,
         mount_root=mount_root,
         plugin_socket=plugin_socket,
-        tls=None if insecure else TlsFiles(ca=Path(tls_ca), cert=Path(tls_cert), key=Path(tls_key)),
+        tls=tls,
         etcd_prefix=etcd_prefix,
     )
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import click
 import grpc
@@ -19,7 +18,7 @@ from agent.logs import setup_logging
 from control.keyspace import Keyspace, Versioned, endpoints_client
 from control.operations import OperationError, VolumeOps
 from control.records import MountRecord, Move, Owner, VolumeSpec
-from control.tls import TlsFiles, warn_insecure
+from control.tls import TlsFiles, endpoints, from_flags, warn_insecure
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -224,14 +223,11 @@ def main(
 ) -> None:
     """Run ferry-control: the cluster's API for volumes and nodes."""
     setup_logging(log_level)
-    if not insecure and not (tls_ca and tls_cert and tls_key):
-        raise click.UsageError(
-            "give --tls-ca, --tls-cert and --tls-key (see 'ferryctl ca issue'), "
-            "or --insecure for development"
-        )
-    tls = None if insecure else TlsFiles(Path(tls_ca), Path(tls_cert), Path(tls_key))
-    endpoints = tuple(e.strip() for e in etcd.split(",") if e.strip())
     try:
-        asyncio.run(serve(endpoints, listen, tls, etcd_prefix))
+        tls = from_flags(tls_ca, tls_cert, tls_key, insecure)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    try:
+        asyncio.run(serve(endpoints(etcd), listen, tls, etcd_prefix))
     except KeyboardInterrupt:
         log.info("ferry-control stopped")

@@ -52,6 +52,23 @@ class TlsFiles:
         )
 
 
+def from_flags(ca: str, cert: str, key: str, insecure: bool) -> TlsFiles | None:
+    """The TLS files a service was given, None for --insecure; ValueError if incomplete."""
+    if insecure:
+        return None
+    if not (ca and cert and key):
+        raise ValueError(
+            "give --tls-ca, --tls-cert and --tls-key (see 'ferryctl ca issue'), "
+            "or --insecure for development"
+        )
+    return TlsFiles(Path(ca), Path(cert), Path(key))
+
+
+def endpoints(text: str) -> tuple[str, ...]:
+    """``HOST:PORT,HOST:PORT`` as a tuple, blanks dropped."""
+    return tuple(e.strip() for e in text.split(",") if e.strip())
+
+
 def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
     """The common name of the peer's verified client certificate, or None without one."""
     names = list(context.auth_context().get("x509_common_name") or [])
