@@ -57,7 +57,7 @@ def raw_send_receive(cluster: Cluster, name: str, a: ClusterHost, b: ClusterHost
     subprocess.run(["zfs", "snapshot", snap], check=True)
     started = time.monotonic()
     subprocess.run(
-        f"zfs send {snap} | zfs receive {target}@raw", shell=True, check=True, timeout=600
+        f"zfs send {snap} | zfs receive -u {target}@raw", shell=True, check=True, timeout=600
     )
     elapsed = time.monotonic() - started
     subprocess.run(["zfs", "destroy", "-r", target], check=True)
