@@ -331,9 +331,9 @@ def test_clone_and_promote(api: Any, src: ScratchPool) -> None:
 
 def test_properties_including_user_properties(api: Any, src: ScratchPool) -> None:
     name, where = fresh(src)
-    api.lzc_create(name, props={"ferry:volume": "db", "compression": "gzip"})
+    api.lzc_create(name, props={"ferry:test": "db", "compression": "gzip"})
     props = api.lzc_get_props(name)
-    assert props["ferry:volume"] == "db"
+    assert props["ferry:test"] == "db"
     assert props["compression"] == "gzip"
     assert props["readonly"] == "off"
     assert props["mounted"] == "yes"
@@ -380,6 +380,21 @@ def test_send_space_estimates_a_full_stream(api: Any, src: ScratchPool, tmp_path
     else:
         with pytest.raises(exc.FeatureNotSupported):
             api.lzc_send_space(name + b"@s2", name + b"@s1")
+
+
+def test_pool_free_bytes_shrinks_as_data_is_written(api: Any, src: ScratchPool) -> None:
+    name, where = fresh(src)
+    api.lzc_create(name, props={"compression": "off"})
+    before = api.pool_free_bytes(src.name)
+    assert 0 < before < src.file.stat().st_size
+    write_random(where / "f", 16 << 20)
+    for attempt in range(50):
+        if api.pool_free_bytes(src.name) < before - (8 << 20):
+            break
+        api.lzc_snapshot([name + b"@sync%d" % attempt])
+    assert api.pool_free_bytes(src.name) < before - (8 << 20)
+    with pytest.raises(exc.DatasetNotFound):
+        api.pool_free_bytes(src.name + "-missing")
 
 
 def _truncated(path: Path, keep: int) -> Path:
