@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,23 +20,15 @@ import pytest
 
 from agent.zfs import cli, lzc
 from agent.zfs import exceptions as exc
-from tests.support.pools import ScratchPool, scratch_pool
+from tests.support.pools import ScratchPool, pool_fixture
 
 pytestmark = pytest.mark.integration
 
 _counter = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def src() -> Iterator[ScratchPool]:
-    with scratch_pool("zt") as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def dst() -> Iterator[ScratchPool]:
-    with scratch_pool("zt") as pool:
-        yield pool
+src = pool_fixture("zt", scope="module")
+dst = pool_fixture("zt", scope="module")
 
 
 @pytest.fixture(params=["cli", "libzfs_core"])

@@ -6,28 +6,20 @@ import asyncio
 import hashlib
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from agent import zfs
 from agent.zfs.streams import receive_chunks, send_chunks
-from tests.support.pools import ScratchPool, scratch_pool
+from tests.support.pools import ScratchPool, pool_fixture
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def src() -> Iterator[ScratchPool]:
-    with scratch_pool("zt") as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def dst() -> Iterator[ScratchPool]:
-    with scratch_pool("zt") as pool:
-        yield pool
+src = pool_fixture("zt", scope="module")
+dst = pool_fixture("zt", scope="module")
 
 
 def write_random(path: Path, size: int) -> str:
