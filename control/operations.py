@@ -42,6 +42,10 @@ class Exists(OperationError):
     code = "ALREADY_EXISTS"
 
 
+class BeingDeleted(Exists):
+    """The name belongs to a deleted volume whose data agents are still destroying."""
+
+
 class Conflict(OperationError):
     code = "ABORTED"
 
@@ -76,6 +80,12 @@ class VolumeOps:
         try:
             await self._keyspace.create_volume(spec)
         except AlreadyExists as error:
+            existing = await self._keyspace.get_volume(name)
+            if existing is not None and existing.value.deleted:
+                raise BeingDeleted(
+                    f"volume {name} was deleted and its data is being destroyed; "
+                    f"create it again once 'ferryctl volume list' no longer shows it"
+                ) from error
             raise Exists(f"volume {name} already exists") from error
         log.info("volume created: volume=%s node=%s size=%d", name, target.name, size_bytes)
         return spec

@@ -178,6 +178,8 @@ async def test_delete_is_refused_while_mounted_unless_forced(
     refused(await ferryctl(env, "volume", "get", name), "does not exist", "not_found")
     stored = await keyspace.get_volume(name)
     assert stored is not None and stored.value.deleted, "deletion is desired state for agents"
+    again = ferryctl(env, "volume", "create", name, "--size", "1G", "--node", "ct-n1")
+    refused(await again, "being destroyed", "no longer shows it")
 
 
 async def test_node_list_shows_live_nodes(env: dict[str, str], nodes: LiveNodes) -> None:
