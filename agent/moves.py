@@ -39,6 +39,7 @@ from agent import failpoints
 from agent.snapshots import newest_common, prunable
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
+from agent.transfer.options import CHUNK_BYTES
 from control.keyspace import Keyspace, Versioned
 from control.records import Move, MovePhase, Owner
 from protos.ferry.v1 import transfer_pb2
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 SMALL_DELTA_BYTES = 64 << 20
 RESYNC_SECONDS = 3.0
+UNMOUNT_POLL_SECONDS = 0.2
 PROGRESS_SECONDS = 0.5
 
 PeerLookup = Callable[[str], Awaitable[PeerClient]]
@@ -103,7 +105,7 @@ class MoveDriver:
             if tracker.move.phase != MovePhase.WAITING_FOR_UNMOUNT:
                 log.info("waiting for unmount: volume=%s node=%s", volume, self._node)
                 await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT)
-            await asyncio.sleep(RESYNC_SECONDS)
+            await self._until_unmounted(volume, RESYNC_SECONDS)
 
     async def _handoff(
         self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord
@@ -153,7 +155,7 @@ class MoveDriver:
         )
         progress = _Progress(tracker, estimated)
         async with self._store.held(volume, [name for name in (base, snapshot.name) if name]):
-            chunks = self._store.send_chunks(volume, snapshot.name, base)
+            chunks = self._store.send_chunks(volume, snapshot.name, base, CHUNK_BYTES)
             held = await peer.send(header, chunks, progress.report)
         await progress.finish()
         if not any(ref == snapshot for ref in held):
@@ -162,6 +164,13 @@ class MoveDriver:
             volume, prunable([ref.name for ref in local], keep=[snapshot.name, base or ""])
         )
         return progress.sent
+
+    async def _until_unmounted(self, volume: str, at_most: float) -> None:
+        """Return as soon as nothing here mounts the volume, or after ``at_most`` seconds."""
+        for _ in range(round(at_most / UNMOUNT_POLL_SECONDS)):
+            if not await self._mounted_here(volume):
+                return
+            await asyncio.sleep(UNMOUNT_POLL_SECONDS)
 
     async def _mounted_here(self, volume: str) -> bool:
         return any(m.node == self._node for m in await self._keyspace.list_mounts(volume))

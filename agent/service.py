@@ -29,7 +29,7 @@ from agent.transfer.options import SERVER_OPTIONS
 from agent.transfer.server import TransferService
 from agent.zfs.volumes import PoolRoot
 from control.keyspace import Keyspace, endpoints_client
-from control.operations import Exists, OperationError, VolumeOps
+from control.operations import BeingDeleted, Exists, OperationError, VolumeOps
 from control.records import NodeInfo, NodeState
 from control.tls import warn_insecure
 from protos.ferry.v1 import transfer_pb2_grpc
@@ -233,6 +233,8 @@ class PluginControl:
         """Without a node option, the volume is created where Docker asked for it."""
         try:
             await self._ops.create(name, size, compression, node or self._here)
+        except BeingDeleted as error:
+            raise PluginError(str(error)) from error
         except Exists:
             if size or compression or node:
                 raise PluginError(

@@ -163,9 +163,11 @@ class VolumeStore:
         except zfs.FeatureNotSupported:
             return 0
 
-    def send_chunks(self, volume: str, short: str, base: str | None) -> AsyncIterator[bytes]:
+    def send_chunks(
+        self, volume: str, short: str, base: str | None, chunk_size: int
+    ) -> AsyncIterator[bytes]:
         source = self.snapshot_name(volume, base) if base else None
-        return send_chunks(self.snapshot_name(volume, short), source)
+        return send_chunks(self.snapshot_name(volume, short), source, chunk_size)
 
     @asynccontextmanager
     async def held(self, volume: str, shorts: Sequence[str]) -> AsyncIterator[None]:

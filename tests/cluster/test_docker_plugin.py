@@ -22,6 +22,15 @@ def docker_host(cluster: Cluster) -> ClusterHost:
     return host
 
 
+def load_toolbox(host: ClusterHost) -> None:
+    assert host.docker_host
+    subprocess.run(
+        ["deploy/images/build.sh", "--docker-host", host.docker_host, TOOLBOX],
+        check=True,
+        capture_output=True,
+    )
+
+
 def volume_names(cluster: Cluster) -> set[str]:
     listed = json.loads(cluster.ferryctl(["volume", "list", "-o", "json"]).stdout)
     return {v["name"] for v in listed}
@@ -59,12 +68,7 @@ def test_an_invalid_volume_name_is_refused(cluster: Cluster) -> None:
 
 def test_volumes_show_their_owner_and_remove_waits_for_containers(cluster: Cluster) -> None:
     host = docker_host(cluster)
-    assert host.docker_host
-    subprocess.run(
-        ["deploy/images/build.sh", "--docker-host", host.docker_host, TOOLBOX],
-        check=True,
-        capture_output=True,
-    )
+    load_toolbox(host)
     name = f"dk-{secrets.token_hex(3)}"
     cluster.docker(host, ["volume", "create", "-d", "ferry", "-o", "size=256M", name])
     inspected = json.loads(cluster.docker(host, ["volume", "inspect", name]).stdout)[0]
@@ -84,3 +88,26 @@ def test_volumes_show_their_owner_and_remove_waits_for_containers(cluster: Clust
     cluster.docker(host, ["rm", "-f", container])
     cluster.docker(host, ["volume", "rm", name])
     assert name not in volume_names(cluster)
+
+
+def test_mounting_a_deleted_volume_is_refused_clearly(cluster: Cluster) -> None:
+    """While its data is being destroyed (its owner's agent is down here, to hold that moment)."""
+    host, other = docker_host(cluster), cluster.hosts[1]
+    if not other.docker_host:
+        pytest.skip("needs a dockerd on a second host")
+    load_toolbox(other)
+    name = f"del-{secrets.token_hex(3)}"
+    cluster.ferryctl(["volume", "create", name, "--size", "256M", "--node", host.name])
+    cluster.agent(host.name, "stop")
+    try:
+        cluster.ferryctl(["volume", "delete", name])
+        result = cluster.docker(
+            other,
+            ["run", "--rm", "--network", "none", "--volume-driver", "ferry",
+             "-v", f"{name}:/data", TOOLBOX, "true"],
+            check=False,
+        )  # fmt: skip
+    finally:
+        cluster.agent(host.name, "start")
+    assert result.returncode != 0
+    assert "was deleted" in result.stderr
