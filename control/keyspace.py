@@ -113,9 +113,17 @@ class Keyspace:
         )
 
     async def purge_volume(self, name: str) -> None:
-        """Remove every trace of a deleted volume (after agents destroyed its data)."""
-        for kind in ("volumes", "owners", "moves"):
-            await self.client.delete(self._key(kind, name))
+        """Remove a deleted volume's spec, owner and move in one transaction.
+
+        Called after the agents destroyed its data. All at once, so a crash
+        never leaves an owner behind that would block a new volume of that name.
+        """
+        tx = self.client.transactions
+        await self.client.transaction(
+            compare=[],
+            success=[tx.delete(self._key(kind, name)) for kind in ("volumes", "owners", "moves")],
+            failure=[],
+        )
 
     # owners
 
@@ -144,6 +152,9 @@ class Keyspace:
             failure=[],
         )
         return bool(succeeded)
+
+    async def delete_owner(self, name: str) -> None:
+        await self.client.delete(self._key("owners", name))
 
     # nodes and leases
 
@@ -174,6 +185,10 @@ class Keyspace:
     async def delete_state(self, node: str, volume: str) -> None:
         await self.client.delete(self._key("state", node, volume))
 
+    async def get_state(self, node: str, volume: str) -> NodeState | None:
+        found = await self._get(self._key("state", node, volume), NodeState)
+        return found.value if found else None
+
     async def list_state(self, volume: str) -> list[NodeState]:
         found = await self._list(self._key("state", ""), NodeState)
         return [v.value for v in found if v.value.volume == volume]
@@ -190,6 +205,15 @@ class Keyspace:
         return await self._put_if(
             self._key("moves", move.volume), move.to_json(), expected_revision
         )
+
+    async def delete_move(self, name: str, expected_revision: int) -> bool:
+        """Delete the move record only if nobody changed it since it was read."""
+        key = self._key("moves", name)
+        tx = self.client.transactions
+        succeeded, _ = await self.client.transaction(
+            compare=[tx.mod(key) == expected_revision], success=[tx.delete(key)], failure=[]
+        )
+        return bool(succeeded)
 
     # mounts
 

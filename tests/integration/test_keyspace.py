@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from control.keyspace import AlreadyExists, Change, Keyspace, endpoints_client
-from control.records import Move, MovePhase, NodeInfo, Owner, VolumeSpec
+from control.records import Move, MovePhase, NodeInfo, NodeState, Owner, VolumeSpec
 from tests.support.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
@@ -84,6 +84,42 @@ async def test_put_move_compares_the_revision(keyspace: Keyspace) -> None:
     assert not await keyspace.put_move(replace(move, phase=MovePhase.FAILED), read.revision)
     final = await keyspace.get_move("pg")
     assert final is not None and final.value.phase is MovePhase.PRECOPY
+    assert not await keyspace.delete_move("pg", read.revision), "stale revision deletes nothing"
+    assert await keyspace.delete_move("pg", final.revision)
+    assert await keyspace.get_move("pg") is None
+
+
+async def test_purge_removes_spec_owner_and_move_so_the_name_is_free_again(
+    keyspace: Keyspace,
+) -> None:
+    await keyspace.create_volume(replace(_spec(), deleted=True))
+    assert await keyspace.claim_owner("pg", "n1")
+    assert await keyspace.put_move(Move(volume="pg", source="n1", target="n2"), None)
+    await keyspace.purge_volume("pg")
+    assert await keyspace.get_volume("pg") is None
+    assert await keyspace.get_owner("pg") is None
+    assert await keyspace.get_move("pg") is None
+    await keyspace.create_volume(_spec(node="n2"))
+    assert await keyspace.claim_owner("pg", "n2")
+
+
+async def test_node_state_is_read_per_node_and_goes_with_the_lease(keyspace: Keyspace) -> None:
+    lease = await keyspace.client.lease(30)
+    state = NodeState(node="n1", volume="pg", snapshots=("s1", "s2"), used_bytes=5, writable=True)
+    await keyspace.put_state(state, lease)
+    await keyspace.put_state(replace(state, node="n2", writable=False), lease)
+    assert await keyspace.get_state("n1", "pg") == state
+    assert await keyspace.get_state("n3", "pg") is None
+    assert {s.node for s in await keyspace.list_state("pg")} == {"n1", "n2"}
+    await lease.revoke()
+    assert await keyspace.list_state("pg") == []
+
+
+async def test_delete_owner_frees_the_claim(keyspace: Keyspace) -> None:
+    assert await keyspace.claim_owner("pg", "n1")
+    await keyspace.delete_owner("pg")
+    assert await keyspace.get_owner("pg") is None
+    assert await keyspace.claim_owner("pg", "n2")
 
 
 async def test_a_node_disappears_when_its_lease_expires(keyspace: Keyspace) -> None:
