@@ -1,0 +1,82 @@
+"""The cluster CA: what `ferryctl ca init/issue` write and what the certificates say."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import NameOID
+
+from control import ca
+
+
+def load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, InvalidSignature):
+        return False
+    return True
+
+
+def test_init_writes_a_ca_whose_key_only_root_reads(tmp_path: Path) -> None:
+    ca.init(tmp_path)
+    assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
+    cert = load(tmp_path / "ca.crt")
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_init_refuses_to_replace_an_existing_ca(tmp_path: Path) -> None:
+    ca.init(tmp_path)
+    before = (tmp_path / "ca.key").read_bytes()
+    with pytest.raises(ca.CAError, match="already holds a CA"):
+        ca.init(tmp_path)
+    assert (tmp_path / "ca.key").read_bytes() == before
+
+
+def test_a_node_certificate_names_the_node_and_its_addresses(tmp_path: Path) -> None:
+    ca.init(tmp_path)
+    cert_path, key_path = ca.issue(
+        tmp_path, "node", "host1", ips=("10.0.0.2",), dns=("host1.example",)
+    )
+    assert (cert_path, key_path) == (tmp_path / "host1.crt", tmp_path / "host1.key")
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    cert = load(cert_path)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "host1"
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["host1", "host1.example"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.2")]
+    assert signed_by(cert, load(tmp_path / "ca.crt"))
+
+
+def test_a_certificate_from_another_ca_does_not_verify(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ca.init(ours)
+    ca.init(theirs)
+    cert_path, _ = ca.issue(theirs, "user", "admin")
+    assert not signed_by(load(cert_path), load(ours / "ca.crt"))
+
+
+def test_issue_without_a_ca_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(ca.CAError, match="ferryctl ca init --dir"):
+        ca.issue(tmp_path, "user", "admin")
+
+
+@pytest.mark.parametrize(
+    ("kind", "ips", "message"),
+    [("robot", (), "unknown certificate kind"), ("node", ("10.0.0.300",), "invalid IP")],
+)
+def test_issue_refuses_bad_kinds_and_addresses(
+    tmp_path: Path, kind: str, ips: tuple[str, ...], message: str
+) -> None:
+    ca.init(tmp_path)
+    with pytest.raises(ca.CAError, match=message):
+        ca.issue(tmp_path, kind, "host1", ips=ips)
+    assert not (tmp_path / "host1.key").exists()
