@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from control.records import check_node_name, check_volume_name, parse_size
+from control.records import check_node_name, parse_size, validate_volume_name
 
 FIELDS = frozenset({"name", "size", "compression", "node"})
 
@@ -108,7 +108,7 @@ def _entry(node: yaml.Node, source: str) -> Declared:
             )
         values[key.value] = str(value.value)
     try:
-        name = check_volume_name(values.get("name", ""))
+        name = validate_volume_name(values.get("name", ""))
         size = values.get("size", "")
         size_bytes = parse_size(size) if size else None
         node_name = values.get("node", "")

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum, StrEnum
 from typing import Any, Self
 
+from agent.zfs import names as zfs_names
 from agent.zfs.exceptions import NameInvalid
-from agent.zfs.names import validate_volume_name
 
 SCHEMA_VERSION = 1
 
@@ -23,10 +23,10 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
-def check_volume_name(name: str) -> str:
+def validate_volume_name(name: str) -> str:
     """A volume name by Docker's and ZFS's rules; ValueError with the rule otherwise."""
     try:
-        return validate_volume_name(name)
+        return zfs_names.validate_volume_name(name)
     except NameInvalid as error:
         raise ValueError(f"invalid volume name {name!r}: {error.message}") from error
 
@@ -96,7 +96,7 @@ class VolumeSpec(_Record):
     deleted: bool = False
 
     def __post_init__(self) -> None:
-        check_volume_name(self.name)
+        validate_volume_name(self.name)
         check_node_name(self.node)
         parse_size(self.size_bytes)
         for replica in self.replicas:
@@ -175,7 +175,7 @@ class Move(_Record):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phase", MovePhase(self.phase))
-        check_volume_name(self.volume)
+        validate_volume_name(self.volume)
         if self.source == self.target:
             raise ValueError(f"a move needs two different nodes, got {self.source} twice")
 

@@ -17,6 +17,7 @@ from control.records import (
     VolumeSpec,
     parse_size,
     to_dict,
+    validate_volume_name,
 )
 
 
@@ -41,6 +42,19 @@ def test_parse_size_reads_bytes_and_binary_units(text: str | int, expected: int)
 def test_parse_size_refuses_what_is_not_a_positive_size(text: str | int) -> None:
     with pytest.raises(ValueError, match="invalid size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize("name", ["pg", "pg-data_1.v2", "9lives", "a" * 64])
+def test_docker_volume_names_are_valid(name: str) -> None:
+    assert validate_volume_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "_pg", ".pg", "-pg", "pg/data", "pg@snap", "pg data", "pg:1", "a" * 65, "pé"]
+)
+def test_names_docker_or_zfs_refuse_are_a_value_error_naming_the_rule(name: str) -> None:
+    with pytest.raises(ValueError, match=r"invalid volume name .*\[A-Za-z0-9_.-\]"):
+        validate_volume_name(name)
 
 
 def test_volume_spec_refuses_bad_names_sizes_and_nodes() -> None:
