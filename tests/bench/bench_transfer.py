@@ -29,7 +29,7 @@ from pathlib import Path
 
 from control.keyspace import Keyspace, endpoints_client
 from control.records import MountRecord
-from tests.cluster.test_moves import mountpoint, volume_info, wait_for, write_random
+from tests.cluster.test_moves import mountpoint, wait_for, write_random
 from tests.support.cluster import Cluster, ClusterHost, local_cluster
 
 MIB = 1 << 20
@@ -39,13 +39,13 @@ SENT = re.compile(r"sent: volume=(\S+) to=\S+ snapshot=(\S+) bytes=(\d+) seconds
 def fresh_volume(cluster: Cluster, host: ClusterHost, mib: int) -> str:
     name = f"bench-{secrets.token_hex(3)}"
     cluster.ferryctl(["volume", "create", name, "--size", f"{mib + 256}M", "--node", host.name])
-    wait_for(f"{name} on {host.name}", lambda: volume_info(cluster, name)["owner"] == host.name)
+    wait_for(f"{name} on {host.name}", lambda: cluster.volume(name)["owner"] == host.name)
     write_random(cluster, host, f"{mountpoint(host, name)}/data", mib)
     return name
 
 
 def phase(cluster: Cluster, name: str) -> str:
-    move = volume_info(cluster, name).get("move") or {}
+    move = cluster.volume(name).get("move") or {}
     assert isinstance(move, dict)
     return str(move.get("phase", ""))
 

@@ -20,7 +20,6 @@ from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from tests.cluster.test_moves import (
     checksums,
     mountpoint,
-    volume_info,
     wait_for,
     write_random,
 )
@@ -44,13 +43,13 @@ def writable_copies(cluster: Cluster, name: str) -> list[str]:
 
 
 def move_phase(cluster: Cluster, name: str) -> str:
-    move = volume_info(cluster, name).get("move") or {}
+    move = cluster.volume(name).get("move") or {}
     assert isinstance(move, dict)
     return str(move.get("phase", ""))
 
 
 def sent(cluster: Cluster, name: str) -> int:
-    move = volume_info(cluster, name).get("move") or {}
+    move = cluster.volume(name).get("move") or {}
     assert isinstance(move, dict)
     return int(move.get("bytes_sent", 0))
 
@@ -63,7 +62,7 @@ def loaded(cluster: Cluster) -> Iterator[tuple[str, dict[str, str]]]:
     a = cluster.hosts[0]
     name = f"ft-{secrets.token_hex(3)}"
     cluster.ferryctl(["volume", "create", name, "--size", "1G", "--node", a.name])
-    wait_for(f"{name} owned by {a.name}", lambda: volume_info(cluster, name)["owner"] == a.name)
+    wait_for(f"{name} owned by {a.name}", lambda: cluster.volume(name)["owner"] == a.name)
     write_random(cluster, a, f"{mountpoint(a, name)}/data", 384)
     yield name, checksums(cluster, a, mountpoint(a, name))
     for host in cluster.hosts:
@@ -84,7 +83,7 @@ def _port_open(address: str) -> bool:
 def finish_and_check(
     cluster: Cluster, name: str, data: dict[str, str], target: ClusterHost
 ) -> None:
-    wait_for("the move to finish", lambda: volume_info(cluster, name)["owner"] == target.name, 180)
+    wait_for("the move to finish", lambda: cluster.volume(name)["owner"] == target.name, 180)
     wait_for("the target to serve it", lambda: writable_copies(cluster, name) == [target.name], 60)
     assert checksums(cluster, target, mountpoint(target, name)) == data
 
@@ -98,7 +97,7 @@ def test_an_agent_killed_mid_transfer_leaves_the_source_owner_and_the_move_compl
     cluster.ferryctl(["volume", "move", name, b.name])
     wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
     cluster.agent(cluster.hosts[victim].name, "kill")
-    info = volume_info(cluster, name)
+    info = cluster.volume(name)
     assert (info["owner"], info["epoch"]) == (a.name, 1)
     # Writable on the source, or read-only there if the handoff had begun: never on both.
     assert writable_copies(cluster, name) in ([a.name], [])
@@ -121,7 +120,7 @@ def test_the_source_dying_around_the_ownership_swap_loses_nothing(
         "the source to die at the failpoint", lambda: not _port_open(a.agent_address or ""), 120
     )
     expected_owner = a.name if failpoint == "handoff.before_cas" else b.name
-    assert volume_info(cluster, name)["owner"] == expected_owner
+    assert cluster.volume(name)["owner"] == expected_owner
     assert len(writable_copies(cluster, name)) <= 1
     cluster.agent(a.name, "start")
     finish_and_check(cluster, name, data, b)
@@ -137,7 +136,7 @@ def test_a_cut_link_to_the_target_delays_the_move_and_it_completes(
     cluster.run(b, ["ip", "link", "set", "eth0", "down"])
     try:
         time.sleep(12)
-        assert volume_info(cluster, name)["owner"] == a.name
+        assert cluster.volume(name)["owner"] == a.name
         assert writable_copies(cluster, name) == [a.name]
     finally:
         cluster.run(b, ["ip", "link", "set", "eth0", "up"])
@@ -207,4 +206,4 @@ def test_etcd_restarted_mid_move_loses_nothing_and_the_move_completes(
     time.sleep(3)
     cluster.local_process("etcd", "start")
     finish_and_check(cluster, name, data, b)
-    assert volume_info(cluster, name)["epoch"] == 2
+    assert cluster.volume(name)["epoch"] == 2

@@ -8,7 +8,6 @@ volume is driven through ferryctl like an operator would.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -22,10 +21,6 @@ from tests.support.cluster import Cluster, ClusterHost
 pytestmark = pytest.mark.cluster
 
 MIB = 1 << 20
-
-
-def volume_info(cluster: Cluster, name: str) -> dict[str, object]:
-    return dict(json.loads(cluster.ferryctl(["volume", "get", name, "-o", "json"]).stdout))
 
 
 def wait_for(what: str, predicate: object, timeout: float = 60.0) -> None:
@@ -60,7 +55,7 @@ def volume(cluster: Cluster) -> Iterator[str]:
     name = f"mv-{secrets.token_hex(3)}"
     first = cluster.hosts[0].name
     cluster.ferryctl(["volume", "create", name, "--size", "1G", "--node", first])
-    wait_for(f"{name} owned by {first}", lambda: volume_info(cluster, name)["owner"] == first)
+    wait_for(f"{name} owned by {first}", lambda: cluster.volume(name)["owner"] == first)
     yield name
     cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
 
@@ -74,7 +69,7 @@ def test_a_volume_moves_with_its_data_and_comes_back_incrementally(
     before = checksums(cluster, a, mountpoint(a, volume))
 
     cluster.ferryctl(["volume", "move", volume, b.name, "--wait", "--timeout", "300"])
-    there = volume_info(cluster, volume)
+    there = cluster.volume(volume)
     assert (there["owner"], there["epoch"]) == (b.name, 2)
     assert checksums(cluster, b, mountpoint(b, volume)) == before
     first_move = there["move"]
@@ -83,7 +78,7 @@ def test_a_volume_moves_with_its_data_and_comes_back_incrementally(
     write_random(cluster, b, f"{mountpoint(b, volume)}/new-on-b", 4)
     after_b = checksums(cluster, b, mountpoint(b, volume))
     cluster.ferryctl(["volume", "move", volume, a.name, "--wait", "--timeout", "300"])
-    back = volume_info(cluster, volume)
+    back = cluster.volume(volume)
     assert (back["owner"], back["epoch"]) == (a.name, 3)
     assert checksums(cluster, a, mountpoint(a, volume)) == after_b
     back_move = back["move"]
@@ -110,17 +105,17 @@ def test_a_move_waits_while_mounted_and_completes_after_unmount(
         cluster.ferryctl(["volume", "move", volume, b.name])
         wait_for(
             "the move to wait for the unmount",
-            lambda: volume_info(cluster, volume)["move"]["phase"] == "waiting_for_unmount",  # type: ignore[index]
+            lambda: cluster.volume(volume)["move"]["phase"] == "waiting_for_unmount",
         )
         write_random(cluster, a, f"{mountpoint(a, volume)}/while-mounted", 8)
         time.sleep(1)
-        assert volume_info(cluster, volume)["owner"] == a.name, "still writable on a while mounted"
+        assert cluster.volume(volume)["owner"] == a.name, "still writable on a while mounted"
         expected = checksums(cluster, a, mountpoint(a, volume))
         loop.run_until_complete(keyspace.delete_mount(volume, a.name))
-        wait_for("the handoff", lambda: volume_info(cluster, volume)["owner"] == b.name, 120)
+        wait_for("the handoff", lambda: cluster.volume(volume)["owner"] == b.name, 120)
         wait_for(
             "the move to finish",
-            lambda: volume_info(cluster, volume)["move"]["phase"] == "done",  # type: ignore[index]
+            lambda: cluster.volume(volume)["move"]["phase"] == "done",
         )
         assert checksums(cluster, b, mountpoint(b, volume)) == expected
     finally:

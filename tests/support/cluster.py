@@ -9,6 +9,7 @@ class, so the same suite runs against any cluster that has such a file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -147,6 +148,10 @@ class Cluster:
             raise ClusterError(f"cluster {self.name} runs no ferry-control (up --no-agents)")
         command = _ferry_command("ferryctl")
         return _run([command, *args], check, timeout, env=self.ferryctl_environment())
+
+    def volume(self, name: str) -> dict[str, Any]:
+        """``ferryctl volume get NAME -o json``, parsed."""
+        return dict(json.loads(self.ferryctl(["volume", "get", name, "-o", "json"]).stdout))
 
     def ferryctl_environment(self) -> dict[str, str]:
         """FERRY_* variables ferryctl reads in place of its --control/--tls-* flags."""

@@ -14,7 +14,6 @@ Run by hand against a running cluster::
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -85,10 +84,6 @@ def run_postgres(client: docker.DockerClient, volume: str, name: str) -> Contain
     )
 
 
-def volume_info(cluster: Cluster, name: str) -> dict[str, object]:
-    return dict(json.loads(cluster.ferryctl(["volume", "get", name, "-o", "json"]).stdout))
-
-
 def migrate(
     cluster: Cluster, volume: str, a: ClusterHost, b: ClusterHost, report: Report = print
 ) -> MigrationResult:
@@ -107,7 +102,7 @@ def migrate(
     cluster.ferryctl(["volume", "move", volume, b.name])
     deadline = time.monotonic() + 180
     while True:
-        move = volume_info(cluster, volume).get("move") or {}
+        move = cluster.volume(volume).get("move") or {}
         assert isinstance(move, dict)
         if move.get("phase") == "waiting_for_unmount" and int(move.get("bytes_sent", 0)) > 0:
             break
@@ -131,7 +126,7 @@ def migrate(
     pause = time.monotonic() - stopped_at
     found = verify(pg_b, committed)
     logs = log_since_start(pg_b)
-    info = volume_info(cluster, volume)
+    info = cluster.volume(volume)
     used = int(
         cluster.run(
             b, ["zfs", "get", "-Hp", "-o", "value", "used", f"{b.pool}/ferry/{volume}"]
