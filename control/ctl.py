@@ -21,8 +21,9 @@ import click
 import grpc
 import yaml
 from google.protobuf.json_format import MessageToDict
+from rich import filesize
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
 from control import ca
@@ -33,6 +34,7 @@ from protos.ferry.v1 import control_pb2, control_pb2_grpc
 DEFAULT_CONFIG = Path("~/.config/ferry/ferryctl.yaml").expanduser()
 SETTINGS = ("control", "tls_ca", "tls_cert", "tls_key", "insecure")
 CONTROL_NAME = "control"
+RECONNECT_SECONDS = 1.0
 OUTPUT = click.option(
     "-o",
     "--output",
@@ -258,40 +260,55 @@ def _moving(volume: control_pb2.Volume) -> bool:
 
 
 def _follow(api: Api, name: str, node: str, timeout: float) -> None:
+    """A live progress bar until the move is done (return) or failed or late (exit non-zero).
+
+    The bar is closed before any error is printed, so the error is stderr's last line.
+    """
     columns = (
         TextColumn("{task.fields[phase]:<20}"),
         BarColumn(),
         DownloadColumn(),
-        TransferSpeedColumn(),
+        TextColumn("{task.fields[rate]}"),
     )
+    failure = f"move of {name} did not finish in time; 'ferryctl move status {name}' follows it"
     deadline = time.monotonic() + timeout
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task(name, total=None, phase="pending")
-        for current in _watch(api, name, deadline):
-            move = current.move
-            progress.update(
-                task,
-                completed=move.bytes_sent,
-                total=move.bytes_total or None,
-                phase=move.phase
-                + (" (waiting for unmount)" if move.phase == "waiting_for_unmount" else ""),
-            )
-            if move.phase == "failed":
-                fail(f"move of {name} failed: {move.error or 'see the agents logs'}")
-            if current.owner == node and move.phase == "done":
-                progress.update(task, phase="done")
-                break
+        task = progress.add_task(name, total=None, phase="pending", rate="")
+        try:
+            for current in _watch(api, name, deadline):
+                move = current.move
+                progress.update(
+                    task,
+                    completed=move.bytes_sent,
+                    total=move.bytes_total or None,
+                    phase=move.phase,
+                    rate=f"{filesize.decimal(int(move.rate_bps))}/s" if move.rate_bps else "",
+                )
+                if move.phase == "failed":
+                    failure = f"move of {name} failed: {move.error or 'see the agents logs'}"
+                    break
+                if current.owner == node and move.phase == "done":
+                    failure = ""
+                    break
+        except grpc.RpcError as error:
+            failure = _rpc_message(error)
+    if failure:
+        fail(failure)
     click.echo(f"volume {name} is on {node}")
 
 
 def _watch(api: Api, name: str, deadline: float) -> Iterator[control_pb2.Volume]:
-    remaining = max(deadline - time.monotonic(), 1.0)
-    try:
-        yield from api.stub.WatchVolume(control_pb2.GetVolumeRequest(name=name), timeout=remaining)
-    except grpc.RpcError as error:
-        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            fail(f"move of {name} did not finish in time; 'ferryctl move status {name}' follows it")
-        fail(_rpc_message(error))
+    """Updates of one volume until the deadline; a restarting ferry-control is waited for."""
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            yield from api.stub.WatchVolume(
+                control_pb2.GetVolumeRequest(name=name), timeout=remaining
+            )
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                time.sleep(min(RECONNECT_SECONDS, remaining))
+            elif error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
 
 
 @main.group()

@@ -234,14 +234,25 @@ class Keyspace:
 
     # watch
 
-    async def watch(self, *kinds: str) -> AsyncIterator[Change]:
+    async def revision(self) -> int:
+        """etcd's current revision: a watch from ``revision() + 1`` misses nothing read after.
+
+        Read from an empty range (no key is ever stored at ``<prefix>/revision``).
+        """
+        nothing = await self.client.get_prefix(self._key("revision"), keys_only=True)
+        return int(nothing.header.revision)
+
+    async def watch(self, *kinds: str, start_revision: int | None = None) -> AsyncIterator[Change]:
         """Changes under the given kinds (all when none), until the stream breaks.
 
-        A watch does not replay what happened while it was down: after an
-        error, callers resync by reading the full state, then watch again.
+        From ``start_revision`` when given (etcd replays what happened since,
+        unless it was compacted: ``aetcd.exceptions.RevisionCompactedError``),
+        else from now. When etcd goes away the iteration raises
+        ``aetcd.exceptions.ClientError``; callers then watch again from the
+        revision after the last change they saw, or read the full state anew.
         """
         wanted = set(kinds or KINDS)
-        watch = await self.client.watch_prefix(self._prefix.encode())
+        watch = await self.client.watch_prefix(self._prefix.encode(), start_revision=start_revision)
         try:
             async for event in watch:
                 relative = event.kv.key.decode()[len(self._prefix) :]

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import click
 import grpc
+from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.logs import setup_logging
@@ -22,6 +23,8 @@ from control.tls import TlsFiles, endpoints, from_flags, warn_insecure
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+WATCH_RETRY_SECONDS = 1.0
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
@@ -112,17 +115,43 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def WatchVolume(
         self, request: control_pb2.GetVolumeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[control_pb2.Volume]:
-        changes = self._keyspace.watch("volumes", "owners", "moves", "mounts")
-        first = await self._volume(request.name, context)
-        yield first
-        last = first
-        async for change in changes:
-            if change.name.split("/")[0] != request.name:
-                continue
-            current = await self._volume(request.name, context)
-            if current != last:
-                yield current
-                last = current
+        """The volume now, then each time it changes; rides out etcd restarts.
+
+        The watch starts from the revision read before the volume, so nothing
+        between the read and the watch is missed. When etcd goes away the
+        watch resumes from after the last change seen, and the volume is read
+        again (a compacted revision also just means: read again, watch from now).
+        """
+        last: control_pb2.Volume | None = None
+        resume: int | None = None
+        while True:
+            try:
+                start = resume if resume is not None else await self._keyspace.revision() + 1
+                changes = self._keyspace.watch(
+                    "volumes", "owners", "moves", "mounts", start_revision=start
+                )
+                current = await self._volume(request.name, context)
+                if current != last:
+                    yield current
+                    last = current
+                async for change in changes:
+                    resume = change.revision + 1
+                    if change.name.split("/")[0] != request.name:
+                        continue
+                    current = await self._volume(request.name, context)
+                    if current != last:
+                        yield current
+                        last = current
+            except RevisionCompactedError:
+                resume = None
+            except ClientError as error:
+                log.warning(
+                    "etcd unavailable while following a volume: volume=%s error=%s retry_in=%.1fs",
+                    request.name,
+                    error,
+                    WATCH_RETRY_SECONDS,
+                )
+                await asyncio.sleep(WATCH_RETRY_SECONDS)
 
     async def _guard(self, context: grpc.aio.ServicerContext, operation: object) -> None:
         try:
