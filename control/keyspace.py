@@ -247,7 +247,8 @@ class Keyspace:
 
         From ``start_revision`` when given (etcd replays what happened since,
         unless it was compacted: ``aetcd.exceptions.RevisionCompactedError``),
-        else from now. When etcd goes away the iteration raises
+        else from the first iteration (not from this call: the generator starts
+        then). When etcd goes away the iteration raises
         ``aetcd.exceptions.ClientError``; callers then watch again from the
         revision after the last change they saw, or read the full state anew.
         """
