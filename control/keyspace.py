@@ -17,7 +17,7 @@ key's ``mod_revision`` (or its absence); nothing is read-then-written.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -242,7 +242,9 @@ class Keyspace:
         nothing = await self.client.get_prefix(self._key("revision"), keys_only=True)
         return int(nothing.header.revision)
 
-    async def watch(self, *kinds: str, start_revision: int | None = None) -> AsyncIterator[Change]:
+    async def watch(
+        self, *kinds: str, start_revision: int | None = None
+    ) -> AsyncGenerator[Change, None]:
         """Changes under the given kinds (all when none), until the stream breaks.
 
         From ``start_revision`` when given (etcd replays what happened since,
