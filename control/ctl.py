@@ -9,6 +9,12 @@ stderr saying what failed.
 
 from __future__ import annotations
 
+import os
+
+# gRPC core prints its own handshake diagnostics on stderr unless told otherwise
+# before it loads; ferryctl's one-line error says what failed.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import json
 import sys
 import time

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import shutil
 import socket
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 ETCD_BINARY = Path("/usr/bin/etcd")
 VENV_BIN = Path("/opt/ferry/venv/bin")
+# Console scripts import Ferry from wherever the venv's editable install points;
+# the tests run the tree they belong to.
+SOURCE_TREE = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 ADMIN = "ct-admin"
 START_TIMEOUT = 20.0
 
@@ -211,35 +215,63 @@ def issue_certificates(directory: Path) -> ClusterCerts:
         ],
         ["ca", "issue", "--dir", where, "--kind", "user", "--name", ADMIN],
     ):
-        subprocess.run([ferryctl, *command], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [ferryctl, *command],
+            env={**os.environ, **SOURCE_TREE},
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     return ClusterCerts(directory)
 
 
 class ControlServer:
-    """``ferry-control`` on a free loopback port in front of one etcd, on mutual TLS."""
+    """``ferry-control`` on a free loopback port in front of one etcd.
+
+    On mutual TLS with flags by default; ``insecure=True`` starts it the
+    development way, configured by ``FERRY_*`` environment variables alone.
+    """
 
     def __init__(
-        self, etcd: str, certs: ClusterCerts, log_dir: Path, prefix: str = "/ferry/v1"
+        self,
+        etcd: str,
+        certs: ClusterCerts,
+        log_dir: Path,
+        prefix: str = "/ferry/v1",
+        insecure: bool = False,
     ) -> None:
         self.port = free_port()
         self.certs = certs
+        self.insecure = insecure
         self.log_path = log_dir / f"control-{self.port}.log"
         tls = certs.control
-        self._command = [
-            str(VENV_BIN / "ferry-control"),
-            "--etcd",
-            etcd,
-            "--listen",
-            self.address,
-            "--tls-ca",
-            str(tls.ca),
-            "--tls-cert",
-            str(tls.cert),
-            "--tls-key",
-            str(tls.key),
-            "--etcd-prefix",
-            prefix,
-        ]
+        self._env = {**os.environ, **SOURCE_TREE}
+        if insecure:
+            self._command = [str(VENV_BIN / "ferry-control")]
+            self._env = {
+                **SOURCE_TREE,
+                "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+                "FERRY_ETCD": etcd,
+                "FERRY_LISTEN": self.address,
+                "FERRY_INSECURE": "1",
+                "FERRY_ETCD_PREFIX": prefix,
+            }
+        else:
+            self._command = [
+                str(VENV_BIN / "ferry-control"),
+                "--etcd",
+                etcd,
+                "--listen",
+                self.address,
+                "--tls-ca",
+                str(tls.ca),
+                "--tls-cert",
+                str(tls.cert),
+                "--tls-key",
+                str(tls.key),
+                "--etcd-prefix",
+                prefix,
+            ]
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -248,11 +280,17 @@ class ControlServer:
 
     def ferryctl_env(self, tls: TlsFiles | None = None) -> dict[str, str]:
         """Environment for a ``ferryctl`` talking to this control (the admin's certificate)."""
-        tls = tls or self.certs.admin
-        return {
+        base = {
+            **SOURCE_TREE,
             "PATH": f"{VENV_BIN}:/usr/bin:/bin",
             "HOME": str(self.log_path.parent),
             "FERRY_CONTROL": self.address,
+        }
+        if self.insecure and tls is None:
+            return {**base, "FERRY_INSECURE": "1"}
+        tls = tls or self.certs.admin
+        return {
+            **base,
             "FERRY_TLS_CA": str(tls.ca),
             "FERRY_TLS_CERT": str(tls.cert),
             "FERRY_TLS_KEY": str(tls.key),
@@ -261,16 +299,24 @@ class ControlServer:
     def start(self) -> None:
         with self.log_path.open("ab") as out:
             self._process = subprocess.Popen(
-                self._command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                self._command,
+                env=self._env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self._wait_serving()
         log.info("ferry-control started: address=%s", self.address)
 
     def _wait_serving(self) -> None:
-        channel = grpc.secure_channel(
-            self.address,
-            self.certs.admin.channel_credentials(),
-            options=[("grpc.ssl_target_name_override", "control")],
+        channel = (
+            grpc.insecure_channel(self.address)
+            if self.insecure
+            else grpc.secure_channel(
+                self.address,
+                self.certs.admin.channel_credentials(),
+                options=[("grpc.ssl_target_name_override", "control")],
+            )
         )
         health = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + START_TIMEOUT
@@ -367,7 +413,7 @@ async def ferryctl(env: dict[str, str], *args: str) -> CliResult:
     process = await asyncio.create_subprocess_exec(
         str(VENV_BIN / "ferryctl"),
         *args,
-        env=env,
+        env={**env, **SOURCE_TREE},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
