@@ -17,6 +17,7 @@ key's ``mod_revision`` (or its absence); nothing is read-then-written.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -267,6 +268,44 @@ class Keyspace:
 
 
 def endpoints_client(endpoints: tuple[str, ...] | list[str]) -> aetcd.Client:
-    """A client for the first endpoint (aetcd talks to one member; etcd forwards to the leader)."""
-    host, _, port = endpoints[0].rpartition(":")
-    return aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=10)
+    """A client for etcd at ``endpoints`` (``HOST:PORT`` each); see ``etcd_target``."""
+    host, port = etcd_target(endpoints)
+    return aetcd.Client(host=host, port=port, timeout=10)
+
+
+def etcd_target(endpoints: tuple[str, ...] | list[str]) -> tuple[str, int]:
+    """The (host, port) aetcd dials (as ``f"{host}:{port}"``) for these endpoints.
+
+    One endpoint: that member (or a DNS name that resolves to every member).
+    Several: they must be IPv4 literals, given to gRPC as one ``ipv4:`` target,
+    whose pick-first policy moves to the next member when the current one goes
+    down. ValueError, saying so, otherwise.
+    """
+    if not endpoints:
+        raise ValueError("no etcd endpoint given: use --etcd HOST:PORT[,HOST:PORT...]")
+    parsed = [_host_port(endpoint) for endpoint in endpoints]
+    if len(parsed) == 1:
+        return parsed[0]
+    for host, _ in parsed:
+        if not _is_ipv4(host):
+            raise ValueError(
+                f"etcd endpoint {host!r}: list several members by IPv4 address "
+                f"(e.g. 10.0.0.1:2379,10.0.0.2:2379), or give one DNS name for all"
+            )
+    *others, (last_host, last_port) = parsed
+    addresses = ",".join([*(f"{h}:{p}" for h, p in others), last_host])
+    return f"ipv4:{addresses}", last_port
+
+
+def _host_port(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.strip().removeprefix("http://").rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"etcd endpoint {endpoint!r} needs a port: HOST:PORT")
+    return host or "127.0.0.1", int(port)
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    except ValueError:
+        return False

@@ -16,7 +16,7 @@ from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.logs import setup_logging
-from control.keyspace import Keyspace, Versioned, endpoints_client
+from control.keyspace import Keyspace, Versioned, endpoints_client, etcd_target
 from control.operations import OperationError, VolumeOps
 from control.records import MountRecord, Move, Owner, VolumeSpec
 from control.tls import TlsFiles, endpoints, from_flags, warn_insecure
@@ -254,6 +254,7 @@ def main(
     setup_logging(log_level)
     try:
         tls = from_flags(tls_ca, tls_cert, tls_key, insecure)
+        etcd_target(endpoints(etcd))
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     try:

@@ -69,6 +69,8 @@ class EtcdServer:
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "etcd.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self._initial_cluster = f"{self.name}={self.peer_url}"
+        self._token = self.name
 
     @property
     def endpoint(self) -> str:
@@ -76,8 +78,19 @@ class EtcdServer:
 
     def start(self) -> None:
         """Start etcd (reusing the data dir) and wait until it reports healthy."""
+        self.launch()
+        self.wait_healthy()
+        log.info("etcd started: name=%s endpoint=%s", self.name, self.endpoint)
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def launch(self, initial_cluster: str = "", token: str = "") -> None:
+        """Start the process without waiting; a cluster's members need each other to be healthy."""
+        self._initial_cluster = initial_cluster or self._initial_cluster
+        self._token = token or self._token
         client_url = f"http://{self.endpoint}"
-        peer_url = f"http://127.0.0.1:{self.peer_port}"
         command = [
             str(ETCD_BINARY),
             "--name",
@@ -89,24 +102,22 @@ class EtcdServer:
             "--advertise-client-urls",
             client_url,
             "--listen-peer-urls",
-            peer_url,
+            self.peer_url,
             "--initial-advertise-peer-urls",
-            peer_url,
+            self.peer_url,
             "--initial-cluster",
-            f"{self.name}={peer_url}",
+            self._initial_cluster,
             "--initial-cluster-state",
             "new",
             "--initial-cluster-token",
-            self.name,
+            self._token,
         ]
         with self.log_path.open("ab") as out:
             self._process = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self._wait_healthy()
-        log.info("etcd started: name=%s endpoint=%s", self.name, self.endpoint)
 
-    def _wait_healthy(self) -> None:
+    def wait_healthy(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             assert self._process is not None
@@ -163,6 +174,46 @@ class EtcdServer:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> EtcdServer:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class EtcdCluster:
+    """Several etcd members forming one cluster on loopback; ``endpoints`` lists them all."""
+
+    def __init__(self, size: int = 3, prefix: str = "ct") -> None:
+        self.members = [EtcdServer(prefix) for _ in range(size)]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [member.endpoint for member in self.members]
+
+    def start(self) -> None:
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        token = f"{self.members[0].name}-cluster"
+        for member in self.members:
+            member.launch(initial, token)
+        for member in self.members:
+            member.wait_healthy()
+        log.info("etcd cluster started: endpoints=%s", ",".join(self.endpoints))
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()
+
+    def __enter__(self) -> EtcdCluster:
         try:
             self.start()
         except BaseException:

@@ -1,0 +1,45 @@
+"""Ferry against a three-member etcd cluster: losing the member in use loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from aetcd.exceptions import ClientError
+
+from control.keyspace import Keyspace, endpoints_client
+from control.records import VolumeSpec
+from tests.support.etcd import EtcdCluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster() -> Iterator[EtcdCluster]:
+    with EtcdCluster(size=3) as members:
+        yield members
+
+
+def spec(name: str) -> VolumeSpec:
+    return VolumeSpec(name=name, size_bytes=1 << 20, node="ct-n1")
+
+
+async def test_the_keyspace_moves_to_another_member_when_the_first_dies(
+    cluster: EtcdCluster,
+) -> None:
+    client = endpoints_client(cluster.endpoints)
+    keyspace = Keyspace(client, prefix="/ct-cluster")
+    try:
+        await keyspace.create_volume(spec("before"))
+        await asyncio.to_thread(cluster.members[0].kill)
+        for _ in range(50):
+            try:
+                await keyspace.create_volume(spec("after"))
+                break
+            except ClientError:
+                await asyncio.sleep(0.2)
+        names = sorted(v.value.name for v in await keyspace.list_volumes())
+        assert names == ["after", "before"]
+    finally:
+        await client.close()
