@@ -139,10 +139,10 @@ class VolumeOps:
                 f"(phase {existing.value.phase.value}); wait for it to finish"
             )
         if owner.value.node == node:
-            if current.value.node != node:
-                await self._keyspace.update_volume(
-                    replace(current.value, node=node), current.revision
-                )
+            if current.value.node != node and not await self._keyspace.update_volume(
+                replace(current.value, node=node), current.revision
+            ):
+                raise Conflict(f"volume {name} changed while moving it; retry")
             return None
         if current.value.node != node and not await self._keyspace.update_volume(
             replace(current.value, node=node), current.revision
