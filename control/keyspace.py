@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import aetcd
+from aetcd.utils import prefix_range_end
 
 from control.records import (
     MountRecord,
@@ -112,6 +113,24 @@ class Keyspace:
         return await self._put_if(
             self._key("volumes", spec.name), spec.to_json(), expected_revision
         )
+
+    async def update_volume_if_unmounted(self, spec: VolumeSpec, expected_revision: int) -> bool:
+        """``update_volume``, and only while no ``mounts/<name>/*`` key exists, in one transaction.
+
+        So a delete cannot slip in between a mount appearing and the check for it.
+        """
+        key = self._key("volumes", spec.name)
+        mounts = self._key("mounts", spec.name, "")
+        tx = self.client.transactions
+        succeeded, _ = await self.client.transaction(
+            compare=[
+                tx.mod(key) == expected_revision,
+                tx.create(mounts, range_end=prefix_range_end(mounts)) == 0,
+            ],
+            success=[tx.put(key, spec.to_json())],
+            failure=[],
+        )
+        return bool(succeeded)
 
     async def purge_volume(self, name: str) -> None:
         """Remove a deleted volume's spec, owner and move in one transaction.

@@ -107,19 +107,22 @@ class VolumeOps:
         return spec
 
     async def delete(self, name: str, force: bool = False) -> None:
-        """Mark deleted (agents destroy the data); refuses while mounted unless forced."""
+        """Mark deleted (agents destroy the data); refuses while mounted unless forced.
+
+        Unforced, the write itself requires that no mount record exists, so a
+        container mounting the volume meanwhile makes the delete fail, not both win.
+        """
         current = await self._existing(name)
-        mounts = await self._keyspace.list_mounts(name)
-        if mounts and not force:
-            where = ", ".join(sorted({m.node for m in mounts}))
-            raise OperationError(
-                f"volume {name} is mounted on {where}; stop its containers or delete with --force"
-            )
-        if current.value.deleted:
-            return
-        if not await self._keyspace.update_volume(
-            replace(current.value, deleted=True), current.revision
-        ):
+        if not force:
+            await self._refuse_if_mounted(name)
+        spec = replace(current.value, deleted=True)
+        if force:
+            stored = await self._keyspace.update_volume(spec, current.revision)
+        else:
+            stored = await self._keyspace.update_volume_if_unmounted(spec, current.revision)
+        if not stored:
+            if not force:
+                await self._refuse_if_mounted(name)
             raise Conflict(f"volume {name} changed while deleting it; retry")
         log.info("volume deleted: volume=%s", name)
 
@@ -153,6 +156,14 @@ class VolumeOps:
             raise Conflict(f"another move of {name} started at the same time; retry")
         log.info("move requested: volume=%s from=%s to=%s", name, move.source, node)
         return move
+
+    async def _refuse_if_mounted(self, name: str) -> None:
+        mounts = await self._keyspace.list_mounts(name)
+        if mounts:
+            where = ", ".join(sorted({m.node for m in mounts}))
+            raise OperationError(
+                f"volume {name} is mounted on {where}; stop its containers or delete with --force"
+            )
 
     @staticmethod
     def _compression(value: str) -> str:
