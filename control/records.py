@@ -15,8 +15,11 @@ from typing import Any, Self
 
 from agent.zfs import names as zfs_names
 from agent.zfs.exceptions import NameInvalid
+from agent.zfs.volumes import BASE_COMPRESSION
 
 SCHEMA_VERSION = 1
+# What any ZFS may hold; control offers only what every node has (control.operations).
+STORABLE_COMPRESSION = BASE_COMPRESSION | {"lz4"}
 
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
@@ -83,9 +86,13 @@ def _encode(value: object) -> object:
     raise TypeError(f"cannot store {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VolumeSpec(_Record):
-    """Desired state of a volume: what control writes, agents converge to."""
+    """Desired state of a volume: what control writes, agents converge to.
+
+    Keyword-only: ``node`` and ``compression`` are both short strings, and a
+    positional mix-up must fail here rather than be stored.
+    """
 
     name: str
     size_bytes: int
@@ -99,6 +106,11 @@ class VolumeSpec(_Record):
         validate_volume_name(self.name)
         check_node_name(self.node)
         parse_size(self.size_bytes)
+        if self.compression not in STORABLE_COMPRESSION:
+            raise ValueError(
+                f"invalid compression {self.compression!r}: "
+                f"use one of {', '.join(sorted(STORABLE_COMPRESSION))}"
+            )
         for replica in self.replicas:
             check_node_name(replica)
 

@@ -68,6 +68,13 @@ def test_volume_spec_refuses_bad_names_sizes_and_nodes() -> None:
         VolumeSpec(name="pg", size_bytes=0, node="n1")
     with pytest.raises(ValueError, match="invalid node name"):
         VolumeSpec(name="pg", size_bytes=1, node="n1", replicas=("UP",))
+    with pytest.raises(ValueError, match="invalid compression 'n1'"):
+        VolumeSpec(name="pg", size_bytes=1, node="off", compression="n1")
+
+
+def test_volume_spec_fields_are_named_so_node_and_compression_cannot_swap() -> None:
+    with pytest.raises(TypeError):
+        VolumeSpec("pg", 1, "n1")  # type: ignore[call-arg]
 
 
 def test_owner_epoch_starts_at_one() -> None:
