@@ -2,6 +2,7 @@
 # Start the zfs-fuse daemon if it is not running, and wait until it answers.
 # Kernel OpenZFS needs no daemon; this is only for the zfs-fuse fallback.
 set -euo pipefail
+pidfile=/var/run/zfs-fuse.pid
 
 if [ -e /sys/module/zfs ]; then
     exit 0
@@ -10,7 +11,9 @@ if ! zpool list >/dev/null 2>&1; then
     if ! pgrep -x zfs-fuse >/dev/null; then
         [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
         mkdir -p /var/run/zfs /var/lock/zfs
-        zfs-fuse --pidfile /var/run/zfs-fuse.pid --no-kstat-mount
+        # A daemon that was killed leaves its pidfile, and zfs-fuse then exits 1 silently.
+        rm -f "$pidfile"
+        zfs-fuse --pidfile "$pidfile" --no-kstat-mount
     fi
     for _ in $(seq 1 50); do
         zpool list >/dev/null 2>&1 && break
