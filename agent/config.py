@@ -17,6 +17,7 @@ class AgentConfig:
     pool: str
     listen: str
     advertise: str
+    data_port: int
     mount_root: Path
     plugin_socket: Path | None
     tls: TlsFiles | None
@@ -31,3 +32,5 @@ class AgentConfig:
             raise ValueError("--etcd is required: HOST:PORT of at least one etcd member")
         if not self.pool:
             raise ValueError("--pool is required: the ZFS pool that holds this host's volumes")
+        if not 0 <= self.data_port < 65536:
+            raise ValueError(f"--data-port {self.data_port} is not a TCP port (0 to 65535)")

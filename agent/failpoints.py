@@ -1,6 +1,6 @@
 """Named points where the agent can be made to die on purpose, for fault tests.
 
-``FERRY_FAILPOINTS=handoff.before_cas,handoff.after_cas`` makes the agent
+``FERRY_FAILPOINTS=transfer.sent,handoff.before_cas`` makes the agent
 exit at once (as ``kill -9`` would: no clean-up, no etcd writes) when it
 reaches one of the named points. Unset in production.
 """

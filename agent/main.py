@@ -24,6 +24,13 @@ log = logging.getLogger("agent")
 @click.option("--listen", default="0.0.0.0:7480", help="Address of the agent's gRPC server.")
 @click.option("--advertise", default="", help="Address peers use to reach this agent.")
 @click.option(
+    "--data-port",
+    type=int,
+    default=None,
+    help="TCP port for snapshot streams from peers, on the --listen host "
+    "[default: the --listen port + 1].",
+)
+@click.option(
     "--mount-root",
     default="/var/lib/ferry/mnt",
     type=click.Path(path_type=Path),
@@ -48,6 +55,7 @@ def main(
     pool: str,
     listen: str,
     advertise: str,
+    data_port: int | None,
     mount_root: Path,
     plugin_socket: Path,
     tls_ca: str,
@@ -69,6 +77,7 @@ def main(
         pool=pool,
         listen=listen,
         advertise=advertise or listen,
+        data_port=_data_port(listen) if data_port is None else data_port,
         mount_root=mount_root,
         plugin_socket=plugin_socket,
         tls=tls,
@@ -78,3 +87,11 @@ def main(
         asyncio.run(run(config))
     except KeyboardInterrupt:
         log.info("agent stopped")
+
+
+def _data_port(listen: str) -> int:
+    """The default data port: the one after the gRPC port."""
+    try:
+        return int(listen.rsplit(":", 1)[1]) + 1
+    except (IndexError, ValueError):
+        raise click.UsageError(f"--listen {listen!r} is not HOST:PORT") from None

@@ -39,7 +39,6 @@ from agent import failpoints
 from agent.snapshots import newest_common, prunable
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
-from agent.transfer.options import CHUNK_BYTES
 from control.keyspace import Keyspace, Versioned
 from control.records import Move, MovePhase, Owner
 from protos.ferry.v1 import transfer_pb2
@@ -155,8 +154,9 @@ class MoveDriver:
         )
         progress = _Progress(tracker, estimated)
         async with self._store.held(volume, [name for name in (base, snapshot.name) if name]):
-            chunks = self._store.send_chunks(volume, snapshot.name, base, CHUNK_BYTES)
-            held = await peer.send(header, chunks, progress.report)
+            stream = self._store.stream_writer(volume, snapshot.name, base)
+            held = await peer.send(header, stream, progress.report)
+            failpoints.reached("transfer.sent")
         await progress.finish()
         if not any(ref == snapshot for ref in held):
             raise TransferFailed(f"{peer.node} does not report {volume}@{snapshot.name} after send")

@@ -25,6 +25,7 @@ from agent.plugin import PluginError, VolumePlugin, serve
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
+from agent.transfer.data import DataListener, host_of
 from agent.transfer.options import SERVER_OPTIONS
 from agent.transfer.server import TransferService
 from agent.zfs.volumes import PoolRoot
@@ -56,7 +57,10 @@ class AgentService:
     async def run(self) -> None:
         """Serve until cancelled."""
         await self._store.ensure_root()
-        server = await self._start_transfer_server()
+        await self._store.release_stale_holds()
+        data = DataListener(host_of(self._config.listen), self._config.data_port)
+        await data.start()
+        server = await self._start_transfer_server(data)
         await self._register()
         plugin = None
         if self._config.plugin_socket is not None:
@@ -91,13 +95,14 @@ class AgentService:
             if plugin is not None:
                 await plugin.cleanup()
             await server.stop(grace=2)
+            await data.close()
             for peer in self._peers.values():
                 await peer.close()
 
-    async def _start_transfer_server(self) -> grpc.aio.Server:
+    async def _start_transfer_server(self, data: DataListener) -> grpc.aio.Server:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         service = TransferService(
-            self._config.node, self._store, self._keyspace, insecure=self._config.tls is None
+            self._config.node, self._store, self._keyspace, data, insecure=self._config.tls is None
         )
         transfer_pb2_grpc.add_TransferServicer_to_server(service, server)
         if self._config.tls is None:

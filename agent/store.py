@@ -13,21 +13,19 @@ destroyed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from agent import zfs
 from agent.plan import LocalVolume
 from agent.snapshots import SnapshotRef, next_name, prunable
-from agent.zfs.streams import send_chunks
-from agent.zfs.volumes import PoolRoot
+from agent.zfs.volumes import TRANSFER_HOLD, PoolRoot
 
 log = logging.getLogger(__name__)
-
-HOLD_TAG = "ferry-transfer"
 
 
 class VolumeStore:
@@ -41,6 +39,17 @@ class VolumeStore:
 
     async def ensure_root(self) -> None:
         await asyncio.to_thread(self._root.ensure)
+
+    async def release_stale_holds(self) -> None:
+        """At start no transfer runs here: a transfer hold is left by a killed predecessor."""
+        await asyncio.to_thread(self._release_stale_holds)
+
+    def _release_stale_holds(self) -> None:
+        for volume in self._root.volumes():
+            for snapshot in self._root.release_transfer_holds(volume):
+                log.warning(
+                    "released a transfer hold left by a stopped agent: %s", snapshot.decode()
+                )
 
     def mountpoint(self, volume: str) -> Path:
         return self._mount_root / volume
@@ -163,21 +172,20 @@ class VolumeStore:
         except zfs.FeatureNotSupported:
             return 0
 
-    def send_chunks(
-        self, volume: str, short: str, base: str | None, chunk_size: int
-    ) -> AsyncIterator[bytes]:
+    def stream_writer(self, volume: str, short: str, base: str | None) -> Callable[[int], None]:
+        """A blocking call writing the stream of ``short`` (incremental from ``base``) to a fd."""
         source = self.snapshot_name(volume, base) if base else None
-        return send_chunks(self.snapshot_name(volume, short), source, chunk_size)
+        return functools.partial(zfs.lzc_send, self.snapshot_name(volume, short), source)
 
     @asynccontextmanager
     async def held(self, volume: str, shorts: Sequence[str]) -> AsyncIterator[None]:
         """Hold snapshots for the duration of a transfer, so no pruning destroys them."""
         names = [self.snapshot_name(volume, s) for s in shorts]
-        await asyncio.to_thread(zfs.lzc_hold, dict.fromkeys(names, HOLD_TAG))
+        await asyncio.to_thread(zfs.lzc_hold, dict.fromkeys(names, TRANSFER_HOLD))
         try:
             yield
         finally:
-            await asyncio.to_thread(zfs.lzc_release, {name: [HOLD_TAG] for name in names})
+            await asyncio.to_thread(zfs.lzc_release, {name: [TRANSFER_HOLD] for name in names})
 
     async def destroy_snapshots(self, volume: str, shorts: Sequence[str]) -> None:
         await asyncio.to_thread(self._destroy_snapshots, volume, shorts)

@@ -4,22 +4,25 @@ Before a byte reaches ``zfs receive`` the receiver checks, in this order:
 the certificate names the sender (unless the cluster runs insecure), the
 sender owns the volume at the stated epoch in etcd, this node does not own
 it (a writable copy is never overwritten), the volume is not deleted, and
-the base snapshot matches by GUID. The target is always this node's own
-dataset for the volume, under its pool root. A stream cut in half makes
+the base snapshot matches by GUID. Only then does it issue a ticket for
+the data connection (agent.transfer.data). The target is always this node's
+own dataset for the volume, under its pool root. A stream cut in half makes
 ``zfs receive`` fail, which leaves the dataset as it was.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import grpc
 
+from agent import zfs
 from agent.store import VolumeStore
+from agent.transfer.data import DataListener, peer_host, pump, stream_bytes_received
 from agent.zfs import ZFSError
-from agent.zfs.streams import receive_chunks
 from control.keyspace import Keyspace
 from control.tls import peer_identity
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
@@ -31,11 +34,17 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
     """Accepts snapshot streams from the owner of a volume into this node's copy."""
 
     def __init__(
-        self, node: str, holdings: VolumeStore, keyspace: Keyspace, insecure: bool
+        self,
+        node: str,
+        holdings: VolumeStore,
+        keyspace: Keyspace,
+        data: DataListener,
+        insecure: bool,
     ) -> None:
         self._node = node
         self._holdings = holdings
         self._keyspace = keyspace
+        self._data = data
         self._insecure = insecure
 
     async def Holdings(
@@ -45,31 +54,41 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         return await self._reply(request.volume, context)
 
     async def Receive(
-        self,
-        request_iterator: AsyncIterator[transfer_pb2.ReceiveRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> transfer_pb2.HoldingsReply:
-        first = await anext(aiter(request_iterator), None)
-        if first is None or not first.HasField("header"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a stream starts with a header")
-        header = first.header
-        volume = header.volume
-        await self._authenticate(context, claimed=header.sender)
-        await self._authorize(header, context)
+        self, request: transfer_pb2.StreamHeader, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[transfer_pb2.ReceiveReply]:
+        volume = request.volume
+        await self._authenticate(context, claimed=request.sender)
+        await self._authorize(request, context)
         if volume in self._holdings.receiving:
             await context.abort(
                 grpc.StatusCode.ABORTED,
                 f"a transfer into volume {volume} is already running on {self._node}; retry later",
             )
         self._holdings.receiving.add(volume)
+        ticket = None
         try:
-            await self._prepare_base(header, context)
-            received = await self._receive(header, request_iterator, context)
+            await self._prepare_base(request, context)
+            ticket = self._data.expect(peer_host(context.peer()))
+            yield transfer_pb2.ReceiveReply(
+                ticket=transfer_pb2.DataTicket(token=ticket.token, port=self._data.port)
+            )
+            try:
+                connection = await ticket.connection()
+            except TimeoutError:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no data connection for {volume} arrived on port {self._data.port} "
+                    "in time; is it blocked by a firewall?",
+                )
+            with connection:
+                received = await self._receive(request, connection, context)
         finally:
+            if ticket is not None:
+                self._data.discard(ticket)
             self._holdings.receiving.discard(volume)
         reply = await self._reply(volume, context)
         reply.bytes_received = received
-        return reply
+        yield transfer_pb2.ReceiveReply(done=reply)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> None:
         if self._insecure:
@@ -149,19 +168,11 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
     async def _receive(
         self,
         header: transfer_pb2.StreamHeader,
-        request_iterator: AsyncIterator[transfer_pb2.ReceiveRequest],
+        connection: socket.socket,
         context: grpc.aio.ServicerContext,
     ) -> int:
         volume = header.volume
         snapshot = self._holdings.snapshot_name(volume, header.to_snapshot)
-        received = 0
-
-        async def data() -> AsyncIterator[bytes]:
-            nonlocal received
-            async for message in request_iterator:
-                received += len(message.data)
-                yield message.data
-
         log.info(
             "receiving: volume=%s from=%s to=%s sender=%s epoch=%d",
             volume,
@@ -171,13 +182,14 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             header.epoch,
         )
         try:
-            await receive_chunks(snapshot, data(), force=True)
-        except (ZFSError, asyncio.IncompleteReadError, grpc.RpcError) as error:
+            await pump(functools.partial(zfs.lzc_receive, snapshot, force=True), connection)
+        except ZFSError as error:
             log.warning("receive failed, copy unchanged: volume=%s error=%s", volume, error)
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
                 f"receive of {volume}@{header.to_snapshot} failed, copy left unchanged: {error}",
             )
+        received = stream_bytes_received(connection)
         guid = await self._holdings.guid(volume, header.to_snapshot)
         if header.to_guid and guid != header.to_guid:
             await context.abort(

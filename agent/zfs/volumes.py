@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from agent import zfs
-from agent.zfs.exceptions import DatasetBusy, PropertyInvalid
+from agent.zfs.exceptions import DatasetBusy, HoldNotFound, HoldReleaseFailure, PropertyInvalid
 from agent.zfs.names import validate_dataset, validate_under, validate_volume_name
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# The hold a transfer places on the snapshots it sends from and to.
+TRANSFER_HOLD = "ferry-transfer"
 BUSY_ATTEMPTS = 20
 BUSY_DELAY_SECONDS = 0.25
 BASE_COMPRESSION = frozenset(
@@ -127,10 +129,32 @@ class PoolRoot:
         """Destroy the volume's dataset and its snapshots (holds released first)."""
         dataset = self.dataset(volume)
         self.unmount(volume)
+        self.release_transfer_holds(volume)
         snapshots = zfs.lzc_list_snaps(dataset)
         if snapshots:
             retry_busy(lambda: zfs.lzc_destroy_snaps(snapshots, defer=False), f"destroy {volume}@*")
         retry_busy(lambda: zfs.lzc_destroy(dataset), f"destroy {volume}")
+
+    def release_transfer_holds(self, volume: str) -> list[bytes]:
+        """Release TRANSFER_HOLD wherever it is on the volume's snapshots; returns those snapshots.
+
+        A transfer holds its snapshots while it runs. An agent killed in the
+        middle leaves the holds behind, and they would block pruning, the
+        next hold of the same snapshot, and destroying the volume. Holds of
+        other tags (an operator's) are left alone.
+        """
+        released = []
+        for snapshot in zfs.lzc_list_snaps(self.dataset(volume)):
+            if zfs.hold_count(snapshot) == 0:
+                continue
+            try:
+                zfs.lzc_release({snapshot: [TRANSFER_HOLD]})
+            except HoldReleaseFailure as failure:
+                if all(isinstance(error, HoldNotFound) for error in failure.errors):
+                    continue
+                raise
+            released.append(snapshot)
+        return released
 
     def rename_aside(self, volume: str, suffix: str) -> bytes:
         """Move a copy out of the volume root, keeping every byte; returns its new name."""

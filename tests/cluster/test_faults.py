@@ -106,6 +106,28 @@ def test_an_agent_killed_mid_transfer_leaves_the_source_owner_and_the_move_compl
     finish_and_check(cluster, name, data, b)
 
 
+def test_a_source_dead_before_releasing_its_transfer_holds_finishes_the_move(
+    cluster: Cluster, loaded: tuple[str, dict[str, str]]
+) -> None:
+    """The first stream arrived, the source died holding its snapshots: they must not stay held."""
+    name, data = loaded
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    cluster.agent(a.name, "stop")
+    cluster.agent(a.name, "start", failpoints="transfer.sent")
+    wait_for("the armed agent", lambda: _port_open(a.agent_address or ""), 30)
+    cluster.ferryctl(["volume", "move", name, b.name])
+    wait_for("the source to die", lambda: not _port_open(a.agent_address or ""), 120)
+    assert cluster.volume(name)["owner"] == a.name
+    cluster.agent(a.name, "start")
+    finish_and_check(cluster, name, data, b)
+    dataset = f"{a.pool}/ferry/{name}"
+    holds = cluster.run(
+        a, ["zfs", "get", "-H", "-r", "-o", "name,value", "userrefs", dataset]
+    ).stdout.split("\n")
+    snapshots = [line.split("\t") for line in holds if "@" in line]
+    assert snapshots and {value for _, value in snapshots} == {"0"}
+
+
 @pytest.mark.parametrize("failpoint", ["handoff.before_cas", "handoff.after_cas"])
 def test_the_source_dying_around_the_ownership_swap_loses_nothing(
     cluster: Cluster, loaded: tuple[str, dict[str, str]], failpoint: str
@@ -158,12 +180,22 @@ def _stub(
 
 
 def _push(stub: transfer_pb2_grpc.TransferStub, header: transfer_pb2.StreamHeader) -> grpc.RpcError:
-    requests = iter(
-        [transfer_pb2.ReceiveRequest(header=header), transfer_pb2.ReceiveRequest(data=b"x" * 4096)]
-    )
+    """The receiver's answer to a stream header: an error, never a data ticket."""
     with pytest.raises(grpc.RpcError) as refused:
-        stub.Receive(requests, timeout=20)
+        next(iter(stub.Receive(header, timeout=20)))
     return refused.value
+
+
+def _forged_data_connection_is_closed(host: ClusterHost) -> bool:
+    """A stream pushed straight at the data port, with a made-up ticket, is dropped unread."""
+    assert host.agent_address
+    address, port = host.agent_address.rsplit(":", 1)
+    with socket.create_connection((address, int(port) + 1), timeout=10) as sock:
+        sock.sendall(secrets.token_bytes(32) + b"\0" * 65536)
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
 
 
 def test_streams_from_impostors_are_refused_and_change_nothing(
@@ -189,6 +221,7 @@ def test_streams_from_impostors_are_refused_and_change_nothing(
     assert not_owner.code() == grpc.StatusCode.FAILED_PRECONDITION
     no_cert = _push(_stub(cluster, b, None), header(a.name))
     assert no_cert.code() == grpc.StatusCode.UNAVAILABLE
+    assert _forged_data_connection_is_closed(b)
 
     after = cluster.run(b, ["zfs", "list", "-H", "-r", "-t", "all", "-o", "name", b.pool]).stdout
     assert after == before

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent import zfs
-from agent.zfs.volumes import PoolRoot
+from agent.zfs.volumes import TRANSFER_HOLD, PoolRoot
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration
@@ -105,14 +105,34 @@ def test_destroy_a_mounted_volume_with_snapshots(root: PoolRoot, tmp_path: Path)
     assert root.volumes() == []
 
 
-def test_a_held_snapshot_stops_destroy(root: PoolRoot, tmp_path: Path) -> None:
+def test_an_operators_hold_stops_destroy(root: PoolRoot, tmp_path: Path) -> None:
     root.create_volume("db", 8 << 20, "off", tmp_path / "db")
     snap = root.dataset("db") + b"@held"
     zfs.lzc_snapshot([snap])
-    zfs.lzc_hold({snap: "ferry-transfer"})
+    zfs.lzc_hold({snap: "backup"})
     with pytest.raises(zfs.SnapshotDestructionFailure):
         root.destroy_volume("db")
     assert zfs.lzc_exists(snap)
+    assert zfs.hold_count(snap) == 1
+
+
+def test_transfer_holds_left_behind_are_released_and_others_kept(
+    root: PoolRoot, tmp_path: Path
+) -> None:
+    root.create_volume("db", 8 << 20, "off", tmp_path / "db")
+    left, shared, free = (root.dataset("db") + s for s in (b"@left", b"@shared", b"@free"))
+    zfs.lzc_snapshot([left])
+    zfs.lzc_snapshot([shared])
+    zfs.lzc_snapshot([free])
+    zfs.lzc_hold({left: TRANSFER_HOLD, shared: TRANSFER_HOLD})
+    zfs.lzc_hold({shared: "backup"})
+    assert root.release_transfer_holds("db") == [left, shared]
+    assert [zfs.hold_count(s) for s in (left, shared, free)] == [0, 1, 0]
+    assert root.release_transfer_holds("db") == []
+    zfs.lzc_release({shared: ["backup"]})
+    zfs.lzc_hold({left: TRANSFER_HOLD})
+    root.destroy_volume("db")
+    assert not zfs.lzc_exists(root.dataset("db"))
 
 
 def test_rename_aside_keeps_the_data_out_of_the_volume_list(

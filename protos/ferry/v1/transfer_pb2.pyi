@@ -7,6 +7,11 @@ The owner of a volume (the sender) pushes a `zfs send` stream to a peer
 that holds or will hold a read-only copy. The receiver checks that the
 sender is the volume's owner at the stated epoch (and, with TLS, that the
 certificate names the sender) before a single byte reaches `zfs receive`.
+
+The stream itself does not travel in gRPC messages: the receiver answers
+the header with a one-time ticket for a plain TCP data connection, into
+which `zfs send` writes and from which `zfs receive` reads, so that no
+agent copies the bytes (docs/decisions.md, "Transfer data connection").
 """
 
 from collections import abc as _abc
@@ -78,6 +83,7 @@ class HoldingsReply(_message.Message):
     volume: _builtins.str
     node: _builtins.str
     bytes_received: _builtins.int
+    """Bytes of the stream that arrived on the data connection (Receive only)."""
     @_builtins.property
     def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Snapshot]:
         """Oldest first. Empty when the receiver has no copy."""
@@ -139,26 +145,55 @@ class StreamHeader(_message.Message):
 Global___StreamHeader: _TypeAlias = StreamHeader  # noqa: Y015
 
 @_typing.final
-class ReceiveRequest(_message.Message):
+class DataTicket(_message.Message):
+    """Admission to the data connection: the sender connects to the port on the
+    receiver's host (from the same address as this call), writes the token,
+    then the raw stream, and half-closes. Good for one connection, for a short
+    time.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    HEADER_FIELD_NUMBER: _builtins.int
-    DATA_FIELD_NUMBER: _builtins.int
-    data: _builtins.bytes
-    @_builtins.property
-    def header(self) -> Global___StreamHeader: ...
+    TOKEN_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    token: _builtins.bytes
+    port: _builtins.int
     def __init__(
         self,
         *,
-        header: Global___StreamHeader | None = ...,
-        data: _builtins.bytes = ...,
+        token: _builtins.bytes = ...,
+        port: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "part", b"part"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "data"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataTicket: _TypeAlias = DataTicket  # noqa: Y015
+
+@_typing.final
+class ReceiveReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ticket(self) -> Global___DataTicket: ...
+    @_builtins.property
+    def done(self) -> Global___HoldingsReply: ...
+    def __init__(
+        self,
+        *,
+        ticket: Global___DataTicket | None = ...,
+        done: Global___HoldingsReply | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "part", b"part", "ticket", b"ticket"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "part", b"part", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["ticket", "done"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
-Global___ReceiveRequest: _TypeAlias = ReceiveRequest  # noqa: Y015
+Global___ReceiveReply: _TypeAlias = ReceiveReply  # noqa: Y015

@@ -39,10 +39,10 @@ class TransferStub:
                 request_serializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.HoldingsRequest.SerializeToString,
                 response_deserializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.HoldingsReply.FromString,
                 _registered_method=True)
-        self.Receive = channel.stream_unary(
+        self.Receive = channel.unary_stream(
                 '/ferry.v1.Transfer/Receive',
-                request_serializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.ReceiveRequest.SerializeToString,
-                response_deserializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.HoldingsReply.FromString,
+                request_serializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.StreamHeader.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.ReceiveReply.FromString,
                 _registered_method=True)
 
 
@@ -57,9 +57,11 @@ class TransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Receive(self, request_iterator, context):
-        """A client stream: one StreamHeader, then raw `zfs send` bytes in chunks.
-        The reply says what the receiver holds once `zfs receive` succeeded.
+    def Receive(self, request, context):
+        """The sender states the stream; the receiver replies with a DataTicket,
+        waits for the stream on the data connection, and then replies with what
+        it holds once `zfs receive` succeeded. Cancelling the call cuts the
+        data connection, which leaves the receiver's copy as it was.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,10 +75,10 @@ def add_TransferServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.HoldingsRequest.FromString,
                     response_serializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.HoldingsReply.SerializeToString,
             ),
-            'Receive': grpc.stream_unary_rpc_method_handler(
+            'Receive': grpc.unary_stream_rpc_method_handler(
                     servicer.Receive,
-                    request_deserializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.ReceiveRequest.FromString,
-                    response_serializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.HoldingsReply.SerializeToString,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.StreamHeader.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_transfer__pb2.ReceiveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -117,7 +119,7 @@ class Transfer:
             _registered_method=True)
 
     @staticmethod
-    def Receive(request_iterator,
+    def Receive(request,
             target,
             options=(),
             channel_credentials=None,
@@ -127,12 +129,12 @@ class Transfer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
+        return grpc.experimental.unary_stream(
+            request,
             target,
             '/ferry.v1.Transfer/Receive',
-            protos_dot_ferry_dot_v1_dot_transfer__pb2.ReceiveRequest.SerializeToString,
-            protos_dot_ferry_dot_v1_dot_transfer__pb2.HoldingsReply.FromString,
+            protos_dot_ferry_dot_v1_dot_transfer__pb2.StreamHeader.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_transfer__pb2.ReceiveReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,243 @@
+"""The data connection of a transfer: raw ``zfs send`` bytes over TCP, beside the gRPC call.
+
+Relaying a stream through gRPC messages cost each agent about half a core of
+Python and held transfers near half the speed of ``zfs send | zfs receive``
+(docs/decisions.md). Here no agent touches the bytes: ``zfs send`` writes
+into the socket and ``zfs receive`` reads from it. The gRPC call, under
+mutual TLS, stays the control channel: it authenticates and authorizes the
+sender, hands out a ticket for the data connection, and carries the result.
+
+A ticket is TOKEN_BYTES random bytes, good for one connection, from the
+address that asked for it, within TICKET_SECONDS. A connection that brings
+anything else is closed before ``zfs receive`` sees a byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+TOKEN_BYTES = 32
+TICKET_SECONDS = 30.0
+TOKEN_READ_SECONDS = 5.0
+CONNECT_SECONDS = 10.0
+# A cut link fails the socket after this long with data unacknowledged.
+USER_TIMEOUT_MS = 15_000
+
+# Linux's struct tcp_info (linux/tcp.h): tcpi_state is its first byte, the
+# byte counters are there since 4.1. Sequence numbers count the SYN and the
+# FIN as one byte each: the connecting side's acked bytes include its SYN,
+# and received bytes include the peer's FIN once it came.
+_TCP_INFO_LENGTH = 136
+_BYTES_ACKED_AT = 120
+_BYTES_RECEIVED_AT = 128
+_FIN_RECEIVED_STATES = {6, 8, 9, 11}  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+
+
+def host_of(address: str) -> str:
+    """The host part of ``HOST:PORT`` or ``[V6]:PORT``."""
+    host = address.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+def peer_host(grpc_peer: str) -> str:
+    """The client address of a gRPC peer string such as ``ipv4:10.0.0.1:5000``."""
+    return _canonical(host_of(grpc_peer.split(":", 1)[1]))
+
+
+def _canonical(host: str) -> str:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _tune(sock: socket.socket) -> None:
+    """Blocking, for the ZFS process that inherits it; a dead peer or link fails it in seconds."""
+    sock.setblocking(True)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
+def _tcp_info(sock: socket.socket) -> bytes:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+    if len(info) < _TCP_INFO_LENGTH:
+        raise OSError(f"this kernel's TCP_INFO has {len(info)} bytes, too old for byte counters")
+    return info
+
+
+def stream_bytes_acked(sock: socket.socket) -> int:
+    """Bytes of the stream (after the token) that the receiver acknowledged, before a shutdown.
+
+    For the connecting side, as ``connect`` makes it.
+    """
+    (acked,) = struct.unpack_from("=Q", _tcp_info(sock), _BYTES_ACKED_AT)
+    return max(int(acked) - 1 - TOKEN_BYTES, 0)
+
+
+def stream_bytes_received(sock: socket.socket) -> int:
+    """Bytes of the stream (after the token) that arrived on this connection."""
+    info = _tcp_info(sock)
+    (received,) = struct.unpack_from("=Q", info, _BYTES_RECEIVED_AT)
+    fin = 1 if info[0] in _FIN_RECEIVED_STATES else 0
+    return max(int(received) - fin - TOKEN_BYTES, 0)
+
+
+async def connect(host: str, port: int, token: bytes) -> socket.socket:
+    """Open a data connection and present the ticket's token."""
+
+    def dial() -> socket.socket:
+        sock = socket.create_connection((host, port), timeout=CONNECT_SECONDS)
+        try:
+            _tune(sock)
+            sock.sendall(token)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return await asyncio.to_thread(dial)
+
+
+async def pump(work: Callable[[int], None], sock: socket.socket) -> None:
+    """Run blocking ZFS ``work`` on the socket's descriptor in a thread.
+
+    Cancelled, it cuts the connection (which ends ``zfs send`` on a broken
+    pipe and ``zfs receive`` on a truncated stream, leaving its target as it
+    was), waits for the work to stop, and re-raises.
+    """
+    job = asyncio.ensure_future(asyncio.to_thread(work, sock.fileno()))
+    try:
+        await asyncio.shield(job)
+    except asyncio.CancelledError:
+        cut(sock)
+        with contextlib.suppress(Exception):
+            await job
+        raise
+
+
+def cut(sock: socket.socket) -> None:
+    """End both directions now, so that a process blocked on the socket returns."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class Ticket:
+    """One expected data connection."""
+
+    token: bytes
+    host: str
+    arrived: asyncio.Future[socket.socket] = field(repr=False)
+
+    async def connection(self) -> socket.socket:
+        """The admitted connection; TimeoutError if the sender did not come in time."""
+        return await asyncio.wait_for(asyncio.shield(self.arrived), TICKET_SECONDS)
+
+
+class DataListener:
+    """Accepts data connections and admits each one that brings a live ticket."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._address = (host, port)
+        self._tickets: dict[bytes, Ticket] = {}
+        self._socket: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._admitting: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._socket is not None, "start() first"
+        port: int = self._socket.getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        host, port = self._address
+        self._socket = socket.create_server((host or "0.0.0.0", port), backlog=64)
+        self._socket.setblocking(False)
+        self._accepting = asyncio.create_task(self._accept_forever(), name="data-listener")
+        log.info("data connections: listen=%s:%d", host, self.port)
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._accepting, *self._admitting) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ticket in self._tickets.values():
+            ticket.arrived.cancel()
+        self._tickets.clear()
+        if self._socket is not None:
+            self._socket.close()
+
+    def expect(self, host: str) -> Ticket:
+        """A ticket for one connection from ``host``; withdraw it with ``discard`` when done."""
+        ticket = Ticket(
+            secrets.token_bytes(TOKEN_BYTES),
+            _canonical(host),
+            asyncio.get_running_loop().create_future(),
+        )
+        self._tickets[ticket.token] = ticket
+        return ticket
+
+    def discard(self, ticket: Ticket) -> None:
+        self._tickets.pop(ticket.token, None)
+        if ticket.arrived.done() and not ticket.arrived.cancelled():
+            ticket.arrived.result().close()
+        else:
+            ticket.arrived.cancel()
+
+    async def _accept_forever(self) -> None:
+        assert self._socket is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(self._socket)
+            except OSError as error:
+                log.warning("data connection accept failed: error=%s", error)
+                await asyncio.sleep(0.5)
+                continue
+            task = asyncio.create_task(self._admit(conn, _canonical(address[0])))
+            self._admitting.add(task)
+            task.add_done_callback(self._admitting.discard)
+
+    async def _admit(self, conn: socket.socket, host: str) -> None:
+        try:
+            token = await asyncio.wait_for(_read_exactly(conn, TOKEN_BYTES), TOKEN_READ_SECONDS)
+        except (TimeoutError, OSError, EOFError) as error:
+            log.warning("data connection dropped before its token: peer=%s error=%r", host, error)
+            conn.close()
+            return
+        ticket = self._tickets.pop(token, None)
+        if ticket is None or ticket.host != host or ticket.arrived.done():
+            log.warning("data connection refused, no ticket for it: peer=%s", host)
+            conn.close()
+            return
+        _tune(conn)
+        ticket.arrived.set_result(conn)
+
+
+async def _read_exactly(conn: socket.socket, size: int) -> bytes:
+    """Exactly ``size`` bytes and not one more: the rest of the stream is for ``zfs receive``."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < size:
+        piece = await loop.sock_recv(conn, size - len(data))
+        if not piece:
+            raise EOFError(f"connection closed after {len(data)} of {size} bytes")
+        data += piece
+    return data

@@ -1,0 +1,126 @@
+"""Data connection admission on loopback sockets: only a live ticket, once, from its host."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent.transfer import data
+from agent.transfer.data import DataListener, peer_host
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[DataListener]:
+    server = DataListener("127.0.0.1", 0)
+    await server.start()
+    yield server
+    await server.close()
+
+
+async def _dial(port: int, payload: bytes, source: str = "127.0.0.1") -> socket.socket:
+    def dial() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        sock.sendall(payload)
+        return sock
+
+    return await asyncio.to_thread(dial)
+
+
+async def _closed_by_peer(sock: socket.socket) -> bool:
+    """True when the other end closed the connection without sending anything."""
+
+    def read() -> bytes:
+        sock.settimeout(5)
+        try:
+            return sock.recv(1)
+        except ConnectionResetError:
+            return b""
+
+    return await asyncio.to_thread(read) == b""
+
+
+async def test_a_ticket_admits_one_connection_and_the_stream_after_its_token(
+    listener: DataListener,
+) -> None:
+    ticket = listener.expect("127.0.0.1")
+    stream = secrets.token_bytes(300_000)
+    sender = await data.connect("127.0.0.1", listener.port, ticket.token)
+    with sender, await ticket.connection() as received:
+        sending = asyncio.create_task(asyncio.to_thread(sender.sendall, stream))
+        arrived = await asyncio.to_thread(received.recv, len(stream), socket.MSG_WAITALL)
+        await sending
+        assert arrived == stream
+        for _ in range(50):
+            if data.stream_bytes_acked(sender) == len(stream):
+                break
+            await asyncio.sleep(0.05)
+        assert data.stream_bytes_acked(sender) == len(stream)
+        sender.shutdown(socket.SHUT_WR)
+        assert await asyncio.to_thread(received.recv, 1) == b""
+        assert data.stream_bytes_received(received) == len(stream)
+
+    again = await _dial(listener.port, ticket.token)
+    with again:
+        assert await _closed_by_peer(again)
+
+
+async def test_a_wrong_token_is_closed_and_the_ticket_still_waits(listener: DataListener) -> None:
+    ticket = listener.expect("127.0.0.1")
+    forged = await _dial(listener.port, secrets.token_bytes(data.TOKEN_BYTES) + b"stream")
+    with forged:
+        assert await _closed_by_peer(forged)
+    assert not ticket.arrived.done()
+    genuine = await data.connect("127.0.0.1", listener.port, ticket.token)
+    with genuine, await ticket.connection():
+        pass
+
+
+async def test_a_ticket_is_refused_from_another_address(listener: DataListener) -> None:
+    ticket = listener.expect("127.0.0.1")
+    elsewhere = await _dial(listener.port, ticket.token, source="127.0.0.2")
+    with elsewhere:
+        assert await _closed_by_peer(elsewhere)
+    assert not ticket.arrived.done()
+
+
+async def test_a_discarded_ticket_admits_nothing(listener: DataListener) -> None:
+    ticket = listener.expect("127.0.0.1")
+    listener.discard(ticket)
+    late = await _dial(listener.port, ticket.token)
+    with late:
+        assert await _closed_by_peer(late)
+
+
+async def test_pump_cut_by_cancellation_ends_the_blocked_work(listener: DataListener) -> None:
+    ticket = listener.expect("127.0.0.1")
+    sender = await data.connect("127.0.0.1", listener.port, ticket.token)
+    with sender, await ticket.connection() as received:
+        seen: list[bytes] = []
+
+        def read_all(fd: int) -> None:
+            with socket.socket(fileno=socket.dup(fd)) as sock:
+                while piece := sock.recv(4096):
+                    seen.append(piece)
+
+        pumping = asyncio.create_task(data.pump(read_all, received))
+        await asyncio.sleep(0.2)
+        pumping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(pumping, 5)
+        assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("grpc_peer", "host"),
+    [
+        ("ipv4:10.212.0.2:50312", "10.212.0.2"),
+        ("ipv6:[::1]:50312", "::1"),
+        ("ipv6:[::ffff:10.0.0.7]:4000", "10.0.0.7"),
+    ],
+)
+def test_peer_host_reads_grpc_peer_strings(grpc_peer: str, host: str) -> None:
+    assert peer_host(grpc_peer) == host
