@@ -52,20 +52,6 @@ class TlsFiles:
         )
 
 
-def server_credentials(
-    ca_path: str | Path, cert_path: str | Path, key_path: str | Path
-) -> grpc.ServerCredentials:
-    """Credentials for a server that requires a client certificate from the CA at ``ca_path``."""
-    return TlsFiles(Path(ca_path), Path(cert_path), Path(key_path)).server_credentials()
-
-
-def channel_credentials(
-    ca: str | Path, cert: str | Path, key: str | Path
-) -> grpc.ChannelCredentials:
-    """Credentials for a client that presents ``cert`` and trusts only the CA ``ca``."""
-    return TlsFiles(Path(ca), Path(cert), Path(key)).channel_credentials()
-
-
 def from_flags(ca: str, cert: str, key: str, insecure: bool) -> TlsFiles | None:
     """The TLS files a service was given, None for --insecure; ValueError if incomplete."""
     if insecure:

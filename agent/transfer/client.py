@@ -108,9 +108,11 @@ class PeerClient:
             await data.pump(stream, sock)
             sock.shutdown(socket.SHUT_WR)
         except ZFSError as error:
-            # Usually the peer stopped reading; its reason is the one worth telling.
+            # Often the peer stopped reading first; then its reason is the one worth telling.
             data.cut(sock)
-            raise TransferFailed(f"{self.node}: {await _reason(call) or error}") from error
+            reason = await _reason(call)
+            said = f"; {self.node} says: {reason}" if reason else ""
+            raise TransferFailed(f"send to {self.node} failed: {error}{said}") from error
         finally:
             reporter.cancel()
 

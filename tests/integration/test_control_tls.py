@@ -9,9 +9,14 @@ import grpc
 import pytest
 
 from control import ca
-from control.tls import channel_credentials, peer_identity, server_credentials
+from control.tls import TlsFiles, peer_identity
 
 METHOD = "/ct.Identity/Who"
+
+
+def _files(trusted: Path, issued: Path, name: str) -> TlsFiles:
+    """Trust the CA in ``trusted``; present ``name``'s certificate from ``issued``."""
+    return TlsFiles(trusted / "ca.crt", issued / f"{name}.crt", issued / f"{name}.key")
 
 
 def _raw(data: bytes) -> bytes:
@@ -39,9 +44,7 @@ async def address(cluster: Path) -> AsyncIterator[str]:
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("ct.Identity", {"Who": handler})]
     )
-    credentials = server_credentials(
-        cluster / "ca.crt", cluster / "control.crt", cluster / "control.key"
-    )
+    credentials = _files(cluster, cluster, "control").server_credentials()
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     try:
@@ -61,9 +64,7 @@ async def ask(address: str, credentials: grpc.ChannelCredentials, name: str = "c
 async def test_the_server_sees_the_node_name_from_the_client_certificate(
     cluster: Path, address: str
 ) -> None:
-    node = channel_credentials(
-        cluster / "ca.crt", cluster / "ct-host1.crt", cluster / "ct-host1.key"
-    )
+    node = _files(cluster, cluster, "ct-host1").channel_credentials()
     assert await ask(address, node) == "ct-host1"
 
 
@@ -80,18 +81,14 @@ async def test_a_certificate_from_another_ca_is_refused(
     other = tmp_path_factory.mktemp("ct-other-ca")
     ca.init(other)
     ca.issue(other, "node", "ct-host1")
-    impostor = channel_credentials(
-        cluster / "ca.crt", other / "ct-host1.crt", other / "ct-host1.key"
-    )
+    impostor = _files(cluster, other, "ct-host1").channel_credentials()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await ask(address, impostor)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_a_client_refuses_a_server_under_another_name(cluster: Path, address: str) -> None:
-    node = channel_credentials(
-        cluster / "ca.crt", cluster / "ct-host1.crt", cluster / "ct-host1.key"
-    )
+    node = _files(cluster, cluster, "ct-host1").channel_credentials()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await ask(address, node, name="ct-host2")
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -99,4 +96,4 @@ async def test_a_client_refuses_a_server_under_another_name(cluster: Path, addre
 
 def test_missing_files_say_how_to_issue_them(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="ferryctl ca issue"):
-        server_credentials(tmp_path / "ca.crt", tmp_path / "control.crt", tmp_path / "control.key")
+        _files(tmp_path, tmp_path, "control").server_credentials()
