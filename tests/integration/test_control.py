@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from control.keyspace import Keyspace, endpoints_client
+from control.keyspace import Keyspace
 from control.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 from tests.support.etcd import (
@@ -31,37 +31,6 @@ from tests.support.etcd import (
 pytestmark = pytest.mark.integration
 
 GIB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ct-control")
-
-
-@pytest.fixture(scope="module")
-def certs(workdir: Path) -> ClusterCerts:
-    return issue_certificates(workdir / "ca")
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def control(etcd: EtcdServer, certs: ClusterCerts, workdir: Path) -> Iterator[ControlServer]:
-    with ControlServer(etcd.endpoint, certs, workdir) as server:
-        yield server
-
-
-@pytest.fixture
-async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
-    client = endpoints_client([etcd.endpoint])
-    try:
-        yield Keyspace(client)
-    finally:
-        await client.close()
 
 
 @pytest.fixture

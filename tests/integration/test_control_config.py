@@ -7,7 +7,6 @@ it runs without TLS.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,32 +18,9 @@ from tests.support.etcd import (
     EtcdServer,
     ferryctl,
     free_port,
-    issue_certificates,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ct-config")
-
-
-@pytest.fixture(scope="module")
-def certs(workdir: Path) -> ClusterCerts:
-    return issue_certificates(workdir / "ca")
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def control(etcd: EtcdServer, certs: ClusterCerts, workdir: Path) -> Iterator[ControlServer]:
-    with ControlServer(etcd.endpoint, certs, workdir) as server:
-        yield server
 
 
 @pytest.fixture

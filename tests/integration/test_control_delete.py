@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -12,12 +12,6 @@ from control.records import MountRecord, NodeInfo, VolumeSpec
 from tests.support.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -8,54 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-from control.keyspace import Keyspace, Versioned, endpoints_client
+from control.keyspace import Keyspace, Versioned
 from control.records import Move, MovePhase, Owner
 from tests.support.etcd import (
     VENV_BIN,
-    ClusterCerts,
     ControlServer,
     EtcdServer,
     LiveNodes,
     ferryctl,
-    issue_certificates,
 )
 
 pytestmark = pytest.mark.integration
 
 GIB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ct-move-wait")
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def control(etcd: EtcdServer, workdir: Path) -> Iterator[ControlServer]:
-    certs: ClusterCerts = issue_certificates(workdir / "ca")
-    with ControlServer(etcd.endpoint, certs, workdir) as server:
-        yield server
-
-
-@pytest.fixture
-async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
-    client = endpoints_client([etcd.endpoint])
-    try:
-        yield Keyspace(client)
-    finally:
-        await client.close()
 
 
 @pytest.fixture

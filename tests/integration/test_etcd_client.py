@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aetcd
 import pytest
@@ -12,12 +12,6 @@ from control.keyspace import endpoints_client
 from tests.support.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -9,50 +9,25 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from control.keyspace import Keyspace, endpoints_client
+from control.keyspace import Keyspace
 from control.records import MountRecord
 from tests.support.etcd import (
     CliResult,
     ControlServer,
-    EtcdServer,
     LiveNodes,
     ferryctl,
     free_port,
-    issue_certificates,
 )
 
 pytestmark = pytest.mark.integration
 
 GIB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def control(etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlServer]:
-    workdir = tmp_path_factory.mktemp("ct-ferryctl")
-    certs = issue_certificates(workdir / "ca")
-    with ControlServer(etcd.endpoint, certs, workdir) as server:
-        yield server
-
-
-@pytest.fixture
-async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
-    client = endpoints_client([etcd.endpoint])
-    try:
-        yield Keyspace(client)
-    finally:
-        await client.close()
 
 
 @pytest.fixture

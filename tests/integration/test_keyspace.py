@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -14,12 +14,6 @@ from control.records import Move, MovePhase, NodeInfo, NodeState, Owner, VolumeS
 from tests.support.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
 
 
 @pytest.fixture

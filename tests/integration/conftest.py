@@ -1,0 +1,46 @@
+"""Fixtures of the integration tests: per module a real etcd and a ferry-control on mutual TLS.
+
+A module that needs its own key prefix defines its own ``keyspace``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from control.keyspace import Keyspace, endpoints_client
+from tests.support.etcd import ClusterCerts, ControlServer, EtcdServer, issue_certificates
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def workdir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def certs(workdir: Path) -> ClusterCerts:
+    return issue_certificates(workdir / "ca")
+
+
+@pytest.fixture(scope="module")
+def control(etcd: EtcdServer, certs: ClusterCerts, workdir: Path) -> Iterator[ControlServer]:
+    with ControlServer(etcd.endpoint, certs, workdir) as server:
+        yield server
+
+
+@pytest.fixture
+async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
+    """The keyspace ferry-control uses (default prefix)."""
+    client = endpoints_client([etcd.endpoint])
+    try:
+        yield Keyspace(client)
+    finally:
+        await client.close()
