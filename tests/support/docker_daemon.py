@@ -17,10 +17,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 import docker
 from docker.errors import DockerException
+
+from tests.support.service import TestService
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class DockerDaemonError(RuntimeError):
     """dockerd did not start or answer; the message carries the end of its log."""
 
 
-class DockerDaemon:
+class DockerDaemon(TestService):
     """One private dockerd; use as a context manager so it is always stopped."""
 
     def __init__(self, prefix: str = "im", start_timeout: float = 60.0) -> None:
@@ -53,22 +54,6 @@ class DockerDaemon:
         if self._client is None:
             raise DockerDaemonError(f"dockerd {self.name} is not running; call start() first")
         return self._client
-
-    def __enter__(self) -> DockerDaemon:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         command = [
@@ -127,7 +112,7 @@ class DockerDaemon:
         log.info("images loaded: daemon=%s images=%s", self.name, ",".join(images))
         return result.stderr
 
-    def stop(self) -> None:
+    def close(self) -> None:
         """Stops dockerd and its containers, unmounts what they left, removes the directory."""
         if self._client is not None:
             self._remove_containers(self._client)

@@ -27,7 +27,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import aetcd
 import grpc
@@ -37,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from control.keyspace import Keyspace
 from control.records import NodeInfo
 from control.tls import TlsFiles
+from tests.support.service import TestService
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class EtcdServer:
+def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class EtcdServer(TestService):
     """One etcd member named ``ct-<random>`` serving on ``127.0.0.1:<port>``."""
 
     def __init__(self, prefix: str = "ct") -> None:
@@ -143,15 +155,8 @@ class EtcdServer:
 
     def stop(self) -> None:
         """SIGTERM and wait; the data dir stays for ``restart()``."""
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            terminate(self._process)
         self._process = None
 
     def kill(self) -> None:
@@ -173,24 +178,8 @@ class EtcdServer:
         self.kill()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> EtcdServer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class EtcdCluster:
+class EtcdCluster(TestService):
     """Several etcd members forming one cluster on loopback; ``endpoints`` lists them all."""
 
     def __init__(self, size: int = 3, prefix: str = "ct") -> None:
@@ -212,22 +201,6 @@ class EtcdCluster:
     def close(self) -> None:
         for member in self.members:
             member.close()
-
-    def __enter__(self) -> EtcdCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)
@@ -276,7 +249,7 @@ def issue_certificates(directory: Path) -> ClusterCerts:
     return ClusterCerts(directory)
 
 
-class ControlServer:
+class ControlServer(TestService):
     """``ferry-control`` on a free loopback port in front of one etcd.
 
     On mutual TLS with flags by default; ``insecure=True`` starts it the
@@ -387,36 +360,13 @@ class ControlServer:
                     time.sleep(0.1)
         finally:
             channel.close()
-        self.stop()
+        self.close()
         raise RuntimeError(f"ferry-control not serving in {START_TIMEOUT}s: see {self.log_path}")
 
-    def stop(self) -> None:
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+    def close(self) -> None:
+        if self._process is not None:
+            terminate(self._process)
         self._process = None
-
-    def __enter__(self) -> ControlServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class LiveNodes:
