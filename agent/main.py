@@ -46,6 +46,12 @@ log = logging.getLogger("agent")
 @click.option("--tls-cert", default="", help="This node's certificate (PEM, CN = node name).")
 @click.option("--tls-key", default="", help="This node's private key (PEM).")
 @click.option("--insecure", is_flag=True, help="No TLS (development only; says so loudly).")
+@click.option(
+    "--encrypt-streams",
+    is_flag=True,
+    help="Send snapshot streams over TLS, and accept only such streams (slower: every byte "
+    "passes through Python).",
+)
 @click.option("--etcd-prefix", default="/ferry/v1", help="Key prefix of Ferry's state in etcd.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
 def main(
@@ -62,27 +68,28 @@ def main(
     tls_cert: str,
     tls_key: str,
     insecure: bool,
+    encrypt_streams: bool,
     etcd_prefix: str,
     log_level: str,
 ) -> None:
     """Run the Ferry agent on this host: volumes, transfers, and the Docker plugin."""
     setup_logging(log_level)
     try:
-        tls = from_flags(tls_ca, tls_cert, tls_key, insecure)
+        config = AgentConfig(
+            node=node,
+            etcd=endpoints(etcd),
+            pool=pool,
+            listen=listen,
+            advertise=advertise or listen,
+            data_port=_data_port(listen) if data_port is None else data_port,
+            mount_root=mount_root,
+            plugin_socket=plugin_socket,
+            tls=from_flags(tls_ca, tls_cert, tls_key, insecure),
+            encrypt_streams=encrypt_streams,
+            etcd_prefix=etcd_prefix,
+        )
     except ValueError as error:
         raise click.UsageError(str(error)) from error
-    config = AgentConfig(
-        node=node,
-        etcd=endpoints(etcd),
-        pool=pool,
-        listen=listen,
-        advertise=advertise or listen,
-        data_port=_data_port(listen) if data_port is None else data_port,
-        mount_root=mount_root,
-        plugin_socket=plugin_socket,
-        tls=tls,
-        etcd_prefix=etcd_prefix,
-    )
     try:
         asyncio.run(run(config))
     except KeyboardInterrupt:

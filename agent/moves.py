@@ -154,7 +154,7 @@ class MoveDriver:
         )
         progress = _Progress(tracker, estimated)
         async with self._store.held(volume, [name for name in (base, snapshot.name) if name]):
-            stream = self._store.stream_writer(volume, snapshot.name, base)
+            stream = self._store.send_stream(volume, snapshot.name, base)
             held = await peer.send(header, stream, progress.report)
             failpoints.reached("transfer.sent")
         await progress.finish()

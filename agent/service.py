@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 
 import aetcd
@@ -58,7 +59,12 @@ class AgentService:
         """Serve until cancelled."""
         await self._store.ensure_root()
         await self._store.release_stale_holds()
-        data = DataListener(host_of(self._config.listen), self._config.data_port)
+        tls = self._config.tls
+        data = DataListener(
+            host_of(self._config.listen),
+            self._config.data_port,
+            tls.ssl_context(ssl.Purpose.CLIENT_AUTH) if tls else None,
+        )
         await data.start()
         server = await self._start_transfer_server(data)
         await self._register()
@@ -102,7 +108,12 @@ class AgentService:
     async def _start_transfer_server(self, data: DataListener) -> grpc.aio.Server:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         service = TransferService(
-            self._config.node, self._store, self._keyspace, data, insecure=self._config.tls is None
+            self._config.node,
+            self._store,
+            self._keyspace,
+            data,
+            insecure=self._config.tls is None,
+            require_encryption=self._config.encrypt_streams,
         )
         transfer_pb2_grpc.add_TransferServicer_to_server(service, server)
         if self._config.tls is None:
@@ -222,7 +233,7 @@ class AgentService:
         if peer is None or peer.address != info.address:
             if peer is not None:
                 await peer.close()
-            peer = PeerClient(node, info.address, self._config.tls)
+            peer = PeerClient(node, info.address, self._config.tls, self._config.encrypt_streams)
             self._peers[node] = peer
         return peer
 

@@ -13,16 +13,16 @@ destroyed.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from agent import zfs
 from agent.plan import LocalVolume
 from agent.snapshots import SnapshotRef, next_name, prunable
+from agent.zfs.streams import SnapshotStream
 from agent.zfs.volumes import TRANSFER_HOLD, PoolRoot
 
 log = logging.getLogger(__name__)
@@ -172,10 +172,10 @@ class VolumeStore:
         except zfs.FeatureNotSupported:
             return 0
 
-    def stream_writer(self, volume: str, short: str, base: str | None) -> Callable[[int], None]:
-        """A blocking call writing the stream of ``short`` (incremental from ``base``) to a fd."""
+    def send_stream(self, volume: str, short: str, base: str | None) -> SnapshotStream:
+        """The stream of snapshot ``short``, incremental from ``base`` when given."""
         source = self.snapshot_name(volume, base) if base else None
-        return functools.partial(zfs.lzc_send, self.snapshot_name(volume, short), source)
+        return SnapshotStream(self.snapshot_name(volume, short), source)
 
     @asynccontextmanager
     async def held(self, volume: str, shorts: Sequence[str]) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ requires one from its peer. Clients verify servers by name
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,18 @@ class TlsFiles:
             [(key, cert)], root_certificates=ca, require_client_auth=True
         )
 
+    def ssl_context(self, purpose: ssl.Purpose) -> ssl.SSLContext:
+        """Mutual TLS for a plain socket: ``CLIENT_AUTH`` to serve, ``SERVER_AUTH`` to dial.
+
+        Either side requires the other's certificate from the cluster CA; a
+        client checks the server's name with ``server_hostname``.
+        """
+        self._read()
+        context = ssl.create_default_context(purpose, cafile=str(self.ca))
+        context.load_cert_chain(str(self.cert), str(self.key))
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
     def channel_credentials(self) -> grpc.ChannelCredentials:
         ca, cert, key = self._read()
         return grpc.ssl_channel_credentials(
@@ -67,6 +80,15 @@ def from_flags(ca: str, cert: str, key: str, insecure: bool) -> TlsFiles | None:
 def endpoints(text: str) -> tuple[str, ...]:
     """``HOST:PORT,HOST:PORT`` as a tuple, blanks dropped."""
     return tuple(e.strip() for e in text.split(",") if e.strip())
+
+
+def certificate_name(certificate: dict[str, object] | None) -> str | None:
+    """The common name in a peer certificate as ``ssl`` reports it (``getpeercert()``)."""
+    for rdn in (certificate or {}).get("subject", ()):  # type: ignore[attr-defined]
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -15,14 +16,13 @@ from agent.transfer import data
 from agent.transfer.data import host_of
 from agent.transfer.options import CHANNEL_OPTIONS
 from agent.zfs import ZFSError
+from agent.zfs.streams import SnapshotStream
 from control.tls import TlsFiles
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int], None]
-# Blocking: writes a whole snapshot stream into the descriptor it is given.
-StreamWriter = Callable[[int], None]
 ReceiveCall = grpc.aio.UnaryStreamCall[transfer_pb2.StreamHeader, transfer_pb2.ReceiveReply]
 HOLDINGS_TIMEOUT_SECONDS = 30.0
 PROGRESS_POLL_SECONDS = 0.5
@@ -36,9 +36,16 @@ class TransferFailed(Exception):
 class PeerClient:
     """One peer agent's Transfer service."""
 
-    def __init__(self, node: str, address: str, tls: TlsFiles | None) -> None:
+    def __init__(
+        self, node: str, address: str, tls: TlsFiles | None, encrypt_streams: bool
+    ) -> None:
         self.node = node
         self.address = address
+        self._ssl = None
+        if encrypt_streams:
+            if tls is None:
+                raise ValueError("encrypted streams need TLS files; the agent runs --insecure")
+            self._ssl = tls.ssl_context(ssl.Purpose.SERVER_AUTH)
         if tls is None:
             self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:
@@ -59,62 +66,99 @@ class PeerClient:
         return [SnapshotRef(s.name, s.guid) for s in reply.snapshots]
 
     async def send(
-        self, header: transfer_pb2.StreamHeader, stream: StreamWriter, on_progress: ProgressCallback
+        self,
+        header: transfer_pb2.StreamHeader,
+        source: SnapshotStream,
+        on_progress: ProgressCallback,
     ) -> list[SnapshotRef]:
-        """Have ``stream`` write the snapshot into a data connection to the peer.
+        """Stream ``source`` to the peer over a data connection; returns what the peer then holds.
 
-        Returns what the peer holds afterwards. On any failure the peer's copy
-        is as it was, and TransferFailed carries the peer's explanation when
-        it gave one.
+        On any failure the peer's copy is as it was, and TransferFailed
+        carries the peer's explanation when it gave one.
         """
         started = time.monotonic()
-        call = self._stub.Receive(header)
+        stated = transfer_pb2.StreamHeader()
+        stated.CopyFrom(header)
+        stated.encrypted = self._ssl is not None
+        call = self._stub.Receive(stated)
         replies = aiter(call)
+        host = host_of(self.address)
         try:
-            ticket = await self._expect(replies, "ticket")
-            with await data.connect(
-                host_of(self.address), ticket.ticket.port, ticket.ticket.token
-            ) as sock:
-                await self._stream(call, sock, stream, on_progress)
-                done = (await self._expect(replies, "done")).done
+            ticket = (await self._expect(replies, "ticket")).ticket
+            if self._ssl is None:
+                with await data.connect(host, ticket.port, ticket.token) as sock:
+                    await self._stream_plain(call, sock, source, on_progress)
+                    done = (await self._expect(replies, "done")).done
+            else:
+                stream = await data.connect_tls(
+                    host, ticket.port, ticket.token, self._ssl, self.node
+                )
+                try:
+                    await self._stream_tls(call, stream, source, on_progress)
+                    done = (await self._expect(replies, "done")).done
+                finally:
+                    stream.close()
         except grpc.aio.AioRpcError as error:
             raise TransferFailed(f"{self.node} ({self.address}): {error.details()}") from error
         except OSError as error:
-            raise TransferFailed(
-                f"data connection to {self.node} ({host_of(self.address)}): {error}"
-            ) from error
+            raise TransferFailed(f"data connection to {self.node} ({host}): {error}") from error
         finally:
             call.cancel()
         on_progress(done.bytes_received)
         log.info(
-            "sent: volume=%s to=%s snapshot=%s bytes=%d seconds=%.2f",
+            "sent: volume=%s to=%s snapshot=%s bytes=%d seconds=%.2f encrypted=%s",
             header.volume,
             self.node,
             header.to_snapshot,
             done.bytes_received,
             time.monotonic() - started,
+            stated.encrypted,
         )
         return [SnapshotRef(s.name, s.guid) for s in done.snapshots]
 
-    async def _stream(
+    async def _stream_plain(
         self,
         call: ReceiveCall,
         sock: socket.socket,
-        stream: StreamWriter,
+        source: SnapshotStream,
         on_progress: ProgressCallback,
     ) -> None:
+        """``zfs send`` writes into the socket itself; progress is what the peer acknowledged."""
         reporter = asyncio.create_task(_report_acked(sock, on_progress))
         try:
-            await data.pump(stream, sock)
+            await data.pump(source.write_to, sock)
             sock.shutdown(socket.SHUT_WR)
         except ZFSError as error:
-            # Often the peer stopped reading first; then its reason is the one worth telling.
             data.cut(sock)
-            reason = await _reason(call)
-            said = f"; {self.node} says: {reason}" if reason else ""
-            raise TransferFailed(f"send to {self.node} failed: {error}{said}") from error
+            raise await self._failed(call, error) from error
         finally:
             reporter.cancel()
+
+    async def _stream_tls(
+        self,
+        call: ReceiveCall,
+        stream: data.TlsStream,
+        source: SnapshotStream,
+        on_progress: ProgressCallback,
+    ) -> None:
+        sent = 0
+        try:
+            async for chunk in source.chunks():
+                stream.writer.write(chunk)
+                await stream.writer.drain()
+                sent += len(chunk)
+                on_progress(sent)
+        except ZFSError as error:
+            stream.writer.transport.abort()
+            raise await self._failed(call, error) from error
+        stream.writer.close()
+        await stream.writer.wait_closed()
+
+    async def _failed(self, call: ReceiveCall, error: ZFSError) -> TransferFailed:
+        """Often the peer stopped reading first; then its reason is the one worth telling."""
+        reason = await _reason(call)
+        said = f"; {self.node} says: {reason}" if reason else ""
+        return TransferFailed(f"send to {self.node} failed: {error}{said}")
 
     async def _expect(
         self, replies: AsyncIterator[transfer_pb2.ReceiveReply], part: str

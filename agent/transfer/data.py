@@ -10,6 +10,13 @@ sender, hands out a ticket for the data connection, and carries the result.
 A ticket is TOKEN_BYTES random bytes, good for one connection, from the
 address that asked for it, within TICKET_SECONDS. A connection that brings
 anything else is closed before ``zfs receive`` sees a byte.
+
+With ``--encrypt-streams`` the data connection is mutual TLS instead (a
+``TlsStream``): the token comes after the handshake, the client certificate
+must name the sender, and the bytes pass through Python's TLS, which costs
+the copies the plain connection avoids. One port serves both: a TLS
+connection starts with a handshake record (TLS_HANDSHAKE), and a plain
+token never does.
 """
 
 from __future__ import annotations
@@ -20,13 +27,18 @@ import ipaddress
 import logging
 import secrets
 import socket
+import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+from agent.zfs.streams import CHUNK_BYTES, readable
+from control.tls import certificate_name
 
 log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 32
+TLS_HANDSHAKE = 0x16
 TICKET_SECONDS = 30.0
 TOKEN_READ_SECONDS = 5.0
 CONNECT_SECONDS = 10.0
@@ -64,14 +76,19 @@ def _canonical(host: str) -> str:
     return str(address)
 
 
-def _tune(sock: socket.socket) -> None:
-    """Blocking, for the ZFS process that inherits it; a dead peer or link fails it in seconds."""
-    sock.setblocking(True)
+def _fail_fast(sock: socket.socket) -> None:
+    """A dead peer or a cut link fails the connection in seconds, not hours."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
+def _hand_to_zfs(sock: socket.socket) -> None:
+    """Blocking, for the ZFS process that inherits the descriptor."""
+    sock.setblocking(True)
+    _fail_fast(sock)
 
 
 def _tcp_info(sock: socket.socket) -> bytes:
@@ -104,7 +121,7 @@ async def connect(host: str, port: int, token: bytes) -> socket.socket:
     def dial() -> socket.socket:
         sock = socket.create_connection((host, port), timeout=CONNECT_SECONDS)
         try:
-            _tune(sock)
+            _hand_to_zfs(sock)
             sock.sendall(token)
         except BaseException:
             sock.close()
@@ -112,6 +129,37 @@ async def connect(host: str, port: int, token: bytes) -> socket.socket:
         return sock
 
     return await asyncio.to_thread(dial)
+
+
+@dataclass
+class TlsStream:
+    """An encrypted data connection, read and written on the event loop."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """What arrives, until the sender closes."""
+        while chunk := await self.reader.read(CHUNK_BYTES):
+            yield chunk
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+DataConnection = socket.socket | TlsStream
+
+
+async def connect_tls(
+    host: str, port: int, token: bytes, context: ssl.SSLContext, node: str
+) -> TlsStream:
+    """Open an encrypted data connection to ``node`` (its certificate is checked) with the token."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=context, server_hostname=node), CONNECT_SECONDS
+    )
+    _fail_fast(writer.get_extra_info("socket"))
+    writer.write(token)
+    return TlsStream(reader, writer)
 
 
 async def pump(work: Callable[[int], None], sock: socket.socket) -> None:
@@ -139,13 +187,20 @@ def cut(sock: socket.socket) -> None:
 
 @dataclass
 class Ticket:
-    """One expected data connection."""
+    """One expected data connection: from ``host``; encrypted, with ``sender``'s certificate."""
 
     token: bytes
     host: str
-    arrived: asyncio.Future[socket.socket] = field(repr=False)
+    sender: str
+    encrypted: bool
+    arrived: asyncio.Future[DataConnection] = field(repr=False)
 
-    async def connection(self) -> socket.socket:
+    def admits(self, host: str, identity: str | None) -> bool:
+        if self.arrived.done() or host != self.host:
+            return False
+        return identity == self.sender if self.encrypted else identity is None
+
+    async def connection(self) -> DataConnection:
         """The admitted connection; TimeoutError if the sender did not come in time."""
         return await asyncio.wait_for(asyncio.shield(self.arrived), TICKET_SECONDS)
 
@@ -153,8 +208,9 @@ class Ticket:
 class DataListener:
     """Accepts data connections and admits each one that brings a live ticket."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None) -> None:
         self._address = (host, port)
+        self._tls = tls
         self._tickets: dict[bytes, Ticket] = {}
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -184,12 +240,15 @@ class DataListener:
         if self._socket is not None:
             self._socket.close()
 
-    def expect(self, host: str) -> Ticket:
+    def expect(self, host: str, sender: str, encrypted: bool) -> Ticket:
         """A ticket for one connection from ``host``; withdraw it with ``discard`` when done."""
+        if encrypted and self._tls is None:
+            raise ValueError("encrypted streams need this agent's TLS files; it runs --insecure")
+        token = secrets.token_bytes(TOKEN_BYTES)
+        while token[0] == TLS_HANDSHAKE:
+            token = secrets.token_bytes(TOKEN_BYTES)
         ticket = Ticket(
-            secrets.token_bytes(TOKEN_BYTES),
-            _canonical(host),
-            asyncio.get_running_loop().create_future(),
+            token, _canonical(host), sender, encrypted, asyncio.get_running_loop().create_future()
         )
         self._tickets[ticket.token] = ticket
         return ticket
@@ -217,18 +276,56 @@ class DataListener:
 
     async def _admit(self, conn: socket.socket, host: str) -> None:
         try:
-            token = await asyncio.wait_for(_read_exactly(conn, TOKEN_BYTES), TOKEN_READ_SECONDS)
-        except (TimeoutError, OSError, EOFError) as error:
+            connection, token, identity = await asyncio.wait_for(
+                self._open(conn), TOKEN_READ_SECONDS
+            )
+        except (TimeoutError, OSError, EOFError, asyncio.IncompleteReadError) as error:
             log.warning("data connection dropped before its token: peer=%s error=%r", host, error)
             conn.close()
             return
-        ticket = self._tickets.pop(token, None)
-        if ticket is None or ticket.host != host or ticket.arrived.done():
-            log.warning("data connection refused, no ticket for it: peer=%s", host)
-            conn.close()
+        ticket = self._tickets.get(token)
+        if ticket is None or not ticket.admits(host, identity):
+            log.warning(
+                "data connection refused, no ticket for it: peer=%s certificate=%s",
+                host,
+                identity or "(none)",
+            )
+            connection.close()
             return
-        _tune(conn)
-        ticket.arrived.set_result(conn)
+        del self._tickets[token]
+        ticket.arrived.set_result(connection)
+
+    async def _open(self, conn: socket.socket) -> tuple[DataConnection, bytes, str | None]:
+        """The connection, its token, and the name in its certificate (None when plain)."""
+        if self._tls is not None and await _first_byte(conn) == TLS_HANDSHAKE:
+            stream = await _accept_tls(conn, self._tls)
+            token = await stream.reader.readexactly(TOKEN_BYTES)
+            return stream, token, certificate_name(stream.writer.get_extra_info("peercert")) or ""
+        token = await _read_exactly(conn, TOKEN_BYTES)
+        _hand_to_zfs(conn)
+        return conn, token, None
+
+
+async def _first_byte(conn: socket.socket) -> int:
+    """The first byte waiting on the connection, left there for whoever reads next."""
+    while True:
+        try:
+            peeked = conn.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            await readable(conn.fileno())
+            continue
+        if not peeked:
+            raise EOFError("connection closed before its first byte")
+        return peeked[0]
+
+
+async def _accept_tls(conn: socket.socket, context: ssl.SSLContext) -> TlsStream:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=CHUNK_BYTES, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn, ssl=context)
+    _fail_fast(conn)
+    return TlsStream(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
 
 async def _read_exactly(conn: socket.socket, size: int) -> bytes:

@@ -14,15 +14,22 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
 from collections.abc import AsyncIterator
 
 import grpc
 
 from agent import zfs
 from agent.store import VolumeStore
-from agent.transfer.data import DataListener, peer_host, pump, stream_bytes_received
+from agent.transfer.data import (
+    DataConnection,
+    DataListener,
+    TlsStream,
+    peer_host,
+    pump,
+    stream_bytes_received,
+)
 from agent.zfs import ZFSError
+from agent.zfs.streams import receive_chunks
 from control.keyspace import Keyspace
 from control.tls import peer_identity
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
@@ -40,12 +47,14 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         keyspace: Keyspace,
         data: DataListener,
         insecure: bool,
+        require_encryption: bool,
     ) -> None:
         self._node = node
         self._holdings = holdings
         self._keyspace = keyspace
         self._data = data
         self._insecure = insecure
+        self._require_encryption = require_encryption
 
     async def Holdings(
         self, request: transfer_pb2.HoldingsRequest, context: grpc.aio.ServicerContext
@@ -59,6 +68,12 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         volume = request.volume
         await self._authenticate(context, claimed=request.sender)
         await self._authorize(request, context)
+        if self._require_encryption and not request.encrypted:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self._node} accepts only encrypted streams; start the agent of "
+                f"{request.sender} with --encrypt-streams",
+            )
         if volume in self._holdings.receiving:
             await context.abort(
                 grpc.StatusCode.ABORTED,
@@ -68,7 +83,12 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         ticket = None
         try:
             await self._prepare_base(request, context)
-            ticket = self._data.expect(peer_host(context.peer()))
+            try:
+                ticket = self._data.expect(
+                    peer_host(context.peer()), request.sender, request.encrypted
+                )
+            except ValueError as error:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self._node}: {error}")
             yield transfer_pb2.ReceiveReply(
                 ticket=transfer_pb2.DataTicket(token=ticket.token, port=self._data.port)
             )
@@ -80,8 +100,10 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                     f"no data connection for {volume} arrived on port {self._data.port} "
                     "in time; is it blocked by a firewall?",
                 )
-            with connection:
+            try:
                 received = await self._receive(request, connection, context)
+            finally:
+                connection.close()
         finally:
             if ticket is not None:
                 self._data.discard(ticket)
@@ -168,7 +190,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
     async def _receive(
         self,
         header: transfer_pb2.StreamHeader,
-        connection: socket.socket,
+        connection: DataConnection,
         context: grpc.aio.ServicerContext,
     ) -> int:
         volume = header.volume
@@ -182,14 +204,17 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             header.epoch,
         )
         try:
-            await pump(functools.partial(zfs.lzc_receive, snapshot, force=True), connection)
-        except ZFSError as error:
+            if isinstance(connection, TlsStream):
+                received = await receive_chunks(snapshot, connection.chunks(), force=True)
+            else:
+                await pump(functools.partial(zfs.lzc_receive, snapshot, force=True), connection)
+                received = stream_bytes_received(connection)
+        except (ZFSError, OSError) as error:
             log.warning("receive failed, copy unchanged: volume=%s error=%s", volume, error)
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
                 f"receive of {volume}@{header.to_snapshot} failed, copy left unchanged: {error}",
             )
-        received = stream_bytes_received(connection)
         guid = await self._holdings.guid(volume, header.to_snapshot)
         if header.to_guid and guid != header.to_guid:
             await context.abort(

@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from dataclasses import dataclass
 
 from agent import zfs
 from agent.zfs.names import Name
@@ -46,7 +47,7 @@ def _receive_then_close(snapname: Name, read_fd: int, force: bool) -> None:
         os.close(read_fd)
 
 
-async def _readable(fd: int) -> None:
+async def readable(fd: int) -> None:
     """Wait until ``fd`` has data or is at end of file."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
@@ -83,7 +84,7 @@ async def send_chunks(
             try:
                 piece = os.read(read_fd, chunk_size - pending)
             except BlockingIOError:
-                await _readable(read_fd)
+                await readable(read_fd)
                 continue
             if piece:
                 pieces.append(piece)
@@ -140,6 +141,21 @@ async def receive_chunks(snapname: Name, chunks: AsyncIterable[bytes], force: bo
             await writer.wait_closed()
     await receiver
     return total
+
+
+@dataclass(frozen=True)
+class SnapshotStream:
+    """The send stream of ``snapshot`` (incremental from ``base``), for a descriptor or a loop."""
+
+    snapshot: bytes
+    base: bytes | None
+
+    def write_to(self, fd: int) -> None:
+        """Blocking: the whole stream into ``fd``."""
+        zfs.lzc_send(self.snapshot, self.base, fd)
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return send_chunks(self.snapshot, self.base)
 
 
 def _abort(transport: asyncio.WriteTransport) -> None:

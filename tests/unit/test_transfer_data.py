@@ -1,21 +1,28 @@
-"""Data connection admission on loopback sockets: only a live ticket, once, from its host."""
+"""Data connection admission on loopback sockets: only a live ticket, once, from its host.
+
+Encrypted connections also need the sender's certificate from the cluster CA.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import socket
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from agent.transfer import data
-from agent.transfer.data import DataListener, peer_host
+from agent.transfer.data import DataListener, TlsStream, peer_host
+from control import ca
+from control.tls import TlsFiles
 
 
 @pytest.fixture
 async def listener() -> AsyncIterator[DataListener]:
-    server = DataListener("127.0.0.1", 0)
+    server = DataListener("127.0.0.1", 0, None)
     await server.start()
     yield server
     await server.close()
@@ -46,10 +53,12 @@ async def _closed_by_peer(sock: socket.socket) -> bool:
 async def test_a_ticket_admits_one_connection_and_the_stream_after_its_token(
     listener: DataListener,
 ) -> None:
-    ticket = listener.expect("127.0.0.1")
+    ticket = listener.expect("127.0.0.1", "ct-send", encrypted=False)
     stream = secrets.token_bytes(300_000)
     sender = await data.connect("127.0.0.1", listener.port, ticket.token)
-    with sender, await ticket.connection() as received:
+    received = await ticket.connection()
+    assert isinstance(received, socket.socket)
+    with sender, received:
         sending = asyncio.create_task(asyncio.to_thread(sender.sendall, stream))
         arrived = await asyncio.to_thread(received.recv, len(stream), socket.MSG_WAITALL)
         await sending
@@ -69,18 +78,18 @@ async def test_a_ticket_admits_one_connection_and_the_stream_after_its_token(
 
 
 async def test_a_wrong_token_is_closed_and_the_ticket_still_waits(listener: DataListener) -> None:
-    ticket = listener.expect("127.0.0.1")
+    ticket = listener.expect("127.0.0.1", "ct-send", encrypted=False)
     forged = await _dial(listener.port, secrets.token_bytes(data.TOKEN_BYTES) + b"stream")
     with forged:
         assert await _closed_by_peer(forged)
     assert not ticket.arrived.done()
     genuine = await data.connect("127.0.0.1", listener.port, ticket.token)
-    with genuine, await ticket.connection():
-        pass
+    assert isinstance(await ticket.connection(), socket.socket)
+    genuine.close()
 
 
 async def test_a_ticket_is_refused_from_another_address(listener: DataListener) -> None:
-    ticket = listener.expect("127.0.0.1")
+    ticket = listener.expect("127.0.0.1", "ct-send", encrypted=False)
     elsewhere = await _dial(listener.port, ticket.token, source="127.0.0.2")
     with elsewhere:
         assert await _closed_by_peer(elsewhere)
@@ -88,7 +97,7 @@ async def test_a_ticket_is_refused_from_another_address(listener: DataListener) 
 
 
 async def test_a_discarded_ticket_admits_nothing(listener: DataListener) -> None:
-    ticket = listener.expect("127.0.0.1")
+    ticket = listener.expect("127.0.0.1", "ct-send", encrypted=False)
     listener.discard(ticket)
     late = await _dial(listener.port, ticket.token)
     with late:
@@ -96,9 +105,11 @@ async def test_a_discarded_ticket_admits_nothing(listener: DataListener) -> None
 
 
 async def test_pump_cut_by_cancellation_ends_the_blocked_work(listener: DataListener) -> None:
-    ticket = listener.expect("127.0.0.1")
+    ticket = listener.expect("127.0.0.1", "ct-send", encrypted=False)
     sender = await data.connect("127.0.0.1", listener.port, ticket.token)
-    with sender, await ticket.connection() as received:
+    received = await ticket.connection()
+    assert isinstance(received, socket.socket)
+    with sender, received:
         seen: list[bytes] = []
 
         def read_all(fd: int) -> None:
@@ -124,3 +135,84 @@ async def test_pump_cut_by_cancellation_ends_the_blocked_work(listener: DataList
 )
 def test_peer_host_reads_grpc_peer_strings(grpc_peer: str, host: str) -> None:
     assert peer_host(grpc_peer) == host
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("ct-data-pki")
+    ca.init(directory)
+    for node in ("ct-recv", "ct-send", "ct-other"):
+        ca.issue(directory, "node", node, ips=("127.0.0.1",))
+    return directory
+
+
+def _context(pki: Path, node: str, purpose: ssl.Purpose) -> ssl.SSLContext:
+    files = TlsFiles(pki / "ca.crt", pki / f"{node}.crt", pki / f"{node}.key")
+    return files.ssl_context(purpose)
+
+
+@pytest.fixture
+async def tls_listener(pki: Path) -> AsyncIterator[DataListener]:
+    server = DataListener("127.0.0.1", 0, _context(pki, "ct-recv", ssl.Purpose.CLIENT_AUTH))
+    await server.start()
+    yield server
+    await server.close()
+
+
+async def _refused(stream: TlsStream) -> bool:
+    try:
+        return await asyncio.wait_for(stream.reader.read(1), 5) == b""
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+    finally:
+        stream.close()
+
+
+async def test_an_encrypted_ticket_admits_the_senders_certificate(
+    tls_listener: DataListener, pki: Path
+) -> None:
+    ticket = tls_listener.expect("127.0.0.1", "ct-send", encrypted=True)
+    client = _context(pki, "ct-send", ssl.Purpose.SERVER_AUTH)
+    sender = await data.connect_tls("127.0.0.1", tls_listener.port, ticket.token, client, "ct-recv")
+    payload = secrets.token_bytes(200_000)
+    sender.writer.write(payload)
+    sender.writer.close()
+    received = await ticket.connection()
+    assert isinstance(received, TlsStream)
+    assert b"".join([chunk async for chunk in received.chunks()]) == payload
+    received.close()
+
+
+async def test_an_encrypted_ticket_refuses_another_nodes_certificate(
+    tls_listener: DataListener, pki: Path
+) -> None:
+    ticket = tls_listener.expect("127.0.0.1", "ct-send", encrypted=True)
+    other = _context(pki, "ct-other", ssl.Purpose.SERVER_AUTH)
+    impostor = await data.connect_tls(
+        "127.0.0.1", tls_listener.port, ticket.token, other, "ct-recv"
+    )
+    assert await _refused(impostor)
+    assert not ticket.arrived.done()
+
+
+async def test_the_kind_of_connection_must_match_the_ticket(
+    tls_listener: DataListener, pki: Path
+) -> None:
+    encrypted = tls_listener.expect("127.0.0.1", "ct-send", encrypted=True)
+    plain = await _dial(tls_listener.port, encrypted.token)
+    with plain:
+        assert await _closed_by_peer(plain)
+    unencrypted = tls_listener.expect("127.0.0.1", "ct-send", encrypted=False)
+    client = _context(pki, "ct-send", ssl.Purpose.SERVER_AUTH)
+    wrapped = await data.connect_tls(
+        "127.0.0.1", tls_listener.port, unencrypted.token, client, "ct-recv"
+    )
+    assert await _refused(wrapped)
+    assert not encrypted.arrived.done() and not unencrypted.arrived.done()
+
+
+async def test_a_listener_without_tls_cannot_expect_encrypted_streams(
+    listener: DataListener,
+) -> None:
+    with pytest.raises(ValueError, match="--insecure"):
+        listener.expect("127.0.0.1", "ct-send", encrypted=True)

@@ -115,6 +115,7 @@ class StreamHeader(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     SENDER_FIELD_NUMBER: _builtins.int
     ESTIMATED_BYTES_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     from_snapshot: _builtins.str
     """Base snapshot short name; empty for a full stream."""
@@ -125,6 +126,10 @@ class StreamHeader(_message.Message):
     sender: _builtins.str
     estimated_bytes: _builtins.int
     """Estimated stream size, for progress only (0 when unknown)."""
+    encrypted: _builtins.bool
+    """The sender will speak mutual TLS on the data connection (agent flag
+    --encrypt-streams); a receiver with that flag refuses plain streams.
+    """
     def __init__(
         self,
         *,
@@ -135,10 +140,11 @@ class StreamHeader(_message.Message):
         epoch: _builtins.int = ...,
         sender: _builtins.str = ...,
         estimated_bytes: _builtins.int = ...,
+        encrypted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "estimated_bytes", b"estimated_bytes", "from_snapshot", b"from_snapshot", "sender", b"sender", "to_guid", b"to_guid", "to_snapshot", b"to_snapshot", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted", b"encrypted", "epoch", b"epoch", "estimated_bytes", b"estimated_bytes", "from_snapshot", b"from_snapshot", "sender", b"sender", "to_guid", b"to_guid", "to_snapshot", b"to_snapshot", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,8 +154,9 @@ Global___StreamHeader: _TypeAlias = StreamHeader  # noqa: Y015
 class DataTicket(_message.Message):
     """Admission to the data connection: the sender connects to the port on the
     receiver's host (from the same address as this call), writes the token,
-    then the raw stream, and half-closes. Good for one connection, for a short
-    time.
+    then the raw stream, and closes (plain: half-closes). Good for one
+    connection, for a short time. Encrypted, the connection is mutual TLS and
+    the token comes after the handshake.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
