@@ -10,7 +10,8 @@ agents), it alternates, in one run:
 - a raw ``zfs send | zfs receive`` of a volume between the two hosts' pools,
   and the same volume moved by the agents, taking turns at going first (the
   transfer time is what the source agent logs for the full stream: the TLS
-  call, its ticket, and the data connection);
+  call, its ticket, and the data connection); then the same with both
+  agents restarted with ``--encrypt-streams``;
 - the handoff pause (mount released on A until the copy on B is writable)
   of a small and a large volume, each with 16 MiB written after pre-copy.
 
@@ -78,6 +79,13 @@ def agent_transfer(
     return float(max(full, key=lambda m: int(m.group(3))).group(4)), whole
 
 
+def restart_agents(cluster: Cluster, env: dict[str, str]) -> None:
+    """Both agents again, with ``env`` added (e.g. FERRY_ENCRYPT_STREAMS)."""
+    for host in cluster.hosts[:2]:
+        cluster.agent(host.name, "stop")
+        cluster.agent(host.name, "start", env)
+
+
 def handoff_pause(cluster: Cluster, name: str, a: ClusterHost, b: ClusterHost) -> float:
     """Seconds from releasing the mount on A to the copy on B being mounted writable."""
 
@@ -119,6 +127,12 @@ def main() -> None:
     parser.add_argument("--small-mib", type=int, default=64)
     parser.add_argument("--large-mib", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--encrypted",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time transfers with --encrypt-streams",
+    )
     args = parser.parse_args()
     settings = Path("/etc/zfs/zfsrc")
     print(
@@ -131,7 +145,7 @@ def main() -> None:
     )
     with local_cluster(f"bn{secrets.token_hex(2)}", hosts=2, pool_size="16G") as cluster:
         a, b = cluster.hosts[0], cluster.hosts[1]
-        raw, agent, whole = [], [], []
+        raw, agent, whole, encrypted = [], [], [], []
         for run in range(args.runs):
             name = fresh_volume(cluster, a, args.mib)
             subprocess.run(["sync"], check=True)
@@ -144,10 +158,16 @@ def main() -> None:
             agent.append(transfer)
             whole.append(move)
             cluster.ferryctl(["volume", "delete", name, "--force"])
-            print(
-                f"run {run + 1}: raw {raw[-1]:.2f}s  agents {agent[-1]:.2f}s  "
-                f"whole move {move:.2f}s"
-            )
+            line = f"run {run + 1}: raw {raw[-1]:.2f}s  agents {agent[-1]:.2f}s"
+            if args.encrypted:
+                restart_agents(cluster, {"FERRY_ENCRYPT_STREAMS": "1"})
+                name = fresh_volume(cluster, a, args.mib)
+                subprocess.run(["sync"], check=True)
+                encrypted.append(agent_transfer(cluster, name, a, b)[0])
+                cluster.ferryctl(["volume", "delete", name, "--force"])
+                restart_agents(cluster, {})
+                line += f"  agents encrypted {encrypted[-1]:.2f}s"
+            print(f"{line}  whole move {move:.2f}s")
         raw_rate = args.mib / statistics.median(raw)
         agent_rate = args.mib / statistics.median(agent)
         print(
@@ -155,6 +175,12 @@ def main() -> None:
             f"{agent_rate:.0f} MiB/s, ratio {agent_rate / raw_rate:.2f} "
             f"(whole move incl. handoff: {args.mib / statistics.median(whole):.0f} MiB/s)"
         )
+        if encrypted:
+            rate = args.mib / statistics.median(encrypted)
+            print(
+                f"with --encrypt-streams: {rate:.0f} MiB/s, ratio to raw {rate / raw_rate:.2f}, "
+                f"to plain agents {rate / agent_rate:.2f}"
+            )
         pauses: dict[int, list[float]] = {args.small_mib: [], args.large_mib: []}
         for run in range(args.runs):
             for mib in pauses:

@@ -54,6 +54,12 @@ def sent(cluster: Cluster, name: str) -> int:
     return int(move.get("bytes_sent", 0))
 
 
+def move_error(cluster: Cluster, name: str) -> str:
+    move = cluster.volume(name).get("move") or {}
+    assert isinstance(move, dict)
+    return str(move.get("error", ""))
+
+
 @pytest.fixture
 def loaded(cluster: Cluster) -> Iterator[tuple[str, dict[str, str]]]:
     """A volume on the first host with 384 MiB of data, and its checksums."""
@@ -113,7 +119,7 @@ def test_a_source_dead_before_releasing_its_transfer_holds_finishes_the_move(
     name, data = loaded
     a, b = cluster.hosts[0], cluster.hosts[1]
     cluster.agent(a.name, "stop")
-    cluster.agent(a.name, "start", failpoints="transfer.sent")
+    cluster.agent(a.name, "start", {"FERRY_FAILPOINTS": "transfer.sent"})
     wait_for("the armed agent", lambda: _port_open(a.agent_address or ""), 30)
     cluster.ferryctl(["volume", "move", name, b.name])
     wait_for("the source to die", lambda: not _port_open(a.agent_address or ""), 120)
@@ -135,7 +141,7 @@ def test_the_source_dying_around_the_ownership_swap_loses_nothing(
     name, data = loaded
     a, b = cluster.hosts[0], cluster.hosts[1]
     cluster.agent(a.name, "stop")
-    cluster.agent(a.name, "start", failpoints=failpoint)
+    cluster.agent(a.name, "start", {"FERRY_FAILPOINTS": failpoint})
     wait_for("the armed agent", lambda: _port_open(a.agent_address or ""), 30)
     cluster.ferryctl(["volume", "move", name, b.name])
     wait_for(

@@ -166,12 +166,12 @@ class Cluster:
             )
         return env
 
-    def agent(self, host: str, action: str, failpoints: str = "") -> None:
+    def agent(self, host: str, action: str, env: Mapping[str, str] | None = None) -> None:
         """Kill (SIGKILL), stop (SIGTERM) or start a host's agent: local-cluster's own
-        command for netns hosts, systemd's on real machines. ``failpoints`` arms
-        agent.failpoints in the started agent (local clusters only)."""
+        command for netns hosts, systemd's on real machines. ``env`` adds FERRY_*
+        settings (FERRY_FAILPOINTS, FERRY_ENCRYPT_STREAMS) to the started agent (local
+        clusters only)."""
         if self.kind == "local":
-            env = {"FERRY_FAILPOINTS": failpoints} if failpoints else {}
             self.local_process(f"agent:{host}", action, env)
             return
         verbs = {"kill": ["kill", "--signal=SIGKILL"], "stop": ["stop"], "start": ["start"]}
