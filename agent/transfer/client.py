@@ -101,7 +101,10 @@ class PeerClient:
         except grpc.aio.AioRpcError as error:
             raise TransferFailed(f"{self.node} ({self.address}): {error.details()}") from error
         except OSError as error:
-            raise TransferFailed(f"data connection to {self.node} ({host}): {error}") from error
+            raise TransferFailed(
+                f"data connection to {self.node} ({host}) failed: {error}; the data port "
+                "(--data-port, gRPC port + 1 by default) must be open between agents"
+            ) from error
         finally:
             call.cancel()
         on_progress(done.bytes_received)

@@ -224,7 +224,14 @@ class DataListener:
 
     async def start(self) -> None:
         host, port = self._address
-        self._socket = socket.create_server((host or "0.0.0.0", port), backlog=64)
+        try:
+            self._socket = socket.create_server((host or "0.0.0.0", port), backlog=64)
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"cannot listen for data connections on {host}:{port} ({error.strerror}); "
+                "free the port or choose another with --data-port",
+            ) from error
         self._socket.setblocking(False)
         self._accepting = asyncio.create_task(self._accept_forever(), name="data-listener")
         log.info("data connections: listen=%s:%d", host, self.port)

@@ -216,3 +216,9 @@ async def test_a_listener_without_tls_cannot_expect_encrypted_streams(
 ) -> None:
     with pytest.raises(ValueError, match="--insecure"):
         listener.expect("127.0.0.1", "ct-send", encrypted=True)
+
+
+async def test_a_data_port_in_use_says_which_flag_moves_it(listener: DataListener) -> None:
+    second = DataListener("127.0.0.1", listener.port, None)
+    with pytest.raises(OSError, match="--data-port"):
+        await second.start()
