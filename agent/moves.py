@@ -104,7 +104,9 @@ class MoveDriver:
             if tracker.move.phase != MovePhase.WAITING_FOR_UNMOUNT:
                 log.info("waiting for unmount: volume=%s node=%s", volume, self._node)
                 await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT)
-            await self._until_unmounted(volume, RESYNC_SECONDS)
+            if await self._until_unmounted(volume, RESYNC_SECONDS):
+                # Whatever was written since the last sync goes in the final one, writes stopped.
+                return
 
     async def _handoff(
         self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord
@@ -165,12 +167,13 @@ class MoveDriver:
         )
         return progress.sent
 
-    async def _until_unmounted(self, volume: str, at_most: float) -> None:
-        """Return as soon as nothing here mounts the volume, or after ``at_most`` seconds."""
+    async def _until_unmounted(self, volume: str, at_most: float) -> bool:
+        """True once nothing here mounts the volume; False if still mounted after ``at_most``."""
         for _ in range(round(at_most / UNMOUNT_POLL_SECONDS)):
             if not await self._mounted_here(volume):
-                return
+                return True
             await asyncio.sleep(UNMOUNT_POLL_SECONDS)
+        return False
 
     async def _mounted_here(self, volume: str) -> bool:
         return any(m.node == self._node for m in await self._keyspace.list_mounts(volume))
