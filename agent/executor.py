@@ -27,6 +27,9 @@ from control.records import MovePhase
 
 log = logging.getLogger(__name__)
 
+# Compare-and-swap rounds for marking a move done, each on a fresh read.
+FINISH_ATTEMPTS = 10
+
 
 class Executor:
     """Carries out planned actions; move drivers run as background tasks."""
@@ -95,9 +98,26 @@ class Executor:
             return
         await self._store.activate(volume, spec.value.size_bytes, spec.value.compression)
         log.info("volume writable: volume=%s node=%s epoch=%d", volume, self._node, epoch)
-        if incoming and move is not None and move.value.phase != MovePhase.DONE:
+        if incoming:
+            await self._finish_move(volume)
+
+    async def _finish_move(self, volume: str) -> None:
+        """Mark the move into this node done, on a fresh read each time: the source may still
+        be writing its last phase, and a lost compare-and-swap must not leave the move open."""
+        for _ in range(FINISH_ATTEMPTS):
+            move = await self._keyspace.get_move(volume)
+            if (
+                move is None
+                or move.value.target != self._node
+                or move.value.phase == MovePhase.DONE
+            ):
+                return
             done = replace(move.value, phase=MovePhase.DONE, error="", updated_at=time.time())
-            await self._keyspace.put_move(done, move.revision)
+            if await self._keyspace.put_move(done, move.revision):
+                return
+        log.warning(
+            "move record not marked done after %d attempts: volume=%s", FINISH_ATTEMPTS, volume
+        )
 
     async def _drive(self, volume: str) -> None:
         backoff = Backoff()

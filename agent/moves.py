@@ -117,16 +117,26 @@ class MoveDriver:
             await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT)
             raise MoveAbandoned(f"{volume} was mounted again on {self._node}; waiting for unmount")
         paused = time.monotonic()
-        await self._store.stop_writes(volume)
-        await self._sync(volume, epoch, peer, tracker)
-        final = (await self._store.snapshots(volume) or [])[-1].name
-        await tracker.update(final_snapshot=final)
-        failpoints.reached("handoff.before_cas")
-        if not await self._keyspace.transfer_owner(
-            volume, Owner(node=self._node, epoch=epoch), tracker.move.target
-        ):
+        await self._store.freeze(volume)
+        swapped = False
+        try:
+            await self._sync(volume, epoch, peer, tracker)
+            final = (await self._store.snapshots(volume) or [])[-1].name
+            await tracker.update(final_snapshot=final)
+            failpoints.reached("handoff.before_cas")
+            swapped = await self._keyspace.transfer_owner(
+                volume, Owner(node=self._node, epoch=epoch), tracker.move.target
+            )
+            stopped_for = time.monotonic() - paused
+            if swapped:
+                failpoints.reached("handoff.after_cas")
+                await tracker.update(phase=MovePhase.ACTIVATING)
+        finally:
+            # Frozen is a state of a running handoff only. Either way the copy here ends
+            # unmounted and read-only; the new owner does not wait for this.
+            await self._store.stop_writes(volume)
+        if not swapped:
             raise MoveAbandoned(f"ownership of {volume} changed during the handoff")
-        failpoints.reached("handoff.after_cas")
         log.info(
             "handed off: volume=%s from=%s to=%s epoch=%d final=%s writes_stopped_for=%.2fs",
             volume,
@@ -134,9 +144,8 @@ class MoveDriver:
             tracker.move.target,
             epoch + 1,
             final,
-            time.monotonic() - paused,
+            stopped_for,
         )
-        await tracker.update(phase=MovePhase.ACTIVATING)
 
     async def _sync(self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord) -> int:
         """Snapshot now and bring the peer up to that snapshot; returns the bytes sent."""
@@ -204,6 +213,8 @@ class _MoveRecord:
         ):
             raise MoveAbandoned(f"the move of {new.volume} was cancelled or retargeted")
         self._current = fresh
+        if fresh.value.phase == MovePhase.DONE:
+            return  # the target finished the move; nothing the source says is newer
         await self.update(**changes)
 
 

@@ -58,7 +58,7 @@ class AgentService:
     async def run(self) -> None:
         """Serve until cancelled."""
         await self._store.ensure_root()
-        await self._store.release_stale_holds()
+        await self._store.recover()
         tls = self._config.tls
         data = DataListener(
             host_of(self._config.listen),

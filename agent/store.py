@@ -23,7 +23,7 @@ from agent import zfs
 from agent.plan import LocalVolume
 from agent.snapshots import SnapshotRef, next_name, prunable
 from agent.zfs.streams import SnapshotStream
-from agent.zfs.volumes import TRANSFER_HOLD, PoolRoot
+from agent.zfs.volumes import TRANSFER_HOLD, PoolRoot, read_only_mounts
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,24 @@ class VolumeStore:
     async def ensure_root(self) -> None:
         await asyncio.to_thread(self._root.ensure)
 
-    async def release_stale_holds(self) -> None:
-        """At start no transfer runs here: a transfer hold is left by a killed predecessor."""
-        await asyncio.to_thread(self._release_stale_holds)
+    async def recover(self) -> None:
+        """Undo what a killed predecessor left halfway; at start no transfer or handoff runs here.
 
-    def _release_stale_holds(self) -> None:
+        Transfer holds are released. A volume still frozen by a handoff is
+        unmounted and made read-only; convergence mounts it writable again if
+        this node still owns it.
+        """
+        await asyncio.to_thread(self._recover)
+
+    def _recover(self) -> None:
         for volume in self._root.volumes():
             for snapshot in self._root.release_transfer_holds(volume):
                 log.warning(
                     "released a transfer hold left by a stopped agent: %s", snapshot.decode()
                 )
+        for volume in self._root.frozen():
+            self._stop_writes(volume)
+            log.warning("unmounted a copy frozen by an interrupted handoff: volume=%s", volume)
 
     def mountpoint(self, volume: str) -> Path:
         return self._mount_root / volume
@@ -62,12 +70,13 @@ class VolumeStore:
 
     def _local_volumes(self) -> dict[str, LocalVolume]:
         found = {}
+        read_only = read_only_mounts()
         for volume in set(self._root.volumes()) - self.receiving:
             props = zfs.lzc_get_props(self._root.dataset(volume))
             found[volume] = LocalVolume(
                 name=volume,
                 snapshots=tuple(ref.name for ref in self._snapshots(volume) or ()),
-                writable=_writable(props),
+                writable=_writable(props, read_only),
                 mounted=props.get("mounted") == "yes",
             )
         return found
@@ -93,7 +102,7 @@ class VolumeStore:
 
     async def is_writable(self, volume: str) -> bool:
         props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
-        return _writable(props)
+        return _writable(props, await asyncio.to_thread(read_only_mounts))
 
     async def used_bytes(self, volume: str) -> int:
         props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
@@ -122,6 +131,10 @@ class VolumeStore:
     async def ensure_mounted(self, volume: str) -> None:
         """Mount the owner's copy if it is not (after the last container unmounted it)."""
         await asyncio.to_thread(self._root.mount, volume, self.mountpoint(volume))
+
+    async def freeze(self, volume: str) -> None:
+        """Refuse writes at once, still mounted (PoolRoot.freeze); ``stop_writes`` follows."""
+        await asyncio.to_thread(self._root.freeze, volume)
 
     async def stop_writes(self, volume: str) -> None:
         """Unmount and make read-only: after this, nothing writes to this copy."""
@@ -199,6 +212,13 @@ class VolumeStore:
         log.info("dataset destroyed: volume=%s", volume)
 
 
-def _writable(props: dict[str, str]) -> bool:
-    """Writable means mounted read-write: a copy being received is neither, and is left alone."""
-    return props.get("readonly") == "off" and props.get("mounted") == "yes"
+def _writable(props: dict[str, str], read_only_mounts: set[str]) -> bool:
+    """Writable means mounted read-write: a copy being received is neither, and is left alone.
+
+    A frozen copy (mounted, but read-only in the kernel's mount table) is not writable.
+    """
+    return (
+        props.get("readonly") == "off"
+        and props.get("mounted") == "yes"
+        and props.get("mountpoint") not in read_only_mounts
+    )

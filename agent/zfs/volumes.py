@@ -12,6 +12,7 @@ Every method blocks on ``zfs`` commands: async callers run them with
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,16 @@ def validate_compression(value: str) -> str:
             value, f"Invalid compression; use one of {', '.join(sorted(compression_values()))}"
         )
     return value
+
+
+def read_only_mounts(table: Path = Path("/proc/self/mounts")) -> set[str]:
+    """Mount points mounted read-only, as the kernel lists them."""
+    found = set()
+    for line in table.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and "ro" in fields[3].split(","):
+            found.add(fields[1].replace("\\040", " "))
+    return found
 
 
 class PoolRoot:
@@ -120,6 +131,33 @@ class PoolRoot:
         if zfs.lzc_get_props(dataset).get("mounted") == "yes":
             retry_busy(lambda: zfs.zfs_unmount(dataset), f"unmount {volume}")
         zfs.lzc_set_prop(dataset, "canmount", "noauto")
+
+    def freeze(self, volume: str) -> None:
+        """Refuse writes to the mounted volume at once, and flush what was written.
+
+        A read-only bind remount of the mountpoint is a flag in the kernel's
+        mount table: instant, whatever the size. ``unmount`` is not: FUSE
+        drops the volume's page cache then (measured on zfs-fuse: 0.2 s for a
+        2 GiB volume, 0.02 s for 64 MiB). A frozen volume is unmounted later.
+        """
+        path = self._mounted_path(volume)
+        if path is None:
+            return
+        for command in (["mount", "-o", "remount,bind,ro", path], ["sync", "-f", path]):
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise OSError(
+                    f"cannot freeze {volume}: {' '.join(command)}: {result.stderr.strip()}"
+                )
+
+    def frozen(self) -> list[str]:
+        """Volumes mounted read-only by ``freeze``."""
+        read_only = read_only_mounts()
+        return [v for v in self.volumes() if self._mounted_path(v) in read_only]
+
+    def _mounted_path(self, volume: str) -> str | None:
+        props = zfs.lzc_get_props(self.dataset(volume))
+        return props.get("mountpoint") if props.get("mounted") == "yes" else None
 
     def set_readonly(self, volume: str, readonly: bool) -> None:
         """Make the volume refuse (or accept again) writes, e.g. while it is being moved."""

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.cluster
 
 
 def writable_copies(cluster: Cluster, name: str) -> list[str]:
-    """Hosts where the volume's dataset is mounted read-write."""
+    """Hosts where the volume's dataset is mounted read-write, in ZFS and in the mount table."""
     found = []
     for host in cluster.hosts[:2]:
         out = cluster.run(
@@ -37,7 +37,12 @@ def writable_copies(cluster: Cluster, name: str) -> list[str]:
             ["zfs", "get", "-H", "-o", "value", "readonly,mounted", f"{host.pool}/ferry/{name}"],
             check=False,
         ).stdout.split()
-        if out == ["off", "yes"]:
+        if out != ["off", "yes"]:
+            continue
+        options = cluster.run(
+            host, ["findmnt", "-n", "-o", "OPTIONS", mountpoint(host, name)], check=False
+        ).stdout
+        if "ro" not in options.strip().split(","):
             found.append(host.name)
     return found
 

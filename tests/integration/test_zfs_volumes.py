@@ -135,6 +135,24 @@ def test_transfer_holds_left_behind_are_released_and_others_kept(
     assert not zfs.lzc_exists(root.dataset("db"))
 
 
+def test_freeze_refuses_writes_at_once_and_keeps_what_was_written(
+    root: PoolRoot, tmp_path: Path
+) -> None:
+    where = tmp_path / "db"
+    root.create_volume("db", 16 << 20, "off", where)
+    (where / "before").write_bytes(b"kept")
+    root.freeze("db")
+    with pytest.raises(OSError) as refused:
+        (where / "after").write_bytes(b"refused")
+    assert refused.value.errno == errno.EROFS
+    assert root.frozen() == ["db"]
+    root.unmount("db")
+    assert root.frozen() == []
+    root.mount("db", where)
+    assert (where / "before").read_bytes() == b"kept"
+    assert not (where / "after").exists()
+
+
 def test_rename_aside_keeps_the_data_out_of_the_volume_list(
     pool: ScratchPool, root: PoolRoot, tmp_path: Path
 ) -> None:
