@@ -31,12 +31,15 @@ class TlsFiles:
     cert: Path
     key: Path
 
-    def _read(self) -> tuple[bytes, bytes, bytes]:
+    def _require(self) -> None:
         missing = [str(p) for p in (self.ca, self.cert, self.key) if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"TLS file(s) not found: {', '.join(missing)}; issue them with 'ferryctl ca issue'"
             )
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        self._require()
         return Path(self.ca).read_bytes(), Path(self.cert).read_bytes(), Path(self.key).read_bytes()
 
     def server_credentials(self) -> grpc.ServerCredentials:
@@ -52,7 +55,7 @@ class TlsFiles:
         Either side requires the other's certificate from the cluster CA; a
         client checks the server's name with ``server_hostname``.
         """
-        self._read()
+        self._require()
         context = ssl.create_default_context(purpose, cafile=str(self.ca))
         context.load_cert_chain(str(self.cert), str(self.key))
         context.verify_mode = ssl.CERT_REQUIRED

@@ -100,13 +100,10 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                     f"no data connection for {volume} arrived on port {self._data.port} "
                     "in time; is it blocked by a firewall?",
                 )
-            try:
-                received = await self._receive(request, connection, context)
-            finally:
-                connection.close()
+            received = await self._receive(request, connection, context)
         finally:
             if ticket is not None:
-                self._data.discard(ticket)
+                self._data.discard(ticket)  # closes the connection it admitted
             self._holdings.receiving.discard(volume)
         reply = await self._reply(volume, context)
         reply.bytes_received = received

@@ -117,17 +117,26 @@ def test_an_agent_killed_mid_transfer_leaves_the_source_owner_and_the_move_compl
     finish_and_check(cluster, name, data, b)
 
 
+def _move_until_the_source_dies_at(cluster: Cluster, name: str, failpoint: str) -> None:
+    """Restart the source's agent armed with ``failpoint``, move the volume to the second
+    host, and return once the source has died there."""
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    cluster.agent(a.name, "stop")
+    cluster.agent(a.name, "start", {"FERRY_FAILPOINTS": failpoint})
+    wait_for("the armed agent", lambda: _port_open(a.agent_address or ""), 30)
+    cluster.ferryctl(["volume", "move", name, b.name])
+    wait_for(
+        f"the source to die at {failpoint}", lambda: not _port_open(a.agent_address or ""), 120
+    )
+
+
 def test_a_source_dead_before_releasing_its_transfer_holds_finishes_the_move(
     cluster: Cluster, loaded: tuple[str, dict[str, str]]
 ) -> None:
     """The first stream arrived, the source died holding its snapshots: they must not stay held."""
     name, data = loaded
     a, b = cluster.hosts[0], cluster.hosts[1]
-    cluster.agent(a.name, "stop")
-    cluster.agent(a.name, "start", {"FERRY_FAILPOINTS": "transfer.sent"})
-    wait_for("the armed agent", lambda: _port_open(a.agent_address or ""), 30)
-    cluster.ferryctl(["volume", "move", name, b.name])
-    wait_for("the source to die", lambda: not _port_open(a.agent_address or ""), 120)
+    _move_until_the_source_dies_at(cluster, name, "transfer.sent")
     assert cluster.volume(name)["owner"] == a.name
     cluster.agent(a.name, "start")
     finish_and_check(cluster, name, data, b)
@@ -145,13 +154,7 @@ def test_the_source_dying_around_the_ownership_swap_loses_nothing(
 ) -> None:
     name, data = loaded
     a, b = cluster.hosts[0], cluster.hosts[1]
-    cluster.agent(a.name, "stop")
-    cluster.agent(a.name, "start", {"FERRY_FAILPOINTS": failpoint})
-    wait_for("the armed agent", lambda: _port_open(a.agent_address or ""), 30)
-    cluster.ferryctl(["volume", "move", name, b.name])
-    wait_for(
-        "the source to die at the failpoint", lambda: not _port_open(a.agent_address or ""), 120
-    )
+    _move_until_the_source_dies_at(cluster, name, failpoint)
     expected_owner = a.name if failpoint == "handoff.before_cas" else b.name
     assert cluster.volume(name)["owner"] == expected_owner
     assert len(writable_copies(cluster, name)) <= 1
