@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -37,8 +38,10 @@ class DockerDaemon(TestService):
     """One private dockerd; use as a context manager so it is always stopped."""
 
     def __init__(self, prefix: str = "im", start_timeout: float = 60.0) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix=f"{prefix}-dockerd-", dir="/tmp"))
-        self.name = self.root.name
+        # The name is also the containerd namespace, which allows only letters and
+        # digits between single separators: mkdtemp's suffix may end in "_".
+        self.name = f"{prefix}-dockerd-{secrets.token_hex(4)}"
+        self.root = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir="/tmp"))
         self.socket = self.root / "docker.sock"
         self.url = f"unix://{self.socket}"
         self._start_timeout = start_timeout
