@@ -14,6 +14,7 @@ import contextlib
 import logging
 import ssl
 import time
+from dataclasses import replace
 
 import aetcd
 import grpc
@@ -39,6 +40,9 @@ from protos.ferry.v1 import transfer_pb2_grpc
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+# The node record is rewritten when the pool's free space moved by this much, so
+# placement and the size check see it, without a write for every block.
+FREE_SPACE_STEP = 1 << 20
 
 
 class AgentService:
@@ -53,6 +57,7 @@ class AgentService:
         self._driver = MoveDriver(config.node, keyspace, store, self._peer)
         self._executor = Executor(config.node, keyspace, store, self._driver, self._wakeup.set)
         self._lease: aetcd.Lease | None = None
+        self._registered: NodeInfo | None = None
         self._reported: set[str] = set()
 
     async def run(self) -> None:
@@ -134,11 +139,13 @@ class AgentService:
             started_at=time.time(),
         )
         self._lease = await self._keyspace.register_node(info, ttl=self._config.lease_ttl)
+        self._registered = info
         self._reported.clear()
         log.info("registered: node=%s address=%s", info.name, info.address)
 
     async def _keep_registered(self) -> None:
-        """Refresh the node lease; register again when it was lost (e.g. etcd was down too long)."""
+        """Refresh the node lease and the free space on record; register again when the lease
+        was lost (e.g. etcd was down too long)."""
         backoff = Backoff()
         while True:
             await asyncio.sleep(self._config.lease_ttl / 3)
@@ -148,11 +155,21 @@ class AgentService:
                 if remaining <= 0:
                     await self._register()
                     self._wakeup.set()
+                else:
+                    await self._report_free_space(self._lease)
                 backoff.reset()
             except Exception as error:
                 delay = backoff.next()
                 log.warning("etcd lease refresh failed: error=%s retry_in=%.1fs", error, delay)
                 await asyncio.sleep(delay)
+
+    async def _report_free_space(self, lease: aetcd.Lease) -> None:
+        assert self._registered is not None
+        free = await self._store.free_bytes()
+        if abs(free - self._registered.free_bytes) >= FREE_SPACE_STEP:
+            self._registered = replace(self._registered, free_bytes=free)
+            await self._keyspace.update_node(self._registered, lease)
+            log.debug("free space reported: node=%s free_bytes=%d", self._config.node, free)
 
     async def _watch(self) -> None:
         backoff = Backoff()
@@ -226,9 +243,10 @@ class AgentService:
         self._reported = set(volumes)
 
     async def _peer(self, node: str) -> PeerClient:
-        info = await self._keyspace.get_node(node)
-        if info is None:
+        found = await self._keyspace.get_node(node)
+        if found is None:
             raise TransferFailed(f"node {node} is not registered (down?); the move waits for it")
+        info = found.value
         peer = self._peers.get(node)
         if peer is None or peer.address != info.address:
             if peer is not None:

@@ -48,6 +48,10 @@ class NotFound(Exception):
     """The key does not exist."""
 
 
+class NodeChanged(Exception):
+    """The node record a decision was read from changed, or its lease ended, before the write."""
+
+
 @dataclass(frozen=True)
 class Versioned(Generic[T]):
     """A record with the etcd ``mod_revision`` it was read at, for compare-and-swap."""
@@ -99,9 +103,26 @@ class Keyspace:
 
     # volumes
 
-    async def create_volume(self, spec: VolumeSpec) -> None:
-        if not await self._put_if(self._key("volumes", spec.name), spec.to_json(), None):
+    async def create_volume(self, spec: VolumeSpec, node_revision: int | None = None) -> None:
+        """Store a new volume; AlreadyExists if the name is taken.
+
+        With ``node_revision``, only while ``nodes/<spec.node>`` is still at that
+        revision, so what was checked against the node record (alive, free
+        space) still holds when the volume is written; NodeChanged otherwise.
+        """
+        key = self._key("volumes", spec.name)
+        tx = self.client.transactions
+        compare = [tx.create(key) == 0]
+        if node_revision is not None:
+            compare.append(tx.mod(self._key("nodes", spec.node)) == node_revision)
+        succeeded, responses = await self.client.transaction(
+            compare=compare, success=[tx.put(key, spec.to_json())], failure=[tx.get(key)]
+        )
+        if succeeded:
+            return
+        if responses and responses[0]:
             raise AlreadyExists(f"volume {spec.name} already exists")
+        raise NodeChanged(f"node {spec.node} changed or went down while creating {spec.name}")
 
     async def get_volume(self, name: str) -> Versioned[VolumeSpec] | None:
         return await self._get(self._key("volumes", name), VolumeSpec)
@@ -180,20 +201,23 @@ class Keyspace:
 
     async def register_node(self, info: NodeInfo, ttl: int) -> aetcd.Lease:
         lease = await self.client.lease(ttl)
-        await self.client.put(self._key("nodes", info.name), info.to_json(), lease=lease)
+        await self.update_node(info, lease)
         return lease
+
+    async def update_node(self, info: NodeInfo, lease: aetcd.Lease) -> None:
+        """Rewrite a registered node's record (its free space, say) on its lease."""
+        await self.client.put(self._key("nodes", info.name), info.to_json(), lease=lease)
 
     async def refresh_lease(self, lease: aetcd.Lease) -> int:
         """Keep a lease alive; returns its remaining TTL (<= 0 when it has expired)."""
         reply = await lease.refresh()
         return int(reply.TTL) if reply is not None else 0
 
-    async def get_node(self, name: str) -> NodeInfo | None:
-        found = await self._get(self._key("nodes", name), NodeInfo)
-        return found.value if found else None
+    async def get_node(self, name: str) -> Versioned[NodeInfo] | None:
+        return await self._get(self._key("nodes", name), NodeInfo)
 
-    async def list_nodes(self) -> list[NodeInfo]:
-        return [v.value for v in await self._list(self._key("nodes", ""), NodeInfo)]
+    async def list_nodes(self) -> list[Versioned[NodeInfo]]:
+        return await self._list(self._key("nodes", ""), NodeInfo)
 
     # state
 

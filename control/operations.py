@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 
 from agent.zfs.volumes import BASE_COMPRESSION
-from control.keyspace import AlreadyExists, Keyspace, Versioned
+from control.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
 from control.records import Move, MovePhase, NodeInfo, VolumeSpec, parse_size
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ class Conflict(OperationError):
     code = "ABORTED"
 
 
+# A node rewrites its record when its free space changes (every few seconds at
+# most), so a create rarely needs a second read of it; more than a few means
+# the node is flapping.
+CREATE_ATTEMPTS = 5
+
+
 class VolumeOps:
     """Volume requests against the keyspace."""
 
@@ -65,30 +71,47 @@ class VolumeOps:
         except ValueError as error:
             raise InvalidArgument(str(error)) from error
         compression = self._compression(compression or "off")
-        target = await self._live_node(node) if node else await self._roomiest()
+        for _ in range(CREATE_ATTEMPTS):
+            target = await self._live_node(node) if node else await self._roomiest()
+            spec = self._new_spec(name, size_bytes, compression, target.value)
+            if await self._store_new(spec, target.revision):
+                log.info("volume created: volume=%s node=%s size=%d", name, spec.node, size_bytes)
+                return spec
+        raise Conflict(
+            f"node {spec.node} changed {CREATE_ATTEMPTS} times while creating {name}; "
+            f"check 'ferryctl node list' and retry"
+        )
+
+    async def _store_new(self, spec: VolumeSpec, node_revision: int) -> bool:
+        """Write ``spec`` while its node is as read; False if the node changed meanwhile."""
+        try:
+            await self._keyspace.create_volume(spec, node_revision)
+        except NodeChanged:
+            return False
+        except AlreadyExists as error:
+            existing = await self._keyspace.get_volume(spec.name)
+            if existing is not None and existing.value.deleted:
+                raise BeingDeleted(
+                    f"volume {spec.name} was deleted and its data is being destroyed; "
+                    f"create it again once 'ferryctl volume list' no longer shows it"
+                ) from error
+            raise Exists(f"volume {spec.name} already exists") from error
+        return True
+
+    @staticmethod
+    def _new_spec(name: str, size_bytes: int, compression: str, target: NodeInfo) -> VolumeSpec:
+        """The spec to store, if the size fits what ``target`` last reported free."""
         if size_bytes > target.free_bytes:
             raise InvalidArgument(
                 f"size {size_bytes} bytes is more than node {target.name} has free "
                 f"({target.free_bytes} bytes); choose a smaller size or another node"
             )
         try:
-            spec = VolumeSpec(
+            return VolumeSpec(
                 name=name, size_bytes=size_bytes, compression=compression, node=target.name
             )
         except ValueError as error:
             raise InvalidArgument(str(error)) from error
-        try:
-            await self._keyspace.create_volume(spec)
-        except AlreadyExists as error:
-            existing = await self._keyspace.get_volume(name)
-            if existing is not None and existing.value.deleted:
-                raise BeingDeleted(
-                    f"volume {name} was deleted and its data is being destroyed; "
-                    f"create it again once 'ferryctl volume list' no longer shows it"
-                ) from error
-            raise Exists(f"volume {name} already exists") from error
-        log.info("volume created: volume=%s node=%s size=%d", name, target.name, size_bytes)
-        return spec
 
     async def update(self, name: str, size: str = "", compression: str = "") -> VolumeSpec:
         """Change size or compression (the owner applies them); empty values stay."""
@@ -179,15 +202,15 @@ class VolumeOps:
             raise NotFound(f"volume {name} does not exist")
         return current
 
-    async def _live_node(self, node: str) -> NodeInfo:
+    async def _live_node(self, node: str) -> Versioned[NodeInfo]:
         info = await self._keyspace.get_node(node)
         if info is None:
-            known = ", ".join(n.name for n in await self._keyspace.list_nodes()) or "none"
+            known = ", ".join(n.value.name for n in await self._keyspace.list_nodes()) or "none"
             raise OperationError(f"node {node!r} is unknown or down (live nodes: {known})")
         return info
 
-    async def _roomiest(self) -> NodeInfo:
+    async def _roomiest(self) -> Versioned[NodeInfo]:
         nodes = await self._keyspace.list_nodes()
         if not nodes:
             raise OperationError("no live nodes: start ferry-agent on at least one host")
-        return max(nodes, key=lambda n: (n.free_bytes, n.name))
+        return max(nodes, key=lambda n: (n.value.free_bytes, n.value.name))

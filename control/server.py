@@ -108,7 +108,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     version=n.version,
                     started_at=n.started_at,
                 )
-                for n in sorted(nodes, key=lambda n: n.name)
+                for n in sorted((v.value for v in nodes), key=lambda n: n.name)
             ]
         )
 

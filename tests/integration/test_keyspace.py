@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from control.keyspace import AlreadyExists, Change, Keyspace, endpoints_client
+from control.keyspace import AlreadyExists, Change, Keyspace, NodeChanged, endpoints_client
 from control.records import Move, MovePhase, NodeInfo, NodeState, Owner, VolumeSpec
 from tests.support.etcd import EtcdServer
 
@@ -35,6 +35,25 @@ async def test_create_volume_twice_is_already_exists(keyspace: Keyspace) -> None
         await keyspace.create_volume(_spec(node="n2"))
     stored = await keyspace.get_volume("pg")
     assert stored is not None and stored.value.node == "n1"
+
+
+async def test_create_volume_needs_the_node_record_as_it_was_read(keyspace: Keyspace) -> None:
+    info = NodeInfo(name="n1", address="127.0.0.1:1", pool="p", free_bytes=1 << 40, version="t")
+    lease = await keyspace.register_node(info, ttl=30)
+    read = await keyspace.get_node("n1")
+    assert read is not None
+    await keyspace.update_node(replace(info, free_bytes=1 << 20), lease)
+    with pytest.raises(NodeChanged, match="node n1 changed or went down while creating pg"):
+        await keyspace.create_volume(_spec(), read.revision)
+    assert await keyspace.get_volume("pg") is None
+    fresh = await keyspace.get_node("n1")
+    assert fresh is not None and fresh.value.free_bytes == 1 << 20
+    await keyspace.create_volume(_spec(), fresh.revision)
+    await lease.revoke()
+    with pytest.raises(NodeChanged):
+        await keyspace.create_volume(_spec("pg2"), fresh.revision)
+    with pytest.raises(AlreadyExists, match="volume pg already exists"):
+        await keyspace.create_volume(_spec(), fresh.revision)
 
 
 async def test_update_volume_fails_when_someone_changed_it_since_the_read(
@@ -119,7 +138,7 @@ async def test_delete_owner_frees_the_claim(keyspace: Keyspace) -> None:
 async def test_a_node_disappears_when_its_lease_expires(keyspace: Keyspace) -> None:
     info = NodeInfo(name="n1", address="127.0.0.1:1", pool="p", free_bytes=1, version="t")
     lease = await keyspace.register_node(info, ttl=2)
-    assert await keyspace.list_nodes() == [info]
+    assert [n.value for n in await keyspace.list_nodes()] == [info]
     assert await keyspace.refresh_lease(lease) > 0
     deadline = asyncio.get_running_loop().time() + 8
     while await keyspace.get_node("n1") is not None:
