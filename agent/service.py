@@ -292,7 +292,7 @@ class PluginControl:
 
 async def run(config: AgentConfig) -> None:
     """Connect to etcd and run the agent until cancelled."""
-    client = endpoints_client(config.etcd)
+    client = await asyncio.to_thread(endpoints_client, config.etcd)
     try:
         keyspace = Keyspace(client, config.etcd_prefix)
         store = VolumeStore(PoolRoot(config.pool), config.mount_root)

@@ -18,6 +18,7 @@ key's ``mod_revision`` (or its absence); nothing is read-then-written.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -320,24 +321,35 @@ def etcd_target(endpoints: tuple[str, ...] | list[str]) -> tuple[str, int]:
     """The (host, port) aetcd dials (as ``f"{host}:{port}"``) for these endpoints.
 
     One endpoint: that member (or a DNS name that resolves to every member).
-    Several: they must be IPv4 literals, given to gRPC as one ``ipv4:`` target,
-    whose pick-first policy moves to the next member when the current one goes
-    down. ValueError, saying so, otherwise.
+    Several: one gRPC ``ipv4:`` target of every member's address, whose
+    pick-first policy moves to the next member when the current one goes down;
+    host names among them are resolved here, once (a member that changes
+    address needs a restart). ValueError, saying what to write, otherwise.
+    Resolving may wait on DNS: async callers run this in a thread.
     """
     if not endpoints:
         raise ValueError("no etcd endpoint given: use --etcd HOST:PORT[,HOST:PORT...]")
     parsed = [_host_port(endpoint) for endpoint in endpoints]
     if len(parsed) == 1:
         return parsed[0]
-    for host, _ in parsed:
-        if not _is_ipv4(host):
-            raise ValueError(
-                f"etcd endpoint {host!r}: list several members by IPv4 address "
-                f"(e.g. 10.0.0.1:2379,10.0.0.2:2379), or give one DNS name for all"
-            )
-    *others, (last_host, last_port) = parsed
-    addresses = ",".join([*(f"{h}:{p}" for h, p in others), last_host])
-    return f"ipv4:{addresses}", last_port
+    members = list(dict.fromkeys(m for host, port in parsed for m in _ipv4_members(host, port)))
+    *others, last = members
+    last_host, last_port = last.rsplit(":", 1)
+    return f"ipv4:{','.join([*others, last_host])}", int(last_port)
+
+
+def _ipv4_members(host: str, port: int) -> list[str]:
+    """``ADDRESS:PORT`` for each IPv4 address of ``host`` (itself if it is one)."""
+    if _is_ipv4(host):
+        return [f"{host}:{port}"]
+    try:
+        found = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as error:
+        raise ValueError(
+            f"etcd endpoint {host}:{port}: its name does not resolve to an IPv4 address "
+            f"({error}); fix DNS or /etc/hosts, or give the member's address"
+        ) from error
+    return [f"{address[4][0]}:{port}" for address in found]
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:

@@ -207,7 +207,7 @@ def _volume_message(
 
 async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix: str) -> None:
     """Serve the Control API and gRPC health checking until cancelled."""
-    client = endpoints_client(etcd)
+    client = await asyncio.to_thread(endpoints_client, etcd)
     keyspace = Keyspace(client, prefix)
     server = grpc.aio.server()
     control_pb2_grpc.add_ControlServicer_to_server(ControlService(keyspace), server)

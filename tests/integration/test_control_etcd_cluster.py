@@ -25,10 +25,14 @@ def spec(name: str) -> VolumeSpec:
     return VolumeSpec(name=name, size_bytes=1 << 20, node="ct-n1")
 
 
+@pytest.mark.parametrize("given_as", ["address", "name"])
 async def test_the_keyspace_moves_to_another_member_when_the_first_dies(
-    cluster: EtcdCluster,
+    cluster: EtcdCluster, given_as: str
 ) -> None:
-    client = endpoints_client(cluster.endpoints)
+    endpoints = cluster.endpoints
+    if given_as == "name":
+        endpoints = [endpoint.replace("127.0.0.1", "localhost") for endpoint in endpoints]
+    client = await asyncio.to_thread(endpoints_client, endpoints)
     keyspace = Keyspace(client, prefix="/ct-cluster")
     try:
         await keyspace.create_volume(spec("before"))
