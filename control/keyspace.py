@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 import aetcd
@@ -250,6 +250,36 @@ class Keyspace:
         return await self._put_if(
             self._key("moves", move.volume), move.to_json(), expected_revision
         )
+
+    async def request_move(
+        self,
+        spec: Versioned[VolumeSpec],
+        owner: Versioned[Owner],
+        move: Move,
+        move_revision: int | None,
+    ) -> bool:
+        """Place the volume on ``move.target`` and create its move record, in one transaction.
+
+        Only while the spec, the owner (the move's source) and the previous move
+        record (None: absent) are as read, so a racing request can never leave a
+        spec pointing at a node with no move taking the volume there.
+        """
+        volume_key = self._key("volumes", spec.value.name)
+        move_key = self._key("moves", move.volume)
+        tx = self.client.transactions
+        placed = replace(spec.value, node=move.target)
+        succeeded, _ = await self.client.transaction(
+            compare=[
+                tx.mod(volume_key) == spec.revision,
+                tx.mod(self._key("owners", move.volume)) == owner.revision,
+                tx.create(move_key) == 0
+                if move_revision is None
+                else tx.mod(move_key) == move_revision,
+            ],
+            success=[tx.put(volume_key, placed.to_json()), tx.put(move_key, move.to_json())],
+            failure=[],
+        )
+        return bool(succeeded)
 
     async def delete_move(self, name: str, expected_revision: int) -> bool:
         """Delete the move record only if nobody changed it since it was read."""

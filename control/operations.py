@@ -170,13 +170,11 @@ class VolumeOps:
             ):
                 raise Conflict(f"volume {name} changed while moving it; retry")
             return None
-        if current.value.node != node and not await self._keyspace.update_volume(
-            replace(current.value, node=node), current.revision
-        ):
-            raise Conflict(f"volume {name} changed while moving it; retry")
         move = Move(volume=name, source=owner.value.node, target=node, started_at=time.time())
-        if not await self._keyspace.put_move(move, existing.revision if existing else None):
-            raise Conflict(f"another move of {name} started at the same time; retry")
+        if not await self._keyspace.request_move(
+            current, owner, move, existing.revision if existing else None
+        ):
+            raise Conflict(f"volume {name} changed while moving it (another request?); retry")
         log.info("move requested: volume=%s from=%s to=%s", name, move.source, node)
         return move
 

@@ -84,6 +84,53 @@ async def test_two_instances_racing_the_same_create_let_exactly_one_win(
             await second_channel.close(None)
 
 
+async def test_racing_moves_to_two_nodes_let_one_target_win_in_placement_and_move(
+    etcd: EtcdServer,
+    control: ControlServer,
+    certs: ClusterCerts,
+    workdir: Path,
+    nodes: LiveNodes,
+    keyspace: Keyspace,
+) -> None:
+    for node in ("ct-m1", "ct-m2", "ct-m3"):
+        await nodes.add(node, 10 * GIB)
+    with ControlServer(etcd.endpoint, certs, workdir) as second:
+        channels = [channel(control.address, certs.admin), channel(second.address, certs.admin)]
+        stubs = [control_pb2_grpc.ControlStub(c) for c in channels]
+        try:
+            for _ in range(5):
+                name = unique("mrace")
+                await stubs[0].CreateVolume(
+                    control_pb2.CreateVolumeRequest(name=name, size="1G", node="ct-m1")
+                )
+                assert await keyspace.claim_owner(name, "ct-m1")
+                outcomes = await asyncio.gather(
+                    *(
+                        stubs[i % 2].MoveVolume(
+                            control_pb2.MoveVolumeRequest(name=name, node=f"ct-m{2 + i % 2}"),
+                            timeout=30,
+                        )
+                        for i in range(8)
+                    ),
+                    return_exceptions=True,
+                )
+                spec, move = await keyspace.get_volume(name), await keyspace.get_move(name)
+                assert spec is not None and move is not None
+                assert spec.value.node == move.value.target, "placement without its move"
+                for outcome in outcomes:
+                    if isinstance(outcome, control_pb2.Volume):
+                        assert outcome.node == move.value.target
+                    else:
+                        assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+                        assert outcome.code() in (
+                            grpc.StatusCode.ABORTED,
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                        ), outcome.details()
+        finally:
+            for open_channel in channels:
+                await open_channel.close(None)
+
+
 async def test_desired_state_survives_an_etcd_restart(
     etcd: EtcdServer, control: ControlServer, nodes: LiveNodes
 ) -> None:

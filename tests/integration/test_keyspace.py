@@ -102,6 +102,32 @@ async def test_put_move_compares_the_revision(keyspace: Keyspace) -> None:
     assert await keyspace.get_move("pg") is None
 
 
+async def test_request_move_writes_placement_and_move_together_or_neither(
+    keyspace: Keyspace,
+) -> None:
+    await keyspace.create_volume(_spec())
+    assert await keyspace.claim_owner("pg", "n1")
+    spec, owner = await keyspace.get_volume("pg"), await keyspace.get_owner("pg")
+    assert spec is not None and owner is not None
+    to_n2 = Move(volume="pg", source="n1", target="n2")
+    assert await keyspace.update_volume(replace(spec.value, size_bytes=2 << 30), spec.revision)
+    assert not await keyspace.request_move(spec, owner, to_n2, None), "the spec changed"
+    assert not await keyspace.request_move(
+        (await keyspace.get_volume("pg")) or spec, owner, to_n2, 1
+    ), "no previous move at that revision"
+    unchanged = await keyspace.get_volume("pg")
+    assert unchanged is not None and unchanged.value.node == "n1"
+    assert await keyspace.get_move("pg") is None
+
+    assert await keyspace.request_move(unchanged, owner, to_n2, None)
+    placed, move = await keyspace.get_volume("pg"), await keyspace.get_move("pg")
+    assert placed is not None and placed.value.node == "n2"
+    assert move is not None and move.value == to_n2
+    assert await keyspace.transfer_owner("pg", owner.value, "n2")
+    to_n3 = Move(volume="pg", source="n1", target="n3")
+    assert not await keyspace.request_move(placed, owner, to_n3, move.revision), "owner moved"
+
+
 async def test_purge_removes_spec_owner_and_move_so_the_name_is_free_again(
     keyspace: Keyspace,
 ) -> None:
