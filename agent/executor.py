@@ -19,6 +19,7 @@ from agent.plan import (
     Fence,
     Missing,
     Purge,
+    SetAside,
 )
 from agent.retry import Backoff
 from agent.store import VolumeStore
@@ -56,8 +57,8 @@ class Executor:
     async def apply(self, action: Action) -> None:
         log.info("applying: action=%s volume=%s", type(action).__name__, action.volume)
         match action:
-            case Create(volume, size_bytes, compression):
-                await self._store.create(volume, size_bytes, compression)
+            case Create(volume, size_bytes, compression, uid):
+                await self._store.create(volume, size_bytes, compression, uid)
                 if await self._keyspace.claim_owner(volume, self._node):
                     log.info("volume created and owned: volume=%s node=%s", volume, self._node)
             case Claim(volume):
@@ -74,6 +75,14 @@ class Executor:
             case Purge(volume):
                 if not await self._keyspace.list_state(volume):
                     await self._keyspace.purge_volume(volume)
+            case SetAside(volume):
+                aside = await self._store.keep_aside(volume)
+                log.warning(
+                    "copy belongs to a deleted volume of the same name, kept aside: "
+                    "volume=%s aside=%s",
+                    volume,
+                    aside,
+                )
             case Missing(volume):
                 log.error(
                     "this node owns volume=%s but holds no copy of it; restore the dataset "

@@ -21,6 +21,7 @@ class LocalVolume:
     snapshots: tuple[str, ...] = ()
     writable: bool = False
     mounted: bool = False
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Create:
     volume: str
     size_bytes: int
     compression: str
+    uid: str
 
 
 @dataclass(frozen=True)
@@ -94,13 +96,20 @@ class Purge:
 
 
 @dataclass(frozen=True)
+class SetAside:
+    """The copy here is a deleted namesake's (another uid): keep it aside, never adopt it."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
 class Missing:
     """This node owns the volume but holds no copy: report, never invent data."""
 
     volume: str
 
 
-Action = Create | Claim | Fence | Activate | DriveMove | Destroy | Purge | Missing
+Action = Create | Claim | Fence | Activate | DriveMove | Destroy | Purge | SetAside | Missing
 
 _ACTIVE_PHASES = frozenset(
     {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
@@ -131,11 +140,13 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
         if local.mounted and local.writable and owner is not None and owner.node == me:
             return [Fence(name), Destroy(name)]
         return [Destroy(name)]
+    if local is not None and spec.uid and local.uid != spec.uid:
+        return [SetAside(name)]
     if owner is None:
         if spec.node != me:
             return []
         if local is None:
-            return [Create(name, spec.size_bytes, spec.compression)]
+            return [Create(name, spec.size_bytes, spec.compression, spec.uid)]
         return [Claim(name)]
     if owner.node != me:
         return [Fence(name)] if local is not None and local.writable else []

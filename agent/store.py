@@ -23,7 +23,7 @@ from agent import zfs
 from agent.plan import LocalVolume
 from agent.snapshots import SnapshotRef, next_name, prunable
 from agent.zfs.streams import SnapshotStream
-from agent.zfs.volumes import TRANSFER_HOLD, PoolRoot, read_only_mounts
+from agent.zfs.volumes import TRANSFER_HOLD, UID_PROPERTY, PoolRoot, read_only_mounts
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class VolumeStore:
                 snapshots=tuple(ref.name for ref in self._snapshots(volume) or ()),
                 writable=_writable(props, read_only),
                 mounted=props.get("mounted") == "yes",
+                uid=props.get(UID_PROPERTY, ""),
             )
         return found
 
@@ -111,11 +112,11 @@ class VolumeStore:
     async def free_bytes(self) -> int:
         return await asyncio.to_thread(self._root.free_bytes)
 
-    async def create(self, volume: str, size_bytes: int, compression: str) -> None:
+    async def create(self, volume: str, size_bytes: int, compression: str, uid: str) -> None:
         await asyncio.to_thread(
-            self._root.create_volume, volume, size_bytes, compression, self.mountpoint(volume)
+            self._root.create_volume, volume, size_bytes, compression, self.mountpoint(volume), uid
         )
-        log.info("dataset created: volume=%s size=%d", volume, size_bytes)
+        log.info("dataset created: volume=%s size=%d uid=%s", volume, size_bytes, uid)
 
     async def activate(self, volume: str, size_bytes: int, compression: str) -> None:
         """Make this node's copy the writable, mounted one."""
@@ -158,14 +159,17 @@ class VolumeStore:
         )
         return aside.decode() if isinstance(aside, bytes) else str(aside)
 
-    async def after_receive(self, volume: str) -> None:
-        """A received copy stays read-only and unmounted; older snapshots are pruned."""
-        await asyncio.to_thread(self._after_receive, volume)
+    async def after_receive(self, volume: str, uid: str) -> None:
+        """A received copy stays read-only and unmounted, stamped with the volume's uid;
+        older snapshots are pruned."""
+        await asyncio.to_thread(self._after_receive, volume, uid)
 
-    def _after_receive(self, volume: str) -> None:
+    def _after_receive(self, volume: str, uid: str) -> None:
         dataset = self._root.dataset(volume)
         zfs.lzc_set_prop(dataset, "canmount", "noauto")
         zfs.lzc_set_prop(dataset, "readonly", "on")
+        if uid:
+            self._root.stamp_uid(volume, uid)
         names = [ref.name for ref in self._snapshots(volume) or ()]
         self._destroy_snapshots(volume, prunable(names, keep=[]))
 

@@ -154,18 +154,24 @@ class Keyspace:
         )
         return bool(succeeded)
 
-    async def purge_volume(self, name: str) -> None:
+    async def purge_volume(self, name: str) -> bool:
         """Remove a deleted volume's spec, owner and move in one transaction.
 
         Called after the agents destroyed its data. All at once, so a crash
-        never leaves an owner behind that would block a new volume of that name.
+        never leaves an owner behind that would block a new volume of that name;
+        and only while the spec is the deleted one just read, so a purge that
+        comes late never removes a new volume created under the name meanwhile.
         """
+        spec = await self.get_volume(name)
+        if spec is None or not spec.value.deleted:
+            return False
         tx = self.client.transactions
-        await self.client.transaction(
-            compare=[],
+        succeeded, _ = await self.client.transaction(
+            compare=[tx.mod(self._key("volumes", name)) == spec.revision],
             success=[tx.delete(self._key(kind, name)) for kind in ("volumes", "owners", "moves")],
             failure=[],
         )
+        return bool(succeeded)
 
     # owners
 

@@ -8,6 +8,7 @@ the request came through.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import replace
 
@@ -108,7 +109,11 @@ class VolumeOps:
             )
         try:
             return VolumeSpec(
-                name=name, size_bytes=size_bytes, compression=compression, node=target.name
+                name=name,
+                size_bytes=size_bytes,
+                compression=compression,
+                node=target.name,
+                uid=secrets.token_hex(8),
             )
         except ValueError as error:
             raise InvalidArgument(str(error)) from error

@@ -21,6 +21,7 @@ SCHEMA_VERSION = 1
 # What any ZFS may hold; control offers only what every node has (control.operations).
 STORABLE_COMPRESSION = BASE_COMPRESSION | {"lz4"}
 
+_UID = re.compile(r"^[0-9a-f]{0,32}$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -101,9 +102,14 @@ class VolumeSpec(_Record):
     replicas: tuple[str, ...] = ()
     created_at: float = field(default_factory=time.time)
     deleted: bool = False
+    uid: str = ""
+    """This volume's identity, made at create and stamped on each of its datasets:
+    a dataset of the same name with another uid is a deleted namesake's leftover."""
 
     def __post_init__(self) -> None:
         validate_volume_name(self.name)
+        if not _UID.match(self.uid):
+            raise ValueError(f"invalid volume uid {self.uid!r}: hexadecimal digits or empty")
         check_node_name(self.node)
         parse_size(self.size_bytes)
         if self.compression not in STORABLE_COMPRESSION:

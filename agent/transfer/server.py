@@ -31,6 +31,7 @@ from agent.transfer.data import (
 from agent.zfs import ZFSError
 from agent.zfs.streams import receive_chunks
 from control.keyspace import Keyspace
+from control.records import VolumeSpec
 from control.tls import peer_identity
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 
@@ -67,7 +68,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
     ) -> AsyncIterator[transfer_pb2.ReceiveReply]:
         volume = request.volume
         await self._authenticate(context, claimed=request.sender)
-        await self._authorize(request, context)
+        spec = await self._authorize(request, context)
         if self._require_encryption and not request.encrypted:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -100,7 +101,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                     f"no data connection for {volume} arrived on port {self._data.port} "
                     "in time; is it blocked by a firewall?",
                 )
-            received = await self._receive(request, connection, context)
+            received = await self._receive(request, spec.uid, connection, context)
         finally:
             if ticket is not None:
                 self._data.discard(ticket)  # closes the connection it admitted
@@ -124,11 +125,13 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
 
     async def _authorize(
         self, header: transfer_pb2.StreamHeader, context: grpc.aio.ServicerContext
-    ) -> None:
+    ) -> VolumeSpec:
+        """The volume's spec, if the header's sender owns it at the header's epoch."""
         volume = header.volume
         spec = await self._keyspace.get_volume(volume)
         if spec is None or spec.value.deleted:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"volume {volume} does not exist")
+        assert spec is not None
         owner = await self._keyspace.get_owner(volume)
         if owner is None or (owner.value.node, owner.value.epoch) != (header.sender, header.epoch):
             held = "nobody" if owner is None else f"{owner.value.node} at epoch {owner.value.epoch}"
@@ -146,6 +149,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             )
         if header.sender == self._node:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a node does not send to itself")
+        return spec.value
 
     async def _prepare_base(
         self, header: transfer_pb2.StreamHeader, context: grpc.aio.ServicerContext
@@ -187,6 +191,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
     async def _receive(
         self,
         header: transfer_pb2.StreamHeader,
+        uid: str,
         connection: DataConnection,
         context: grpc.aio.ServicerContext,
     ) -> int:
@@ -219,7 +224,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                 f"received {volume}@{header.to_snapshot} has GUID {guid}, sender said "
                 f"{header.to_guid}",
             )
-        await self._holdings.after_receive(volume)
+        await self._holdings.after_receive(volume, uid)
         log.info("received: volume=%s snapshot=%s bytes=%d", volume, header.to_snapshot, received)
         return received
 

@@ -28,6 +28,8 @@ T = TypeVar("T")
 
 # The hold a transfer places on the snapshots it sends from and to.
 TRANSFER_HOLD = "ferry-transfer"
+# The user property carrying the volume's uid (VolumeSpec.uid) on each of its datasets.
+UID_PROPERTY = "ferry:uid"
 BUSY_ATTEMPTS = 20
 BUSY_DELAY_SECONDS = 0.25
 BASE_COMPRESSION = frozenset(
@@ -97,18 +99,22 @@ class PoolRoot:
         return [child[prefix:].decode() for child in zfs.lzc_list_children(self.base)]
 
     def create_volume(
-        self, volume: str, size_bytes: int, compression: str, mountpoint: Path
+        self, volume: str, size_bytes: int, compression: str, mountpoint: Path, uid: str = ""
     ) -> None:
         if size_bytes <= 0:
             raise PropertyInvalid(volume, "Invalid size: must be positive")
-        zfs.lzc_create(
-            self.dataset(volume),
-            props={
-                "refquota": size_bytes,
-                "compression": validate_compression(compression),
-                "mountpoint": str(mountpoint),
-            },
-        )
+        props: dict[str, str | int] = {
+            "refquota": size_bytes,
+            "compression": validate_compression(compression),
+            "mountpoint": str(mountpoint),
+        }
+        if uid:
+            props[UID_PROPERTY] = uid
+        zfs.lzc_create(self.dataset(volume), props=props)
+
+    def stamp_uid(self, volume: str, uid: str) -> None:
+        """Stamp ``uid`` on a copy that arrived by a stream (which carries no properties)."""
+        zfs.lzc_set_prop(self.dataset(volume), UID_PROPERTY, uid)
 
     def is_mounted(self, volume: str) -> bool:
         return zfs.lzc_get_props(self.dataset(volume)).get("mounted") == "yes"

@@ -134,12 +134,15 @@ async def test_purge_removes_spec_owner_and_move_so_the_name_is_free_again(
     await keyspace.create_volume(replace(_spec(), deleted=True))
     assert await keyspace.claim_owner("pg", "n1")
     assert await keyspace.put_move(Move(volume="pg", source="n1", target="n2"), None)
-    await keyspace.purge_volume("pg")
+    assert await keyspace.purge_volume("pg")
     assert await keyspace.get_volume("pg") is None
     assert await keyspace.get_owner("pg") is None
     assert await keyspace.get_move("pg") is None
     await keyspace.create_volume(_spec(node="n2"))
     assert await keyspace.claim_owner("pg", "n2")
+    assert not await keyspace.purge_volume("pg"), "a late purge removed the new volume"
+    assert await keyspace.get_volume("pg") is not None
+    assert await keyspace.get_owner("pg") is not None
 
 
 async def test_node_state_is_read_per_node_and_goes_with_the_lease(keyspace: Keyspace) -> None:
@@ -184,10 +187,10 @@ async def test_watch_sees_volume_and_owner_changes(keyspace: Keyspace) -> None:
 
     watcher = asyncio.create_task(follow())
     await asyncio.sleep(0.3)
-    await keyspace.create_volume(_spec())
+    await keyspace.create_volume(replace(_spec(), deleted=True))
     await keyspace.put_move(Move(volume="pg", source="n1", target="n2"), None)
     assert await keyspace.claim_owner("pg", "n1")
-    await keyspace.purge_volume("pg")
+    assert await keyspace.purge_volume("pg")
     await asyncio.wait_for(watcher, timeout=10)
     assert [(c.kind, c.name, c.deleted) for c in seen] == [
         ("volumes", "pg", False),

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent import zfs
-from agent.zfs.volumes import TRANSFER_HOLD, PoolRoot
+from agent.store import VolumeStore
+from agent.zfs.volumes import TRANSFER_HOLD, UID_PROPERTY, PoolRoot
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration
@@ -166,6 +169,26 @@ def test_rename_aside_keeps_the_data_out_of_the_volume_list(
     assert zfs.lzc_list_snaps(aside) == [aside + b"@s"]
     root.create_volume("db", 8 << 20, "off", where)
     assert root.volumes() == ["db"]
+
+
+async def test_created_and_received_copies_carry_the_volume_uid(
+    root: PoolRoot, tmp_path: Path
+) -> None:
+    store = VolumeStore(root, tmp_path)
+    await store.create("db", 8 << 20, "off", "c0ffee")
+    zfs.lzc_snapshot([root.dataset("db") + b"@s"])
+    await asyncio.to_thread(
+        subprocess.run,
+        f"zfs send {root.dataset('db').decode()}@s | zfs recv {root.dataset('copy').decode()}",
+        shell=True,
+        check=True,
+    )
+    assert zfs.lzc_get_props(root.dataset("copy")).get(UID_PROPERTY) is None, (
+        "a stream carries no properties: the receiver must stamp the uid"
+    )
+    await store.after_receive("copy", "c0ffee")
+    local = await store.local_volumes()
+    assert (local["db"].uid, local["copy"].uid) == ("c0ffee", "c0ffee")
 
 
 def test_free_bytes_shrinks_as_data_is_written(root: PoolRoot, tmp_path: Path) -> None:

@@ -14,16 +14,24 @@ from agent.plan import (
     LocalVolume,
     Missing,
     Purge,
+    SetAside,
     plan,
 )
 from control.records import Move, MovePhase, Owner, VolumeSpec
 
 GIB = 1 << 30
+UID = "c0ffee"
 
 
-def spec(name: str = "pg", node: str = "a", deleted: bool = False) -> VolumeSpec:
+def spec(name: str = "pg", node: str = "a", deleted: bool = False, uid: str = UID) -> VolumeSpec:
     return VolumeSpec(
-        name=name, size_bytes=GIB, compression="off", node=node, created_at=1.0, deleted=deleted
+        name=name,
+        size_bytes=GIB,
+        compression="off",
+        node=node,
+        created_at=1.0,
+        deleted=deleted,
+        uid=uid,
     )
 
 
@@ -33,17 +41,17 @@ def move(source: str, target: str, phase: MovePhase = MovePhase.PENDING) -> Move
     )
 
 
-def writable(name: str = "pg") -> LocalVolume:
-    return LocalVolume(name=name, snapshots=("ferry-1-1",), writable=True, mounted=True)
+def writable(name: str = "pg", uid: str = UID) -> LocalVolume:
+    return LocalVolume(name=name, snapshots=("ferry-1-1",), writable=True, mounted=True, uid=uid)
 
 
-def replica(name: str = "pg") -> LocalVolume:
-    return LocalVolume(name=name, snapshots=("ferry-1-1",), writable=False, mounted=False)
+def replica(name: str = "pg", uid: str = UID) -> LocalVolume:
+    return LocalVolume(name=name, snapshots=("ferry-1-1",), writable=False, mounted=False, uid=uid)
 
 
 def test_a_new_volume_is_created_only_on_its_node() -> None:
     desired = Desired(node="a", volumes={"pg": spec(node="a")})
-    assert plan(desired, Actual()) == [Create("pg", GIB, "off")]
+    assert plan(desired, Actual()) == [Create("pg", GIB, "off", UID)]
     elsewhere = Desired(node="b", volumes={"pg": spec(node="a")})
     assert plan(elsewhere, Actual()) == []
 
@@ -51,6 +59,18 @@ def test_a_new_volume_is_created_only_on_its_node() -> None:
 def test_a_dataset_created_before_a_crash_is_claimed_not_created_again() -> None:
     desired = Desired(node="a", volumes={"pg": spec()})
     assert plan(desired, Actual(volumes={"pg": writable()})) == [Claim("pg")]
+
+
+def test_a_deleted_namesakes_leftover_is_set_aside_never_adopted() -> None:
+    new = Desired(node="a", volumes={"pg": spec(uid="0a1b2c")})
+    assert plan(new, Actual(volumes={"pg": writable()})) == [SetAside("pg")]
+    assert plan(new, Actual(volumes={"pg": replica(uid="")})) == [SetAside("pg")]
+    owned_elsewhere = Desired(
+        node="a", volumes={"pg": spec(node="b", uid="0a1b2c")}, owners={"pg": Owner("b", 1)}
+    )
+    assert plan(owned_elsewhere, Actual(volumes={"pg": replica()})) == [SetAside("pg")]
+    from_before_uids = Desired(node="a", volumes={"pg": spec(uid="")})
+    assert plan(from_before_uids, Actual(volumes={"pg": replica()})) == [Claim("pg")]
 
 
 def test_the_owner_activates_its_copy_and_then_rests() -> None:

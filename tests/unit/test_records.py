@@ -70,6 +70,8 @@ def test_volume_spec_refuses_bad_names_sizes_and_nodes() -> None:
         VolumeSpec(name="pg", size_bytes=1, node="n1", replicas=("UP",))
     with pytest.raises(ValueError, match="invalid compression 'n1'"):
         VolumeSpec(name="pg", size_bytes=1, node="off", compression="n1")
+    with pytest.raises(ValueError, match="invalid volume uid"):
+        VolumeSpec(name="pg", size_bytes=1, node="n1", uid="../x")
 
 
 def test_volume_spec_fields_are_named_so_node_and_compression_cannot_swap() -> None:

@@ -1,0 +1,72 @@
+"""A volume deleted while a host was down, then created again under the same name.
+
+The host comes back still holding the old volume's dataset. The new volume
+must start empty there, and the old data must be kept aside, not adopted
+and not destroyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+
+from control.keyspace import Keyspace, endpoints_client
+from tests.cluster.test_moves import mountpoint, wait_for
+from tests.support.cluster import Cluster, ClusterHost
+
+pytestmark = pytest.mark.cluster
+
+
+def test_a_new_volume_never_adopts_a_deleted_namesakes_leftover(cluster: Cluster) -> None:
+    host = cluster.hosts[0]
+    name = f"ns-{secrets.token_hex(3)}"
+    create = ["volume", "create", name, "--size", "64M", "--node", host.name]
+    cluster.ferryctl(create)
+    wait_for(f"{name} mounted on {host.name}", lambda: mounted(cluster, host, name))
+    cluster.run(host, ["sh", "-c", f"echo old-volume > {mountpoint(host, name)}/old"])
+
+    cluster.agent(host.name, "stop")
+    try:
+        cluster.ferryctl(["volume", "delete", name, "--force"])
+        wait_for(
+            f"{name} purged while {host.name} is down",
+            lambda: not stored(cluster, name),
+            timeout=90,
+        )
+    finally:
+        cluster.agent(host.name, "start")
+    wait_for(
+        f"{name} created again once {host.name} is back",
+        lambda: cluster.ferryctl(create, check=False).returncode == 0,
+    )
+    try:
+        wait_for(f"new {name} mounted on {host.name}", lambda: mounted(cluster, host, name))
+        listing = cluster.run(host, ["ls", "-A", mountpoint(host, name)]).stdout.split()
+        assert "old" not in listing, "the new volume adopted the deleted volume's data"
+        aside = cluster.run(
+            host, ["zfs", "list", "-H", "-o", "name", "-r", f"{host.pool}/ferry-aside"]
+        ).stdout
+        assert f"{host.pool}/ferry-aside/{name}-aside-" in aside, aside
+    finally:
+        cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
+
+
+def mounted(cluster: Cluster, host: ClusterHost, name: str) -> bool:
+    dataset = f"{host.pool}/ferry/{name}"
+    result = cluster.run(host, ["zfs", "get", "-H", "-o", "value", "mounted", dataset], check=False)
+    return result.stdout.strip() == "yes"
+
+
+def stored(cluster: Cluster, name: str) -> bool:
+    """Whether etcd still holds the volume's spec (a deleted one stays until purged)."""
+
+    async def read() -> bool:
+        client = endpoints_client(cluster.etcd_endpoints)
+        try:
+            return await Keyspace(client).get_volume(name) is not None
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
