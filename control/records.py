@@ -99,7 +99,6 @@ class VolumeSpec(_Record):
     size_bytes: int
     node: str
     compression: str = "off"
-    replicas: tuple[str, ...] = ()
     created_at: float = field(default_factory=time.time)
     deleted: bool = False
     uid: str = ""
@@ -117,8 +116,6 @@ class VolumeSpec(_Record):
                 f"invalid compression {self.compression!r}: "
                 f"use one of {', '.join(sorted(STORABLE_COMPRESSION))}"
             )
-        for replica in self.replicas:
-            check_node_name(replica)
 
 
 @dataclass(frozen=True)
