@@ -10,6 +10,7 @@ import click
 
 from agent.config import AgentConfig
 from agent.logs import setup_logging
+from agent.registration import NodeNameTaken
 from agent.service import run
 from control.tls import endpoints, from_flags
 
@@ -94,6 +95,8 @@ def main(
         asyncio.run(run(config))
     except KeyboardInterrupt:
         log.info("agent stopped")
+    except NodeNameTaken as error:
+        raise click.ClickException(str(error)) from error
 
 
 def _data_port(listen: str) -> int:

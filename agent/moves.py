@@ -9,11 +9,14 @@ Read top to bottom; each phase says what it waits for and what it writes.
 2. ``waiting_for_unmount``: a container on this node still mounts the
    volume. The source keeps sending incrementals every few seconds so the
    last delta stays small, and waits for the mount records to go.
-3. ``handoff``: nothing mounts the volume here. The source unmounts it and
-   makes it read-only (writes stop), takes the final snapshot, sends the
-   final incremental, writes the final snapshot's name into the move
+3. ``handoff``: nothing mounts the volume here and the target answers. The
+   source freezes the volume (writes stop), takes the final snapshot, sends
+   the final incremental, writes the final snapshot's name into the move
    record, then moves ownership in one etcd compare-and-swap from
-   ``{source, e}`` to ``{target, e+1}``.
+   ``{source, e}`` to ``{target, e+1}``, and unmounts its copy. If the
+   handoff fails before the swap was tried, the source still owns the
+   volume for certain and thaws it; once tried, the copy stays stopped,
+   since the swap may have happened.
 4. ``activating``: the target sees that it owns the volume, checks that it
    holds the final snapshot, makes its copy writable and mounts it, and
    writes ``done`` (see ``agent.executor``). The source keeps a read-only
@@ -116,14 +119,16 @@ class MoveDriver:
             # A container mounted it between the check and the phase change.
             await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT)
             raise MoveAbandoned(f"{volume} was mounted again on {self._node}; waiting for unmount")
+        await peer.holdings(volume)  # an unreachable target must not stop writes here
         paused = time.monotonic()
         await self._store.freeze(volume)
-        swapped = False
+        swap_tried = swapped = False
         try:
             await self._sync(volume, epoch, peer, tracker)
             final = (await self._store.snapshots(volume) or [])[-1].name
             await tracker.update(final_snapshot=final)
             failpoints.reached("handoff.before_cas")
+            swap_tried = True
             swapped = await self._keyspace.transfer_owner(
                 volume, Owner(node=self._node, epoch=epoch), tracker.move.target
             )
@@ -132,9 +137,13 @@ class MoveDriver:
                 failpoints.reached("handoff.after_cas")
                 await tracker.update(phase=MovePhase.ACTIVATING)
         finally:
-            # Frozen is a state of a running handoff only. Either way the copy here ends
-            # unmounted and read-only; the new owner does not wait for this.
-            await self._store.stop_writes(volume)
+            # Frozen is a state of a running handoff only: it ends thawed if this node
+            # still owns the volume for certain, else unmounted and read-only (the new
+            # owner does not wait for this).
+            if swap_tried:
+                await self._store.stop_writes(volume)
+            else:
+                await self._store.thaw(volume)
         if not swapped:
             raise MoveAbandoned(f"ownership of {volume} changed during the handoff")
         log.info(

@@ -14,9 +14,7 @@ import contextlib
 import logging
 import ssl
 import time
-from dataclasses import replace
 
-import aetcd
 import grpc
 
 from agent.config import AgentConfig
@@ -24,6 +22,7 @@ from agent.executor import Executor
 from agent.moves import MoveDriver
 from agent.plan import Actual, Desired, plan
 from agent.plugin import PluginError, VolumePlugin, serve
+from agent.registration import Registration
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
@@ -40,9 +39,6 @@ from protos.ferry.v1 import transfer_pb2_grpc
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-# The node record is rewritten when the pool's free space moved by this much, so
-# placement and the size check see it, without a write for every block.
-FREE_SPACE_STEP = 1 << 20
 
 
 class AgentService:
@@ -56,13 +52,25 @@ class AgentService:
         self._peers: dict[str, PeerClient] = {}
         self._driver = MoveDriver(config.node, keyspace, store, self._peer)
         self._executor = Executor(config.node, keyspace, store, self._driver, self._wakeup.set)
-        self._lease: aetcd.Lease | None = None
-        self._registered: NodeInfo | None = None
+        self._registration = Registration(
+            keyspace,
+            NodeInfo(
+                name=config.node,
+                address=config.advertise,
+                pool=config.pool,
+                free_bytes=0,
+                version=VERSION,
+            ),
+            config.lease_ttl,
+            store,
+        )
         self._reported: set[str] = set()
 
     async def run(self) -> None:
         """Serve until cancelled."""
         await self._store.ensure_root()
+        registration = self._registration
+        await registration.register()
         await self._store.recover()
         tls = self._config.tls
         data = DataListener(
@@ -72,7 +80,6 @@ class AgentService:
         )
         await data.start()
         server = await self._start_transfer_server(data)
-        await self._register()
         plugin = None
         if self._config.plugin_socket is not None:
             plugin = await serve(
@@ -81,12 +88,12 @@ class AgentService:
                     keyspace=self._keyspace,
                     store=self._store,
                     control=PluginControl(VolumeOps(self._keyspace), self._config.node),
-                    lease=lambda: self._lease,
+                    lease=lambda: registration.lease,
                 ),
                 self._config.plugin_socket,
             )
         tasks = [
-            asyncio.create_task(self._keep_registered(), name="registration"),
+            asyncio.create_task(registration.keep_alive(self._registered_again), name="lease"),
             asyncio.create_task(self._watch(), name="watch"),
             asyncio.create_task(self._converge_forever(), name="converge"),
         ]
@@ -129,47 +136,10 @@ class AgentService:
         await server.start()
         return server
 
-    async def _register(self) -> None:
-        info = NodeInfo(
-            name=self._config.node,
-            address=self._config.advertise,
-            pool=self._config.pool,
-            free_bytes=await self._store.free_bytes(),
-            version=VERSION,
-            started_at=time.time(),
-        )
-        self._lease = await self._keyspace.register_node(info, ttl=self._config.lease_ttl)
-        self._registered = info
+    def _registered_again(self) -> None:
+        """A new lease: the state keys went with the old one, so report everything again."""
         self._reported.clear()
-        log.info("registered: node=%s address=%s", info.name, info.address)
-
-    async def _keep_registered(self) -> None:
-        """Refresh the node lease and the free space on record; register again when the lease
-        was lost (e.g. etcd was down too long)."""
-        backoff = Backoff()
-        while True:
-            await asyncio.sleep(self._config.lease_ttl / 3)
-            try:
-                assert self._lease is not None
-                remaining = await self._keyspace.refresh_lease(self._lease)
-                if remaining <= 0:
-                    await self._register()
-                    self._wakeup.set()
-                else:
-                    await self._report_free_space(self._lease)
-                backoff.reset()
-            except Exception as error:
-                delay = backoff.next()
-                log.warning("etcd lease refresh failed: error=%s retry_in=%.1fs", error, delay)
-                await asyncio.sleep(delay)
-
-    async def _report_free_space(self, lease: aetcd.Lease) -> None:
-        assert self._registered is not None
-        free = await self._store.free_bytes()
-        if abs(free - self._registered.free_bytes) >= FREE_SPACE_STEP:
-            self._registered = replace(self._registered, free_bytes=free)
-            await self._keyspace.update_node(self._registered, lease)
-            log.debug("free space reported: node=%s free_bytes=%d", self._config.node, free)
+        self._wakeup.set()
 
     async def _watch(self) -> None:
         backoff = Backoff()
@@ -225,7 +195,6 @@ class AgentService:
 
     async def _report(self) -> None:
         """Write what this node holds to etcd, on its lease."""
-        assert self._lease is not None
         volumes = await self._store.local_volumes()
         for name, local in volumes.items():
             state = NodeState(
@@ -237,7 +206,7 @@ class AgentService:
                 mounted=local.mounted,
                 updated_at=time.time(),
             )
-            await self._keyspace.put_state(state, self._lease)
+            await self._keyspace.put_state(state, self._registration.lease)
         for gone in self._reported - set(volumes):
             await self._keyspace.delete_state(self._config.node, gone)
         self._reported = set(volumes)

@@ -112,6 +112,9 @@ class VolumeStore:
     async def free_bytes(self) -> int:
         return await asyncio.to_thread(self._root.free_bytes)
 
+    async def pool_guid(self) -> str:
+        return await asyncio.to_thread(self._root.pool_guid)
+
     async def create(self, volume: str, size_bytes: int, compression: str, uid: str) -> None:
         await asyncio.to_thread(
             self._root.create_volume, volume, size_bytes, compression, self.mountpoint(volume), uid
@@ -136,6 +139,10 @@ class VolumeStore:
     async def freeze(self, volume: str) -> None:
         """Refuse writes at once, still mounted (PoolRoot.freeze); ``stop_writes`` follows."""
         await asyncio.to_thread(self._root.freeze, volume)
+
+    async def thaw(self, volume: str) -> None:
+        """Accept writes again after ``freeze``, for a handoff that failed before the swap."""
+        await asyncio.to_thread(self._root.thaw, volume)
 
     async def stop_writes(self, volume: str) -> None:
         """Unmount and make read-only: after this, nothing writes to this copy."""

@@ -206,10 +206,27 @@ class Keyspace:
 
     # nodes and leases
 
-    async def register_node(self, info: NodeInfo, ttl: int) -> aetcd.Lease:
-        lease = await self.client.lease(ttl)
-        await self.update_node(info, lease)
-        return lease
+    async def new_lease(self, ttl: int) -> aetcd.Lease:
+        return await self.client.lease(ttl)
+
+    async def claim_node(self, info: NodeInfo, lease: aetcd.Lease) -> NodeInfo | None:
+        """Write the node's record on ``lease`` if no record of that name exists.
+
+        Returns None when written, else the record that holds the name.
+        """
+        key = self._key("nodes", info.name)
+        tx = self.client.transactions
+        succeeded, responses = await self.client.transaction(
+            compare=[tx.create(key) == 0],
+            success=[tx.put(key, info.to_json(), lease=lease)],
+            failure=[tx.get(key)],
+        )
+        if succeeded:
+            return None
+        if not responses or not responses[0]:
+            return await self.claim_node(info, lease)  # its lease expired in between
+        value, _ = responses[0][0]
+        return NodeInfo.from_json(value)
 
     async def update_node(self, info: NodeInfo, lease: aetcd.Lease) -> None:
         """Rewrite a registered node's record (its free space, say) on its lease."""

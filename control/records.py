@@ -141,6 +141,8 @@ class NodeInfo(_Record):
     free_bytes: int
     version: str
     started_at: float = field(default_factory=time.time)
+    pool_guid: str = ""
+    """GUID of the pool's top dataset: tells this host's earlier record from another agent's."""
 
     def __post_init__(self) -> None:
         check_node_name(self.name)

@@ -156,6 +156,17 @@ class PoolRoot:
                     f"cannot freeze {volume}: {' '.join(command)}: {result.stderr.strip()}"
                 )
 
+    def thaw(self, volume: str) -> None:
+        """Undo ``freeze``: accept writes again on the still-mounted volume."""
+        path = self._mounted_path(volume)
+        if path is None or path not in read_only_mounts():
+            return
+        result = subprocess.run(
+            ["mount", "-o", "remount,bind,rw", path], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise OSError(f"cannot thaw {volume}: {result.stderr.strip()}")
+
     def frozen(self) -> list[str]:
         """Volumes mounted read-only by ``freeze``."""
         read_only = read_only_mounts()
@@ -211,3 +222,7 @@ class PoolRoot:
 
     def free_bytes(self) -> int:
         return zfs.pool_free_bytes(self.pool)
+
+    def pool_guid(self) -> str:
+        """The GUID of the pool's top dataset: this pool's identity, whatever its name."""
+        return zfs.lzc_get_props(self.pool)["guid"]

@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -48,6 +49,27 @@ def checksums(cluster: Cluster, host: ClusterHost, directory: str) -> dict[str, 
         host, ["sh", "-s"], input=f"cd {directory} && sha256sum * | sort -k2\n"
     ).stdout
     return {line.split()[1]: line.split()[0] for line in out.splitlines()}
+
+
+@contextmanager
+def mount_held(cluster: Cluster, volume: str, node: str) -> Iterator[None]:
+    """A mount record of ``volume`` on ``node``, as a running container leaves one: a move
+    of the volume waits for it to go before its handoff."""
+
+    async def put() -> Keyspace:
+        keyspace = Keyspace(endpoints_client(cluster.etcd_endpoints))
+        lease = await keyspace.new_lease(120)
+        await keyspace.put_mount(MountRecord(volume=volume, node=node, ids=("test",)), lease)
+        return keyspace
+
+    loop = asyncio.new_event_loop()
+    keyspace = loop.run_until_complete(put())
+    try:
+        yield
+    finally:
+        loop.run_until_complete(keyspace.delete_mount(volume, node))
+        loop.run_until_complete(keyspace.client.close())
+        loop.close()
 
 
 @pytest.fixture
@@ -92,16 +114,7 @@ def test_a_move_waits_while_mounted_and_completes_after_unmount(
     a, b = cluster.hosts[0], cluster.hosts[1]
     write_random(cluster, a, f"{mountpoint(a, volume)}/before", 16)
 
-    async def hold_mount() -> Keyspace:
-        client = endpoints_client(cluster.etcd_endpoints)
-        keyspace = Keyspace(client)
-        lease = await client.lease(60)
-        await keyspace.put_mount(MountRecord(volume=volume, node=a.name, ids=("test",)), lease)
-        return keyspace
-
-    loop = asyncio.new_event_loop()
-    try:
-        keyspace = loop.run_until_complete(hold_mount())
+    with mount_held(cluster, volume, a.name):
         cluster.ferryctl(["volume", "move", volume, b.name])
         wait_for(
             "the move to wait for the unmount",
@@ -111,13 +124,9 @@ def test_a_move_waits_while_mounted_and_completes_after_unmount(
         time.sleep(1)
         assert cluster.volume(volume)["owner"] == a.name, "still writable on a while mounted"
         expected = checksums(cluster, a, mountpoint(a, volume))
-        loop.run_until_complete(keyspace.delete_mount(volume, a.name))
-        wait_for("the handoff", lambda: cluster.volume(volume)["owner"] == b.name, 120)
-        wait_for(
-            "the move to finish",
-            lambda: cluster.volume(volume)["move"]["phase"] == "done",
-        )
-        assert checksums(cluster, b, mountpoint(b, volume)) == expected
-    finally:
-        loop.run_until_complete(keyspace.client.close())
-        loop.close()
+    wait_for("the handoff", lambda: cluster.volume(volume)["owner"] == b.name, 120)
+    wait_for(
+        "the move to finish",
+        lambda: cluster.volume(volume)["move"]["phase"] == "done",
+    )
+    assert checksums(cluster, b, mountpoint(b, volume)) == expected

@@ -9,7 +9,7 @@ import pytest
 from control.keyspace import Keyspace, endpoints_client
 from control.operations import Conflict, OperationError, VolumeOps
 from control.records import MountRecord, NodeInfo, VolumeSpec
-from tests.support.etcd import EtcdServer
+from tests.support.etcd import EtcdServer, register_node
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ async def stored(keyspace: Keyspace, name: str) -> VolumeSpec:
 async def test_unmounted_update_needs_no_mount_of_that_volume(keyspace: Keyspace) -> None:
     await keyspace.create_volume(VolumeSpec(name="pg", size_bytes=1, node="ct-n1"))
     await keyspace.create_volume(VolumeSpec(name="pg2", size_bytes=1, node="ct-n1"))
-    lease = await keyspace.register_node(NodeInfo("ct-n1", "127.0.0.1:1", "p", 1, "t"), 60)
+    lease = await register_node(keyspace, NodeInfo("ct-n1", "127.0.0.1:1", "p", 1, "t"), 60)
     await keyspace.put_mount(MountRecord("pg2", "ct-n1", ("c1",)), lease)
     current = await keyspace.get_volume("pg")
     assert current is not None
@@ -68,8 +68,8 @@ async def test_a_mount_that_appears_during_a_delete_wins(
     client = endpoints_client([etcd.endpoint])
     keyspace = MountsDuringDelete(client, prefix=f"/ct-delete/{request.node.name}")
     try:
-        keyspace.lease = await keyspace.register_node(
-            NodeInfo("ct-n1", "127.0.0.1:1", "p", 1 << 40, "t"), 60
+        keyspace.lease = await register_node(
+            keyspace, NodeInfo("ct-n1", "127.0.0.1:1", "p", 1 << 40, "t"), 60
         )
         ops = VolumeOps(keyspace)
         await ops.create("db", "1G", node="ct-n1")

@@ -11,7 +11,7 @@ import pytest
 
 from control.keyspace import AlreadyExists, Change, Keyspace, NodeChanged, endpoints_client
 from control.records import Move, MovePhase, NodeInfo, NodeState, Owner, VolumeSpec
-from tests.support.etcd import EtcdServer
+from tests.support.etcd import EtcdServer, register_node
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ async def test_create_volume_twice_is_already_exists(keyspace: Keyspace) -> None
 
 async def test_create_volume_needs_the_node_record_as_it_was_read(keyspace: Keyspace) -> None:
     info = NodeInfo(name="n1", address="127.0.0.1:1", pool="p", free_bytes=1 << 40, version="t")
-    lease = await keyspace.register_node(info, ttl=30)
+    lease = await register_node(keyspace, info, 30)
     read = await keyspace.get_node("n1")
     assert read is not None
     await keyspace.update_node(replace(info, free_bytes=1 << 20), lease)
@@ -166,7 +166,7 @@ async def test_delete_owner_frees_the_claim(keyspace: Keyspace) -> None:
 
 async def test_a_node_disappears_when_its_lease_expires(keyspace: Keyspace) -> None:
     info = NodeInfo(name="n1", address="127.0.0.1:1", pool="p", free_bytes=1, version="t")
-    lease = await keyspace.register_node(info, ttl=2)
+    lease = await register_node(keyspace, info, 2)
     assert [n.value for n in await keyspace.list_nodes()] == [info]
     assert await keyspace.refresh_lease(lease) > 0
     deadline = asyncio.get_running_loop().time() + 8

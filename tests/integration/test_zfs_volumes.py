@@ -156,6 +156,19 @@ def test_freeze_refuses_writes_at_once_and_keeps_what_was_written(
     assert not (where / "after").exists()
 
 
+def test_thaw_accepts_writes_again_where_freeze_stopped_them(
+    root: PoolRoot, tmp_path: Path
+) -> None:
+    where = tmp_path / "db"
+    root.create_volume("db", 16 << 20, "off", where)
+    root.freeze("db")
+    root.thaw("db")
+    (where / "after").write_bytes(b"accepted")
+    assert root.frozen() == []
+    root.thaw("db")
+    assert (where / "after").read_bytes() == b"accepted"
+
+
 def test_rename_aside_keeps_the_data_out_of_the_volume_list(
     pool: ScratchPool, root: PoolRoot, tmp_path: Path
 ) -> None:

@@ -369,6 +369,14 @@ class ControlServer(TestService):
         self._process = None
 
 
+async def register_node(keyspace: Keyspace, info: NodeInfo, ttl: int) -> aetcd.Lease:
+    """Put ``info`` on a new lease of ``ttl`` seconds, as an agent does (the name must be free)."""
+    lease = await keyspace.new_lease(ttl)
+    holder = await keyspace.claim_node(info, lease)
+    assert holder is None, f"node {info.name} is registered already: {holder}"
+    return lease
+
+
 class LiveNodes:
     """Node records on etcd leases, standing in for agents; ``revoke_all`` makes them vanish."""
 
@@ -384,7 +392,7 @@ class LiveNodes:
             free_bytes=free_bytes,
             version="test",
         )
-        self._leases.append(await self._keyspace.register_node(info, ttl))
+        self._leases.append(await register_node(self._keyspace, info, ttl))
         return info
 
     async def revoke_all(self) -> None:

@@ -1,0 +1,119 @@
+"""This node's record in etcd: claimed on a lease, kept alive, its free space kept current.
+
+Two agents must never run under one node name: both would act for that
+node's volumes. So registering claims ``nodes/<name>`` only while it is
+absent. A record left by this host's previous run (the same pool, told by
+its GUID) is taken over at once, as after a crash or a restart. A record
+held by another pool is waited out for two lease TTLs, the time a dead
+agent's lease needs to expire; if it is still there, another live agent
+holds the name and this one stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import aetcd
+
+from agent.retry import Backoff
+from agent.store import VolumeStore
+from control.keyspace import Keyspace
+from control.records import NodeInfo
+
+log = logging.getLogger(__name__)
+
+# The record is rewritten when the pool's free space moved by this much, so
+# placement and the size check see it, without a write for every block.
+FREE_SPACE_STEP = 1 << 20
+CLAIM_POLL_SECONDS = 0.5
+
+
+class NodeNameTaken(Exception):
+    """Another live agent, with another pool, is registered under this node name."""
+
+
+class Registration:
+    """This node's lease, which every key it writes for itself (state, mounts) is put on."""
+
+    def __init__(self, keyspace: Keyspace, record: NodeInfo, ttl: int, store: VolumeStore) -> None:
+        """``record`` names the node; its free space and pool GUID are read from ``store``."""
+        self._keyspace = keyspace
+        self._record = record
+        self._ttl = ttl
+        self._store = store
+        self._lease: aetcd.Lease | None = None
+
+    @property
+    def lease(self) -> aetcd.Lease:
+        if self._lease is None:
+            raise RuntimeError(f"node {self._record.name} is not registered yet")
+        return self._lease
+
+    async def register(self) -> None:
+        """Claim the node record on a new lease; NodeNameTaken if another agent keeps it."""
+        record = replace(
+            self._record,
+            free_bytes=await self._store.free_bytes(),
+            pool_guid=await self._store.pool_guid(),
+            started_at=time.time(),
+        )
+        lease = await self._keyspace.new_lease(self._ttl)
+        # etcd raises a TTL below its minimum; the holder's lease got the same.
+        deadline = time.monotonic() + 2 * int(await lease.granted_ttl())
+        waiting = False
+        while (holder := await self._keyspace.claim_node(record, lease)) is not None:
+            if holder.pool_guid == record.pool_guid:
+                await self._keyspace.update_node(record, lease)
+                log.info("took over this host's earlier record: node=%s", record.name)
+                break
+            if time.monotonic() > deadline:
+                await lease.revoke()
+                raise NodeNameTaken(
+                    f"node name {record.name} is held by another live agent (address "
+                    f"{holder.address}, pool {holder.pool}, started "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.started_at))}); "
+                    f"stop that agent or start this one with another --node"
+                )
+            if not waiting:
+                log.warning(
+                    "node name held by another pool, waiting for its lease to expire: node=%s "
+                    "holder_address=%s",
+                    record.name,
+                    holder.address,
+                )
+                waiting = True
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+            await self._keyspace.refresh_lease(lease)
+        self._record, self._lease = record, lease
+        log.info("registered: node=%s address=%s", record.name, record.address)
+
+    async def keep_alive(self, registered_again: Callable[[], None]) -> None:
+        """Refresh the lease and the free space on record until cancelled; register again when
+        the lease was lost (etcd down too long), then call ``registered_again``."""
+        backoff = Backoff()
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                if await self._keyspace.refresh_lease(self.lease) <= 0:
+                    await self.register()
+                    registered_again()
+                else:
+                    await self._report_free_space()
+                backoff.reset()
+            except NodeNameTaken:
+                raise
+            except Exception as error:
+                delay = backoff.next()
+                log.warning("etcd lease refresh failed: error=%s retry_in=%.1fs", error, delay)
+                await asyncio.sleep(delay)
+
+    async def _report_free_space(self) -> None:
+        free = await self._store.free_bytes()
+        if abs(free - self._record.free_bytes) >= FREE_SPACE_STEP:
+            self._record = replace(self._record, free_bytes=free)
+            await self._keyspace.update_node(self._record, self.lease)
+            log.debug("free space reported: node=%s free_bytes=%d", self._record.name, free)

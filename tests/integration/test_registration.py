@@ -1,0 +1,94 @@
+"""Registering a node on real etcd and real pools: one live agent per node name."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.registration import NodeNameTaken, Registration
+from agent.store import VolumeStore
+from agent.zfs.volumes import PoolRoot
+from control.keyspace import Keyspace, endpoints_client
+from control.records import NodeInfo
+from tests.support.etcd import EtcdServer
+from tests.support.pools import ScratchPool, scratch_pool
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
+    """A keyspace of this test's own, so no other test's node records are in the way."""
+    client = endpoints_client([etcd.endpoint])
+    try:
+        yield Keyspace(client, prefix=f"/rg-{secrets.token_hex(4)}/v1")
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def pools() -> Iterator[tuple[ScratchPool, ScratchPool]]:
+    with scratch_pool("rg") as first, scratch_pool("rg") as second:
+        yield first, second
+
+
+@pytest.fixture
+async def stores(
+    pools: tuple[ScratchPool, ScratchPool], tmp_path: Path
+) -> AsyncIterator[tuple[VolumeStore, VolumeStore]]:
+    yield (
+        VolumeStore(PoolRoot(pools[0].name), tmp_path / "a"),
+        VolumeStore(PoolRoot(pools[1].name), tmp_path / "b"),
+    )
+
+
+def agent(keyspace: Keyspace, store: VolumeStore, address: str, ttl: int) -> Registration:
+    record = NodeInfo(name="n1", address=address, pool="p", free_bytes=0, version="t")
+    return Registration(keyspace, record, ttl, store)
+
+
+async def address_on_record(keyspace: Keyspace) -> str:
+    found = await keyspace.get_node("n1")
+    assert found is not None
+    return found.value.address
+
+
+async def test_a_second_live_agent_under_the_same_name_is_refused(
+    keyspace: Keyspace, stores: tuple[VolumeStore, VolumeStore]
+) -> None:
+    first = agent(keyspace, stores[0], "10.0.0.1:7480", ttl=1)
+    await first.register()
+    alive = asyncio.create_task(first.keep_alive(lambda: None))
+    try:
+        started = time.monotonic()
+        with pytest.raises(
+            NodeNameTaken, match=r"held by another live agent \(address 10\.0\.0\.1"
+        ):
+            await agent(keyspace, stores[1], "10.0.0.2:7480", ttl=1).register()
+        assert time.monotonic() - started >= 2, "gave up before a dead agent's lease could end"
+        assert await address_on_record(keyspace) == "10.0.0.1:7480"
+    finally:
+        alive.cancel()
+
+
+async def test_a_restart_on_the_same_pool_takes_its_record_over_at_once(
+    keyspace: Keyspace, stores: tuple[VolumeStore, VolumeStore]
+) -> None:
+    await agent(keyspace, stores[0], "10.0.0.1:7480", ttl=30).register()
+    started = time.monotonic()
+    await agent(keyspace, stores[0], "10.0.0.3:7480", ttl=30).register()
+    assert time.monotonic() - started < 2
+    assert await address_on_record(keyspace) == "10.0.0.3:7480"
+
+
+async def test_the_name_is_free_once_a_dead_agents_lease_ends(
+    keyspace: Keyspace, stores: tuple[VolumeStore, VolumeStore]
+) -> None:
+    await agent(keyspace, stores[0], "10.0.0.1:7480", ttl=1).register()
+    await agent(keyspace, stores[1], "10.0.0.2:7480", ttl=1).register()
+    assert await address_on_record(keyspace) == "10.0.0.2:7480"
