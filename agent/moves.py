@@ -130,7 +130,10 @@ class MoveDriver:
             failpoints.reached("handoff.before_cas")
             swap_tried = True
             swapped = await self._keyspace.transfer_owner(
-                volume, Owner(node=self._node, epoch=epoch), tracker.move.target
+                volume,
+                Owner(node=self._node, epoch=epoch),
+                tracker.move.target,
+                move_revision=tracker.revision,
             )
             stopped_for = time.monotonic() - paused
             if swapped:
@@ -208,6 +211,10 @@ class _MoveRecord:
     def move(self) -> Move:
         return self._current.value
 
+    @property
+    def revision(self) -> int:
+        return self._current.revision
+
     async def update(self, **changes: object) -> None:
         new = replace(self.move, updated_at=time.time(), **changes)  # type: ignore[arg-type]
         if await self._keyspace.put_move(new, self._current.revision):
@@ -221,6 +228,8 @@ class _MoveRecord:
             self.move.started_at,
         ):
             raise MoveAbandoned(f"the move of {new.volume} was cancelled or retargeted")
+        if fresh.value.phase == MovePhase.FAILED:
+            raise MoveAbandoned(f"the move of {new.volume} ended: {fresh.value.error}")
         self._current = fresh
         if fresh.value.phase == MovePhase.DONE:
             return  # the target finished the move; nothing the source says is newer

@@ -251,10 +251,14 @@ def volume_delete(api: Api, name: str, force: bool) -> None:
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait waits.")
 @click.pass_obj
 def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> None:
-    """Move a volume to NODE (pre-copy now, handoff once nothing mounts it)."""
+    """Move a volume to NODE (pre-copy now, handoff once nothing mounts it).
+
+    Moving it back to the node it is leaving cancels a move that has not handed off yet.
+    """
     moved = api.call("MoveVolume", control_pb2.MoveVolumeRequest(name=name, node=node))
     if not moved.HasField("move") or (moved.owner == node and not _moving(moved)):
-        click.echo(f"volume {name} is on {node}")
+        ended = moved.move.error if moved.move.phase == "failed" else ""
+        click.echo(f"volume {name} is on {node}" + (f" (its last move: {ended})" if ended else ""))
         return
     click.echo(f"volume {name}: moving {moved.move.source} -> {node}")
     if wait:

@@ -189,13 +189,22 @@ class Keyspace:
         """Become the first owner (epoch 1) of a volume nobody owns."""
         return await self._put_if(self._key("owners", name), Owner(node, 1).to_json(), None)
 
-    async def transfer_owner(self, name: str, expected: Owner, new_node: str) -> bool:
-        """Swap ownership from ``expected`` to ``new_node`` at the next epoch, atomically."""
+    async def transfer_owner(
+        self, name: str, expected: Owner, new_node: str, move_revision: int | None = None
+    ) -> bool:
+        """Swap ownership from ``expected`` to ``new_node`` at the next epoch, atomically.
+
+        With ``move_revision``, only while the move record is as the mover last
+        wrote it, so a move cancelled meanwhile never hands the volume over.
+        """
         key = self._key("owners", name)
         tx = self.client.transactions
         new = Owner(new_node, expected.epoch + 1)
+        compare = [tx.value(key) == expected.to_json()]
+        if move_revision is not None:
+            compare.append(tx.mod(self._key("moves", name)) == move_revision)
         succeeded, _ = await self.client.transaction(
-            compare=[tx.value(key) == expected.to_json()],
+            compare=compare,
             success=[tx.put(key, new.to_json())],
             failure=[],
         )
@@ -280,8 +289,10 @@ class Keyspace:
         owner: Versioned[Owner],
         move: Move,
         move_revision: int | None,
+        placement: str = "",
     ) -> bool:
-        """Place the volume on ``move.target`` and create its move record, in one transaction.
+        """Write the move record and the desired node (``placement``, by default the move's
+        target) in one transaction.
 
         Only while the spec, the owner (the move's source) and the previous move
         record (None: absent) are as read, so a racing request can never leave a
@@ -290,7 +301,7 @@ class Keyspace:
         volume_key = self._key("volumes", spec.value.name)
         move_key = self._key("moves", move.volume)
         tx = self.client.transactions
-        placed = replace(spec.value, node=move.target)
+        placed = replace(spec.value, node=placement or move.target)
         succeeded, _ = await self.client.transaction(
             compare=[
                 tx.mod(volume_key) == spec.revision,

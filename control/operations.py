@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from agent.zfs.volumes import BASE_COMPRESSION
 from control.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
-from control.records import Move, MovePhase, NodeInfo, VolumeSpec, parse_size
+from control.records import Move, MovePhase, NodeInfo, Owner, VolumeSpec, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,12 @@ class VolumeOps:
         if existing is not None and existing.value.phase in ACTIVE_PHASES:
             if existing.value.target == node:
                 return existing.value
+            if existing.value.source == node == owner.value.node:
+                return await self._cancel(current, owner, existing)
             raise OperationError(
                 f"volume {name} is already moving to {existing.value.target} "
-                f"(phase {existing.value.phase.value}); wait for it to finish"
+                f"(phase {existing.value.phase.value}); wait for it to finish, or move it "
+                f"back to {existing.value.source} to cancel it"
             )
         if owner.value.node == node:
             if current.value.node != node and not await self._keyspace.update_volume(
@@ -182,6 +185,31 @@ class VolumeOps:
             raise Conflict(f"volume {name} changed while moving it (another request?); retry")
         log.info("move requested: volume=%s from=%s to=%s", name, move.source, node)
         return move
+
+    async def _cancel(
+        self, spec: Versioned[VolumeSpec], owner: Versioned[Owner], move: Versioned[Move]
+    ) -> Move:
+        """End a move that has not handed off: the volume stays on its source.
+
+        The source's handoff swaps ownership only while the move record is as it
+        last wrote it, so either this write or the swap wins, never both.
+        """
+        source = move.value.source
+        cancelled = replace(
+            move.value,
+            phase=MovePhase.FAILED,
+            error=f"cancelled: moved back to {source} by request",
+            updated_at=time.time(),
+        )
+        if not await self._keyspace.request_move(
+            spec, owner, cancelled, move.revision, placement=source
+        ):
+            raise Conflict(
+                f"volume {spec.value.name} changed while cancelling its move (it may have "
+                f"been handed off to {move.value.target}); check 'ferryctl volume get' and retry"
+            )
+        log.info("move cancelled: volume=%s stays_on=%s", spec.value.name, source)
+        return cancelled
 
     async def _refuse_if_mounted(self, name: str) -> None:
         mounts = await self._keyspace.list_mounts(name)

@@ -130,3 +130,23 @@ def test_a_move_waits_while_mounted_and_completes_after_unmount(
         lambda: cluster.volume(volume)["move"]["phase"] == "done",
     )
     assert checksums(cluster, b, mountpoint(b, volume)) == expected
+
+
+def test_moving_back_during_a_move_cancels_it_and_the_source_keeps_the_volume(
+    cluster: Cluster, volume: str
+) -> None:
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    write_random(cluster, a, f"{mountpoint(a, volume)}/before", 16)
+    with mount_held(cluster, volume, a.name):
+        cluster.ferryctl(["volume", "move", volume, b.name])
+        wait_for(
+            "the pre-copy to reach the target",
+            lambda: cluster.volume(volume)["move"]["phase"] == "waiting_for_unmount",
+        )
+        back = cluster.ferryctl(["volume", "move", volume, a.name]).stdout
+        assert "cancelled" in back
+    time.sleep(5)  # nothing mounts it now: a move still running would hand off in this time
+    there = cluster.volume(volume)
+    assert (there["owner"], there["epoch"], there["node"]) == (a.name, 1, a.name)
+    assert there["move"]["phase"] == "failed"
+    write_random(cluster, a, f"{mountpoint(a, volume)}/after-the-cancel", 1)

@@ -135,6 +135,28 @@ async def test_move_records_the_move_and_changes_the_desired_node(
     refused(await ferryctl(env, "volume", "move", name, "ct-n9"), "ct-n9", "unknown or down")
 
 
+async def test_moving_back_to_the_source_cancels_a_move_that_has_not_handed_off(
+    env: dict[str, str], nodes: LiveNodes, keyspace: Keyspace
+) -> None:
+    await nodes.add("ct-n3", 20 * GIB)
+    name = unique("db")
+    ok(await ferryctl(env, "volume", "create", name, "--size", "1G", "--node", "ct-n1"))
+    assert await keyspace.claim_owner(name, "ct-n1")
+    ok(await ferryctl(env, "volume", "move", name, "ct-n2"))
+    refused(
+        await ferryctl(env, "volume", "move", name, "ct-n3"),
+        "already moving to ct-n2",
+        "move it back to ct-n1 to cancel it",
+    )
+    back = ok(await ferryctl(env, "volume", "move", name, "ct-n1"))
+    assert "is on ct-n1 (its last move: cancelled: moved back to ct-n1" in back.stdout
+    volume = await get_json(env, name)
+    assert (volume["node"], volume["owner"]) == ("ct-n1", "ct-n1")
+    assert volume["move"]["phase"] == "failed"  # type: ignore[index]
+    again = ok(await ferryctl(env, "volume", "move", name, "ct-n3"))
+    assert "moving ct-n1 -> ct-n3" in again.stdout
+
+
 async def test_delete_is_refused_while_mounted_unless_forced(
     env: dict[str, str], nodes: LiveNodes, keyspace: Keyspace
 ) -> None:

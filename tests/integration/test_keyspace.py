@@ -102,6 +102,18 @@ async def test_put_move_compares_the_revision(keyspace: Keyspace) -> None:
     assert await keyspace.get_move("pg") is None
 
 
+async def test_the_owner_swap_of_a_move_fails_once_its_record_changed(keyspace: Keyspace) -> None:
+    assert await keyspace.claim_owner("pg", "n1")
+    assert await keyspace.put_move(Move(volume="pg", source="n1", target="n2"), None)
+    written = await keyspace.get_move("pg")
+    assert written is not None
+    cancelled = replace(written.value, phase=MovePhase.FAILED, error="cancelled")
+    assert await keyspace.put_move(cancelled, written.revision)
+    assert not await keyspace.transfer_owner("pg", Owner("n1", 1), "n2", written.revision)
+    owner = await keyspace.get_owner("pg")
+    assert owner is not None and owner.value == Owner("n1", 1)
+
+
 async def test_request_move_writes_placement_and_move_together_or_neither(
     keyspace: Keyspace,
 ) -> None:
