@@ -69,8 +69,8 @@ class AgentService:
     async def run(self) -> None:
         """Serve until cancelled."""
         await self._store.ensure_root()
-        registration = self._registration
-        await registration.register()
+        # First, so an agent under a name another live agent holds touches nothing.
+        await self._registration.register()
         await self._store.recover()
         tls = self._config.tls
         data = DataListener(
@@ -88,12 +88,14 @@ class AgentService:
                     keyspace=self._keyspace,
                     store=self._store,
                     control=PluginControl(VolumeOps(self._keyspace), self._config.node),
-                    lease=lambda: registration.lease,
+                    lease=lambda: self._registration.lease,
                 ),
                 self._config.plugin_socket,
             )
         tasks = [
-            asyncio.create_task(registration.keep_alive(self._registered_again), name="lease"),
+            asyncio.create_task(
+                self._registration.keep_alive(self._registered_again), name="lease"
+            ),
             asyncio.create_task(self._watch(), name="watch"),
             asyncio.create_task(self._converge_forever(), name="converge"),
         ]
