@@ -72,6 +72,22 @@ def mount_held(cluster: Cluster, volume: str, node: str) -> Iterator[None]:
         loop.close()
 
 
+@contextmanager
+def moving_while_mounted(
+    cluster: Cluster, volume: str, source: ClusterHost, target: ClusterHost
+) -> Iterator[None]:
+    """16 MiB written on ``source``, a container's mount held there, and a move to ``target``
+    that has pre-copied and waits for the unmount; the mount goes on leaving."""
+    write_random(cluster, source, f"{mountpoint(source, volume)}/before", 16)
+    with mount_held(cluster, volume, source.name):
+        cluster.ferryctl(["volume", "move", volume, target.name])
+        wait_for(
+            "the move to wait for the unmount",
+            lambda: cluster.volume(volume)["move"]["phase"] == "waiting_for_unmount",
+        )
+        yield
+
+
 @pytest.fixture
 def volume(cluster: Cluster) -> Iterator[str]:
     name = f"mv-{secrets.token_hex(3)}"
@@ -112,14 +128,7 @@ def test_a_move_waits_while_mounted_and_completes_after_unmount(
     cluster: Cluster, volume: str
 ) -> None:
     a, b = cluster.hosts[0], cluster.hosts[1]
-    write_random(cluster, a, f"{mountpoint(a, volume)}/before", 16)
-
-    with mount_held(cluster, volume, a.name):
-        cluster.ferryctl(["volume", "move", volume, b.name])
-        wait_for(
-            "the move to wait for the unmount",
-            lambda: cluster.volume(volume)["move"]["phase"] == "waiting_for_unmount",
-        )
+    with moving_while_mounted(cluster, volume, a, b):
         write_random(cluster, a, f"{mountpoint(a, volume)}/while-mounted", 8)
         time.sleep(1)
         assert cluster.volume(volume)["owner"] == a.name, "still writable on a while mounted"
@@ -136,13 +145,7 @@ def test_moving_back_during_a_move_cancels_it_and_the_source_keeps_the_volume(
     cluster: Cluster, volume: str
 ) -> None:
     a, b = cluster.hosts[0], cluster.hosts[1]
-    write_random(cluster, a, f"{mountpoint(a, volume)}/before", 16)
-    with mount_held(cluster, volume, a.name):
-        cluster.ferryctl(["volume", "move", volume, b.name])
-        wait_for(
-            "the pre-copy to reach the target",
-            lambda: cluster.volume(volume)["move"]["phase"] == "waiting_for_unmount",
-        )
+    with moving_while_mounted(cluster, volume, a, b):
         back = cluster.ferryctl(["volume", "move", volume, a.name]).stdout
         assert "cancelled" in back
     time.sleep(5)  # nothing mounts it now: a move still running would hand off in this time

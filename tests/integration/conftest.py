@@ -5,6 +5,7 @@ A module that needs its own key prefix defines its own ``keyspace``.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -34,6 +35,16 @@ def certs(workdir: Path) -> ClusterCerts:
 def control(etcd: EtcdServer, certs: ClusterCerts, workdir: Path) -> Iterator[ControlServer]:
     with ControlServer(etcd.endpoint, certs, workdir) as server:
         yield server
+
+
+@pytest.fixture
+async def private_keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
+    """A keyspace under a prefix of this test's own: no other test's records in the way."""
+    client = endpoints_client([etcd.endpoint])
+    try:
+        yield Keyspace(client, prefix=f"/ct-{secrets.token_hex(4)}/v1")
+    finally:
+        await client.close()
 
 
 @pytest.fixture

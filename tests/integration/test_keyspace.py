@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
 
-from control.keyspace import AlreadyExists, Change, Keyspace, NodeChanged, endpoints_client
+from control.keyspace import AlreadyExists, Change, Keyspace, NodeChanged
 from control.records import Move, MovePhase, NodeInfo, NodeState, Owner, VolumeSpec
-from tests.support.etcd import EtcdServer, register_node
+from tests.support.etcd import register_node
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
-    client = endpoints_client([etcd.endpoint])
-    try:
-        yield Keyspace(client, prefix=f"/ct-{secrets.token_hex(4)}/v1")
-    finally:
-        await client.close()
+def keyspace(private_keyspace: Keyspace) -> Keyspace:
+    return private_keyspace
 
 
 def _spec(name: str = "pg", node: str = "n1") -> VolumeSpec:

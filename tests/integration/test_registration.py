@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,22 +12,16 @@ import pytest
 from agent.registration import NodeNameTaken, Registration
 from agent.store import VolumeStore
 from agent.zfs.volumes import PoolRoot
-from control.keyspace import Keyspace, endpoints_client
+from control.keyspace import Keyspace
 from control.records import NodeInfo
-from tests.support.etcd import EtcdServer
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
-    """A keyspace of this test's own, so no other test's node records are in the way."""
-    client = endpoints_client([etcd.endpoint])
-    try:
-        yield Keyspace(client, prefix=f"/rg-{secrets.token_hex(4)}/v1")
-    finally:
-        await client.close()
+def keyspace(private_keyspace: Keyspace) -> Keyspace:
+    return private_keyspace
 
 
 @pytest.fixture
