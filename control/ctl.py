@@ -147,6 +147,8 @@ def _volume_dict(volume: control_pb2.Volume) -> dict[str, Any]:
     )
     data["size_bytes"] = int(data.get("size_bytes", 0))
     data["epoch"] = int(data.get("epoch", 0))
+    for copy in data["copies"]:
+        copy["used_bytes"] = int(copy.get("used_bytes", 0))
     if volume.HasField("move"):
         for key in ("bytes_sent", "bytes_total"):
             data["move"][key] = int(data["move"].get(key, 0))
@@ -177,6 +179,9 @@ def _cell(row: dict[str, Any], column: str) -> str:
         return f"{move['phase']} {move['source']}->{move['target']}" if move else "-"
     if column == "mounted_on":
         return ",".join(row.get("mounted_on") or []) or "-"
+    if column == "copies":
+        copies = row.get("copies") or []
+        return ",".join(c["node"] + ("(rw)" if c["writable"] else "") for c in copies) or "-"
     if column == "free":
         return _human(int(row.get("free_bytes", 0)))
     return str(row.get(column, ""))
@@ -191,7 +196,17 @@ def _human(size: int) -> str:
     return f"{size}B"
 
 
-VOLUME_COLUMNS = ["name", "size", "compression", "node", "owner", "epoch", "mounted_on", "move"]
+VOLUME_COLUMNS = [
+    "name",
+    "size",
+    "compression",
+    "node",
+    "owner",
+    "epoch",
+    "copies",
+    "mounted_on",
+    "move",
+]
 
 
 @main.group()

@@ -267,8 +267,11 @@ class Keyspace:
         return found.value if found else None
 
     async def list_state(self, volume: str) -> list[NodeState]:
-        found = await self._list(self._key("state", ""), NodeState)
-        return [v.value for v in found if v.value.volume == volume]
+        return [state for state in await self.list_all_state() if state.volume == volume]
+
+    async def list_all_state(self) -> list[NodeState]:
+        """What every live node reports holding, in one read."""
+        return [v.value for v in await self._list(self._key("state", ""), NodeState)]
 
     # moves
 

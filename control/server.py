@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent.logs import setup_logging
 from control.keyspace import Keyspace, Versioned, endpoints_client, etcd_target
 from control.operations import OperationError, VolumeOps
-from control.records import MountRecord, Move, Owner, VolumeSpec
+from control.records import MountRecord, Move, NodeState, Owner, VolumeSpec
 from control.tls import TlsFiles, endpoints, from_flags, warn_insecure
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
@@ -62,12 +62,16 @@ class ControlService(control_pb2_grpc.ControlServicer):
         mounted: dict[str, list[MountRecord]] = {}
         for mount in await self._keyspace.list_all_mounts():
             mounted.setdefault(mount.volume, []).append(mount)
+        held: dict[str, list[NodeState]] = {}
+        for state in await self._keyspace.list_all_state():
+            held.setdefault(state.volume, []).append(state)
         volumes = [
             _volume_message(
                 s.value,
                 owners.get(s.value.name),
                 moves.get(s.value.name),
                 mounted.get(s.value.name, []),
+                held.get(s.value.name, []),
             )
             for s in specs
             if not s.value.deleted
@@ -167,7 +171,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         owner = await self._keyspace.get_owner(name)
         move = await self._keyspace.get_move(name)
         mounts = await self._keyspace.list_mounts(name)
-        return _volume_message(spec.value, owner, move, mounts)
+        copies = await self._keyspace.list_state(name)
+        return _volume_message(spec.value, owner, move, mounts, copies)
 
 
 def _volume_message(
@@ -175,6 +180,7 @@ def _volume_message(
     owner: Versioned[Owner] | None,
     move: Versioned[Move] | None,
     mounts: list[MountRecord],
+    copies: list[NodeState],
 ) -> control_pb2.Volume:
     """The API's view of one volume from its records."""
     volume = control_pb2.Volume(
@@ -187,6 +193,15 @@ def _volume_message(
         deleted=spec.deleted,
         created_at=spec.created_at,
         mounted_on=sorted(m.node for m in mounts),
+        copies=[
+            control_pb2.Copy(
+                node=c.node,
+                newest_snapshot=c.snapshots[-1] if c.snapshots else "",
+                used_bytes=c.used_bytes,
+                writable=c.writable,
+            )
+            for c in sorted(copies, key=lambda c: c.node)
+        ],
     )
     if move is not None:
         m = move.value

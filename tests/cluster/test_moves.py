@@ -112,6 +112,11 @@ def test_a_volume_moves_with_its_data_and_comes_back_incrementally(
     assert checksums(cluster, b, mountpoint(b, volume)) == before
     first_move = there["move"]
     assert isinstance(first_move, dict) and first_move["bytes_sent"] >= 256 * MIB
+    wait_for(
+        f"volume get to show the copy on {b.name} writable and {a.name}'s read-only, both at "
+        "the final snapshot",
+        lambda: copies_of(cluster, volume) == {b.name: True, a.name: False},
+    )
 
     write_random(cluster, b, f"{mountpoint(b, volume)}/new-on-b", 4)
     after_b = checksums(cluster, b, mountpoint(b, volume))
@@ -122,6 +127,15 @@ def test_a_volume_moves_with_its_data_and_comes_back_incrementally(
     back_move = back["move"]
     assert isinstance(back_move, dict)
     assert back_move["bytes_sent"] < 32 * MIB, "the way back must send only what changed"
+
+
+def copies_of(cluster: Cluster, volume: str) -> dict[str, bool] | None:
+    """Which nodes ``volume get`` lists with a copy, and whether each is writable; None
+    while the copies are not all at the same newest snapshot."""
+    copies = cluster.volume(volume)["copies"]
+    if len({c["newest_snapshot"] for c in copies}) != 1:
+        return None
+    return {c["node"]: c["writable"] for c in copies}
 
 
 def test_a_move_waits_while_mounted_and_completes_after_unmount(

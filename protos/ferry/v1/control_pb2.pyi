@@ -215,6 +215,7 @@ class Volume(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     MOUNTED_ON_FIELD_NUMBER: _builtins.int
     MOVE_FIELD_NUMBER: _builtins.int
+    COPIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     compression: _builtins.str
@@ -233,6 +234,12 @@ class Volume(_message.Message):
     def move(self) -> Global___MoveStatus:
         """The current or last move; absent when the volume never moved."""
 
+    @_builtins.property
+    def copies(self) -> _containers.RepeatedCompositeFieldContainer[Global___Copy]:
+        """Every copy live nodes report holding: the owner's and the read-only ones
+        earlier moves left behind.
+        """
+
     def __init__(
         self,
         *,
@@ -246,14 +253,44 @@ class Volume(_message.Message):
         created_at: _builtins.float = ...,
         mounted_on: _abc.Iterable[_builtins.str] | None = ...,
         move: Global___MoveStatus | None = ...,
+        copies: _abc.Iterable[Global___Copy] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["move", b"move"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "created_at", b"created_at", "deleted", b"deleted", "epoch", b"epoch", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "created_at", b"created_at", "deleted", b"deleted", "epoch", b"epoch", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Volume: _TypeAlias = Volume  # noqa: Y015
+
+@_typing.final
+class Copy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    NEWEST_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    WRITABLE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    newest_snapshot: _builtins.str
+    """The newest snapshot in the copy; empty before the first."""
+    used_bytes: _builtins.int
+    writable: _builtins.bool
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        newest_snapshot: _builtins.str = ...,
+        used_bytes: _builtins.int = ...,
+        writable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["newest_snapshot", b"newest_snapshot", "node", b"node", "used_bytes", b"used_bytes", "writable", b"writable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Copy: _TypeAlias = Copy  # noqa: Y015
 
 @_typing.final
 class ListNodesRequest(_message.Message):
