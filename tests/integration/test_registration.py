@@ -54,7 +54,7 @@ async def address_on_record(keyspace: Keyspace) -> str:
 async def test_a_second_live_agent_under_the_same_name_is_refused(
     keyspace: Keyspace, stores: tuple[VolumeStore, VolumeStore]
 ) -> None:
-    first = agent(keyspace, stores[0], "10.0.0.1:7480", ttl=1)
+    first = agent(keyspace, stores[0], "10.0.0.1:7480", ttl=3)
     await first.register()
     alive = asyncio.create_task(first.keep_alive(lambda: None))
     try:
@@ -62,8 +62,8 @@ async def test_a_second_live_agent_under_the_same_name_is_refused(
         with pytest.raises(
             NodeNameTaken, match=r"held by another live agent \(address 10\.0\.0\.1"
         ):
-            await agent(keyspace, stores[1], "10.0.0.2:7480", ttl=1).register()
-        assert time.monotonic() - started >= 2, "gave up before a dead agent's lease could end"
+            await agent(keyspace, stores[1], "10.0.0.2:7480", ttl=3).register()
+        assert time.monotonic() - started >= 6, "gave up before a dead agent's lease could end"
         assert await address_on_record(keyspace) == "10.0.0.1:7480"
     finally:
         alive.cancel()
