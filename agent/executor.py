@@ -105,7 +105,7 @@ class Executor:
         spec = await self._keyspace.get_volume(volume)
         if spec is None:
             return
-        await self._store.activate(volume, spec.value.size_bytes, spec.value.compression)
+        await self._store.activate(spec.value)
         log.info("volume writable: volume=%s node=%s epoch=%d", volume, self._node, epoch)
         if incoming:
             await self._finish_move(volume)

@@ -140,7 +140,7 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
         if local.mounted and local.writable and owner is not None and owner.node == me:
             return [Fence(name), Destroy(name)]
         return [Destroy(name)]
-    if local is not None and spec.uid and local.uid != spec.uid:
+    if local is not None and spec.uid and local.uid and local.uid != spec.uid:
         return [SetAside(name)]
     if owner is None:
         if spec.node != me:

@@ -24,6 +24,7 @@ from agent.plan import LocalVolume
 from agent.snapshots import SnapshotRef, next_name, prunable
 from agent.zfs.streams import SnapshotStream
 from agent.zfs.volumes import TRANSFER_HOLD, UID_PROPERTY, PoolRoot, read_only_mounts
+from control.records import VolumeSpec
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +122,19 @@ class VolumeStore:
         )
         log.info("dataset created: volume=%s size=%d uid=%s", volume, size_bytes, uid)
 
-    async def activate(self, volume: str, size_bytes: int, compression: str) -> None:
-        """Make this node's copy the writable, mounted one."""
-        await asyncio.to_thread(self._activate, volume, size_bytes, compression)
+    async def activate(self, spec: VolumeSpec) -> None:
+        """Make this node's copy the writable, mounted one, with the spec's size, compression
+        and uid (a received copy whose agent died before stamping it gets it here)."""
+        await asyncio.to_thread(self._activate, spec)
 
-    def _activate(self, volume: str, size_bytes: int, compression: str) -> None:
-        dataset = self._root.dataset(volume)
-        zfs.lzc_set_prop(dataset, "refquota", size_bytes)
-        zfs.lzc_set_prop(dataset, "compression", compression)
+    def _activate(self, spec: VolumeSpec) -> None:
+        dataset = self._root.dataset(spec.name)
+        zfs.lzc_set_prop(dataset, "refquota", spec.size_bytes)
+        zfs.lzc_set_prop(dataset, "compression", spec.compression)
+        if spec.uid:
+            self._root.stamp_uid(spec.name, spec.uid)
         zfs.lzc_set_prop(dataset, "readonly", "off")
-        self._root.mount(volume, self.mountpoint(volume))
+        self._root.mount(spec.name, self.mountpoint(spec.name))
 
     async def ensure_mounted(self, volume: str) -> None:
         """Mount the owner's copy if it is not (after the last container unmounted it)."""

@@ -59,9 +59,10 @@ async def source(
     name = f"ho-{secrets.token_hex(3)}"
     store = VolumeStore(PoolRoot(pool.name), tmp_path)
     await store.ensure_root()
+    spec = VolumeSpec(name=name, size_bytes=SIZE, node="ho-b")
     await store.create(name, SIZE, "off", "")
-    await store.activate(name, SIZE, "off")
-    await keyspace.create_volume(VolumeSpec(name=name, size_bytes=SIZE, node="ho-b"))
+    await store.activate(spec)
+    await keyspace.create_volume(spec)
     assert await keyspace.claim_owner(name, "ho-a")
     move = Move(volume=name, source="ho-a", target="ho-b", phase=MovePhase.HANDOFF)
     assert await keyspace.put_move(move, None)

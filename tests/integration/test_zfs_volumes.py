@@ -14,6 +14,7 @@ import pytest
 from agent import zfs
 from agent.store import VolumeStore
 from agent.zfs.volumes import TRANSFER_HOLD, UID_PROPERTY, PoolRoot
+from control.records import VolumeSpec
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration
@@ -200,8 +201,11 @@ async def test_created_and_received_copies_carry_the_volume_uid(
         "a stream carries no properties: the receiver must stamp the uid"
     )
     await store.after_receive("copy", "c0ffee")
+    await store.create("unstamped", 8 << 20, "off", "")
+    await store.activate(VolumeSpec(name="unstamped", size_bytes=8 << 20, node="n1", uid="beef"))
     local = await store.local_volumes()
     assert (local["db"].uid, local["copy"].uid) == ("c0ffee", "c0ffee")
+    assert local["unstamped"].uid == "beef", "activating stamps a copy that missed its stamp"
 
 
 def test_free_bytes_shrinks_as_data_is_written(root: PoolRoot, tmp_path: Path) -> None:

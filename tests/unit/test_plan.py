@@ -64,13 +64,19 @@ def test_a_dataset_created_before_a_crash_is_claimed_not_created_again() -> None
 def test_a_deleted_namesakes_leftover_is_set_aside_never_adopted() -> None:
     new = Desired(node="a", volumes={"pg": spec(uid="0a1b2c")})
     assert plan(new, Actual(volumes={"pg": writable()})) == [SetAside("pg")]
-    assert plan(new, Actual(volumes={"pg": replica(uid="")})) == [SetAside("pg")]
     owned_elsewhere = Desired(
         node="a", volumes={"pg": spec(node="b", uid="0a1b2c")}, owners={"pg": Owner("b", 1)}
     )
     assert plan(owned_elsewhere, Actual(volumes={"pg": replica()})) == [SetAside("pg")]
     from_before_uids = Desired(node="a", volumes={"pg": spec(uid="")})
     assert plan(from_before_uids, Actual(volumes={"pg": replica()})) == [Claim("pg")]
+
+
+def test_a_copy_not_stamped_yet_is_taken_as_the_volumes() -> None:
+    """An agent can die between a receive and its stamp; the copy must not be set aside,
+    or an owner could be left with none."""
+    owned_here = Desired(node="a", volumes={"pg": spec()}, owners={"pg": Owner("a", 2)})
+    assert plan(owned_here, Actual(volumes={"pg": replica(uid="")})) == [Activate("pg", 2)]
 
 
 def test_the_owner_activates_its_copy_and_then_rests() -> None:
