@@ -103,8 +103,11 @@ class VolumeStore:
         raise zfs.SnapshotNotFound(self.snapshot_name(volume, short))
 
     async def is_writable(self, volume: str) -> bool:
-        props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
-        return _writable(props, await asyncio.to_thread(read_only_mounts))
+        return await asyncio.to_thread(self._is_writable, volume)
+
+    def _is_writable(self, volume: str) -> bool:
+        props = zfs.lzc_get_props(self._root.dataset(volume))
+        return _writable(props, read_only_mounts())
 
     async def used_bytes(self, volume: str) -> int:
         props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
@@ -133,7 +136,7 @@ class VolumeStore:
         zfs.lzc_set_prop(dataset, "compression", spec.compression)
         if spec.uid:
             self._root.stamp_uid(spec.name, spec.uid)
-        zfs.lzc_set_prop(dataset, "readonly", "off")
+        self._root.set_readonly(spec.name, False)
         self._root.mount(spec.name, self.mountpoint(spec.name))
 
     async def ensure_mounted(self, volume: str) -> None:
@@ -154,7 +157,7 @@ class VolumeStore:
 
     def _stop_writes(self, volume: str) -> None:
         self._root.unmount(volume)
-        zfs.lzc_set_prop(self._root.dataset(volume), "readonly", "on")
+        self._root.set_readonly(volume, True)
 
     async def fence(self, volume: str) -> None:
         """Stop writes on a copy this node no longer owns, keeping what it wrote in a snapshot."""
@@ -178,7 +181,7 @@ class VolumeStore:
     def _after_receive(self, volume: str, uid: str) -> None:
         dataset = self._root.dataset(volume)
         zfs.lzc_set_prop(dataset, "canmount", "noauto")
-        zfs.lzc_set_prop(dataset, "readonly", "on")
+        self._root.set_readonly(volume, True)
         if uid:
             self._root.stamp_uid(volume, uid)
         names = [ref.name for ref in self._snapshots(volume) or ()]

@@ -73,6 +73,13 @@ def read_only_mounts(table: Path = Path("/proc/self/mounts")) -> set[str]:
     return found
 
 
+def _run(command: list[str], failure: str) -> None:
+    """Run a system command; OSError starting with ``failure`` and its stderr if it fails."""
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise OSError(f"{failure}: {' '.join(command)}: {result.stderr.strip()}")
+
+
 class PoolRoot:
     """The datasets Ferry manages in one pool."""
 
@@ -149,23 +156,15 @@ class PoolRoot:
         path = self._mounted_path(volume)
         if path is None:
             return
-        for command in (["mount", "-o", "remount,bind,ro", path], ["sync", "-f", path]):
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise OSError(
-                    f"cannot freeze {volume}: {' '.join(command)}: {result.stderr.strip()}"
-                )
+        _run(["mount", "-o", "remount,bind,ro", path], f"cannot freeze {volume}")
+        _run(["sync", "-f", path], f"cannot freeze {volume}")
 
     def thaw(self, volume: str) -> None:
         """Undo ``freeze``: accept writes again on the still-mounted volume."""
         path = self._mounted_path(volume)
         if path is None or path not in read_only_mounts():
             return
-        result = subprocess.run(
-            ["mount", "-o", "remount,bind,rw", path], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            raise OSError(f"cannot thaw {volume}: {result.stderr.strip()}")
+        _run(["mount", "-o", "remount,bind,rw", path], f"cannot thaw {volume}")
 
     def frozen(self) -> list[str]:
         """Volumes mounted read-only by ``freeze``."""
