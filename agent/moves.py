@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from agent import failpoints
-from agent.snapshots import newest_common, prunable
+from agent.snapshots import SnapshotRef, newest_common, prunable
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
 from control.keyspace import Keyspace, Versioned
@@ -119,12 +119,13 @@ class MoveDriver:
             # A container mounted it between the check and the phase change.
             await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT)
             raise MoveAbandoned(f"{volume} was mounted again on {self._node}; waiting for unmount")
-        await peer.holdings(volume)  # an unreachable target must not stop writes here
+        # Asked before the freeze: an unreachable target must not stop writes here.
+        remote = await peer.holdings(volume)
         paused = time.monotonic()
         await self._store.freeze(volume)
         swap_tried = swapped = False
         try:
-            await self._sync(volume, epoch, peer, tracker)
+            await self._sync(volume, epoch, peer, tracker, remote)
             final = (await self._store.snapshots(volume) or [])[-1].name
             await tracker.update(final_snapshot=final)
             failpoints.reached("handoff.before_cas")
@@ -159,11 +160,22 @@ class MoveDriver:
             stopped_for,
         )
 
-    async def _sync(self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord) -> int:
-        """Snapshot now and bring the peer up to that snapshot; returns the bytes sent."""
+    async def _sync(
+        self,
+        volume: str,
+        epoch: int,
+        peer: PeerClient,
+        tracker: _MoveRecord,
+        remote: list[SnapshotRef] | None = None,
+    ) -> int:
+        """Snapshot now and bring the peer up to that snapshot; returns the bytes sent.
+
+        ``remote`` is what the peer holds, if the caller has just asked it.
+        """
         snapshot = await self._store.take_snapshot(volume, epoch)
         local = await self._store.snapshots(volume) or []
-        remote = await peer.holdings(volume)
+        if remote is None:
+            remote = await peer.holdings(volume)
         base = newest_common(local, remote)
         estimated = await self._store.send_space(volume, snapshot.name, base)
         header = transfer_pb2.StreamHeader(
