@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import click
 import grpc
@@ -59,12 +60,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         specs = await self._keyspace.list_volumes()
         owners = await self._keyspace.list_owners()
         moves = await self._keyspace.list_moves()
-        mounted: dict[str, list[MountRecord]] = {}
-        for mount in await self._keyspace.list_all_mounts():
-            mounted.setdefault(mount.volume, []).append(mount)
-        held: dict[str, list[NodeState]] = {}
-        for state in await self._keyspace.list_all_state():
-            held.setdefault(state.volume, []).append(state)
+        mounted = _by_volume(await self._keyspace.list_all_mounts())
+        held = _by_volume(await self._keyspace.list_all_state())
         volumes = [
             _volume_message(
                 s.value,
@@ -173,6 +170,17 @@ class ControlService(control_pb2_grpc.ControlServicer):
         mounts = await self._keyspace.list_mounts(name)
         copies = await self._keyspace.list_state(name)
         return _volume_message(spec.value, owner, move, mounts, copies)
+
+
+R = TypeVar("R", MountRecord, NodeState)
+
+
+def _by_volume(records: list[R]) -> dict[str, list[R]]:
+    """Per-node records (mounts, state) grouped by the volume they are about."""
+    grouped: dict[str, list[R]] = {}
+    for record in records:
+        grouped.setdefault(record.volume, []).append(record)
+    return grouped
 
 
 def _volume_message(
