@@ -25,6 +25,12 @@ class AgentConfig:
     etcd_prefix: str = "/ferry/v1"
     lease_ttl: int = 10
     resync_seconds: float = 10.0
+    state_dir: Path | None = None
+    """Where the agent keeps what must survive its restarts; beside the mount root if unset."""
+
+    @property
+    def docker_mounts_file(self) -> Path:
+        return (self.state_dir or self.mount_root.parent / "agent-state") / "docker-mounts.json"
 
     def __post_init__(self) -> None:
         if not self.node:

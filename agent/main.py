@@ -38,6 +38,13 @@ log = logging.getLogger("agent")
     help="Directory under which volumes are mounted.",
 )
 @click.option(
+    "--state-dir",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Directory for what the agent keeps across restarts (Docker's mount IDs) "
+    "[default: agent-state beside the mount root].",
+)
+@click.option(
     "--plugin-socket",
     default="/run/docker/plugins/ferry.sock",
     type=click.Path(path_type=Path),
@@ -64,6 +71,7 @@ def main(
     advertise: str,
     data_port: int | None,
     mount_root: Path,
+    state_dir: Path | None,
     plugin_socket: Path,
     tls_ca: str,
     tls_cert: str,
@@ -84,6 +92,7 @@ def main(
             advertise=advertise or listen,
             data_port=_data_port(listen) if data_port is None else data_port,
             mount_root=mount_root,
+            state_dir=state_dir,
             plugin_socket=plugin_socket,
             tls=from_flags(tls_ca, tls_cert, tls_key, insecure),
             encrypt_streams=encrypt_streams,

@@ -6,14 +6,17 @@ Read top to bottom; each phase says what it waits for and what it writes.
    and changed the desired node. The source snapshots and sends to the
    target (full the first time, then incrementals from the newest snapshot
    both hold with the same GUID) while the volume stays writable here.
-2. ``waiting_for_unmount``: a container on this node still mounts the
-   volume. The source keeps sending incrementals every few seconds so the
-   last delta stays small, and waits for the mount records to go.
-3. ``handoff``: nothing mounts the volume here and the target answers. The
-   source freezes the volume (writes stop), takes the final snapshot, sends
-   the final incremental, writes the final snapshot's name into the move
-   record, then moves ownership in one etcd compare-and-swap from
-   ``{source, e}`` to ``{target, e+1}``, and unmounts its copy. If the
+2. ``waiting_for_unmount``: the volume is in use on this node (a container's
+   mount, any mount of it in any mount namespace, a process with a file on
+   it: ``agent.usage``). The source keeps sending incrementals every few
+   seconds so the last delta stays small, and waits until nothing uses it.
+3. ``handoff``: nothing uses the volume here and the target answers. The
+   source closes the handoff gate (a new Mount here is refused), freezes the
+   filesystem (every writer in every namespace stops; refused while a file
+   is open for writing), checks again that nothing uses it, takes the final
+   snapshot, sends the final incremental, writes the final snapshot's name
+   into the move record, then moves ownership in one etcd compare-and-swap
+   from ``{source, e}`` to ``{target, e+1}``, and unmounts its copy. If the
    handoff fails before the swap was tried, the source still owns the
    volume for certain and thaws it; once tried, the copy stays stopped,
    since the swap may have happened.
@@ -42,6 +45,8 @@ from agent import failpoints
 from agent.snapshots import SnapshotRef, newest_common, prunable
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
+from agent.usage import DockerMounts
+from agent.zfs.volumes import FilesystemBusy
 from control.keyspace import Keyspace, Versioned
 from control.records import Move, MovePhase, Owner
 from protos.ferry.v1 import transfer_pb2
@@ -69,12 +74,14 @@ class MoveDriver:
         keyspace: Keyspace,
         store: VolumeStore,
         connect: PeerLookup,
+        mounts: DockerMounts,
         small_delta: int = SMALL_DELTA_BYTES,
     ) -> None:
         self._node = node
         self._keyspace = keyspace
         self._store = store
         self._connect = connect
+        self._mounts = mounts
         self._small_delta = small_delta
 
     async def run(self, volume: str) -> None:
@@ -100,12 +107,18 @@ class MoveDriver:
         await tracker.update(phase=MovePhase.PRECOPY, error="")
         while True:
             sent = await self._sync(volume, epoch, peer, tracker)
-            if not await self._mounted_here(volume):
+            users = await self._in_use(volume)
+            if not users:
                 if sent <= self._small_delta:
                     return
                 continue
             if tracker.move.phase != MovePhase.WAITING_FOR_UNMOUNT:
-                log.info("waiting for unmount: volume=%s node=%s", volume, self._node)
+                log.info(
+                    "waiting for unmount: volume=%s node=%s in_use=%s",
+                    volume,
+                    self._node,
+                    "; ".join(users),
+                )
                 await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT)
             if await self._until_unmounted(volume, RESYNC_SECONDS):
                 # Whatever was written since the last sync goes in the final one, writes stopped.
@@ -115,39 +128,42 @@ class MoveDriver:
         self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord
     ) -> None:
         await tracker.update(phase=MovePhase.HANDOFF)
-        if await self._mounted_here(volume):
-            # A container mounted it between the check and the phase change.
-            await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT)
-            raise MoveAbandoned(f"{volume} was mounted again on {self._node}; waiting for unmount")
+        await self._refuse_if_in_use(volume, tracker, "was mounted again")
         # Asked before the freeze: an unreachable target must not stop writes here.
         remote = await peer.holdings(volume)
         paused = time.monotonic()
-        await self._store.freeze(volume)
+        self._mounts.begin_handoff(volume)
         swap_tried = swapped = False
         try:
-            await self._sync(volume, epoch, peer, tracker, remote)
-            final = (await self._store.snapshots(volume) or [])[-1].name
-            await tracker.update(final_snapshot=final)
-            failpoints.reached("handoff.before_cas")
-            swap_tried = True
-            swapped = await self._keyspace.transfer_owner(
-                volume,
-                Owner(node=self._node, epoch=epoch),
-                tracker.move.target,
-                move_revision=tracker.revision,
-            )
-            stopped_for = time.monotonic() - paused
-            if swapped:
-                failpoints.reached("handoff.after_cas")
-                await tracker.update(phase=MovePhase.ACTIVATING)
+            await self._freeze(volume, tracker)
+            try:
+                # A mount made between the first check and the freeze (it was refused writes).
+                await self._refuse_if_in_use(volume, tracker, "was in use at the freeze")
+                await self._sync(volume, epoch, peer, tracker, remote)
+                final = (await self._store.snapshots(volume) or [])[-1].name
+                await tracker.update(final_snapshot=final)
+                failpoints.reached("handoff.before_cas")
+                swap_tried = True
+                swapped = await self._keyspace.transfer_owner(
+                    volume,
+                    Owner(node=self._node, epoch=epoch),
+                    tracker.move.target,
+                    move_revision=tracker.revision,
+                )
+                stopped_for = time.monotonic() - paused
+                if swapped:
+                    failpoints.reached("handoff.after_cas")
+                    await tracker.update(phase=MovePhase.ACTIVATING)
+            finally:
+                # Frozen is a state of a running handoff only: it ends thawed if this node
+                # still owns the volume for certain, else unmounted and read-only (the new
+                # owner does not wait for this).
+                if swap_tried:
+                    await self._store.stop_writes(volume)
+                else:
+                    await self._store.thaw(volume)
         finally:
-            # Frozen is a state of a running handoff only: it ends thawed if this node
-            # still owns the volume for certain, else unmounted and read-only (the new
-            # owner does not wait for this).
-            if swap_tried:
-                await self._store.stop_writes(volume)
-            else:
-                await self._store.thaw(volume)
+            self._mounts.end_handoff(volume)
         if not swapped:
             raise MoveAbandoned(f"ownership of {volume} changed during the handoff")
         log.info(
@@ -200,16 +216,34 @@ class MoveDriver:
         )
         return progress.sent
 
+    async def _freeze(self, volume: str, tracker: _MoveRecord) -> None:
+        try:
+            await self._store.freeze(volume)
+        except FilesystemBusy as busy:
+            await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT, error=str(busy))
+            raise MoveAbandoned(f"{busy}; waiting for it to close") from busy
+
+    async def _refuse_if_in_use(self, volume: str, tracker: _MoveRecord, what: str) -> None:
+        """Back to waiting, if anything on this host uses the volume now."""
+        users = await self._in_use(volume)
+        if users:
+            await tracker.update(phase=MovePhase.WAITING_FOR_UNMOUNT)
+            raise MoveAbandoned(
+                f"{volume} {what} on {self._node} ({'; '.join(users)}); waiting for unmount"
+            )
+
     async def _until_unmounted(self, volume: str, at_most: float) -> bool:
-        """True once nothing here mounts the volume; False if still mounted after ``at_most``."""
+        """True once nothing here uses the volume; False if still in use after ``at_most``."""
         for _ in range(round(at_most / UNMOUNT_POLL_SECONDS)):
-            if not await self._mounted_here(volume):
+            if not await self._in_use(volume):
                 return True
             await asyncio.sleep(UNMOUNT_POLL_SECONDS)
         return False
 
-    async def _mounted_here(self, volume: str) -> bool:
-        return any(m.node == self._node for m in await self._keyspace.list_mounts(volume))
+    async def _in_use(self, volume: str) -> list[str]:
+        """What uses the volume on this host, from the kernel and Docker's mount IDs."""
+        users = await self._store.users([volume])
+        return self._mounts.in_use(volume, users[volume])
 
 
 class _MoveRecord:

@@ -5,9 +5,14 @@ that does not own the volume asks control to move it here and waits, but
 returns inside Docker's two-minute limit: mounted, or with an error that
 says how far the move is, so that a retry succeeds once it is done.
 
-Mounts are counted by Docker's request ``ID``; the mount record in etcd
-(which blocks a move's handoff and a delete) is released when the last
-container lets go.
+Mounts are counted by Docker's request ``ID``, kept on local disk
+(``agent.usage.DockerMounts``) so that an agent restart forgets none. A
+Mount records its ID first (refused while a handoff of the volume runs
+here), then mounts, then publishes the mount record in etcd (which blocks a
+delete); if any step fails, the ID and the record are taken back and Docker
+gets the reason. The record is released when the last container lets go.
+Whether a move may hand off is decided from the kernel's view, not from
+the record (``agent.moves``).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from agent.store import VolumeStore
+from agent.usage import DockerMounts, HandoffRunning, mount_records
 from control.keyspace import Keyspace
-from control.records import MountRecord, MovePhase
+from control.records import MovePhase
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +65,9 @@ class VolumePlugin:
     store: VolumeStore
     control: ControlApi
     lease: Callable[[], Any]
+    mounts: DockerMounts
 
     def __post_init__(self) -> None:
-        self._mounts: dict[str, set[str]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def create(self, name: str, opts: dict[str, str]) -> None:
@@ -81,24 +87,29 @@ class VolumePlugin:
     async def mount(self, name: str, request_id: str) -> str:
         async with self._lock(name):
             await self._wait_until_owned_here(name)
-            ids = self._mounts.setdefault(name, set())
-            ids.add(request_id)
-            await self.keyspace.put_mount(
-                MountRecord(volume=name, node=self.node, ids=tuple(sorted(ids))), self.lease()
-            )
-            move = await self.keyspace.get_move(name)
-            if (
-                move is not None
-                and move.value.source == self.node
-                and (move.value.phase == MovePhase.HANDOFF)
-            ):
+            try:
+                await self.mounts.add(name, request_id)
+            except HandoffRunning:
+                move = await self.keyspace.get_move(name)
+                target = move.value.target if move is not None else "its new host"
+                raise PluginError(
+                    f"volume {name} is being handed off to {target}; run the container there"
+                ) from None
+            try:
+                await self.store.ensure_mounted(name)
+                await self._publish(name)
+            except Exception as error:
                 await self._release(name, request_id)
                 raise PluginError(
-                    f"volume {name} is being handed off to {move.value.target}; "
-                    f"run the container there"
-                )
-            await self.store.ensure_mounted(name)
-        log.info("mounted: volume=%s id=%s containers=%d", name, request_id, len(ids))
+                    f"volume {name} could not be mounted on {self.node}: {error}; "
+                    "nothing was changed, retry when the cause is fixed"
+                ) from error
+        log.info(
+            "mounted: volume=%s id=%s containers=%d",
+            name,
+            request_id,
+            len(self.mounts.ids(name)),
+        )
         return str(self.store.mountpoint(name))
 
     async def unmount(self, name: str, request_id: str) -> None:
@@ -107,7 +118,7 @@ class VolumePlugin:
         log.info("unmounted: volume=%s id=%s", name, request_id)
 
     async def path(self, name: str) -> str:
-        return str(self.store.mountpoint(name)) if self._mounts.get(name) else ""
+        return str(self.store.mountpoint(name)) if self.mounts.ids(name) else ""
 
     async def get(self, name: str) -> dict[str, Any]:
         spec = await self.keyspace.get_volume(name)
@@ -144,16 +155,17 @@ class VolumePlugin:
             )
         return status
 
+    async def _publish(self, name: str) -> None:
+        """Write (or remove) this node's mount record of the volume, from the truth."""
+        record = (await mount_records(self.node, [name], self.mounts, self.store)).get(name)
+        if record is None:
+            await self.keyspace.delete_mount(name, self.node)
+        else:
+            await self.keyspace.put_mount(record, self.lease())
+
     async def _release(self, name: str, request_id: str) -> None:
-        ids = self._mounts.get(name, set())
-        ids.discard(request_id)
-        if ids:
-            await self.keyspace.put_mount(
-                MountRecord(volume=name, node=self.node, ids=tuple(sorted(ids))), self.lease()
-            )
-            return
-        self._mounts.pop(name, None)
-        await self.keyspace.delete_mount(name, self.node)
+        await self.mounts.discard(name, request_id)
+        await self._publish(name)
 
     async def _wait_until_owned_here(self, name: str) -> None:
         spec = await self.keyspace.get_volume(name)
@@ -267,6 +279,12 @@ def make_app(plugin: VolumePlugin) -> web.Application:
             except (KeyError, ValueError) as error:
                 return web.json_response(
                     {"Err": f"bad request to {request.path}: {error}"}, content_type=CONTENT_TYPE
+                )
+            except Exception as error:
+                log.exception("plugin call failed: path=%s", request.path)
+                return web.json_response(
+                    {"Err": f"ferry agent on {plugin.node} failed {request.path}: {error}"},
+                    content_type=CONTENT_TYPE,
                 )
 
         return respond

@@ -14,13 +14,14 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 
 import grpc
 
 from agent.config import AgentConfig
 from agent.executor import Executor
 from agent.moves import MoveDriver
-from agent.plan import Actual, Desired, plan
+from agent.plan import Actual, Desired, LocalVolume, plan
 from agent.plugin import PluginError, VolumePlugin, serve
 from agent.registration import Registration
 from agent.retry import Backoff
@@ -29,10 +30,11 @@ from agent.transfer.client import PeerClient, TransferFailed
 from agent.transfer.data import DataListener, host_of
 from agent.transfer.options import SERVER_OPTIONS
 from agent.transfer.server import TransferService
+from agent.usage import DockerMounts, mount_records
 from agent.zfs.volumes import PoolRoot
 from control.keyspace import Keyspace, endpoints_client
 from control.operations import BeingDeleted, Exists, OperationError, VolumeOps
-from control.records import NodeInfo, NodeState
+from control.records import MountRecord, NodeInfo, NodeState
 from control.tls import warn_insecure
 from protos.ferry.v1 import transfer_pb2_grpc
 
@@ -50,7 +52,8 @@ class AgentService:
         self._store = store
         self._wakeup = asyncio.Event()
         self._peers: dict[str, PeerClient] = {}
-        self._driver = MoveDriver(config.node, keyspace, store, self._peer)
+        self._mounts = DockerMounts(config.docker_mounts_file)
+        self._driver = MoveDriver(config.node, keyspace, store, self._peer, self._mounts)
         self._executor = Executor(config.node, keyspace, store, self._driver, self._wakeup.set)
         self._registration = Registration(
             keyspace,
@@ -65,12 +68,14 @@ class AgentService:
             store,
         )
         self._reported: set[str] = set()
+        self._reported_mounts: dict[str, MountRecord] = {}
 
     async def run(self) -> None:
         """Serve until cancelled."""
         await self._store.ensure_root()
         # First, so an agent under a name another live agent holds touches nothing.
         await self._registration.register()
+        await self._mounts.load()
         await self._store.recover()
         tls = self._config.tls
         data = DataListener(
@@ -89,6 +94,7 @@ class AgentService:
                     store=self._store,
                     control=PluginControl(VolumeOps(self._keyspace), self._config.node),
                     lease=lambda: self._registration.lease,
+                    mounts=self._mounts,
                 ),
                 self._config.plugin_socket,
             )
@@ -139,8 +145,9 @@ class AgentService:
         return server
 
     def _registered_again(self) -> None:
-        """A new lease: the state keys went with the old one, so report everything again."""
+        """A new lease: the state and mount keys went with the old one, so report them again."""
         self._reported.clear()
+        self._reported_mounts.clear()
         self._wakeup.set()
 
     async def _watch(self) -> None:
@@ -212,6 +219,22 @@ class AgentService:
         for gone in self._reported - set(volumes):
             await self._keyspace.delete_state(self._config.node, gone)
         self._reported = set(volumes)
+        await self._report_mounts(volumes)
+
+    async def _report_mounts(self, volumes: Mapping[str, LocalVolume]) -> None:
+        """Mount records from the truth: Docker's IDs on disk and the kernel's users.
+
+        A record lives on the lease, so an etcd outage or an agent restart
+        loses it; this rewrites every one that is missing or changed.
+        """
+        lease = self._registration.lease
+        found = await mount_records(self._config.node, volumes, self._mounts, self._store)
+        for name, record in found.items():
+            if self._reported_mounts.get(name) != record:
+                await self._keyspace.put_mount(record, lease)
+        for gone in set(self._reported_mounts) - set(found):
+            await self._keyspace.delete_mount(gone, self._config.node)
+        self._reported_mounts = found
 
     async def _peer(self, node: str) -> PeerClient:
         found = await self._keyspace.get_node(node)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from agent import zfs
 from agent.plan import LocalVolume
 from agent.snapshots import SnapshotRef, next_name, prunable
+from agent.zfs.inuse import User
 from agent.zfs.streams import SnapshotStream
 from agent.zfs.volumes import TRANSFER_HOLD, UID_PROPERTY, PoolRoot, read_only_mounts
 from control.records import VolumeSpec
@@ -113,6 +114,12 @@ class VolumeStore:
         props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
         return int(props.get("used", 0))
 
+    async def users(self, volumes: Iterable[str]) -> dict[str, list[User]]:
+        """Who uses each volume's filesystem here besides the agent's own mountpoint, as the
+        kernel says (every mount namespace, every process): see ``agent.zfs.inuse``."""
+        mountpoints = {volume: self.mountpoint(volume) for volume in volumes}
+        return await asyncio.to_thread(self._root.users, mountpoints)
+
     async def free_bytes(self) -> int:
         return await asyncio.to_thread(self._root.free_bytes)
 
@@ -144,7 +151,8 @@ class VolumeStore:
         await asyncio.to_thread(self._root.mount, volume, self.mountpoint(volume))
 
     async def freeze(self, volume: str) -> None:
-        """Refuse writes at once, still mounted (PoolRoot.freeze); ``stop_writes`` follows."""
+        """Stop every writer at once, still mounted (PoolRoot.freeze; FilesystemBusy while a
+        process holds a file open for writing); ``stop_writes`` or ``thaw`` follows."""
         await asyncio.to_thread(self._root.freeze, volume)
 
     async def thaw(self, volume: str) -> None:

@@ -199,11 +199,13 @@ class Move(_Record):
 
 @dataclass(frozen=True)
 class MountRecord(_Record):
-    """Which containers (Docker mount IDs) use a volume on one node."""
+    """What uses a volume on one node: Docker's mount IDs, and what the kernel shows
+    (a mount in any namespace, a process with a file on it), described for the operator."""
 
     volume: str
     node: str
     ids: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
 
 
 def to_dict(record: Any) -> dict[str, Any]:

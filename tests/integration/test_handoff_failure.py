@@ -17,6 +17,7 @@ from agent.moves import MoveDriver
 from agent.snapshots import SnapshotRef
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
+from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
 from control.keyspace import Keyspace
 from control.records import Move, MovePhase, Owner, VolumeSpec
@@ -75,7 +76,8 @@ async def handoff(keyspace: Keyspace, store: VolumeStore, name: str, target: Tar
         return cast(PeerClient, target)
 
     with pytest.raises(TransferFailed):
-        await MoveDriver("ho-a", keyspace, store, connect).run(name)
+        mounts = DockerMounts(store.mountpoint(name).parent / "state" / "docker-mounts.json")
+        await MoveDriver("ho-a", keyspace, store, connect, mounts).run(name)
 
 
 async def test_a_stream_failing_after_the_freeze_thaws_the_source(
