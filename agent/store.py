@@ -24,7 +24,13 @@ from agent.plan import LocalVolume
 from agent.snapshots import SnapshotRef, next_name, prunable
 from agent.zfs.inuse import User
 from agent.zfs.streams import SnapshotStream
-from agent.zfs.volumes import TRANSFER_HOLD, UID_PROPERTY, PoolRoot, read_only_mounts
+from agent.zfs.volumes import (
+    TRANSFER_HOLD,
+    UID_PROPERTY,
+    FilesystemBusy,
+    PoolRoot,
+    read_only_mounts,
+)
 from control.records import VolumeSpec
 
 log = logging.getLogger(__name__)
@@ -168,7 +174,23 @@ class VolumeStore:
         self._root.set_readonly(volume, True)
 
     async def fence(self, volume: str) -> None:
-        """Stop writes on a copy this node no longer owns, keeping what it wrote in a snapshot."""
+        """Stop writes on a copy this node no longer owns, keeping what it wrote in a snapshot.
+
+        The freeze first: unmounting the agent's mountpoint alone leaves a
+        container's bind mount writing. A process holding a file open for
+        writing keeps the kernel from freezing; that is logged with who it is.
+        """
+        try:
+            await self.freeze(volume)
+        except FilesystemBusy as busy:
+            users = (await self.users([volume]))[volume]
+            log.error(
+                "fence could not stop every writer: volume=%s error=%s users=%s; stop them "
+                "(docker stop, or end the process): this node no longer owns the volume",
+                volume,
+                busy,
+                "; ".join(user.describe() for user in users),
+            )
         await asyncio.to_thread(self._stop_writes, volume)
         name = self.snapshot_name(volume, f"fenced-{int(time.time())}")
         await asyncio.to_thread(zfs.lzc_snapshot, [name])

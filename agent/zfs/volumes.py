@@ -11,7 +11,9 @@ Every method blocks on ``zfs`` commands: async callers run them with
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -148,11 +150,18 @@ class PoolRoot:
             zfs.zfs_mount(dataset)
 
     def unmount(self, volume: str) -> None:
-        """Unmount (retrying while busy) and keep it from being mounted automatically."""
+        """Unmount (retrying while busy), keep it from being mounted automatically, and remove
+        the empty mountpoint: a writer that reopens its files by path would otherwise write
+        onto the host's own disk under it, and be told its writes were done."""
         dataset = self.dataset(volume)
-        if zfs.lzc_get_props(dataset).get("mounted") == "yes":
+        props = zfs.lzc_get_props(dataset)
+        if props.get("mounted") == "yes":
             retry_busy(lambda: zfs.zfs_unmount(dataset), f"unmount {volume}")
         zfs.lzc_set_prop(dataset, "canmount", "noauto")
+        mountpoint = props.get("mountpoint", "")
+        if mountpoint.startswith("/"):
+            with contextlib.suppress(OSError):
+                os.rmdir(mountpoint)
 
     def freeze(self, volume: str) -> None:
         """Stop every writer of the mounted volume at once, and flush what was written.

@@ -7,16 +7,14 @@ volume is driven through ferryctl like an operator would.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
-from control.keyspace import Keyspace, endpoints_client
-from control.records import MountRecord
 from tests.support.cluster import Cluster, ClusterHost
 
 pytestmark = pytest.mark.cluster
@@ -53,23 +51,27 @@ def checksums(cluster: Cluster, host: ClusterHost, directory: str) -> dict[str, 
 
 @contextmanager
 def mount_held(cluster: Cluster, volume: str, node: str) -> Iterator[None]:
-    """A mount record of ``volume`` on ``node``, as a running container leaves one: a move
-    of the volume waits for it to go before its handoff."""
-
-    async def put() -> Keyspace:
-        keyspace = Keyspace(endpoints_client(cluster.etcd_endpoints))
-        lease = await keyspace.new_lease(120)
-        await keyspace.put_mount(MountRecord(volume=volume, node=node, ids=("test",)), lease)
-        return keyspace
-
-    loop = asyncio.new_event_loop()
-    keyspace = loop.run_until_complete(put())
+    """A mount of ``volume`` on ``node`` as a container holds one: a bind mount of the
+    volume in a mount namespace of its own. A move of the volume waits for it to go
+    before its handoff (the agent reads the kernel's mount tables, not a record)."""
+    host = cluster.host(node)
+    inside = f"/tmp/held-{volume}"
+    script = (
+        f"mkdir -p {inside} && mount --bind {mountpoint(host, volume)} {inside} && exec sleep 600"
+    )
+    holder = subprocess.Popen(
+        [*host.run_prefix, "unshare", "-m", "--propagation", "slave", "sh", "-c", script]
+    )
     try:
+        wait_for(
+            f"{volume} to show as mounted on {node}",
+            lambda: node in cluster.volume(volume)["mounted_on"],
+            timeout=30,
+        )
         yield
     finally:
-        loop.run_until_complete(keyspace.delete_mount(volume, node))
-        loop.run_until_complete(keyspace.client.close())
-        loop.close()
+        holder.kill()
+        holder.wait()
 
 
 @contextmanager

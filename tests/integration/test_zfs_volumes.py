@@ -228,3 +228,16 @@ def test_names_outside_the_root_never_reach_zfs(root: PoolRoot) -> None:
     for bad in ("../../etc", "a/b", "db@snap", "-rf", ""):
         with pytest.raises(zfs.NameInvalid):
             root.create_volume(bad, 1 << 20, "off", Path("/nonexistent"))
+
+
+def test_unmount_removes_the_empty_mountpoint_so_no_write_lands_on_the_host(
+    root: PoolRoot, tmp_path: Path
+) -> None:
+    where = tmp_path / "db"
+    root.create_volume("db", 16 << 20, "off", where)
+    (where / "log").write_text("in the volume")
+    root.unmount("db")
+    with pytest.raises(FileNotFoundError):
+        (where / "log").open("a")
+    root.mount("db", where)
+    assert (where / "log").read_text() == "in the volume"
