@@ -59,7 +59,8 @@ else
     packages+=(zfs-fuse fuse)
 fi
 if [ "$dev" -eq 1 ]; then
-    packages+=(shellcheck)
+    # ruby: the tests load vagrant/ferry_cluster.rb.
+    packages+=(shellcheck ruby)
 fi
 apt_install "${packages[@]}"
 

@@ -26,7 +26,7 @@ NOT_ROOT_REASON = (
 
 def requires_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip(NOT_ROOT_REASON)
+        pytest.fail(NOT_ROOT_REASON)
 
 
 def env_flag(name: str, default: bool) -> bool:

@@ -73,7 +73,7 @@ class EtcdServer(TestService):
 
     def __init__(self, prefix: str = "ct") -> None:
         if not ETCD_BINARY.exists():
-            pytest.skip(f"{ETCD_BINARY} missing: apt-get install etcd-server")
+            pytest.fail(f"{ETCD_BINARY} missing: run deploy/install.sh --dev (etcd-server)")
         self.name = f"{prefix}-{secrets.token_hex(4)}"
         self.client_port = free_port()
         self.peer_port = free_port()

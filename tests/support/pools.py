@@ -49,7 +49,7 @@ def _zpool(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _require_zfs() -> None:
     if shutil.which("zpool") is None:
-        pytest.skip("no zpool command: install ZFS with deploy/install.sh")
+        pytest.fail("no zpool command: install ZFS with deploy/install.sh --dev")
     if _zpool("list").returncode != 0:
         pytest.fail("zpool does not answer: start zfs-fuse with deploy/zfs-fuse-up.sh")
 

@@ -177,9 +177,7 @@ def test_managed_plugin_config_has_what_the_agent_needs() -> None:
 def ruby(script: str, nodes: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run Ruby with vagrant/ferry_cluster.rb loaded and FERRY_NODES set (or unset)."""
     if shutil.which("ruby") is None:
-        pytest.skip(
-            "ruby is not installed (.ci/validate-deploy.sh installs vagrant, which brings it)"
-        )
+        pytest.fail("ruby is not installed: run deploy/install.sh --dev")
     env = {k: v for k, v in os.environ.items() if k != "FERRY_NODES"}
     if nodes is not None:
         env["FERRY_NODES"] = nodes
