@@ -11,7 +11,9 @@ Every method blocks on ``zfs`` commands: async callers run them with
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -76,6 +78,34 @@ def read_only_mounts(table: Path = Path("/proc/self/mounts")) -> set[str]:
     return found
 
 
+def guard_mountpoint(path: Path, on: bool) -> None:
+    """Set (or clear) the immutable flag of an unmounted mountpoint directory.
+
+    A filesystem without the flag (it is an ext4/xfs/btrfs/tmpfs/zfs feature)
+    leaves the directory as it is, with a warning: nothing else depends on it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as error:
+        log.warning("mountpoint not guarded: path=%s error=%s", path, error)
+        return
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        wanted = flags[0] | _FS_IMMUTABLE_FL if on else flags[0] & ~_FS_IMMUTABLE_FL
+        if wanted != flags[0]:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, array.array("i", [wanted]))
+    except OSError as error:
+        log.warning("mountpoint not guarded: path=%s error=%s", path, error)
+    finally:
+        os.close(fd)
+
+
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_IMMUTABLE_FL = 0x00000010
+
+
 class FilesystemBusy(OSError):
     """The kernel refused to stop writes: a process holds a file open for writing."""
 
@@ -128,6 +158,8 @@ class PoolRoot:
         }
         if uid:
             props[UID_PROPERTY] = uid
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        guard_mountpoint(mountpoint, True)
         zfs.lzc_create(self.dataset(volume), props=props)
 
     def stamp_uid(self, volume: str, uid: str) -> None:
@@ -138,7 +170,12 @@ class PoolRoot:
         return zfs.lzc_get_props(self.dataset(volume)).get("mounted") == "yes"
 
     def mount(self, volume: str, path: Path) -> None:
-        """Mount at ``path`` (setting the mountpoint if it differs); no-op when mounted there."""
+        """Mount at ``path`` (setting the mountpoint if it differs); no-op when mounted there.
+
+        The directory under the mount is made immutable first: once the volume is
+        unmounted (handed off, fenced), a writer that reopens its files by path gets
+        EPERM instead of writing onto the host's own disk and being told it was done.
+        """
         dataset = self.dataset(volume)
         props = zfs.lzc_get_props(dataset)
         if props.get("mountpoint") != str(path):
@@ -147,21 +184,17 @@ class PoolRoot:
             zfs.lzc_set_prop(dataset, "canmount", "on")
         if zfs.lzc_get_props(dataset).get("mounted") != "yes":
             path.mkdir(parents=True, exist_ok=True)
+            guard_mountpoint(path, True)
             zfs.zfs_mount(dataset)
 
     def unmount(self, volume: str) -> None:
-        """Unmount (retrying while busy), keep it from being mounted automatically, and remove
-        the empty mountpoint: a writer that reopens its files by path would otherwise write
-        onto the host's own disk under it, and be told its writes were done."""
+        """Unmount (retrying while busy) and keep it from being mounted automatically. The
+        mountpoint left behind is guarded (see ``mount``): nothing can be written under it."""
         dataset = self.dataset(volume)
         props = zfs.lzc_get_props(dataset)
         if props.get("mounted") == "yes":
             retry_busy(lambda: zfs.zfs_unmount(dataset), f"unmount {volume}")
         zfs.lzc_set_prop(dataset, "canmount", "noauto")
-        mountpoint = props.get("mountpoint", "")
-        if mountpoint.startswith("/"):
-            with contextlib.suppress(OSError):
-                os.rmdir(mountpoint)
 
     def freeze(self, volume: str) -> None:
         """Stop every writer of the mounted volume at once, and flush what was written.
@@ -208,6 +241,14 @@ class PoolRoot:
             for volume, own in mountpoints.items()
         }
 
+    def _release_mountpoint(self, volume: str) -> None:
+        """The volume's (unmounted) mountpoint will not be used again: unguard and remove it."""
+        path = zfs.lzc_get_props(self.dataset(volume)).get("mountpoint", "")
+        if path.startswith("/") and os.path.isdir(path):
+            guard_mountpoint(Path(path), False)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
     def _mounted_path(self, volume: str) -> str | None:
         props = zfs.lzc_get_props(self.dataset(volume))
         return props.get("mountpoint") if props.get("mounted") == "yes" else None
@@ -220,6 +261,7 @@ class PoolRoot:
         """Destroy the volume's dataset and its snapshots (holds released first)."""
         dataset = self.dataset(volume)
         self.unmount(volume)
+        self._release_mountpoint(volume)
         self.release_transfer_holds(volume)
         snapshots = zfs.lzc_list_snaps(dataset)
         if snapshots:
@@ -251,6 +293,7 @@ class PoolRoot:
         """Move a copy out of the volume root, keeping every byte; returns its new name."""
         dataset = self.dataset(volume)
         self.unmount(volume)
+        self._release_mountpoint(volume)
         target = validate_under(self.aside + b"/" + f"{volume}-{suffix}".encode(), self.aside)
         retry_busy(lambda: zfs.lzc_rename(dataset, target), f"rename {volume} aside")
         log.warning("copy kept aside: volume=%s dataset=%s", volume, target.decode())

@@ -21,7 +21,6 @@ It prints medians and their ratios.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import secrets
 import statistics
@@ -29,9 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from control.keyspace import Keyspace, endpoints_client
-from control.records import MountRecord
-from tests.cluster.test_moves import mountpoint, wait_for, write_random
+from tests.cluster.test_moves import mount_held, mountpoint, wait_for, write_random
 from tests.support.cluster import Cluster, ClusterHost, local_cluster
 
 MIB = 1 << 20
@@ -87,38 +84,22 @@ def restart_agents(cluster: Cluster, env: dict[str, str]) -> None:
 
 
 def handoff_pause(cluster: Cluster, name: str, a: ClusterHost, b: ClusterHost) -> float:
-    """Seconds from releasing the mount on A to the copy on B being mounted writable."""
-
-    async def scenario() -> float:
-        client = endpoints_client(cluster.etcd_endpoints)
-        keyspace = Keyspace(client)
-        try:
-            lease = await client.lease(120)
-            await keyspace.put_mount(MountRecord(volume=name, node=a.name, ids=("bench",)), lease)
-            cluster.ferryctl(["volume", "move", name, b.name])
-            await asyncio.to_thread(
-                wait_for,
-                "pre-copy",
-                lambda: phase(cluster, name) == "waiting_for_unmount",
-                600,
-            )
-            write_random(cluster, a, f"{mountpoint(a, name)}/changed", 16)
-            await asyncio.sleep(4)  # let pre-copy catch up with the 16 MiB, as it does in use
-            released = time.monotonic()
-            await keyspace.delete_mount(name, a.name)
-            dataset = f"{b.pool}/ferry/{name}"
-            while True:
-                props = cluster.run(
-                    b, ["zfs", "get", "-H", "-o", "value", "readonly,mounted", dataset], check=False
-                ).stdout.split()
-                owner = await keyspace.get_owner(name)
-                if props == ["off", "yes"] and owner is not None and owner.value.node == b.name:
-                    return time.monotonic() - released
-                await asyncio.sleep(0.05)
-        finally:
-            await client.close()
-
-    return asyncio.run(scenario())
+    """Seconds from releasing the mount on A (a container's, held in its own mount namespace)
+    to the copy on B being mounted writable."""
+    with mount_held(cluster, name, a.name):
+        cluster.ferryctl(["volume", "move", name, b.name])
+        wait_for("pre-copy", lambda: phase(cluster, name) == "waiting_for_unmount", 600)
+        write_random(cluster, a, f"{mountpoint(a, name)}/changed", 16)
+        time.sleep(4)  # let pre-copy catch up with the 16 MiB, as it does in use
+        released = time.monotonic()
+    dataset = f"{b.pool}/ferry/{name}"
+    while True:
+        props = cluster.run(
+            b, ["zfs", "get", "-H", "-o", "value", "readonly,mounted", dataset], check=False
+        ).stdout.split()
+        if props == ["off", "yes"] and cluster.volume(name)["owner"] == b.name:
+            return time.monotonic() - released
+        time.sleep(0.05)
 
 
 def main() -> None:

@@ -230,14 +230,16 @@ def test_names_outside_the_root_never_reach_zfs(root: PoolRoot) -> None:
             root.create_volume(bad, 1 << 20, "off", Path("/nonexistent"))
 
 
-def test_unmount_removes_the_empty_mountpoint_so_no_write_lands_on_the_host(
+def test_no_write_lands_on_the_hosts_disk_under_an_unmounted_volume(
     root: PoolRoot, tmp_path: Path
 ) -> None:
     where = tmp_path / "db"
     root.create_volume("db", 16 << 20, "off", where)
     (where / "log").write_text("in the volume")
     root.unmount("db")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(PermissionError):
         (where / "log").open("a")
     root.mount("db", where)
     assert (where / "log").read_text() == "in the volume"
+    root.destroy_volume("db")
+    assert not where.exists(), "a destroyed volume leaves no guarded directory behind"

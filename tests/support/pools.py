@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.zfs.volumes import guard_mountpoint
+
 log = logging.getLogger(__name__)
 
 POOL_BYTES = 1 << 30
@@ -76,15 +78,34 @@ def scratch_pool(prefix: str = "zt", size_bytes: int = POOL_BYTES) -> Iterator[S
 
 
 def _destroy(name: str) -> None:
-    """zfs-fuse may report a pool busy for a moment after its last unmount: retry a few times."""
+    """zfs-fuse may report a pool busy for a moment after its last unmount: retry a few times.
+    The guarded (immutable) mountpoints of its datasets are released and removed too."""
     if _zpool("list", name).returncode != 0:
         return
+    listed = subprocess.run(
+        ["zfs", "list", "-H", "-o", "mountpoint", "-r", name], capture_output=True, text=True
+    ).stdout.split()
+    try:
+        _destroy_pool(name)
+    finally:
+        for path in (Path(p) for p in listed if p.startswith("/")):
+            _release_guard(path)
+
+
+def _destroy_pool(name: str) -> None:
     for _ in range(10):
         if _zpool("destroy", "-f", name).returncode == 0:
             log.info("test pool destroyed: pool=%s", name)
             return
         time.sleep(0.5)
     log.error("test pool left behind, destroy it by hand: zpool destroy -f %s", name)
+
+
+def _release_guard(path: Path) -> None:
+    if path.is_dir() and not path.is_mount():
+        guard_mountpoint(path, False)
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def pool_fixture(
