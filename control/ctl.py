@@ -237,6 +237,12 @@ def volume_list(api: Api, output: str) -> None:
     """List volumes."""
     reply = api.call("ListVolumes", control_pb2.ListVolumesRequest())
     _emit(output, [_volume_dict(v) for v in reply.volumes], VOLUME_COLUMNS)
+    for record in reply.unreadable:
+        click.echo(
+            f"ferryctl: skipped unreadable record {record.key}: {record.reason}; fix or delete "
+            f"it with etcdctl (its volume is not converged meanwhile)",
+            err=True,
+        )
 
 
 @volume.command("get")
@@ -247,6 +253,11 @@ def volume_get(api: Api, name: str, output: str) -> None:
     """Show one volume, with its owner and move."""
     found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
     _emit(output, [_volume_dict(found)], VOLUME_COLUMNS, single=True)
+    if found.create_error and output == "table":
+        click.echo(
+            f"failed: node {found.node} could not create it: {found.create_error}; "
+            f"'ferryctl volume update {name} --size SIZE' tries again, or delete it"
+        )
 
 
 @volume.command("delete")
