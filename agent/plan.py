@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from control.records import Move, MovePhase, Owner, VolumeSpec
+from control.records import ACTIVE_PHASES, Move, Owner, VolumeSpec
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,6 @@ class Missing:
 
 Action = Create | Claim | Fence | Activate | DriveMove | Destroy | Purge | SetAside | Missing
 
-_ACTIVE_PHASES = frozenset(
-    {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
-)
-
 
 def plan(desired: Desired, actual: Actual) -> list[Action]:
     """The actions that bring this node closer to the desired state, one volume at a time."""
@@ -161,7 +157,7 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
         return [Fence(name)] if local is not None and local.writable else []
     if local is None:
         return [Missing(name)]
-    if move is not None and move.source == me and move.phase in _ACTIVE_PHASES:
+    if move is not None and move.source == me and move.phase in ACTIVE_PHASES:
         return [] if name in actual.running_moves else [DriveMove(name)]
     if not local.writable or not local.mounted:
         return [Activate(name, owner.epoch)]

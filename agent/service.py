@@ -283,9 +283,12 @@ class PluginControl:
 
     async def delete_volume(self, name: str) -> None:
         try:
-            await self._ops.delete(name)
+            notice = await self._ops.delete(name)
         except OperationError as error:
             raise PluginError(str(error)) from error
+        if notice:
+            # Docker's Remove has no place for a notice: the agent's log says it.
+            log.warning("volume removed through Docker: volume=%s notice=%s", name, notice)
 
     async def move_volume(self, name: str, node: str) -> None:
         try:

@@ -266,8 +266,8 @@ def volume_get(api: Api, name: str, output: str) -> None:
 @click.pass_obj
 def volume_delete(api: Api, name: str, force: bool) -> None:
     """Delete a volume cluster-wide (agents destroy its data)."""
-    api.call("DeleteVolume", control_pb2.DeleteVolumeRequest(name=name, force=force))
-    click.echo(f"volume {name} deleted")
+    reply = api.call("DeleteVolume", control_pb2.DeleteVolumeRequest(name=name, force=force))
+    click.echo(f"volume {name} deleted" + (f"; {reply.notice}" if reply.notice else ""))
 
 
 @volume.command("move")
@@ -350,6 +350,19 @@ def _watch(api: Api, name: str, deadline: float) -> Iterator[control_pb2.Volume]
 @main.group()
 def move() -> None:
     """Follow moves."""
+
+
+@move.command("cancel")
+@click.argument("name")
+@click.pass_obj
+def move_cancel(api: Api, name: str) -> None:
+    """Cancel a move that has not handed off: the volume stays on its source (up or down)."""
+    found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
+    if not _moving(found) or found.move.phase == "activating":
+        fail(f"volume {name} has no move to cancel ('ferryctl move status {name}' shows the last)")
+    source = found.move.source
+    api.call("MoveVolume", control_pb2.MoveVolumeRequest(name=name, node=source))
+    click.echo(f"move of {name} cancelled: it stays on {source}")
 
 
 @move.command("status")

@@ -14,15 +14,20 @@ from dataclasses import replace
 
 from agent.zfs.volumes import BASE_COMPRESSION
 from control.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
-from control.records import Move, MovePhase, NodeInfo, Owner, VolumeSpec, parse_size
+from control.records import (
+    ACTIVE_PHASES,
+    Move,
+    MovePhase,
+    NodeInfo,
+    Owner,
+    VolumeSpec,
+    parse_size,
+)
 
 log = logging.getLogger(__name__)
 
 # lz4 is accepted where every node's ZFS has it; zfs-fuse has not, so control offers the common set.
 COMPRESSION = frozenset(BASE_COMPRESSION)
-ACTIVE_PHASES = frozenset(
-    {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
-)
 
 
 class OperationError(Exception):
@@ -136,11 +141,12 @@ class VolumeOps:
             raise Conflict(f"volume {name} changed while updating it; retry")
         return spec
 
-    async def delete(self, name: str, force: bool = False) -> None:
+    async def delete(self, name: str, force: bool = False) -> str:
         """Mark deleted (agents destroy the data); refuses while mounted unless forced.
 
         Unforced, the write itself requires that no mount record exists, so a
         container mounting the volume meanwhile makes the delete fail, not both win.
+        Returns what the operator must know about data on a node that is down.
         """
         current = await self._existing(name)
         if not force:
@@ -155,24 +161,35 @@ class VolumeOps:
                 await self._refuse_if_mounted(name)
             raise Conflict(f"volume {name} changed while deleting it; retry")
         log.info("volume deleted: volume=%s", name)
+        owner = await self._keyspace.get_owner(name)
+        if owner is None or await self._keyspace.get_node(owner.value.node) is not None:
+            return ""
+        down = owner.value.node
+        log.warning("volume deleted while its owner is down: volume=%s owner=%s", name, down)
+        return (
+            f"its owner {down} is down and still holds its data: {down} destroys its copy "
+            f"when its agent is back; until then the name {name} stays taken"
+        )
 
     async def move(self, name: str, node: str) -> Move | None:
         """Place the volume on ``node``; returns the move record, or None if it is there already."""
         current = await self._existing(name)
-        await self._live_node(node)
         owner = await self._keyspace.get_owner(name)
         if owner is None:
             raise OperationError(f"volume {name} is not created on any node yet; retry shortly")
         existing = await self._keyspace.get_move(name)
-        if existing is not None and existing.value.phase in ACTIVE_PHASES:
+        active = existing is not None and existing.value.phase in ACTIVE_PHASES
+        if active and existing is not None and existing.value.source == node == owner.value.node:
+            # Whether or not the source is up: the volume stays where it is either way.
+            return await self._cancel(current, owner, existing)
+        target = await self._live_node(node)
+        if active and existing is not None:
             if existing.value.target == node:
                 return existing.value
-            if existing.value.source == node == owner.value.node:
-                return await self._cancel(current, owner, existing)
             raise OperationError(
                 f"volume {name} is already moving to {existing.value.target} "
-                f"(phase {existing.value.phase.value}); wait for it to finish, or move it "
-                f"back to {existing.value.source} to cancel it"
+                f"(phase {existing.value.phase.value}); wait for it to finish, or cancel it "
+                f"('ferryctl move cancel {name}' moves it back to {existing.value.source})"
             )
         if owner.value.node == node:
             if current.value.node != node and not await self._keyspace.update_volume(
@@ -180,6 +197,8 @@ class VolumeOps:
             ):
                 raise Conflict(f"volume {name} changed while moving it; retry")
             return None
+        await self._refuse_if_down(name, owner.value.node)
+        await self._refuse_without_room(name, owner.value.node, target.value)
         move = Move(volume=name, source=owner.value.node, target=node, started_at=time.time())
         if not await self._keyspace.request_move(
             current, owner, move, existing.revision if existing else None
@@ -212,6 +231,29 @@ class VolumeOps:
             )
         log.info("move cancelled: volume=%s stays_on=%s", spec.value.name, source)
         return cancelled
+
+    async def _refuse_if_down(self, name: str, source: str) -> None:
+        """A move copies from its source: refused up front while that node is down."""
+        if await self._keyspace.get_node(source) is None:
+            raise OperationError(
+                f"volume {name} is on {source}, which is down: a move copies from there, so it "
+                f"cannot start until {source} is back (start its agent; 'ferryctl node list' "
+                f"shows it once it is)"
+            )
+
+    async def _refuse_without_room(self, name: str, source: str, target: NodeInfo) -> None:
+        """Refused up front when what the source holds cannot fit in what ``target`` has free
+        (less what the target already holds of it); else every retry resent it all."""
+        held = {state.node: state.used_bytes for state in await self._keyspace.list_state(name)}
+        if source not in held:
+            return  # not reported yet: the move's own errors will say
+        needed = held[source] - held.get(target.name, 0)
+        if needed > target.free_bytes:
+            raise OperationError(
+                f"node {target.name} has {target.free_bytes} bytes free and volume {name} "
+                f"holds {held[source]} bytes on {source} ({needed} more than {target.name} has "
+                f"of it): free space on {target.name} or move it to another node"
+            )
 
     async def _refuse_if_mounted(self, name: str) -> None:
         mounts = await self._keyspace.list_mounts(name)

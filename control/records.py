@@ -182,6 +182,12 @@ class MovePhase(StrEnum):
     FAILED = "failed"
 
 
+# A move in one of these is under way; done and failed (cancelled too) ended it for good.
+ACTIVE_PHASES = frozenset(
+    {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
+)
+
+
 @dataclass(frozen=True)
 class Move(_Record):
     """A move in progress (or the last one), as its source agent reports it."""

@@ -87,8 +87,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def DeleteVolume(
         self, request: control_pb2.DeleteVolumeRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.DeleteVolumeReply:
-        await self._guard(context, self._ops.delete(request.name, request.force))
-        return control_pb2.DeleteVolumeReply()
+        notice = await self._guard(context, self._ops.delete(request.name, request.force))
+        return control_pb2.DeleteVolumeReply(notice=str(notice or ""))
 
     async def MoveVolume(
         self, request: control_pb2.MoveVolumeRequest, context: grpc.aio.ServicerContext
@@ -163,9 +163,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 )
                 await asyncio.sleep(WATCH_RETRY_SECONDS)
 
-    async def _guard(self, context: grpc.aio.ServicerContext, operation: object) -> None:
+    async def _guard(self, context: grpc.aio.ServicerContext, operation: object) -> object:
         try:
-            await operation  # type: ignore[misc]
+            return await operation  # type: ignore[misc]
         except OperationError as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
 

@@ -18,6 +18,7 @@ from agent.config import AgentConfig
 from agent.plugin import PluginError, VolumePlugin
 from agent.service import AgentService, PluginControl
 from agent.store import VolumeStore
+from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
 from control.keyspace import Keyspace
 from control.operations import VolumeOps
@@ -48,11 +49,12 @@ async def agent(
         listen="127.0.0.1:0",
         advertise="127.0.0.1:1",
         data_port=0,
-        mount_root=tmp_path,
+        mount_root=tmp_path / "mnt",
         plugin_socket=None,
         tls=None,
+        state_dir=tmp_path / "state",
     )
-    store = VolumeStore(PoolRoot(pool.name), tmp_path)
+    store = VolumeStore(PoolRoot(pool.name), config.mount_root)
     service = AgentService(config, keyspace, store)
     await store.ensure_root()
     await service._registration.register()
@@ -123,6 +125,7 @@ async def test_a_create_the_node_refuses_ends_failed_and_is_not_retried(
     agent: tuple[AgentService, VolumeStore],
     keyspace: Keyspace,
     control: ControlServer,
+    tmp_path: Path,
 ) -> None:
     service, store = agent
     name = unique("small")
@@ -146,6 +149,7 @@ async def test_a_create_the_node_refuses_ends_failed_and_is_not_retried(
         store=store,
         control=PluginControl(VolumeOps(keyspace), NODE),
         lease=lambda: service._registration.lease,
+        mounts=DockerMounts(tmp_path / "docker-mounts.json"),
     )
     with pytest.raises(PluginError, match=f"could not be created on {NODE}: NoSpace"):
         await plugin.mount(name, "container-1")
@@ -154,3 +158,21 @@ async def test_a_create_the_node_refuses_ends_failed_and_is_not_retried(
     assert resized.create_error == "", "a new size is a new try"
     await service.converge()
     assert name in await store.local_volumes()
+
+
+async def test_a_deleted_volume_whose_owner_is_down_keeps_its_records_for_that_owner(
+    agent: tuple[AgentService, VolumeStore], keyspace: Keyspace
+) -> None:
+    """The owner destroys its copy when it is back; purged meanwhile, it would keep an
+    unlisted copy for good (no spec: convergence touches nothing)."""
+    service, _store = agent
+    name = unique("orphan")
+    await keyspace.create_volume(VolumeSpec(name=name, size_bytes=16 << 20, node="mv-gone"))
+    assert await keyspace.claim_owner(name, "mv-gone")
+    await VolumeOps(keyspace).delete(name)
+    await service.converge()
+    spec = await keyspace.get_volume(name)
+    assert spec is not None and spec.value.deleted, "kept until mv-gone is back"
+    await keyspace.delete_owner(name)
+    await service.converge()
+    assert await keyspace.get_volume(name) is None, "purged once no owner holds it"
