@@ -258,6 +258,8 @@ def volume_get(api: Api, name: str, output: str) -> None:
             f"failed: node {found.node} could not create it: {found.create_error}; "
             f"'ferryctl volume update {name} --size SIZE' tries again, or delete it"
         )
+    if found.HasField("move") and found.move.error and output == "table":
+        click.echo(f"move {found.move.phase}, last error: {found.move.error}")
 
 
 @volume.command("delete")

@@ -102,6 +102,8 @@ async def test_move_cancel_ends_a_move_and_says_where_the_volume_stays(
     assert f"move of {name} cancelled: it stays on mv-s" in cancelled.stdout
     status = json.loads(ok(await ferryctl(env, "move", "status", name, "-o", "json")).stdout)
     assert status["phase"] == "failed" and status["error"].startswith("cancelled")
+    shown = ok(await ferryctl(env, "volume", "get", name)).stdout
+    assert "move failed, last error: cancelled: moved back to mv-s" in shown
 
 
 async def test_delete_with_the_owner_down_says_what_happens_to_its_data(
