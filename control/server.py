@@ -168,6 +168,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
             return await operation  # type: ignore[misc]
         except OperationError as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        except UnreadableRecord as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
     async def _volume(self, name: str, context: grpc.aio.ServicerContext) -> control_pb2.Volume:
         try:

@@ -98,6 +98,10 @@ async def test_a_record_that_does_not_decode_is_skipped_and_the_rest_converges(
         for key in bad_keys:
             assert f"skipped unreadable record {key.decode()}" in listing.stderr
         assert "schema version 99" in listing.stderr
+        shown = await ferryctl(control.ferryctl_env(), "volume", "get", bad_json)
+        assert shown.code != 0
+        assert f"record {bad_keys[1].decode()} is unreadable" in shown.stderr
+        assert "fix or delete it with etcdctl" in shown.stderr
     finally:
         for key in bad_keys:
             await keyspace.client.delete(key)
