@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from agent import failpoints
-from agent.snapshots import SnapshotRef, newest_common, prunable
+from agent.snapshots import SnapshotRef, newest_common, prunable, unsent
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.usage import DockerMounts
@@ -203,6 +203,7 @@ class MoveDriver:
         if remote is None:
             remote = await peer.holdings(volume)
         base = newest_common(local, remote)
+        await self._store.destroy_snapshots(volume, unsent(local, remote, epoch, snapshot.name))
         estimated = await self._store.send_space(volume, snapshot.name, base)
         header = transfer_pb2.StreamHeader(
             volume=volume,

@@ -156,3 +156,5 @@ async def test_a_retry_keeps_the_last_error_visible_until_a_sync_succeeds(
     )
     move = await keyspace.get_move(name)
     assert move is not None and move.value.attempt == 2
+    held = [ref.name for ref in await store.snapshots(name) or []]
+    assert len(held) == 1, f"each retry replaced the unsent snapshot, not added one: {held}"
