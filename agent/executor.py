@@ -80,9 +80,7 @@ class Executor:
                 await self._store.destroy(volume)
                 await self._keyspace.delete_state(self._node, volume)
             case Purge(volume):
-                if not await self._keyspace.list_state(volume) and not await self._owner_down(
-                    volume
-                ):
+                if not await self._keyspace.list_state(volume):
                     await self._keyspace.purge_volume(volume)
             case SetAside(volume):
                 aside = await self._store.keep_aside(volume)
@@ -98,12 +96,6 @@ class Executor:
                     "or move the volume to a node that has it",
                     volume,
                 )
-
-    async def _owner_down(self, volume: str) -> bool:
-        """A deleted volume's owner that is down still holds its data: the records stay
-        until it is back and has destroyed its copy (else it would keep an unlisted one)."""
-        owner = await self._keyspace.get_owner(volume)
-        return owner is not None and await self._keyspace.get_node(owner.value.node) is None
 
     async def _create_failed(self, volume: str, error: Exception) -> None:
         """Write why the create failed into the spec, so this node stops retrying it and

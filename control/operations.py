@@ -167,8 +167,10 @@ class VolumeOps:
         down = owner.value.node
         log.warning("volume deleted while its owner is down: volume=%s owner=%s", name, down)
         return (
-            f"its owner {down} is down and still holds its data: {down} destroys its copy "
-            f"when its agent is back; until then the name {name} stays taken"
+            f"its owner {down} is down and still holds its data in <pool>/ferry/{name}: when "
+            f"{down} is back, Ferry leaves that copy alone and unlisted (it never destroys "
+            f"data it has no record of; a new volume of this name placed there sets it "
+            f"aside); destroy it there with 'zfs destroy -r' once you no longer need it"
         )
 
     async def move(self, name: str, node: str) -> Move | None:

@@ -162,21 +162,3 @@ async def test_a_create_the_node_refuses_ends_failed_and_is_not_retried(
     assert resized.create_error == "", "a new size is a new try"
     await service.converge()
     assert name in await store.local_volumes()
-
-
-async def test_a_deleted_volume_whose_owner_is_down_keeps_its_records_for_that_owner(
-    agent: tuple[AgentService, VolumeStore], keyspace: Keyspace
-) -> None:
-    """The owner destroys its copy when it is back; purged meanwhile, it would keep an
-    unlisted copy for good (no spec: convergence touches nothing)."""
-    service, _store = agent
-    name = unique("orphan")
-    await keyspace.create_volume(VolumeSpec(name=name, size_bytes=16 << 20, node="mv-gone"))
-    assert await keyspace.claim_owner(name, "mv-gone")
-    await VolumeOps(keyspace).delete(name)
-    await service.converge()
-    spec = await keyspace.get_volume(name)
-    assert spec is not None and spec.value.deleted, "kept until mv-gone is back"
-    await keyspace.delete_owner(name)
-    await service.converge()
-    assert await keyspace.get_volume(name) is None, "purged once no owner holds it"

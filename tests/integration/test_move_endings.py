@@ -115,7 +115,10 @@ async def test_delete_with_the_owner_down_says_what_happens_to_its_data(
     assert f"volume {name} deleted; its owner mv-s is down and still holds its data" in (
         deleted.stdout
     )
-    assert "destroys its copy when its agent is back" in deleted.stdout
+    assert f"in <pool>/ferry/{name}: when mv-s is back, Ferry leaves that copy alone" in (
+        deleted.stdout
+    )
+    assert "destroy it there with 'zfs destroy -r'" in deleted.stdout
 
 
 async def test_a_move_to_a_node_without_room_is_refused_up_front(
