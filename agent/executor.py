@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from agent import zfs
 from agent.moves import MoveAbandoned, MoveDriver
 from agent.plan import (
     Action,
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Compare-and-swap rounds for marking a move done, each on a fresh read.
 FINISH_ATTEMPTS = 10
+# ZFS refusing a create for reasons a retry does not change (too small, no room, bad value).
+CREATE_FAILED_FOR_GOOD = (zfs.NoSpace, zfs.QuotaExceeded, zfs.PropertyInvalid, zfs.NameInvalid)
 
 
 class Executor:
@@ -58,7 +61,11 @@ class Executor:
         log.info("applying: action=%s volume=%s", type(action).__name__, action.volume)
         match action:
             case Create(volume, size_bytes, compression, uid):
-                await self._store.create(volume, size_bytes, compression, uid)
+                try:
+                    await self._store.create(volume, size_bytes, compression, uid)
+                except CREATE_FAILED_FOR_GOOD as error:
+                    await self._create_failed(volume, error)
+                    return
                 if await self._keyspace.claim_owner(volume, self._node):
                     log.info("volume created and owned: volume=%s node=%s", volume, self._node)
             case Claim(volume):
@@ -89,6 +96,24 @@ class Executor:
                     "or move the volume to a node that has it",
                     volume,
                 )
+
+    async def _create_failed(self, volume: str, error: Exception) -> None:
+        """Write why the create failed into the spec, so this node stops retrying it and
+        ``volume get`` and Docker say so; only on the spec as read (a new size wins)."""
+        spec = await self._keyspace.get_volume(volume)
+        if spec is None or spec.value.deleted:
+            return
+        why = f"{type(error).__name__}: {error}"
+        failed = replace(spec.value, create_error=why)
+        if await self._keyspace.update_volume(failed, spec.revision):
+            log.error(
+                "create failed: volume=%s node=%s size=%d error=%s; not retried: give it a "
+                "size the node can create (ferryctl volume update --size) or delete it",
+                volume,
+                self._node,
+                spec.value.size_bytes,
+                why,
+            )
 
     async def _activate(self, volume: str, epoch: int) -> None:
         move = await self._keyspace.get_move(volume)

@@ -42,13 +42,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from agent import failpoints
-from agent.snapshots import SnapshotRef, newest_common, prunable
+from agent.snapshots import SnapshotRef, newest_common, prunable, unsent
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.usage import DockerMounts
 from agent.zfs.volumes import FilesystemBusy
 from control.keyspace import Keyspace, Versioned
-from control.records import Move, MovePhase, Owner
+from control.records import ACTIVE_PHASES, Move, MovePhase, Owner
 from protos.ferry.v1 import transfer_pb2
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,11 @@ class MoveDriver:
         owner = await self._keyspace.get_owner(volume)
         if move is None or owner is None or owner.value.node != self._node:
             return
+        if move.value.phase not in ACTIVE_PHASES:
+            # Cancelled (or ended) while this driver waited to retry: a retry must not
+            # write the record back to precopy and hand the volume off after all.
+            log.info("move ended, not resumed: volume=%s phase=%s", volume, move.value.phase)
+            return
         epoch = owner.value.epoch
         tracker = _MoveRecord(self._keyspace, move)
         try:
@@ -97,14 +102,17 @@ class MoveDriver:
             if tracker.move.phase != MovePhase.HANDOFF:
                 await self._precopy(volume, epoch, peer, tracker)
             await self._handoff(volume, epoch, peer, tracker)
-        except (TransferFailed, OSError) as error:
+        except MoveAbandoned:
+            raise
+        except Exception as error:
+            # Kept in the record until a sync succeeds: 'move status' shows why it retries.
             await tracker.update(error=str(error), attempt=tracker.move.attempt + 1)
             raise
 
     async def _precopy(
         self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord
     ) -> None:
-        await tracker.update(phase=MovePhase.PRECOPY, error="")
+        await tracker.update(phase=MovePhase.PRECOPY)
         while True:
             sent = await self._sync(volume, epoch, peer, tracker)
             users = await self._in_use(volume)
@@ -131,6 +139,7 @@ class MoveDriver:
         await self._refuse_if_in_use(volume, tracker, "was mounted again")
         # Asked before the freeze: an unreachable target must not stop writes here.
         remote = await peer.holdings(volume)
+        await tracker.check()
         paused = time.monotonic()
         self._mounts.begin_handoff(volume)
         swap_tried = swapped = False
@@ -188,11 +197,13 @@ class MoveDriver:
 
         ``remote`` is what the peer holds, if the caller has just asked it.
         """
+        await tracker.check()
         snapshot = await self._store.take_snapshot(volume, epoch)
         local = await self._store.snapshots(volume) or []
         if remote is None:
             remote = await peer.holdings(volume)
         base = newest_common(local, remote)
+        await self._store.destroy_snapshots(volume, unsent(local, remote, epoch, snapshot.name))
         estimated = await self._store.send_space(volume, snapshot.name, base)
         header = transfer_pb2.StreamHeader(
             volume=volume,
@@ -214,6 +225,8 @@ class MoveDriver:
         await self._store.destroy_snapshots(
             volume, prunable([ref.name for ref in local], keep=[snapshot.name, base or ""])
         )
+        if tracker.move.error:
+            await tracker.update(error="")
         return progress.sent
 
     async def _freeze(self, volume: str, tracker: _MoveRecord) -> None:
@@ -260,6 +273,25 @@ class _MoveRecord:
     @property
     def revision(self) -> int:
         return self._current.revision
+
+    async def check(self) -> None:
+        """MoveAbandoned unless the move in etcd is still this one and under way.
+
+        Asked before each step that costs (a sync, the freeze); the swap itself
+        compares the record's revision, so a cancel between this and the swap wins too.
+        """
+        fresh = await self._keyspace.get_move(self.move.volume)
+        if fresh is None or (fresh.value.target, fresh.value.started_at) != (
+            self.move.target,
+            self.move.started_at,
+        ):
+            raise MoveAbandoned(f"the move of {self.move.volume} was cancelled or retargeted")
+        if fresh.value.phase not in ACTIVE_PHASES:
+            raise MoveAbandoned(
+                f"the move of {self.move.volume} ended ({fresh.value.phase.value}): "
+                f"{fresh.value.error or 'no error'}"
+            )
+        self._current = fresh
 
     async def update(self, **changes: object) -> None:
         new = replace(self.move, updated_at=time.time(), **changes)  # type: ignore[arg-type]

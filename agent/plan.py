@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from control.records import Move, MovePhase, Owner, VolumeSpec
+from control.records import ACTIVE_PHASES, Move, Owner, VolumeSpec
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class Desired:
     volumes: Mapping[str, VolumeSpec] = field(default_factory=dict)
     owners: Mapping[str, Owner] = field(default_factory=dict)
     moves: Mapping[str, Move] = field(default_factory=dict)
+    unreadable: frozenset[str] = frozenset()
+    """Volumes with a record that did not decode: left alone until it is fixed, since
+    planning from the rest (no owner, say) could create or activate the wrong copy."""
 
 
 @dataclass(frozen=True)
@@ -111,10 +114,6 @@ class Missing:
 
 Action = Create | Claim | Fence | Activate | DriveMove | Destroy | Purge | SetAside | Missing
 
-_ACTIVE_PHASES = frozenset(
-    {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
-)
-
 
 def plan(desired: Desired, actual: Actual) -> list[Action]:
     """The actions that bring this node closer to the desired state, one volume at a time."""
@@ -131,8 +130,9 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
     owner = desired.owners.get(name)
     move = desired.moves.get(name)
     local = actual.volumes.get(name)
-    if spec is None:
-        # No desired state at all (etcd wiped, or a foreign dataset): touch nothing.
+    if spec is None or name in desired.unreadable:
+        # No desired state at all (etcd wiped, or a foreign dataset), or not all of it
+        # readable: touch nothing.
         return []
     if spec.deleted:
         if local is None:
@@ -146,13 +146,18 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
         if spec.node != me:
             return []
         if local is None:
-            return [Create(name, spec.size_bytes, spec.compression, spec.uid)]
+            # A create that failed for good is not retried: the error is in the spec.
+            return (
+                []
+                if spec.create_error
+                else [Create(name, spec.size_bytes, spec.compression, spec.uid)]
+            )
         return [Claim(name)]
     if owner.node != me:
         return [Fence(name)] if local is not None and local.writable else []
     if local is None:
         return [Missing(name)]
-    if move is not None and move.source == me and move.phase in _ACTIVE_PHASES:
+    if move is not None and move.source == me and move.phase in ACTIVE_PHASES:
         return [] if name in actual.running_moves else [DriveMove(name)]
     if not local.writable or not local.mounted:
         return [Activate(name, owner.epoch)]

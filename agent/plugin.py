@@ -178,6 +178,8 @@ class VolumePlugin:
         deadline = time.monotonic() + MOUNT_WAIT_SECONDS
         while time.monotonic() < deadline:
             owner = await self.keyspace.get_owner(name)
+            if owner is None:
+                await self._refuse_if_create_failed(name)
             if (
                 owner is not None
                 and owner.value.node == self.node
@@ -186,6 +188,15 @@ class VolumePlugin:
                 return
             await asyncio.sleep(POLL_SECONDS)
         raise PluginError(await self._still_moving(name))
+
+    async def _refuse_if_create_failed(self, name: str) -> None:
+        spec = await self.keyspace.get_volume(name)
+        if spec is not None and spec.value.create_error:
+            raise PluginError(
+                f"volume {name} could not be created on {spec.value.node}: "
+                f"{spec.value.create_error}; remove it and create it again with a size "
+                f"the node can hold"
+            )
 
     async def _still_moving(self, name: str) -> str:
         move = await self.keyspace.get_move(name)

@@ -32,7 +32,7 @@ from agent.transfer.options import SERVER_OPTIONS
 from agent.transfer.server import TransferService
 from agent.usage import DockerMounts, mount_records
 from agent.zfs.volumes import PoolRoot
-from control.keyspace import Keyspace, endpoints_client
+from control.keyspace import Keyspace, Unreadable, endpoints_client
 from control.operations import BeingDeleted, Exists, OperationError, VolumeOps
 from control.records import MountRecord, NodeInfo, NodeState
 from control.tls import warn_insecure
@@ -168,22 +168,31 @@ class AgentService:
         while True:
             self._wakeup.clear()
             try:
-                await self.converge()
-                backoff.reset()
-                timeout = self._config.resync_seconds
+                if await self.converge():
+                    backoff.reset()
+                    timeout = self._config.resync_seconds
+                else:
+                    timeout = backoff.next()
             except Exception as error:
                 timeout = backoff.next()
                 log.warning("convergence failed: error=%s retry_in=%.1fs", error, timeout)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
-    async def converge(self) -> None:
-        """One pass: read desired and actual state, plan, apply, report."""
+    async def converge(self) -> bool:
+        """One pass: read desired and actual state, plan, apply, report.
+
+        False when an action failed: the next pass comes after a back-off, not at once
+        (a failing create was retried three times a second forever).
+        """
+        applied = True
+        skipped: list[Unreadable] = []
         desired = Desired(
             node=self._config.node,
-            volumes={v.value.name: v.value for v in await self._keyspace.list_volumes()},
-            owners={name: o.value for name, o in (await self._keyspace.list_owners()).items()},
-            moves={name: m.value for name, m in (await self._keyspace.list_moves()).items()},
+            volumes={v.value.name: v.value for v in await self._keyspace.list_volumes(skipped)},
+            owners={n: o.value for n, o in (await self._keyspace.list_owners(skipped)).items()},
+            moves={n: m.value for n, m in (await self._keyspace.list_moves(skipped)).items()},
+            unreadable=frozenset(record.volume for record in skipped),
         )
         actual = Actual(
             volumes=await self._store.local_volumes(),
@@ -199,8 +208,9 @@ class AgentService:
                     action.volume,
                     error,
                 )
-                self._wakeup.set()
+                applied = False
         await self._report()
+        return applied
 
     async def _report(self) -> None:
         """Write what this node holds to etcd, on its lease."""
@@ -273,9 +283,12 @@ class PluginControl:
 
     async def delete_volume(self, name: str) -> None:
         try:
-            await self._ops.delete(name)
+            notice = await self._ops.delete(name)
         except OperationError as error:
             raise PluginError(str(error)) from error
+        if notice:
+            # Docker's Remove has no place for a notice: the agent's log says it.
+            log.warning("volume removed through Docker: volume=%s notice=%s", name, notice)
 
     async def move_volume(self, name: str, node: str) -> None:
         try:

@@ -59,6 +59,29 @@ def newest_common(local: Sequence[SnapshotRef], remote: Sequence[SnapshotRef]) -
     return None
 
 
+def unsent(
+    local: Sequence[SnapshotRef], remote: Sequence[SnapshotRef], epoch: int, newest: str
+) -> list[str]:
+    """Snapshots of this ``epoch`` newer than the newest common one that ``remote`` lacks,
+    but ``newest``: what failed sends left behind.
+
+    A retry sends from the common base to a new snapshot, so these serve no
+    stream; kept, every retry of a move to an unreachable target added one.
+    """
+    base = newest_common(local, remote)
+    names = [ref.name for ref in local]
+    after = names.index(base) + 1 if base is not None else 0
+    remote_guids = {ref.guid for ref in remote}
+    return [
+        ref.name
+        for ref in local[after:]
+        if ref.name != newest
+        and ref.guid not in remote_guids
+        and (parsed := parse(ref.name)) is not None
+        and parsed.epoch == epoch
+    ]
+
+
 def prunable(snapshots: Sequence[str], keep: Iterable[str], keep_newest: int = 2) -> list[str]:
     """Ferry snapshots (oldest first in ``snapshots``) that no longer serve as a base.
 

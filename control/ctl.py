@@ -237,6 +237,12 @@ def volume_list(api: Api, output: str) -> None:
     """List volumes."""
     reply = api.call("ListVolumes", control_pb2.ListVolumesRequest())
     _emit(output, [_volume_dict(v) for v in reply.volumes], VOLUME_COLUMNS)
+    for record in reply.unreadable:
+        click.echo(
+            f"ferryctl: skipped unreadable record {record.key}: {record.reason}; fix or delete "
+            f"it with etcdctl (its volume is not converged meanwhile)",
+            err=True,
+        )
 
 
 @volume.command("get")
@@ -247,6 +253,13 @@ def volume_get(api: Api, name: str, output: str) -> None:
     """Show one volume, with its owner and move."""
     found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
     _emit(output, [_volume_dict(found)], VOLUME_COLUMNS, single=True)
+    if found.create_error and output == "table":
+        click.echo(
+            f"failed: node {found.node} could not create it: {found.create_error}; "
+            f"'ferryctl volume update {name} --size SIZE' tries again, or delete it"
+        )
+    if found.HasField("move") and found.move.error and output == "table":
+        click.echo(f"move {found.move.phase}, last error: {found.move.error}")
 
 
 @volume.command("delete")
@@ -255,8 +268,8 @@ def volume_get(api: Api, name: str, output: str) -> None:
 @click.pass_obj
 def volume_delete(api: Api, name: str, force: bool) -> None:
     """Delete a volume cluster-wide (agents destroy its data)."""
-    api.call("DeleteVolume", control_pb2.DeleteVolumeRequest(name=name, force=force))
-    click.echo(f"volume {name} deleted")
+    reply = api.call("DeleteVolume", control_pb2.DeleteVolumeRequest(name=name, force=force))
+    click.echo(f"volume {name} deleted" + (f"; {reply.notice}" if reply.notice else ""))
 
 
 @volume.command("move")
@@ -339,6 +352,19 @@ def _watch(api: Api, name: str, deadline: float) -> Iterator[control_pb2.Volume]
 @main.group()
 def move() -> None:
     """Follow moves."""
+
+
+@move.command("cancel")
+@click.argument("name")
+@click.pass_obj
+def move_cancel(api: Api, name: str) -> None:
+    """Cancel a move that has not handed off: the volume stays on its source (up or down)."""
+    found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
+    if not _moving(found) or found.move.phase == "activating":
+        fail(f"volume {name} has no move to cancel ('ferryctl move status {name}' shows the last)")
+    source = found.move.source
+    api.call("MoveVolume", control_pb2.MoveVolumeRequest(name=name, node=source))
+    click.echo(f"move of {name} cancelled: it stays on {source}")
 
 
 @move.command("status")

@@ -18,6 +18,7 @@ key's ``mod_revision`` (or its absence); nothing is read-then-written.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
@@ -35,6 +36,8 @@ from control.records import (
     VolumeSpec,
 )
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "/ferry/v1"
@@ -51,6 +54,30 @@ class NotFound(Exception):
 
 class NodeChanged(Exception):
     """The node record a decision was read from changed, or its lease ended, before the write."""
+
+
+class UnreadableRecord(ValueError):
+    """A record read by its key does not decode (bad JSON, another schema version)."""
+
+    def __init__(self, skipped: Unreadable) -> None:
+        super().__init__(
+            f"record {skipped.key} is unreadable ({skipped.reason}); fix or delete it "
+            f"with etcdctl, or upgrade Ferry if another version wrote it"
+        )
+        self.skipped = skipped
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A record a listing skipped: its key, the volume it is about, and why it did not decode.
+
+    Skipped rather than fatal: one bad record must not stop every other
+    volume's convergence, nor ``ferryctl volume list``.
+    """
+
+    key: str
+    volume: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -81,15 +108,51 @@ class Keyspace:
     def _key(self, kind: str, *parts: str) -> bytes:
         return (self._prefix + "/".join((kind, *parts))).encode()
 
+    def _decode(self, key: bytes, raw: bytes, cls: type[T]) -> T:
+        """The record at ``key``; UnreadableRecord, naming the key, if it does not decode."""
+        try:
+            return cls.from_json(raw)  # type: ignore[attr-defined]
+        except ValueError as error:
+            skipped = Unreadable(key.decode(), self._volume_of(key), str(error))
+            raise UnreadableRecord(skipped) from error
+
+    def _volume_of(self, key: bytes) -> str:
+        """The volume a key is about (``mounts/<v>/<node>``, ``state/<node>/<v>``, ...)."""
+        kind, _, rest = key.decode()[len(self._prefix) :].partition("/")
+        if kind == "state":
+            return rest.rpartition("/")[2]
+        return "" if kind == "nodes" else rest.partition("/")[0]
+
     async def _get(self, key: bytes, cls: type[T]) -> Versioned[T] | None:
         found = await self.client.get(key)
         if found is None:
             return None
-        return Versioned(cls.from_json(found.value), found.mod_revision)  # type: ignore[attr-defined]
+        return Versioned(self._decode(key, found.value, cls), found.mod_revision)
 
-    async def _list(self, prefix: bytes, cls: type[T]) -> list[Versioned[T]]:
-        found = await self.client.get_prefix(prefix)
-        return [Versioned(cls.from_json(kv.value), kv.mod_revision) for kv in found]  # type: ignore[attr-defined]
+    async def _list(
+        self,
+        prefix: bytes,
+        cls: type[T],
+        skipped: list[Unreadable] | None = None,
+        strict: bool = False,
+    ) -> list[tuple[bytes, Versioned[T]]]:
+        """Every record under ``prefix`` with its key; an undecodable one is logged with its
+        key, added to ``skipped`` and left out, or with ``strict`` raises UnreadableRecord."""
+        records = []
+        for kv in await self.client.get_prefix(prefix):
+            try:
+                records.append(
+                    (kv.key, Versioned(self._decode(kv.key, kv.value, cls), kv.mod_revision))
+                )
+            except UnreadableRecord as error:
+                if strict:
+                    raise
+                log.warning(
+                    "record skipped: key=%s reason=%s", error.skipped.key, error.skipped.reason
+                )
+                if skipped is not None:
+                    skipped.append(error.skipped)
+        return records
 
     async def _put_if(
         self, key: bytes, value: bytes, revision: int | None, lease: object = None
@@ -128,8 +191,10 @@ class Keyspace:
     async def get_volume(self, name: str) -> Versioned[VolumeSpec] | None:
         return await self._get(self._key("volumes", name), VolumeSpec)
 
-    async def list_volumes(self) -> list[Versioned[VolumeSpec]]:
-        return await self._list(self._key("volumes", ""), VolumeSpec)
+    async def list_volumes(
+        self, skipped: list[Unreadable] | None = None
+    ) -> list[Versioned[VolumeSpec]]:
+        return [v for _, v in await self._list(self._key("volumes", ""), VolumeSpec, skipped)]
 
     async def update_volume(self, spec: VolumeSpec, expected_revision: int) -> bool:
         return await self._put_if(
@@ -178,12 +243,11 @@ class Keyspace:
     async def get_owner(self, name: str) -> Versioned[Owner] | None:
         return await self._get(self._key("owners", name), Owner)
 
-    async def list_owners(self) -> dict[str, Versioned[Owner]]:
-        found = await self.client.get_prefix(self._key("owners", ""))
-        return {
-            kv.key.decode().rsplit("/", 1)[1]: Versioned(Owner.from_json(kv.value), kv.mod_revision)
-            for kv in found
-        }
+    async def list_owners(
+        self, skipped: list[Unreadable] | None = None
+    ) -> dict[str, Versioned[Owner]]:
+        found = await self._list(self._key("owners", ""), Owner, skipped)
+        return {self._volume_of(key): owner for key, owner in found}
 
     async def claim_owner(self, name: str, node: str) -> bool:
         """Become the first owner (epoch 1) of a volume nobody owns."""
@@ -250,7 +314,7 @@ class Keyspace:
         return await self._get(self._key("nodes", name), NodeInfo)
 
     async def list_nodes(self) -> list[Versioned[NodeInfo]]:
-        return await self._list(self._key("nodes", ""), NodeInfo)
+        return [v for _, v in await self._list(self._key("nodes", ""), NodeInfo)]
 
     # state
 
@@ -267,19 +331,29 @@ class Keyspace:
         return found.value if found else None
 
     async def list_state(self, volume: str) -> list[NodeState]:
-        return [state for state in await self.list_all_state() if state.volume == volume]
+        """What live nodes hold of ``volume``; an unreadable record of it raises (a purge
+        must not take it for no copy at all)."""
+        skipped: list[Unreadable] = []
+        found = await self.list_all_state(skipped)
+        for record in skipped:
+            if record.volume == volume:
+                raise UnreadableRecord(record)
+        return [state for state in found if state.volume == volume]
 
-    async def list_all_state(self) -> list[NodeState]:
+    async def list_all_state(self, skipped: list[Unreadable] | None = None) -> list[NodeState]:
         """What every live node reports holding, in one read."""
-        return [v.value for v in await self._list(self._key("state", ""), NodeState)]
+        return [v.value for _, v in await self._list(self._key("state", ""), NodeState, skipped)]
 
     # moves
 
     async def get_move(self, name: str) -> Versioned[Move] | None:
         return await self._get(self._key("moves", name), Move)
 
-    async def list_moves(self) -> dict[str, Versioned[Move]]:
-        return {v.value.volume: v for v in await self._list(self._key("moves", ""), Move)}
+    async def list_moves(
+        self, skipped: list[Unreadable] | None = None
+    ) -> dict[str, Versioned[Move]]:
+        found = await self._list(self._key("moves", ""), Move, skipped)
+        return {v.value.volume: v for _, v in found}
 
     async def put_move(self, move: Move, expected_revision: int | None) -> bool:
         return await self._put_if(
@@ -338,11 +412,14 @@ class Keyspace:
         await self.client.delete(self._key("mounts", volume, node))
 
     async def list_mounts(self, volume: str) -> list[MountRecord]:
-        return [v.value for v in await self._list(self._key("mounts", volume, ""), MountRecord)]
+        """Who mounts ``volume``; an unreadable record raises, since skipping it would read
+        as "not mounted" and let a handoff or delete go ahead."""
+        found = await self._list(self._key("mounts", volume, ""), MountRecord, strict=True)
+        return [v.value for _, v in found]
 
-    async def list_all_mounts(self) -> list[MountRecord]:
+    async def list_all_mounts(self, skipped: list[Unreadable] | None = None) -> list[MountRecord]:
         """Every mount record of every volume, in one read."""
-        return [v.value for v in await self._list(self._key("mounts", ""), MountRecord)]
+        return [v.value for _, v in await self._list(self._key("mounts", ""), MountRecord, skipped)]
 
     # watch
 

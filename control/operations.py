@@ -14,15 +14,20 @@ from dataclasses import replace
 
 from agent.zfs.volumes import BASE_COMPRESSION
 from control.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
-from control.records import Move, MovePhase, NodeInfo, Owner, VolumeSpec, parse_size
+from control.records import (
+    ACTIVE_PHASES,
+    Move,
+    MovePhase,
+    NodeInfo,
+    Owner,
+    VolumeSpec,
+    parse_size,
+)
 
 log = logging.getLogger(__name__)
 
 # lz4 is accepted where every node's ZFS has it; zfs-fuse has not, so control offers the common set.
 COMPRESSION = frozenset(BASE_COMPRESSION)
-ACTIVE_PHASES = frozenset(
-    {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
-)
 
 
 class OperationError(Exception):
@@ -51,6 +56,12 @@ class Conflict(OperationError):
     code = "ABORTED"
 
 
+# The smallest volume control accepts. Measured on zfs-fuse (ashift 12): an empty
+# dataset refers 112 KiB, and a create with a smaller refquota fails "out of space".
+# 1 MiB covers that with room for a few files; a smaller size is refused here
+# rather than failing on the node.
+MIN_SIZE_BYTES = 1 << 20
+
 # A node rewrites its record when its free space changes (every few seconds at
 # most), so a create rarely needs a second read of it; more than a few means
 # the node is flapping.
@@ -67,10 +78,7 @@ class VolumeOps:
         self, name: str, size: str, compression: str = "", node: str = ""
     ) -> VolumeSpec:
         """Validate and store a new volume; without a node, the live node with most free space."""
-        try:
-            size_bytes = parse_size(size) if size else 1 << 30
-        except ValueError as error:
-            raise InvalidArgument(str(error)) from error
+        size_bytes = self._size(size) if size else 1 << 30
         compression = self._compression(compression or "off")
         for _ in range(CREATE_ATTEMPTS):
             target = await self._live_node(node) if node else await self._roomiest()
@@ -123,10 +131,9 @@ class VolumeOps:
         current = await self._existing(name)
         changes: dict[str, object] = {}
         if size:
-            try:
-                changes["size_bytes"] = parse_size(size)
-            except ValueError as error:
-                raise InvalidArgument(str(error)) from error
+            changes["size_bytes"] = self._size(size)
+            # A new size is a new try for a node whose create failed.
+            changes["create_error"] = ""
         if compression:
             changes["compression"] = self._compression(compression)
         spec = replace(current.value, **changes)  # type: ignore[arg-type]
@@ -134,11 +141,12 @@ class VolumeOps:
             raise Conflict(f"volume {name} changed while updating it; retry")
         return spec
 
-    async def delete(self, name: str, force: bool = False) -> None:
+    async def delete(self, name: str, force: bool = False) -> str:
         """Mark deleted (agents destroy the data); refuses while mounted unless forced.
 
         Unforced, the write itself requires that no mount record exists, so a
         container mounting the volume meanwhile makes the delete fail, not both win.
+        Returns what the operator must know about data on a node that is down.
         """
         current = await self._existing(name)
         if not force:
@@ -153,24 +161,37 @@ class VolumeOps:
                 await self._refuse_if_mounted(name)
             raise Conflict(f"volume {name} changed while deleting it; retry")
         log.info("volume deleted: volume=%s", name)
+        owner = await self._keyspace.get_owner(name)
+        if owner is None or await self._keyspace.get_node(owner.value.node) is not None:
+            return ""
+        down = owner.value.node
+        log.warning("volume deleted while its owner is down: volume=%s owner=%s", name, down)
+        return (
+            f"its owner {down} is down and still holds its data in <pool>/ferry/{name}: when "
+            f"{down} is back, Ferry leaves that copy alone and unlisted (it never destroys "
+            f"data it has no record of; a new volume of this name placed there sets it "
+            f"aside); destroy it there with 'zfs destroy -r' once you no longer need it"
+        )
 
     async def move(self, name: str, node: str) -> Move | None:
         """Place the volume on ``node``; returns the move record, or None if it is there already."""
         current = await self._existing(name)
-        await self._live_node(node)
         owner = await self._keyspace.get_owner(name)
         if owner is None:
             raise OperationError(f"volume {name} is not created on any node yet; retry shortly")
         existing = await self._keyspace.get_move(name)
-        if existing is not None and existing.value.phase in ACTIVE_PHASES:
+        active = existing is not None and existing.value.phase in ACTIVE_PHASES
+        if active and existing is not None and existing.value.source == node == owner.value.node:
+            # Whether or not the source is up: the volume stays where it is either way.
+            return await self._cancel(current, owner, existing)
+        target = await self._live_node(node)
+        if active and existing is not None:
             if existing.value.target == node:
                 return existing.value
-            if existing.value.source == node == owner.value.node:
-                return await self._cancel(current, owner, existing)
             raise OperationError(
                 f"volume {name} is already moving to {existing.value.target} "
-                f"(phase {existing.value.phase.value}); wait for it to finish, or move it "
-                f"back to {existing.value.source} to cancel it"
+                f"(phase {existing.value.phase.value}); wait for it to finish, or cancel it "
+                f"('ferryctl move cancel {name}' moves it back to {existing.value.source})"
             )
         if owner.value.node == node:
             if current.value.node != node and not await self._keyspace.update_volume(
@@ -178,6 +199,8 @@ class VolumeOps:
             ):
                 raise Conflict(f"volume {name} changed while moving it; retry")
             return None
+        await self._refuse_if_down(name, owner.value.node)
+        await self._refuse_without_room(name, owner.value.node, target.value)
         move = Move(volume=name, source=owner.value.node, target=node, started_at=time.time())
         if not await self._keyspace.request_move(
             current, owner, move, existing.revision if existing else None
@@ -211,6 +234,29 @@ class VolumeOps:
         log.info("move cancelled: volume=%s stays_on=%s", spec.value.name, source)
         return cancelled
 
+    async def _refuse_if_down(self, name: str, source: str) -> None:
+        """A move copies from its source: refused up front while that node is down."""
+        if await self._keyspace.get_node(source) is None:
+            raise OperationError(
+                f"volume {name} is on {source}, which is down: a move copies from there, so it "
+                f"cannot start until {source} is back (start its agent; 'ferryctl node list' "
+                f"shows it once it is)"
+            )
+
+    async def _refuse_without_room(self, name: str, source: str, target: NodeInfo) -> None:
+        """Refused up front when what the source holds cannot fit in what ``target`` has free
+        (less what the target already holds of it); else every retry resent it all."""
+        held = {state.node: state.used_bytes for state in await self._keyspace.list_state(name)}
+        if source not in held:
+            return  # not reported yet: the move's own errors will say
+        needed = held[source] - held.get(target.name, 0)
+        if needed > target.free_bytes:
+            raise OperationError(
+                f"node {target.name} has {target.free_bytes} bytes free and volume {name} "
+                f"holds {held[source]} bytes on {source} ({needed} more than {target.name} has "
+                f"of it): free space on {target.name} or move it to another node"
+            )
+
     async def _refuse_if_mounted(self, name: str) -> None:
         mounts = await self._keyspace.list_mounts(name)
         if mounts:
@@ -218,6 +264,19 @@ class VolumeOps:
             raise OperationError(
                 f"volume {name} is mounted on {where}; stop its containers or delete with --force"
             )
+
+    @staticmethod
+    def _size(text: str) -> int:
+        try:
+            size = parse_size(text)
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from error
+        if size < MIN_SIZE_BYTES:
+            raise InvalidArgument(
+                f"size {text!r} ({size} bytes) is below the smallest volume, 1M "
+                f"({MIN_SIZE_BYTES} bytes): an empty dataset alone takes 112K; choose 1M or more"
+            )
+        return size
 
     @staticmethod
     def _compression(value: str) -> str:

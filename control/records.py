@@ -66,7 +66,10 @@ class _Record:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Self:
+        """The record in ``raw``; ValueError, saying why, for anything else."""
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__} record is not a JSON object")
         version = data.pop("v", None)
         if version != SCHEMA_VERSION:
             raise ValueError(
@@ -78,7 +81,10 @@ class _Record:
         for key, value in data.items():
             if key in known:
                 values[key] = tuple(value) if isinstance(value, list) else value
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise ValueError(f"{cls.__name__} record does not fit its schema: {error}") from error
 
 
 def _encode(value: object) -> object:
@@ -104,6 +110,9 @@ class VolumeSpec(_Record):
     uid: str = ""
     """This volume's identity, made at create and stamped on each of its datasets:
     a dataset of the same name with another uid is a deleted namesake's leftover."""
+    create_error: str = ""
+    """Why the node it is placed on could not create it (written by that node): that
+    node does not try again until a new size clears it."""
 
     def __post_init__(self) -> None:
         validate_volume_name(self.name)
@@ -171,6 +180,12 @@ class MovePhase(StrEnum):
     ACTIVATING = "activating"
     DONE = "done"
     FAILED = "failed"
+
+
+# A move in one of these is under way; done and failed (cancelled too) ended it for good.
+ACTIVE_PHASES = frozenset(
+    {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
+)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,14 @@ from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.logs import setup_logging
-from control.keyspace import Keyspace, Versioned, endpoints_client, etcd_target
+from control.keyspace import (
+    Keyspace,
+    Unreadable,
+    UnreadableRecord,
+    Versioned,
+    endpoints_client,
+    etcd_target,
+)
 from control.operations import OperationError, VolumeOps
 from control.records import MountRecord, Move, NodeState, Owner, VolumeSpec
 from control.tls import TlsFiles, endpoints, from_flags, warn_insecure
@@ -57,11 +64,12 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def ListVolumes(
         self, request: control_pb2.ListVolumesRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListVolumesReply:
-        specs = await self._keyspace.list_volumes()
-        owners = await self._keyspace.list_owners()
-        moves = await self._keyspace.list_moves()
-        mounted = _by_volume(await self._keyspace.list_all_mounts())
-        held = _by_volume(await self._keyspace.list_all_state())
+        skipped: list[Unreadable] = []
+        specs = await self._keyspace.list_volumes(skipped)
+        owners = await self._keyspace.list_owners(skipped)
+        moves = await self._keyspace.list_moves(skipped)
+        mounted = _by_volume(await self._keyspace.list_all_mounts(skipped))
+        held = _by_volume(await self._keyspace.list_all_state(skipped))
         volumes = [
             _volume_message(
                 s.value,
@@ -73,13 +81,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
             for s in specs
             if not s.value.deleted
         ]
-        return control_pb2.ListVolumesReply(volumes=volumes)
+        unreadable = [control_pb2.UnreadableRecord(key=r.key, reason=r.reason) for r in skipped]
+        return control_pb2.ListVolumesReply(volumes=volumes, unreadable=unreadable)
 
     async def DeleteVolume(
         self, request: control_pb2.DeleteVolumeRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.DeleteVolumeReply:
-        await self._guard(context, self._ops.delete(request.name, request.force))
-        return control_pb2.DeleteVolumeReply()
+        notice = await self._guard(context, self._ops.delete(request.name, request.force))
+        return control_pb2.DeleteVolumeReply(notice=str(notice or ""))
 
     async def MoveVolume(
         self, request: control_pb2.MoveVolumeRequest, context: grpc.aio.ServicerContext
@@ -154,13 +163,24 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 )
                 await asyncio.sleep(WATCH_RETRY_SECONDS)
 
-    async def _guard(self, context: grpc.aio.ServicerContext, operation: object) -> None:
+    async def _guard(self, context: grpc.aio.ServicerContext, operation: object) -> object:
         try:
-            await operation  # type: ignore[misc]
+            return await operation  # type: ignore[misc]
         except OperationError as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        except UnreadableRecord as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
     async def _volume(self, name: str, context: grpc.aio.ServicerContext) -> control_pb2.Volume:
+        try:
+            return await self._read_volume(name, context)
+        except UnreadableRecord as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            raise
+
+    async def _read_volume(
+        self, name: str, context: grpc.aio.ServicerContext
+    ) -> control_pb2.Volume:
         spec = await self._keyspace.get_volume(name)
         if spec is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"volume {name} does not exist")
@@ -201,6 +221,7 @@ def _volume_message(
         deleted=spec.deleted,
         created_at=spec.created_at,
         mounted_on=sorted(m.node for m in mounts),
+        create_error=spec.create_error,
         copies=[
             control_pb2.Copy(
                 node=c.node,

@@ -384,13 +384,26 @@ def lzc_list_snaps(name: Name) -> list[bytes]:
 
 
 def snapshot_guids(name: Name) -> list[tuple[bytes, int]]:
-    """The dataset's snapshots, oldest first, with their GUIDs (``all`` omits guid on zfs-fuse)."""
-    snaps = lzc_list_snaps(name)
-    if not snaps:
-        return []
-    out = run(_zfs("get", "-Hp", "-o", "name,value", "guid", *snaps), snaps[0])
-    guids = dict(line.split("\t", 1) for line in out.splitlines())
-    return [(snap, int(guids[snap.decode()])) for snap in snaps]
+    """The dataset's snapshots, oldest first, with their GUIDs, read in one command.
+
+    One recursive ``zfs get`` of creation txg and guid, never a listing followed
+    by a ``zfs get`` of each name: a snapshot pruned between those two commands
+    (a move prunes while convergence reads) made the second fail with "dataset
+    does not exist". The recursion skips a snapshot destroyed meanwhile.
+    ``all`` omits guid on zfs-fuse, so both properties are named.
+    """
+    raw = validate_dataset(name)
+    out = run(
+        _zfs("get", "-Hp", "-r", "-d", "1", "-o", "name,property,value", "createtxg,guid", raw), raw
+    )
+    prefix = raw.decode() + "@"
+    found: dict[str, dict[str, int]] = {}
+    for line in out.splitlines():
+        snapshot, prop, value = line.split("\t")
+        if snapshot.startswith(prefix):
+            found.setdefault(snapshot, {})[prop] = int(value)
+    complete = [(props["createtxg"], snap) for snap, props in found.items() if len(props) == 2]
+    return [(snap.encode(), found[snap]["guid"]) for _, snap in sorted(complete)]
 
 
 def lzc_list_children(name: Name) -> list[bytes]:

@@ -41,6 +41,7 @@ def volume_names(cluster: Cluster) -> set[str]:
     [
         (["-o", "size=lots"], "invalid size"),
         (["-o", "size=-5G"], "invalid size"),
+        (["-o", "size=1"], "below the smallest volume, 1M"),
         (["-o", "colour=blue"], "unknown option"),
         (["-o", "compression=zstd-max"], "invalid compression"),
         (["-o", "node=nowhere"], "unknown or down"),

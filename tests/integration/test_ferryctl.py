@@ -146,7 +146,8 @@ async def test_moving_back_to_the_source_cancels_a_move_that_has_not_handed_off(
     refused(
         await ferryctl(env, "volume", "move", name, "ct-n3"),
         "already moving to ct-n2",
-        "move it back to ct-n1 to cancel it",
+        "'ferryctl move cancel",
+        "moves it back to ct-n1",
     )
     back = ok(await ferryctl(env, "volume", "move", name, "ct-n1"))
     assert "is on ct-n1 (its last move: cancelled: moved back to ct-n1" in back.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from agent.plan import (
     Activate,
     Actual,
@@ -128,3 +130,17 @@ def test_deleted_volumes_are_destroyed_then_purged() -> None:
 
 def test_datasets_without_desired_state_are_left_alone() -> None:
     assert plan(Desired(node="a"), Actual(volumes={"orphan": writable("orphan")})) == []
+
+
+def test_a_create_that_failed_for_good_is_not_planned_again() -> None:
+    failed = replace(spec(node="a"), create_error="NoSpace: out of space")
+    assert plan(Desired(node="a", volumes={"pg": failed}), Actual()) == []
+
+
+def test_a_volume_with_an_unreadable_record_is_left_alone_and_the_others_converge() -> None:
+    desired = Desired(
+        node="a",
+        volumes={"pg": spec(node="a"), "web": spec(name="web", node="a")},
+        unreadable=frozenset({"pg"}),
+    )
+    assert plan(desired, Actual()) == [Create("web", GIB, "off", UID)]

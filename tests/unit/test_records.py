@@ -144,3 +144,17 @@ def test_stored_records_are_checked_when_read() -> None:
     raw["epoch"] = 0
     with pytest.raises(ValueError, match="epoch"):
         Owner.from_json(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"[1, 2]", "not a JSON object"),
+        (json.dumps({"v": SCHEMA_VERSION, "node": "a"}).encode(), "does not fit its schema"),
+        (json.dumps({"v": SCHEMA_VERSION, "node": "a", "epoch": "x"}).encode(), "schema"),
+    ],
+)
+def test_every_undecodable_record_is_a_value_error_saying_why(raw: bytes, why: str) -> None:
+    """Listings skip a record on ValueError; anything else would stop them all."""
+    with pytest.raises(ValueError, match=why):
+        Owner.from_json(raw)

@@ -1,6 +1,6 @@
 """Ferry snapshot names, the common base between two copies, and pruning."""
 
-from agent.snapshots import SnapshotRef, newest_common, next_name, parse, prunable
+from agent.snapshots import SnapshotRef, newest_common, next_name, parse, prunable, unsent
 
 
 def test_names_round_trip_and_foreign_names_are_ignored() -> None:
@@ -36,3 +36,18 @@ def test_pruning_keeps_the_newest_and_every_base_a_peer_needs() -> None:
     assert prunable(snaps, keep=["ferry-1-2"]) == ["ferry-1-1"]
     assert prunable(snaps, keep=["ferry-1-1"]) == []
     assert prunable(["ferry-1-1"], keep=[]) == []
+
+
+def test_what_failed_sends_left_is_dropped_and_nothing_a_stream_needs() -> None:
+    local = [
+        SnapshotRef("ferry-1-1", 11),
+        SnapshotRef("ferry-2-2", 22),
+        SnapshotRef("fenced-1700000000", 5),
+        SnapshotRef("ferry-2-3", 23),
+        SnapshotRef("ferry-2-4", 24),
+    ]
+    remote = [SnapshotRef("ferry-2-2", 22)]
+    assert unsent(local, remote, epoch=2, newest="ferry-2-4") == ["ferry-2-3"]
+    assert unsent(local, [], epoch=2, newest="ferry-2-4") == ["ferry-2-2", "ferry-2-3"]
+    assert unsent(local, [], epoch=3, newest="ferry-2-4") == [], "older epochs are not its own"
+    assert unsent(local, [SnapshotRef("ferry-2-4", 24)], epoch=2, newest="ferry-2-4") == []

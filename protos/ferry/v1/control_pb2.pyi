@@ -87,20 +87,50 @@ class ListVolumesReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VOLUMES_FIELD_NUMBER: _builtins.int
+    UNREADABLE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Volume]: ...
+    @_builtins.property
+    def unreadable(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnreadableRecord]:
+        """Records in etcd this control cannot decode (bad JSON, another schema
+        version): skipped, so the rest of the list is still answered.
+        """
+
     def __init__(
         self,
         *,
         volumes: _abc.Iterable[Global___Volume] | None = ...,
+        unreadable: _abc.Iterable[Global___UnreadableRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["unreadable", b"unreadable", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListVolumesReply: _TypeAlias = ListVolumesReply  # noqa: Y015
+
+@_typing.final
+class UnreadableRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnreadableRecord: _TypeAlias = UnreadableRecord  # noqa: Y015
 
 @_typing.final
 class DeleteVolumeRequest(_message.Message):
@@ -128,12 +158,17 @@ Global___DeleteVolumeRequest: _TypeAlias = DeleteVolumeRequest  # noqa: Y015
 class DeleteVolumeReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    NOTICE_FIELD_NUMBER: _builtins.int
+    notice: _builtins.str
+    """What happens to data the deleted volume still has on nodes that are down."""
     def __init__(
         self,
+        *,
+        notice: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notice", b"notice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -216,6 +251,7 @@ class Volume(_message.Message):
     MOUNTED_ON_FIELD_NUMBER: _builtins.int
     MOVE_FIELD_NUMBER: _builtins.int
     COPIES_FIELD_NUMBER: _builtins.int
+    CREATE_ERROR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     compression: _builtins.str
@@ -226,6 +262,10 @@ class Volume(_message.Message):
     epoch: _builtins.int
     deleted: _builtins.bool
     created_at: _builtins.float
+    create_error: _builtins.str
+    """Why the node it was placed on could not create it; empty otherwise.
+    The node does not retry; a new size ('volume update --size') or a delete ends it.
+    """
     @_builtins.property
     def mounted_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Nodes where a container mounts it now."""
@@ -254,10 +294,11 @@ class Volume(_message.Message):
         mounted_on: _abc.Iterable[_builtins.str] | None = ...,
         move: Global___MoveStatus | None = ...,
         copies: _abc.Iterable[Global___Copy] | None = ...,
+        create_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["move", b"move"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "created_at", b"created_at", "deleted", b"deleted", "epoch", b"epoch", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "create_error", b"create_error", "created_at", b"created_at", "deleted", b"deleted", "epoch", b"epoch", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,164 @@
+"""One agent's convergence on a real pool and etcd, with records it cannot use (issue 9, 7 and 8).
+
+A record that does not decode is skipped with its key, and every other
+volume converges; a create the node's ZFS refuses ends in a failed state
+that ``ferryctl volume get`` and Docker's error show, and is not retried.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig
+from agent.plugin import PluginError, VolumePlugin
+from agent.service import AgentService, PluginControl
+from agent.store import VolumeStore
+from agent.usage import DockerMounts
+from agent.zfs.volumes import PoolRoot
+from control.keyspace import Keyspace
+from control.operations import VolumeOps
+from control.records import VolumeSpec
+from tests.support.etcd import ControlServer, EtcdServer, ferryctl
+from tests.support.pools import ScratchPool, scratch_pool
+
+pytestmark = pytest.mark.integration
+
+NODE = "mv-conv"
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ScratchPool]:
+    with scratch_pool("mvconv") as made:
+        yield made
+
+
+@pytest.fixture
+async def agent(
+    pool: ScratchPool, keyspace: Keyspace, etcd: EtcdServer, tmp_path: Path
+) -> AsyncIterator[tuple[AgentService, VolumeStore]]:
+    """An agent that converges only when told (``converge()``), registered on a lease."""
+    config = AgentConfig(
+        node=NODE,
+        etcd=(etcd.endpoint,),
+        pool=pool.name,
+        listen="127.0.0.1:0",
+        advertise="127.0.0.1:1",
+        data_port=0,
+        mount_root=tmp_path / "mnt",
+        plugin_socket=None,
+        tls=None,
+        state_dir=tmp_path / "state",
+    )
+    store = VolumeStore(PoolRoot(pool.name), config.mount_root)
+    service = AgentService(config, keyspace, store)
+    await store.ensure_root()
+    await service._registration.register()
+    try:
+        yield service, store
+    finally:
+        await service._registration.lease.revoke()
+        for volume in await store.local_volumes():
+            await store.stop_writes(volume)
+            await store.destroy(volume)
+
+
+def unique(base: str) -> str:
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+async def test_a_record_that_does_not_decode_is_skipped_and_the_rest_converges(
+    agent: tuple[AgentService, VolumeStore],
+    keyspace: Keyspace,
+    control: ControlServer,
+) -> None:
+    service, store = agent
+    good, bad_schema, bad_json = unique("good"), unique("newer"), unique("garbled")
+    await keyspace.create_volume(VolumeSpec(name=good, size_bytes=16 << 20, node=NODE))
+    await keyspace.create_volume(VolumeSpec(name=bad_schema, size_bytes=16 << 20, node=NODE))
+    newer = {"v": 99, "node": NODE, "epoch": 1}
+    bad_keys = [keyspace._key("owners", bad_schema), keyspace._key("volumes", bad_json)]
+    await keyspace.client.put(bad_keys[0], json.dumps(newer).encode())
+    await keyspace.client.put(bad_keys[1], b"{not json")
+    try:
+        await service.converge()
+        held = await store.local_volumes()
+        assert good in held, "the readable volume was created while others were unreadable"
+        owner = await keyspace.get_owner(good)
+        assert owner is not None and owner.value.node == NODE
+        assert bad_schema not in held, "a volume with an unreadable owner is left alone"
+
+        listing = await ferryctl(control.ferryctl_env(), "volume", "list", "-o", "json")
+        assert listing.code == 0, listing.stderr
+        assert good in {v["name"] for v in json.loads(listing.stdout)}
+        for key in bad_keys:
+            assert f"skipped unreadable record {key.decode()}" in listing.stderr
+        assert "schema version 99" in listing.stderr
+        shown = await ferryctl(control.ferryctl_env(), "volume", "get", bad_json)
+        assert shown.code != 0
+        assert f"record {bad_keys[1].decode()} is unreadable" in shown.stderr
+        assert "fix or delete it with etcdctl" in shown.stderr
+    finally:
+        for key in bad_keys:
+            await keyspace.client.delete(key)
+        for name in (good, bad_schema):
+            spec = await keyspace.get_volume(name)
+            assert spec is not None
+            await keyspace.update_volume(
+                VolumeSpec(**{**spec.value.__dict__, "deleted": True}), spec.revision
+            )
+        await service.converge()
+
+
+async def test_a_size_below_an_empty_dataset_is_refused_at_control(
+    agent: tuple[AgentService, VolumeStore], control: ControlServer, keyspace: Keyspace
+) -> None:
+    """With a live node of ample room, as Docker's ``-o size=1`` reached it."""
+    name = unique("tiny")
+    result = await ferryctl(control.ferryctl_env(), "volume", "create", name, "--size", "1")
+    assert result.code != 0
+    assert "below the smallest volume, 1M" in result.stderr
+    assert await keyspace.get_volume(name) is None, "nothing was stored"
+
+
+async def test_a_create_the_node_refuses_ends_failed_and_is_not_retried(
+    agent: tuple[AgentService, VolumeStore],
+    keyspace: Keyspace,
+    control: ControlServer,
+    tmp_path: Path,
+) -> None:
+    service, store = agent
+    name = unique("small")
+    # Stored past control's check (as an older control would): ZFS refuses it on the node.
+    await keyspace.create_volume(VolumeSpec(name=name, size_bytes=64 << 10, node=NODE))
+    await service.converge()
+    failed = await keyspace.get_volume(name)
+    assert failed is not None and "NoSpace" in failed.value.create_error
+    assert name not in await store.local_volumes()
+    await service.converge()
+    again = await keyspace.get_volume(name)
+    assert again is not None and again.revision == failed.revision, "not tried again"
+
+    shown = await ferryctl(control.ferryctl_env(), "volume", "get", name)
+    assert shown.code == 0, shown.stderr
+    assert f"failed: node {NODE} could not create it" in shown.stdout
+
+    plugin = VolumePlugin(
+        node=NODE,
+        keyspace=keyspace,
+        store=store,
+        control=PluginControl(VolumeOps(keyspace), NODE),
+        lease=lambda: service._registration.lease,
+        mounts=DockerMounts(tmp_path / "docker-mounts.json"),
+    )
+    with pytest.raises(PluginError, match=f"could not be created on {NODE}: NoSpace"):
+        await plugin.mount(name, "container-1")
+
+    resized = await VolumeOps(keyspace).update(name, size="16M")
+    assert resized.create_error == "", "a new size is a new try"
+    await service.converge()
+    assert name in await store.local_volumes()
