@@ -32,6 +32,7 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from agent.zfs import runner
 from agent.zfs.streams import CHUNK_BYTES, readable
 from control.tls import certificate_name
 
@@ -53,6 +54,7 @@ _TCP_INFO_LENGTH = 136
 _BYTES_ACKED_AT = 120
 _BYTES_RECEIVED_AT = 128
 _FIN_RECEIVED_STATES = {6, 8, 9, 11}  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+_MOVED_AT = (_BYTES_ACKED_AT, _BYTES_RECEIVED_AT)
 
 
 def host_of(address: str) -> str:
@@ -169,7 +171,7 @@ async def pump(work: Callable[[int], None], sock: socket.socket) -> None:
     pipe and ``zfs receive`` on a truncated stream, leaving its target as it
     was), waits for the work to stop, and re-raises.
     """
-    job = asyncio.ensure_future(asyncio.to_thread(work, sock.fileno()))
+    job = asyncio.ensure_future(asyncio.to_thread(_watched, work, sock))
     try:
         await asyncio.shield(job)
     except asyncio.CancelledError:
@@ -177,6 +179,17 @@ async def pump(work: Callable[[int], None], sock: socket.socket) -> None:
         with contextlib.suppress(Exception):
             await job
         raise
+
+
+def _watched(work: Callable[[int], None], sock: socket.socket) -> None:
+    """``work`` on the socket; the ZFS command's progress is the bytes this connection moved."""
+
+    def moved() -> int:
+        info = _tcp_info(sock)
+        return sum(struct.unpack_from("=Q", info, at)[0] for at in _MOVED_AT)
+
+    with runner.watching(moved):
+        work(sock.fileno())
 
 
 def cut(sock: socket.socket) -> None:
