@@ -156,6 +156,16 @@ class VolumeStore:
         """Mount the owner's copy if it is not (after the last container unmounted it)."""
         await asyncio.to_thread(self._root.mount, volume, self.mountpoint(volume))
 
+    def commands_running(self, volume: str) -> list[str]:
+        """ZFS/mount commands running now on the volume's dataset (or its snapshots), described."""
+        dataset = self._root.dataset(volume).decode()
+        return [
+            command.describe()
+            for command in zfs.running_commands()
+            if command.subject in (dataset, str(self.mountpoint(volume)))
+            or (command.subject or "").startswith(dataset + "@")
+        ]
+
     async def freeze(self, volume: str) -> None:
         """Stop every writer at once, still mounted (PoolRoot.freeze; FilesystemBusy while a
         process holds a file open for writing); ``stop_writes`` or ``thaw`` follows."""
