@@ -102,9 +102,12 @@ class Running:
     limit: float
 
     def describe(self, now: float | None = None) -> str:
-        """``zfs send pool/ferry/v@s running 42 s (limit 60 s)`` for an operator."""
+        """```zfs send p/ferry/v@s` running since 2026-01-02 10:00:00 UTC (42 s, limit 60 s)``."""
         age = (now or time.time()) - self.started_at
-        return f"`{' '.join(self.argv)}` running {age:.0f} s (limit {self.limit:.0f} s)"
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started_at))
+        return (
+            f"`{' '.join(self.argv)}` running since {since} ({age:.0f} s, limit {self.limit:.0f} s)"
+        )
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def test_a_command_running_now_is_listed_with_its_subject_and_start(
         cli.pool_free_bytes(pool.name)
     watcher.join()
     assert [(r.subject, r.argv[:2]) for r in seen] == [(pool.name, ("zfs", "get"))]
-    assert "running" in seen[0].describe() and "limit 3 s" in seen[0].describe()
+    assert "running since" in seen[0].describe() and "limit 3 s" in seen[0].describe()
 
 
 def test_a_hung_sync_in_a_freeze_is_bounded(
