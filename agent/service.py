@@ -307,7 +307,7 @@ class AgentService:
                 node=self._config.node,
                 volume=name,
                 snapshots=local.snapshots,
-                used_bytes=await self._store.used_bytes(name),
+                used_bytes=local.used_bytes,
                 writable=local.writable,
                 mounted=local.mounted,
                 updated_at=time.time(),

@@ -104,6 +104,7 @@ class VolumeStore:
                 writable=_writable(props, read_only),
                 mounted=props.get("mounted") == "yes",
                 uid=props.get(UID_PROPERTY, ""),
+                used_bytes=int(props.get("used", 0)),
             )
         self.unreadable = unreadable
         return found
@@ -133,10 +134,6 @@ class VolumeStore:
     def _is_writable(self, volume: str) -> bool:
         props = zfs.lzc_get_props(self._root.dataset(volume))
         return _writable(props, read_only_mounts())
-
-    async def used_bytes(self, volume: str) -> int:
-        props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
-        return int(props.get("used", 0))
 
     async def users(self, volumes: Iterable[str]) -> dict[str, list[User]]:
         """Who uses each volume's filesystem here besides the agent's own mountpoint, as the
