@@ -61,19 +61,23 @@ Probe = Callable[[], int]
 stream_progress: ContextVar[Probe | None] = ContextVar("stream_progress", default=None)
 
 
-def _timeouts() -> dict[Kind, float]:
-    """The limits, with ``FERRY_ZFS_TIMEOUTS`` (``kind=seconds,...``) applied."""
-    limits = dict(DEFAULT_TIMEOUTS)
+def limits() -> dict[Kind, float]:
+    """The limits, with ``FERRY_ZFS_TIMEOUTS`` (``kind=seconds,...``) applied; ValueError
+    saying how to write it when it is wrong."""
+    found = dict(DEFAULT_TIMEOUTS)
     for item in filter(None, os.environ.get("FERRY_ZFS_TIMEOUTS", "").split(",")):
         kind, _, seconds = item.partition("=")
         try:
-            limits[Kind(kind.strip())] = float(seconds)
+            which, limit = Kind(kind.strip()), float(seconds)
         except ValueError:
+            limit = 0.0
+        if limit <= 0:
             raise ValueError(
-                f"FERRY_ZFS_TIMEOUTS item {item!r}: use KIND=SECONDS with KIND one of "
-                f"{', '.join(Kind)}"
-            ) from None
-    return limits
+                f"FERRY_ZFS_TIMEOUTS item {item!r}: use KIND=SECONDS (SECONDS > 0) with KIND "
+                f"one of {', '.join(Kind)}"
+            )
+        found[which] = limit
+    return found
 
 
 def kind_of(argv: Sequence[str]) -> Kind:
@@ -159,7 +163,7 @@ def run(
     elif kind == Kind.STREAM and probe is None:
         limit = STREAM_UNWATCHED_SECONDS
     else:
-        limit = _timeouts()[kind]
+        limit = limits()[kind]
     real = HANG_ARGV if failpoints.hangs(command) else command
     started = time.monotonic()
     process = subprocess.Popen(
