@@ -29,6 +29,7 @@ import secrets
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -169,26 +170,30 @@ async def pump(work: Callable[[int], None], sock: socket.socket) -> None:
 
     Cancelled, it cuts the connection (which ends ``zfs send`` on a broken
     pipe and ``zfs receive`` on a truncated stream, leaving its target as it
-    was), waits for the work to stop, and re-raises.
+    was), has the runner kill the ZFS command (a hung one notices no cut),
+    waits for the work to stop, and re-raises.
     """
-    job = asyncio.ensure_future(asyncio.to_thread(_watched, work, sock))
+    stop = threading.Event()
+    job = asyncio.ensure_future(asyncio.to_thread(_watched, work, sock, stop))
     try:
         await asyncio.shield(job)
     except asyncio.CancelledError:
+        stop.set()
         cut(sock)
         with contextlib.suppress(Exception):
             await job
         raise
 
 
-def _watched(work: Callable[[int], None], sock: socket.socket) -> None:
-    """``work`` on the socket; the ZFS command's progress is the bytes this connection moved."""
+def _watched(work: Callable[[int], None], sock: socket.socket, stop: threading.Event) -> None:
+    """``work`` on the socket; the ZFS command's progress is the bytes this connection moved,
+    and ``stop`` kills it (a hung command does not notice the cut socket)."""
 
     def moved() -> int:
         info = _tcp_info(sock)
         return sum(struct.unpack_from("=Q", info, at)[0] for at in _MOVED_AT)
 
-    with runner.watching(moved):
+    with runner.watching(moved, stop):
         work(sock.fileno())
 
 

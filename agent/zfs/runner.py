@@ -59,6 +59,7 @@ _MOUNTS = {"mount", "unmount", "umount"}
 
 Probe = Callable[[], int]
 stream_progress: ContextVar[Probe | None] = ContextVar("stream_progress", default=None)
+stop_requested: ContextVar[threading.Event | None] = ContextVar("stop_requested", default=None)
 
 
 def limits() -> dict[Kind, float]:
@@ -133,13 +134,16 @@ def running() -> list[Running]:
 
 
 @contextlib.contextmanager
-def watching(probe: Probe) -> Iterator[None]:
-    """Stream commands run inside measure their progress with ``probe`` (bytes moved so far)."""
-    token = stream_progress.set(probe)
+def watching(probe: Probe, stop: threading.Event | None = None) -> Iterator[None]:
+    """Stream commands run inside measure their progress with ``probe`` (bytes moved so far),
+    and are killed at once when ``stop`` is set (their caller gave up: a cancelled transfer
+    must not wait for a hung command's limit)."""
+    tokens = (stream_progress.set(probe), stop_requested.set(stop))
     try:
         yield
     finally:
-        stream_progress.reset(token)
+        stream_progress.reset(tokens[0])
+        stop_requested.reset(tokens[1])
 
 
 def run(
@@ -179,10 +183,10 @@ def run(
         _running[key] = Running(command, subject, kind, time.time(), limit)
     left_running = False
     try:
-        out, err = _wait(process, limit, probe)
+        out, err = _wait(process, limit, probe, stop_requested.get())
     except _Expired as expired:
         left_running = not _kill(process)
-        message = f"`{' '.join(command)}` {expired} {limit:.0f} s and was killed"
+        message = f"`{' '.join(command)}` {expired} and was killed"
         if left_running:
             threading.Thread(target=_reap, args=(process, key), daemon=True).start()
             message += (
@@ -213,11 +217,17 @@ def run(
 
 
 class _Expired(Exception):
-    """The limit passed; the text says how (``did not finish in``, ``moved no data for``)."""
+    """The command must end; the text says why (``did not finish in 30 s``, ...)."""
 
 
-def _wait(process: subprocess.Popen[str], limit: float, probe: Probe | None) -> tuple[str, str]:
-    """Output of the finished process; _Expired once ``limit`` passed (without progress)."""
+def _wait(
+    process: subprocess.Popen[str],
+    limit: float,
+    probe: Probe | None,
+    stop: threading.Event | None,
+) -> tuple[str, str]:
+    """Output of the finished process; _Expired once ``limit`` passed (without progress) or
+    ``stop`` was set."""
     last_change = time.monotonic()
     seen = probe() if probe else 0
     while True:
@@ -229,7 +239,10 @@ def _wait(process: subprocess.Popen[str], limit: float, probe: Probe | None) -> 
         if probe is not None and (moved := probe()) != seen:
             seen, last_change = moved, now
         if now - last_change >= limit:
-            raise _Expired("moved no data for" if probe is not None else "did not finish in")
+            what = "moved no data for" if probe is not None else "did not finish in"
+            raise _Expired(f"{what} {limit:.0f} s")
+        if stop is not None and stop.is_set():
+            raise _Expired("was stopped by the agent (its transfer was cancelled)")
 
 
 def _kill(process: subprocess.Popen[str]) -> bool:

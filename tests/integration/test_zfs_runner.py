@@ -6,6 +6,8 @@ Real zfs-fuse pools; a hung command is a real process that never ends
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import signal
 import threading
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.transfer import data
+from agent.transfer.data import DataListener
 from agent.zfs import cli, runner
 from agent.zfs.exceptions import CommandTimeout
 from agent.zfs.volumes import PoolRoot
@@ -164,3 +168,30 @@ def _send_read_by(snapshot: bytes, pause: float, stop_after: int | None) -> _Sen
     result.seconds = time.monotonic() - started
     assert not sender.is_alive()
     return result
+
+
+async def test_a_cancelled_transfer_kills_its_hung_zfs_send_at_once(
+    pool: ScratchPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handoff past its deadline cancels its stream: the hung send must not hold it for the
+    stream's limit (60 s), since the thaw waits for it."""
+    monkeypatch.setenv("FERRY_FAILPOINTS", "hang:zfs send")
+    listener = DataListener("127.0.0.1", 0, None)
+    await listener.start()
+    try:
+        ticket = listener.expect("127.0.0.1", "to-send", encrypted=False)
+        with await data.connect("127.0.0.1", listener.port, ticket.token) as sock:
+            snapshot = pool.dataset("to-never") + b"@s1"
+            sending = asyncio.create_task(
+                data.pump(functools.partial(cli.lzc_send, snapshot, None), sock)
+            )
+            await asyncio.sleep(1)
+            assert [r.argv[:2] for r in runner.running()] == [("zfs", "send")]
+            started = time.monotonic()
+            sending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(sending, BOUND)
+            assert time.monotonic() - started < BOUND
+            assert runner.running() == []
+    finally:
+        await listener.close()
