@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import threading
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent import zfs
 from agent.zfs import runner
@@ -36,9 +37,11 @@ def _pipe() -> tuple[int, int]:
 
 @dataclass
 class _Moved:
-    """Bytes the loop's end of a pipe has passed so far: the stream command's progress."""
+    """Bytes the loop's end of a pipe has passed so far (the stream command's progress), and
+    the loop's word that it gave up on the stream (the runner then kills the command)."""
 
     bytes: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def probe(self) -> int:
         return self.bytes
@@ -46,7 +49,7 @@ class _Moved:
 
 def _send_then_close(snapname: Name, fromsnap: Name | None, write_fd: int, moved: _Moved) -> None:
     try:
-        with runner.watching(moved.probe):
+        with runner.watching(moved.probe, moved.stop):
             zfs.lzc_send(snapname, fromsnap, write_fd)
     finally:
         os.close(write_fd)
@@ -54,7 +57,7 @@ def _send_then_close(snapname: Name, fromsnap: Name | None, write_fd: int, moved
 
 def _receive_then_close(snapname: Name, read_fd: int, force: bool, moved: _Moved) -> None:
     try:
-        with runner.watching(moved.probe):
+        with runner.watching(moved.probe, moved.stop):
             zfs.lzc_receive(snapname, read_fd, force=force)
     finally:
         os.close(read_fd)
@@ -111,7 +114,10 @@ async def send_chunks(
                 break
     finally:
         os.close(read_fd)
-        # Stopped early: the send ends on the broken pipe; wait for it, keep the first error.
+        if not sender.done():
+            # Stopped early: the send ends on the broken pipe, or is killed if it hangs;
+            # wait for it, keep the first error.
+            moved.stop.set()
         with contextlib.suppress(Exception):
             await asyncio.shield(sender)
     sender.result()
@@ -149,6 +155,7 @@ async def receive_chunks(snapname: Name, chunks: AsyncIterable[bytes], force: bo
         _abort(transport)  # zfs receive stopped reading; its own error is raised below
     except BaseException:
         _abort(transport)
+        moved.stop.set()
         with contextlib.suppress(Exception):
             await asyncio.shield(receiver)
         raise

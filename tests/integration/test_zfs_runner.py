@@ -21,6 +21,7 @@ from agent.transfer import data
 from agent.transfer.data import DataListener
 from agent.zfs import cli, runner
 from agent.zfs.exceptions import CommandTimeout
+from agent.zfs.streams import send_chunks
 from agent.zfs.volumes import PoolRoot
 from tests.support.pools import ScratchPool, scratch_pool
 
@@ -195,3 +196,25 @@ async def test_a_cancelled_transfer_kills_its_hung_zfs_send_at_once(
             assert runner.running() == []
     finally:
         await listener.close()
+
+
+async def test_a_stream_read_through_a_pipe_kills_its_hung_send_when_abandoned(
+    pool: ScratchPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encrypted path reads ``zfs send`` through a pipe: giving up on it ends it too."""
+    monkeypatch.setenv("FERRY_FAILPOINTS", "hang:zfs send")
+
+    async def first_chunk() -> bytes:
+        async for chunk in send_chunks(pool.dataset("to-never") + b"@s1"):
+            return chunk
+        return b""
+
+    reading = asyncio.create_task(first_chunk())
+    await asyncio.sleep(1)
+    assert [r.argv[:2] for r in runner.running()] == [("zfs", "send")]
+    started = time.monotonic()
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(reading, BOUND)
+    assert time.monotonic() - started < BOUND
+    assert runner.running() == []
