@@ -12,6 +12,7 @@ from agent.config import AgentConfig
 from agent.logs import setup_logging
 from agent.registration import NodeNameTaken
 from agent.service import run
+from agent.zfs import runner
 from control.tls import endpoints, from_flags
 
 log = logging.getLogger("agent")
@@ -98,6 +99,7 @@ def main(
             encrypt_streams=encrypt_streams,
             etcd_prefix=etcd_prefix,
         )
+        runner.limits()
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     try:

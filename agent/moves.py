@@ -17,9 +17,10 @@ Read top to bottom; each phase says what it waits for and what it writes.
    snapshot, sends the final incremental, writes the final snapshot's name
    into the move record, then moves ownership in one etcd compare-and-swap
    from ``{source, e}`` to ``{target, e+1}``, and unmounts its copy. If the
-   handoff fails before the swap was tried, the source still owns the
-   volume for certain and thaws it; once tried, the copy stays stopped,
-   since the swap may have happened.
+   handoff fails before the swap was tried, or does not reach it within
+   HANDOFF_DEADLINE_SECONDS (a hung command), the source still owns the
+   volume for certain and thaws it (back to ``precopy`` after the deadline);
+   once tried, the copy stays stopped, since the swap may have happened.
 4. ``activating``: the target sees that it owns the volume, checks that it
    holds the final snapshot, makes its copy writable and mounts it, and
    writes ``done`` (see ``agent.executor``). The source keeps a read-only
@@ -57,8 +58,14 @@ SMALL_DELTA_BYTES = 64 << 20
 RESYNC_SECONDS = 3.0
 UNMOUNT_POLL_SECONDS = 0.2
 PROGRESS_SECONDS = 0.5
+# From the freeze to the ownership swap: past this, the source thaws (see docs/decisions.md).
+HANDOFF_DEADLINE_SECONDS = 30.0
 
 PeerLookup = Callable[[str], Awaitable[PeerClient]]
+
+
+class HandoffTimedOut(TransferFailed):
+    """The handoff did not reach the ownership swap in time; the source thawed its copy."""
 
 
 class MoveAbandoned(Exception):
@@ -76,6 +83,7 @@ class MoveDriver:
         connect: PeerLookup,
         mounts: DockerMounts,
         small_delta: int = SMALL_DELTA_BYTES,
+        handoff_deadline: float = HANDOFF_DEADLINE_SECONDS,
     ) -> None:
         self._node = node
         self._keyspace = keyspace
@@ -83,6 +91,7 @@ class MoveDriver:
         self._connect = connect
         self._mounts = mounts
         self._small_delta = small_delta
+        self._handoff_deadline = handoff_deadline
 
     async def run(self, volume: str) -> None:
         """One attempt to finish the move; raises on failure, the caller retries with back-off."""
@@ -144,13 +153,8 @@ class MoveDriver:
         self._mounts.begin_handoff(volume)
         swap_tried = swapped = False
         try:
-            await self._freeze(volume, tracker)
             try:
-                # A mount made between the first check and the freeze (it was refused writes).
-                await self._refuse_if_in_use(volume, tracker, "was in use at the freeze")
-                await self._sync(volume, epoch, peer, tracker, remote)
-                final = (await self._store.snapshots(volume) or [])[-1].name
-                await tracker.update(final_snapshot=final)
+                final = await self._before_swap(volume, epoch, peer, tracker, remote)
                 failpoints.reached("handoff.before_cas")
                 swap_tried = True
                 swapped = await self._keyspace.transfer_owner(
@@ -184,6 +188,42 @@ class MoveDriver:
             final,
             stopped_for,
         )
+
+    async def _before_swap(
+        self,
+        volume: str,
+        epoch: int,
+        peer: PeerClient,
+        tracker: _MoveRecord,
+        remote: list[SnapshotRef],
+    ) -> str:
+        """Freeze, check, final sync and its record, within the handoff deadline; returns the
+        final snapshot. Past the deadline HandoffTimedOut (the caller thaws)."""
+        try:
+            async with asyncio.timeout(self._handoff_deadline):
+                await self._freeze(volume, tracker)
+                # A mount made between the first check and the freeze (it was refused writes).
+                await self._refuse_if_in_use(volume, tracker, "was in use at the freeze")
+                await self._sync(volume, epoch, peer, tracker, remote)
+                final = (await self._store.snapshots(volume) or [])[-1].name
+                await tracker.update(final_snapshot=final)
+                return final
+        except TimeoutError:
+            raise await self._handoff_late(volume, tracker) from None
+
+    async def _handoff_late(self, volume: str, tracker: _MoveRecord) -> HandoffTimedOut:
+        """The error of a handoff past its deadline before the swap; the next attempt pre-copies
+        again first, so a delta too big for the deadline shrinks while the volume is writable."""
+        stuck = "; ".join(self._store.commands_running(volume)) or "nothing"
+        late = HandoffTimedOut(
+            f"handoff of {volume} did not reach the ownership swap within "
+            f"{self._handoff_deadline:.0f} s (still running: {stuck}); writes resumed on "
+            f"{self._node} and the move retries; if a command is stuck, check the pool on "
+            f"{self._node} ('zpool status') and its ZFS daemon"
+        )
+        log.error("handoff timed out, thawed: volume=%s error=%s", volume, late)
+        await tracker.update(phase=MovePhase.PRECOPY)
+        return late
 
     async def _sync(
         self,

@@ -22,6 +22,7 @@ class LocalVolume:
     writable: bool = False
     mounted: bool = False
     uid: str = ""
+    used_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,13 @@ class VolumePlugin:
 
     def __post_init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
+        self.ready = False
+        """Set once the agent's start-up is done; until then every volume call is refused."""
+
+    def refuse_while_starting(self) -> None:
+        """PluginError while the agent starts: Docker shows it, and no ``local`` volume is made."""
+        if not self.ready:
+            raise PluginError(f"ferry agent on {self.node} is starting; retry in a few seconds")
 
     async def create(self, name: str, opts: dict[str, str]) -> None:
         unknown = sorted(set(opts) - KNOWN_OPTIONS)
@@ -275,12 +282,18 @@ ROUTES: dict[str, Handler] = {
 }
 
 
+# Answered while the agent starts, so Docker knows the driver and gets its refusals.
+HANDSHAKE = frozenset({"/Plugin.Activate", "/VolumeDriver.Capabilities"})
+
+
 def make_app(plugin: VolumePlugin) -> web.Application:
     """An aiohttp application answering Docker's plugin calls; errors become ``{"Err": ...}``."""
 
     def endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def respond(request: web.Request) -> web.Response:
             try:
+                if request.path not in HANDSHAKE:
+                    plugin.refuse_while_starting()
                 body = json.loads(await request.read() or b"{}")
                 reply = await handler(plugin, body or {})
                 return web.json_response({"Err": "", **reply}, content_type=CONTENT_TYPE)

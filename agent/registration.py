@@ -22,7 +22,7 @@ import aetcd
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from control.keyspace import Keyspace
-from control.records import NodeInfo
+from control.records import NODE_READY, NodeInfo
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,16 @@ class Registration:
             await self._keyspace.refresh_lease(lease)
         self._record, self._lease = record, lease
         log.info("registered: node=%s address=%s", record.name, record.address)
+
+    async def mark_ready(self) -> None:
+        """Say on record that this agent serves now: recovery done, gRPC and plugin answering.
+
+        Until then the record says ``starting`` (``ferryctl node list`` shows it), so a node
+        that registered and then hangs in its start-up is never taken for a live one.
+        """
+        self._record = replace(self._record, status=NODE_READY)
+        await self._keyspace.update_node(self._record, self.lease)
+        log.info("node ready: node=%s", self._record.name)
 
     async def keep_alive(self, registered_again: Callable[[], None]) -> None:
         """Refresh the lease and the free space on record until cancelled; register again when

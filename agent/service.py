@@ -14,14 +14,16 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 
 from agent.config import AgentConfig
 from agent.executor import Executor
 from agent.moves import MoveDriver
-from agent.plan import Actual, Desired, LocalVolume, plan
+from agent.plan import Action, Actual, Desired, plan
 from agent.plugin import PluginError, VolumePlugin, serve
 from agent.registration import Registration
 from agent.retry import Backoff
@@ -31,16 +33,29 @@ from agent.transfer.data import DataListener, host_of
 from agent.transfer.options import SERVER_OPTIONS
 from agent.transfer.server import TransferService
 from agent.usage import DockerMounts, mount_records
+from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
 from control.keyspace import Keyspace, Unreadable, endpoints_client
 from control.operations import BeingDeleted, Exists, OperationError, VolumeOps
-from control.records import MountRecord, NodeInfo, NodeState
+from control.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
 from control.tls import warn_insecure
 from protos.ferry.v1 import transfer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+# Worker threads of asyncio.to_thread (ZFS, mount and etcd-client work): each command holds
+# one for at most its limit and the kill's grace (agent.zfs.runner), so a few hung volumes
+# cannot starve the rest. The default (cores + 4) is 6 on a 2-core host.
+WORKER_THREADS = 64
+# How long a convergence pass waits for its volumes' actions before it reports.
+ACTION_WAIT_SECONDS = 5.0
+# An action or command running this long is reported as stuck.
+STUCK_SECONDS = 10.0
+
+
+def _clock(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
 
 
 class AgentService:
@@ -63,67 +78,105 @@ class AgentService:
                 pool=config.pool,
                 free_bytes=0,
                 version=VERSION,
+                status=NODE_STARTING,
             ),
             config.lease_ttl,
             store,
         )
         self._reported: set[str] = set()
         self._reported_mounts: dict[str, MountRecord] = {}
+        self._states: dict[str, NodeState] = {}
+        self._actions: dict[str, asyncio.Task[bool]] = {}
+        self._started: dict[str, tuple[str, float]] = {}
 
     async def run(self) -> None:
-        """Serve until cancelled."""
-        await self._store.ensure_root()
-        # First, so an agent under a name another live agent holds touches nothing.
-        await self._registration.register()
-        await self._mounts.load()
-        await self._store.recover()
-        tls = self._config.tls
-        data = DataListener(
-            host_of(self._config.listen),
-            self._config.data_port,
-            tls.ssl_context(ssl.Purpose.CLIENT_AUTH) if tls else None,
+        """Serve until cancelled.
+
+        The plugin socket answers from the first second (refusing while the agent starts,
+        so Docker never falls back to a ``local`` volume). The node record says
+        ``starting`` from registration until recovery is done and the gRPC and plugin
+        sockets answer; only then ``ready``.
+        """
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="ferry-worker")
         )
-        await data.start()
-        server = await self._start_transfer_server(data)
-        plugin = None
+        plugin = VolumePlugin(
+            node=self._config.node,
+            keyspace=self._keyspace,
+            store=self._store,
+            control=PluginControl(VolumeOps(self._keyspace), self._config.node),
+            lease=lambda: self._registration.lease,
+            mounts=self._mounts,
+        )
+        site = None
         if self._config.plugin_socket is not None:
-            plugin = await serve(
-                VolumePlugin(
-                    node=self._config.node,
-                    keyspace=self._keyspace,
-                    store=self._store,
-                    control=PluginControl(VolumeOps(self._keyspace), self._config.node),
-                    lease=lambda: self._registration.lease,
-                    mounts=self._mounts,
-                ),
-                self._config.plugin_socket,
-            )
-        tasks = [
-            asyncio.create_task(
-                self._registration.keep_alive(self._registered_again), name="lease"
-            ),
-            asyncio.create_task(self._watch(), name="watch"),
-            asyncio.create_task(self._converge_forever(), name="converge"),
-        ]
-        log.info(
-            "agent running: node=%s pool=%s listen=%s tls=%s",
-            self._config.node,
-            self._config.pool,
-            self._config.listen,
-            "on" if self._config.tls else "OFF (insecure)",
-        )
+            site = await serve(plugin, self._config.plugin_socket)
+        tasks: list[asyncio.Task[None]] = []
+        server: grpc.aio.Server | None = None
+        data: DataListener | None = None
         try:
+            await self._store.ensure_root()
+            # First, so an agent under a name another live agent holds touches nothing.
+            await self._registration.register()
+            tasks.append(
+                asyncio.create_task(
+                    self._registration.keep_alive(self._registered_again), name="lease"
+                )
+            )
+            await self._mounts.load()
+            await self._recover()
+            tls = self._config.tls
+            data = DataListener(
+                host_of(self._config.listen),
+                self._config.data_port,
+                tls.ssl_context(ssl.Purpose.CLIENT_AUTH) if tls else None,
+            )
+            await data.start()
+            server = await self._start_transfer_server(data)
+            plugin.ready = True
+            await self._registration.mark_ready()
+            tasks += [
+                asyncio.create_task(self._watch(), name="watch"),
+                asyncio.create_task(self._converge_forever(), name="converge"),
+            ]
+            log.info(
+                "agent running: node=%s pool=%s listen=%s tls=%s",
+                self._config.node,
+                self._config.pool,
+                self._config.listen,
+                "on" if self._config.tls else "OFF (insecure)",
+            )
             await asyncio.gather(*tasks)
         finally:
-            for task in tasks:
+            for task in [*tasks, *self._actions.values()]:
                 task.cancel()
             await self._executor.close()
-            if plugin is not None:
-                await plugin.cleanup()
-            await server.stop(grace=2)
-            await data.close()
+            if site is not None:
+                await site.cleanup()
+            if server is not None:
+                await server.stop(grace=2)
+            if data is not None:
+                await data.close()
             for peer in self._peers.values():
                 await peer.close()
+
+    async def _recover(self) -> None:
+        """Start-up recovery, retried until it succeeds: a hung pool keeps the node starting."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self._store.recover()
+                return
+            except (ZFSError, OSError) as error:
+                delay = backoff.next()
+                log.error(
+                    "start-up recovery failed, the node stays starting: node=%s error=%s "
+                    "retry_in=%.1fs",
+                    self._config.node,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
 
     async def _start_transfer_server(self, data: DataListener) -> grpc.aio.Server:
         server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -182,23 +235,57 @@ class AgentService:
     async def converge(self) -> bool:
         """One pass: read desired and actual state, plan, apply, report.
 
-        False when an action failed: the next pass comes after a back-off, not at once
-        (a failing create was retried three times a second forever).
+        Each volume's actions run as a task of their own, in order; a volume whose task
+        still runs (a hung command) is left out of later passes until it ends, so one
+        stuck volume never stalls the others. The pass waits for its tasks at most
+        ACTION_WAIT_SECONDS, then reports. False when an action failed: the next pass
+        comes after a back-off, not at once (a failing create was retried three times a
+        second forever).
         """
-        applied = True
-        skipped: list[Unreadable] = []
+        busy = self._busy()
+        local = await self._store.local_volumes(skip=busy)
+        skipped = busy | set(self._store.unreadable)
+        unreadable: list[Unreadable] = []
+        volumes = await self._keyspace.list_volumes(unreadable)
+        owners = await self._keyspace.list_owners(unreadable)
+        moves = await self._keyspace.list_moves(unreadable)
         desired = Desired(
             node=self._config.node,
-            volumes={v.value.name: v.value for v in await self._keyspace.list_volumes(skipped)},
-            owners={n: o.value for n, o in (await self._keyspace.list_owners(skipped)).items()},
-            moves={n: m.value for n, m in (await self._keyspace.list_moves(skipped)).items()},
-            unreadable=frozenset(record.volume for record in skipped),
+            volumes={v.value.name: v.value for v in volumes if v.value.name not in skipped},
+            owners={name: o.value for name, o in owners.items() if name not in skipped},
+            moves={name: m.value for name, m in moves.items() if name not in skipped},
+            unreadable=frozenset(record.volume for record in unreadable),
         )
-        actual = Actual(
-            volumes=await self._store.local_volumes(),
-            running_moves=self._executor.running_moves,
-        )
+        actual = Actual(volumes=local, running_moves=self._executor.running_moves)
+        per_volume: dict[str, list[Action]] = {}
         for action in plan(desired, actual):
+            per_volume.setdefault(action.volume, []).append(action)
+        started = []
+        for volume, actions in per_volume.items():
+            task = asyncio.create_task(self._apply(actions), name=f"apply {volume}")
+            self._actions[volume] = task
+            self._started[volume] = (type(actions[0]).__name__, time.time())
+            started.append(task)
+        applied = True
+        if started:
+            done, pending = await asyncio.wait(started, timeout=ACTION_WAIT_SECONDS)
+            applied = all(task.result() for task in done)
+            for task in pending:
+                # A stuck volume is looked at again once its actions end.
+                task.add_done_callback(lambda _task: self._wakeup.set())
+        await self._report()
+        return applied
+
+    def _busy(self) -> set[str]:
+        """Volumes whose actions of an earlier pass still run."""
+        for volume in [v for v, task in self._actions.items() if task.done()]:
+            del self._actions[volume]
+            del self._started[volume]
+        return set(self._actions)
+
+    async def _apply(self, actions: list[Action]) -> bool:
+        """Apply one volume's actions in order; False (logged) at the first that fails."""
+        for action in actions:
             try:
                 await self._executor.apply(action)
             except Exception as error:
@@ -208,30 +295,42 @@ class AgentService:
                     action.volume,
                     error,
                 )
-                applied = False
-        await self._report()
-        return applied
+                return False
+        return True
 
     async def _report(self) -> None:
-        """Write what this node holds to etcd, on its lease."""
-        volumes = await self._store.local_volumes()
+        """Write what this node holds to etcd, on its lease, with what is stuck per volume.
+
+        A volume whose actions still run keeps its last reported state (its dataset is
+        not read meanwhile), with what is stuck.
+        """
+        busy = self._busy()
+        volumes = await self._store.local_volumes(skip=busy)
         for name, local in volumes.items():
             state = NodeState(
                 node=self._config.node,
                 volume=name,
                 snapshots=local.snapshots,
-                used_bytes=await self._store.used_bytes(name),
+                used_bytes=local.used_bytes,
                 writable=local.writable,
                 mounted=local.mounted,
                 updated_at=time.time(),
             )
+            self._states[name] = state
+        for name in busy | set(self._store.unreadable):
+            if name not in self._states:
+                self._states[name] = NodeState(node=self._config.node, volume=name)
+        held = set(volumes) | busy | set(self._store.unreadable)
+        for name in held:
+            state = replace(self._states[name], stuck=self._stuck(name))
             await self._keyspace.put_state(state, self._registration.lease)
-        for gone in self._reported - set(volumes):
+        for gone in self._reported - held:
             await self._keyspace.delete_state(self._config.node, gone)
-        self._reported = set(volumes)
-        await self._report_mounts(volumes)
+            self._states.pop(gone, None)
+        self._reported = held
+        await self._report_mounts(held)
 
-    async def _report_mounts(self, volumes: Mapping[str, LocalVolume]) -> None:
+    async def _report_mounts(self, volumes: Iterable[str]) -> None:
         """Mount records from the truth: Docker's IDs on disk and the kernel's users.
 
         A record lives on the lease, so an etcd outage or an agent restart
@@ -245,6 +344,28 @@ class AgentService:
         for gone in set(self._reported_mounts) - set(found):
             await self._keyspace.delete_mount(gone, self._config.node)
         self._reported_mounts = found
+
+    def _stuck(self, volume: str) -> str:
+        """What has run too long here for ``volume``, since when, and what to do; or ''."""
+        found = []
+        unreadable = self._store.unreadable.get(volume)
+        if unreadable:
+            found.append(f"reading its dataset failed: {unreadable}")
+        commands = self._store.commands_running(volume, older_than=STUCK_SECONDS)
+        if commands:
+            found += commands
+        elif volume in self._started:
+            action, since = self._started[volume]
+            if time.time() - since >= STUCK_SECONDS:
+                found.append(f"action {action} running since {_clock(since)}")
+        if not found:
+            return ""
+        return (
+            "; ".join(found)
+            + f"; if it does not end, check 'zpool status {self._config.pool}' and the ZFS "
+            f"daemon on {self._config.node}: a command is killed at its limit and the step "
+            "retried"
+        )
 
     async def _peer(self, node: str) -> PeerClient:
         found = await self._keyspace.get_node(node)

@@ -44,6 +44,8 @@ class VolumeStore:
         self._mount_root = mount_root
         self.receiving: set[str] = set()
         """Volumes a transfer is writing into now; convergence leaves them alone."""
+        self.unreadable: dict[str, str] = {}
+        """Volumes whose dataset the last ``local_volumes`` could not read, with the error."""
 
     async def ensure_root(self) -> None:
         await asyncio.to_thread(self._root.ensure)
@@ -73,21 +75,38 @@ class VolumeStore:
     def snapshot_name(self, volume: str, short: str) -> bytes:
         return self._root.dataset(volume) + b"@" + short.encode()
 
-    async def local_volumes(self) -> dict[str, LocalVolume]:
-        return await asyncio.to_thread(self._local_volumes)
+    async def local_volumes(self, skip: Iterable[str] = ()) -> dict[str, LocalVolume]:
+        """The volumes held here, but those in ``skip`` and those being received.
 
-    def _local_volumes(self) -> dict[str, LocalVolume]:
+        A volume whose dataset cannot be read (a command failed or timed out) is left
+        out and listed in ``unreadable`` with the error, so that nobody takes it for
+        absent; the others are read on.
+        """
+        return await asyncio.to_thread(self._local_volumes, set(skip))
+
+    def _local_volumes(self, skip: set[str]) -> dict[str, LocalVolume]:
         found = {}
+        unreadable = {}
         read_only = read_only_mounts()
-        for volume in set(self._root.volumes()) - self.receiving:
-            props = zfs.lzc_get_props(self._root.dataset(volume))
+        for volume in set(self._root.volumes()) - self.receiving - skip:
+            try:
+                props = zfs.lzc_get_props(self._root.dataset(volume))
+                snapshots = tuple(ref.name for ref in self._snapshots(volume) or ())
+            except zfs.DatasetNotFound:
+                continue  # destroyed or renamed since it was listed
+            except zfs.ZFSError as error:
+                log.warning("cannot read a volume's dataset: volume=%s error=%s", volume, error)
+                unreadable[volume] = str(error)
+                continue
             found[volume] = LocalVolume(
                 name=volume,
-                snapshots=tuple(ref.name for ref in self._snapshots(volume) or ()),
+                snapshots=snapshots,
                 writable=_writable(props, read_only),
                 mounted=props.get("mounted") == "yes",
                 uid=props.get(UID_PROPERTY, ""),
+                used_bytes=int(props.get("used", 0)),
             )
+        self.unreadable = unreadable
         return found
 
     async def snapshots(self, volume: str) -> list[SnapshotRef] | None:
@@ -115,10 +134,6 @@ class VolumeStore:
     def _is_writable(self, volume: str) -> bool:
         props = zfs.lzc_get_props(self._root.dataset(volume))
         return _writable(props, read_only_mounts())
-
-    async def used_bytes(self, volume: str) -> int:
-        props = await asyncio.to_thread(zfs.lzc_get_props, self._root.dataset(volume))
-        return int(props.get("used", 0))
 
     async def users(self, volumes: Iterable[str]) -> dict[str, list[User]]:
         """Who uses each volume's filesystem here besides the agent's own mountpoint, as the
@@ -155,6 +170,18 @@ class VolumeStore:
     async def ensure_mounted(self, volume: str) -> None:
         """Mount the owner's copy if it is not (after the last container unmounted it)."""
         await asyncio.to_thread(self._root.mount, volume, self.mountpoint(volume))
+
+    def commands_running(self, volume: str, older_than: float = 0.0) -> list[str]:
+        """ZFS/mount commands on the volume's dataset (or its snapshots) running for at least
+        ``older_than`` seconds, described for an operator."""
+        dataset = self._root.dataset(volume).decode()
+        now = time.time()
+        return [
+            command.describe(now)
+            for command in zfs.running_commands()
+            if now - command.started_at >= older_than
+            and (command.subject == dataset or (command.subject or "").startswith(dataset + "@"))
+        ]
 
     async def freeze(self, volume: str) -> None:
         """Stop every writer at once, still mounted (PoolRoot.freeze; FilesystemBusy while a

@@ -171,6 +171,15 @@ def _emit(
         console.print(table)
 
 
+def _emit_stuck(output: str, copies: list[tuple[str, str]]) -> None:
+    """Below a table, one line per node where something runs too long for the volume (the
+    JSON and YAML output carry it in their fields)."""
+    if output == "table":
+        for node, stuck in copies:
+            if stuck:
+                click.echo(f"stuck on {node}: {stuck}")
+
+
 def _cell(row: dict[str, Any], column: str) -> str:
     if column == "size":
         return _human(row.get("size_bytes", 0))
@@ -260,6 +269,7 @@ def volume_get(api: Api, name: str, output: str) -> None:
         )
     if found.HasField("move") and found.move.error and output == "table":
         click.echo(f"move {found.move.phase}, last error: {found.move.error}")
+    _emit_stuck(output, [(c.node, c.stuck) for c in found.copies])
 
 
 @volume.command("delete")
@@ -377,12 +387,14 @@ def move_status(api: Api, name: str, output: str) -> None:
     if not found.HasField("move"):
         fail(f"volume {name} has never moved")
     data = _volume_dict(found)["move"]
+    moving = (found.move.source, found.move.target)
     _emit(
         output,
         [data],
         ["phase", "source", "target", "bytes_sent", "bytes_total", "error"],
         single=True,
     )
+    _emit_stuck(output, [(c.node, c.stuck) for c in found.copies if c.node in moving])
 
 
 @main.group()
@@ -400,7 +412,7 @@ def node_list(api: Api, output: str) -> None:
         {**MessageToDict(n, preserving_proto_field_name=True), "free_bytes": n.free_bytes}
         for n in reply.nodes
     ]
-    _emit(output, rows, ["name", "address", "pool", "free", "version"])
+    _emit(output, rows, ["name", "status", "address", "pool", "free", "version"])
 
 
 def _plan(api: Api, file: Path, prune: bool) -> list[Any]:

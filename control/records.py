@@ -140,6 +140,11 @@ class Owner(_Record):
             raise ValueError(f"owner epoch must be >= 1, got {self.epoch}")
 
 
+NODE_STARTING = "starting"
+NODE_READY = "ready"
+NODE_STATUSES = (NODE_STARTING, NODE_READY)
+
+
 @dataclass(frozen=True)
 class NodeInfo(_Record):
     """A live agent, on its lease."""
@@ -152,11 +157,18 @@ class NodeInfo(_Record):
     started_at: float = field(default_factory=time.time)
     pool_guid: str = ""
     """GUID of the pool's top dataset: tells this host's earlier record from another agent's."""
+    status: str = "ready"
+    """``starting`` from registration until the agent's recovery is done and its gRPC and
+    plugin sockets answer, then ``ready`` (records of agents older than this field are ready)."""
 
     def __post_init__(self) -> None:
         check_node_name(self.name)
         if ":" not in self.address:
             raise ValueError(f"node address must be HOST:PORT, got {self.address!r}")
+        if self.status not in NODE_STATUSES:
+            raise ValueError(
+                f"node status must be one of {', '.join(NODE_STATUSES)}, got {self.status!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,9 @@ class NodeState(_Record):
     writable: bool = False
     mounted: bool = False
     updated_at: float = field(default_factory=time.time)
+    stuck: str = ""
+    """What on this node has been running too long for this volume, since when, and what to
+    do; empty when nothing is stuck."""
 
 
 class MovePhase(StrEnum):

@@ -117,6 +117,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     free_bytes=n.free_bytes,
                     version=n.version,
                     started_at=n.started_at,
+                    status=n.status,
                 )
                 for n in sorted((v.value for v in nodes), key=lambda n: n.name)
             ]
@@ -228,6 +229,7 @@ def _volume_message(
                 newest_snapshot=c.snapshots[-1] if c.snapshots else "",
                 used_bytes=c.used_bytes,
                 writable=c.writable,
+                stuck=c.stuck,
             )
             for c in sorted(copies, key=lambda c: c.node)
         ],
@@ -244,6 +246,11 @@ def _volume_message(
                 rate_bps=m.rate_bps,
                 error=m.error,
                 attempt=m.attempt,
+                stuck="; ".join(
+                    f"{c.node}: {c.stuck}"
+                    for c in sorted(copies, key=lambda c: c.node)
+                    if c.stuck and c.node in (m.source, m.target)
+                ),
             )
         )
     return volume

@@ -29,9 +29,11 @@ import secrets
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from agent.zfs import runner
 from agent.zfs.streams import CHUNK_BYTES, readable
 from control.tls import certificate_name
 
@@ -53,6 +55,7 @@ _TCP_INFO_LENGTH = 136
 _BYTES_ACKED_AT = 120
 _BYTES_RECEIVED_AT = 128
 _FIN_RECEIVED_STATES = {6, 8, 9, 11}  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+_MOVED_AT = (_BYTES_ACKED_AT, _BYTES_RECEIVED_AT)
 
 
 def host_of(address: str) -> str:
@@ -167,16 +170,31 @@ async def pump(work: Callable[[int], None], sock: socket.socket) -> None:
 
     Cancelled, it cuts the connection (which ends ``zfs send`` on a broken
     pipe and ``zfs receive`` on a truncated stream, leaving its target as it
-    was), waits for the work to stop, and re-raises.
+    was), has the runner kill the ZFS command (a hung one notices no cut),
+    waits for the work to stop, and re-raises.
     """
-    job = asyncio.ensure_future(asyncio.to_thread(work, sock.fileno()))
+    stop = threading.Event()
+    job = asyncio.ensure_future(asyncio.to_thread(_watched, work, sock, stop))
     try:
         await asyncio.shield(job)
     except asyncio.CancelledError:
+        stop.set()
         cut(sock)
         with contextlib.suppress(Exception):
             await job
         raise
+
+
+def _watched(work: Callable[[int], None], sock: socket.socket, stop: threading.Event) -> None:
+    """``work`` on the socket; the ZFS command's progress is the bytes this connection moved,
+    and ``stop`` kills it (a hung command does not notice the cut socket)."""
+
+    def moved() -> int:
+        info = _tcp_info(sock)
+        return sum(struct.unpack_from("=Q", info, at)[0] for at in _MOVED_AT)
+
+    with runner.watching(moved, stop):
+        work(sock.fileno())
 
 
 def cut(sock: socket.socket) -> None:

@@ -34,6 +34,8 @@ from agent.zfs.cli import (
 )
 from agent.zfs.exceptions import *  # noqa: F403  (the pyzfs exception names are this API)
 from agent.zfs.exceptions import ZFSError
+from agent.zfs.runner import Running
+from agent.zfs.runner import running as running_commands
 
 
 def _pick() -> tuple[str, dict[str, Callable[..., Any]]]:
@@ -69,6 +71,7 @@ lzc_promote = _NATIVE.get("lzc_promote", cli.lzc_promote)
 
 __all__ = [
     "Features",
+    "Running",
     "ZFSError",
     "backend_name",
     "features",
@@ -95,6 +98,7 @@ __all__ = [
     "lzc_set_prop",
     "lzc_snapshot",
     "pool_free_bytes",
+    "running_commands",
     "snapshot_guids",
     "zfs_mount",
     "zfs_unmount",

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.zfs import exceptions as exc
+from agent.zfs import runner
 from agent.zfs.names import Name, as_bytes, validate, validate_dataset, validate_snapshot
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,15 @@ class Features:
     multi_snapshot: bool
 
 
-def run(argv: Sequence[str], name: Name | None = None, **kwargs: object) -> str:
-    """Run a zfs/zpool command; map its failure to the pyzfs exception it means."""
-    kwargs.setdefault("stdout", subprocess.PIPE)
-    result = subprocess.run(  # type: ignore[call-overload]
-        list(argv), stderr=subprocess.PIPE, text=True, check=False, **kwargs
+def run(
+    argv: Sequence[str],
+    name: Name | None = None,
+    stdin: int | None = None,
+    stdout: int | None = subprocess.PIPE,
+) -> str:
+    """Run a zfs/zpool command (bounded, by ``runner``); map its failure to the pyzfs exception."""
+    result = runner.run(
+        argv, as_bytes(name).decode() if name is not None else None, stdin=stdin, stdout=stdout
     )
     if result.returncode != 0:
         error = error_for(result.stderr, name)
@@ -109,7 +114,7 @@ def _zfs(*args: str | bytes) -> list[str]:
 
 
 def _usage(*argv: str) -> str:
-    result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    result = runner.run(argv)
     return result.stdout + result.stderr
 
 

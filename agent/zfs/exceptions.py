@@ -320,3 +320,10 @@ class DatasetNotMounted(ZFSError):
 
 class CommandFailed(ZFSGenericError):
     """A ``zfs``/``zpool`` command failed in a way no other class describes."""
+
+
+class CommandTimeout(ZFSError):
+    """A command exceeded its limit (``agent.zfs.runner``) and was killed; says what to do next."""
+
+    errno = _errno.ETIMEDOUT
+    message = "ZFS command timed out"

@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import threading
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent import zfs
+from agent.zfs import runner
 from agent.zfs.names import Name
 
 CHUNK_BYTES = 1 << 20
@@ -33,16 +35,30 @@ def _pipe() -> tuple[int, int]:
     return read_fd, write_fd
 
 
-def _send_then_close(snapname: Name, fromsnap: Name | None, write_fd: int) -> None:
+@dataclass
+class _Moved:
+    """Bytes the loop's end of a pipe has passed so far (the stream command's progress), and
+    the loop's word that it gave up on the stream (the runner then kills the command)."""
+
+    bytes: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def probe(self) -> int:
+        return self.bytes
+
+
+def _send_then_close(snapname: Name, fromsnap: Name | None, write_fd: int, moved: _Moved) -> None:
     try:
-        zfs.lzc_send(snapname, fromsnap, write_fd)
+        with runner.watching(moved.probe, moved.stop):
+            zfs.lzc_send(snapname, fromsnap, write_fd)
     finally:
         os.close(write_fd)
 
 
-def _receive_then_close(snapname: Name, read_fd: int, force: bool) -> None:
+def _receive_then_close(snapname: Name, read_fd: int, force: bool, moved: _Moved) -> None:
     try:
-        zfs.lzc_receive(snapname, read_fd, force=force)
+        with runner.watching(moved.probe, moved.stop):
+            zfs.lzc_receive(snapname, read_fd, force=force)
     finally:
         os.close(read_fd)
 
@@ -74,8 +90,9 @@ async def send_chunks(
     """
     read_fd, write_fd = _pipe()
     os.set_blocking(read_fd, False)
+    moved = _Moved()
     sender = asyncio.ensure_future(
-        asyncio.to_thread(_send_then_close, snapname, fromsnap, write_fd)
+        asyncio.to_thread(_send_then_close, snapname, fromsnap, write_fd, moved)
     )
     try:
         pieces: list[bytes] = []
@@ -89,6 +106,7 @@ async def send_chunks(
             if piece:
                 pieces.append(piece)
                 pending += len(piece)
+                moved.bytes += len(piece)
             if pending and (pending == chunk_size or not piece):
                 yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 pieces, pending = [], 0
@@ -96,7 +114,10 @@ async def send_chunks(
                 break
     finally:
         os.close(read_fd)
-        # Stopped early: the send ends on the broken pipe; wait for it, keep the first error.
+        if not sender.done():
+            # Stopped early: the send ends on the broken pipe, or is killed if it hangs;
+            # wait for it, keep the first error.
+            moved.stop.set()
         with contextlib.suppress(Exception):
             await asyncio.shield(sender)
     sender.result()
@@ -111,8 +132,9 @@ async def receive_chunks(snapname: Name, chunks: AsyncIterable[bytes], force: bo
     """
     loop = asyncio.get_running_loop()
     read_fd, write_fd = _pipe()
+    moved = _Moved()
     receiver = asyncio.ensure_future(
-        asyncio.to_thread(_receive_then_close, snapname, read_fd, force)
+        asyncio.to_thread(_receive_then_close, snapname, read_fd, force, moved)
     )
     # A write-only pipe still needs a stream protocol: it gives the writer drain and close.
     transport, protocol = await loop.connect_write_pipe(
@@ -128,10 +150,12 @@ async def receive_chunks(snapname: Name, chunks: AsyncIterable[bytes], force: bo
             writer.write(chunk)
             await writer.drain()
             total += len(chunk)
+            moved.bytes = total
     except (BrokenPipeError, ConnectionResetError):
         _abort(transport)  # zfs receive stopped reading; its own error is raised below
     except BaseException:
         _abort(transport)
+        moved.stop.set()
         with contextlib.suppress(Exception):
             await asyncio.shield(receiver)
         raise

@@ -16,14 +16,13 @@ import contextlib
 import fcntl
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from agent import zfs
-from agent.zfs import inuse
+from agent.zfs import inuse, runner
 from agent.zfs.exceptions import DatasetBusy, HoldNotFound, HoldReleaseFailure, PropertyInvalid
 from agent.zfs.names import validate_dataset, validate_under, validate_volume_name
 
@@ -110,13 +109,14 @@ class FilesystemBusy(OSError):
     """The kernel refused to stop writes: a process holds a file open for writing."""
 
 
-def _run_status(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, check=False)
+def _run_status(command: list[str], subject: str | None = None) -> runner.Finished:
+    """Run a mount/sync command, bounded by ``runner`` (``CommandTimeout`` past its limit)."""
+    return runner.run(command, subject)
 
 
-def _run(command: list[str], failure: str) -> None:
-    """Run a system command; OSError starting with ``failure`` and its stderr if it fails."""
-    result = _run_status(command)
+def _run(command: list[str], failure: str, subject: str | None = None) -> None:
+    """Run a mount/sync command (bounded); OSError with ``failure`` and its stderr if it fails."""
+    result = _run_status(command, subject)
     if result.returncode != 0:
         raise OSError(f"{failure}: {' '.join(command)}: {result.stderr.strip()}")
 
@@ -211,21 +211,26 @@ class PoolRoot:
         path = self._mounted_path(volume)
         if path is None:
             return
-        result = _run_status(["mount", "-i", "-o", "remount,ro", path])
+        subject = self.dataset(volume).decode()
+        result = _run_status(["mount", "-i", "-o", "remount,ro", path], subject)
         if result.returncode != 0:
             if "busy" in result.stderr:
                 raise FilesystemBusy(
                     f"cannot freeze {volume}: a process holds a file on it open for writing"
                 )
             raise OSError(f"cannot freeze {volume}: {result.stderr.strip()}")
-        _run(["sync", "-f", path], f"cannot freeze {volume}")
+        _run(["sync", "-f", path], f"cannot freeze {volume}", subject)
 
     def thaw(self, volume: str) -> None:
         """Undo ``freeze``: every mount of the still-mounted volume accepts writes again."""
         path = self._mounted_path(volume)
         if path is None or path not in read_only_mounts():
             return
-        _run(["mount", "-i", "-o", "remount,rw", path], f"cannot thaw {volume}")
+        _run(
+            ["mount", "-i", "-o", "remount,rw", path],
+            f"cannot thaw {volume}",
+            self.dataset(volume).decode(),
+        )
 
     def frozen(self) -> list[str]:
         """Volumes mounted read-only by ``freeze``."""

@@ -6,14 +6,16 @@ that fails the way a target behind a cut link does.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import cast
 
 import pytest
 
-from agent.moves import MoveDriver
+from agent.moves import HandoffTimedOut, MoveDriver
 from agent.snapshots import SnapshotRef
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
@@ -101,3 +103,54 @@ async def test_a_target_that_does_not_answer_never_stops_the_sources_writes(
     await handoff(keyspace, store, name, TargetCutOff(answers=False))
     assert await store.snapshots(name) == [], "no final snapshot: writes were never stopped"
     assert await store.is_writable(name)
+
+
+@pytest.mark.parametrize("step", ["sync", "zfs snapshot"])
+async def test_a_handoff_whose_final_steps_hang_thaws_the_source_within_its_deadline(
+    keyspace: Keyspace,
+    source: tuple[str, VolumeStore],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+) -> None:
+    """``sync -f`` (the freeze's flush) or the final snapshot hangs: the handoff gives up at its
+    deadline, the source accepts writes again, and the move record says what hung."""
+    name, store = source
+    monkeypatch.setenv("FERRY_FAILPOINTS", f"hang:{step}")
+    monkeypatch.setenv("FERRY_ZFS_TIMEOUTS", "mount=6,change=6")
+    deadline = 2.0
+    driver = MoveDriver(
+        "ho-a",
+        keyspace,
+        store,
+        _connect(TargetCutOff(answers=True)),
+        DockerMounts(tmp_path / "mounts.json"),
+        handoff_deadline=deadline,
+    )
+    started = time.monotonic()
+    with pytest.raises(HandoffTimedOut):
+        await driver.run(name)
+    assert time.monotonic() - started < deadline + 5.0
+    monkeypatch.delenv("FERRY_FAILPOINTS")
+    assert await store.is_writable(name)
+    (tmp_path / name / "after-the-hung-handoff").write_bytes(b"accepted")
+    owner = await keyspace.get_owner(name)
+    assert owner is not None and owner.value == Owner("ho-a", 1)
+    move = await keyspace.get_move(name)
+    assert move is not None and move.value.phase == MovePhase.PRECOPY
+    assert f"within {deadline:.0f} s (still running: `{step}" in move.value.error
+    await _until(lambda: not store.commands_running(name), 15)
+
+
+def _connect(target: TargetCutOff) -> Callable[[str], Awaitable[PeerClient]]:
+    async def connect(_node: str) -> PeerClient:
+        return cast(PeerClient, target)
+
+    return connect
+
+
+async def _until(condition: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the hung command was never killed"
+        await asyncio.sleep(0.2)

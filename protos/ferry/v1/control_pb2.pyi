@@ -208,6 +208,7 @@ class MoveStatus(_message.Message):
     RATE_BPS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    STUCK_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     target: _builtins.str
     phase: _builtins.str
@@ -216,6 +217,8 @@ class MoveStatus(_message.Message):
     rate_bps: _builtins.float
     error: _builtins.str
     attempt: _builtins.int
+    stuck: _builtins.str
+    """What is stuck on the source or the target ("node: ..."), as the copies report it."""
     def __init__(
         self,
         *,
@@ -227,10 +230,11 @@ class MoveStatus(_message.Message):
         rate_bps: _builtins.float = ...,
         error: _builtins.str = ...,
         attempt: _builtins.int = ...,
+        stuck: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bytes_sent", b"bytes_sent", "bytes_total", b"bytes_total", "error", b"error", "phase", b"phase", "rate_bps", b"rate_bps", "source", b"source", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bytes_sent", b"bytes_sent", "bytes_total", b"bytes_total", "error", b"error", "phase", b"phase", "rate_bps", b"rate_bps", "source", b"source", "stuck", b"stuck", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -312,11 +316,14 @@ class Copy(_message.Message):
     NEWEST_SNAPSHOT_FIELD_NUMBER: _builtins.int
     USED_BYTES_FIELD_NUMBER: _builtins.int
     WRITABLE_FIELD_NUMBER: _builtins.int
+    STUCK_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     newest_snapshot: _builtins.str
     """The newest snapshot in the copy; empty before the first."""
     used_bytes: _builtins.int
     writable: _builtins.bool
+    stuck: _builtins.str
+    """What has run too long on that node for this volume, since when, what to do; else empty."""
     def __init__(
         self,
         *,
@@ -324,10 +331,11 @@ class Copy(_message.Message):
         newest_snapshot: _builtins.str = ...,
         used_bytes: _builtins.int = ...,
         writable: _builtins.bool = ...,
+        stuck: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["newest_snapshot", b"newest_snapshot", "node", b"node", "used_bytes", b"used_bytes", "writable", b"writable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["newest_snapshot", b"newest_snapshot", "node", b"node", "stuck", b"stuck", "used_bytes", b"used_bytes", "writable", b"writable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -358,12 +366,15 @@ class Node(_message.Message):
     FREE_BYTES_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     pool: _builtins.str
     free_bytes: _builtins.int
     version: _builtins.str
     started_at: _builtins.float
+    status: _builtins.str
+    """"starting" until the agent's recovery is done and its sockets answer, then "ready"."""
     def __init__(
         self,
         *,
@@ -373,10 +384,11 @@ class Node(_message.Message):
         free_bytes: _builtins.int = ...,
         version: _builtins.str = ...,
         started_at: _builtins.float = ...,
+        status: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_bytes", b"free_bytes", "name", b"name", "pool", b"pool", "started_at", b"started_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_bytes", b"free_bytes", "name", b"name", "pool", b"pool", "started_at", b"started_at", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
