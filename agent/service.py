@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import grpc
 
+from agent.asides import AsideLedger
 from agent.config import AgentConfig
 from agent.executor import Executor
 from agent.moves import MoveDriver
@@ -69,6 +70,7 @@ class AgentService:
         )
         self._reported: set[str] = set()
         self._reported_mounts: dict[str, MountRecord] = {}
+        self._asides = AsideLedger(config.node, keyspace, store)
 
     async def run(self) -> None:
         """Serve until cancelled."""
@@ -154,7 +156,9 @@ class AgentService:
         backoff = Backoff()
         while True:
             try:
-                async for _change in self._keyspace.watch("volumes", "owners", "moves", "mounts"):
+                async for _change in self._keyspace.watch(
+                    "volumes", "owners", "moves", "mounts", "drops"
+                ):
                     self._wakeup.set()
                     backoff.reset()
             except Exception as error:
@@ -200,6 +204,7 @@ class AgentService:
                     error,
                 )
                 self._wakeup.set()
+        await self._asides.converge(self._registration.lease)
         await self._report()
 
     async def _report(self) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/ferry/v1/control.proto\x12\x08\x66\x65rry.v1\"T\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\" \n\x10GetVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListVolumesRequest\"5\n\x10ListVolumesReply\x12!\n\x07volumes\x18\x01 \x03(\x0b\x32\x10.ferry.v1.Volume\"2\n\x13\x44\x65leteVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x13\n\x11\x44\x65leteVolumeReply\"/\n\x11MoveVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"\x96\x01\n\nMoveStatus\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\x10\n\x08rate_bps\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\"\xe8\x01\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x08\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nmounted_on\x18\t \x03(\t\x12\"\n\x04move\x18\n \x01(\x0b\x32\x14.ferry.v1.MoveStatus\x12\x1e\n\x06\x63opies\x18\x0b \x03(\x0b\x32\x0e.ferry.v1.Copy\"S\n\x04\x43opy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x17\n\x0fnewest_snapshot\x18\x02 \x01(\t\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x10\n\x08writable\x18\x04 \x01(\x08\"\x12\n\x10ListNodesRequest\"l\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\"/\n\x0eListNodesReply\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.ferry.v1.Node2\x9a\x04\n\x07\x43ontrol\x12?\n\x0c\x43reateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x39\n\tGetVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume\x12G\n\x0bListVolumes\x12\x1c.ferry.v1.ListVolumesRequest\x1a\x1a.ferry.v1.ListVolumesReply\x12J\n\x0c\x44\x65leteVolume\x12\x1d.ferry.v1.DeleteVolumeRequest\x1a\x1b.ferry.v1.DeleteVolumeReply\x12;\n\nMoveVolume\x12\x1b.ferry.v1.MoveVolumeRequest\x1a\x10.ferry.v1.Volume\x12?\n\x0cUpdateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x41\n\tListNodes\x12\x1a.ferry.v1.ListNodesRequest\x1a\x18.ferry.v1.ListNodesReply\x12=\n\x0bWatchVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/ferry/v1/control.proto\x12\x08\x66\x65rry.v1\"T\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\" \n\x10GetVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListVolumesRequest\"5\n\x10ListVolumesReply\x12!\n\x07volumes\x18\x01 \x03(\x0b\x32\x10.ferry.v1.Volume\"2\n\x13\x44\x65leteVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x13\n\x11\x44\x65leteVolumeReply\"/\n\x11MoveVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"\x96\x01\n\nMoveStatus\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\x10\n\x08rate_bps\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\"\x8f\x02\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x08\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nmounted_on\x18\t \x03(\t\x12\"\n\x04move\x18\n \x01(\x0b\x32\x14.ferry.v1.MoveStatus\x12\x1e\n\x06\x63opies\x18\x0b \x03(\x0b\x32\x0e.ferry.v1.Copy\x12%\n\x08\x64iverged\x18\x0c \x03(\x0b\x32\x13.ferry.v1.AsideCopy\"\x96\x01\n\tAsideCopy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0e\n\x06volume\x18\x03 \x01(\t\x12\x0f\n\x07kept_at\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nused_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x16\n\x0e\x64rop_requested\x18\x08 \x01(\x08\"#\n\x11ListAsidesRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"6\n\x0fListAsidesReply\x12#\n\x06\x61sides\x18\x01 \x03(\x0b\x32\x13.ferry.v1.AsideCopy\"A\n\x10\x44ropAsideRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\"S\n\x04\x43opy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x17\n\x0fnewest_snapshot\x18\x02 \x01(\t\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x10\n\x08writable\x18\x04 \x01(\x08\"\x12\n\x10ListNodesRequest\"l\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\"/\n\x0eListNodesReply\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.ferry.v1.Node2\x9e\x05\n\x07\x43ontrol\x12?\n\x0c\x43reateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x39\n\tGetVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume\x12G\n\x0bListVolumes\x12\x1c.ferry.v1.ListVolumesRequest\x1a\x1a.ferry.v1.ListVolumesReply\x12J\n\x0c\x44\x65leteVolume\x12\x1d.ferry.v1.DeleteVolumeRequest\x1a\x1b.ferry.v1.DeleteVolumeReply\x12;\n\nMoveVolume\x12\x1b.ferry.v1.MoveVolumeRequest\x1a\x10.ferry.v1.Volume\x12?\n\x0cUpdateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x41\n\tListNodes\x12\x1a.ferry.v1.ListNodesRequest\x1a\x18.ferry.v1.ListNodesReply\x12=\n\x0bWatchVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume0\x01\x12\x44\n\nListAsides\x12\x1b.ferry.v1.ListAsidesRequest\x1a\x19.ferry.v1.ListAsidesReply\x12<\n\tDropAside\x12\x1a.ferry.v1.DropAsideRequest\x1a\x13.ferry.v1.AsideCopyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,15 +48,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MOVESTATUS']._serialized_start=363
   _globals['_MOVESTATUS']._serialized_end=513
   _globals['_VOLUME']._serialized_start=516
-  _globals['_VOLUME']._serialized_end=748
-  _globals['_COPY']._serialized_start=750
-  _globals['_COPY']._serialized_end=833
-  _globals['_LISTNODESREQUEST']._serialized_start=835
-  _globals['_LISTNODESREQUEST']._serialized_end=853
-  _globals['_NODE']._serialized_start=855
-  _globals['_NODE']._serialized_end=963
-  _globals['_LISTNODESREPLY']._serialized_start=965
-  _globals['_LISTNODESREPLY']._serialized_end=1012
-  _globals['_CONTROL']._serialized_start=1015
-  _globals['_CONTROL']._serialized_end=1553
+  _globals['_VOLUME']._serialized_end=787
+  _globals['_ASIDECOPY']._serialized_start=790
+  _globals['_ASIDECOPY']._serialized_end=940
+  _globals['_LISTASIDESREQUEST']._serialized_start=942
+  _globals['_LISTASIDESREQUEST']._serialized_end=977
+  _globals['_LISTASIDESREPLY']._serialized_start=979
+  _globals['_LISTASIDESREPLY']._serialized_end=1033
+  _globals['_DROPASIDEREQUEST']._serialized_start=1035
+  _globals['_DROPASIDEREQUEST']._serialized_end=1100
+  _globals['_COPY']._serialized_start=1102
+  _globals['_COPY']._serialized_end=1185
+  _globals['_LISTNODESREQUEST']._serialized_start=1187
+  _globals['_LISTNODESREQUEST']._serialized_end=1205
+  _globals['_NODE']._serialized_start=1207
+  _globals['_NODE']._serialized_end=1315
+  _globals['_LISTNODESREPLY']._serialized_start=1317
+  _globals['_LISTNODESREPLY']._serialized_end=1364
+  _globals['_CONTROL']._serialized_start=1367
+  _globals['_CONTROL']._serialized_end=2037
 # @@protoc_insertion_point(module_scope)
