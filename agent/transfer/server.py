@@ -243,9 +243,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             ):
                 # Written after the base, seen by ZFS only (no `written` here, or a writer
                 # this agent does not know of): kept aside, the stream refused.
-                await self._diverged(
-                    header, f"was modified after {header.from_snapshot} ({error})", context
-                )
+                await self._diverged(header, _refusal_reason(error, header.from_snapshot), context)
             log.warning("receive failed, copy unchanged: volume=%s error=%s", volume, error)
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
@@ -273,3 +271,10 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         for ref in local or ():
             reply.snapshots.add(name=ref.name, guid=ref.guid)
         return reply
+
+
+def _refusal_reason(error: ZFSError, base: str) -> str:
+    """What ZFS's refusal of an incremental receive without force says about the copy."""
+    if isinstance(error, zfs.DestinationModified):
+        return f"was written to after {base} (ZFS: modified since that snapshot)"
+    return f"does not continue from {base} (ZFS: its newest snapshot is not the stream's base)"

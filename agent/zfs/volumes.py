@@ -289,8 +289,8 @@ class PoolRoot:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         target = self._free_aside_name(f"{volume}-e{epoch}-{stamp}")
         retry_busy(lambda: zfs.lzc_rename(dataset, target), f"rename {volume} aside")
-        log.warning(
-            "copy kept aside: volume=%s dataset=%s epoch=%d reason=%s",
+        log.info(
+            "renamed aside: volume=%s dataset=%s epoch=%d reason=%s",
             volume,
             target.decode(),
             epoch,
