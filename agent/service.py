@@ -204,8 +204,14 @@ class AgentService:
                     error,
                 )
                 self._wakeup.set()
-        await self._asides.converge(self._registration.lease)
         await self._report()
+        try:
+            await self._asides.converge(self._registration.lease)
+        except Exception as error:
+            # Reported again at the next pass; volumes converge meanwhile.
+            log.warning(
+                "copies kept aside not reported: node=%s error=%s", self._config.node, error
+            )
 
     async def _report(self) -> None:
         """Write what this node holds to etcd, on its lease."""
