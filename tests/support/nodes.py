@@ -94,6 +94,9 @@ async def running_nodes(
     finally:
         for node in nodes.values():
             await node.executor.close()
+            # Unmounted, the pool is not "busy" for its destroy right after the test.
+            for volume in await asyncio.to_thread(node.root.volumes):
+                await asyncio.to_thread(node.root.unmount, volume)
         for server in servers:
             await server.stop(grace=None)
         for data in listeners:
