@@ -83,7 +83,12 @@ class Executor:
                 if not await self._keyspace.list_state(volume):
                     await self._keyspace.purge_volume(volume)
             case SetAside(volume):
-                aside = await self._store.keep_aside(volume)
+                owner = await self._keyspace.get_owner(volume)
+                aside = await self._store.keep_aside(
+                    volume,
+                    owner.value.epoch if owner else 0,
+                    "belongs to a deleted volume of the same name (another uid)",
+                )
                 log.warning(
                     "copy belongs to a deleted volume of the same name, kept aside: "
                     "volume=%s aside=%s",

@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import grpc
 
+from agent.asides import AsideLedger
 from agent.config import AgentConfig
 from agent.executor import Executor
 from agent.moves import MoveDriver
@@ -88,6 +89,7 @@ class AgentService:
         self._states: dict[str, NodeState] = {}
         self._actions: dict[str, asyncio.Task[bool]] = {}
         self._started: dict[str, tuple[str, float]] = {}
+        self._asides = AsideLedger(config.node, keyspace, store)
 
     async def run(self) -> None:
         """Serve until cancelled.
@@ -207,7 +209,9 @@ class AgentService:
         backoff = Backoff()
         while True:
             try:
-                async for _change in self._keyspace.watch("volumes", "owners", "moves", "mounts"):
+                async for _change in self._keyspace.watch(
+                    "volumes", "owners", "moves", "mounts", "drops"
+                ):
                     self._wakeup.set()
                     backoff.reset()
             except Exception as error:
@@ -274,6 +278,13 @@ class AgentService:
                 # A stuck volume is looked at again once its actions end.
                 task.add_done_callback(lambda _task: self._wakeup.set())
         await self._report()
+        try:
+            await self._asides.converge(self._registration.lease)
+        except Exception as error:
+            # Reported again at the next pass; volumes converge meanwhile.
+            log.warning(
+                "copies kept aside not reported: node=%s error=%s", self._config.node, error
+            )
         return applied
 
     def _busy(self) -> set[str]:

@@ -27,6 +27,7 @@ from agent.zfs.streams import SnapshotStream
 from agent.zfs.volumes import (
     TRANSFER_HOLD,
     UID_PROPERTY,
+    AsideDataset,
     FilesystemBusy,
     PoolRoot,
     read_only_mounts,
@@ -223,12 +224,45 @@ class VolumeStore:
         await asyncio.to_thread(zfs.lzc_snapshot, [name])
         log.warning("fenced: volume=%s kept=%s", volume, name.decode())
 
-    async def keep_aside(self, volume: str) -> str:
-        """Rename a copy that cannot take the next stream out of the way; returns its new name."""
-        aside = await asyncio.to_thread(
-            self._root.rename_aside, volume, f"aside-{int(time.time())}"
-        )
-        return aside.decode() if isinstance(aside, bytes) else str(aside)
+    async def divergence(self, volume: str, base: str) -> str:
+        """Why this copy cannot take an incremental stream from ``base`` without losing
+        anything, or "" when nothing shows it holds data after ``base``.
+
+        Checked: ``base`` is held and is the newest snapshot, and, where ZFS
+        has the ``written`` property, no byte was written since. zfs-fuse has
+        no ``written``: there the proof of "no bytes since" is ZFS's own
+        refusal of a receive without force into a modified copy
+        (DestinationModified), which the receiver handles the same way.
+        """
+        return await asyncio.to_thread(self._divergence, volume, base)
+
+    def _divergence(self, volume: str, base: str) -> str:
+        names = [ref.name for ref in self._snapshots(volume) or ()]
+        if base not in names:
+            return f"holds no snapshot {base} to continue from"
+        newer = names[names.index(base) + 1 :]
+        if newer:
+            return f"has snapshot(s) newer than {base}: {', '.join(newer)}"
+        written = self._root.written_since_snapshot(volume)
+        if written:
+            return f"{written} bytes were written after {base}"
+        return ""
+
+    async def keep_aside(self, volume: str, epoch: int, reason: str) -> str:
+        """Rename a copy that cannot take the next stream out of the way; returns its new name.
+
+        ``epoch`` is the owner epoch in force now; ``reason`` says what the copy holds.
+        """
+        aside = await asyncio.to_thread(self._root.rename_aside, volume, epoch, reason)
+        return aside.decode()
+
+    async def asides(self) -> list[AsideDataset]:
+        """The copies kept aside in this node's pool."""
+        return await asyncio.to_thread(self._root.asides)
+
+    async def drop_aside(self, dataset: str) -> bool:
+        """Destroy one copy kept aside (on an operator's request only); False if it was gone."""
+        return await asyncio.to_thread(self._root.destroy_aside, dataset)
 
     async def after_receive(self, volume: str, uid: str) -> None:
         """A received copy stays read-only and unmounted, stamped with the volume's uid;

@@ -149,6 +149,7 @@ def _volume_dict(volume: control_pb2.Volume) -> dict[str, Any]:
     data["epoch"] = int(data.get("epoch", 0))
     for copy in data["copies"]:
         copy["used_bytes"] = int(copy.get("used_bytes", 0))
+    data["diverged"] = [_aside_dict(aside) for aside in volume.diverged]
     if volume.HasField("move"):
         for key in ("bytes_sent", "bytes_total"):
             data["move"][key] = int(data["move"].get(key, 0))
@@ -157,9 +158,24 @@ def _volume_dict(volume: control_pb2.Volume) -> dict[str, Any]:
     return data
 
 
+def _aside_dict(aside: control_pb2.AsideCopy) -> dict[str, Any]:
+    data = MessageToDict(
+        aside, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    data["epoch"] = int(data.get("epoch", 0))
+    data["used_bytes"] = int(data.get("used_bytes", 0))
+    return data
+
+
 def _emit(
-    output: str, rows: list[dict[str, Any]], columns: list[str], single: bool = False
+    output: str,
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    single: bool = False,
+    whole: bool = False,
 ) -> None:
+    """Rows as JSON, YAML or a table; ``whole`` prints every cell unshortened, however wide
+    (dataset names an operator copies into the next command)."""
     if output == "json":
         click.echo(json.dumps(rows[0] if single else rows, indent=2, sort_keys=True))
     elif output == "yaml":
@@ -168,7 +184,11 @@ def _emit(
         table = Table(*[c.upper() for c in columns], box=None, pad_edge=False)
         for row in rows:
             table.add_row(*[_cell(row, c) for c in columns])
-        console.print(table)
+        if not whole:
+            console.print(table)
+            return
+        needed = console.measure(table, options=console.options.update_width(1 << 16)).maximum
+        Console(width=max(console.width, needed)).print(table)
 
 
 def _emit_stuck(output: str, copies: list[tuple[str, str]]) -> None:
@@ -193,6 +213,12 @@ def _cell(row: dict[str, Any], column: str) -> str:
         return ",".join(c["node"] + ("(rw)" if c["writable"] else "") for c in copies) or "-"
     if column == "free":
         return _human(int(row.get("free_bytes", 0)))
+    if column == "used":
+        return _human(int(row.get("used_bytes", 0)))
+    if column == "kept":
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("kept_at", 0)))
+    if column == "dataset" and row.get("drop_requested"):
+        return f"{row['dataset']} (drop requested)"
     return str(row.get(column, ""))
 
 
@@ -216,6 +242,7 @@ VOLUME_COLUMNS = [
     "mounted_on",
     "move",
 ]
+ASIDE_COLUMNS = ["node", "dataset", "kept", "epoch", "used", "reason"]
 
 
 @main.group()
@@ -259,17 +286,51 @@ def volume_list(api: Api, output: str) -> None:
 @OUTPUT
 @click.pass_obj
 def volume_get(api: Api, name: str, output: str) -> None:
-    """Show one volume, with its owner and move."""
-    found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
-    _emit(output, [_volume_dict(found)], VOLUME_COLUMNS, single=True)
-    if found.create_error and output == "table":
+    """Show one volume, with its owner, move and diverged copies kept aside."""
+    reply = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
+    found = _volume_dict(reply)
+    _emit(output, [found], VOLUME_COLUMNS, single=True)
+    if reply.create_error and output == "table":
         click.echo(
-            f"failed: node {found.node} could not create it: {found.create_error}; "
+            f"failed: node {reply.node} could not create it: {reply.create_error}; "
             f"'ferryctl volume update {name} --size SIZE' tries again, or delete it"
         )
-    if found.HasField("move") and found.move.error and output == "table":
-        click.echo(f"move {found.move.phase}, last error: {found.move.error}")
-    _emit_stuck(output, [(c.node, c.stuck) for c in found.copies])
+    if reply.HasField("move") and reply.move.error and output == "table":
+        click.echo(f"move {reply.move.phase}, last error: {reply.move.error}")
+    _emit_stuck(output, [(c.node, c.stuck) for c in reply.copies])
+    if output == "table" and found["diverged"]:
+        click.echo(
+            f"\ndiverged copies kept aside (data written after the snapshot a stream built on; "
+            f"'ferryctl volume aside drop {name} DATASET --node NODE' destroys one):"
+        )
+        _emit(output, found["diverged"], ASIDE_COLUMNS, whole=True)
+
+
+@volume.group("aside")
+def volume_aside() -> None:
+    """Copies kept aside because they diverged: inspect and drop them."""
+
+
+@volume_aside.command("list")
+@click.argument("name", required=False, default="")
+@OUTPUT
+@click.pass_obj
+def aside_list(api: Api, name: str, output: str) -> None:
+    """List copies kept aside on live nodes, of volume NAME or of every volume."""
+    reply = api.call("ListAsides", control_pb2.ListAsidesRequest(volume=name))
+    rows = [_aside_dict(aside) for aside in reply.asides]
+    _emit(output, rows, ["volume", *ASIDE_COLUMNS], whole=True)
+
+
+@volume_aside.command("drop")
+@click.argument("name")
+@click.argument("dataset")
+@click.option("--node", required=True, help="The node that keeps the copy.")
+@click.pass_obj
+def aside_drop(api: Api, name: str, dataset: str, node: str) -> None:
+    """Destroy the copy DATASET of volume NAME that NODE keeps aside (its data is lost)."""
+    api.call("DropAside", control_pb2.DropAsideRequest(volume=name, node=node, dataset=dataset))
+    click.echo(f"drop of {dataset} requested; {node}'s agent destroys it and stops listing it")
 
 
 @volume.command("delete")

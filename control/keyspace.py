@@ -10,6 +10,8 @@ Keys, under a prefix (default ``/ferry/v1``):
 | ``state/<node>/<name>`` | NodeState, on the node's lease | that agent |
 | ``moves/<name>`` | Move | control creates, the source agent advances |
 | ``mounts/<name>/<node>`` | MountRecord, on the node's lease | that agent |
+| ``asides/<node>/<leaf>`` | AsideCopy, on the node's lease | that agent |
+| ``drops/<node>/<leaf>`` | AsideDrop | control asks, the agent deletes it once done |
 
 Every write that depends on what was read is a transaction comparing the
 key's ``mod_revision`` (or its absence); nothing is read-then-written.
@@ -28,6 +30,8 @@ import aetcd
 from aetcd.utils import prefix_range_end
 
 from control.records import (
+    AsideCopy,
+    AsideDrop,
     MountRecord,
     Move,
     NodeInfo,
@@ -41,7 +45,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "/ferry/v1"
-KINDS = ("volumes", "owners", "nodes", "state", "moves", "mounts")
+KINDS = ("volumes", "owners", "nodes", "state", "moves", "mounts", "asides", "drops")
 
 
 class AlreadyExists(Exception):
@@ -420,6 +424,32 @@ class Keyspace:
     async def list_all_mounts(self, skipped: list[Unreadable] | None = None) -> list[MountRecord]:
         """Every mount record of every volume, in one read."""
         return [v.value for _, v in await self._list(self._key("mounts", ""), MountRecord, skipped)]
+
+    # copies kept aside
+
+    async def put_aside(self, aside: AsideCopy, lease: aetcd.Lease) -> None:
+        await self.client.put(
+            self._key("asides", aside.node, aside.leaf), aside.to_json(), lease=lease
+        )
+
+    async def delete_aside(self, node: str, leaf: str) -> None:
+        await self.client.delete(self._key("asides", node, leaf))
+
+    async def list_asides(self, node: str = "") -> list[AsideCopy]:
+        """What live nodes report keeping aside (one node's only, when given)."""
+        prefix = self._key("asides", node, "") if node else self._key("asides", "")
+        return [v.value for _, v in await self._list(prefix, AsideCopy)]
+
+    async def request_drop(self, drop: AsideDrop) -> bool:
+        """Ask ``drop.node`` to destroy a copy it keeps aside; False if already asked."""
+        return await self._put_if(self._key("drops", drop.node, drop.leaf), drop.to_json(), None)
+
+    async def list_drops(self, node: str = "") -> list[AsideDrop]:
+        prefix = self._key("drops", node, "") if node else self._key("drops", "")
+        return [v.value for _, v in await self._list(prefix, AsideDrop)]
+
+    async def delete_drop(self, node: str, leaf: str) -> None:
+        await self.client.delete(self._key("drops", node, leaf))
 
     # watch
 

@@ -16,6 +16,8 @@ from agent.zfs.volumes import BASE_COMPRESSION
 from control.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
 from control.records import (
     ACTIVE_PHASES,
+    AsideCopy,
+    AsideDrop,
     Move,
     MovePhase,
     NodeInfo,
@@ -256,6 +258,30 @@ class VolumeOps:
                 f"holds {held[source]} bytes on {source} ({needed} more than {target.name} has "
                 f"of it): free space on {target.name} or move it to another node"
             )
+
+    async def drop_aside(self, volume: str, node: str, dataset: str) -> AsideCopy:
+        """Ask ``node`` to destroy one copy of ``volume`` it keeps aside, as it reported it.
+
+        Only what a live node reports can be named, so a typo or a copy of
+        another volume is refused with what exists; the node's agent does the rest.
+        """
+        reported = await self._keyspace.list_asides(node) if node else []
+        for aside in reported:
+            if (aside.volume, aside.dataset) == (volume, dataset):
+                await self._keyspace.request_drop(AsideDrop(node, volume, dataset))
+                log.info(
+                    "drop of a copy kept aside requested: volume=%s node=%s dataset=%s",
+                    volume,
+                    node,
+                    dataset,
+                )
+                return aside
+        theirs = ", ".join(a.dataset for a in reported if a.volume == volume) or "none"
+        raise NotFound(
+            f"node {node or '(none given)'} reports no copy {dataset} of {volume} kept aside "
+            f"(it reports: {theirs}); 'ferryctl volume aside list {volume}' shows what live "
+            "nodes keep"
+        )
 
     async def _refuse_if_mounted(self, name: str) -> None:
         mounts = await self._keyspace.list_mounts(name)

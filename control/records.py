@@ -238,6 +238,59 @@ class MountRecord(_Record):
     users: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class AsideCopy(_Record):
+    """A copy of a volume that a node kept aside instead of overwriting it: data that
+    diverged from the volume's history (written after the snapshot a stream built on)."""
+
+    node: str
+    volume: str
+    dataset: str
+    kept_at: float
+    epoch: int = 0
+    """The owner epoch in force when it was kept aside; its data is from before it."""
+    used_bytes: int = 0
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        check_node_name(self.node)
+        aside_leaf(self.dataset)
+
+    @property
+    def leaf(self) -> str:
+        return aside_leaf(self.dataset)
+
+
+@dataclass(frozen=True)
+class AsideDrop(_Record):
+    """An operator's request that ``node`` destroy one copy it keeps aside."""
+
+    node: str
+    volume: str
+    dataset: str
+    requested_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        check_node_name(self.node)
+        aside_leaf(self.dataset)
+
+    @property
+    def leaf(self) -> str:
+        return aside_leaf(self.dataset)
+
+
+def aside_leaf(dataset: str) -> str:
+    """The last component of a copy kept aside (``pool/ferry-aside/<leaf>``); ValueError else."""
+    parent, _, leaf = dataset.rpartition("/")
+    try:
+        zfs_names.validate_dataset(dataset)
+    except NameInvalid as error:
+        raise ValueError(f"invalid dataset {dataset!r}: {error.message}") from error
+    if not parent.endswith("-aside") or "/" in leaf:
+        raise ValueError(f"{dataset!r} is not a copy kept aside (POOL/ferry-aside/NAME)")
+    return leaf
+
+
 def to_dict(record: Any) -> dict[str, Any]:
     """A record as plain JSON-able values (for ``-o json``)."""
     return dict(json.loads(record.to_json()))

@@ -26,7 +26,7 @@ from control.keyspace import (
     etcd_target,
 )
 from control.operations import OperationError, VolumeOps
-from control.records import MountRecord, Move, NodeState, Owner, VolumeSpec
+from control.records import AsideCopy, AsideDrop, MountRecord, Move, NodeState, Owner, VolumeSpec
 from control.tls import TlsFiles, endpoints, from_flags, warn_insecure
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
@@ -70,6 +70,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         moves = await self._keyspace.list_moves(skipped)
         mounted = _by_volume(await self._keyspace.list_all_mounts(skipped))
         held = _by_volume(await self._keyspace.list_all_state(skipped))
+        aside = _by_volume(await self._keyspace.list_asides())
+        drops = await self._keyspace.list_drops()
         volumes = [
             _volume_message(
                 s.value,
@@ -77,6 +79,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 moves.get(s.value.name),
                 mounted.get(s.value.name, []),
                 held.get(s.value.name, []),
+                [_aside_message(a, drops) for a in aside.get(s.value.name, [])],
             )
             for s in specs
             if not s.value.deleted
@@ -164,6 +167,29 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 )
                 await asyncio.sleep(WATCH_RETRY_SECONDS)
 
+    async def ListAsides(
+        self, request: control_pb2.ListAsidesRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListAsidesReply:
+        return control_pb2.ListAsidesReply(asides=await self._asides(request.volume))
+
+    async def DropAside(
+        self, request: control_pb2.DropAsideRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.AsideCopy:
+        try:
+            aside = await self._ops.drop_aside(request.volume, request.node, request.dataset)
+        except OperationError as error:
+            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        return _aside_message(aside, await self._keyspace.list_drops(aside.node))
+
+    async def _asides(self, volume: str) -> list[control_pb2.AsideCopy]:
+        """Copies kept aside of ``volume`` (every volume's when empty), oldest first."""
+        drops = await self._keyspace.list_drops()
+        return [
+            _aside_message(a, drops)
+            for a in sorted(await self._keyspace.list_asides(), key=lambda a: a.kept_at)
+            if not volume or a.volume == volume
+        ]
+
     async def _guard(self, context: grpc.aio.ServicerContext, operation: object) -> object:
         try:
             return await operation  # type: ignore[misc]
@@ -190,10 +216,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         move = await self._keyspace.get_move(name)
         mounts = await self._keyspace.list_mounts(name)
         copies = await self._keyspace.list_state(name)
-        return _volume_message(spec.value, owner, move, mounts, copies)
+        return _volume_message(spec.value, owner, move, mounts, copies, await self._asides(name))
 
 
-R = TypeVar("R", MountRecord, NodeState)
+R = TypeVar("R", MountRecord, NodeState, AsideCopy)
 
 
 def _by_volume(records: list[R]) -> dict[str, list[R]]:
@@ -210,6 +236,7 @@ def _volume_message(
     move: Versioned[Move] | None,
     mounts: list[MountRecord],
     copies: list[NodeState],
+    diverged: list[control_pb2.AsideCopy],
 ) -> control_pb2.Volume:
     """The API's view of one volume from its records."""
     volume = control_pb2.Volume(
@@ -233,6 +260,7 @@ def _volume_message(
             )
             for c in sorted(copies, key=lambda c: c.node)
         ],
+        diverged=diverged,
     )
     if move is not None:
         m = move.value
@@ -254,6 +282,19 @@ def _volume_message(
             )
         )
     return volume
+
+
+def _aside_message(aside: AsideCopy, drops: list[AsideDrop]) -> control_pb2.AsideCopy:
+    return control_pb2.AsideCopy(
+        node=aside.node,
+        dataset=aside.dataset,
+        volume=aside.volume,
+        kept_at=aside.kept_at,
+        epoch=aside.epoch,
+        used_bytes=aside.used_bytes,
+        reason=aside.reason,
+        drop_requested=any((d.node, d.dataset) == (aside.node, aside.dataset) for d in drops),
+    )
 
 
 async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix: str) -> None:

@@ -4,10 +4,14 @@ Before a byte reaches ``zfs receive`` the receiver checks, in this order:
 the certificate names the sender (unless the cluster runs insecure), the
 sender owns the volume at the stated epoch in etcd, this node does not own
 it (a writable copy is never overwritten), the volume is not deleted, and
-the base snapshot matches by GUID. Only then does it issue a ticket for
+the copy holds nothing after the stream's base (no newer snapshot, no byte
+written since; otherwise it is kept aside under the pool's aside root and
+the sender asked for a full stream). Only then does it issue a ticket for
 the data connection (agent.transfer.data). The target is always this node's
-own dataset for the volume, under its pool root. A stream cut in half makes
-``zfs receive`` fail, which leaves the dataset as it was.
+own dataset for the volume, under its pool root. ``zfs receive`` never runs
+with force: a copy written to after the check makes ZFS refuse the stream,
+and that copy is kept aside too. A stream cut in half makes ``zfs receive``
+fail, which leaves the dataset as it was.
 """
 
 from __future__ import annotations
@@ -154,7 +158,12 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
     async def _prepare_base(
         self, header: transfer_pb2.StreamHeader, context: grpc.aio.ServicerContext
     ) -> None:
-        """Make sure the local copy can take this stream without losing anything."""
+        """Make sure the local copy can take this stream without losing anything.
+
+        A copy that holds anything after the stream's base (a newer snapshot,
+        bytes written since) is kept aside, never rolled back; the sender then
+        finds no copy here and sends a full stream.
+        """
         volume = header.volume
         local = await self._holdings.snapshots(volume)
         if local is None:
@@ -165,27 +174,43 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                 )
             return
         if await self._holdings.is_writable(volume):
+            log.warning(
+                "transfer refused, the copy here is writable: volume=%s sender=%s",
+                volume,
+                header.sender,
+            )
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{self._node} holds a writable copy of {volume}; it must be fenced first",
             )
-        names = [ref.name for ref in local]
-        if header.from_snapshot and names and names[-1] == header.from_snapshot:
-            return
-        aside = await self._holdings.keep_aside(volume)
+        if not header.from_snapshot:
+            reason = "a full stream came for a copy that already exists"
+        else:
+            reason = await self._holdings.divergence(volume, header.from_snapshot)
+        if reason:
+            await self._diverged(header, reason, context)
+
+    async def _diverged(
+        self, header: transfer_pb2.StreamHeader, reason: str, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Keep the copy aside; an incremental stream is then refused (a full one goes on)."""
+        volume = header.volume
+        aside = await self._holdings.keep_aside(volume, header.epoch, reason)
         log.warning(
-            "copy does not continue the stream, kept aside: volume=%s from=%s local_newest=%s "
-            "aside=%s",
+            "copy diverged from the stream, kept aside: volume=%s from=%s reason=%s aside=%s "
+            "sender=%s epoch=%d",
             volume,
             header.from_snapshot or "(full)",
-            names[-1] if names else "(none)",
+            reason,
             aside,
+            header.sender,
+            header.epoch,
         )
         if header.from_snapshot:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{self._node}'s copy of {volume} diverged from {header.from_snapshot}; "
-                f"kept aside as {aside}; send a full stream",
+                f"{self._node}'s copy of {volume} {reason}; kept aside as {aside} "
+                f"('ferryctl volume aside list {volume}'); send a full stream",
             )
 
     async def _receive(
@@ -195,6 +220,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         connection: DataConnection,
         context: grpc.aio.ServicerContext,
     ) -> int:
+        """Receive without force: ZFS itself refuses a copy modified since the base."""
         volume = header.volume
         snapshot = self._holdings.snapshot_name(volume, header.to_snapshot)
         log.info(
@@ -207,11 +233,17 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         )
         try:
             if isinstance(connection, TlsStream):
-                received = await receive_chunks(snapshot, connection.chunks(), force=True)
+                received = await receive_chunks(snapshot, connection.chunks())
             else:
-                await pump(functools.partial(zfs.lzc_receive, snapshot, force=True), connection)
+                await pump(functools.partial(zfs.lzc_receive, snapshot), connection)
                 received = stream_bytes_received(connection)
         except (ZFSError, OSError) as error:
+            if header.from_snapshot and isinstance(
+                error, zfs.DestinationModified | zfs.StreamMismatch
+            ):
+                # Written after the base, seen by ZFS only (no `written` here, or a writer
+                # this agent does not know of): kept aside, the stream refused.
+                await self._diverged(header, _refusal_reason(error, header.from_snapshot), context)
             log.warning("receive failed, copy unchanged: volume=%s error=%s", volume, error)
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
@@ -239,3 +271,10 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         for ref in local or ():
             reply.snapshots.add(name=ref.name, guid=ref.guid)
         return reply
+
+
+def _refusal_reason(error: ZFSError, base: str) -> str:
+    """What ZFS's refusal of an incremental receive without force says about the copy."""
+    if isinstance(error, zfs.DestinationModified):
+        return f"was written to after {base} (ZFS: modified since that snapshot)"
+    return f"does not continue from {base} (ZFS: its newest snapshot is not the stream's base)"

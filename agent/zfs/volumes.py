@@ -18,12 +18,20 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from agent import zfs
 from agent.zfs import inuse, runner
-from agent.zfs.exceptions import DatasetBusy, HoldNotFound, HoldReleaseFailure, PropertyInvalid
+from agent.zfs.exceptions import (
+    DatasetBusy,
+    DatasetExists,
+    HoldNotFound,
+    HoldReleaseFailure,
+    NameInvalid,
+    PropertyInvalid,
+)
 from agent.zfs.names import validate_dataset, validate_under, validate_volume_name
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,11 @@ T = TypeVar("T")
 TRANSFER_HOLD = "ferry-transfer"
 # The user property carrying the volume's uid (VolumeSpec.uid) on each of its datasets.
 UID_PROPERTY = "ferry:uid"
+# User properties of a copy kept aside: which volume, the owner epoch then, when and why.
+ASIDE_VOLUME = "ferry:aside-volume"
+ASIDE_EPOCH = "ferry:aside-epoch"
+ASIDE_AT = "ferry:aside-at"
+ASIDE_REASON = "ferry:aside-reason"
 BUSY_ATTEMPTS = 20
 BUSY_DELAY_SECONDS = 0.25
 BASE_COMPRESSION = frozenset(
@@ -121,6 +134,18 @@ def _run(command: list[str], failure: str, subject: str | None = None) -> None:
         raise OSError(f"{failure}: {' '.join(command)}: {result.stderr.strip()}")
 
 
+@dataclass(frozen=True)
+class AsideDataset:
+    """A copy kept aside under the pool's aside root, as its user properties describe it."""
+
+    dataset: str
+    volume: str
+    epoch: int
+    kept_at: float
+    used_bytes: int
+    reason: str
+
+
 class PoolRoot:
     """The datasets Ferry manages in one pool."""
 
@@ -135,11 +160,18 @@ class PoolRoot:
         return validate_under(self.base + b"/" + volume.encode(), self.base)
 
     def ensure(self) -> None:
-        """Create the roots if missing."""
+        """Create the roots if missing; volumes inherit ``atime=off`` from their root.
+
+        With access times on, reading a file changes the dataset, and ZFS then
+        refuses the next incremental receive into it as modified: a copy that
+        was only read would count as diverged.
+        """
         for root in (self.base, self.aside):
             if not zfs.lzc_exists(root):
-                zfs.lzc_create(root, props={"mountpoint": "none"})
+                zfs.lzc_create(root, props={"mountpoint": "none", "atime": "off"})
                 log.info("created ferry root: dataset=%s", root.decode())
+            elif zfs.lzc_get_props(root).get("atime") != "off":
+                zfs.lzc_set_prop(root, "atime", "off")
 
     def volumes(self) -> list[str]:
         """Names of the volumes this pool holds."""
@@ -185,7 +217,8 @@ class PoolRoot:
         if zfs.lzc_get_props(dataset).get("mounted") != "yes":
             path.mkdir(parents=True, exist_ok=True)
             guard_mountpoint(path, True)
-            zfs.zfs_mount(dataset)
+            # Busy for a moment when another dataset was just unmounted from ``path``.
+            retry_busy(lambda: zfs.zfs_mount(dataset), f"mount {volume}")
 
     def unmount(self, volume: str) -> None:
         """Unmount (retrying while busy) and keep it from being mounted automatically. The
@@ -258,20 +291,20 @@ class PoolRoot:
         props = zfs.lzc_get_props(self.dataset(volume))
         return props.get("mountpoint") if props.get("mounted") == "yes" else None
 
+    def written_since_snapshot(self, volume: str) -> int | None:
+        """Bytes written since the newest snapshot (``written``), None where ZFS lacks it."""
+        value = zfs.lzc_get_props(self.dataset(volume)).get("written")
+        return int(value) if value is not None and value.isdigit() else None
+
     def set_readonly(self, volume: str, readonly: bool) -> None:
         """Make the volume refuse (or accept again) writes, e.g. while it is being moved."""
         zfs.lzc_set_prop(self.dataset(volume), "readonly", "on" if readonly else "off")
 
     def destroy_volume(self, volume: str) -> None:
         """Destroy the volume's dataset and its snapshots (holds released first)."""
-        dataset = self.dataset(volume)
         self.unmount(volume)
         self._release_mountpoint(volume)
-        self.release_transfer_holds(volume)
-        snapshots = zfs.lzc_list_snaps(dataset)
-        if snapshots:
-            retry_busy(lambda: zfs.lzc_destroy_snaps(snapshots, defer=False), f"destroy {volume}@*")
-        retry_busy(lambda: zfs.lzc_destroy(dataset), f"destroy {volume}")
+        _destroy_with_snapshots(self.dataset(volume))
 
     def release_transfer_holds(self, volume: str) -> list[bytes]:
         """Release TRANSFER_HOLD wherever it is on the volume's snapshots; returns those snapshots.
@@ -281,28 +314,81 @@ class PoolRoot:
         next hold of the same snapshot, and destroying the volume. Holds of
         other tags (an operator's) are left alone.
         """
-        released = []
-        for snapshot in zfs.lzc_list_snaps(self.dataset(volume)):
-            if zfs.hold_count(snapshot) == 0:
-                continue
-            try:
-                zfs.lzc_release({snapshot: [TRANSFER_HOLD]})
-            except HoldReleaseFailure as failure:
-                if all(isinstance(error, HoldNotFound) for error in failure.errors):
-                    continue
-                raise
-            released.append(snapshot)
-        return released
+        return _release_transfer_holds(self.dataset(volume))
 
-    def rename_aside(self, volume: str, suffix: str) -> bytes:
-        """Move a copy out of the volume root, keeping every byte; returns its new name."""
+    def rename_aside(self, volume: str, epoch: int, reason: str) -> bytes:
+        """Move a copy out of the volume root, keeping every byte; returns its new name.
+
+        The new name says the volume, the owner epoch and the time (UTC); the
+        same and the reason are stamped as user properties first, so the copy
+        describes itself wherever a rename that was cut short left it.
+        """
         dataset = self.dataset(volume)
+        now = time.time()
+        for prop, value in (
+            (ASIDE_VOLUME, volume),
+            (ASIDE_EPOCH, str(epoch)),
+            (ASIDE_AT, f"{now:.3f}"),
+            (ASIDE_REASON, reason),
+        ):
+            zfs.lzc_set_prop(dataset, prop, value)
         self.unmount(volume)
         self._release_mountpoint(volume)
-        target = validate_under(self.aside + b"/" + f"{volume}-{suffix}".encode(), self.aside)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        target = self._free_aside_name(f"{volume}-e{epoch}-{stamp}")
         retry_busy(lambda: zfs.lzc_rename(dataset, target), f"rename {volume} aside")
-        log.warning("copy kept aside: volume=%s dataset=%s", volume, target.decode())
+        log.info(
+            "renamed aside: volume=%s dataset=%s epoch=%d reason=%s",
+            volume,
+            target.decode(),
+            epoch,
+            reason,
+        )
         return target
+
+    def _free_aside_name(self, leaf: str) -> bytes:
+        """``leaf`` under the aside root, with a counter if that name is taken."""
+        for n in range(1000):
+            name = leaf if n == 0 else f"{leaf}.{n}"
+            target = validate_under(self.aside + b"/" + name.encode(), self.aside)
+            if not zfs.lzc_exists(target):
+                return target
+        raise DatasetExists(leaf, "1000 copies kept aside under this name; drop some")
+
+    def asides(self) -> list[AsideDataset]:
+        """Every copy kept aside in this pool, oldest first."""
+        found = []
+        for child in zfs.lzc_list_children(self.aside):
+            props = zfs.lzc_get_props(child)
+            name = child.decode()
+            leaf = name.rsplit("/", 1)[1]
+            found.append(
+                AsideDataset(
+                    dataset=name,
+                    # Kept aside before copies carried properties: "<volume>-aside-<unix time>".
+                    volume=props.get(ASIDE_VOLUME) or leaf.rsplit("-aside-", 1)[0],
+                    epoch=_number(props.get(ASIDE_EPOCH), int),
+                    kept_at=_number(props.get(ASIDE_AT), float)
+                    or _number(props.get("creation"), float),
+                    used_bytes=_number(props.get("used"), int),
+                    reason=props.get(ASIDE_REASON, ""),
+                )
+            )
+        return sorted(found, key=lambda aside: (aside.kept_at, aside.dataset))
+
+    def destroy_aside(self, dataset: str) -> bool:
+        """Destroy one copy kept aside and its snapshots; False if it does not exist.
+
+        Only a direct child of the aside root: nothing else can be named here.
+        """
+        raw = validate_under(dataset, self.aside)
+        if raw.rpartition(b"/")[0] != self.aside or b"@" in raw:
+            raise NameInvalid(raw, f"Invalid name: not a copy kept aside in {self.aside.decode()}")
+        if not zfs.lzc_exists(raw):
+            return False
+        _destroy_with_snapshots(raw)
+        log.warning("copy kept aside destroyed: dataset=%s", dataset)
+        return True
 
     def free_bytes(self) -> int:
         return zfs.pool_free_bytes(self.pool)
@@ -310,3 +396,39 @@ class PoolRoot:
     def pool_guid(self) -> str:
         """The GUID of the pool's top dataset: this pool's identity, whatever its name."""
         return zfs.lzc_get_props(self.pool)["guid"]
+
+
+def _release_transfer_holds(dataset: bytes) -> list[bytes]:
+    released = []
+    for snapshot in zfs.lzc_list_snaps(dataset):
+        if zfs.hold_count(snapshot) == 0:
+            continue
+        try:
+            zfs.lzc_release({snapshot: [TRANSFER_HOLD]})
+        except HoldReleaseFailure as failure:
+            if all(isinstance(error, HoldNotFound) for error in failure.errors):
+                continue
+            raise
+        released.append(snapshot)
+    return released
+
+
+def _destroy_with_snapshots(dataset: bytes) -> None:
+    """Destroy an unmounted dataset and its snapshots, Ferry's transfer holds released first."""
+    what = dataset.decode()
+    _release_transfer_holds(dataset)
+    snapshots = zfs.lzc_list_snaps(dataset)
+    if snapshots:
+        retry_busy(lambda: zfs.lzc_destroy_snaps(snapshots, defer=False), f"destroy {what}@*")
+    retry_busy(lambda: zfs.lzc_destroy(dataset), f"destroy {what}")
+
+
+N = TypeVar("N", int, float)
+
+
+def _number(text: str | None, kind: type[N]) -> N:
+    """A property's number, or zero for a missing or malformed one."""
+    try:
+        return kind(text) if text else kind(0)
+    except ValueError:
+        return kind(0)

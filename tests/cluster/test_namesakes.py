@@ -45,10 +45,13 @@ def test_a_new_volume_never_adopts_a_deleted_namesakes_leftover(cluster: Cluster
         wait_for(f"new {name} mounted on {host.name}", lambda: mounted(cluster, host, name))
         listing = cluster.run(host, ["ls", "-A", mountpoint(host, name)]).stdout.split()
         assert "old" not in listing, "the new volume adopted the deleted volume's data"
-        aside = cluster.run(
-            host, ["zfs", "list", "-H", "-o", "name", "-r", f"{host.pool}/ferry-aside"]
-        ).stdout
-        assert f"{host.pool}/ferry-aside/{name}-aside-" in aside, aside
+        wait_for(
+            f"the old data listed as a copy of {name} kept aside on {host.name}",
+            lambda: any(
+                c["node"] == host.name and c["dataset"].startswith(f"{host.pool}/ferry-aside/")
+                for c in cluster.volume(name)["diverged"]
+            ),
+        )
     finally:
         cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
 

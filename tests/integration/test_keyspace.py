@@ -8,7 +8,16 @@ from dataclasses import replace
 import pytest
 
 from control.keyspace import AlreadyExists, Change, Keyspace, NodeChanged
-from control.records import Move, MovePhase, NodeInfo, NodeState, Owner, VolumeSpec
+from control.records import (
+    AsideCopy,
+    AsideDrop,
+    Move,
+    MovePhase,
+    NodeInfo,
+    NodeState,
+    Owner,
+    VolumeSpec,
+)
 from tests.support.etcd import register_node
 
 pytestmark = pytest.mark.integration
@@ -203,3 +212,29 @@ async def test_watch_sees_volume_and_owner_changes(keyspace: Keyspace) -> None:
         ("owners", "pg", False),
         ("volumes", "pg", True),
     ]
+
+
+async def test_copies_kept_aside_go_with_the_lease_and_a_drop_is_asked_once(
+    keyspace: Keyspace,
+) -> None:
+    dataset = "tank/ferry-aside/db-e2-20260101T000000Z"
+    aside = AsideCopy(node="ks-n1", volume="db", dataset=dataset, kept_at=1.0, epoch=2)
+    other = replace(aside, node="ks-n2")
+    lease = await keyspace.new_lease(2)
+    await keyspace.put_aside(aside, lease)
+    await keyspace.put_aside(other, await keyspace.new_lease(60))
+    assert await keyspace.list_asides("ks-n1") == [aside]
+    assert sorted(a.node for a in await keyspace.list_asides()) == ["ks-n1", "ks-n2"]
+
+    drop = AsideDrop(node="ks-n1", volume="db", dataset=dataset)
+    assert await keyspace.request_drop(drop)
+    assert not await keyspace.request_drop(drop), "asked once, until the agent is done"
+    assert await keyspace.list_drops("ks-n1") == [drop]
+    assert await keyspace.list_drops("ks-n2") == []
+    await keyspace.delete_drop("ks-n1", drop.leaf)
+    assert await keyspace.list_drops() == []
+
+    await lease.revoke()
+    assert await keyspace.list_asides() == [other], "a dead node's copies leave the list"
+    await keyspace.delete_aside("ks-n2", other.leaf)
+    assert await keyspace.list_asides() == []

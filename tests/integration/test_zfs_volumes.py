@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from agent import zfs
 from agent.store import VolumeStore
+from agent.zfs.exceptions import NameInvalid
 from agent.zfs.volumes import TRANSFER_HOLD, UID_PROPERTY, PoolRoot
 from control.records import VolumeSpec
 from tests.support.pools import ScratchPool, scratch_pool
@@ -38,6 +41,9 @@ def test_ensure_is_idempotent_and_roots_are_not_mounted(pool: ScratchPool) -> No
     root.ensure()
     root.ensure()
     assert zfs.lzc_get_props(pool.dataset("ferry-t"))["mountpoint"] == "none"
+    assert zfs.lzc_get_props(pool.dataset("ferry-t"))["atime"] == "off", (
+        "volumes inherit atime=off: a read would otherwise count as a change of the copy"
+    )
     assert root.volumes() == []
 
 
@@ -170,18 +176,45 @@ def test_thaw_accepts_writes_again_where_freeze_stopped_them(
     assert (where / "after").read_bytes() == b"accepted"
 
 
-def test_rename_aside_keeps_the_data_out_of_the_volume_list(
+def test_rename_aside_keeps_the_data_out_of_the_volume_list_and_lists_it(
     pool: ScratchPool, root: PoolRoot, tmp_path: Path
 ) -> None:
     where = tmp_path / "db"
     root.create_volume("db", 8 << 20, "off", where)
     (where / "f").write_text("diverged")
     zfs.lzc_snapshot([root.dataset("db") + b"@s"])
-    aside = root.rename_aside("db", "epoch3")
-    assert aside == pool.dataset("ferry-aside", "db-epoch3")
+    before = time.time()
+    aside = root.rename_aside("db", 3, "written after ferry-2-7")
+    leaf = aside.decode().rsplit("/", 1)[1]
+    assert aside.startswith(pool.dataset("ferry-aside", "db-e3-"))
+    assert re.fullmatch(r"db-e3-\d{8}T\d{6}Z", leaf), leaf
     assert root.volumes() == []
     assert zfs.lzc_list_snaps(aside) == [aside + b"@s"]
     root.create_volume("db", 8 << 20, "off", where)
+    assert root.volumes() == ["db"]
+    again = root.rename_aside("db", 3, "a second time in the same second")
+    assert again != aside, "a second copy kept aside never takes the first one's name"
+
+    listed = root.asides()
+    assert [a.dataset for a in listed] == [aside.decode(), again.decode()]
+    first = listed[0]
+    assert (first.volume, first.epoch, first.reason) == ("db", 3, "written after ferry-2-7")
+    assert before - 1 <= first.kept_at <= time.time()
+    assert first.used_bytes > 0
+
+
+def test_only_a_copy_kept_aside_can_be_destroyed_as_one(root: PoolRoot, tmp_path: Path) -> None:
+    root.create_volume("db", 8 << 20, "off", tmp_path / "db")
+    zfs.lzc_snapshot([root.dataset("db") + b"@s"])
+    zfs.lzc_hold({root.dataset("db") + b"@s": TRANSFER_HOLD})
+    aside = root.rename_aside("db", 1, "test").decode()
+    root.create_volume("db", 8 << 20, "off", tmp_path / "db")
+    for not_aside in (root.dataset("db").decode(), f"{aside}@s", root.aside.decode()):
+        with pytest.raises(NameInvalid):
+            root.destroy_aside(not_aside)
+    assert root.destroy_aside(aside), "a held snapshot of a transfer does not block the drop"
+    assert root.asides() == []
+    assert not root.destroy_aside(aside)
     assert root.volumes() == ["db"]
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from control.records import (
     SCHEMA_VERSION,
+    AsideCopy,
+    AsideDrop,
     MountRecord,
     Move,
     MovePhase,
@@ -158,3 +160,23 @@ def test_every_undecodable_record_is_a_value_error_saying_why(raw: bytes, why: s
     """Listings skip a record on ValueError; anything else would stop them all."""
     with pytest.raises(ValueError, match=why):
         Owner.from_json(raw)
+
+
+def test_a_copy_kept_aside_names_a_dataset_under_an_aside_root() -> None:
+    aside = AsideCopy(
+        node="n1", volume="db", dataset="tank/ferry-aside/db-e3-20260101T000000Z", kept_at=1.0
+    )
+    assert aside.leaf == "db-e3-20260101T000000Z"
+    assert AsideCopy.from_json(aside.to_json()) == aside
+    drop = AsideDrop(node="n1", volume="db", dataset=aside.dataset)
+    assert drop.leaf == aside.leaf
+    for dataset in (
+        "tank/ferry/db",
+        "tank/ferry-aside",
+        "tank/ferry-aside/db@s",
+        "-x/ferry-aside/a",
+    ):
+        with pytest.raises(ValueError):
+            AsideCopy(node="n1", volume="db", dataset=dataset, kept_at=1.0)
+        with pytest.raises(ValueError):
+            AsideDrop(node="n1", volume="db", dataset=dataset)

@@ -17,7 +17,7 @@ def test_a_stuck_source_shows_in_its_copy_and_in_the_move_status() -> None:
         NodeState(node="host2", volume="v"),
         NodeState(node="host3", volume="v", stuck="a replica's own trouble"),
     ]
-    shown = _volume_message(spec, None, Versioned(move, 7), [], copies)
+    shown = _volume_message(spec, None, Versioned(move, 7), [], copies, [])
     assert {c.node: c.stuck for c in shown.copies} == {
         "host1": STUCK,
         "host2": "",

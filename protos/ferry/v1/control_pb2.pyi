@@ -256,6 +256,7 @@ class Volume(_message.Message):
     MOVE_FIELD_NUMBER: _builtins.int
     COPIES_FIELD_NUMBER: _builtins.int
     CREATE_ERROR_FIELD_NUMBER: _builtins.int
+    DIVERGED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     compression: _builtins.str
@@ -284,6 +285,12 @@ class Volume(_message.Message):
         earlier moves left behind.
         """
 
+    @_builtins.property
+    def diverged(self) -> _containers.RepeatedCompositeFieldContainer[Global___AsideCopy]:
+        """Copies kept aside because they held data after the snapshot a stream
+        built on (never overwritten; 'ferryctl volume aside drop' removes one).
+        """
+
     def __init__(
         self,
         *,
@@ -299,14 +306,124 @@ class Volume(_message.Message):
         move: Global___MoveStatus | None = ...,
         copies: _abc.Iterable[Global___Copy] | None = ...,
         create_error: _builtins.str = ...,
+        diverged: _abc.Iterable[Global___AsideCopy] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["move", b"move"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "create_error", b"create_error", "created_at", b"created_at", "deleted", b"deleted", "epoch", b"epoch", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "create_error", b"create_error", "created_at", b"created_at", "deleted", b"deleted", "diverged", b"diverged", "epoch", b"epoch", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Volume: _TypeAlias = Volume  # noqa: Y015
+
+@_typing.final
+class AsideCopy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    KEPT_AT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DROP_REQUESTED_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    dataset: _builtins.str
+    """The dataset on that node, POOL/ferry-aside/NAME."""
+    volume: _builtins.str
+    kept_at: _builtins.float
+    """When it was kept aside (Unix time) and the owner epoch then."""
+    epoch: _builtins.int
+    used_bytes: _builtins.int
+    reason: _builtins.str
+    """What it holds that the volume does not, as the node saw it."""
+    drop_requested: _builtins.bool
+    """An operator asked the node to destroy it; it goes once that node's agent runs."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        volume: _builtins.str = ...,
+        kept_at: _builtins.float = ...,
+        epoch: _builtins.int = ...,
+        used_bytes: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        drop_requested: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "drop_requested", b"drop_requested", "epoch", b"epoch", "kept_at", b"kept_at", "node", b"node", "reason", b"reason", "used_bytes", b"used_bytes", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AsideCopy: _TypeAlias = AsideCopy  # noqa: Y015
+
+@_typing.final
+class ListAsidesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    """Empty: every volume's."""
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAsidesRequest: _TypeAlias = ListAsidesRequest  # noqa: Y015
+
+@_typing.final
+class ListAsidesReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASIDES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def asides(self) -> _containers.RepeatedCompositeFieldContainer[Global___AsideCopy]: ...
+    def __init__(
+        self,
+        *,
+        asides: _abc.Iterable[Global___AsideCopy] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asides", b"asides"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAsidesReply: _TypeAlias = ListAsidesReply  # noqa: Y015
+
+@_typing.final
+class DropAsideRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    node: _builtins.str
+    dataset: _builtins.str
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        node: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "node", b"node", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropAsideRequest: _TypeAlias = DropAsideRequest  # noqa: Y015
 
 @_typing.final
 class Copy(_message.Message):

@@ -74,6 +74,16 @@ class ControlStub:
                 request_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.GetVolumeRequest.SerializeToString,
                 response_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.Volume.FromString,
                 _registered_method=True)
+        self.ListAsides = channel.unary_unary(
+                '/ferry.v1.Control/ListAsides',
+                request_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.ListAsidesRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.ListAsidesReply.FromString,
+                _registered_method=True)
+        self.DropAside = channel.unary_unary(
+                '/ferry.v1.Control/DropAside',
+                request_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.DropAsideRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.AsideCopy.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -129,6 +139,20 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAsides(self, request, context):
+        """Copies that live nodes keep aside (diverged data), of one volume or all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropAside(self, request, context):
+        """Asks the node to destroy one copy it keeps aside; nothing else ever does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +195,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.WatchVolume,
                     request_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.GetVolumeRequest.FromString,
                     response_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.Volume.SerializeToString,
+            ),
+            'ListAsides': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAsides,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.ListAsidesRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.ListAsidesReply.SerializeToString,
+            ),
+            'DropAside': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropAside,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.DropAsideRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.AsideCopy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +423,60 @@ class Control:
             '/ferry.v1.Control/WatchVolume',
             protos_dot_ferry_dot_v1_dot_control__pb2.GetVolumeRequest.SerializeToString,
             protos_dot_ferry_dot_v1_dot_control__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAsides(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Control/ListAsides',
+            protos_dot_ferry_dot_v1_dot_control__pb2.ListAsidesRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_control__pb2.ListAsidesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropAside(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Control/DropAside',
+            protos_dot_ferry_dot_v1_dot_control__pb2.DropAsideRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_control__pb2.AsideCopy.FromString,
             options,
             channel_credentials,
             insecure,
