@@ -114,6 +114,18 @@ def restart_etcd(cluster: Cluster, host: ClusterHost) -> None:
     time.sleep(12)
 
 
+def cut_link(cluster: Cluster, host: ClusterHost) -> None:
+    """The host cannot reach etcd for longer than its lease: etcd drops the lease and every
+    record on it (the mount record among them); the agent registers again on a new one."""
+    cluster.run(host, ["ip", "link", "set", "eth0", "down"])
+    try:
+        time.sleep(15)
+    finally:
+        cluster.run(host, ["ip", "link", "set", "eth0", "up"])
+    wait_for("both agents to register again", lambda: both_registered(cluster), 60)
+    time.sleep(3)
+
+
 def both_registered(cluster: Cluster) -> bool:
     listed = cluster.ferryctl(["node", "list"], check=False).stdout
     return all(host.name in listed for host in cluster.hosts[:2])
@@ -196,7 +208,9 @@ def still_waiting(
     assert move.get("phase") == "waiting_for_unmount", f"no move waits for the writer: {move}"
 
 
-@pytest.mark.parametrize("restart", [restart_agent, restart_etcd], ids=["agent", "etcd"])
+@pytest.mark.parametrize(
+    "restart", [restart_agent, restart_etcd, cut_link], ids=["agent", "etcd", "partition"]
+)
 @pytest.mark.parametrize(
     "request_move", [request_with_ferryctl, request_with_docker_run], ids=["ferryctl", "docker"]
 )
