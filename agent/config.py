@@ -21,6 +21,8 @@ class AgentConfig:
     mount_root: Path
     plugin_socket: Path | None
     tls: TlsFiles | None
+    control: str = ""
+    """ferry-control's HOST:PORT: the Docker plugin asks it to create and move volumes."""
     encrypt_streams: bool = False
     etcd_prefix: str = "/ferry/v1"
     lease_ttl: int = 10
@@ -39,6 +41,11 @@ class AgentConfig:
             raise ValueError("--etcd is required: HOST:PORT of at least one etcd member")
         if not self.pool:
             raise ValueError("--pool is required: the ZFS pool that holds this host's volumes")
+        if self.plugin_socket is not None and not self.control:
+            raise ValueError(
+                "--control is required: ferry-control's HOST:PORT, which the Docker plugin "
+                "(--plugin-socket) asks to create and move volumes"
+            )
         if self.encrypt_streams and self.tls is None:
             raise ValueError("--encrypt-streams needs the TLS files; it cannot go with --insecure")
         if not 0 <= self.data_port < 65536:

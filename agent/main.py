@@ -21,7 +21,12 @@ log = logging.getLogger("agent")
 @click.command(context_settings={"auto_envvar_prefix": "FERRY", "show_default": True})
 @click.option("--node", required=True, help="This host's name in the cluster.")
 @click.option("--etcd", required=True, help="etcd endpoints, HOST:PORT[,HOST:PORT...].")
-@click.option("--control", default="", help="ferry-control address (used by the Docker plugin).")
+@click.option(
+    "--control",
+    default="",
+    help="ferry-control HOST:PORT (required: the Docker plugin asks it to create and move "
+    "volumes, with this node's certificate).",
+)
 @click.option("--pool", required=True, help="ZFS pool that holds this host's volumes.")
 @click.option("--listen", default="0.0.0.0:7480", help="Address of the agent's gRPC server.")
 @click.option("--advertise", default="", help="Address peers use to reach this agent.")
@@ -96,6 +101,7 @@ def main(
             state_dir=state_dir,
             plugin_socket=plugin_socket,
             tls=from_flags(tls_ca, tls_cert, tls_key, insecure),
+            control=control,
             encrypt_streams=encrypt_streams,
             etcd_prefix=etcd_prefix,
         )

@@ -22,10 +22,11 @@ import grpc
 
 from agent.asides import AsideLedger
 from agent.config import AgentConfig
+from agent.control_client import ControlClient
 from agent.executor import Executor
 from agent.moves import MoveDriver
 from agent.plan import Action, Actual, Desired, plan
-from agent.plugin import PluginError, VolumePlugin, serve
+from agent.plugin import VolumePlugin, serve
 from agent.registration import Registration
 from agent.retry import Backoff
 from agent.store import VolumeStore
@@ -36,8 +37,8 @@ from agent.transfer.server import TransferService
 from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
+from control.gate import KindGate
 from control.keyspace import Keyspace, Unreadable, endpoints_client
-from control.operations import BeingDeleted, Exists, OperationError, VolumeOps
 from control.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
 from control.tls import warn_insecure
 from protos.ferry.v1 import transfer_pb2_grpc
@@ -102,11 +103,12 @@ class AgentService:
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="ferry-worker")
         )
+        control = ControlClient(self._config.control, self._config.tls, self._config.node)
         plugin = VolumePlugin(
             node=self._config.node,
             keyspace=self._keyspace,
             store=self._store,
-            control=PluginControl(VolumeOps(self._keyspace), self._config.node),
+            control=control,
             lease=lambda: self._registration.lease,
             mounts=self._mounts,
         )
@@ -155,6 +157,7 @@ class AgentService:
             await self._executor.close()
             if site is not None:
                 await site.cleanup()
+            await control.close()
             if server is not None:
                 await server.stop(grace=2)
             if data is not None:
@@ -181,7 +184,9 @@ class AgentService:
                 await asyncio.sleep(delay)
 
     async def _start_transfer_server(self, data: DataListener) -> grpc.aio.Server:
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(
+            options=SERVER_OPTIONS, interceptors=[KindGate(insecure=self._config.tls is None)]
+        )
         service = TransferService(
             self._config.node,
             self._store,
@@ -390,43 +395,6 @@ class AgentService:
             peer = PeerClient(node, info.address, self._config.tls, self._config.encrypt_streams)
             self._peers[node] = peer
         return peer
-
-
-class PluginControl:
-    """The plugin's requests to control, through the same operations as ferry-control."""
-
-    def __init__(self, ops: VolumeOps, here: str) -> None:
-        self._ops = ops
-        self._here = here
-
-    async def create_volume(self, name: str, size: str, compression: str, node: str) -> None:
-        """Without a node option, the volume is created where Docker asked for it."""
-        try:
-            await self._ops.create(name, size, compression, node or self._here)
-        except BeingDeleted as error:
-            raise PluginError(str(error)) from error
-        except Exists:
-            if size or compression or node:
-                raise PluginError(
-                    f"volume {name} already exists; omit options to use it as it is"
-                ) from None
-        except OperationError as error:
-            raise PluginError(str(error)) from error
-
-    async def delete_volume(self, name: str) -> None:
-        try:
-            notice = await self._ops.delete(name)
-        except OperationError as error:
-            raise PluginError(str(error)) from error
-        if notice:
-            # Docker's Remove has no place for a notice: the agent's log says it.
-            log.warning("volume removed through Docker: volume=%s notice=%s", name, notice)
-
-    async def move_volume(self, name: str, node: str) -> None:
-        try:
-            await self._ops.move(name, node)
-        except OperationError as error:
-            raise PluginError(str(error)) from error
 
 
 async def run(config: AgentConfig) -> None:

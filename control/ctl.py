@@ -101,8 +101,19 @@ class Api:
 
 def _rpc_message(error: grpc.RpcError) -> str:
     code = error.code()
-    details = error.details()
+    details = error.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE:
+        if "handshake failed" in details.lower():
+            return (
+                f"cannot reach ferry-control: the TLS handshake failed ({details}); is --tls-ca "
+                f"the cluster's CA certificate, and control's certificate issued by it?"
+            )
+        if "socket closed" in details.lower():
+            return (
+                f"cannot reach ferry-control: it closed the connection ({details}); is it "
+                f"running, and is --tls-cert issued by the cluster's CA (control drops a "
+                f"client whose certificate it does not trust; 'ferryctl ca issue')?"
+            )
         return f"cannot reach ferry-control: {details}; is it running and is the address right?"
     return f"{details} ({code.name.lower()})"
 

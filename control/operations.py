@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from agent.zfs.volumes import BASE_COMPRESSION
@@ -51,7 +52,17 @@ class Exists(OperationError):
 
 
 class BeingDeleted(Exists):
-    """The name belongs to a deleted volume whose data agents are still destroying."""
+    """The name belongs to a deleted volume whose data agents are still destroying.
+
+    Not ``ALREADY_EXISTS``: the create succeeds once the agents are done, and a
+    caller that takes an existing volume as it is (the Docker plugin) must not
+    take this one."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class PermissionDenied(OperationError):
+    code = "PERMISSION_DENIED"
 
 
 class Conflict(OperationError):
@@ -77,14 +88,22 @@ class VolumeOps:
         self._keyspace = keyspace
 
     async def create(
-        self, name: str, size: str, compression: str = "", node: str = ""
+        self,
+        name: str,
+        size: str,
+        compression: str = "",
+        node: str = "",
+        created_by_node: str = "",
     ) -> VolumeSpec:
-        """Validate and store a new volume; without a node, the live node with most free space."""
+        """Validate and store a new volume; without a node, the live node with most free space.
+
+        ``created_by_node`` is the node whose Docker plugin asked (empty for ferryctl).
+        """
         size_bytes = self._size(size) if size else 1 << 30
         compression = self._compression(compression or "off")
         for _ in range(CREATE_ATTEMPTS):
             target = await self._live_node(node) if node else await self._roomiest()
-            spec = self._new_spec(name, size_bytes, compression, target.value)
+            spec = self._new_spec(name, size_bytes, compression, target.value, created_by_node)
             if await self._store_new(spec, target.revision):
                 log.info("volume created: volume=%s node=%s size=%d", name, spec.node, size_bytes)
                 return spec
@@ -110,7 +129,9 @@ class VolumeOps:
         return True
 
     @staticmethod
-    def _new_spec(name: str, size_bytes: int, compression: str, target: NodeInfo) -> VolumeSpec:
+    def _new_spec(
+        name: str, size_bytes: int, compression: str, target: NodeInfo, created_by_node: str
+    ) -> VolumeSpec:
         """The spec to store, if the size fits what ``target`` last reported free."""
         if size_bytes > target.free_bytes:
             raise InvalidArgument(
@@ -124,6 +145,7 @@ class VolumeOps:
                 compression=compression,
                 node=target.name,
                 uid=secrets.token_hex(8),
+                created_by_node=created_by_node,
             )
         except ValueError as error:
             raise InvalidArgument(str(error)) from error
@@ -143,14 +165,24 @@ class VolumeOps:
             raise Conflict(f"volume {name} changed while updating it; retry")
         return spec
 
-    async def delete(self, name: str, force: bool = False) -> str:
+    async def delete(
+        self,
+        name: str,
+        force: bool = False,
+        refusal: Callable[[VolumeSpec], str | None] = lambda spec: None,
+    ) -> str:
         """Mark deleted (agents destroy the data); refuses while mounted unless forced.
 
         Unforced, the write itself requires that no mount record exists, so a
         container mounting the volume meanwhile makes the delete fail, not both win.
+        ``refusal`` judges the spec as read (the caller's limits); the write
+        compares that spec's revision, so the judgement holds at the write.
         Returns what the operator must know about data on a node that is down.
         """
         current = await self._existing(name)
+        refused = refusal(current.value)
+        if refused is not None:
+            raise PermissionDenied(refused)
         if not force:
             await self._refuse_if_mounted(name)
         spec = replace(current.value, deleted=True)

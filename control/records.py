@@ -113,12 +113,17 @@ class VolumeSpec(_Record):
     create_error: str = ""
     """Why the node it is placed on could not create it (written by that node): that
     node does not try again until a new size clears it."""
+    created_by_node: str = ""
+    """The node whose Docker plugin created the volume (empty: ferryctl); only that
+    node's certificate may delete it besides a user's (control.authz)."""
 
     def __post_init__(self) -> None:
         validate_volume_name(self.name)
         if not _UID.match(self.uid):
             raise ValueError(f"invalid volume uid {self.uid!r}: hexadecimal digits or empty")
         check_node_name(self.node)
+        if self.created_by_node:
+            check_node_name(self.created_by_node)
         parse_size(self.size_bytes)
         if self.compression not in STORABLE_COMPRESSION:
             raise ValueError(

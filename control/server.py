@@ -17,6 +17,8 @@ from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.logs import setup_logging
+from control.authz import CONTROL_API, NODE, delete_refusal, move_refusal
+from control.gate import KindGate
 from control.keyspace import (
     Keyspace,
     Unreadable,
@@ -25,7 +27,7 @@ from control.keyspace import (
     endpoints_client,
     etcd_target,
 )
-from control.operations import OperationError, VolumeOps
+from control.operations import OperationError, PermissionDenied, VolumeOps
 from control.records import AsideCopy, AsideDrop, MountRecord, Move, NodeState, Owner, VolumeSpec
 from control.tls import TlsFiles, endpoints, from_flags, warn_insecure
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
@@ -33,20 +35,30 @@ from protos.ferry.v1 import control_pb2, control_pb2_grpc
 log = logging.getLogger(__name__)
 
 WATCH_RETRY_SECONDS = 1.0
+DELETE, MOVE = CONTROL_API + "DeleteVolume", CONTROL_API + "MoveVolume"
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
     """The Control API over the keyspace."""
 
-    def __init__(self, keyspace: Keyspace) -> None:
+    def __init__(self, keyspace: Keyspace, gate: KindGate) -> None:
         self._keyspace = keyspace
         self._ops = VolumeOps(keyspace)
+        self._gate = gate
 
     async def CreateVolume(
         self, request: control_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.Volume:
+        caller = self._gate.caller(context)
         await self._guard(
-            context, self._ops.create(request.name, request.size, request.compression, request.node)
+            context,
+            self._ops.create(
+                request.name,
+                request.size,
+                request.compression,
+                request.node,
+                created_by_node=caller.name if caller.kind == NODE else "",
+            ),
         )
         return await self._volume(request.name, context)
 
@@ -90,12 +102,31 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def DeleteVolume(
         self, request: control_pb2.DeleteVolumeRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.DeleteVolumeReply:
-        notice = await self._guard(context, self._ops.delete(request.name, request.force))
-        return control_pb2.DeleteVolumeReply(notice=str(notice or ""))
+        caller = self._gate.caller(context)
+        notice = ""
+        try:
+            notice = await self._ops.delete(
+                request.name,
+                request.force,
+                refusal=lambda spec: delete_refusal(
+                    caller, spec.created_by_node, spec.name, request.force
+                ),
+            )
+        except PermissionDenied as error:
+            await self._gate.refuse(context, caller, DELETE, request.name, str(error))
+        except OperationError as error:
+            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        except UnreadableRecord as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        return control_pb2.DeleteVolumeReply(notice=notice)
 
     async def MoveVolume(
         self, request: control_pb2.MoveVolumeRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.Volume:
+        caller = self._gate.caller(context)
+        refused = move_refusal(caller, request.node)
+        if refused is not None:
+            await self._gate.refuse(context, caller, MOVE, request.name, refused)
         await self._guard(context, self._ops.move(request.name, request.node))
         return await self._volume(request.name, context)
 
@@ -301,8 +332,9 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
     """Serve the Control API and gRPC health checking until cancelled."""
     client = await asyncio.to_thread(endpoints_client, etcd)
     keyspace = Keyspace(client, prefix)
-    server = grpc.aio.server()
-    control_pb2_grpc.add_ControlServicer_to_server(ControlService(keyspace), server)
+    gate = KindGate(insecure=tls is None)
+    server = grpc.aio.server(interceptors=[gate])
+    control_pb2_grpc.add_ControlServicer_to_server(ControlService(keyspace, gate), server)
     health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     if tls is None:

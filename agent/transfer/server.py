@@ -115,6 +115,11 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         yield transfer_pb2.ReceiveReply(done=reply)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> None:
+        """A stream's claimed sender is the name in the caller's certificate.
+
+        The certificate's kind was checked at the server's door
+        (``control.gate``): Holdings and Receive take node certificates only.
+        """
         if self._insecure:
             return
         identity = peer_identity(context)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,28 @@ def test_mounting_a_deleted_volume_is_refused_clearly(cluster: Cluster) -> None:
         cluster.agent(host.name, "start")
     assert result.returncode != 0
     assert "was deleted" in result.stderr
+
+
+def test_the_plugin_asks_control_with_its_node_certificate_and_removes_only_its_own(
+    cluster: Cluster,
+) -> None:
+    """Docker's create reaches ferry-control as the node; a ferryctl volume stays on rm."""
+    host = docker_host(cluster)
+    if cluster.insecure:
+        pytest.skip("the cluster runs without TLS: no caller is authorized or named")
+    made_by_docker = f"az-dk-{secrets.token_hex(3)}"
+    cluster.docker(host, ["volume", "create", "-d", "ferry", "-o", "size=64M", made_by_docker])
+    control_log = Path(str(cluster.logs["control"])).read_text()
+    assert (
+        f"call: caller={host.name} kind=node method=ferry.v1.Control/CreateVolume "
+        f"volume={made_by_docker}"
+    ) in control_log
+    made_by_ferryctl = f"az-ctl-{secrets.token_hex(3)}"
+    cluster.ferryctl(["volume", "create", made_by_ferryctl, "--size", "64M", "--node", host.name])
+    refused = cluster.docker(host, ["volume", "rm", made_by_ferryctl], check=False)
+    assert refused.returncode != 0
+    assert f"delete it with 'ferryctl volume delete {made_by_ferryctl}'" in refused.stderr
+    assert made_by_ferryctl in volume_names(cluster)
+    cluster.ferryctl(["volume", "delete", made_by_ferryctl])
+    cluster.docker(host, ["volume", "rm", made_by_docker])
+    assert not {made_by_docker, made_by_ferryctl} & volume_names(cluster)

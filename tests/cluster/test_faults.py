@@ -247,6 +247,28 @@ def test_streams_from_impostors_are_refused_and_change_nothing(
     assert sent(cluster, name) == 0
 
 
+def test_a_user_certificate_cannot_call_an_agents_peer_rpcs(cluster: Cluster) -> None:
+    """Holdings and Receive take node certificates only: ferryctl's user never reaches an agent."""
+    if cluster.insecure or cluster.user_cert is None:
+        pytest.skip("the cluster runs without TLS")
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    user = _stub(cluster, b, cluster.user_cert.stem)
+    with pytest.raises(grpc.RpcError) as refused:
+        user.Holdings(transfer_pb2.HoldingsRequest(volume="az-any"), timeout=20)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "a user certificate" in (refused.value.details() or "")
+    assert "takes a node certificate" in (refused.value.details() or "")
+    header = transfer_pb2.StreamHeader(
+        volume="az-any", to_snapshot="ferry-1-1", epoch=1, sender=cluster.user_cert.stem
+    )
+    pushed = _push(user, header)
+    assert pushed.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "may not call /ferry.v1.Transfer/Receive" in (pushed.details() or "")
+    node = _stub(cluster, b, a.name)
+    reply = node.Holdings(transfer_pb2.HoldingsRequest(volume="az-any"), timeout=20)
+    assert reply.node == b.name and not reply.snapshots
+
+
 def test_etcd_restarted_mid_move_loses_nothing_and_the_move_completes(
     cluster: Cluster, loaded: tuple[str, dict[str, str]]
 ) -> None:

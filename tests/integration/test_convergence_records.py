@@ -15,14 +15,17 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig
+from agent.control_client import ControlClient
 from agent.plugin import PluginError, VolumePlugin
-from agent.service import AgentService, PluginControl
+from agent.service import AgentService
 from agent.store import VolumeStore
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
+from control import ca
 from control.keyspace import Keyspace
 from control.operations import VolumeOps
 from control.records import VolumeSpec
+from control.tls import TlsFiles
 from tests.support.etcd import ControlServer, EtcdServer, ferryctl
 from tests.support.pools import ScratchPool, scratch_pool
 
@@ -147,16 +150,23 @@ async def test_a_create_the_node_refuses_ends_failed_and_is_not_retried(
     assert shown.code == 0, shown.stderr
     assert f"failed: node {NODE} could not create it" in shown.stdout
 
+    certs = control.certs.directory
+    ca.issue(certs, "node", NODE)
+    node_tls = TlsFiles(certs / "ca.crt", certs / f"{NODE}.crt", certs / f"{NODE}.key")
+    to_control = ControlClient(control.address, node_tls, NODE)
     plugin = VolumePlugin(
         node=NODE,
         keyspace=keyspace,
         store=store,
-        control=PluginControl(VolumeOps(keyspace), NODE),
+        control=to_control,
         lease=lambda: service._registration.lease,
         mounts=DockerMounts(tmp_path / "docker-mounts.json"),
     )
-    with pytest.raises(PluginError, match=f"could not be created on {NODE}: NoSpace"):
-        await plugin.mount(name, "container-1")
+    try:
+        with pytest.raises(PluginError, match=f"could not be created on {NODE}: NoSpace"):
+            await plugin.mount(name, "container-1")
+    finally:
+        await to_control.close()
 
     resized = await VolumeOps(keyspace).update(name, size="16M")
     assert resized.create_error == "", "a new size is a new try"

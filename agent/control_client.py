@@ -1,0 +1,88 @@
+"""The Docker plugin's requests to ferry-control, over gRPC with this node's certificate.
+
+The plugin never writes volume specs to etcd itself: control decides what a
+node may ask for (``control.authz``: create, and move to itself), so etcd
+can deny nodes write access to ``volumes/``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from agent.plugin import PluginError
+from control.tls import TlsFiles
+from protos.ferry.v1 import control_pb2, control_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CONTROL_NAME = "control"
+CALL_TIMEOUT_SECONDS = 30.0
+"""Docker gives Create and Mount two minutes; a create or move request is one etcd transaction."""
+
+
+class ControlClient:
+    """``agent.plugin.ControlApi`` against ferry-control at ``address``."""
+
+    def __init__(self, address: str, tls: TlsFiles | None, here: str) -> None:
+        self._address = address
+        self._here = here
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(address)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                address,
+                tls.channel_credentials(),
+                options=[("grpc.ssl_target_name_override", CONTROL_NAME)],
+            )
+        self._stub = control_pb2_grpc.ControlStub(self._channel)
+
+    async def create_volume(self, name: str, size: str, compression: str, node: str) -> None:
+        """Without a node option, the volume is created where Docker asked for it.
+
+        An existing volume is taken as it is when no option asks for anything else.
+        """
+        request = control_pb2.CreateVolumeRequest(
+            name=name, size=size, compression=compression, node=node or self._here
+        )
+        try:
+            await self._stub.CreateVolume(request, timeout=CALL_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise self._failed(error) from error
+            if size or compression or node:
+                raise PluginError(
+                    f"volume {name} already exists; omit options to use it as it is"
+                ) from None
+
+    async def delete_volume(self, name: str) -> None:
+        try:
+            reply = await self._stub.DeleteVolume(
+                control_pb2.DeleteVolumeRequest(name=name), timeout=CALL_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as error:
+            raise self._failed(error) from error
+        if reply.notice:
+            # Docker's Remove has no place for a notice: the agent's log says it.
+            log.warning("volume removed through Docker: volume=%s notice=%s", name, reply.notice)
+
+    async def move_volume(self, name: str, node: str) -> None:
+        try:
+            await self._stub.MoveVolume(
+                control_pb2.MoveVolumeRequest(name=name, node=node), timeout=CALL_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as error:
+            raise self._failed(error) from error
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    def _failed(self, error: grpc.aio.AioRpcError) -> PluginError:
+        """Control's one-sentence answer as Docker shows it; an unreachable control says so."""
+        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return PluginError(
+                f"cannot reach ferry-control at {self._address} ({error.details()}); is it "
+                f"running, and is the agent's --control right?"
+            )
+        return PluginError(str(error.details()))
