@@ -23,7 +23,7 @@ class AgentConfig:
     tls: TlsFiles | None
     control: str = ""
     """ferry-control's HOST:PORT: the Docker plugin asks it to create and move volumes."""
-    encrypt_streams: bool = False
+    plain_streams: bool = False
     etcd_prefix: str = "/ferry/v1"
     lease_ttl: int = 10
     resync_seconds: float = 10.0
@@ -46,7 +46,11 @@ class AgentConfig:
                 "--control is required: ferry-control's HOST:PORT, which the Docker plugin "
                 "(--plugin-socket) asks to create and move volumes"
             )
-        if self.encrypt_streams and self.tls is None:
-            raise ValueError("--encrypt-streams needs the TLS files; it cannot go with --insecure")
         if not 0 <= self.data_port < 65536:
             raise ValueError(f"--data-port {self.data_port} is not a TCP port (0 to 65535)")
+
+    @property
+    def encrypt_streams(self) -> bool:
+        """Streams go over TLS, and only such streams are accepted, unless the agent runs
+        --insecure (no TLS files) or --insecure-plain-streams."""
+        return self.tls is not None and not self.plain_streams

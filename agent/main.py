@@ -61,10 +61,11 @@ log = logging.getLogger("agent")
 @click.option("--tls-key", default="", help="This node's private key (PEM).")
 @click.option("--insecure", is_flag=True, help="No TLS (development only; says so loudly).")
 @click.option(
-    "--encrypt-streams",
+    "--insecure-plain-streams",
     is_flag=True,
-    help="Send snapshot streams over TLS, and accept only such streams (slower: every byte "
-    "passes through Python).",
+    help="Send and accept snapshot streams in plain text on the data port (anyone on the "
+    "network between agents can read or alter volume data; says so loudly). Default: "
+    "mutual TLS, and plain streams are refused.",
 )
 @click.option("--etcd-prefix", default="/ferry/v1", help="Key prefix of Ferry's state in etcd.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
@@ -83,7 +84,7 @@ def main(
     tls_cert: str,
     tls_key: str,
     insecure: bool,
-    encrypt_streams: bool,
+    insecure_plain_streams: bool,
     etcd_prefix: str,
     log_level: str,
 ) -> None:
@@ -102,7 +103,7 @@ def main(
             plugin_socket=plugin_socket,
             tls=from_flags(tls_ca, tls_cert, tls_key, insecure),
             control=control,
-            encrypt_streams=encrypt_streams,
+            plain_streams=insecure_plain_streams,
             etcd_prefix=etcd_prefix,
         )
         runner.limits()

@@ -39,9 +39,18 @@ class NodeNameTaken(Exception):
 class Registration:
     """This node's lease, which every key it writes for itself (state, mounts) is put on."""
 
-    def __init__(self, keyspace: Keyspace, record: NodeInfo, ttl: int, store: VolumeStore) -> None:
-        """``record`` names the node; its free space and pool GUID are read from ``store``."""
+    def __init__(
+        self,
+        keyspace: Keyspace,
+        record: NodeInfo,
+        ttl: int,
+        store: VolumeStore,
+        cert_not_after: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        """``record`` names the node; its free space and pool GUID are read from ``store``, its
+        certificate's expiry from ``cert_not_after`` (which sees renewals)."""
         self._keyspace = keyspace
+        self._cert_not_after = cert_not_after
         self._record = record
         self._ttl = ttl
         self._store = store
@@ -60,6 +69,7 @@ class Registration:
             free_bytes=await self._store.free_bytes(),
             pool_guid=await self._store.pool_guid(),
             started_at=time.time(),
+            cert_not_after=await asyncio.to_thread(self._cert_not_after),
         )
         lease = await self._keyspace.new_lease(self._ttl)
         # etcd raises a TTL below its minimum; the holder's lease got the same.
@@ -112,7 +122,7 @@ class Registration:
                     await self.register()
                     registered_again()
                 else:
-                    await self._report_free_space()
+                    await self._report_changes()
                 backoff.reset()
             except NodeNameTaken:
                 raise
@@ -121,9 +131,21 @@ class Registration:
                 log.warning("etcd lease refresh failed: error=%s retry_in=%.1fs", error, delay)
                 await asyncio.sleep(delay)
 
-    async def _report_free_space(self) -> None:
+    async def _report_changes(self) -> None:
+        """Free space that moved by a step, and a renewed certificate's expiry."""
         free = await self._store.free_bytes()
-        if abs(free - self._record.free_bytes) >= FREE_SPACE_STEP:
-            self._record = replace(self._record, free_bytes=free)
-            await self._keyspace.update_node(self._record, self.lease)
-            log.debug("free space reported: node=%s free_bytes=%d", self._record.name, free)
+        expiry = await asyncio.to_thread(self._cert_not_after)
+        record = self._record
+        if abs(free - record.free_bytes) >= FREE_SPACE_STEP:
+            record = replace(record, free_bytes=free)
+        if expiry != record.cert_not_after:
+            record = replace(record, cert_not_after=expiry)
+        if record != self._record:
+            self._record = record
+            await self._keyspace.update_node(record, self.lease)
+            log.debug(
+                "node record updated: node=%s free_bytes=%d cert_not_after=%.0f",
+                record.name,
+                free,
+                expiry,
+            )

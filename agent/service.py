@@ -14,7 +14,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -33,10 +33,12 @@ from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.transfer.data import DataListener, host_of
 from agent.transfer.options import SERVER_OPTIONS
+from agent.transfer.secure import stream_context
 from agent.transfer.server import TransferService
 from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
+from control.certificates import CertificateWatch
 from control.gate import KindGate
 from control.keyspace import Keyspace, Unreadable, endpoints_client
 from control.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
@@ -46,6 +48,11 @@ from protos.ferry.v1 import transfer_pb2_grpc
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+PLAIN_STREAMS_WARNING = (
+    "INSECURE PLAIN STREAMS (--insecure-plain-streams): snapshot streams to and from this "
+    "agent cross the network unencrypted; anyone on the path can read or alter volume data. "
+    "Drop the flag on every agent to encrypt them"
+)
 # Worker threads of asyncio.to_thread (ZFS, mount and etcd-client work): each command holds
 # one for at most its limit and the kill's grace (agent.zfs.runner), so a few hung volumes
 # cannot starve the rest. The default (cores + 4) is 6 on a 2-core host.
@@ -68,7 +75,10 @@ class AgentService:
         self._keyspace = keyspace
         self._store = store
         self._wakeup = asyncio.Event()
-        self._peers: dict[str, PeerClient] = {}
+        self._certificates = CertificateWatch(config.tls) if config.tls else None
+        self._peers: dict[str, tuple[PeerClient, int]] = {}
+        # Clients made before a certificate renewal: transfers may still run on them.
+        self._retired: list[PeerClient] = []
         self._mounts = DockerMounts(config.docker_mounts_file)
         self._driver = MoveDriver(config.node, keyspace, store, self._peer, self._mounts)
         self._executor = Executor(config.node, keyspace, store, self._driver, self._wakeup.set)
@@ -84,6 +94,7 @@ class AgentService:
             ),
             config.lease_ttl,
             store,
+            cert_not_after=self._cert_not_after,
         )
         self._reported: set[str] = set()
         self._reported_mounts: dict[str, MountRecord] = {}
@@ -129,11 +140,10 @@ class AgentService:
             )
             await self._mounts.load()
             await self._recover()
-            tls = self._config.tls
+            if self._certificates is not None:
+                self._certificates.log_expiry()
             data = DataListener(
-                host_of(self._config.listen),
-                self._config.data_port,
-                tls.ssl_context(ssl.Purpose.CLIENT_AUTH) if tls else None,
+                host_of(self._config.listen), self._config.data_port, self._stream_server_context()
             )
             await data.start()
             server = await self._start_transfer_server(data)
@@ -143,12 +153,15 @@ class AgentService:
                 asyncio.create_task(self._watch(), name="watch"),
                 asyncio.create_task(self._converge_forever(), name="converge"),
             ]
+            if self._config.tls is not None and not self._config.encrypt_streams:
+                log.warning(PLAIN_STREAMS_WARNING)
             log.info(
-                "agent running: node=%s pool=%s listen=%s tls=%s",
+                "agent running: node=%s pool=%s listen=%s tls=%s streams=%s",
                 self._config.node,
                 self._config.pool,
                 self._config.listen,
                 "on" if self._config.tls else "OFF (insecure)",
+                "encrypted" if self._config.encrypt_streams else "PLAIN (insecure)",
             )
             await asyncio.gather(*tasks)
         finally:
@@ -162,8 +175,18 @@ class AgentService:
                 await server.stop(grace=2)
             if data is not None:
                 await data.close()
-            for peer in self._peers.values():
+            for peer in [*(p for p, _ in self._peers.values()), *self._retired]:
                 await peer.close()
+
+    def _cert_not_after(self) -> float:
+        return self._certificates.not_after if self._certificates else 0.0
+
+    def _stream_server_context(self) -> Callable[[], ssl.SSLContext] | None:
+        """The data port's TLS context, anew after a certificate renewal."""
+        certificates = self._certificates
+        if certificates is None:
+            return None
+        return lambda: certificates.context(ssl.Purpose.CLIENT_AUTH, stream_context)
 
     async def _recover(self) -> None:
         """Start-up recovery, retried until it succeeds: a hung pool keeps the node starting."""
@@ -196,11 +219,11 @@ class AgentService:
             require_encryption=self._config.encrypt_streams,
         )
         transfer_pb2_grpc.add_TransferServicer_to_server(service, server)
-        if self._config.tls is None:
+        if self._certificates is None:
             warn_insecure()
             server.add_insecure_port(self._config.listen)
         else:
-            server.add_secure_port(self._config.listen, self._config.tls.server_credentials())
+            server.add_secure_port(self._config.listen, self._certificates.server_credentials())
         await server.start()
         return server
 
@@ -388,12 +411,15 @@ class AgentService:
         if found is None:
             raise TransferFailed(f"node {node} is not registered (down?); the move waits for it")
         info = found.value
-        peer = self._peers.get(node)
-        if peer is None or peer.address != info.address:
-            if peer is not None:
+        generation = self._certificates.generation if self._certificates else 0
+        peer, made_in = self._peers.get(node, (None, generation))
+        if peer is None or peer.address != info.address or made_in != generation:
+            if peer is not None and peer.address == info.address:
+                self._retired.append(peer)  # renewed certificate: dial again with the new one
+            elif peer is not None:
                 await peer.close()
             peer = PeerClient(node, info.address, self._config.tls, self._config.encrypt_streams)
-            self._peers[node] = peer
+            self._peers[node] = (peer, generation)
         return peer
 
 

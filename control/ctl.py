@@ -230,6 +230,9 @@ def _cell(row: dict[str, Any], column: str) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("kept_at", 0)))
     if column == "dataset" and row.get("drop_requested"):
         return f"{row['dataset']} (drop requested)"
+    if column == "cert_expires":
+        expiry = float(row.get("cert_not_after", 0))
+        return time.strftime("%Y-%m-%d", time.gmtime(expiry)) if expiry else "-"
     return str(row.get(column, ""))
 
 
@@ -484,7 +487,7 @@ def node_list(api: Api, output: str) -> None:
         {**MessageToDict(n, preserving_proto_field_name=True), "free_bytes": n.free_bytes}
         for n in reply.nodes
     ]
-    _emit(output, rows, ["name", "status", "address", "pool", "free", "version"])
+    _emit(output, rows, ["name", "status", "address", "pool", "free", "version", "cert_expires"])
 
 
 def _plan(api: Api, file: Path, prune: bool) -> list[Any]:

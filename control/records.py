@@ -165,6 +165,8 @@ class NodeInfo(_Record):
     status: str = "ready"
     """``starting`` from registration until the agent's recovery is done and its gRPC and
     plugin sockets answer, then ``ready`` (records of agents older than this field are ready)."""
+    cert_not_after: float = 0.0
+    """When the agent's TLS certificate expires (Unix time); 0 when it runs without TLS."""
 
     def __post_init__(self) -> None:
         check_node_name(self.name)

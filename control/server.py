@@ -152,6 +152,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     version=n.version,
                     started_at=n.started_at,
                     status=n.status,
+                    cert_not_after=n.cert_not_after,
                 )
                 for n in sorted((v.value for v in nodes), key=lambda n: n.name)
             ]

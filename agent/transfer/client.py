@@ -15,6 +15,7 @@ from agent.snapshots import SnapshotRef
 from agent.transfer import data
 from agent.transfer.data import host_of
 from agent.transfer.options import CHANNEL_OPTIONS
+from agent.transfer.secure import SecureStream, stream_context
 from agent.zfs import ZFSError
 from agent.zfs.streams import SnapshotStream
 from control.tls import TlsFiles
@@ -45,7 +46,7 @@ class PeerClient:
         if encrypt_streams:
             if tls is None:
                 raise ValueError("encrypted streams need TLS files; the agent runs --insecure")
-            self._ssl = tls.ssl_context(ssl.Purpose.SERVER_AUTH)
+            self._ssl = stream_context(tls.ssl_context(ssl.Purpose.SERVER_AUTH))
         if tls is None:
             self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:
@@ -94,7 +95,7 @@ class PeerClient:
                     host, ticket.port, ticket.token, self._ssl, self.node
                 )
                 try:
-                    await self._stream_tls(call, stream, source, on_progress)
+                    await self._stream_encrypted(call, stream, source, on_progress)
                     done = (await self._expect(replies, "done")).done
                 finally:
                     stream.close()
@@ -127,7 +128,7 @@ class PeerClient:
         on_progress: ProgressCallback,
     ) -> None:
         """``zfs send`` writes into the socket itself; progress is what the peer acknowledged."""
-        reporter = asyncio.create_task(_report_acked(sock, on_progress))
+        reporter = asyncio.create_task(_report(lambda: data.stream_bytes_acked(sock), on_progress))
         try:
             await data.pump(source.write_to, sock)
             sock.shutdown(socket.SHUT_WR)
@@ -137,25 +138,21 @@ class PeerClient:
         finally:
             reporter.cancel()
 
-    async def _stream_tls(
+    async def _stream_encrypted(
         self,
         call: ReceiveCall,
-        stream: data.TlsStream,
+        stream: SecureStream,
         source: SnapshotStream,
         on_progress: ProgressCallback,
     ) -> None:
-        sent = 0
+        """``zfs send`` writes into a pipe; a relay thread encrypts it onto the connection."""
+        reporter = asyncio.create_task(_report(lambda: stream.relayed, on_progress))
         try:
-            async for chunk in source.chunks():
-                stream.writer.write(chunk)
-                await stream.writer.drain()
-                sent += len(chunk)
-                on_progress(sent)
+            await stream.send(source.write_to)
         except ZFSError as error:
-            stream.writer.transport.abort()
             raise await self._failed(call, error) from error
-        stream.writer.close()
-        await stream.writer.wait_closed()
+        finally:
+            reporter.cancel()
 
     async def _failed(self, call: ReceiveCall, error: ZFSError) -> TransferFailed:
         """Often the peer stopped reading first; then its reason is the one worth telling."""
@@ -175,10 +172,10 @@ class PeerClient:
         await self._channel.close(grace=None)
 
 
-async def _report_acked(sock: socket.socket, on_progress: ProgressCallback) -> None:
+async def _report(count: Callable[[], int], on_progress: ProgressCallback) -> None:
     while True:
         await asyncio.sleep(PROGRESS_POLL_SECONDS)
-        on_progress(data.stream_bytes_acked(sock))
+        on_progress(count())
 
 
 async def _reason(call: ReceiveCall) -> str | None:

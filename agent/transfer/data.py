@@ -1,22 +1,22 @@
-"""The data connection of a transfer: raw ``zfs send`` bytes over TCP, beside the gRPC call.
+"""The data connection of a transfer: ``zfs send`` bytes over TCP, beside the gRPC call.
 
 Relaying a stream through gRPC messages cost each agent about half a core of
 Python and held transfers near half the speed of ``zfs send | zfs receive``
-(docs/decisions.md). Here no agent touches the bytes: ``zfs send`` writes
-into the socket and ``zfs receive`` reads from it. The gRPC call, under
-mutual TLS, stays the control channel: it authenticates and authorizes the
-sender, hands out a ticket for the data connection, and carries the result.
+(docs/decisions.md). Here the event loop never touches the bytes. The gRPC
+call, under mutual TLS, stays the control channel: it authenticates and
+authorizes the sender, hands out a ticket for the data connection, and
+carries the result.
 
 A ticket is TOKEN_BYTES random bytes, good for one connection, from the
 address that asked for it, within TICKET_SECONDS. A connection that brings
 anything else is closed before ``zfs receive`` sees a byte.
 
-With ``--encrypt-streams`` the data connection is mutual TLS instead (a
-``TlsStream``): the token comes after the handshake, the client certificate
-must name the sender, and the bytes pass through Python's TLS, which costs
-the copies the plain connection avoids. One port serves both: a TLS
-connection starts with a handshake record (TLS_HANDSHAKE), and a plain
-token never does.
+By default the data connection is mutual TLS (a ``SecureStream``,
+agent.transfer.secure): the token comes after the handshake and the client
+certificate must name the sender. With ``--insecure-plain-streams`` it is
+plain TCP that ``zfs send`` writes into and ``zfs receive`` reads from
+directly. One port serves both: a TLS connection starts with a handshake
+record (TLS_HANDSHAKE), and a plain token never does.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ import socket
 import ssl
 import struct
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.transfer import secure
+from agent.transfer.secure import SecureStream
+from agent.transfer.unadmitted import SUMMARY_SECONDS, Unadmitted
 from agent.zfs import runner
-from agent.zfs.streams import CHUNK_BYTES, readable
-from control.tls import certificate_name
+from agent.zfs.streams import readable
 
 log = logging.getLogger(__name__)
 
@@ -134,35 +136,21 @@ async def connect(host: str, port: int, token: bytes) -> socket.socket:
     return await asyncio.to_thread(dial)
 
 
-@dataclass
-class TlsStream:
-    """An encrypted data connection, read and written on the event loop."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """What arrives, until the sender closes."""
-        while chunk := await self.reader.read(CHUNK_BYTES):
-            yield chunk
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-DataConnection = socket.socket | TlsStream
+DataConnection = socket.socket | SecureStream
 
 
 async def connect_tls(
     host: str, port: int, token: bytes, context: ssl.SSLContext, node: str
-) -> TlsStream:
+) -> SecureStream:
     """Open an encrypted data connection to ``node`` (its certificate is checked) with the token."""
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, ssl=context, server_hostname=node), CONNECT_SECONDS
-    )
-    _fail_fast(writer.get_extra_info("socket"))
-    writer.write(token)
-    return TlsStream(reader, writer)
+    stream = await secure.dial(host, port, context, node, CONNECT_SECONDS)
+    try:
+        _hand_to_zfs(stream.sock)
+        await asyncio.to_thread(stream.write, token)
+    except BaseException:
+        stream.close()
+        raise
+    return stream
 
 
 async def pump(work: Callable[[int], None], sock: socket.socket) -> None:
@@ -224,14 +212,26 @@ class Ticket:
 
 
 class DataListener:
-    """Accepts data connections and admits each one that brings a live ticket."""
+    """Accepts data connections and admits each one that brings a live ticket.
 
-    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None) -> None:
+    ``tls`` gives the TLS context for each new connection, so a renewed
+    certificate serves the next one.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls: Callable[[], ssl.SSLContext] | None,
+        unadmitted: Unadmitted | None = None,
+    ) -> None:
         self._address = (host, port)
         self._tls = tls
+        self._unadmitted = unadmitted or Unadmitted()
         self._tickets: dict[bytes, Ticket] = {}
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
+        self._summarizing: asyncio.Task[None] | None = None
         self._admitting: set[asyncio.Task[None]] = set()
 
     @property
@@ -252,10 +252,11 @@ class DataListener:
             ) from error
         self._socket.setblocking(False)
         self._accepting = asyncio.create_task(self._accept_forever(), name="data-listener")
+        self._summarizing = asyncio.create_task(self._summarize_forever(), name="data-summary")
         log.info("data connections: listen=%s:%d", host, self.port)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._accepting, *self._admitting) if t is not None]
+        tasks = [t for t in (self._accepting, self._summarizing, *self._admitting) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -295,27 +296,43 @@ class DataListener:
                 log.warning("data connection accept failed: error=%s", error)
                 await asyncio.sleep(0.5)
                 continue
-            task = asyncio.create_task(self._admit(conn, _canonical(address[0])))
+            host = _canonical(address[0])
+            if not self._unadmitted.enter(host):
+                conn.close()
+                continue
+            task = asyncio.create_task(self._admit(conn, host))
             self._admitting.add(task)
             task.add_done_callback(self._admitting.discard)
 
+    async def _summarize_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SUMMARY_SECONDS)
+            self._unadmitted.summarize()
+
     async def _admit(self, conn: socket.socket, host: str) -> None:
+        try:
+            await self._admit_or_drop(conn, host)
+        finally:
+            self._unadmitted.leave(host)
+
+    async def _admit_or_drop(self, conn: socket.socket, host: str) -> None:
         try:
             connection, token, identity = await asyncio.wait_for(
                 self._open(conn), TOKEN_READ_SECONDS
             )
-        except (TimeoutError, OSError, EOFError, asyncio.IncompleteReadError) as error:
-            log.warning("data connection dropped before its token: peer=%s error=%r", host, error)
+        except TimeoutError:
             conn.close()
+            self._unadmitted.drop(host, "no_token_in_time")
+            return
+        except (OSError, EOFError) as error:
+            conn.close()
+            self._unadmitted.drop(host, "tls_failed" if isinstance(error, ssl.SSLError) else "cut")
             return
         ticket = self._tickets.get(token)
         if ticket is None or not ticket.admits(host, identity):
-            log.warning(
-                "data connection refused, no ticket for it: peer=%s certificate=%s",
-                host,
-                identity or "(none)",
-            )
+            log.debug("data connection refused: peer=%s certificate=%s", host, identity)
             connection.close()
+            self._unadmitted.drop(host, "no_ticket")
             return
         del self._tickets[token]
         ticket.arrived.set_result(connection)
@@ -323,9 +340,14 @@ class DataListener:
     async def _open(self, conn: socket.socket) -> tuple[DataConnection, bytes, str | None]:
         """The connection, its token, and the name in its certificate (None when plain)."""
         if self._tls is not None and await _first_byte(conn) == TLS_HANDSHAKE:
-            stream = await _accept_tls(conn, self._tls)
-            token = await stream.reader.readexactly(TOKEN_BYTES)
-            return stream, token, certificate_name(stream.writer.get_extra_info("peercert")) or ""
+            stream = await secure.accept(conn, self._tls())
+            try:
+                token = await stream.read_exactly(TOKEN_BYTES)
+            except BaseException:
+                stream.close()
+                raise
+            _hand_to_zfs(stream.sock)
+            return stream, token, stream.peer_name() or ""
         token = await _read_exactly(conn, TOKEN_BYTES)
         _hand_to_zfs(conn)
         return conn, token, None
@@ -342,15 +364,6 @@ async def _first_byte(conn: socket.socket) -> int:
         if not peeked:
             raise EOFError("connection closed before its first byte")
         return peeked[0]
-
-
-async def _accept_tls(conn: socket.socket, context: ssl.SSLContext) -> TlsStream:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=CHUNK_BYTES, loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn, ssl=context)
-    _fail_fast(conn)
-    return TlsStream(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
 
 async def _read_exactly(conn: socket.socket, size: int) -> bytes:

@@ -27,13 +27,12 @@ from agent.store import VolumeStore
 from agent.transfer.data import (
     DataConnection,
     DataListener,
-    TlsStream,
     peer_host,
     pump,
     stream_bytes_received,
 )
+from agent.transfer.secure import SecureStream
 from agent.zfs import ZFSError
-from agent.zfs.streams import receive_chunks
 from control.keyspace import Keyspace
 from control.records import VolumeSpec
 from control.tls import peer_identity
@@ -77,7 +76,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{self._node} accepts only encrypted streams; start the agent of "
-                f"{request.sender} with --encrypt-streams",
+                f"{request.sender} without --insecure-plain-streams",
             )
         if volume in self._holdings.receiving:
             await context.abort(
@@ -237,10 +236,12 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             header.epoch,
         )
         try:
-            if isinstance(connection, TlsStream):
-                received = await receive_chunks(snapshot, connection.chunks())
+            work = functools.partial(zfs.lzc_receive, snapshot)
+            if isinstance(connection, SecureStream):
+                await connection.receive(work)
+                received = connection.relayed
             else:
-                await pump(functools.partial(zfs.lzc_receive, snapshot), connection)
+                await pump(work, connection)
                 received = stream_bytes_received(connection)
         except (ZFSError, OSError) as error:
             if header.from_snapshot and isinstance(

@@ -16,7 +16,7 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass, field
 
 from agent import zfs
@@ -169,7 +169,7 @@ async def receive_chunks(snapname: Name, chunks: AsyncIterable[bytes], force: bo
 
 @dataclass(frozen=True)
 class SnapshotStream:
-    """The send stream of ``snapshot`` (incremental from ``base``), for a descriptor or a loop."""
+    """The send stream of ``snapshot`` (incremental from ``base``), for a descriptor."""
 
     snapshot: bytes
     base: bytes | None
@@ -177,9 +177,6 @@ class SnapshotStream:
     def write_to(self, fd: int) -> None:
         """Blocking: the whole stream into ``fd``."""
         zfs.lzc_send(self.snapshot, self.base, fd)
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        return send_chunks(self.snapshot, self.base)
 
 
 def _abort(transport: asyncio.WriteTransport) -> None:

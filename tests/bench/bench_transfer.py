@@ -10,8 +10,9 @@ agents), it alternates, in one run:
 - a raw ``zfs send | zfs receive`` of a volume between the two hosts' pools,
   and the same volume moved by the agents, taking turns at going first (the
   transfer time is what the source agent logs for the full stream: the TLS
-  call, its ticket, and the data connection); then the same with both
-  agents restarted with ``--encrypt-streams``;
+  call, its ticket, and the data connection); once with the agents as they
+  start by default (encrypted streams) and once restarted with
+  ``--insecure-plain-streams``, the two also taking turns at going first;
 - the handoff pause (mount released on A until the copy on B is writable)
   of a small and a large volume, each with 16 MiB written after pre-copy.
 
@@ -32,6 +33,7 @@ from tests.cluster.test_moves import mount_held, mountpoint, wait_for, write_ran
 from tests.support.cluster import Cluster, ClusterHost, local_cluster
 
 MIB = 1 << 20
+PLAIN = {"FERRY_INSECURE_PLAIN_STREAMS": "1"}
 SENT = re.compile(r"sent: volume=(\S+) to=\S+ snapshot=(\S+) bytes=(\d+) seconds=([\d.]+)")
 
 
@@ -77,7 +79,7 @@ def agent_transfer(
 
 
 def restart_agents(cluster: Cluster, env: dict[str, str]) -> None:
-    """Both agents again, with ``env`` added (e.g. FERRY_ENCRYPT_STREAMS)."""
+    """Both agents again, with ``env`` added (e.g. FERRY_INSECURE_PLAIN_STREAMS)."""
     for host in cluster.hosts[:2]:
         cluster.agent(host.name, "stop")
         cluster.agent(host.name, "start", env)
@@ -109,10 +111,10 @@ def main() -> None:
     parser.add_argument("--large-mib", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
-        "--encrypted",
+        "--pauses",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time transfers with --encrypt-streams",
+        help="also time the handoff pause",
     )
     args = parser.parse_args()
     settings = Path("/etc/zfs/zfsrc")
@@ -126,42 +128,42 @@ def main() -> None:
     )
     with local_cluster(f"bn{secrets.token_hex(2)}", hosts=2, pool_size="16G") as cluster:
         a, b = cluster.hosts[0], cluster.hosts[1]
-        raw, agent, whole, encrypted = [], [], [], []
+        raw: list[float] = []
+        timed: dict[str, list[float]] = {"encrypted": [], "plain": []}
+        whole: list[float] = []
         for run in range(args.runs):
-            name = fresh_volume(cluster, a, args.mib)
-            subprocess.run(["sync"], check=True)
-            if run % 2:  # alternate which goes first, so neither always meets a warmer pool
-                transfer, move = agent_transfer(cluster, name, a, b)
-                raw.append(raw_send_receive(cluster, name, a, b))
-            else:
-                raw.append(raw_send_receive(cluster, name, a, b))
-                transfer, move = agent_transfer(cluster, name, a, b)
-            agent.append(transfer)
-            whole.append(move)
-            cluster.ferryctl(["volume", "delete", name, "--force"])
-            line = f"run {run + 1}: raw {raw[-1]:.2f}s  agents {agent[-1]:.2f}s"
-            if args.encrypted:
-                restart_agents(cluster, {"FERRY_ENCRYPT_STREAMS": "1"})
+            # Alternate which mode goes first, and within each mode raw or agents first,
+            # so that neither always meets a warmer pool.
+            modes = ["encrypted", "plain"] if run % 2 == 0 else ["plain", "encrypted"]
+            line = f"run {run + 1}:"
+            for index, mode in enumerate(modes):
+                restart_agents(cluster, PLAIN if mode == "plain" else {})
                 name = fresh_volume(cluster, a, args.mib)
                 subprocess.run(["sync"], check=True)
-                encrypted.append(agent_transfer(cluster, name, a, b)[0])
+                if (run + index) % 2:
+                    transfer, move = agent_transfer(cluster, name, a, b)
+                    raw.append(raw_send_receive(cluster, name, a, b))
+                else:
+                    raw.append(raw_send_receive(cluster, name, a, b))
+                    transfer, move = agent_transfer(cluster, name, a, b)
+                timed[mode].append(transfer)
+                if mode == "encrypted":
+                    whole.append(move)
                 cluster.ferryctl(["volume", "delete", name, "--force"])
-                restart_agents(cluster, {})
-                line += f"  agents encrypted {encrypted[-1]:.2f}s"
-            print(f"{line}  whole move {move:.2f}s")
+                line += f"  raw {raw[-1]:.2f}s  agents {mode} {transfer:.2f}s"
+            print(line)
+        restart_agents(cluster, {})
         raw_rate = args.mib / statistics.median(raw)
-        agent_rate = args.mib / statistics.median(agent)
+        rates = {mode: args.mib / statistics.median(seconds) for mode, seconds in timed.items()}
         print(
-            f"throughput of {args.mib} MiB: raw send|recv {raw_rate:.0f} MiB/s, through two agents "
-            f"{agent_rate:.0f} MiB/s, ratio {agent_rate / raw_rate:.2f} "
-            f"(whole move incl. handoff: {args.mib / statistics.median(whole):.0f} MiB/s)"
+            f"throughput of {args.mib} MiB, medians of {args.runs} runs: raw send|recv "
+            f"{raw_rate:.0f} MiB/s; agents encrypted {rates['encrypted']:.0f} MiB/s, "
+            f"plain {rates['plain']:.0f} MiB/s; encrypted/raw {rates['encrypted'] / raw_rate:.2f}, "
+            f"plain/raw {rates['plain'] / raw_rate:.2f} (whole encrypted move incl. handoff: "
+            f"{args.mib / statistics.median(whole):.0f} MiB/s)"
         )
-        if encrypted:
-            rate = args.mib / statistics.median(encrypted)
-            print(
-                f"with --encrypt-streams: {rate:.0f} MiB/s, ratio to raw {rate / raw_rate:.2f}, "
-                f"to plain agents {rate / agent_rate:.2f}"
-            )
+        if not args.pauses:
+            return
         pauses: dict[int, list[float]] = {args.small_mib: [], args.large_mib: []}
         for run in range(args.runs):
             for mib in pauses:

@@ -1,7 +1,7 @@
-"""Agents started with --encrypt-streams: plain streams are refused, encrypted ones move the data.
+"""Streams are encrypted by default: a plain sender is refused, the default agents move the data.
 
-The agents of the shared cluster are restarted with FERRY_ENCRYPT_STREAMS=1
-and restarted plain again afterwards, whatever happened.
+A host's agent is restarted with FERRY_INSECURE_PLAIN_STREAMS=1 and
+restarted as the shared cluster runs it afterwards, whatever happened.
 """
 
 from __future__ import annotations
@@ -19,21 +19,20 @@ from tests.support.cluster import Cluster
 
 pytestmark = pytest.mark.cluster
 
-ENCRYPTED = {"FERRY_ENCRYPT_STREAMS": "1"}
+PLAIN = {"FERRY_INSECURE_PLAIN_STREAMS": "1"}
 
 
 @pytest.fixture
-def restores_plain_agents(cluster: Cluster) -> Iterator[None]:
+def restores_default_agent(cluster: Cluster) -> Iterator[None]:
     if cluster.kind != "local" or cluster.insecure:
         pytest.skip("restarts local-cluster agents with TLS")
     yield
-    for host in cluster.hosts[:2]:
-        cluster.agent(host.name, "stop")
-        cluster.agent(host.name, "start")
+    cluster.agent(cluster.hosts[0].name, "stop")
+    cluster.agent(cluster.hosts[0].name, "start")
 
 
-def test_a_receiver_that_requires_encryption_gets_its_copy_only_encrypted(
-    cluster: Cluster, restores_plain_agents: None
+def test_a_default_receiver_refuses_a_plain_sender_and_takes_its_copy_encrypted(
+    cluster: Cluster, restores_default_agent: None
 ) -> None:
     a, b = cluster.hosts[0], cluster.hosts[1]
     name = f"enc-{secrets.token_hex(3)}"
@@ -42,8 +41,8 @@ def test_a_receiver_that_requires_encryption_gets_its_copy_only_encrypted(
     write_random(cluster, a, f"{mountpoint(a, name)}/data", 96)
     data = checksums(cluster, a, mountpoint(a, name))
     try:
-        cluster.agent(b.name, "stop")
-        cluster.agent(b.name, "start", ENCRYPTED)
+        cluster.agent(a.name, "stop")
+        cluster.agent(a.name, "start", PLAIN)
         cluster.ferryctl(["volume", "move", name, b.name])
         wait_for(
             "the plain stream to be refused",
@@ -53,13 +52,13 @@ def test_a_receiver_that_requires_encryption_gets_its_copy_only_encrypted(
         assert cluster.volume(name)["owner"] == a.name
 
         cluster.agent(a.name, "stop")
-        cluster.agent(a.name, "start", ENCRYPTED)
+        cluster.agent(a.name, "start")
         finish_and_check(cluster, name, data, b)
         log = a.logs["agent"]
         assert log is not None
-        sent = re.findall(
-            rf"sent: volume={name} to={b.name} .* encrypted=(\w+)", Path(log).read_text()
-        )
+        text = Path(log).read_text()
+        assert "INSECURE PLAIN STREAMS" in text
+        sent = re.findall(rf"sent: volume={name} to={b.name} .* encrypted=(\w+)", text)
         assert sent and set(sent) == {"True"}
     finally:
         cluster.ferryctl(["volume", "delete", name, "--force"], check=False)

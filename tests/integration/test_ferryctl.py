@@ -7,6 +7,7 @@ an agent claims a volume it created.
 
 from __future__ import annotations
 
+import datetime
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -187,6 +188,20 @@ async def test_node_list_shows_live_nodes(env: dict[str, str], nodes: LiveNodes)
     assert by_name["ct-n2"]["pool"] == "ct-ct-n2"
     table = ok(await ferryctl(env, "node", "list")).stdout
     assert "50.0GiB" in table and "20.0GiB" in table
+
+
+async def test_node_list_shows_when_each_nodes_certificate_expires(
+    env: dict[str, str], nodes: LiveNodes
+) -> None:
+    expiry = datetime.datetime(2027, 3, 4, 5, 6, tzinfo=datetime.UTC).timestamp()
+    await nodes.add("ct-certified", GIB, cert_not_after=expiry)
+    rows = json.loads(ok(await ferryctl(env, "node", "list", "-o", "json")).stdout)
+    assert {r["name"]: r.get("cert_not_after") for r in rows}["ct-certified"] == expiry
+    table = ok(await ferryctl(env, "node", "list")).stdout
+    assert "CERT_EXPIRES" in table
+    line = next(row for row in table.splitlines() if "ct-certified" in row)
+    assert "2027-03-04" in line
+    assert next(row for row in table.splitlines() if "ct-n1" in row).rstrip().endswith("-")
 
 
 def write(path: Path, volumes: list[dict[str, str]]) -> Path:

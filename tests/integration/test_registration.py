@@ -85,3 +85,28 @@ async def test_the_name_is_free_once_a_dead_agents_lease_ends(
     await agent(keyspace, stores[0], "10.0.0.1:7480", ttl=1).register()
     await agent(keyspace, stores[1], "10.0.0.2:7480", ttl=1).register()
     assert await address_on_record(keyspace) == "10.0.0.2:7480"
+
+
+async def test_the_record_carries_the_certificates_expiry_and_follows_a_renewal(
+    keyspace: Keyspace, stores: tuple[VolumeStore, VolumeStore]
+) -> None:
+    expiry = [1_900_000_000.0]
+    record = NodeInfo(name="n1", address="10.0.0.1:7480", pool="p", free_bytes=0, version="t")
+    registration = Registration(keyspace, record, 3, stores[0], cert_not_after=lambda: expiry[0])
+    await registration.register()
+
+    async def on_record() -> float:
+        found = await keyspace.get_node("n1")
+        assert found is not None
+        return found.value.cert_not_after
+
+    assert await on_record() == 1_900_000_000.0
+    alive = asyncio.create_task(registration.keep_alive(lambda: None))
+    try:
+        expiry[0] = 1_930_000_000.0  # renewed
+        deadline = time.monotonic() + 10
+        while await on_record() != 1_930_000_000.0:
+            assert time.monotonic() < deadline, "the renewed expiry never reached the record"
+            await asyncio.sleep(0.2)
+    finally:
+        alive.cancel()

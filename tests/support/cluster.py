@@ -169,7 +169,7 @@ class Cluster:
     def agent(self, host: str, action: str, env: Mapping[str, str] | None = None) -> None:
         """Kill (SIGKILL), stop (SIGTERM) or start a host's agent: local-cluster's own
         command for netns hosts, systemd's on real machines. ``env`` adds FERRY_*
-        settings (FERRY_FAILPOINTS, FERRY_ENCRYPT_STREAMS) to the started agent (local
+        settings (FERRY_FAILPOINTS, FERRY_INSECURE_PLAIN_STREAMS) to the started agent (local
         clusters only)."""
         if self.kind == "local":
             self.local_process(f"agent:{host}", action, env)

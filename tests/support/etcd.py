@@ -384,13 +384,16 @@ class LiveNodes:
         self._keyspace = keyspace
         self._leases: list[object] = []
 
-    async def add(self, name: str, free_bytes: int, ttl: int = 60) -> NodeInfo:
+    async def add(
+        self, name: str, free_bytes: int, ttl: int = 60, cert_not_after: float = 0.0
+    ) -> NodeInfo:
         info = NodeInfo(
             name=name,
             address=f"127.0.0.1:{free_port()}",
             pool=f"ct-{name}",
             free_bytes=free_bytes,
             version="test",
+            cert_not_after=cert_not_after,
         )
         self._leases.append(await register_node(self._keyspace, info, ttl))
         return info

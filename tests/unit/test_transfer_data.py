@@ -9,13 +9,14 @@ import asyncio
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from agent.transfer import data
-from agent.transfer.data import DataListener, TlsStream, peer_host
+from agent.transfer.data import DataListener, peer_host
+from agent.transfer.secure import SecureStream, stream_context
 from control import ca
 from control.tls import TlsFiles
 
@@ -148,24 +149,53 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _context(pki: Path, node: str, purpose: ssl.Purpose) -> ssl.SSLContext:
     files = TlsFiles(pki / "ca.crt", pki / f"{node}.crt", pki / f"{node}.key")
-    return files.ssl_context(purpose)
+    return stream_context(files.ssl_context(purpose))
 
 
 @pytest.fixture
 async def tls_listener(pki: Path) -> AsyncIterator[DataListener]:
-    server = DataListener("127.0.0.1", 0, _context(pki, "ct-recv", ssl.Purpose.CLIENT_AUTH))
+    context = _context(pki, "ct-recv", ssl.Purpose.CLIENT_AUTH)
+    server = DataListener("127.0.0.1", 0, lambda: context)
     await server.start()
     yield server
     await server.close()
 
 
-async def _refused(stream: TlsStream) -> bool:
-    try:
-        return await asyncio.wait_for(stream.reader.read(1), 5) == b""
-    except (ConnectionResetError, ssl.SSLError):
+async def _refused(stream: SecureStream) -> bool:
+    """True when the listener closes the connection (after its TLS alert, if any) in time."""
+
+    def read_to_the_end() -> bool:
+        stream.sock.settimeout(5)
+        try:
+            while stream.sock.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            return False
         return True
+
+    try:
+        return await asyncio.to_thread(read_to_the_end)
     finally:
         stream.close()
+
+
+def _collect(into: bytearray) -> Callable[[int], None]:
+    def read_all(fd: int) -> None:
+        with open(fd, "rb", buffering=0, closefd=False) as pipe:
+            while piece := pipe.read(1 << 16):
+                into.extend(piece)
+
+    return read_all
+
+
+def _write(payload: bytes) -> Callable[[int], None]:
+    def write_all(fd: int) -> None:
+        with open(fd, "wb", buffering=0, closefd=False) as pipe:
+            pipe.write(payload)
+
+    return write_all
 
 
 async def test_an_encrypted_ticket_admits_the_senders_certificate(
@@ -174,13 +204,38 @@ async def test_an_encrypted_ticket_admits_the_senders_certificate(
     ticket = tls_listener.expect("127.0.0.1", "ct-send", encrypted=True)
     client = _context(pki, "ct-send", ssl.Purpose.SERVER_AUTH)
     sender = await data.connect_tls("127.0.0.1", tls_listener.port, ticket.token, client, "ct-recv")
-    payload = secrets.token_bytes(200_000)
-    sender.writer.write(payload)
-    sender.writer.close()
     received = await ticket.connection()
-    assert isinstance(received, TlsStream)
-    assert b"".join([chunk async for chunk in received.chunks()]) == payload
-    received.close()
+    assert isinstance(received, SecureStream)
+    assert "GCM" in received.cipher and received.version == "TLSv1.3"
+    payload = secrets.token_bytes(3_000_000)
+    seen = bytearray()
+    with sender.sock, received.sock:
+        await asyncio.gather(sender.send(_write(payload)), received.receive(_collect(seen)))
+    assert bytes(seen) == payload
+    assert sender.relayed == received.relayed == len(payload)
+
+
+async def test_an_encrypted_stream_cut_before_its_end_fails_the_receiver(
+    tls_listener: DataListener, pki: Path
+) -> None:
+    """Without close_notify the receiver must not take what came as the whole stream."""
+    ticket = tls_listener.expect("127.0.0.1", "ct-send", encrypted=True)
+    client = _context(pki, "ct-send", ssl.Purpose.SERVER_AUTH)
+    sender = await data.connect_tls("127.0.0.1", tls_listener.port, ticket.token, client, "ct-recv")
+    received = await ticket.connection()
+    assert isinstance(received, SecureStream)
+
+    def fail_midway(fd: int) -> None:
+        _write(b"x" * 500_000)(fd)
+        raise RuntimeError("zfs send failed")
+
+    seen = bytearray()
+    with sender.sock, received.sock:
+        sending, receiving = await asyncio.gather(
+            sender.send(fail_midway), received.receive(_collect(seen)), return_exceptions=True
+        )
+    assert isinstance(sending, RuntimeError)
+    assert isinstance(receiving, ssl.SSLError | OSError)
 
 
 async def test_an_encrypted_ticket_refuses_another_nodes_certificate(

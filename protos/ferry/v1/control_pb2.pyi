@@ -484,6 +484,7 @@ class Node(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    CERT_NOT_AFTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     pool: _builtins.str
@@ -492,6 +493,8 @@ class Node(_message.Message):
     started_at: _builtins.float
     status: _builtins.str
     """"starting" until the agent's recovery is done and its sockets answer, then "ready"."""
+    cert_not_after: _builtins.float
+    """When the agent's TLS certificate expires (Unix time); 0 without TLS."""
     def __init__(
         self,
         *,
@@ -502,10 +505,11 @@ class Node(_message.Message):
         version: _builtins.str = ...,
         started_at: _builtins.float = ...,
         status: _builtins.str = ...,
+        cert_not_after: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_bytes", b"free_bytes", "name", b"name", "pool", b"pool", "started_at", b"started_at", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cert_not_after", b"cert_not_after", "free_bytes", b"free_bytes", "name", b"name", "pool", b"pool", "started_at", b"started_at", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

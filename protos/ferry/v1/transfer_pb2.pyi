@@ -127,8 +127,9 @@ class StreamHeader(_message.Message):
     estimated_bytes: _builtins.int
     """Estimated stream size, for progress only (0 when unknown)."""
     encrypted: _builtins.bool
-    """The sender will speak mutual TLS on the data connection (agent flag
-    --encrypt-streams); a receiver with that flag refuses plain streams.
+    """The sender will speak mutual TLS on the data connection (the default;
+    false with --insecure-plain-streams); a receiver without that flag
+    refuses plain streams.
     """
     def __init__(
         self,
