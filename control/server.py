@@ -229,8 +229,12 @@ def _volume_message(
 
 
 async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix: str) -> None:
-    """Serve the Control API and gRPC health checking until cancelled."""
-    client = await asyncio.to_thread(endpoints_client, etcd)
+    """Serve the Control API and gRPC health checking until cancelled.
+
+    etcd is reached over mutual TLS with control's own certificate (etcd user
+    ``control``), or in plaintext when control runs insecure.
+    """
+    client = await asyncio.to_thread(endpoints_client, etcd, tls)
     keyspace = Keyspace(client, prefix)
     server = grpc.aio.server()
     control_pb2_grpc.add_ControlServicer_to_server(ControlService(keyspace), server)
