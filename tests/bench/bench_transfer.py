@@ -29,7 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from control.keyspace import Keyspace, endpoints_client
+from control.keyspace import Keyspace
 from control.records import MountRecord
 from tests.cluster.test_moves import mountpoint, wait_for, write_random
 from tests.support.cluster import Cluster, ClusterHost, local_cluster
@@ -90,7 +90,7 @@ def handoff_pause(cluster: Cluster, name: str, a: ClusterHost, b: ClusterHost) -
     """Seconds from releasing the mount on A to the copy on B being mounted writable."""
 
     async def scenario() -> float:
-        client = endpoints_client(cluster.etcd_endpoints)
+        client = cluster.etcd_client()
         keyspace = Keyspace(client)
         try:
             lease = await client.lease(120)
