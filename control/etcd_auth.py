@@ -110,14 +110,18 @@ def roles(prefix: str, nodes: Sequence[str]) -> dict[str, tuple[str, set[tuple[i
     return table
 
 
+def _refused(what: str, error: grpc.aio.AioRpcError) -> BootstrapError:
+    return BootstrapError(
+        f"etcd refused to {what}: {error.details()}; run the bootstrap with the "
+        "etcd-root certificate (ferryctl ca issue --kind etcd-root --name root)"
+    )
+
+
 async def _call(what: str, method: grpc.aio.UnaryUnaryMultiCallable, request: object) -> object:
     try:
         return await method(request, timeout=RPC_TIMEOUT)
     except grpc.aio.AioRpcError as error:
-        raise BootstrapError(
-            f"etcd refused to {what}: {error.details()}; run the bootstrap with the "
-            "etcd-root certificate (ferryctl ca issue --kind etcd-root --name root)"
-        ) from error
+        raise _refused(what, error) from error
 
 
 async def _ensure(what: str, method: grpc.aio.UnaryUnaryMultiCallable, request: object) -> None:
@@ -126,7 +130,7 @@ async def _ensure(what: str, method: grpc.aio.UnaryUnaryMultiCallable, request: 
         await method(request, timeout=RPC_TIMEOUT)
     except grpc.aio.AioRpcError as error:
         if "already exists" not in (error.details() or ""):
-            raise BootstrapError(f"etcd refused to {what}: {error.details()}") from error
+            raise _refused(what, error) from error
 
 
 async def _user(auth: rpc.AuthStub, name: str, role: str) -> None:
