@@ -191,7 +191,9 @@ async def bootstrap(client: aetcd.Client, prefix: str, nodes: Sequence[str]) -> 
 @click.option("--tls-cert", required=True, help="The etcd-root certificate (PEM).")
 @click.option("--tls-key", required=True, help="The etcd-root private key (PEM).")
 @click.option("--etcd-prefix", default=DEFAULT_PREFIX, help="Key prefix of Ferry's state.")
-@click.option("--node", "nodes", multiple=True, help="A node's name (repeatable).")
+@click.option(
+    "--node", "nodes", multiple=True, envvar="FERRY_NODE", help="A node's name (repeatable)."
+)
 def main(
     etcd: str, tls_ca: str, tls_cert: str, tls_key: str, etcd_prefix: str, nodes: tuple[str, ...]
 ) -> None:
