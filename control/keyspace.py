@@ -465,7 +465,9 @@ def _ipv4_members(host: str, port: int) -> list[str]:
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.strip().removeprefix("http://").rpartition(":")
+    host, _, port = (
+        endpoint.strip().removeprefix("http://").removeprefix("https://").rpartition(":")
+    )
     if not port.isdigit():
         raise ValueError(f"etcd endpoint {endpoint!r} needs a port: HOST:PORT")
     return host or "127.0.0.1", int(port)
