@@ -145,13 +145,17 @@ async def _user(auth: rpc.AuthStub, name: str, role: str) -> None:
     )
 
 
-async def _role(auth: rpc.AuthStub, name: str, wanted: set[tuple[int, KeyRange]]) -> None:
-    """The role with exactly ``wanted``: missing grants added, others revoked."""
+async def _role(
+    auth: rpc.AuthStub, name: str, prefix: str, wanted: set[tuple[int, KeyRange]]
+) -> None:
+    """The role with exactly ``wanted`` under ``prefix``: missing grants added, others under
+    it revoked (grants under another prefix, another Ferry cluster's, stay)."""
     await _ensure(f"add role {name}", auth.RoleAdd, rpc.AuthRoleAddRequest(name=name))
     current = await _call(f"read role {name}", auth.RoleGet, rpc.AuthRoleGetRequest(role=name))
     have = {(p.permType, KeyRange(p.key, p.range_end)) for p in current.perm}  # type: ignore[attr-defined]
     wanted_ranges = {keys for _, keys in wanted}
-    for keys in {keys for _, keys in have} - wanted_ranges:
+    ours = grant_range(prefix).key
+    for keys in {keys for _, keys in have if keys.key.startswith(ours)} - wanted_ranges:
         await _call(
             f"revoke {keys.key!r} from {name}",
             auth.RoleRevokePermission,
@@ -177,7 +181,7 @@ async def bootstrap(client: aetcd.Client, prefix: str, nodes: Sequence[str]) -> 
     auth = rpc.AuthStub(client.channel)
     await _user(auth, ROOT, ROOT)
     for role, (user, wanted) in table.items():
-        await _role(auth, role, wanted)
+        await _role(auth, role, prefix, wanted)
         await _user(auth, user, role)
     await _call("enable auth", auth.AuthEnable, rpc.AuthEnableRequest())
     log.info(
