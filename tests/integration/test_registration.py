@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.registration import NodeNameTaken, Registration
+from agent.registration import NodeNameTaken, NodeNotAuthorized, Registration
 from agent.store import VolumeStore
 from agent.zfs.volumes import PoolRoot
 from control.keyspace import Keyspace
 from control.records import NodeInfo
+from tests.support.etcd import ClusterCerts, EtcdServer
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration
@@ -85,3 +86,23 @@ async def test_the_name_is_free_once_a_dead_agents_lease_ends(
     await agent(keyspace, stores[0], "10.0.0.1:7480", ttl=1).register()
     await agent(keyspace, stores[1], "10.0.0.2:7480", ttl=1).register()
     assert await address_on_record(keyspace) == "10.0.0.2:7480"
+
+
+async def test_a_node_without_its_etcd_user_is_told_how_to_give_it_one(
+    etcd: EtcdServer, certs: ClusterCerts, stores: tuple[VolumeStore, VolumeStore]
+) -> None:
+    client = etcd.client(certs.issue("node", "rg-stranger"))
+    try:
+        record = NodeInfo(
+            name="rg-stranger", address="10.0.0.9:7480", pool="p", free_bytes=0, version="t"
+        )
+        stranger = Registration(Keyspace(client), record, 3, stores[0])
+        with pytest.raises(NodeNotAuthorized, match="run ferry-etcd-bootstrap --node rg-stranger"):
+            await stranger.register()
+    finally:
+        await client.close()
+    root = etcd.client()
+    try:
+        assert await Keyspace(root).get_node("rg-stranger") is None
+    finally:
+        await root.close()
