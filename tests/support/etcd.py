@@ -6,10 +6,11 @@ data dir, so a test can prove that nothing is lost across an etcd restart;
 ``kill()`` is SIGKILL, the crash case. It serves as Ferry deploys it: mutual
 TLS from a cluster CA (the given ``certs``, else one of its own), peers on
 TLS too, and etcd auth on with Ferry's users and roles
-(``ferry-etcd-bootstrap``); ``client()`` connects as etcd's ``root``.
+(``control.etcd_auth``, what ``ferry-etcd-bootstrap`` runs); ``client()``
+connects as etcd's ``root``.
 ``secure=False`` is the plaintext etcd of an ``--insecure`` development cluster.
 
-``issue_certificates`` makes a cluster CA with ``ferryctl ca``, and
+``issue_certificates`` makes a cluster CA (``control.ca``), and
 ``ControlServer`` runs the ``ferry-control`` console script on mutual TLS
 from it. Both servers are context managers and always stop their process.
 ``LiveNodes`` puts node records on real etcd leases, as agents do (control
@@ -19,6 +20,7 @@ only reads them), and ``ferryctl`` runs the CLI as a user would.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import secrets
@@ -38,7 +40,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from control.keyspace import Keyspace, endpoints_client
+from control import ca, etcd_auth
+from control.keyspace import DEFAULT_PREFIX, Keyspace, endpoints_client
 from control.records import NodeInfo
 from control.tls import TlsFiles
 from tests.support.service import TestService
@@ -128,7 +131,7 @@ class EtcdServer(TestService):
         log.info("etcd started: name=%s endpoint=%s", self.name, self.endpoint)
 
     def bootstrap(self, nodes: tuple[str, ...] = ()) -> None:
-        """``ferry-etcd-bootstrap`` for control and ``nodes`` (once, unless nodes are added)."""
+        """Ferry's etcd users for control and ``nodes`` (once, unless nodes are added)."""
         self.nodes = tuple(dict.fromkeys((*self.nodes, *nodes)))
         if not self.secure or (self._bootstrapped and not nodes):
             return
@@ -303,76 +306,41 @@ class ClusterCerts:
         return self.files("root")
 
     def issue(self, kind: str, name: str) -> TlsFiles:
-        """``ferryctl ca issue --kind KIND --name NAME`` in this CA (kept if it exists)."""
+        """A certificate of KIND named NAME from this CA (kept if it exists)."""
         if not self.files(name).cert.exists():
-            run_ferryctl(
-                ["ca", "issue", "--dir", str(self.directory), "--kind", kind, "--name", name]
-            )
+            ca.issue(self.directory, kind, name)
         return self.files(name)
 
 
-def run_ferryctl(command: list[str]) -> None:
-    subprocess.run(
-        [str(VENV_BIN / "ferryctl"), *command],
-        env={**os.environ, **SOURCE_TREE},
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
 def run_bootstrap(endpoints: list[str], certs: ClusterCerts, nodes: tuple[str, ...]) -> None:
-    """``ferry-etcd-bootstrap`` as etcd's root: Ferry's users and roles, then auth on."""
-    root = certs.etcd_root
-    command = [
-        str(VENV_BIN / "ferry-etcd-bootstrap"),
-        "--etcd", ",".join(endpoints),
-        "--tls-ca", str(root.ca),
-        "--tls-cert", str(root.cert),
-        "--tls-key", str(root.key),
-        *(flag for node in nodes for flag in ("--node", node)),
-    ]  # fmt: skip
-    done = subprocess.run(
-        command, env={**os.environ, **SOURCE_TREE}, capture_output=True, text=True, timeout=60
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"ferry-etcd-bootstrap failed: {done.stderr}")
+    """``control.etcd_auth.bootstrap`` (what ``ferry-etcd-bootstrap`` runs) as etcd's root:
+    Ferry's users and roles, then auth on. In a thread of its own, so callers inside an event
+    loop (a test's ``etcd.restart()``) can call it too."""
+
+    async def bootstrap() -> None:
+        client = endpoints_client(endpoints, certs.etcd_root)
+        try:
+            await etcd_auth.bootstrap(client, DEFAULT_PREFIX, nodes)
+        finally:
+            await client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        worker.submit(asyncio.run, bootstrap()).result(timeout=START_TIMEOUT)
 
 
 def issue_certificates(directory: Path) -> ClusterCerts:
-    """``ferryctl ca init`` then certificates for control (127.0.0.1), the user ``ct-admin``,
-    etcd's members (127.0.0.1) and etcd's ``root``."""
-    where = str(directory)
-    for command in (
-        ["ca", "init", "--dir", where],
-        [
-            "ca",
-            "issue",
-            "--dir",
-            where,
-            "--kind",
-            "control",
-            "--name",
-            "control",
-            "--ip",
-            "127.0.0.1",
-        ],
-        ["ca", "issue", "--dir", where, "--kind", "user", "--name", ADMIN],
-        [
-            "ca",
-            "issue",
-            "--dir",
-            where,
-            "--kind",
-            "etcd",
-            "--name",
-            ETCD_MEMBER,
-            "--ip",
-            "127.0.0.1",
-        ],
-        ["ca", "issue", "--dir", where, "--kind", "etcd-root", "--name", "root"],
-    ):
-        run_ferryctl(command)
+    """A cluster CA with certificates for control (127.0.0.1), the user ``ct-admin``, etcd's
+    members (127.0.0.1) and etcd's ``root``.
+
+    In this process, through ``control.ca`` (what ``ferryctl ca`` runs): five ferryctl
+    processes cost seconds per etcd on a loaded machine; the command line itself is run by
+    deploy/local-cluster and the cluster suite.
+    """
+    ca.init(directory)
+    ca.issue(directory, "control", "control", ips=("127.0.0.1",))
+    ca.issue(directory, "user", ADMIN)
+    ca.issue(directory, "etcd", ETCD_MEMBER, ips=("127.0.0.1",))
+    ca.issue(directory, "etcd-root", "root")
     return ClusterCerts(directory)
 
 
