@@ -10,7 +10,7 @@ import click
 
 from agent.config import AgentConfig
 from agent.logs import setup_logging
-from agent.registration import NodeNameTaken
+from agent.registration import NodeNameTaken, NodeNotAuthorized
 from agent.service import run
 from agent.zfs import runner
 from control.tls import endpoints, from_flags
@@ -113,7 +113,7 @@ def main(
         asyncio.run(run(config))
     except KeyboardInterrupt:
         log.info("agent stopped")
-    except NodeNameTaken as error:
+    except (NodeNameTaken, NodeNotAuthorized) as error:
         raise click.ClickException(str(error)) from error
 
 

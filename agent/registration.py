@@ -36,6 +36,10 @@ class NodeNameTaken(Exception):
     """Another live agent, with another pool, is registered under this node name."""
 
 
+class NodeNotAuthorized(Exception):
+    """etcd refused this node's record: its certificate names no etcd user with that right."""
+
+
 class Registration:
     """This node's lease, which every key it writes for itself (state, mounts) is put on."""
 
@@ -75,7 +79,7 @@ class Registration:
         # etcd raises a TTL below its minimum; the holder's lease got the same.
         deadline = time.monotonic() + 2 * int(await lease.granted_ttl())
         waiting = False
-        while (holder := await self._keyspace.claim_node(record, lease)) is not None:
+        while (holder := await self._claim(record, lease)) is not None:
             if holder.pool_guid == record.pool_guid:
                 await self._keyspace.update_node(record, lease)
                 log.info("took over this host's earlier record: node=%s", record.name)
@@ -110,6 +114,20 @@ class Registration:
         self._record = replace(self._record, status=NODE_READY)
         await self._keyspace.update_node(self._record, self.lease)
         log.info("node ready: node=%s", self._record.name)
+
+    async def _claim(self, record: NodeInfo, lease: aetcd.Lease) -> NodeInfo | None:
+        try:
+            return await self._keyspace.claim_node(record, lease)
+        except aetcd.ClientError as error:
+            if "permission denied" not in str(error):
+                raise
+            await lease.revoke()
+            raise NodeNotAuthorized(
+                f"etcd refused the record of node {record.name} ({error}): the node's "
+                f"certificate must be named {record.name} and the node must have its etcd "
+                f"user; run ferry-etcd-bootstrap --node {record.name} (with every other "
+                "node's --node too; docs/deploy.md) and start the agent again"
+            ) from error
 
     async def keep_alive(self, registered_again: Callable[[], None]) -> None:
         """Refresh the lease and the free space on record until cancelled; register again when

@@ -424,8 +424,12 @@ class AgentService:
 
 
 async def run(config: AgentConfig) -> None:
-    """Connect to etcd and run the agent until cancelled."""
-    client = await asyncio.to_thread(endpoints_client, config.etcd)
+    """Connect to etcd and run the agent until cancelled.
+
+    Over mutual TLS with the node's own certificate (the etcd user of this
+    node, see control.etcd_auth), or in plaintext when the agent runs insecure.
+    """
+    client = await asyncio.to_thread(endpoints_client, config.etcd, config.tls)
     try:
         keyspace = Keyspace(client, config.etcd_prefix)
         store = VolumeStore(PoolRoot(config.pool), config.mount_root)

@@ -5,6 +5,14 @@ Layout of a CA directory: ``ca.crt`` and ``ca.key`` (0600), then
 certificate's common name is the identity (a node's name for agents,
 ``control``, a user's name); its subject alternative names hold that name as
 DNS and the given IP addresses, so peers are verified by name.
+
+etcd takes the common name of a client certificate as its user (RBAC): a node's
+certificate is the etcd user of that node, control's is ``control``. An
+``etcd`` certificate is a member's server and peer certificate and also names
+``etcd`` (ETCD_SERVER_NAME), the name Ferry's clients verify members by; the one
+``etcd-root`` certificate (name ``root``) is the etcd administrator that
+bootstraps users and roles. Reserved names go with their kind only, so no node
+or user certificate can act as ``control`` or ``root`` in etcd.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-KINDS = ("control", "node", "user")
+KINDS = ("control", "node", "user", "etcd", "etcd-root")
 VALID_DAYS = 825
+ETCD_SERVER_NAME = "etcd"
+RESERVED_NAMES = {"control": "control", "root": "etcd-root", ETCD_SERVER_NAME: "etcd"}
 
 
 class CAError(Exception):
@@ -85,6 +95,7 @@ def issue(
     """Issue ``<name>.crt``/``<name>.key`` signed by the CA in ``directory``."""
     if kind not in KINDS:
         raise CAError(f"unknown certificate kind {kind!r}; use one of {', '.join(KINDS)}")
+    _check_reserved(kind, name)
     try:
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
         ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
@@ -96,7 +107,9 @@ def issue(
         raise CAError(f"invalid IP address: {error}") from error
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    names: list[x509.GeneralName] = [x509.DNSName(n) for n in (name, *dns)]
+    if kind == "etcd":
+        dns = (*dns, ETCD_SERVER_NAME)
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys((name, *dns))]
     cert = (
         x509.CertificateBuilder()
         .subject_name(
@@ -126,3 +139,16 @@ def issue(
     _write(key_path, _key_pem(key), private=True)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
     return cert_path, key_path
+
+
+def _check_reserved(kind: str, name: str) -> None:
+    """A reserved name only with its kind, and the etcd administrator only as ``root``.
+
+    etcd grants by common name: a node certificate named ``root`` would be
+    etcd's administrator, one named ``control`` would write every volume.
+    """
+    owner = RESERVED_NAMES.get(name)
+    if owner is not None and owner != kind:
+        raise CAError(f"the name {name!r} is reserved for --kind {owner}; choose another name")
+    if kind == "etcd-root" and name != "root":
+        raise CAError("an etcd-root certificate is named root (etcd's administrator): --name root")

@@ -571,7 +571,11 @@ def ca_init(directory: Path) -> None:
 @ca_group.command("issue")
 @click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
 @click.option("--kind", type=click.Choice(ca.KINDS), required=True)
-@click.option("--name", required=True, help="Identity: node name, 'control', or a user name.")
+@click.option(
+    "--name",
+    required=True,
+    help="Identity: node name, 'control', a user name, an etcd member's name, or 'root'.",
+)
 @click.option("--ip", "ips", multiple=True, help="IP address the holder serves on (repeatable).")
 @click.option("--dns", "dns", multiple=True, help="Extra DNS name (repeatable).")
 def ca_issue(

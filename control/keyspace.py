@@ -29,6 +29,7 @@ from typing import Generic, TypeVar
 import aetcd
 from aetcd.utils import prefix_range_end
 
+from control.etcd_tls import TlsClient
 from control.records import (
     AsideCopy,
     AsideDrop,
@@ -39,6 +40,7 @@ from control.records import (
     Owner,
     VolumeSpec,
 )
+from control.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -485,9 +487,52 @@ class Keyspace:
             await watch.cancel()
 
 
-def endpoints_client(endpoints: tuple[str, ...] | list[str]) -> aetcd.Client:
-    """A client for etcd at ``endpoints`` (``HOST:PORT`` each); see ``etcd_target``."""
+@dataclass(frozen=True)
+class KeyRange:
+    """Keys from ``key`` up to ``range_end`` (exclusive; empty: ``key`` alone), as etcd grants."""
+
+    key: bytes
+    range_end: bytes
+
+
+PER_NODE_KINDS = ("nodes", "state")
+
+
+def grant_range(prefix: str, kind: str = "", node: str = "") -> KeyRange:
+    """The keys an etcd role is granted for ``kind`` under ``prefix``.
+
+    No kind: every key under the prefix. A kind: all of its keys, or with
+    ``node`` only that node's (``nodes/<node>``, ``state/<node>/...``: the
+    kinds in ``PER_NODE_KINDS``, whose keys name the node first).
+    """
+    base = prefix.rstrip("/") + "/"
+    if not kind:
+        start = base.encode()
+        return KeyRange(start, prefix_range_end(start))
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: one of {', '.join(KINDS)}")
+    if not node:
+        start = f"{base}{kind}/".encode()
+        return KeyRange(start, prefix_range_end(start))
+    if kind not in PER_NODE_KINDS:
+        raise ValueError(f"{kind}/ keys cannot be granted per node: only {PER_NODE_KINDS}")
+    if kind == "nodes":
+        return KeyRange(f"{base}nodes/{node}".encode(), b"")
+    start = f"{base}{kind}/{node}/".encode()
+    return KeyRange(start, prefix_range_end(start))
+
+
+def endpoints_client(
+    endpoints: tuple[str, ...] | list[str], tls: TlsFiles | None = None
+) -> aetcd.Client:
+    """A client for etcd at ``endpoints`` (``HOST:PORT`` each); see ``etcd_target``.
+
+    With ``tls``, over mutual TLS as the etcd user its certificate names
+    (``control.etcd_tls``); without, plaintext (an ``--insecure`` cluster).
+    """
     host, port = etcd_target(endpoints)
+    if tls is not None:
+        return TlsClient(host, port, tls, timeout=10)
     return aetcd.Client(host=host, port=port, timeout=10)
 
 
@@ -527,7 +572,9 @@ def _ipv4_members(host: str, port: int) -> list[str]:
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.strip().removeprefix("http://").rpartition(":")
+    host, _, port = (
+        endpoint.strip().removeprefix("http://").removeprefix("https://").rpartition(":")
+    )
     if not port.isdigit():
         raise ValueError(f"etcd endpoint {endpoint!r} needs a port: HOST:PORT")
     return host or "127.0.0.1", int(port)

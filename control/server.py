@@ -330,8 +330,12 @@ def _aside_message(aside: AsideCopy, drops: list[AsideDrop]) -> control_pb2.Asid
 
 
 async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix: str) -> None:
-    """Serve the Control API and gRPC health checking until cancelled."""
-    client = await asyncio.to_thread(endpoints_client, etcd)
+    """Serve the Control API and gRPC health checking until cancelled.
+
+    etcd is reached over mutual TLS with control's own certificate (etcd user
+    ``control``), or in plaintext when control runs insecure.
+    """
+    client = await asyncio.to_thread(endpoints_client, etcd, tls)
     keyspace = Keyspace(client, prefix)
     gate = KindGate(insecure=tls is None)
     server = grpc.aio.server(interceptors=[gate])

@@ -87,7 +87,7 @@ if [ "$dev" -eq 1 ]; then
 else
     "$venv/bin/python" -m pip install -q -e "$repo"
 fi
-for tool in ferryctl ferry-control ferry-agent; do
+for tool in ferryctl ferry-control ferry-agent ferry-etcd-bootstrap; do
     ln -sf "$venv/bin/$tool" "/usr/local/bin/$tool"
 done
 log "ferry installed in $venv ($( [ "$kernel_zfs" -eq 1 ] && echo "kernel OpenZFS" || echo "zfs-fuse" ))"

@@ -5,7 +5,9 @@
 #
 #   certs.sh DIR CONTROL_IP NODE=IP [NODE=IP...]
 #
-# Writes DIR/ca.crt, ca.key, control.{crt,key}, NODE.{crt,key}, admin.{crt,key}.
+# Writes DIR/ca.crt, ca.key, control.{crt,key}, NODE.{crt,key}, admin.{crt,key},
+# etcd-NODE.{crt,key} (the etcd member certificate, used where NODE runs etcd)
+# and root.{crt,key} (etcd's administrator, for ferry-etcd-bootstrap).
 # ferryctl comes from FERRYCTL, else from PATH.
 set -euo pipefail
 
@@ -40,5 +42,7 @@ fi
 issue control control --ip "$control_ip"
 for entry in "$@"; do
     issue node "${entry%%=*}" --ip "${entry#*=}"
+    issue etcd "etcd-${entry%%=*}" --ip "${entry#*=}" --ip 127.0.0.1
 done
 issue user admin
+issue etcd-root root

@@ -59,6 +59,8 @@ module FerryCluster
         "ca" => File.join(certs_dir, "ca.crt"),
         "user_cert" => File.join(certs_dir, "admin.crt"),
         "user_key" => File.join(certs_dir, "admin.key"),
+        "etcd_root_cert" => File.join(certs_dir, "root.crt"),
+        "etcd_root_key" => File.join(certs_dir, "root.key"),
       },
       "hosts" => nodes.map { |n| host_entry(n, vagrant_dir) },
     }

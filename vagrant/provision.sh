@@ -9,7 +9,9 @@
 # deploy/install.sh (packages, Ferry's venv), the pool "ferry" on the second
 # disk, certificates into /etc/ferry/pki, /etc/ferry/*.env from deploy/config
 # and deploy/etcd, then the systemd units. The first N nodes of --nodes run
-# etcd, the first one runs ferry-control. Run it again at any time: every step
+# etcd (client and peer mutual TLS), the first one runs ferry-control and
+# ferry-etcd-bootstrap (etcd users and roles for control and every node, then
+# auth on). Run it again at any time: every step
 # checks first.
 #
 # --dry-run prints the commands that change the system instead of running
@@ -39,7 +41,7 @@ while [ "$#" -gt 0 ]; do
         --disk) disk="$2"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         --root) root="$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -91,7 +93,7 @@ etcd_endpoints=""
 initial_cluster=""
 for ((i = 0; i < etcd_members; i++)); do
     etcd_endpoints+="${etcd_endpoints:+,}${addresses[$i]}:2379"
-    initial_cluster+="${initial_cluster:+,}${names[$i]}=http://${addresses[$i]}:2380"
+    initial_cluster+="${initial_cluster:+,}${names[$i]}=https://${addresses[$i]}:2380"
 done
 
 # --- files --------------------------------------------------------------------
@@ -128,11 +130,16 @@ write_configs() {
     if [ "$is_etcd_member" -eq 1 ]; then
         install_template deploy/etcd/etcd.env /etc/ferry/etcd.env 0644
         set_env /etc/ferry/etcd.env ETCD_NAME "$node"
-        set_env /etc/ferry/etcd.env ETCD_LISTEN_CLIENT_URLS "http://$address:2379,http://127.0.0.1:2379"
-        set_env /etc/ferry/etcd.env ETCD_ADVERTISE_CLIENT_URLS "http://$address:2379"
-        set_env /etc/ferry/etcd.env ETCD_LISTEN_PEER_URLS "http://$address:2380"
-        set_env /etc/ferry/etcd.env ETCD_INITIAL_ADVERTISE_PEER_URLS "http://$address:2380"
+        set_env /etc/ferry/etcd.env ETCD_LISTEN_CLIENT_URLS "https://$address:2379,https://127.0.0.1:2379"
+        set_env /etc/ferry/etcd.env ETCD_ADVERTISE_CLIENT_URLS "https://$address:2379"
+        set_env /etc/ferry/etcd.env ETCD_LISTEN_PEER_URLS "https://$address:2380"
+        set_env /etc/ferry/etcd.env ETCD_INITIAL_ADVERTISE_PEER_URLS "https://$address:2380"
         set_env /etc/ferry/etcd.env ETCD_INITIAL_CLUSTER "$initial_cluster"
+    fi
+    if [ "$is_control" -eq 1 ]; then
+        install_template deploy/config/etcd-bootstrap.env /etc/ferry/etcd-bootstrap.env 0644
+        set_env /etc/ferry/etcd-bootstrap.env FERRY_ETCD "$etcd_endpoints"
+        set_env /etc/ferry/etcd-bootstrap.env FERRY_NODE "${names[*]}"
     fi
 }
 
@@ -150,6 +157,14 @@ install_certificates() {
     if [ "$is_control" -eq 1 ]; then
         install -m 0644 "$pki/control.crt" "$dest/control.crt"
         install -m 0600 "$pki/control.key" "$dest/control.key"
+        install -m 0644 "$pki/root.crt" "$dest/root.crt"
+        install -m 0600 "$pki/root.key" "$dest/root.key"
+    fi
+    if [ "$is_etcd_member" -eq 1 ]; then
+        install -m 0644 "$pki/etcd-$node.crt" "$dest/etcd.crt"
+        install -m 0600 "$pki/etcd-$node.key" "$dest/etcd.key"
+        # etcd runs as the etcd user (Debian's etcd-server creates it).
+        run chown etcd "$dest/etcd.key"
     fi
 }
 
@@ -234,6 +249,7 @@ start_services() {
         run systemctl enable --now --no-block ferry-etcd.service
     fi
     if [ "$is_control" -eq 1 ]; then
+        run systemctl enable --now --no-block ferry-etcd-bootstrap.service
         run systemctl enable --now --no-block ferry-control.service
     fi
     run systemctl enable --now --no-block ferry-agent.service

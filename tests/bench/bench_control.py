@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from control.keyspace import Keyspace, endpoints_client
+from control.keyspace import Keyspace
 from control.records import MovePhase, Owner
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 from tests.support.etcd import ControlServer, EtcdServer, LiveNodes, issue_certificates
@@ -125,8 +125,11 @@ async def _complete_move(keyspace: Keyspace, name: str, owner: Owner, target: st
 
 async def _with_control_plane(work: Path, count: int | None) -> ScaleResult | list[float]:
     certs = issue_certificates(work / f"ca-{count}")
-    with EtcdServer("ctbench") as etcd, ControlServer(etcd.endpoint, certs, work) as control:
-        client = endpoints_client([etcd.endpoint])
+    with (
+        EtcdServer("ctbench", certs=certs) as etcd,
+        ControlServer(etcd.endpoint, certs, work) as control,
+    ):
+        client = etcd.client()
         try:
             keyspace = Keyspace(client)
             if count is None:

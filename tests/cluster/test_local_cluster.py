@@ -20,6 +20,7 @@ import yaml
 
 from tests.cluster.conftest import requires_root
 from tests.support.cluster import Cluster, ClusterHost, local_cluster, local_cluster_command
+from tests.support.etcd import SOURCE_TREE, VENV_BIN
 
 pytestmark = pytest.mark.cluster
 
@@ -320,6 +321,7 @@ def test_second_up_with_the_same_name_refuses_and_keeps_the_cluster(
 
 FAKE_FERRY = """#!{python}
 # Stands in for {program} to test how local-cluster starts, checks and stops Ferry processes.
+# ferryctl makes real certificates (etcd serves on them); the others only pretend.
 import os, socket, sys, time
 from pathlib import Path
 args = sys.argv[1:]
@@ -328,11 +330,9 @@ with open(os.environ["LC_FAKE_RECORD"], "a") as record:
 def flag(name):
     return args[args.index(name) + 1]
 if "{program}" == "ferryctl":
-    certs = Path(flag("--dir"))
-    certs.mkdir(parents=True, exist_ok=True)
-    for name in ["ca"] if args[1] == "init" else [flag("--name")]:
-        (certs / f"{{name}}.crt").touch()
-        (certs / f"{{name}}.key").touch()
+    os.environ["PYTHONPATH"] = "{source}"
+    os.execv("{ferryctl}", ["{ferryctl}", *args])
+if "{program}" == "ferry-etcd-bootstrap":
     sys.exit(0)
 if "{program}" == "ferry-agent" and flag("--node") == os.environ.get("LC_FAKE_AGENT_FAILS_ON"):
     print("agent: cannot open pool " + flag("--pool"), file=sys.stderr)
@@ -349,9 +349,16 @@ time.sleep(3600)
 
 def fake_ferry_bin(directory: Path) -> Path:
     directory.mkdir()
-    for program in ("ferry-agent", "ferry-control", "ferryctl"):
+    for program in ("ferry-agent", "ferry-control", "ferryctl", "ferry-etcd-bootstrap"):
         script = directory / program
-        script.write_text(FAKE_FERRY.format(python=sys.executable, program=program))
+        script.write_text(
+            FAKE_FERRY.format(
+                python=sys.executable,
+                program=program,
+                ferryctl=VENV_BIN / "ferryctl",
+                source=SOURCE_TREE["PYTHONPATH"],
+            )
+        )
         script.chmod(0o755)
     return directory
 
@@ -378,7 +385,10 @@ def test_up_issues_certificates_and_starts_control_and_an_agent_per_host(
         certs = cluster.tls_ca.parent  # type: ignore[union-attr]
         assert f"ferryctl ca init --dir {certs}" in calls
         issued = {c.split("--name ")[1].split()[0] for c in calls if " ca issue " in c}
-        assert issued == {"control", "admin", *cluster.host_names}
+        assert issued == {"control", "admin", "etcd", "root", *cluster.host_names}
+        assert f"--kind etcd --name etcd --ip {bridge}" in "\n".join(calls)
+        nodes = " ".join(f"--node {host}" for host in cluster.host_names)
+        assert any(c.startswith("ferry-etcd-bootstrap ") and c.endswith(nodes) for c in calls)
         assert f"--kind control --name control --ip {bridge}" in "\n".join(calls)
         for host in cluster.hosts:
             assert f"--kind node --name {host.name} --ip {host.address}" in "\n".join(calls)

@@ -12,7 +12,7 @@ import secrets
 
 import pytest
 
-from control.keyspace import Keyspace, endpoints_client
+from control.keyspace import Keyspace
 from tests.cluster.test_moves import mountpoint, wait_for
 from tests.support.cluster import Cluster, ClusterHost
 
@@ -66,7 +66,7 @@ def stored(cluster: Cluster, name: str) -> bool:
     """Whether etcd still holds the volume's spec (a deleted one stays until purged)."""
 
     async def read() -> bool:
-        client = endpoints_client(cluster.etcd_endpoints)
+        client = cluster.etcd_client()
         try:
             return await Keyspace(client).get_volume(name) is not None
         finally:

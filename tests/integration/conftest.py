@@ -1,5 +1,8 @@
 """Fixtures of the integration tests: per module a real etcd and a ferry-control on mutual TLS.
 
+etcd trusts the module's cluster CA (``certs``) and runs with auth on, as Ferry
+deploys it; the keyspace fixtures connect as etcd's ``root``.
+
 A module that needs its own key prefix defines its own ``keyspace``.
 """
 
@@ -11,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from control.keyspace import Keyspace, endpoints_client
+from control.keyspace import Keyspace
 from tests.support.etcd import ClusterCerts, ControlServer, EtcdServer, issue_certificates
 
 
 @pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
+def etcd(certs: ClusterCerts) -> Iterator[EtcdServer]:
+    with EtcdServer(certs=certs) as server:
         yield server
 
 
@@ -40,7 +43,7 @@ def control(etcd: EtcdServer, certs: ClusterCerts, workdir: Path) -> Iterator[Co
 @pytest.fixture
 async def private_keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
     """A keyspace under a prefix of this test's own: no other test's records in the way."""
-    client = endpoints_client([etcd.endpoint])
+    client = etcd.client()
     try:
         yield Keyspace(client, prefix=f"/ct-{secrets.token_hex(4)}/v1")
     finally:
@@ -50,7 +53,7 @@ async def private_keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
 @pytest.fixture
 async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
     """The keyspace ferry-control uses (default prefix)."""
-    client = endpoints_client([etcd.endpoint])
+    client = etcd.client()
     try:
         yield Keyspace(client)
     finally:

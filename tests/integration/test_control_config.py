@@ -93,9 +93,12 @@ async def test_a_bad_config_file_is_refused_with_what_is_wrong(
 
 
 async def test_insecure_control_from_the_environment_warns_and_serves_insecure_clients(
-    etcd: EtcdServer, certs: ClusterCerts, workdir: Path
+    certs: ClusterCerts, workdir: Path
 ) -> None:
-    with ControlServer(etcd.endpoint, certs, workdir, insecure=True) as insecure:
+    with (
+        EtcdServer(secure=False) as plaintext,
+        ControlServer(plaintext.endpoint, certs, workdir, insecure=True) as insecure,
+    ):
         assert "INSECURE MODE" in insecure.log_path.read_text()
         plain = await ferryctl(insecure.ferryctl_env(), "node", "list", "-o", "json")
         assert plain.code == 0, plain.stderr

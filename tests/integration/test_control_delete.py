@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from control.keyspace import Keyspace, endpoints_client
+from control.keyspace import Keyspace
 from control.operations import Conflict, OperationError, VolumeOps
 from control.records import MountRecord, NodeInfo, VolumeSpec
 from tests.support.etcd import EtcdServer, register_node
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def keyspace(etcd: EtcdServer, request: pytest.FixtureRequest) -> AsyncIterator[Keyspace]:
-    client = endpoints_client([etcd.endpoint])
+    client = etcd.client()
     try:
         yield Keyspace(client, prefix=f"/ct-delete/{request.node.name}")
     finally:
@@ -65,7 +65,7 @@ async def test_unmounted_update_needs_no_mount_of_that_volume(keyspace: Keyspace
 async def test_a_mount_that_appears_during_a_delete_wins(
     etcd: EtcdServer, request: pytest.FixtureRequest
 ) -> None:
-    client = endpoints_client([etcd.endpoint])
+    client = etcd.client()
     keyspace = MountsDuringDelete(client, prefix=f"/ct-delete/{request.node.name}")
     try:
         keyspace.lease = await register_node(

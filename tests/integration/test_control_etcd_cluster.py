@@ -1,4 +1,5 @@
-"""Ferry against a three-member etcd cluster: losing the member in use loses nothing."""
+"""Ferry against a three-member etcd cluster (client and peer mutual TLS, auth on):
+losing the member in use loses nothing."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ async def test_the_keyspace_moves_to_another_member_when_the_first_dies(
     endpoints = cluster.endpoints
     if given_as == "name":
         endpoints = [endpoint.replace("127.0.0.1", "localhost") for endpoint in endpoints]
-    client = await asyncio.to_thread(endpoints_client, endpoints)
+    client = await asyncio.to_thread(endpoints_client, endpoints, cluster.certs.etcd_root)
     keyspace = Keyspace(client, prefix="/ct-cluster")
     try:
         await keyspace.create_volume(spec("before"))

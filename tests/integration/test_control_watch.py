@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from aetcd.exceptions import ClientError
 
-from control.keyspace import Change, Keyspace, endpoints_client
+from control.keyspace import Change, Keyspace
 from control.records import VolumeSpec
 from tests.support.etcd import EtcdServer
 
@@ -23,7 +23,7 @@ def etcd() -> Iterator[EtcdServer]:
 
 @pytest.fixture
 async def keyspace(etcd: EtcdServer) -> AsyncIterator[Keyspace]:
-    client = endpoints_client([etcd.endpoint])
+    client = etcd.client()
     try:
         yield Keyspace(client, prefix="/ct-watch")
     finally:

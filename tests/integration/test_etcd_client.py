@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 import aetcd
 import pytest
 
-from control.keyspace import endpoints_client
 from tests.support.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def client(etcd: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    client = endpoints_client([etcd.endpoint])
+    client = etcd.client()
     try:
         yield client
     finally:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.registration import NodeNameTaken, Registration
+from agent.registration import NodeNameTaken, NodeNotAuthorized, Registration
 from agent.store import VolumeStore
 from agent.zfs.volumes import PoolRoot
 from control.keyspace import Keyspace
 from control.records import NodeInfo
+from tests.support.etcd import ClusterCerts, EtcdServer
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration
@@ -110,3 +111,23 @@ async def test_the_record_carries_the_certificates_expiry_and_follows_a_renewal(
             await asyncio.sleep(0.2)
     finally:
         alive.cancel()
+
+
+async def test_a_node_without_its_etcd_user_is_told_how_to_give_it_one(
+    etcd: EtcdServer, certs: ClusterCerts, stores: tuple[VolumeStore, VolumeStore]
+) -> None:
+    client = etcd.client(certs.issue("node", "rg-stranger"))
+    try:
+        record = NodeInfo(
+            name="rg-stranger", address="10.0.0.9:7480", pool="p", free_bytes=0, version="t"
+        )
+        stranger = Registration(Keyspace(client), record, 3, stores[0])
+        with pytest.raises(NodeNotAuthorized, match="run ferry-etcd-bootstrap --node rg-stranger"):
+            await stranger.register()
+    finally:
+        await client.close()
+    root = etcd.client()
+    try:
+        assert await Keyspace(root).get_node("rg-stranger") is None
+    finally:
+        await root.close()

@@ -21,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aetcd
 import yaml
+
+from control.keyspace import endpoints_client
+from control.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class Cluster:
     user_key: Path | None
     logs: Mapping[str, str | None]
     kind: str = "local"
+    etcd_root_cert: Path | None = None
+    etcd_root_key: Path | None = None
 
     @classmethod
     def load(cls, path: Path) -> Cluster:
@@ -115,7 +121,20 @@ class Cluster:
                 "control": control.get("log"),
             },
             kind=str(raw.get("kind", "local")),
+            etcd_root_cert=_optional_path(tls.get("etcd_root_cert")),
+            etcd_root_key=_optional_path(tls.get("etcd_root_key")),
         )
+
+    @property
+    def etcd_root(self) -> TlsFiles | None:
+        """etcd's administrator certificate (None for a plaintext etcd: insecure, no agents)."""
+        if self.tls_ca and self.etcd_root_cert and self.etcd_root_key:
+            return TlsFiles(self.tls_ca, self.etcd_root_cert, self.etcd_root_key)
+        return None
+
+    def etcd_client(self, tls: TlsFiles | None = None) -> aetcd.Client:
+        """A client of the cluster's etcd as ``tls`` names it; by default etcd's root."""
+        return endpoints_client(self.etcd_endpoints, tls or self.etcd_root)
 
     def host(self, name: str) -> ClusterHost:
         for host in self.hosts:

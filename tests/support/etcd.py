@@ -3,9 +3,14 @@
 ``EtcdServer`` runs ``/usr/bin/etcd`` on free loopback ports with its data dir
 in a temporary directory, always removed. ``stop()``/``restart()`` keep the
 data dir, so a test can prove that nothing is lost across an etcd restart;
-``kill()`` is SIGKILL, the crash case.
+``kill()`` is SIGKILL, the crash case. It serves as Ferry deploys it: mutual
+TLS from a cluster CA (the given ``certs``, else one of its own), peers on
+TLS too, and etcd auth on with Ferry's users and roles
+(``control.etcd_auth``, what ``ferry-etcd-bootstrap`` runs); ``client()``
+connects as etcd's ``root``.
+``secure=False`` is the plaintext etcd of an ``--insecure`` development cluster.
 
-``issue_certificates`` makes a cluster CA with ``ferryctl ca``, and
+``issue_certificates`` makes a cluster CA (``control.ca``), and
 ``ControlServer`` runs the ``ferry-control`` console script on mutual TLS
 from it. Both servers are context managers and always stop their process.
 ``LiveNodes`` puts node records on real etcd leases, as agents do (control
@@ -15,11 +20,13 @@ only reads them), and ``ferryctl`` runs the CLI as a user would.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -33,7 +40,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from control.keyspace import Keyspace
+from control import ca, etcd_auth
+from control.keyspace import DEFAULT_PREFIX, Keyspace, endpoints_client
 from control.records import NodeInfo
 from control.tls import TlsFiles
 from tests.support.service import TestService
@@ -46,6 +54,7 @@ VENV_BIN = Path("/opt/ferry/venv/bin")
 # the tests run the tree they belong to.
 SOURCE_TREE = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 ADMIN = "ct-admin"
+ETCD_MEMBER = "ct-etcd"
 START_TIMEOUT = 20.0
 
 
@@ -71,7 +80,13 @@ def terminate(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 class EtcdServer(TestService):
     """One etcd member named ``ct-<random>`` serving on ``127.0.0.1:<port>``."""
 
-    def __init__(self, prefix: str = "ct") -> None:
+    def __init__(
+        self,
+        prefix: str = "ct",
+        certs: ClusterCerts | None = None,
+        secure: bool = True,
+        nodes: tuple[str, ...] = (),
+    ) -> None:
         if not ETCD_BINARY.exists():
             pytest.fail(f"{ETCD_BINARY} missing: run deploy/install.sh --dev (etcd-server)")
         self.name = f"{prefix}-{secrets.token_hex(4)}"
@@ -80,29 +95,78 @@ class EtcdServer(TestService):
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "etcd.log"
+        self.secure = secure
+        self.nodes = nodes
+        self._certs = certs
         self._process: subprocess.Popen[bytes] | None = None
         self._initial_cluster = f"{self.name}={self.peer_url}"
         self._token = self.name
+        self._bootstrapped = False
+
+    @property
+    def certs(self) -> ClusterCerts:
+        """The cluster CA this etcd trusts (made on first use when none was given)."""
+        if self._certs is None:
+            self._certs = issue_certificates(self.workdir / "ca")
+        return self._certs
+
+    @property
+    def root(self) -> TlsFiles | None:
+        """etcd's administrator (None on a plaintext etcd)."""
+        return self.certs.etcd_root if self.secure else None
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
+    def client(self, tls: TlsFiles | None = None) -> aetcd.Client:
+        """A client of this etcd as ``tls`` names it; by default etcd's ``root``."""
+        return endpoints_client([self.endpoint], tls or self.root)
+
     def start(self) -> None:
-        """Start etcd (reusing the data dir) and wait until it reports healthy."""
+        """Start etcd (reusing the data dir), wait until healthy; auth on after the first start."""
         self.launch()
         self.wait_healthy()
+        self.bootstrap()
         log.info("etcd started: name=%s endpoint=%s", self.name, self.endpoint)
+
+    def bootstrap(self, nodes: tuple[str, ...] = ()) -> None:
+        """Ferry's etcd users for control and ``nodes`` (once, unless nodes are added)."""
+        self.nodes = tuple(dict.fromkeys((*self.nodes, *nodes)))
+        if not self.secure or (self._bootstrapped and not nodes):
+            return
+        run_bootstrap([self.endpoint], self.certs, self.nodes)
+        self._bootstrapped = True
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.secure else "http"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"{self.scheme}://127.0.0.1:{self.peer_port}"
+
+    def tls_flags(self) -> list[str]:
+        """Client and peer mutual TLS from the cluster CA (none on a plaintext etcd)."""
+        if not self.secure:
+            return []
+        ca, member = self.certs.directory / "ca.crt", self.certs.etcd_member
+        return [
+            "--client-cert-auth",
+            "--trusted-ca-file", str(ca),
+            "--cert-file", str(member.cert),
+            "--key-file", str(member.key),
+            "--peer-client-cert-auth",
+            "--peer-trusted-ca-file", str(ca),
+            "--peer-cert-file", str(member.cert),
+            "--peer-key-file", str(member.key),
+        ]  # fmt: skip
 
     def launch(self, initial_cluster: str = "", token: str = "") -> None:
         """Start the process without waiting; a cluster's members need each other to be healthy."""
         self._initial_cluster = initial_cluster or self._initial_cluster
         self._token = token or self._token
-        client_url = f"http://{self.endpoint}"
+        client_url = f"{self.scheme}://{self.endpoint}"
         command = [
             str(ETCD_BINARY),
             "--name",
@@ -123,6 +187,7 @@ class EtcdServer(TestService):
             "new",
             "--initial-cluster-token",
             self._token,
+            *self.tls_flags(),
         ]
         with self.log_path.open("ab") as out:
             self._process = subprocess.Popen(
@@ -130,6 +195,7 @@ class EtcdServer(TestService):
             )
 
     def wait_healthy(self) -> None:
+        context = self.certs.etcd_root.ssl_context(ssl.Purpose.SERVER_AUTH) if self.secure else None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             assert self._process is not None
@@ -139,7 +205,9 @@ class EtcdServer(TestService):
                     f"see {self.log_path}\n{self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as reply:
+                with urllib.request.urlopen(
+                    f"{self.scheme}://{self.endpoint}/health", timeout=1, context=context
+                ) as reply:
                     if b'"true"' in reply.read():
                         return
             except (urllib.error.URLError, OSError):
@@ -180,10 +248,16 @@ class EtcdServer(TestService):
 
 
 class EtcdCluster(TestService):
-    """Several etcd members forming one cluster on loopback; ``endpoints`` lists them all."""
+    """Several etcd members forming one cluster on loopback, peers on mutual TLS, auth on;
+    ``endpoints`` lists them all."""
 
     def __init__(self, size: int = 3, prefix: str = "ct") -> None:
-        self.members = [EtcdServer(prefix) for _ in range(size)]
+        first = EtcdServer(prefix)
+        self.members = [first, *(EtcdServer(prefix, certs=first.certs) for _ in range(size - 1))]
+
+    @property
+    def certs(self) -> ClusterCerts:
+        return self.members[0].certs
 
     @property
     def endpoints(self) -> list[str]:
@@ -196,6 +270,7 @@ class EtcdCluster(TestService):
             member.launch(initial, token)
         for member in self.members:
             member.wait_healthy()
+        run_bootstrap(self.endpoints, self.certs, ())
         log.info("etcd cluster started: endpoints=%s", ",".join(self.endpoints))
 
     def close(self) -> None:
@@ -205,47 +280,67 @@ class EtcdCluster(TestService):
 
 @dataclass(frozen=True)
 class ClusterCerts:
-    """A cluster CA directory with certificates for control and for one user."""
+    """A cluster CA directory with certificates for control, one user, etcd's members and root."""
 
     directory: Path
 
+    def files(self, name: str) -> TlsFiles:
+        """The certificate ``<name>.crt`` of this CA (``issue`` makes more)."""
+        d = self.directory
+        return TlsFiles(d / "ca.crt", d / f"{name}.crt", d / f"{name}.key")
+
     @property
     def control(self) -> TlsFiles:
-        d = self.directory
-        return TlsFiles(d / "ca.crt", d / "control.crt", d / "control.key")
+        return self.files("control")
 
     @property
     def admin(self) -> TlsFiles:
-        d = self.directory
-        return TlsFiles(d / "ca.crt", d / f"{ADMIN}.crt", d / f"{ADMIN}.key")
+        return self.files(ADMIN)
+
+    @property
+    def etcd_member(self) -> TlsFiles:
+        return self.files(ETCD_MEMBER)
+
+    @property
+    def etcd_root(self) -> TlsFiles:
+        return self.files("root")
+
+    def issue(self, kind: str, name: str) -> TlsFiles:
+        """A certificate of KIND named NAME from this CA (kept if it exists)."""
+        if not self.files(name).cert.exists():
+            ca.issue(self.directory, kind, name)
+        return self.files(name)
+
+
+def run_bootstrap(endpoints: list[str], certs: ClusterCerts, nodes: tuple[str, ...]) -> None:
+    """``control.etcd_auth.bootstrap`` (what ``ferry-etcd-bootstrap`` runs) as etcd's root:
+    Ferry's users and roles, then auth on. In a thread of its own, so callers inside an event
+    loop (a test's ``etcd.restart()``) can call it too."""
+
+    async def bootstrap() -> None:
+        client = endpoints_client(endpoints, certs.etcd_root)
+        try:
+            await etcd_auth.bootstrap(client, DEFAULT_PREFIX, nodes)
+        finally:
+            await client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        worker.submit(asyncio.run, bootstrap()).result(timeout=START_TIMEOUT)
 
 
 def issue_certificates(directory: Path) -> ClusterCerts:
-    """``ferryctl ca init`` then certificates for control (127.0.0.1) and the user ``ct-admin``."""
-    ferryctl, where = str(VENV_BIN / "ferryctl"), str(directory)
-    for command in (
-        ["ca", "init", "--dir", where],
-        [
-            "ca",
-            "issue",
-            "--dir",
-            where,
-            "--kind",
-            "control",
-            "--name",
-            "control",
-            "--ip",
-            "127.0.0.1",
-        ],
-        ["ca", "issue", "--dir", where, "--kind", "user", "--name", ADMIN],
-    ):
-        subprocess.run(
-            [ferryctl, *command],
-            env={**os.environ, **SOURCE_TREE},
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+    """A cluster CA with certificates for control (127.0.0.1), the user ``ct-admin``, etcd's
+    members (127.0.0.1) and etcd's ``root``.
+
+    In this process, through ``control.ca`` (what ``ferryctl ca`` runs): five ferryctl
+    processes cost seconds per etcd on a loaded machine; the command line itself is run by
+    deploy/local-cluster and the cluster suite.
+    """
+    ca.init(directory)
+    ca.issue(directory, "control", "control", ips=("127.0.0.1",))
+    ca.issue(directory, "user", ADMIN)
+    ca.issue(directory, "etcd", ETCD_MEMBER, ips=("127.0.0.1",))
+    ca.issue(directory, "etcd-root", "root")
     return ClusterCerts(directory)
 
 

@@ -80,3 +80,31 @@ def test_issue_refuses_bad_kinds_and_addresses(
     with pytest.raises(ca.CAError, match=message):
         ca.issue(tmp_path, kind, "host1", ips=ips)
     assert not (tmp_path / "host1.key").exists()
+
+
+def test_an_etcd_member_certificate_carries_the_name_clients_verify_members_by(
+    tmp_path: Path,
+) -> None:
+    ca.init(tmp_path)
+    cert_path, _ = ca.issue(tmp_path, "etcd", "etcd-node1", ips=("10.0.0.1",))
+    names = load(cert_path).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["etcd-node1", ca.ETCD_SERVER_NAME]
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.1")]
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "message"),
+    [
+        ("node", "root", "reserved for --kind etcd-root"),
+        ("user", "control", "reserved for --kind control"),
+        ("node", "etcd", "reserved for --kind etcd"),
+        ("etcd-root", "admin", "--name root"),
+    ],
+)
+def test_names_etcd_grants_by_go_only_with_their_kind(
+    tmp_path: Path, kind: str, name: str, message: str
+) -> None:
+    ca.init(tmp_path)
+    with pytest.raises(ca.CAError, match=message):
+        ca.issue(tmp_path, kind, name)
+    assert not (tmp_path / f"{name}.crt").exists()

@@ -22,6 +22,7 @@ import yaml
 
 from agent.main import main as agent_main
 from control import ctl
+from control.etcd_auth import main as etcd_bootstrap_main
 from control.server import main as control_main
 from tests.support.cluster import Cluster
 
@@ -70,6 +71,11 @@ def env_lines(path: Path) -> dict[str, str]:
         ("ferry-agent.service", "/usr/local/bin/ferry-agent", "/etc/ferry/agent.env"),
         ("ferry-control.service", "/usr/local/bin/ferry-control", "/etc/ferry/control.env"),
         ("ferry-etcd.service", "/usr/bin/etcd", "/etc/ferry/etcd.env"),
+        (
+            "ferry-etcd-bootstrap.service",
+            "/usr/local/bin/ferry-etcd-bootstrap",
+            "/etc/ferry/etcd-bootstrap.env",
+        ),
     ],
 )
 def test_units_restart_on_failure_and_run_the_right_binary(
@@ -114,7 +120,11 @@ def test_ferry_etcd_replaces_debians_etcd_service() -> None:
 
 @pytest.mark.parametrize(
     ("command", "path"),
-    [(agent_main, DEPLOY / "config/agent.env"), (control_main, DEPLOY / "config/control.env")],
+    [
+        (agent_main, DEPLOY / "config/agent.env"),
+        (control_main, DEPLOY / "config/control.env"),
+        (etcd_bootstrap_main, DEPLOY / "config/etcd-bootstrap.env"),
+    ],
 )
 def test_env_files_document_every_flag_with_its_default(command: click.Command, path: Path) -> None:
     text = path.read_text()
@@ -141,6 +151,25 @@ def test_env_files_use_the_documented_certificate_layout() -> None:
         "/etc/ferry/pki/control.crt",
         "/etc/ferry/pki/control.key",
     )
+
+
+def test_etcd_serves_clients_and_peers_on_mutual_tls_from_the_cluster_ca() -> None:
+    etcd = env_lines(DEPLOY / "etcd/etcd.env")
+    for urls in ("LISTEN_CLIENT_URLS", "ADVERTISE_CLIENT_URLS", "LISTEN_PEER_URLS"):
+        assert all(url.startswith("https://") for url in etcd[f"ETCD_{urls}"].split(","))
+    assert all("=https://" in member for member in etcd["ETCD_INITIAL_CLUSTER"].split(","))
+    assert etcd["ETCD_CLIENT_CERT_AUTH"] == etcd["ETCD_PEER_CLIENT_CERT_AUTH"] == "true"
+    assert (
+        etcd["ETCD_TRUSTED_CA_FILE"] == etcd["ETCD_PEER_TRUSTED_CA_FILE"] == "/etc/ferry/pki/ca.crt"
+    )
+    assert etcd["ETCD_CERT_FILE"] == etcd["ETCD_PEER_CERT_FILE"] == "/etc/ferry/pki/etcd.crt"
+    bootstrap = env_lines(DEPLOY / "config/etcd-bootstrap.env")
+    assert bootstrap["FERRY_TLS_CERT"] == "/etc/ferry/pki/root.crt"
+
+
+def test_control_starts_after_etcd_auth_is_bootstrapped() -> None:
+    assert "ferry-etcd-bootstrap.service" in read_unit("ferry-control.service")["Unit"]["After"]
+    assert read_unit("ferry-etcd-bootstrap.service")["Service"]["Type"] == "oneshot"
 
 
 def test_ferryctl_config_has_exactly_the_keys_ferryctl_accepts() -> None:
@@ -243,7 +272,8 @@ def provision(
     The certificates are placeholders: provisioning only copies them."""
     pki = tmp_path / "certs"
     pki.mkdir(exist_ok=True)
-    for name in ["ca", "control", *(entry.split("=")[0] for entry in nodes.split(","))]:
+    hosts = [entry.split("=")[0] for entry in nodes.split(",")]
+    for name in ["ca", "control", "root", *hosts, *(f"etcd-{host}" for host in hosts)]:
         if make_certs:
             (pki / f"{name}.crt").write_text(f"certificate of {name}\n")
             (pki / f"{name}.key").write_text(f"key of {name}\n")
@@ -273,9 +303,15 @@ def test_provisioning_node1_makes_it_etcd_member_control_and_agent(tmp_path: Pat
     etcd = env_lines(etc / "etcd.env")
     assert etcd["ETCD_NAME"] == "node1"
     assert etcd["ETCD_INITIAL_CLUSTER"] == (
-        "node1=http://192.168.56.11:2380,node2=http://192.168.56.12:2380,"
-        "node3=http://192.168.56.13:2380"
+        "node1=https://192.168.56.11:2380,node2=https://192.168.56.12:2380,"
+        "node3=https://192.168.56.13:2380"
     )
+    assert (etc / "pki/etcd.crt").read_text() == "certificate of etcd-node1\n"
+    assert f"dry-run: chown etcd {etc}/pki/etcd.key" in commands
+    bootstrap = env_lines(etc / "etcd-bootstrap.env")
+    assert bootstrap["FERRY_NODE"] == "node1 node2 node3"
+    assert (etc / "pki/root.key").stat().st_mode & 0o777 == 0o600
+    assert "dry-run: systemctl enable --now --no-block ferry-etcd-bootstrap.service" in commands
     control = env_lines(etc / "control.env")
     assert control["FERRY_LISTEN"] == "192.168.56.11:7070"
     assert (etc / "pki/control.key").read_text() == "key of control\n"
@@ -303,6 +339,7 @@ def set_lines(path: Path) -> dict[str, str]:
             {"node": "node2", "advertise": "192.168.56.12:7480", "pool": "ferry"},
         ),
         (control_main, "control.env", {"listen": "192.168.56.11:7070"}),
+        (etcd_bootstrap_main, "etcd-bootstrap.env", {"nodes": ("node1", "node2", "node3")}),
     ],
 )
 def test_provisioned_env_files_are_complete_configurations(
