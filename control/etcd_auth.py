@@ -72,9 +72,9 @@ NODE_WRITES = (
     ),
     Right(
         "volumes",
-        shared="the Docker plugin creates and moves volumes itself (goes away once it calls "
-        "ferry-control, branch authz); an agent purges a deleted volume's spec after "
-        "destroying its data",
+        shared="the last agent to destroy a deleted volume's data purges its spec (only the "
+        "holders know when nothing is left); the Docker plugin creates and moves volumes "
+        "through ferry-control, never here. A purge by control would take this right away",
     ),
 )
 
