@@ -244,6 +244,65 @@ def lzc_receive(
     run(_zfs("receive", *args, snap), snap, stdin=fd)
 
 
+def lzc_receive_resumable(
+    snapname: Name,
+    fd: int,
+    force: bool = False,
+    raw: bool = False,
+    origin: Name | None = None,
+    props: Mapping[str, PropValue] | None = None,
+) -> None:
+    """Like ``lzc_receive``, but a cut stream leaves what arrived, resumable by its token.
+
+    After a cut, ``receive_resume_token`` of the target filesystem names where
+    the stream stopped; ``send_resume`` writes the rest from the sender, and
+    this function receives it. Needs ``zfs receive -s`` (kernel OpenZFS): on a
+    ZFS without it (zfs-fuse) this raises FeatureNotSupported and changes
+    nothing; the caller restarts from the last common snapshot.
+    """
+    snap = validate_snapshot(snapname)
+    if not features().resumable_receive:
+        raise exc.FeatureNotSupported(
+            snap, "this ZFS cannot resume a receive (no 'zfs receive -s'): send again in full"
+        )
+    if raw or origin is not None or props:
+        raise exc.FeatureNotSupported(snap, "receive with raw, origin or props is not offered")
+    args = ["-s", "-u", *(["-F"] if force else [])]
+    run(_zfs("receive", *args, snap), snap, stdin=fd)
+
+
+def receive_resume_token(name: Name) -> str | None:
+    """The token of a cut resumable receive into filesystem ``name``, or None when there is none."""
+    raw = validate_dataset(name)
+    if not features().resumable_receive:
+        return None
+    token = _get(raw, "receive_resume_token").get("receive_resume_token", "-")
+    return None if token in ("", "-") else token
+
+
+def send_resume(token: str, fd: int) -> None:
+    """Write the rest of a cut stream, from where its receiver's ``token`` says it stopped.
+
+    Runs on the sender (``zfs send -t``); libzfs_core has no parser for tokens,
+    so both backends use the command.
+    """
+    if not re.fullmatch(r"[0-9a-zA-Z-]+", token):
+        raise exc.BadStream(None, "a resume token is letters, digits and dashes")
+    run(_zfs("send", "-t", token), None, stdout=fd)
+
+
+def receive_abort(name: Name) -> None:
+    """Discard the partial state a cut resumable receive left in filesystem ``name``.
+
+    For when the rest cannot come (the sender lost the snapshot): the next
+    receive then starts from the last complete snapshot.
+    """
+    raw = validate_dataset(name)
+    if not features().resumable_receive:
+        raise exc.FeatureNotSupported(raw, "this ZFS keeps no partial receives to discard")
+    run(_zfs("receive", "-A", raw), raw)
+
+
 def lzc_send_space(
     snapname: Name, fromsnap: Name | None = None, flags: Sequence[str] | None = None
 ) -> int:
