@@ -35,6 +35,8 @@ class Features:
     bookmarks: bool
     lz4: bool
     multi_snapshot: bool
+    # pyzfs's stream flags (compress, large_blocks, embedded_data, raw) that `zfs send` offers.
+    send_flags: frozenset[str]
 
 
 def run(
@@ -134,6 +136,11 @@ def features() -> Features:
         bookmarks=bool(re.search(r"^\s*bookmark ", commands, re.MULTILINE)),
         lz4="lz4" in upgrade,
         multi_snapshot=bool(re.search(r"snap(name)?>\s*\.\.\.", snapshot)),
+        send_flags=frozenset(
+            flag
+            for flag, option in _SEND_FLAGS.items()
+            if re.search(rf"send \[-[A-Za-z]*{option[1]}", send)
+        ),
     )
     log.info("zfs features: %s", found)
     return found
@@ -210,6 +217,11 @@ def _send_args(snap: bytes, fromsnap: Name | None, flags: Sequence[str] | None) 
     unknown = set(flags or ()) - set(_SEND_FLAGS)
     if unknown:
         raise exc.UnknownStreamFeature(snap, f"Unknown stream flags {sorted(unknown)}")
+    lacking = set(flags or ()) - features().send_flags
+    if lacking:
+        raise exc.FeatureNotSupported(
+            snap, f"this ZFS cannot send with {', '.join(sorted(lacking))}: send without them"
+        )
     args = [_SEND_FLAGS[flag] for flag in flags or ()]
     if fromsnap:
         args += ["-i", validate_snapshot(fromsnap).decode()]
