@@ -13,6 +13,7 @@ import functools
 import logging
 import re
 import subprocess
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -167,7 +168,7 @@ def lzc_snapshot(snaps: Iterable[Name], props: Mapping[str, PropValue] | None = 
         except exc.ZFSError as error:
             if len(names) == 1:
                 raise
-            raise exc.SnapshotFailure([error]) from error
+            raise exc.SnapshotFailure([_named_by_message(error)]) from error
         return
     taken: list[bytes] = []
     try:
@@ -178,6 +179,16 @@ def lzc_snapshot(snaps: Iterable[Name], props: Mapping[str, PropValue] | None = 
         for snap in taken:
             run(_zfs("destroy", snap), snap)
         raise exc.SnapshotFailure([error]) from error
+
+
+def _named_by_message(error: exc.ZFSError) -> exc.ZFSError:
+    """The error of a command on several snapshots, classed for the snapshot its message names.
+
+    ``zfs snapshot a@s b@s`` says "cannot create snapshot 'b@s': dataset
+    already exists": with that name the error is SnapshotExists, as pyzfs says.
+    """
+    found = re.search(r"snapshot '([^']+@[^']+)'", error.message)
+    return error if found is None else error_for(error.message, found.group(1).encode())
 
 
 def lzc_destroy_snaps(snaps: Iterable[Name], defer: bool) -> None:
@@ -375,12 +386,23 @@ def lzc_get_holds(snapname: Name) -> dict[str, int]:
     snap = validate_snapshot(snapname)
     if not features().list_holds:
         raise exc.FeatureNotSupported(snap, "this ZFS has no 'zfs holds'; use hold_count")
-    out = run(_zfs("holds", "-Hp", snap), snap)
+    out = run(_zfs("holds", "-H", snap), snap)
     holds = {}
     for line in out.splitlines():
         _, tag, created = line.split("\t")[:3]
-        holds[tag] = int(created) if created.isdigit() else 0
+        holds[tag] = _hold_time(created)
     return holds
+
+
+def _hold_time(created: str) -> int:
+    """Seconds since the epoch of a hold; ``zfs holds`` before OpenZFS 2.2 has no ``-p``
+    and prints the time to the minute ("Tue Dec  1 20:27 2026"); 0 when unreadable."""
+    if created.isdigit():
+        return int(created)
+    try:
+        return int(time.mktime(time.strptime(" ".join(created.split()), "%a %b %d %H:%M %Y")))
+    except ValueError:
+        return 0
 
 
 def hold_count(snapname: Name) -> int:

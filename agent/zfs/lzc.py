@@ -116,8 +116,23 @@ def _text_keys(holds: dict[bytes, int]) -> dict[str, int]:
     return {tag.decode(): created for tag, created in holds.items()}
 
 
+def _release_result(missing: list[bytes]) -> list[bytes]:
+    """The binding lists a tag a snapshot did not have as ``snap#tag`` among the missing
+    snapshots; the API raises HoldNotFound for it, as the CLI backend does, so a
+    caller cannot take a release that did nothing for one that happened."""
+    absent_tags = [entry for entry in missing if b"#" in entry]
+    if absent_tags:
+        raise exc.HoldReleaseFailure(
+            [exc.HoldNotFound(entry.split(b"#", 1)[0]) for entry in absent_tags]
+        )
+    return missing
+
+
 # Results the binding returns in another shape than the API's.
-_RESULTS: dict[str, Callable[[Any], Any]] = {"lzc_get_holds": _text_keys}
+_RESULTS: dict[str, Callable[[Any], Any]] = {
+    "lzc_get_holds": _text_keys,
+    "lzc_release": _release_result,
+}
 
 
 def functions() -> dict[str, Callable[..., Any]]:
