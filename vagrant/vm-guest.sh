@@ -27,4 +27,4 @@ if [ "$backend" != libzfs_core ]; then
     echo "vm-guest: the libzfs_core backend is not picked although /dev/zfs exists (is python3-pyzfs in the venv's path?)"
     exit 3
 fi
-"$venv/bin/python" -m pytest -p no:cacheprovider -rs --junitxml=/srv/out/junit.xml "$@"
+"$venv/bin/python" -m pytest -p no:cacheprovider --color=no -rs --junitxml=/srv/out/junit.xml "$@"

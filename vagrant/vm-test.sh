@@ -15,13 +15,13 @@
 # is printed as the guest writes it, then a summary of its junit report.
 # Fails when the guest's pytest fails, when anything was skipped (the guest
 # has every part, so a skip is a missing part), or when the guest does not
-# power off within FERRY_VM_TIMEOUT seconds (default 1200).
+# power off within FERRY_VM_TIMEOUT seconds (default 1800).
 # Environment: FERRY_VM_CACHE (image cache, default /var/cache/ferry/vm),
 # FERRY_VM_IMAGE (boot this image directory instead of building one),
 # FERRY_VM_MEMORY_MB (default 2048).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-timeout_s="${FERRY_VM_TIMEOUT:-1200}"
+timeout_s="${FERRY_VM_TIMEOUT:-1800}"
 memory_mb="${FERRY_VM_MEMORY_MB:-2048}"
 cache="${FERRY_VM_CACHE:-/var/cache/ferry/vm}"
 
