@@ -6,7 +6,9 @@
 #
 # ZFS: kernel OpenZFS userland (and python3-pyzfs, so the libzfs_core backend
 # is used) when the zfs kernel module is loaded, zfs-fuse otherwise.
-# Environment: FERRY_VENV (default /opt/ferry/venv).
+# Environment: FERRY_VENV (default /opt/ferry/venv); FERRY_ZFS=kernel or fuse
+# instead of that detection (a chroot of a kernel-ZFS image runs the build
+# machine's kernel, so it cannot see the module it is installing for).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +17,7 @@ dev=0
 for arg in "$@"; do
     case "$arg" in
         --dev) dev=1 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown argument '$arg' (use --dev or nothing)" >&2; exit 2 ;;
     esac
 done
@@ -47,10 +49,12 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${todo[@]}"
 }
 
-kernel_zfs=0
-if [ -e /sys/module/zfs ]; then
-    kernel_zfs=1
-fi
+case "${FERRY_ZFS:-}" in
+    kernel) kernel_zfs=1 ;;
+    fuse) kernel_zfs=0 ;;
+    "") if [ -e /sys/module/zfs ]; then kernel_zfs=1; else kernel_zfs=0; fi ;;
+    *) echo "install.sh: FERRY_ZFS=$FERRY_ZFS: use kernel, fuse or leave it unset" >&2; exit 2 ;;
+esac
 
 packages=(ca-certificates iproute2 etcd-server docker.io python3 python3-venv python3-pip util-linux)
 if [ "$kernel_zfs" -eq 1 ]; then

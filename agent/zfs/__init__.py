@@ -28,6 +28,9 @@ from agent.zfs.cli import (
     lzc_list_snaps,
     lzc_set_prop,
     pool_free_bytes,
+    receive_abort,
+    receive_resume_token,
+    send_resume,
     snapshot_guids,
     zfs_mount,
     zfs_unmount,
@@ -59,6 +62,7 @@ lzc_destroy = _NATIVE.get("lzc_destroy", cli.lzc_destroy)
 lzc_exists = _NATIVE.get("lzc_exists", cli.lzc_exists)
 lzc_send = _NATIVE.get("lzc_send", cli.lzc_send)
 lzc_receive = _NATIVE.get("lzc_receive", cli.lzc_receive)
+lzc_receive_resumable = _NATIVE.get("lzc_receive_resumable", cli.lzc_receive_resumable)
 lzc_send_space = _NATIVE.get("lzc_send_space", cli.lzc_send_space)
 lzc_hold = _NATIVE.get("lzc_hold", cli.lzc_hold)
 lzc_release = _NATIVE.get("lzc_release", cli.lzc_release)
@@ -89,6 +93,7 @@ __all__ = [
     "lzc_list_snaps",
     "lzc_promote",
     "lzc_receive",
+    "lzc_receive_resumable",
     "lzc_release",
     "lzc_rename",
     "lzc_rollback",
@@ -98,7 +103,10 @@ __all__ = [
     "lzc_set_prop",
     "lzc_snapshot",
     "pool_free_bytes",
+    "receive_abort",
+    "receive_resume_token",
     "running_commands",
+    "send_resume",
     "snapshot_guids",
     "zfs_mount",
     "zfs_unmount",

@@ -13,6 +13,7 @@ import functools
 import logging
 import re
 import subprocess
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ class Features:
     bookmarks: bool
     lz4: bool
     multi_snapshot: bool
+    # pyzfs's stream flags (compress, large_blocks, embedded_data, raw) that `zfs send` offers.
+    send_flags: frozenset[str]
 
 
 def run(
@@ -134,6 +137,11 @@ def features() -> Features:
         bookmarks=bool(re.search(r"^\s*bookmark ", commands, re.MULTILINE)),
         lz4="lz4" in upgrade,
         multi_snapshot=bool(re.search(r"snap(name)?>\s*\.\.\.", snapshot)),
+        send_flags=frozenset(
+            flag
+            for flag, option in _SEND_FLAGS.items()
+            if re.search(rf"send \[-[A-Za-z]*{option[1]}", send)
+        ),
     )
     log.info("zfs features: %s", found)
     return found
@@ -160,7 +168,7 @@ def lzc_snapshot(snaps: Iterable[Name], props: Mapping[str, PropValue] | None = 
         except exc.ZFSError as error:
             if len(names) == 1:
                 raise
-            raise exc.SnapshotFailure([error]) from error
+            raise exc.SnapshotFailure([_named_by_message(error)]) from error
         return
     taken: list[bytes] = []
     try:
@@ -171,6 +179,16 @@ def lzc_snapshot(snaps: Iterable[Name], props: Mapping[str, PropValue] | None = 
         for snap in taken:
             run(_zfs("destroy", snap), snap)
         raise exc.SnapshotFailure([error]) from error
+
+
+def _named_by_message(error: exc.ZFSError) -> exc.ZFSError:
+    """The error of a command on several snapshots, classed for the snapshot its message names.
+
+    ``zfs snapshot a@s b@s`` says "cannot create snapshot 'b@s': dataset
+    already exists": with that name the error is SnapshotExists, as pyzfs says.
+    """
+    found = re.search(r"snapshot '([^']+@[^']+)'", error.message)
+    return error if found is None else error_for(error.message, found.group(1).encode())
 
 
 def lzc_destroy_snaps(snaps: Iterable[Name], defer: bool) -> None:
@@ -210,6 +228,11 @@ def _send_args(snap: bytes, fromsnap: Name | None, flags: Sequence[str] | None) 
     unknown = set(flags or ()) - set(_SEND_FLAGS)
     if unknown:
         raise exc.UnknownStreamFeature(snap, f"Unknown stream flags {sorted(unknown)}")
+    lacking = set(flags or ()) - features().send_flags
+    if lacking:
+        raise exc.FeatureNotSupported(
+            snap, f"this ZFS cannot send with {', '.join(sorted(lacking))}: send without them"
+        )
     args = [_SEND_FLAGS[flag] for flag in flags or ()]
     if fromsnap:
         args += ["-i", validate_snapshot(fromsnap).decode()]
@@ -242,6 +265,65 @@ def lzc_receive(
         raise exc.FeatureNotSupported(snap, "receive with raw, origin or props is not offered")
     args = ["-u", *(["-F"] if force else [])]
     run(_zfs("receive", *args, snap), snap, stdin=fd)
+
+
+def lzc_receive_resumable(
+    snapname: Name,
+    fd: int,
+    force: bool = False,
+    raw: bool = False,
+    origin: Name | None = None,
+    props: Mapping[str, PropValue] | None = None,
+) -> None:
+    """Like ``lzc_receive``, but a cut stream leaves what arrived, resumable by its token.
+
+    After a cut, ``receive_resume_token`` of the target filesystem names where
+    the stream stopped; ``send_resume`` writes the rest from the sender, and
+    this function receives it. Needs ``zfs receive -s`` (kernel OpenZFS): on a
+    ZFS without it (zfs-fuse) this raises FeatureNotSupported and changes
+    nothing; the caller restarts from the last common snapshot.
+    """
+    snap = validate_snapshot(snapname)
+    if not features().resumable_receive:
+        raise exc.FeatureNotSupported(
+            snap, "this ZFS cannot resume a receive (no 'zfs receive -s'): send again in full"
+        )
+    if raw or origin is not None or props:
+        raise exc.FeatureNotSupported(snap, "receive with raw, origin or props is not offered")
+    args = ["-s", "-u", *(["-F"] if force else [])]
+    run(_zfs("receive", *args, snap), snap, stdin=fd)
+
+
+def receive_resume_token(name: Name) -> str | None:
+    """The token of a cut resumable receive into filesystem ``name``, or None when there is none."""
+    raw = validate_dataset(name)
+    if not features().resumable_receive:
+        return None
+    token = _get(raw, "receive_resume_token").get("receive_resume_token", "-")
+    return None if token in ("", "-") else token
+
+
+def send_resume(token: str, fd: int) -> None:
+    """Write the rest of a cut stream, from where its receiver's ``token`` says it stopped.
+
+    Runs on the sender (``zfs send -t``); libzfs_core has no parser for tokens,
+    so both backends use the command.
+    """
+    if not re.fullmatch(r"[0-9a-zA-Z-]+", token):
+        raise exc.BadStream(None, "a resume token is letters, digits and dashes")
+    run(_zfs("send", "-t", token), None, stdout=fd)
+
+
+def receive_abort(name: Name) -> None:
+    """Discard the partial state a cut resumable receive left in filesystem ``name``.
+
+    For when the rest cannot come (the sender lost the snapshot): the next
+    receive then starts from the last complete snapshot.
+    """
+    raw = validate_dataset(name)
+    if not features().resumable_receive:
+        raise exc.FeatureNotSupported(raw, "this ZFS keeps no partial receives to discard")
+    run(_zfs("receive", "-A", raw), raw)
 
 
 def lzc_send_space(
@@ -304,12 +386,23 @@ def lzc_get_holds(snapname: Name) -> dict[str, int]:
     snap = validate_snapshot(snapname)
     if not features().list_holds:
         raise exc.FeatureNotSupported(snap, "this ZFS has no 'zfs holds'; use hold_count")
-    out = run(_zfs("holds", "-Hp", snap), snap)
+    out = run(_zfs("holds", "-H", snap), snap)
     holds = {}
     for line in out.splitlines():
         _, tag, created = line.split("\t")[:3]
-        holds[tag] = int(created) if created.isdigit() else 0
+        holds[tag] = _hold_time(created)
     return holds
+
+
+def _hold_time(created: str) -> int:
+    """Seconds since the epoch of a hold; ``zfs holds`` before OpenZFS 2.2 has no ``-p``
+    and prints the time to the minute ("Tue Dec  1 20:27 2026"); 0 when unreadable."""
+    if created.isdigit():
+        return int(created)
+    try:
+        return int(time.mktime(time.strptime(" ".join(created.split()), "%a %b %d %H:%M %Y")))
+    except ValueError:
+        return 0
 
 
 def hold_count(snapname: Name) -> int:

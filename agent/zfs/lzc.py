@@ -4,7 +4,10 @@ Used when ``import libzfs_core`` works and ``/dev/zfs`` exists (Debian's
 ``python3-pyzfs`` on kernel OpenZFS, e.g. the Vagrant nodes). It raises the
 binding's own exception classes; ``agent.zfs.exceptions`` mirrors their names
 and this module re-raises them as Ferry's classes, so callers catch one set.
-What libzfs_core lacks (properties, listing, mount) comes from the CLI backend.
+What libzfs_core lacks (properties, listing, mount) comes from the CLI backend,
+and so do create and clone: ``zfs create`` mounts the new filesystem and turns
+property strings (``compression=gzip``) into the numbers the kernel takes,
+while ``lzc_create`` does neither, and the API promises a mounted filesystem.
 """
 
 from __future__ import annotations
@@ -90,12 +93,12 @@ def _translated(function: F, name_args: int) -> F:
 
 # How many leading arguments of each binding function are dataset or snapshot names.
 _NAME_ARGS = {
-    "lzc_create": 1,
     "lzc_snapshot": 1,
     "lzc_destroy_snaps": 1,
     "lzc_exists": 1,
     "lzc_send": 2,
     "lzc_receive": 1,
+    "lzc_receive_resumable": 1,
     "lzc_send_space": 2,
     "lzc_hold": 1,
     "lzc_release": 1,
@@ -103,9 +106,32 @@ _NAME_ARGS = {
     "lzc_rollback": 1,
     "lzc_rollback_to": 2,
     "lzc_rename": 2,
-    "lzc_clone": 2,
     "lzc_promote": 1,
     "lzc_destroy": 1,
+}
+
+
+def _text_keys(holds: dict[bytes, int]) -> dict[str, int]:
+    """Hold tags as ``str``, the way the CLI backend lists them."""
+    return {tag.decode(): created for tag, created in holds.items()}
+
+
+def _release_result(missing: list[bytes]) -> list[bytes]:
+    """The binding lists a tag a snapshot did not have as ``snap#tag`` among the missing
+    snapshots; the API raises HoldNotFound for it, as the CLI backend does, so a
+    caller cannot take a release that did nothing for one that happened."""
+    absent_tags = [entry for entry in missing if b"#" in entry]
+    if absent_tags:
+        raise exc.HoldReleaseFailure(
+            [exc.HoldNotFound(entry.split(b"#", 1)[0]) for entry in absent_tags]
+        )
+    return missing
+
+
+# Results the binding returns in another shape than the API's.
+_RESULTS: dict[str, Callable[[Any], Any]] = {
+    "lzc_get_holds": _text_keys,
+    "lzc_release": _release_result,
 }
 
 
@@ -113,8 +139,20 @@ def functions() -> dict[str, Callable[..., Any]]:
     """The lzc_* functions of the binding, translated; only called when available()."""
     import libzfs_core
 
-    return {
-        name: _translated(getattr(libzfs_core, name), count)
-        for name, count in _NAME_ARGS.items()
-        if hasattr(libzfs_core, name)
-    }
+    found = {}
+    for name, count in _NAME_ARGS.items():
+        if not hasattr(libzfs_core, name):
+            continue
+        function = _translated(getattr(libzfs_core, name), count)
+        if name in _RESULTS:
+            function = _reshaped(function, _RESULTS[name])
+        found[name] = function
+    return found
+
+
+def _reshaped(function: F, shape: Callable[[Any], Any]) -> F:
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return shape(function(*args, **kwargs))
+
+    return call  # type: ignore[return-value]

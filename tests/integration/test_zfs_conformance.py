@@ -441,3 +441,88 @@ def test_no_zfs_process_is_left_behind(api: Any, src: ScratchPool) -> None:
         ["pgrep", "-f", f"zfs (send|receive).*{src.name}"], capture_output=True, check=False
     )
     assert leftovers.stdout == b""
+
+
+def receive_resumable_file(api: Any, snap: bytes, path: Path) -> None:
+    with path.open("rb") as stream:
+        api.lzc_receive_resumable(snap, stream.fileno())
+
+
+def test_a_cut_resumable_receive_continues_where_it_stopped(
+    api: Any, src: ScratchPool, dst: ScratchPool, tmp_path: Path
+) -> None:
+    """Kernel OpenZFS: the rest of a cut stream completes the copy; zfs-fuse refuses, unchanged."""
+    source, source_dir = fresh(src)
+    target, target_dir = fresh(dst)
+    api.lzc_create(source, props={"compression": "off"})
+    write_random(source_dir / "f", 4 << 20)
+    api.lzc_snapshot([source + b"@s1"])
+    full = send_to_file(api, source + b"@s1", None, tmp_path / "s1")
+    cut = _truncated(full, full.stat().st_size // 2)
+    if not cli.features().resumable_receive:
+        with pytest.raises(exc.FeatureNotSupported):
+            receive_resumable_file(api, target + b"@s1", cut)
+        assert not api.lzc_exists(target)
+        assert api.receive_resume_token(source) is None
+        return
+
+    with pytest.raises(exc.ZFSError):
+        receive_resumable_file(api, target + b"@s1", cut)
+    token = api.receive_resume_token(target)
+    assert token
+    assert not api.lzc_exists(target + b"@s1")
+    rest = tmp_path / "rest"
+    with rest.open("wb") as out:
+        api.send_resume(token, out.fileno())
+    assert rest.stat().st_size < 0.75 * full.stat().st_size
+    receive_resumable_file(api, target + b"@s1", rest)
+
+    assert api.receive_resume_token(target) is None
+    assert tree_digest(mounted_copy(api, target, target_dir)) == tree_digest(source_dir)
+    assert api.snapshot_guids(target)[0][1] == api.snapshot_guids(source)[0][1]
+
+
+def test_a_cut_receive_discarded_starts_again_from_nothing(
+    api: Any, src: ScratchPool, dst: ScratchPool, tmp_path: Path
+) -> None:
+    """When the rest cannot come, receive_abort drops the partial copy and a full receive works."""
+    source, source_dir = fresh(src)
+    target, target_dir = fresh(dst)
+    if not cli.features().resumable_receive:
+        with pytest.raises(exc.FeatureNotSupported):
+            api.receive_abort(target)
+        return
+    api.lzc_create(source, props={"compression": "off"})
+    write_random(source_dir / "f", 2 << 20)
+    api.lzc_snapshot([source + b"@s1"])
+    full = send_to_file(api, source + b"@s1", None, tmp_path / "s1")
+    with pytest.raises(exc.ZFSError):
+        receive_resumable_file(api, target + b"@s1", _truncated(full, full.stat().st_size // 2))
+    assert api.receive_resume_token(target)
+
+    api.receive_abort(target)
+    assert not api.lzc_exists(target)
+    receive_resumable_file(api, target + b"@s1", full)
+    assert tree_digest(mounted_copy(api, target, target_dir)) == tree_digest(source_dir)
+
+
+def test_a_compressed_send_is_smaller_and_receives_the_same_files(
+    api: Any, src: ScratchPool, dst: ScratchPool, tmp_path: Path
+) -> None:
+    """Kernel OpenZFS sends compressed blocks as they are on disk; zfs-fuse refuses the flag."""
+    source, source_dir = fresh(src)
+    target, target_dir = fresh(dst)
+    api.lzc_create(source, props={"compression": "gzip"})
+    (source_dir / "text").write_bytes(b"ferry moves volumes\n" * (200 << 10))
+    api.lzc_snapshot([source + b"@s1"])
+    compressed = tmp_path / "compressed"
+    if "compress" not in cli.features().send_flags:
+        with pytest.raises(exc.FeatureNotSupported), compressed.open("wb") as out:
+            api.lzc_send(source + b"@s1", None, out.fileno(), ["compress"])
+        return
+    plain = send_to_file(api, source + b"@s1", None, tmp_path / "plain")
+    with compressed.open("wb") as out:
+        api.lzc_send(source + b"@s1", None, out.fileno(), ["compress"])
+    assert compressed.stat().st_size < 0.5 * plain.stat().st_size
+    receive_file(api, target + b"@s1", compressed)
+    assert tree_digest(mounted_copy(api, target, target_dir)) == tree_digest(source_dir)
