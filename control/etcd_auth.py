@@ -51,11 +51,13 @@ class Right:
     shared: str = ""
 
 
-CONTROL_WRITES = (Right("volumes"), Right("moves"))
+CONTROL_WRITES = (Right("volumes"), Right("moves"), Right("drops"))
 
 NODE_WRITES = (
     Right("nodes", own=True),
     Right("state", own=True),
+    Right("asides", own=True),
+    Right("drops", own=True),
     Right(
         "owners",
         shared="the ownership compare-and-swap: an agent claims a new volume's first epoch, "

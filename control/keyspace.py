@@ -495,7 +495,7 @@ class KeyRange:
     range_end: bytes
 
 
-PER_NODE_KINDS = ("nodes", "state")
+PER_NODE_KINDS = ("nodes", "state", "asides", "drops")
 
 
 def grant_range(prefix: str, kind: str = "", node: str = "") -> KeyRange:

@@ -42,9 +42,9 @@ def test_a_new_volume_never_adopts_a_deleted_namesakes_leftover(cluster: Cluster
         lambda: cluster.ferryctl(create, check=False).returncode == 0,
     )
     try:
-        wait_for(f"new {name} mounted on {host.name}", lambda: mounted(cluster, host, name))
-        listing = cluster.run(host, ["ls", "-A", mountpoint(host, name)]).stdout.split()
-        assert "old" not in listing, "the new volume adopted the deleted volume's data"
+        # First the old dataset goes aside: until then it is still mounted where the new
+        # volume will be (the agent was stopped, not its mounts), and a listing taken
+        # then would see the old data whoever is right.
         wait_for(
             f"the old data listed as a copy of {name} kept aside on {host.name}",
             lambda: any(
@@ -52,6 +52,9 @@ def test_a_new_volume_never_adopts_a_deleted_namesakes_leftover(cluster: Cluster
                 for c in cluster.volume(name)["diverged"]
             ),
         )
+        wait_for(f"new {name} mounted on {host.name}", lambda: mounted(cluster, host, name))
+        listing = cluster.run(host, ["ls", "-A", mountpoint(host, name)]).stdout.split()
+        assert "old" not in listing, "the new volume adopted the deleted volume's data"
     finally:
         cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
 

@@ -121,10 +121,13 @@ async def move(keyspace: Keyspace, source: Node, target: Node, name: str) -> int
     previous = await keyspace.get_move(name)
     record = Move(volume=name, source=source.name, target=target.name, started_at=time.time())
     assert await keyspace.put_move(record, previous.revision if previous else None)
-    await source.executor.apply(DriveMove(name))
     deadline = time.monotonic() + MOVE_SECONDS
     while (owner := await keyspace.get_owner(name)) is None or owner.value.node != target.name:
         assert time.monotonic() < deadline, f"{name} did not reach {target.name} in time"
+        if name not in source.executor.running_moves:
+            # As convergence does: a driver that paused (a mount seen in the handoff, say
+            # a container starting elsewhere on this machine) is started again.
+            await source.executor.apply(DriveMove(name))
         await asyncio.sleep(0.2)
     await target.executor.apply(Activate(name, owner.value.epoch))
     while name in source.executor.running_moves:

@@ -38,10 +38,18 @@ def test_a_node_role_writes_its_own_keys_and_not_a_namesake_prefixs(
     assert writable("/ferry/v1", etcd_auth.node_role("host1"), key) is allowed
 
 
-def test_control_writes_volumes_and_moves_only() -> None:
+def test_control_writes_volumes_moves_and_drop_requests_only() -> None:
     role = etcd_auth.CONTROL_ROLE
     written = {kind for kind in KINDS if writable("/ferry/v1", role, f"/ferry/v1/{kind}/x/y")}
-    assert written == {"volumes", "moves"}
+    assert written == {"volumes", "moves", "drops"}
+
+
+@pytest.mark.parametrize("kind", ["asides", "drops"])
+def test_a_node_reports_and_closes_only_its_own_copies_kept_aside(kind: str) -> None:
+    role = etcd_auth.node_role("host1")
+    assert writable("/ferry/v1", role, f"/ferry/v1/{kind}/host1/db-e2-20260101T000000Z")
+    assert not writable("/ferry/v1", role, f"/ferry/v1/{kind}/host2/db-e2-20260101T000000Z")
+    assert not writable("/ferry/v1", role, f"/ferry/v1/{kind}/host10/db")
 
 
 def test_every_role_reads_the_whole_prefix_and_nothing_else() -> None:
