@@ -35,6 +35,10 @@ PATIENCE = 60.0
 def pool() -> Iterator[ScratchPool]:
     with scratch_pool("to") as made:
         yield made
+        # Unmounted, the pool is not "busy" for its destroy right after the agent stopped.
+        root = PoolRoot(made.name)
+        for volume in root.volumes():
+            root.unmount(volume)
 
 
 def agent(
