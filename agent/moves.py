@@ -199,6 +199,11 @@ class MoveDriver:
     ) -> str:
         """Freeze, check, final sync and its record, within the handoff deadline; returns the
         final snapshot. Past the deadline HandoffTimedOut (the caller thaws)."""
+        # What still runs when the deadline strikes, read before the cancellation ends it.
+        running: list[str] = []
+        noted = asyncio.get_running_loop().call_later(
+            self._handoff_deadline, lambda: running.extend(self._store.commands_running(volume))
+        )
         try:
             async with asyncio.timeout(self._handoff_deadline):
                 await self._freeze(volume, tracker)
@@ -209,12 +214,16 @@ class MoveDriver:
                 await tracker.update(final_snapshot=final)
                 return final
         except TimeoutError:
-            raise await self._handoff_late(volume, tracker) from None
+            raise await self._handoff_late(volume, tracker, running) from None
+        finally:
+            noted.cancel()
 
-    async def _handoff_late(self, volume: str, tracker: _MoveRecord) -> HandoffTimedOut:
+    async def _handoff_late(
+        self, volume: str, tracker: _MoveRecord, running: list[str]
+    ) -> HandoffTimedOut:
         """The error of a handoff past its deadline before the swap; the next attempt pre-copies
         again first, so a delta too big for the deadline shrinks while the volume is writable."""
-        stuck = "; ".join(self._store.commands_running(volume)) or "nothing"
+        stuck = "; ".join(running) or "no ZFS command"
         late = HandoffTimedOut(
             f"handoff of {volume} did not reach the ownership swap within "
             f"{self._handoff_deadline:.0f} s (still running: {stuck}); writes resumed on "

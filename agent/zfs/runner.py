@@ -49,7 +49,9 @@ DEFAULT_TIMEOUTS = {Kind.READ: 30.0, Kind.CHANGE: 60.0, Kind.MOUNT: 60.0, Kind.S
 # After SIGKILL, how long the runner waits for the process to be gone before leaving it.
 KILL_GRACE_SECONDS = 5.0
 POLL_SECONDS = 0.5
-HANG_ARGV = ("sleep", "infinity")
+# What a ``hang:`` failpoint runs instead: never ends while the agent lives, and ends with it
+# (a left-over hang would outlive every test that provoked it).
+HANG_ARGV = ("sh", "-c", 'while kill -0 "$PPID" 2>/dev/null; do sleep 0.2; done')
 # A stream whose progress nobody measures (no probe given, not a file) gets a wall clock.
 STREAM_UNWATCHED_SECONDS = 3600.0
 
@@ -193,12 +195,13 @@ def run(
                 "; it did not exit after SIGKILL (stuck in the kernel: the ZFS daemon or "
                 "the pool is hung)"
             )
-        log.error(
-            "command timed out: argv=%s subject=%s kind=%s limit=%.0fs still_in_kernel=%s",
+        log.log(
+            logging.ERROR if expired.timed_out else logging.WARNING,
+            "command killed: argv=%s subject=%s kind=%s why=%s still_in_kernel=%s",
             " ".join(command),
             subject,
             kind,
-            limit,
+            expired,
             left_running,
         )
         raise CommandTimeout(subject, f"{message}; {_advice(subject)}") from None
@@ -217,7 +220,12 @@ def run(
 
 
 class _Expired(Exception):
-    """The command must end; the text says why (``did not finish in 30 s``, ...)."""
+    """The command must end; the text says why (``did not finish in 30 s``, ...), and whether
+    it ran past its limit (else its caller gave up on it)."""
+
+    def __init__(self, why: str, timed_out: bool) -> None:
+        super().__init__(why)
+        self.timed_out = timed_out
 
 
 def _wait(
@@ -240,9 +248,9 @@ def _wait(
             seen, last_change = moved, now
         if now - last_change >= limit:
             what = "moved no data for" if probe is not None else "did not finish in"
-            raise _Expired(f"{what} {limit:.0f} s")
+            raise _Expired(f"{what} {limit:.0f} s", timed_out=True)
         if stop is not None and stop.is_set():
-            raise _Expired("was stopped by the agent (its transfer was cancelled)")
+            raise _Expired("was stopped by the agent (its transfer was cancelled)", timed_out=False)
 
 
 def _kill(process: subprocess.Popen[str]) -> bool:

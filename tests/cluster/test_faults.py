@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from agent.moves import HANDOFF_DEADLINE_SECONDS
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from tests.cluster.test_moves import (
     checksums,
@@ -281,3 +282,58 @@ def test_etcd_restarted_mid_move_loses_nothing_and_the_move_completes(
     cluster.local_process("etcd", "start")
     finish_and_check(cluster, name, data, b)
     assert cluster.volume(name)["epoch"] == 2
+
+
+def test_a_handoff_whose_final_send_hangs_thaws_the_source_and_the_move_completes_later(
+    cluster: Cluster,
+) -> None:
+    """The final incremental's ``zfs send`` hangs (the ``hang:`` failpoint; the pre-copy is one
+    full send of a small volume): past the handoff deadline the source thaws and takes writes
+    again, still the owner, and ``move status`` says what hung; once the hang is gone the move
+    completes with every byte."""
+    if cluster.kind != "local":
+        pytest.skip("fault injection drives local-cluster agents")
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    name = f"ft-{secrets.token_hex(3)}"
+    cluster.ferryctl(["volume", "create", name, "--size", "256M", "--node", a.name])
+    try:
+        wait_for(f"{name} owned by {a.name}", lambda: cluster.volume(name)["owner"] == a.name)
+        write_random(cluster, a, f"{mountpoint(a, name)}/data", 8)
+        hung = {"FERRY_FAILPOINTS": "hang:zfs send -i", "FERRY_ZFS_TIMEOUTS": "stream=300"}
+        cluster.agent(a.name, "stop")
+        cluster.agent(a.name, "start", hung)
+        wait_for("the armed agent", lambda: _port_open(a.agent_address or ""), 30)
+        cluster.ferryctl(["volume", "move", name, b.name])
+        wait_for(
+            "the handoff to freeze the source", lambda: not writable_copies(cluster, name), 120
+        )
+        frozen_at = time.monotonic()
+        wait_for(
+            "the source to thaw after the handoff deadline",
+            lambda: writable_copies(cluster, name) == [a.name],
+            HANDOFF_DEADLINE_SECONDS + 30,
+        )
+        assert time.monotonic() - frozen_at < HANDOFF_DEADLINE_SECONDS + 30
+        assert cluster.volume(name)["owner"] == a.name
+        write_random(cluster, a, f"{mountpoint(a, name)}/after-the-hung-handoff", 4)
+        wait_for(
+            "move status to show the hung send of the next attempt",
+            lambda: (
+                f"stuck on {a.name}: `zfs send -i"
+                in cluster.ferryctl(["move", "status", name]).stdout
+            ),
+            60,
+        )
+        data = checksums(cluster, a, mountpoint(a, name))
+        disarm(cluster, a)
+        finish_and_check(cluster, name, data, b)
+    finally:
+        disarm(cluster, a)
+        cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
+
+
+def disarm(cluster: Cluster, host: ClusterHost) -> None:
+    """The host's agent again, started without failpoints."""
+    cluster.agent(host.name, "stop")
+    cluster.agent(host.name, "start")
+    wait_for(f"the agent of {host.name}", lambda: _port_open(host.agent_address or ""), 30)

@@ -35,19 +35,25 @@ PATIENCE = 60.0
 def pool() -> Iterator[ScratchPool]:
     with scratch_pool("to") as made:
         yield made
+        # Unmounted, the pool is not "busy" for its destroy right after the agent stopped.
+        root = PoolRoot(made.name)
+        for volume in root.volumes():
+            root.unmount(volume)
 
 
-@pytest.fixture
-def prefix() -> str:
-    return f"/to-{secrets.token_hex(4)}/v1"
-
-
-@pytest.fixture
-def control(
-    etcd: EtcdServer, certs: ClusterCerts, workdir: Path, prefix: str
-) -> Iterator[ControlServer]:
-    with ControlServer(etcd.endpoint, certs, workdir, prefix=prefix, insecure=True) as server:
-        yield server
+def agent(
+    node: str,
+    pool: ScratchPool,
+    etcd: EtcdServer,
+    control: ControlServer,
+    certs: ClusterCerts,
+    workdir: Path,
+    env: dict[str, str],
+) -> AgentProcess:
+    """An agent for ``node``: its certificate and etcd user made first, as an operator does."""
+    etcd.bootstrap(nodes=(node,))
+    tls = certs.issue("node", node)
+    return AgentProcess(node, pool.name, etcd.endpoint, control.address, tls, workdir, env)
 
 
 async def ctl_json(control: ControlServer, *args: str) -> Any:
@@ -71,16 +77,16 @@ async def node_status(control: ControlServer, node: str) -> str | None:
 async def test_a_hung_command_on_one_volume_is_reported_while_the_others_converge(
     etcd: EtcdServer,
     control: ControlServer,
+    certs: ClusterCerts,
     pool: ScratchPool,
-    prefix: str,
     workdir: Path,
 ) -> None:
     node = f"to-{secrets.token_hex(2)}"
     hang = f"hang:zfs create -o refquota={HUNG_SIZE}"
     env = {"FERRY_FAILPOINTS": hang, "FERRY_ZFS_TIMEOUTS": "change=200"}
-    with AgentProcess(node, pool.name, etcd.endpoint, prefix, workdir, env) as agent:
+    with agent(node, pool, etcd, control, certs, workdir, env) as running:
         await until("the agent is ready", lambda: _is(node_status(control, node), "ready"), 60)
-        activated = await agent.plugin_call("/Plugin.Activate", {})
+        activated = await running.plugin_call("/Plugin.Activate", {})
         assert activated["Implements"] == ["VolumeDriver"]
 
         await ctl_json(control, "volume", "create", "to-hung", "--size", "17M", "--node", node)
@@ -106,8 +112,8 @@ async def test_a_hung_command_on_one_volume_is_reported_while_the_others_converg
 async def test_an_agent_whose_recovery_hangs_is_not_live_and_its_plugin_refuses_clearly(
     etcd: EtcdServer,
     control: ControlServer,
+    certs: ClusterCerts,
     pool: ScratchPool,
-    prefix: str,
     workdir: Path,
     tmp_path: Path,
 ) -> None:
@@ -117,13 +123,13 @@ async def test_an_agent_whose_recovery_hangs_is_not_live_and_its_plugin_refuses_
     root.create_volume("to-held", FINE_SIZE, "off", tmp_path / "to-held")
     node = f"to-{secrets.token_hex(2)}"
     env = {"FERRY_FAILPOINTS": "hang:zfs list -H -o name -t snapshot"}
-    with AgentProcess(node, pool.name, etcd.endpoint, prefix, workdir, env) as agent:
+    with agent(node, pool, etcd, control, certs, workdir, env) as running:
         await until("the node is registered", lambda: _is_not_none(node_status(control, node)), 60)
-        refused = await agent.plugin_call("/VolumeDriver.Get", {"Name": "to-held"})
+        refused = await running.plugin_call("/VolumeDriver.Get", {"Name": "to-held"})
         assert refused["Err"] == f"ferry agent on {node} is starting; retry in a few seconds"
-        mounted = await agent.plugin_call("/VolumeDriver.Mount", {"Name": "to-held", "ID": "c1"})
+        mounted = await running.plugin_call("/VolumeDriver.Mount", {"Name": "to-held", "ID": "c1"})
         assert "is starting; retry in a few seconds" in mounted["Err"]
-        activated = await agent.plugin_call("/Plugin.Activate", {})
+        activated = await running.plugin_call("/Plugin.Activate", {})
         assert activated["Implements"] == ["VolumeDriver"]
         await asyncio.sleep(5)
         assert await node_status(control, node) == "starting"

@@ -1,4 +1,4 @@
-"""A ``ferry-agent`` process on a scratch pool and loopback ports, insecure, for tests.
+"""A ``ferry-agent`` process on a scratch pool and loopback ports, on mutual TLS, for tests.
 
 Commands the agent started in sessions of their own (``agent.zfs.runner`` does that) are
 killed with it, so a hung command a test provoked does not outlive the test.
@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from control.tls import TlsFiles
 from tests.support.etcd import SOURCE_TREE, VENV_BIN, free_port, terminate
 from tests.support.service import TestService
 
@@ -25,14 +26,16 @@ log = logging.getLogger(__name__)
 
 
 class AgentProcess(TestService):
-    """``ferry-agent --insecure`` for node ``node`` on ``pool``; ``env`` adds FERRY_* settings."""
+    """``ferry-agent`` for node ``node`` on ``pool`` with the node's certificate ``tls`` (its
+    etcd user must exist), its plugin asking ``control``; ``env`` adds FERRY_* settings."""
 
     def __init__(
         self,
         node: str,
         pool: str,
         etcd: str,
-        prefix: str,
+        control: str,
+        tls: TlsFiles,
         workdir: Path,
         env: Mapping[str, str] | None = None,
     ) -> None:
@@ -56,9 +59,14 @@ class AgentProcess(TestService):
             str(workdir / f"{node}-mnt"),
             "--plugin-socket",
             str(self.plugin_socket),
-            "--etcd-prefix",
-            prefix,
-            "--insecure",
+            "--control",
+            control,
+            "--tls-ca",
+            str(tls.ca),
+            "--tls-cert",
+            str(tls.cert),
+            "--tls-key",
+            str(tls.key),
         ]
         self._env = {**os.environ, **SOURCE_TREE, **(env or {})}
         self._process: subprocess.Popen[bytes] | None = None

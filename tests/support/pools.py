@@ -93,11 +93,12 @@ def _destroy(name: str) -> None:
 
 
 def _destroy_pool(name: str) -> None:
-    for _ in range(10):
+    """Busy for seconds after the last unmount when zfs-fuse is loaded: up to 20 s."""
+    for _ in range(20):
         if _zpool("destroy", "-f", name).returncode == 0:
             log.info("test pool destroyed: pool=%s", name)
             return
-        time.sleep(0.5)
+        time.sleep(1.0)
     log.error("test pool left behind, destroy it by hand: zpool destroy -f %s", name)
 
 
