@@ -1,0 +1,42 @@
+"""Docker Swarm reschedules a PostgreSQL service and its Ferry volume follows.
+
+These tests bring up their own small cluster (2 hosts, ``local-cluster up
+--swarm``): the session cluster's dockerds form no swarm.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster.conftest import requires_root
+from tests.support.cluster import Cluster, local_cluster
+from tests.support.migration import load_image
+from tests.support.swarm import drain_moves_postgres
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def swarm_cluster() -> Iterator[Cluster]:
+    requires_root()
+    with local_cluster(f"sw{os.getpid() % 1_000_000}", hosts=2, swarm=True) as running:
+        for host in running.hosts:
+            load_image(host)
+        yield running
+
+
+def test_drained_node_s_postgres_service_restarts_elsewhere_with_every_committed_row(
+    swarm_cluster: Cluster,
+) -> None:
+    lines: list[str] = []
+    result = drain_moves_postgres(swarm_cluster, f"pg-{secrets.token_hex(3)}", report=lines.append)
+    print("\n".join(lines))
+    print(f"reschedule (drain command to first query): {result.reschedule_seconds:.2f}s")
+    assert result.new_host != result.old_host
+    assert result.owner == result.new_host
+    assert result.rows_found == result.rows_committed >= 1000
+    assert result.recovery_problems == ()

@@ -1,0 +1,187 @@
+"""PostgreSQL as a Docker Swarm service on a Ferry volume: drain its node, the data follows.
+
+The scenario the Swarm demo runs and the cluster test checks, on a cluster from
+``local-cluster up --swarm`` (host1 manages the swarm, nodes carry the label
+``ferry.host=<host>``): the volume is created on host1 and the service starts
+there (the other nodes are paused while it is placed); a writer commits rows;
+then host1 is drained. Swarm stops the task and starts a new one on another
+node, whose Ferry plugin gets the Mount, asks for the move and holds the Mount
+until the volume is there. Every committed row must be found. The reschedule
+time runs from the drain command to the first query PostgreSQL answers on the
+new node.
+
+Run by hand against a running cluster::
+
+    python -m tests.support.swarm CLUSTER_YAML
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from docker.models.containers import Container
+
+from tests.support.cluster import Cluster, ClusterHost
+from tests.support.migration import IMAGE, PGDATA, Report, docker_client, load_image
+from tests.support.pgworkload import (
+    Writer,
+    create_table,
+    log_since_start,
+    recovery_problems,
+    verify,
+    wait_ready,
+)
+
+SERVICE_LABEL = "com.docker.swarm.service.name"
+TASK_TIMEOUT_SECONDS = 150.0
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    rows_committed: int
+    rows_found: int
+    reschedule_seconds: float
+    old_host: str
+    new_host: str
+    owner: str
+    recovery_problems: tuple[str, ...]
+
+
+def manager(cluster: Cluster) -> ClusterHost:
+    if cluster.swarm_manager is None:
+        raise RuntimeError(f"{cluster.path} describes no swarm; bring the cluster up with --swarm")
+    return cluster.host(cluster.swarm_manager)
+
+
+def node_id(cluster: Cluster, host: ClusterHost) -> str:
+    """The Swarm node id of a host's dockerd."""
+    return cluster.docker(host, ["info", "--format", "{{.Swarm.NodeID}}"]).stdout.strip()
+
+
+def set_availability(cluster: Cluster, host: ClusterHost, availability: str) -> None:
+    """active, pause (keeps its tasks, takes no new ones) or drain (moves its tasks away)."""
+    node = node_id(cluster, host)
+    cluster.docker(manager(cluster), ["node", "update", "--availability", availability, node])
+
+
+def create_postgres_service(cluster: Cluster, service: str, volume: str) -> None:
+    """One PostgreSQL task with its data directory on the Ferry volume; no registry, so the
+    image is the one loaded into every dockerd (--no-resolve-image); no network (the
+    default VIP endpoint needs IPVS, which these dockerds lack)."""
+    cluster.docker(
+        manager(cluster),
+        [
+            "service", "create", "--detach",
+            "--name", service,
+            "--no-resolve-image",
+            "--mount", f"type=volume,source={volume},target={PGDATA},volume-driver=ferry",
+            "--stop-grace-period", "30s",
+            IMAGE,
+        ],
+    )  # fmt: skip
+
+
+def remove_service(cluster: Cluster, service: str) -> None:
+    cluster.docker(manager(cluster), ["service", "rm", service], check=False)
+
+
+def running_task(host: ClusterHost, service: str) -> Container | None:
+    """The service's running task container on this host's dockerd, if any."""
+    found = docker_client(host).containers.list(filters={"label": f"{SERVICE_LABEL}={service}"})
+    return found[0] if found else None
+
+
+def wait_for_task(
+    hosts: list[ClusterHost], service: str, timeout: float = TASK_TIMEOUT_SECONDS
+) -> tuple[ClusterHost, Container]:
+    """The first of ``hosts`` that runs the service's task, once PostgreSQL answers there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for host in hosts:
+            container = running_task(host, service)
+            if container is not None:
+                wait_ready(container, timeout=max(deadline - time.monotonic(), 1.0))
+                return host, container
+        time.sleep(0.2)
+    raise TimeoutError(
+        f"no task of service {service} runs on {[h.name for h in hosts]} after {timeout:.0f}s; "
+        f"see `docker service ps {service}` on the manager"
+    )
+
+
+def drain_moves_postgres(
+    cluster: Cluster, volume: str, rows: int = 1000, report: Report = print
+) -> DrainResult:
+    """PostgreSQL service on host1 with a writer; drain host1; verify on the new node."""
+    first, others = cluster.hosts[0], list(cluster.hosts[1:])
+    service = f"svc-{volume}"
+    report(f"creating volume {volume} on {first.name} through the Docker plugin")
+    docker_client(first).volumes.create(
+        volume, driver="ferry", driver_opts={"size": "1G", "node": first.name}
+    )
+    for host in others:
+        set_availability(cluster, host, "pause")
+    create_postgres_service(cluster, service, volume)
+    _, pg_old = wait_for_task([first], service)
+    for host in others:
+        set_availability(cluster, host, "active")
+    create_table(pg_old)
+    writer = Writer(pg_old, rows_per_commit=10).start()
+    writer.wait_for_rows(rows, timeout=120)
+    report(f"service {service} on {first.name}: {len(writer.committed)} rows committed, writing")
+
+    drained_at = time.monotonic()
+    set_availability(cluster, first, "drain")
+    new_host, pg_new = wait_for_task(others, service)
+    reschedule = time.monotonic() - drained_at
+    committed = writer.stop()
+    report(
+        f"drained {first.name}: the task runs on {new_host.name}, PostgreSQL answered "
+        f"{reschedule:.2f}s after the drain command"
+    )
+    found = verify(pg_new, committed)
+    owner = str(cluster.volume(volume)["owner"])
+    report(
+        f"{found.count} of {len(committed)} committed rows on {new_host.name} "
+        f"(volume owner {owner}, {found.uncertain} rows past the last acknowledged commit)"
+    )
+    problems = tuple(recovery_problems(log_since_start(pg_new)))
+    remove_service(cluster, service)
+    set_availability(cluster, first, "active")
+    return DrainResult(
+        rows_committed=len(committed),
+        rows_found=found.count,
+        reschedule_seconds=reschedule,
+        old_host=first.name,
+        new_host=new_host.name,
+        owner=owner,
+        recovery_problems=problems,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cluster", type=Path, help="cluster description (cluster.yaml)")
+    parser.add_argument("--volume", default="pgdata")
+    args = parser.parse_args()
+    cluster = Cluster.load(args.cluster)
+    for host in cluster.hosts:
+        print(f"loading {IMAGE} into {host.name}'s dockerd", flush=True)
+        load_image(host)
+    result = drain_moves_postgres(cluster, args.volume, report=lambda line: print(line, flush=True))
+    intact = result.rows_found == result.rows_committed and result.owner == result.new_host
+    print(
+        f"rows before: {result.rows_committed}  rows after: {result.rows_found}  "
+        f"{'intact' if intact else 'NOT INTACT'}  reschedule (drain to first query): "
+        f"{result.reschedule_seconds:.2f}s  "
+        f"recovery problems: {list(result.recovery_problems) or 'none'}"
+    )
+    return 0 if intact and not result.recovery_problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
