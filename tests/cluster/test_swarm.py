@@ -15,7 +15,7 @@ import pytest
 from tests.cluster.conftest import requires_root
 from tests.support.cluster import Cluster, local_cluster
 from tests.support.migration import load_image
-from tests.support.swarm import drain_moves_postgres
+from tests.support.swarm import drain_moves_postgres, frozen_node_never_two_writers
 
 pytestmark = pytest.mark.cluster
 
@@ -40,3 +40,19 @@ def test_drained_node_s_postgres_service_restarts_elsewhere_with_every_committed
     assert result.owner == result.new_host
     assert result.rows_found == result.rows_committed >= 1000
     assert result.recovery_problems == ()
+
+
+@pytest.mark.slow
+def test_frozen_node_s_container_keeps_the_volume_until_it_stops_then_the_replacement_gets_it(
+    swarm_cluster: Cluster,
+) -> None:
+    """Run with FERRY_SLOW_TESTS=1 (about 3 minutes): never two writers, nothing lost."""
+    lines: list[str] = []
+    result = frozen_node_never_two_writers(
+        swarm_cluster, f"pg-{secrets.token_hex(3)}", report=lines.append
+    )
+    print("\n".join(lines))
+    print(f"move after the thaw (kill -CONT to first query): {result.move_seconds_after_thaw:.2f}s")
+    assert result.owner == result.new_host == swarm_cluster.swarm_manager
+    assert result.rows_found == result.rows_committed >= 500
+    assert result.unacknowledged_rows_found > 100

@@ -18,8 +18,11 @@ Run by hand against a running cluster::
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +31,12 @@ from docker.models.containers import Container
 from tests.support.cluster import Cluster, ClusterHost
 from tests.support.migration import IMAGE, PGDATA, Report, docker_client, load_image
 from tests.support.pgworkload import (
+    PSQL,
     Writer,
     create_table,
     log_since_start,
+    psql,
+    psql_row,
     recovery_problems,
     verify,
     wait_ready,
@@ -160,6 +166,125 @@ def drain_moves_postgres(
         new_host=new_host.name,
         owner=owner,
         recovery_problems=problems,
+    )
+
+
+@dataclass(frozen=True)
+class FrozenNodeResult:
+    rows_committed: int
+    rows_found: int
+    unacknowledged_rows_found: int
+    replacement_held_seconds: float
+    """How long the replacement's Mount was held while the frozen node's container ran."""
+    move_seconds_after_thaw: float
+    """From kill -CONT to the first query answered on the replacement's node."""
+    new_host: str
+    owner: str
+
+
+UNACKNOWLEDGED_TABLE = "ferry_loose"
+UNACKNOWLEDGED_LOOP = (
+    f"while {' '.join(PSQL)} -c 'INSERT INTO {UNACKNOWLEDGED_TABLE} VALUES (now())'; do :; done"
+)
+
+
+def dockerd_pid(host: ClusterHost) -> int:
+    """A local-cluster dockerd's pid, from the --pidfile beside its socket."""
+    assert host.docker_host and host.docker_host.startswith("unix://")
+    pidfile = Path(host.docker_host.removeprefix("unix://")).with_name("docker.pid")
+    return int(pidfile.read_text().strip())
+
+
+def node_state(cluster: Cluster, node: str) -> str:
+    """ready or down, as the swarm manager sees the node."""
+    inspect = ["node", "inspect", "--format", "{{.Status.State}}", node]
+    return cluster.docker(manager(cluster), inspect).stdout.strip()
+
+
+def wait_for(what: str, ready: Callable[[], bool], timeout: float) -> float:
+    """Polls ``ready`` until true; returns the seconds it took."""
+    started = time.monotonic()
+    while not ready():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{what} did not happen within {timeout:.0f}s")
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def frozen_node_never_two_writers(
+    cluster: Cluster, volume: str, hold: float = 20.0, report: Report = print
+) -> FrozenNodeResult:
+    """The service runs on a worker; its dockerd is frozen (SIGSTOP) while the container keeps
+    writing. Swarm marks the node down and starts a replacement on the manager, whose Mount
+    Ferry must hold while the frozen node's container still has the volume mounted; after
+    SIGCONT the old task stops, the move finishes and the replacement runs with every row."""
+    boss, worker = manager(cluster), cluster.hosts[-1]
+    assert boss is not worker, "needs a worker besides the manager"
+    service = f"svc-{volume}"
+    docker_client(worker).volumes.create(
+        volume, driver="ferry", driver_opts={"size": "1G", "node": worker.name}
+    )
+    set_availability(cluster, boss, "pause")
+    create_postgres_service(cluster, service, volume)
+    _, pg_old = wait_for_task([worker], service)
+    set_availability(cluster, boss, "active")
+    create_table(pg_old)
+    writer = Writer(pg_old, rows_per_commit=10).start()
+    writer.wait_for_rows(500, timeout=120)
+    committed = writer.stop()
+    psql(pg_old, f"CREATE TABLE {UNACKNOWLEDGED_TABLE} (at timestamptz)")
+    pg_old.exec_run(["sh", "-c", UNACKNOWLEDGED_LOOP], user="postgres", detach=True)
+    wait_for(
+        "the container's own writes",
+        lambda: int(psql_row(pg_old, f"SELECT count(*) FROM {UNACKNOWLEDGED_TABLE}")) > 100,
+        60,
+    )
+    worker_node, pid = node_id(cluster, worker), dockerd_pid(worker)
+    report(f"{len(committed)} rows committed on {worker.name}; freezing its dockerd (pid {pid})")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(
+            f"{worker.name} marked down",
+            lambda: node_state(cluster, worker_node) == "down",
+            90,
+        )
+
+        def asked_to_move() -> bool:
+            move = cluster.volume(volume).get("move") or {}
+            return isinstance(move, dict) and move.get("target") == boss.name
+
+        wait_for(f"a Mount on {boss.name} asking for the move", asked_to_move, 90)
+        held_since = time.monotonic()
+        while time.monotonic() - held_since < hold:
+            assert running_task(boss, service) is None, (
+                f"a second PostgreSQL started on {boss.name} while {worker.name}'s still writes"
+            )
+            owner = cluster.volume(volume)["owner"]
+            assert owner == worker.name, f"owner moved to {owner} while {worker.name} writes"
+            time.sleep(0.5)
+        held = time.monotonic() - held_since
+        report(f"replacement's Mount on {boss.name} held {held:.0f}s; thawing {worker.name}")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    thawed_at = time.monotonic()
+    new_host, pg_new = wait_for_task([boss], service, timeout=240)
+    after_thaw = time.monotonic() - thawed_at
+    found = verify(pg_new, committed)
+    loose = int(psql_row(pg_new, f"SELECT count(*) FROM {UNACKNOWLEDGED_TABLE}"))
+    owner = str(cluster.volume(volume)["owner"])
+    report(
+        f"task runs on {new_host.name} {after_thaw:.1f}s after the thaw: {found.count} of "
+        f"{len(committed)} committed rows, {loose} rows the frozen node's container wrote"
+    )
+    remove_service(cluster, service)
+    return FrozenNodeResult(
+        rows_committed=len(committed),
+        rows_found=found.count,
+        unacknowledged_rows_found=loose,
+        replacement_held_seconds=held,
+        move_seconds_after_thaw=after_thaw,
+        new_host=new_host.name,
+        owner=owner,
     )
 
 
