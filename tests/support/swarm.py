@@ -32,6 +32,7 @@ from tests.support.cluster import Cluster, ClusterHost
 from tests.support.migration import IMAGE, PGDATA, Report, docker_client, load_image
 from tests.support.pgworkload import (
     PSQL,
+    TABLE,
     Writer,
     create_table,
     log_since_start,
@@ -121,8 +122,10 @@ def wait_for_task(
 
 def drain_moves_postgres(
     cluster: Cluster, volume: str, rows: int = 1000, report: Report = print
-) -> DrainResult:
-    """PostgreSQL service on host1 with a writer; drain host1; verify on the new node."""
+) -> tuple[DrainResult, DrainResult]:
+    """PostgreSQL service on host1 with a writer; drain host1 (onto a node with no copy),
+    then drain the new node (back onto host1, which holds the copy it left); after each,
+    every row committed so far must be on the node the task landed on."""
     first, others = cluster.hosts[0], list(cluster.hosts[1:])
     service = f"svc-{volume}"
     report(f"creating volume {volume} on {first.name} through the Docker plugin")
@@ -132,21 +135,42 @@ def drain_moves_postgres(
     for host in others:
         set_availability(cluster, host, "pause")
     create_postgres_service(cluster, service, volume)
-    _, pg_old = wait_for_task([first], service)
+    _, pg = wait_for_task([first], service)
     for host in others:
         set_availability(cluster, host, "active")
-    create_table(pg_old)
-    writer = Writer(pg_old, rows_per_commit=10).start()
-    writer.wait_for_rows(rows, timeout=120)
-    report(f"service {service} on {first.name}: {len(writer.committed)} rows committed, writing")
+    create_table(pg)
+    onto_fresh = drain_once(cluster, service, volume, first, pg, (), rows, report)
+    new_host = cluster.host(onto_fresh.new_host)
+    _, pg = wait_for_task([new_host], service)
+    kept = tuple(int(line) for line in psql(pg, f"SELECT id FROM {TABLE}").split())
+    onto_copy = drain_once(cluster, service, volume, new_host, pg, kept, rows, report)
+    remove_service(cluster, service)
+    return onto_fresh, onto_copy
 
+
+def drain_once(
+    cluster: Cluster,
+    service: str,
+    volume: str,
+    old: ClusterHost,
+    pg_old: Container,
+    kept: tuple[int, ...],
+    rows: int,
+    report: Report,
+) -> DrainResult:
+    """Write ``rows`` more rows on ``old``, drain it while writing, verify ``kept`` and every
+    newly committed row where the task lands; ``old`` is active again afterwards."""
+    others = [host for host in cluster.hosts if host is not old]
+    writer = Writer(pg_old, first_id=max(kept, default=0) + 1, rows_per_commit=10).start()
+    writer.wait_for_rows(rows, timeout=120)
+    report(f"service {service} on {old.name}: {len(writer.committed)} rows committed, writing")
     drained_at = time.monotonic()
-    set_availability(cluster, first, "drain")
+    set_availability(cluster, old, "drain")
     new_host, pg_new = wait_for_task(others, service)
     reschedule = time.monotonic() - drained_at
-    committed = writer.stop()
+    committed = kept + writer.stop()
     report(
-        f"drained {first.name}: the task runs on {new_host.name}, PostgreSQL answered "
+        f"drained {old.name}: the task runs on {new_host.name}, PostgreSQL answered "
         f"{reschedule:.2f}s after the drain command"
     )
     found = verify(pg_new, committed)
@@ -155,17 +179,15 @@ def drain_moves_postgres(
         f"{found.count} of {len(committed)} committed rows on {new_host.name} "
         f"(volume owner {owner}, {found.uncertain} rows past the last acknowledged commit)"
     )
-    problems = tuple(recovery_problems(log_since_start(pg_new)))
-    remove_service(cluster, service)
-    set_availability(cluster, first, "active")
+    set_availability(cluster, old, "active")
     return DrainResult(
         rows_committed=len(committed),
         rows_found=found.count,
         reschedule_seconds=reschedule,
-        old_host=first.name,
+        old_host=old.name,
         new_host=new_host.name,
         owner=owner,
-        recovery_problems=problems,
+        recovery_problems=tuple(recovery_problems(log_since_start(pg_new))),
     )
 
 
@@ -297,15 +319,23 @@ def main() -> int:
     for host in cluster.hosts:
         print(f"loading {IMAGE} into {host.name}'s dockerd", flush=True)
         load_image(host)
-    result = drain_moves_postgres(cluster, args.volume, report=lambda line: print(line, flush=True))
-    intact = result.rows_found == result.rows_committed and result.owner == result.new_host
-    print(
-        f"rows before: {result.rows_committed}  rows after: {result.rows_found}  "
-        f"{'intact' if intact else 'NOT INTACT'}  reschedule (drain to first query): "
-        f"{result.reschedule_seconds:.2f}s  "
-        f"recovery problems: {list(result.recovery_problems) or 'none'}"
+    results = drain_moves_postgres(
+        cluster, args.volume, report=lambda line: print(line, flush=True)
     )
-    return 0 if intact and not result.recovery_problems else 1
+    ok = True
+    for label, result in zip(
+        ("onto a fresh node", "onto a node holding a copy"), results, strict=True
+    ):
+        intact = result.rows_found == result.rows_committed and result.owner == result.new_host
+        ok = ok and intact and not result.recovery_problems
+        print(
+            f"drain {label} ({result.old_host} -> {result.new_host}): "
+            f"rows before: {result.rows_committed}  rows after: {result.rows_found}  "
+            f"{'intact' if intact else 'NOT INTACT'}  reschedule (drain to first query): "
+            f"{result.reschedule_seconds:.2f}s  "
+            f"recovery problems: {list(result.recovery_problems) or 'none'}"
+        )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
