@@ -13,9 +13,11 @@
 # the same container on host2, checks every committed row, prints the
 # pause, and cleans everything up. With --swarm the dockerds form a swarm,
 # PostgreSQL runs as a service, host1 is drained, Swarm restarts the task on
-# host2 where Ferry's plugin moves the volume before the Mount returns; the
-# demo checks every committed row and prints the reschedule time (drain
-# command to the first query answered). Run as root on Debian or Ubuntu.
+# host2 where Ferry's plugin moves the volume before the Mount returns; then
+# host2 is drained and the task returns to host1, which holds the copy it
+# left. After each drain the demo checks every committed row and prints the
+# reschedule time (drain command to the first query answered). Run as root
+# on Debian or Ubuntu.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
