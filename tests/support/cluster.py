@@ -67,6 +67,8 @@ class Cluster:
     kind: str = "local"
     etcd_root_cert: Path | None = None
     etcd_root_key: Path | None = None
+    swarm_manager: str | None = None
+    """The host whose dockerd manages a Docker Swarm of all hosts' dockerds, if any."""
 
     @classmethod
     def load(cls, path: Path) -> Cluster:
@@ -123,6 +125,7 @@ class Cluster:
             kind=str(raw.get("kind", "local")),
             etcd_root_cert=_optional_path(tls.get("etcd_root_cert")),
             etcd_root_key=_optional_path(tls.get("etcd_root_key")),
+            swarm_manager=(raw.get("swarm") or {}).get("manager"),
         )
 
     @property
@@ -276,11 +279,14 @@ def local_cluster(
     insecure: bool = False,
     state_dir: Path | None = None,
     pool_size: str = "4G",
+    swarm: bool = False,
 ) -> Iterator[Cluster]:
-    """A netns cluster from deploy/local-cluster, always taken down again."""
+    """A netns cluster from deploy/local-cluster, always taken down again; ``swarm`` makes
+    its dockerds one Docker Swarm (host1 the manager)."""
     where = ["--name", name] + (["--state-dir", str(state_dir)] if state_dir else [])
     flags = [f"--hosts={hosts}", f"--pool-size={pool_size}"]
     flags += ["--docker"] if docker else []
+    flags += ["--swarm"] if swarm else []
     flags += [] if agents else ["--no-agents"]
     flags += ["--insecure"] if insecure else []
     log.info("local cluster up name=%s hosts=%d docker=%s agents=%s", name, hosts, docker, agents)

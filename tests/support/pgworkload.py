@@ -75,6 +75,18 @@ def psql(container: Container, sql: str) -> str:
     return (stdout or b"").decode()
 
 
+def psql_row(container: Container, sql: str, attempts: int = 3) -> str:
+    """Runs a query that always answers one row, asking again when the answer is empty:
+    Docker now and then loses a short exec's output (exit 0, no bytes; docker-py #2042,
+    moby #27289), seen here under load right after a task started."""
+    for attempt in range(1, attempts + 1):
+        answer = psql(container, sql).strip()
+        if answer:
+            return answer
+        log.warning("empty psql answer: container=%s attempt=%d", container.name, attempt)
+    raise PsqlError(f"psql in container {container.name} answered nothing {attempts} times: {sql}")
+
+
 def wait_ready(container: Container, timeout: float = 60.0) -> None:
     """Waits until PostgreSQL in ``container`` answers a query."""
     deadline = time.monotonic() + timeout
@@ -115,12 +127,12 @@ def verify(container: Container, committed: Collection[int]) -> Verification:
     stopped before it heard whether that last commit happened.
     """
     highest = max(committed, default=0)
-    output = psql(
+    output = psql_row(
         container,
         f"SELECT count(*), coalesce(md5(string_agg(id || ':' || payload, ',' ORDER BY id)), '') "
         f"FROM {TABLE} WHERE id <= {highest}",
     )
-    count_text, checksum = output.strip().split("|")
+    count_text, checksum = output.split("|")
     count = int(count_text)
     expected = expected_checksum(committed) if committed else ""
     if count != len(committed) or checksum != expected:
@@ -131,7 +143,7 @@ def verify(container: Container, committed: Collection[int]) -> Verification:
             f"{count} found, checksum {checksum!r} instead of {expected!r}; "
             f"missing ids ({len(missing)}): {missing[:20]}"
         )
-    uncertain = int(psql(container, f"SELECT count(*) FROM {TABLE} WHERE id > {highest}"))
+    uncertain = int(psql_row(container, f"SELECT count(*) FROM {TABLE} WHERE id > {highest}"))
     return Verification(count=count, checksum=checksum, uncertain=uncertain)
 
 
