@@ -194,7 +194,7 @@ cp "$rootfs/boot/initrd.img-$version" "$work/image/initrd.img"
 printf '%s\n' "$versions" >"$work/image/packages.txt"
 used=$(du -sb "$rootfs" | cut -f1)
 size_mb=$(( (used + IMAGE_SPARE_BYTES) >> 20 ))
-nice -n 19 timeout 600 mkfs.ext4 -q -L ferry-root -d "$rootfs" "$work/image/rootfs.ext4" "${size_mb}M" \
+nice -n 19 timeout 600 mkfs.ext4 -q -L ferry-root -d "$rootfs" "$work/image/rootfs.ext4" "${size_mb}M" >&2 \
     || die "mkfs.ext4 of the root filesystem failed"
 mv "$work/image" "$image"
 remove_older image- "$image"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import zfs
 from agent.transfer import data
 from agent.transfer.data import DataListener
 from agent.zfs import cli, runner
@@ -203,8 +204,12 @@ async def test_a_cancelled_transfer_kills_its_hung_zfs_send_at_once(
 async def test_a_stream_read_through_a_pipe_kills_its_hung_send_when_abandoned(
     pool: ScratchPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The encrypted path reads ``zfs send`` through a pipe: giving up on it ends it too."""
+    """The encrypted path reads ``zfs send`` through a pipe: giving up on it ends it too.
+
+    On the commands' backend: with libzfs_core (kernel OpenZFS) a send is an ioctl
+    of this process, no command the runner could bound."""
     monkeypatch.setenv("FERRY_FAILPOINTS", "hang:zfs send")
+    monkeypatch.setattr(zfs, "lzc_send", cli.lzc_send)
 
     async def first_chunk() -> bytes:
         async for chunk in send_chunks(pool.dataset("to-never") + b"@s1"):
