@@ -78,7 +78,10 @@ async def test_a_hung_command_on_one_volume_is_reported_while_the_others_converg
     node = f"to-{secrets.token_hex(2)}"
     hang = f"hang:zfs create -o refquota={HUNG_SIZE}"
     env = {"FERRY_FAILPOINTS": hang, "FERRY_ZFS_TIMEOUTS": "change=200"}
-    with AgentProcess(node, pool.name, etcd.endpoint, prefix, workdir, env) as agent:
+    agent_process = AgentProcess(
+        node, pool.name, etcd.endpoint, control.address, prefix, workdir, env
+    )
+    with agent_process as agent:
         await until("the agent is ready", lambda: _is(node_status(control, node), "ready"), 60)
         activated = await agent.plugin_call("/Plugin.Activate", {})
         assert activated["Implements"] == ["VolumeDriver"]
@@ -117,7 +120,10 @@ async def test_an_agent_whose_recovery_hangs_is_not_live_and_its_plugin_refuses_
     root.create_volume("to-held", FINE_SIZE, "off", tmp_path / "to-held")
     node = f"to-{secrets.token_hex(2)}"
     env = {"FERRY_FAILPOINTS": "hang:zfs list -H -o name -t snapshot"}
-    with AgentProcess(node, pool.name, etcd.endpoint, prefix, workdir, env) as agent:
+    agent_process = AgentProcess(
+        node, pool.name, etcd.endpoint, control.address, prefix, workdir, env
+    )
+    with agent_process as agent:
         await until("the node is registered", lambda: _is_not_none(node_status(control, node)), 60)
         refused = await agent.plugin_call("/VolumeDriver.Get", {"Name": "to-held"})
         assert refused["Err"] == f"ferry agent on {node} is starting; retry in a few seconds"

@@ -25,13 +25,17 @@ log = logging.getLogger(__name__)
 
 
 class AgentProcess(TestService):
-    """``ferry-agent --insecure`` for node ``node`` on ``pool``; ``env`` adds FERRY_* settings."""
+    """``ferry-agent --insecure`` for node ``node`` on ``pool``; ``env`` adds FERRY_* settings.
+
+    ``control`` is the (insecure) ferry-control its Docker plugin asks.
+    """
 
     def __init__(
         self,
         node: str,
         pool: str,
         etcd: str,
+        control: str,
         prefix: str,
         workdir: Path,
         env: Mapping[str, str] | None = None,
@@ -46,6 +50,8 @@ class AgentProcess(TestService):
             node,
             "--etcd",
             etcd,
+            "--control",
+            control,
             "--pool",
             pool,
             "--listen",
