@@ -31,6 +31,13 @@ FINE_SIZE = 16 << 20
 PATIENCE = 60.0
 
 
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    """Plaintext: the agent and control here run --insecure, as a development cluster does."""
+    with EtcdServer(secure=False) as server:
+        yield server
+
+
 @pytest.fixture
 def pool() -> Iterator[ScratchPool]:
     with scratch_pool("to") as made:
