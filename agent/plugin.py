@@ -106,7 +106,7 @@ class VolumePlugin:
                 await self.store.ensure_mounted(name)
                 await self._publish(name)
             except Exception as error:
-                await self._release(name, request_id)
+                await self._take_back(name, request_id)
                 raise PluginError(
                     f"volume {name} could not be mounted on {self.node}: {error}; "
                     "nothing was changed, retry when the cause is fixed"
@@ -169,6 +169,19 @@ class VolumePlugin:
             await self.keyspace.delete_mount(name, self.node)
         else:
             await self.keyspace.put_mount(record, self.lease())
+
+    async def _take_back(self, name: str, request_id: str) -> None:
+        """Undo a Mount that failed half-way: the ID first (local, certain), then the record."""
+        await self.mounts.discard(name, request_id)
+        try:
+            await self._publish(name)
+        except Exception as error:
+            log.warning(
+                "mount record not taken back: volume=%s error=%s; the next convergence pass "
+                "rewrites it from what the kernel shows",
+                name,
+                error,
+            )
 
     async def _release(self, name: str, request_id: str) -> None:
         await self.mounts.discard(name, request_id)
