@@ -93,9 +93,6 @@ class DockerMounts:
     def end_handoff(self, volume: str) -> None:
         self._handoffs.discard(volume)
 
-    def in_handoff(self, volume: str) -> bool:
-        return volume in self._handoffs
-
     async def _save(self) -> None:
         snapshot = {volume: dict(ids) for volume, ids in self._ids.items()}
         async with self._write_lock:

@@ -136,11 +136,6 @@ class KernelView:
         return found
 
 
-def users(dataset: str, own_mountpoint: Path | None) -> list[User]:
-    """Every user of ``dataset``'s filesystem on this host but the caller's own mountpoint."""
-    return KernelView.read().users(dataset, own_mountpoint)
-
-
 def _is_dataset(entry: MountEntry, dataset: str) -> bool:
     return entry.fstype in FILESYSTEM_TYPES and entry.source == dataset
 
