@@ -18,8 +18,8 @@ import aetcd
 from agent.store import VolumeStore
 from agent.zfs import ZFSError
 from agent.zfs.exceptions import NameInvalid
-from control.keyspace import Keyspace
-from control.records import AsideCopy
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import AsideCopy
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from control.tls import TlsFiles
+from ferry.security.tls import TlsFiles
 
 
 @dataclass(frozen=True)

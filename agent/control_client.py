@@ -1,7 +1,7 @@
 """The Docker plugin's requests to ferry-control, over gRPC with this node's certificate.
 
 The plugin never writes volume specs to etcd itself: control decides what a
-node may ask for (``control.authz``: create, and move to itself), so etcd
+node may ask for (``ferry.security.authz``: create, and move to itself), so etcd
 can deny nodes write access to ``volumes/``.
 """
 
@@ -12,7 +12,7 @@ import logging
 import grpc
 
 from agent.plugin import PluginError
-from control.tls import TlsFiles
+from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)

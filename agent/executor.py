@@ -1,4 +1,4 @@
-"""Applies the actions of ``agent.plan`` to this node's pool and to etcd."""
+"""Applies the actions of ``ferry.core.plan`` to this node's pool and to etcd."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from dataclasses import replace
 
 from agent import zfs
 from agent.moves import MoveAbandoned, MoveDriver
-from agent.plan import (
+from agent.retry import Backoff
+from agent.store import VolumeStore
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.plan import (
     Action,
     Activate,
     Claim,
@@ -22,10 +25,7 @@ from agent.plan import (
     Purge,
     SetAside,
 )
-from agent.retry import Backoff
-from agent.store import VolumeStore
-from control.keyspace import Keyspace
-from control.records import MovePhase
+from ferry.core.records import MovePhase
 
 log = logging.getLogger(__name__)
 

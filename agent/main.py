@@ -9,11 +9,11 @@ from pathlib import Path
 import click
 
 from agent.config import AgentConfig
-from agent.logs import setup_logging
 from agent.registration import NodeNameTaken, NodeNotAuthorized
 from agent.service import run
 from agent.zfs import runner
-from control.tls import endpoints, from_flags
+from ferry.logs import setup_logging
+from ferry.security.tls import endpoints, from_flags
 
 log = logging.getLogger("agent")
 

@@ -43,13 +43,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from agent import failpoints
-from agent.snapshots import SnapshotRef, newest_common, prunable, unsent
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.usage import DockerMounts
 from agent.zfs.volumes import FilesystemBusy
-from control.keyspace import Keyspace, Versioned
-from control.records import ACTIVE_PHASES, Move, MovePhase, Owner
+from ferry.cluster.keyspace import Keyspace, Versioned
+from ferry.core.records import ACTIVE_PHASES, Move, MovePhase, Owner
+from ferry.core.snapshots import SnapshotRef, newest_common, prunable, unsent
 from protos.ferry.v1 import transfer_pb2
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from aiohttp import web
 
 from agent.store import VolumeStore
 from agent.usage import DockerMounts, HandoffRunning, mount_records
-from control.keyspace import Keyspace
-from control.records import MovePhase
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import MovePhase
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import aetcd
 
 from agent.retry import Backoff
 from agent.store import VolumeStore
-from control.keyspace import Keyspace
-from control.records import NODE_READY, NodeInfo
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import NODE_READY, NodeInfo
 
 log = logging.getLogger(__name__)
 

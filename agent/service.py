@@ -25,7 +25,6 @@ from agent.config import AgentConfig
 from agent.control_client import ControlClient
 from agent.executor import Executor
 from agent.moves import MoveDriver
-from agent.plan import Action, Actual, Desired, plan
 from agent.plugin import VolumePlugin, serve
 from agent.registration import Registration
 from agent.retry import Backoff
@@ -38,11 +37,12 @@ from agent.transfer.server import TransferService
 from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
-from control.certificates import CertificateWatch
-from control.gate import KindGate
-from control.keyspace import Keyspace, Unreadable, endpoints_client
-from control.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
-from control.tls import warn_insecure
+from ferry.cluster.keyspace import Keyspace, Unreadable, endpoints_client
+from ferry.core.plan import Action, Actual, Desired, plan
+from ferry.core.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
+from ferry.security.certificates import CertificateWatch
+from ferry.security.gate import KindGate
+from ferry.security.tls import warn_insecure
 from protos.ferry.v1 import transfer_pb2_grpc
 
 log = logging.getLogger(__name__)

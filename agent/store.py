@@ -20,8 +20,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from agent import zfs
-from agent.plan import LocalVolume
-from agent.snapshots import SnapshotRef, next_name, prunable
 from agent.zfs.inuse import User
 from agent.zfs.streams import SnapshotStream
 from agent.zfs.volumes import (
@@ -32,7 +30,9 @@ from agent.zfs.volumes import (
     PoolRoot,
     read_only_mounts,
 )
-from control.records import VolumeSpec
+from ferry.core.plan import LocalVolume
+from ferry.core.records import VolumeSpec
+from ferry.core.snapshots import SnapshotRef, next_name, prunable
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from agent.store import VolumeStore
 from agent.zfs.inuse import User
-from control.records import MountRecord
+from ferry.core.records import MountRecord
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
-from control import ca
-from control.declared import Current, DeclarationError, changes, parse
-from control.tls import TlsFiles
+from ferry.core.declared import Current, DeclarationError, changes, parse
+from ferry.security import ca
+from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
 DEFAULT_CONFIG = Path("~/.config/ferry/ferryctl.yaml").expanduser()

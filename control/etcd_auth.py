@@ -25,8 +25,8 @@ import click
 import grpc
 from aetcd import rpc
 
-from control.keyspace import DEFAULT_PREFIX, KeyRange, endpoints_client, grant_range
-from control.tls import TlsFiles, endpoints
+from ferry.cluster.keyspace import DEFAULT_PREFIX, KeyRange, endpoints_client, grant_range
+from ferry.security.tls import TlsFiles, endpoints
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from agent.zfs.volumes import BASE_COMPRESSION
-from control.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
-from control.records import (
+from ferry.cluster.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
+from ferry.core import compression
+from ferry.core.records import (
     ACTIVE_PHASES,
     AsideCopy,
     AsideDrop,
@@ -30,7 +30,6 @@ from control.records import (
 log = logging.getLogger(__name__)
 
 # lz4 is accepted where every node's ZFS has it; zfs-fuse has not, so control offers the common set.
-COMPRESSION = frozenset(BASE_COMPRESSION)
 
 
 class OperationError(Exception):
@@ -338,9 +337,10 @@ class VolumeOps:
 
     @staticmethod
     def _compression(value: str) -> str:
-        if value not in COMPRESSION:
+        if value not in compression.EVERYWHERE:
             raise InvalidArgument(
-                f"invalid compression {value!r}: use one of {', '.join(sorted(COMPRESSION))}"
+                f"invalid compression {value!r}: "
+                f"use one of {', '.join(sorted(compression.EVERYWHERE))}"
             )
         return value
 

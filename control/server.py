@@ -16,10 +16,8 @@ import grpc
 from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.logs import setup_logging
-from control.authz import CONTROL_API, NODE, delete_refusal, move_refusal
-from control.gate import KindGate
-from control.keyspace import (
+from control.operations import OperationError, PermissionDenied, VolumeOps
+from ferry.cluster.keyspace import (
     Keyspace,
     Unreadable,
     UnreadableRecord,
@@ -27,9 +25,11 @@ from control.keyspace import (
     endpoints_client,
     etcd_target,
 )
-from control.operations import OperationError, PermissionDenied, VolumeOps
-from control.records import AsideCopy, AsideDrop, MountRecord, Move, NodeState, Owner, VolumeSpec
-from control.tls import TlsFiles, endpoints, from_flags, warn_insecure
+from ferry.core.records import AsideCopy, AsideDrop, MountRecord, Move, NodeState, Owner, VolumeSpec
+from ferry.logs import setup_logging
+from ferry.security.authz import CONTROL_API, NODE, delete_refusal, move_refusal
+from ferry.security.gate import KindGate
+from ferry.security.tls import TlsFiles, endpoints, from_flags, warn_insecure
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)

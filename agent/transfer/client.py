@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from agent.snapshots import SnapshotRef
 from agent.transfer import data
 from agent.transfer.data import host_of
 from agent.transfer.options import CHANNEL_OPTIONS
 from agent.transfer.secure import SecureStream, stream_context
 from agent.zfs import ZFSError
 from agent.zfs.streams import SnapshotStream
-from control.tls import TlsFiles
+from ferry.core.snapshots import SnapshotRef
+from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import cast
 
 from agent.zfs import runner
-from control.tls import certificate_name
+from ferry.security.tls import certificate_name
 
 RELAY_BYTES = 1 << 20
 # Between ``zfs`` and the relay: deep enough that neither waits while the other is not

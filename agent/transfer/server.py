@@ -33,9 +33,9 @@ from agent.transfer.data import (
 )
 from agent.transfer.secure import SecureStream
 from agent.zfs import ZFSError
-from control.keyspace import Keyspace
-from control.records import VolumeSpec
-from control.tls import peer_identity
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import VolumeSpec
+from ferry.security.tls import peer_identity
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         """A stream's claimed sender is the name in the caller's certificate.
 
         The certificate's kind was checked at the server's door
-        (``control.gate``): Holdings and Receive take node certificates only.
+        (``ferry.security.gate``): Holdings and Receive take node certificates only.
         """
         if self._insecure:
             return

@@ -1,94 +1,47 @@
-"""ZFS name rules, checked before any command runs.
+"""The ZFS door's name checks: ``ferry.core.names``' rules, failing as pyzfs does.
 
-A dataset name is ``pool/child/...``; a snapshot adds ``@snap``, a bookmark
-``#mark``. Components use ``[A-Za-z0-9_.:-]`` (and space), are never empty,
-``.`` or ``..``, the pool name starts with a letter, and the whole name fits
-in 255 bytes. ``%`` is reserved by ZFS for temporary clones and never valid
-here. A leading ``-`` would be read as an option by the ``zfs`` command.
+Every name is checked before any command runs; a broken rule raises
+``NameInvalid`` (or ``NameTooLong``), the errors pyzfs callers expect.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 from agent.zfs.exceptions import NameInvalid, NameTooLong
+from ferry.core import names as rules
+from ferry.core.names import Name, as_bytes
 
-MAX_NAME_BYTES = 255
-_COMPONENT = re.compile(rb"^[A-Za-z0-9_.: -]+$")
-_PARTS = re.compile(rb"^([^@#]*)(?:([@#])(.*))?$", re.DOTALL)
+P = ParamSpec("P")
+T = TypeVar("T")
 
-Name = bytes | str
-
-
-def as_bytes(name: Name) -> bytes:
-    """``name`` as bytes; str is encoded as UTF-8."""
-    return name.encode() if isinstance(name, str) else bytes(name)
-
-
-def _check_component(component: bytes, whole: bytes) -> None:
-    if not component:
-        raise NameInvalid(whole, "Invalid name: empty component")
-    if component in (b".", b".."):
-        raise NameInvalid(whole, "Invalid name: '.' or '..' component")
-    if not _COMPONENT.match(component):
-        raise NameInvalid(whole, "Invalid name: characters outside [A-Za-z0-9_.: -]")
+__all__ = [
+    "Name",
+    "as_bytes",
+    "validate",
+    "validate_dataset",
+    "validate_snapshot",
+    "validate_under",
+    "validate_volume_name",
+]
 
 
-def validate(name: Name, kind: str = "any") -> bytes:
-    """Check ``name`` by ZFS rules; ``kind`` is dataset, snapshot, bookmark or any."""
-    raw = as_bytes(name)
-    if len(raw) > MAX_NAME_BYTES:
-        raise NameTooLong(raw)
-    if not raw or b"\0" in raw:
-        raise NameInvalid(raw, "Invalid name: empty or contains NUL")
-    if raw.startswith(b"-"):
-        raise NameInvalid(raw, "Invalid name: starts with '-'")
-    if b"%" in raw:
-        raise NameInvalid(raw, "Invalid name: '%' is reserved")
-    if raw.count(b"@") + raw.count(b"#") > 1:
-        raise NameInvalid(raw, "Invalid name: more than one '@' or '#'")
-    parts = _PARTS.match(raw)
-    assert parts is not None  # the pattern matches any string without two separators
-    dataset, sep, tail = parts.group(1), parts.group(2) or b"", parts.group(3) or b""
-    expected = {"dataset": b"", "snapshot": b"@", "bookmark": b"#"}.get(kind)
-    if expected is not None and sep != expected:
-        raise NameInvalid(raw, f"Invalid name: not a {kind} name")
-    for component in dataset.split(b"/"):
-        _check_component(component, raw)
-    if not dataset[:1].isalpha():
-        raise NameInvalid(raw, "Invalid name: the pool name must start with a letter")
-    if sep:
-        _check_component(tail, raw)
-    return raw
+def _as_zfs_error(check: Callable[P, T]) -> Callable[P, T]:
+    def checked(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return check(*args, **kwargs)
+        except rules.InvalidName as broken:
+            if broken.too_long:
+                raise NameTooLong(as_bytes(broken.name)) from None
+            raise NameInvalid(broken.name, broken.reason) from None
+
+    checked.__doc__ = check.__doc__
+    return checked
 
 
-def validate_dataset(name: Name) -> bytes:
-    return validate(name, "dataset")
-
-
-def validate_snapshot(name: Name) -> bytes:
-    return validate(name, "snapshot")
-
-
-def validate_under(name: Name, root: Name) -> bytes:
-    """Check ``name`` and that it lies under the dataset ``root`` (a snapshot of it counts)."""
-    raw = validate(name)
-    base = validate_dataset(root)
-    dataset = re.split(rb"[@#]", raw, maxsplit=1)[0]
-    if dataset != base and not dataset.startswith(base + b"/"):
-        raise NameInvalid(raw, f"Invalid name: outside {base.decode()}")
-    return raw
-
-
-_VOLUME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def validate_volume_name(name: str) -> str:
-    """A Ferry volume name: Docker's volume name rules, which are also one ZFS component."""
-    if not isinstance(name, str) or not _VOLUME.match(name):
-        raise NameInvalid(
-            name,
-            "Invalid volume name: use 1-64 characters from [A-Za-z0-9_.-], "
-            "starting with a letter or digit",
-        )
-    return name
+validate = _as_zfs_error(rules.validate)
+validate_dataset = _as_zfs_error(rules.validate_dataset)
+validate_snapshot = _as_zfs_error(rules.validate_snapshot)
+validate_under = _as_zfs_error(rules.validate_under)
+validate_volume_name = _as_zfs_error(rules.validate_volume_name)

@@ -33,6 +33,7 @@ from agent.zfs.exceptions import (
     PropertyInvalid,
 )
 from agent.zfs.names import validate_dataset, validate_under, validate_volume_name
+from ferry.core import compression
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,6 @@ ASIDE_AT = "ferry:aside-at"
 ASIDE_REASON = "ferry:aside-reason"
 BUSY_ATTEMPTS = 20
 BUSY_DELAY_SECONDS = 0.25
-BASE_COMPRESSION = frozenset(
-    {"on", "off", "lzjb", "zle", "gzip", *(f"gzip-{n}" for n in range(1, 10))}
-)
 
 
 def retry_busy(operation: Callable[[], T], what: str) -> T:
@@ -69,7 +67,7 @@ def retry_busy(operation: Callable[[], T], what: str) -> T:
 
 def compression_values() -> frozenset[str]:
     """The compression settings this ZFS accepts."""
-    return BASE_COMPRESSION | ({"lz4"} if zfs.features().lz4 else set())
+    return compression.EVERYWHERE | ({"lz4"} if zfs.features().lz4 else set())
 
 
 def validate_compression(value: str) -> str:

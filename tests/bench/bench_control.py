@@ -19,8 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from control.keyspace import Keyspace
-from control.records import MovePhase, Owner
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import MovePhase, Owner
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 from tests.support.etcd import ControlServer, EtcdServer, LiveNodes, issue_certificates
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from control import ca
-from control.certificates import not_after
+from ferry.security import ca
+from ferry.security.certificates import not_after
 from tests.cluster.test_faults import finish_and_check
 from tests.cluster.test_moves import checksums, mountpoint, wait_for, write_random
 from tests.support.cluster import Cluster

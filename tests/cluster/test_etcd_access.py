@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from control.keyspace import Keyspace
-from control.tls import TlsFiles
+from ferry.cluster.keyspace import Keyspace
+from ferry.security.tls import TlsFiles
 from tests.support.cluster import Cluster
 from tests.support.etcd import SOURCE_TREE, VENV_BIN
 

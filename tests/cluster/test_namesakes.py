@@ -12,7 +12,7 @@ import secrets
 
 import pytest
 
-from control.keyspace import Keyspace
+from ferry.cluster.keyspace import Keyspace
 from tests.cluster.test_moves import mountpoint, wait_for
 from tests.support.cluster import Cluster, ClusterHost
 

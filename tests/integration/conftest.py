@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from control.keyspace import Keyspace
+from ferry.cluster.keyspace import Keyspace
 from tests.support.etcd import ClusterCerts, ControlServer, EtcdServer, issue_certificates
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from control.keyspace import Keyspace
-from control.tls import TlsFiles
+from ferry.cluster.keyspace import Keyspace
+from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 from tests.support.etcd import (
     ClusterCerts,

@@ -1,4 +1,4 @@
-"""Authorization by certificate kind on a real ferry-control and etcd (control.authz).
+"""Authorization by certificate kind on a real ferry-control and etcd (ferry.security.authz).
 
 A node's certificate asks for what its Docker plugin needs (create, move to
 itself, remove what its plugin made) and nothing more; a certificate without
@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from control import ca
-from control.keyspace import Keyspace
-from control.tls import TlsFiles
+from ferry.cluster.keyspace import Keyspace
+from ferry.security import ca
+from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 from tests.support.etcd import ClusterCerts, ControlServer, LiveNodes, ferryctl
 

@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from control.keyspace import Keyspace
 from control.operations import Conflict, OperationError, VolumeOps
-from control.records import MountRecord, NodeInfo, VolumeSpec
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import MountRecord, NodeInfo, VolumeSpec
 from tests.support.etcd import EtcdServer, register_node
 
 pytestmark = pytest.mark.integration

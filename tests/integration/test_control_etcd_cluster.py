@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 from aetcd.exceptions import ClientError
 
-from control.keyspace import Keyspace, endpoints_client
-from control.records import VolumeSpec
+from ferry.cluster.keyspace import Keyspace, endpoints_client
+from ferry.core.records import VolumeSpec
 from tests.support.etcd import EtcdCluster
 
 pytestmark = pytest.mark.integration

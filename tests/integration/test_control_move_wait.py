@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import pytest
 
-from control.keyspace import Keyspace, Versioned
-from control.records import Move, MovePhase, Owner
+from ferry.cluster.keyspace import Keyspace, Versioned
+from ferry.core.records import Move, MovePhase, Owner
 from tests.support.etcd import (
     VENV_BIN,
     ControlServer,

@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from control import ca
-from control.tls import TlsFiles, peer_identity
+from ferry.security import ca
+from ferry.security.tls import TlsFiles, peer_identity
 
 METHOD = "/ct.Identity/Who"
 

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from aetcd.exceptions import ClientError
 
-from control.keyspace import Change, Keyspace
-from control.records import VolumeSpec
+from ferry.cluster.keyspace import Change, Keyspace
+from ferry.core.records import VolumeSpec
 from tests.support.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration

@@ -21,11 +21,11 @@ from agent.service import AgentService
 from agent.store import VolumeStore
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
-from control import ca
-from control.keyspace import Keyspace
 from control.operations import VolumeOps
-from control.records import VolumeSpec
-from control.tls import TlsFiles
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import VolumeSpec
+from ferry.security import ca
+from ferry.security.tls import TlsFiles
 from tests.support.etcd import ControlServer, EtcdServer, ferryctl
 from tests.support.pools import ScratchPool, scratch_pool
 

@@ -21,11 +21,11 @@ import pytest
 from agent import zfs
 from agent.asides import AsideLedger
 from agent.moves import MoveAbandoned, MoveDriver
-from agent.plan import Activate
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.zfs.volumes import retry_busy
-from control.keyspace import Keyspace
-from control.records import Move, MovePhase, Owner
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.plan import Activate
+from ferry.core.records import Move, MovePhase, Owner
 from protos.ferry.v1 import transfer_pb2
 from tests.support.etcd import ControlServer, ferryctl
 from tests.support.nodes import Node, append_lines, create_owned, move, running_nodes

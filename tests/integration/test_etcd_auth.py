@@ -10,7 +10,7 @@ from aetcd import rpc
 from aetcd.exceptions import ClientError
 
 from control import etcd_auth
-from control.keyspace import Keyspace, grant_range
+from ferry.cluster.keyspace import Keyspace, grant_range
 from tests.support.etcd import ClusterCerts, EtcdServer
 
 pytestmark = pytest.mark.integration

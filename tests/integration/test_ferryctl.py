@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from control.keyspace import Keyspace
-from control.records import MountRecord
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import MountRecord
 from tests.support.etcd import (
     CliResult,
     ControlServer,

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from control.keyspace import AlreadyExists, Change, Keyspace, NodeChanged
-from control.records import (
+from ferry.cluster.keyspace import AlreadyExists, Change, Keyspace, NodeChanged
+from ferry.core.records import (
     AsideCopy,
     AsideDrop,
     Move,

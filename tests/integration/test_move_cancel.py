@@ -15,14 +15,14 @@ from typing import cast
 import pytest
 
 from agent.moves import MoveAbandoned, MoveDriver
-from agent.snapshots import SnapshotRef
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
-from control.keyspace import Keyspace
 from control.operations import VolumeOps
-from control.records import Move, MovePhase, Owner, VolumeSpec
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import Move, MovePhase, Owner, VolumeSpec
+from ferry.core.snapshots import SnapshotRef
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from control.keyspace import Keyspace
-from control.records import NodeState
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import NodeState
 from tests.support.etcd import CliResult, ControlServer, LiveNodes, ferryctl
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 
 from agent.moves import MoveAbandoned, _MoveRecord
-from control.keyspace import Keyspace
-from control.records import Move, MovePhase
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import Move, MovePhase
 
 pytestmark = pytest.mark.integration
 

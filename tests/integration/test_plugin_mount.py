@@ -17,8 +17,8 @@ from agent.plugin import PluginError, VolumePlugin
 from agent.store import VolumeStore
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
-from control.keyspace import Keyspace
-from control.records import VolumeSpec
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import VolumeSpec
 from tests.support.pools import scratch_pool
 
 pytestmark = pytest.mark.integration

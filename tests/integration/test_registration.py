@@ -12,8 +12,8 @@ import pytest
 from agent.registration import NodeNameTaken, NodeNotAuthorized, Registration
 from agent.store import VolumeStore
 from agent.zfs.volumes import PoolRoot
-from control.keyspace import Keyspace
-from control.records import NodeInfo
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import NodeInfo
 from tests.support.etcd import ClusterCerts, EtcdServer
 from tests.support.pools import ScratchPool, scratch_pool
 

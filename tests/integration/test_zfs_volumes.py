@@ -17,7 +17,7 @@ from agent import zfs
 from agent.store import VolumeStore
 from agent.zfs.exceptions import NameInvalid
 from agent.zfs.volumes import TRANSFER_HOLD, UID_PROPERTY, PoolRoot
-from control.records import VolumeSpec
+from ferry.core.records import VolumeSpec
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from control.tls import TlsFiles
+from ferry.security.tls import TlsFiles
 from tests.support.etcd import SOURCE_TREE, VENV_BIN, free_port, terminate
 from tests.support.service import TestService
 

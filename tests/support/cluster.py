@@ -24,8 +24,8 @@ from typing import Any
 import aetcd
 import yaml
 
-from control.keyspace import endpoints_client
-from control.tls import TlsFiles
+from ferry.cluster.keyspace import endpoints_client
+from ferry.security.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 

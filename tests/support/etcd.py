@@ -10,7 +10,7 @@ TLS too, and etcd auth on with Ferry's users and roles
 connects as etcd's ``root``.
 ``secure=False`` is the plaintext etcd of an ``--insecure`` development cluster.
 
-``issue_certificates`` makes a cluster CA (``control.ca``), and
+``issue_certificates`` makes a cluster CA (``ferry.security.ca``), and
 ``ControlServer`` runs the ``ferry-control`` console script on mutual TLS
 from it. Both servers are context managers and always stop their process.
 ``LiveNodes`` puts node records on real etcd leases, as agents do (control
@@ -40,10 +40,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from control import ca, etcd_auth
-from control.keyspace import DEFAULT_PREFIX, Keyspace, endpoints_client
-from control.records import NodeInfo
-from control.tls import TlsFiles
+from control import etcd_auth
+from ferry.cluster.keyspace import DEFAULT_PREFIX, Keyspace, endpoints_client
+from ferry.core.records import NodeInfo
+from ferry.security import ca
+from ferry.security.tls import TlsFiles
 from tests.support.service import TestService
 
 log = logging.getLogger(__name__)
@@ -332,7 +333,7 @@ def issue_certificates(directory: Path) -> ClusterCerts:
     """A cluster CA with certificates for control (127.0.0.1), the user ``ct-admin``, etcd's
     members (127.0.0.1) and etcd's ``root``.
 
-    In this process, through ``control.ca`` (what ``ferryctl ca`` runs): five ferryctl
+    In this process, through ``ferry.security.ca`` (what ``ferryctl ca`` runs): five ferryctl
     processes cost seconds per etcd on a loaded machine; the command line itself is run by
     deploy/local-cluster and the cluster suite.
     """

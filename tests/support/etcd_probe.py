@@ -26,9 +26,9 @@ from pathlib import Path
 
 from aetcd import rpc
 
-from control.keyspace import Keyspace, endpoints_client
-from control.records import NodeInfo, VolumeSpec
-from control.tls import TlsFiles
+from ferry.cluster.keyspace import Keyspace, endpoints_client
+from ferry.core.records import NodeInfo, VolumeSpec
+from ferry.security.tls import TlsFiles
 
 NEVER = 1 << 62
 PROBE_VOLUME = "et-probe"

@@ -21,15 +21,15 @@ import grpc
 
 from agent.executor import Executor
 from agent.moves import MoveDriver
-from agent.plan import Activate, DriveMove
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient
 from agent.transfer.data import DataListener
 from agent.transfer.server import TransferService
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
-from control.keyspace import Keyspace
-from control.records import Move, VolumeSpec
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.plan import Activate, DriveMove
+from ferry.core.records import Move, VolumeSpec
 from protos.ferry.v1 import transfer_pb2_grpc
 from tests.support.pools import ScratchPool
 

@@ -1,4 +1,4 @@
-"""The authorization table (control.authz): complete, equal to its copy in docs, and its limits."""
+"""The authorization table (ferry.security.authz): complete, equal to docs, and its limits."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from control import authz, ca
-from control.authz import Caller, NoKind, caller_from_certificate, refusal
+from ferry.security import authz, ca
+from ferry.security.authz import Caller, NoKind, caller_from_certificate, refusal
 from protos.ferry.v1 import control_pb2, transfer_pb2
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "control.md"

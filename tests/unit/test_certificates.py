@@ -20,9 +20,9 @@ from cryptography import x509
 
 from agent.transfer.data import DataListener
 from agent.transfer.secure import stream_context
-from control import ca, certificates
-from control.certificates import CHECK_SECONDS, CertificateWatch, not_after
-from control.tls import TlsFiles
+from ferry.security import ca, certificates
+from ferry.security.certificates import CHECK_SECONDS, CertificateWatch, not_after
+from ferry.security.tls import TlsFiles
 
 NODE = "ct-renew"
 

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from control import ca
+from ferry.security import ca
 
 
 def load(path: Path) -> x509.Certificate:

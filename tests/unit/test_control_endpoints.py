@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from control.keyspace import etcd_target
+from ferry.cluster.keyspace import etcd_target
 
 
 @pytest.mark.parametrize(

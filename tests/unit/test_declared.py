@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from control.declared import Change, Current, DeclarationError, Declared, changes, parse
+from ferry.core.declared import Change, Current, DeclarationError, Declared, changes, parse
 
 GOOD = """\
 volumes:

@@ -6,7 +6,7 @@ import pytest
 from aetcd.utils import prefix_range_end
 
 from control import etcd_auth
-from control.keyspace import KINDS, KeyRange, grant_range
+from ferry.cluster.keyspace import KINDS, KeyRange, grant_range
 
 
 def covers(keys: KeyRange, key: bytes) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from agent.plan import (
+from ferry.core.plan import (
     Activate,
     Actual,
     Claim,
@@ -19,7 +19,7 @@ from agent.plan import (
     SetAside,
     plan,
 )
-from control.records import Move, MovePhase, Owner, VolumeSpec
+from ferry.core.records import Move, MovePhase, Owner, VolumeSpec
 
 GIB = 1 << 30
 UID = "c0ffee"

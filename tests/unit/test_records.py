@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from control.records import (
+from ferry.core.records import (
     SCHEMA_VERSION,
     AsideCopy,
     AsideDrop,

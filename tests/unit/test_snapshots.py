@@ -1,6 +1,6 @@
 """Ferry snapshot names, the common base between two copies, and pruning."""
 
-from agent.snapshots import SnapshotRef, newest_common, next_name, parse, prunable, unsent
+from ferry.core.snapshots import SnapshotRef, newest_common, next_name, parse, prunable, unsent
 
 
 def test_names_round_trip_and_foreign_names_are_ignored() -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from control.keyspace import Versioned
-from control.records import Move, MovePhase, NodeState, VolumeSpec
 from control.server import _volume_message
+from ferry.cluster.keyspace import Versioned
+from ferry.core.records import Move, MovePhase, NodeState, VolumeSpec
 
 STUCK = "`sync -f /mnt/v` running since 2026-01-02 10:00:00 UTC (42 s, limit 60 s); check it"
 

@@ -17,8 +17,8 @@ import pytest
 from agent.transfer import data
 from agent.transfer.data import DataListener, peer_host
 from agent.transfer.secure import SecureStream, stream_context
-from control import ca
-from control.tls import TlsFiles
+from ferry.security import ca
+from ferry.security.tls import TlsFiles
 
 
 @pytest.fixture

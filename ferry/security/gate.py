@@ -1,4 +1,4 @@
-"""The door of every RPC that ferry-control and the agents serve: ``control.authz.RULES``.
+"""The door of every RPC that ferry-control and the agents serve: ``ferry.security.authz.RULES``.
 
 A server interceptor, so an RPC nobody wrote a check for is refused (the
 table is default deny) instead of open to any certificate the CA signed.
@@ -15,13 +15,13 @@ from typing import Any
 
 import grpc
 
-from control.authz import INSECURE, RULES, Caller, NoKind, caller_from_certificate, refusal
+from ferry.security.authz import INSECURE, RULES, Caller, NoKind, caller_from_certificate, refusal
 
 log = logging.getLogger(__name__)
 
 
 class KindGate(grpc.aio.ServerInterceptor):
-    """Admits a call only if ``control.authz`` lets the caller's certificate kind make it."""
+    """Admits a call only if ``ferry.security.authz`` lets the caller's certificate kind make it."""
 
     def __init__(self, insecure: bool) -> None:
         self._insecure = insecure

@@ -13,13 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum, StrEnum
 from typing import Any, Self
 
-from agent.zfs import names as zfs_names
-from agent.zfs.exceptions import NameInvalid
-from agent.zfs.volumes import BASE_COMPRESSION
+from ferry.core import compression, names
 
 SCHEMA_VERSION = 1
-# What any ZFS may hold; control offers only what every node has (control.operations).
-STORABLE_COMPRESSION = BASE_COMPRESSION | {"lz4"}
 
 _UID = re.compile(r"^[0-9a-f]{0,32}$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -30,9 +26,9 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 
 def validate_volume_name(name: str) -> str:
     """A volume name by Docker's and ZFS's rules; ValueError with the rule otherwise."""
     try:
-        return zfs_names.validate_volume_name(name)
-    except NameInvalid as error:
-        raise ValueError(f"invalid volume name {name!r}: {error.message}") from error
+        return names.validate_volume_name(name)
+    except names.InvalidName as error:
+        raise ValueError(f"invalid volume name {name!r}: {error.reason}") from error
 
 
 def check_node_name(name: str) -> str:
@@ -115,7 +111,7 @@ class VolumeSpec(_Record):
     node does not try again until a new size clears it."""
     created_by_node: str = ""
     """The node whose Docker plugin created the volume (empty: ferryctl); only that
-    node's certificate may delete it besides a user's (control.authz)."""
+    node's certificate may delete it besides a user's (ferry.security.authz)."""
 
     def __post_init__(self) -> None:
         validate_volume_name(self.name)
@@ -125,10 +121,10 @@ class VolumeSpec(_Record):
         if self.created_by_node:
             check_node_name(self.created_by_node)
         parse_size(self.size_bytes)
-        if self.compression not in STORABLE_COMPRESSION:
+        if self.compression not in compression.STORABLE:
             raise ValueError(
                 f"invalid compression {self.compression!r}: "
-                f"use one of {', '.join(sorted(STORABLE_COMPRESSION))}"
+                f"use one of {', '.join(sorted(compression.STORABLE))}"
             )
 
 
@@ -290,9 +286,9 @@ def aside_leaf(dataset: str) -> str:
     """The last component of a copy kept aside (``pool/ferry-aside/<leaf>``); ValueError else."""
     parent, _, leaf = dataset.rpartition("/")
     try:
-        zfs_names.validate_dataset(dataset)
-    except NameInvalid as error:
-        raise ValueError(f"invalid dataset {dataset!r}: {error.message}") from error
+        names.validate_dataset(dataset)
+    except names.InvalidName as error:
+        raise ValueError(f"invalid dataset {dataset!r}: {error.reason}") from error
     if not parent.endswith("-aside") or "/" in leaf:
         raise ValueError(f"{dataset!r} is not a copy kept aside (POOL/ferry-aside/NAME)")
     return leaf

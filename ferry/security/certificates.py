@@ -25,7 +25,7 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from control.tls import TlsFiles
+from ferry.security.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from control.records import check_node_name, parse_size, validate_volume_name
+from ferry.core.records import check_node_name, parse_size, validate_volume_name
 
 FIELDS = frozenset({"name", "size", "compression", "node"})
 

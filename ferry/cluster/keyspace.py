@@ -29,8 +29,8 @@ from typing import Generic, TypeVar
 import aetcd
 from aetcd.utils import prefix_range_end
 
-from control.etcd_tls import TlsClient
-from control.records import (
+from ferry.cluster.etcd_tls import TlsClient
+from ferry.core.records import (
     AsideCopy,
     AsideDrop,
     MountRecord,
@@ -40,7 +40,7 @@ from control.records import (
     Owner,
     VolumeSpec,
 )
-from control.tls import TlsFiles
+from ferry.security.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -528,7 +528,7 @@ def endpoints_client(
     """A client for etcd at ``endpoints`` (``HOST:PORT`` each); see ``etcd_target``.
 
     With ``tls``, over mutual TLS as the etcd user its certificate names
-    (``control.etcd_tls``); without, plaintext (an ``--insecure`` cluster).
+    (``ferry.cluster.etcd_tls``); without, plaintext (an ``--insecure`` cluster).
     """
     host, port = etcd_target(endpoints)
     if tls is not None:

@@ -1,11 +1,11 @@
 """Who may call what: the kind in a caller's certificate, and the one table of RPCs per kind.
 
-A pure module: ``control.gate`` enforces ``RULES`` on every RPC of
+A pure module: ``ferry.security.gate`` enforces ``RULES`` on every RPC of
 ferry-control and of the agents' Transfer service, and the services apply
 the node limits below where a request's arguments matter. docs/control.md
 shows the same table (a unit test compares them).
 
-The kind is the certificate's organizational unit, as ``control.ca.issue``
+The kind is the certificate's organizational unit, as ``ferry.security.ca.issue``
 writes it (``--kind``). Default deny: a method without a rule, a certificate
 without a kind, or a kind no rule names (an etcd-only certificate) is refused.
 """

@@ -8,7 +8,7 @@ etcd takes the user from the client certificate's common name, so there is no
 auth token, which etcd would expire after 5 idle minutes and aetcd never renews.
 
 Members are verified by the name every etcd certificate carries
-(``control.ca.ETCD_SERVER_NAME``), not by address: one gRPC target may list
+(``ferry.security.ca.ETCD_SERVER_NAME``), not by address: one gRPC target may list
 several members' addresses.
 """
 
@@ -21,8 +21,8 @@ import aetcd
 import grpc
 from aetcd import rpc, watcher
 
-from control.ca import ETCD_SERVER_NAME
-from control.tls import TlsFiles
+from ferry.security.ca import ETCD_SERVER_NAME
+from ferry.security.tls import TlsFiles
 
 
 class TlsClient(aetcd.Client):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from control.records import ACTIVE_PHASES, Move, Owner, VolumeSpec
+from ferry.core.records import ACTIVE_PHASES, Move, Owner, VolumeSpec
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The cluster-state adapter: the only code that knows etcd and its key strings."""

@@ -1,0 +1,1 @@
+"""The pure core: values and rules with no I/O, imported by every other layer."""

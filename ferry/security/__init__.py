@@ -1,0 +1,1 @@
+"""Certificates, TLS and authorization, shared by the agent and control."""
