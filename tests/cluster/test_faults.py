@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,19 +103,88 @@ def finish_and_check(
     assert checksums(cluster, target, mountpoint(target, name)) == data
 
 
+@contextmanager
+def slowed(cluster: Cluster, host: ClusterHost, rate: str) -> Iterator[None]:
+    """What ``host`` sends limited to ``rate`` (a token bucket on its link), for a while."""
+    limit = ["tbf", "rate", rate, "burst", "256kb", "latency", "400ms"]
+    cluster.run(host, ["tc", "qdisc", "add", "dev", "eth0", "root", *limit])
+    try:
+        yield
+    finally:
+        cluster.run(host, ["tc", "qdisc", "del", "dev", "eth0", "root"])
+
+
+class LogWriter:
+    """``tests.support.writer`` appending fsynced lines to ``log`` in the volume on ``host``,
+    from entering to ``stop`` (at the latest the exit). It reopens the file for each line, so
+    nothing holds the volume between two writes and a move may hand off under it (its writes
+    are refused then)."""
+
+    def __init__(self, cluster: Cluster, host: ClusterHost, name: str) -> None:
+        self._cluster = cluster
+        self._host = host
+        self._name = name
+        self._process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> LogWriter:
+        log = f"{mountpoint(self._host, self._name)}/log"
+        self._process = start_writer(log, hold=False, prefix=self._host.run_prefix)
+        wait_for("the writer to start", lambda: lines_on(self._cluster, self._host, self._name))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+    def stop(self) -> set[int]:
+        """Stop it; the numbers of the lines it was told were written."""
+        assert self._process is not None
+        self._process.kill()
+        said, _ = self._process.communicate()
+        acked = acknowledged(said)
+        assert len(acked) > 20, f"the writer wrote during the move: {said[-400:]}"
+        return acked
+
+
+def lines_on(cluster: Cluster, host: ClusterHost, name: str) -> set[int]:
+    """The lines a LogWriter's file holds in the host's copy of the volume."""
+    out = cluster.run(host, ["cat", f"{mountpoint(host, name)}/log"], check=False).stdout
+    return lines_in(out)
+
+
+def finish_with_every_line(
+    cluster: Cluster, name: str, data: dict[str, str], target: ClusterHost, writer: LogWriter
+) -> None:
+    """``finish_and_check`` for a volume a LogWriter writes to: the data written before the
+    move, and every line the writer was told was written, are on the target."""
+    wait_for("the move to finish", lambda: cluster.volume(name)["owner"] == target.name, 180)
+    wait_for("the target to serve it", lambda: writable_copies(cluster, name) == [target.name], 60)
+    time.sleep(1)  # the writer's writes on the source are refused now
+    acked = writer.stop()
+    lost = sorted(acked - lines_on(cluster, target, name))
+    assert not lost, f"acknowledged lines lost on {target.name}: {lost}"
+    there = checksums(cluster, target, mountpoint(target, name))
+    assert {file: there.get(file) for file in data} == data
+
+
 @pytest.mark.parametrize("victim", [0, 1], ids=["source", "target"])
 def test_an_agent_killed_mid_transfer_leaves_the_source_owner_and_the_move_completes(
     cluster: Cluster, loaded: tuple[str, dict[str, str]], victim: int
 ) -> None:
+    """Killed in the middle of the first, full send (the source's link is slowed to 10 MB/s
+    until then, so the send is surely still running)."""
     name, data = loaded
     a, b = cluster.hosts[0], cluster.hosts[1]
-    cluster.ferryctl(["volume", "move", name, b.name])
-    wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
-    cluster.agent(cluster.hosts[victim].name, "kill")
+    with slowed(cluster, a, "80mbit"):
+        cluster.ferryctl(["volume", "move", name, b.name])
+        wait_for("the full send to be under way", lambda: sent(cluster, name) >= CUT_AFTER, 60)
+        cluster.agent(cluster.hosts[victim].name, "kill")
     info = cluster.volume(name)
     assert (info["owner"], info["epoch"]) == (a.name, 1)
-    # Writable on the source, or read-only there if the handoff had begun: never on both.
-    assert writable_copies(cluster, name) in ([a.name], [])
+    move = info["move"]
+    assert move["phase"] == "precopy" and move["bytes_sent"] < LOADED, f"not in flight: {move}"
+    assert writable_copies(cluster, name) == [a.name]
     time.sleep(2)
     cluster.agent(cluster.hosts[victim].name, "start")
     finish_and_check(cluster, name, data, b)
@@ -163,13 +233,7 @@ def test_the_source_dying_around_the_ownership_swap_loses_nothing(
     one writable copy, on the target, holding every line the writer was told was written."""
     name, data = loaded
     a, b = cluster.hosts[0], cluster.hosts[1]
-    log = f"{mountpoint(a, name)}/log"
-    writer = start_writer(log, hold=False, prefix=a.run_prefix)
-    try:
-        wait_for(
-            "the writer to start",
-            lambda: lines_in(cluster.run(a, ["cat", log], check=False).stdout),
-        )
+    with LogWriter(cluster, a, name) as writer:
         _move_until_the_source_dies_at(cluster, name, failpoint)
         if failpoint == "handoff.before_cas":
             assert cluster.volume(name)["owner"] == a.name
@@ -183,29 +247,7 @@ def test_the_source_dying_around_the_ownership_swap_loses_nothing(
                 60,
             )
         cluster.agent(a.name, "start")
-        wait_for("the move to finish", lambda: cluster.volume(name)["owner"] == b.name, 180)
-        wait_for("the target to serve it", lambda: writable_copies(cluster, name) == [b.name], 60)
-        time.sleep(1)  # the writer's writes on the source are refused now
-    finally:
-        writer.kill()
-        said, _ = writer.communicate()
-    acked = acknowledged(said)
-    assert len(acked) > 20, f"the writer wrote during the move: {said[-400:]}"
-    on_b = lines_in(cluster.run(b, ["cat", f"{mountpoint(b, name)}/log"]).stdout)
-    assert not acked - on_b, f"acknowledged lines lost on {b.name}: {sorted(acked - on_b)}"
-    there = checksums(cluster, b, mountpoint(b, name))
-    assert {file: there.get(file) for file in data} == data
-
-
-@contextmanager
-def slowed(cluster: Cluster, host: ClusterHost, rate: str) -> Iterator[None]:
-    """What ``host`` sends limited to ``rate`` (a token bucket on its link), for a while."""
-    limit = ["tbf", "rate", rate, "burst", "256kb", "latency", "400ms"]
-    cluster.run(host, ["tc", "qdisc", "add", "dev", "eth0", "root", *limit])
-    try:
-        yield
-    finally:
-        cluster.run(host, ["tc", "qdisc", "del", "dev", "eth0", "root"])
+        finish_with_every_line(cluster, name, data, b, writer)
 
 
 def test_a_cut_link_to_the_target_delays_the_move_and_it_completes(
@@ -336,14 +378,17 @@ def test_a_user_certificate_cannot_call_an_agents_peer_rpcs(cluster: Cluster) ->
 def test_etcd_restarted_mid_move_loses_nothing_and_the_move_completes(
     cluster: Cluster, loaded: tuple[str, dict[str, str]]
 ) -> None:
+    """A writer on the source writes through the move and etcd's restart; every line it was
+    told was written is on the target."""
     name, data = loaded
-    b = cluster.hosts[1]
-    cluster.ferryctl(["volume", "move", name, b.name])
-    wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
-    cluster.local_process("etcd", "kill")
-    time.sleep(3)
-    cluster.local_process("etcd", "start")
-    finish_and_check(cluster, name, data, b)
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    with LogWriter(cluster, a, name) as writer:
+        cluster.ferryctl(["volume", "move", name, b.name])
+        wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
+        cluster.local_process("etcd", "kill")
+        time.sleep(3)
+        cluster.local_process("etcd", "start")
+        finish_with_every_line(cluster, name, data, b, writer)
     assert cluster.volume(name)["epoch"] == 2
 
 
