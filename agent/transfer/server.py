@@ -225,6 +225,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
     ) -> int:
         """Receive without force: ZFS itself refuses a copy modified since the base."""
         volume = header.volume
+        work = self._holdings.receive_stream(volume, header.to_snapshot).read_from
         log.info(
             "receiving: volume=%s from=%s to=%s sender=%s epoch=%d",
             volume,
@@ -234,7 +235,6 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             header.epoch,
         )
         try:
-            work = self._holdings.receive_stream(volume, header.to_snapshot).read_from
             if isinstance(connection, SecureStream):
                 await connection.receive(work)
                 received = connection.relayed
