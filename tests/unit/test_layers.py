@@ -18,6 +18,8 @@ ALLOWED = {
     "ferry.core": ("ferry.core",),
     "ferry.security": ("ferry.core", "ferry.security"),
     "ferry.cluster": ("ferry.core", "ferry.security", "ferry.cluster"),
+    # deploy/local-cluster: runs the Ferry programs as subprocesses, imports none of them.
+    "ferry.localcluster": ("ferry.core", "ferry.security", "ferry.localcluster"),
     "ferry": ("ferry",),
     "control": ("ferry", "control", "protos"),
     "agent": ("ferry", "agent", "protos"),
