@@ -18,14 +18,14 @@ import pytest
 
 from agent.moves import HANDOFF_DEADLINE_SECONDS
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
-from tests.cluster.test_moves import (
+from tests.support.cluster import Cluster, ClusterHost
+from tests.support.volumes import (
     checksums,
     mount_held,
     mountpoint,
     wait_for,
-    write_random,
+    write_random_on,
 )
-from tests.support.cluster import Cluster, ClusterHost
 
 pytestmark = pytest.mark.cluster
 
@@ -76,7 +76,7 @@ def loaded(cluster: Cluster) -> Iterator[tuple[str, dict[str, str]]]:
     name = f"ft-{secrets.token_hex(3)}"
     cluster.ferryctl(["volume", "create", name, "--size", "1G", "--node", a.name])
     wait_for(f"{name} owned by {a.name}", lambda: cluster.volume(name)["owner"] == a.name)
-    write_random(cluster, a, f"{mountpoint(a, name)}/data", 384)
+    write_random_on(cluster, a, f"{mountpoint(a, name)}/data", 384)
     yield name, checksums(cluster, a, mountpoint(a, name))
     for host in cluster.hosts:
         if not _port_open(host.agent_address or ""):
@@ -298,7 +298,7 @@ def test_a_handoff_whose_final_send_hangs_thaws_the_source_and_the_move_complete
     cluster.ferryctl(["volume", "create", name, "--size", "256M", "--node", a.name])
     try:
         wait_for(f"{name} owned by {a.name}", lambda: cluster.volume(name)["owner"] == a.name)
-        write_random(cluster, a, f"{mountpoint(a, name)}/data", 8)
+        write_random_on(cluster, a, f"{mountpoint(a, name)}/data", 8)
         hung = {"FERRY_FAILPOINTS": "hang:zfs send -i", "FERRY_ZFS_TIMEOUTS": "stream=300"}
         cluster.agent(a.name, "stop")
         cluster.agent(a.name, "start", hung)
@@ -315,7 +315,7 @@ def test_a_handoff_whose_final_send_hangs_thaws_the_source_and_the_move_complete
         )
         assert time.monotonic() - frozen_at < HANDOFF_DEADLINE_SECONDS + 30
         assert cluster.volume(name)["owner"] == a.name
-        write_random(cluster, a, f"{mountpoint(a, name)}/after-the-hung-handoff", 4)
+        write_random_on(cluster, a, f"{mountpoint(a, name)}/after-the-hung-handoff", 4)
         wait_for(
             "move status to show the hung send of the next attempt",
             lambda: (
