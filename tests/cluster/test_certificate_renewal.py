@@ -16,9 +16,8 @@ import pytest
 
 from ferry.security import ca
 from ferry.security.certificates import not_after
-from tests.cluster.test_faults import finish_and_check
 from tests.support.cluster import Cluster
-from tests.support.volumes import checksums, mountpoint, wait_for, write_random_on
+from tests.support.volumes import checksums, finish_and_check, mountpoint, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
 

@@ -16,9 +16,8 @@ import pytest
 
 from agent.transfer.data import TOKEN_READ_SECONDS, host_of
 from agent.transfer.unadmitted import PER_PEER
-from tests.cluster.test_faults import finish_and_check
 from tests.support.cluster import Cluster
-from tests.support.volumes import checksums, mountpoint, wait_for, write_random_on
+from tests.support.volumes import checksums, finish_and_check, mountpoint, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
 

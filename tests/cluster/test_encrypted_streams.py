@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.test_faults import finish_and_check, move_error
 from tests.support.cluster import Cluster
-from tests.support.volumes import checksums, mountpoint, wait_for, write_random_on
+from tests.support.volumes import (
+    checksums,
+    finish_and_check,
+    mountpoint,
+    move_error,
+    wait_for,
+    write_random_on,
+)
 
 pytestmark = pytest.mark.cluster
 

@@ -67,3 +67,48 @@ def mount_held(cluster: Cluster, volume: str, node: str) -> Iterator[None]:
     finally:
         holder.kill()
         holder.wait()
+
+
+def writable_copies(cluster: Cluster, name: str) -> list[str]:
+    """Hosts where the volume's dataset is mounted read-write, in ZFS and in the mount table."""
+    found = []
+    for host in cluster.hosts[:2]:
+        out = cluster.run(
+            host,
+            ["zfs", "get", "-H", "-o", "value", "readonly,mounted", f"{host.pool}/ferry/{name}"],
+            check=False,
+        ).stdout.split()
+        if out != ["off", "yes"]:
+            continue
+        options = cluster.run(
+            host, ["findmnt", "-n", "-o", "OPTIONS", mountpoint(host, name)], check=False
+        ).stdout
+        if "ro" not in options.strip().split(","):
+            found.append(host.name)
+    return found
+
+
+def move_phase(cluster: Cluster, name: str) -> str:
+    move = cluster.volume(name).get("move") or {}
+    assert isinstance(move, dict)
+    return str(move.get("phase", ""))
+
+
+def sent(cluster: Cluster, name: str) -> int:
+    move = cluster.volume(name).get("move") or {}
+    assert isinstance(move, dict)
+    return int(move.get("bytes_sent", 0))
+
+
+def move_error(cluster: Cluster, name: str) -> str:
+    move = cluster.volume(name).get("move") or {}
+    assert isinstance(move, dict)
+    return str(move.get("error", ""))
+
+
+def finish_and_check(
+    cluster: Cluster, name: str, data: dict[str, str], target: ClusterHost
+) -> None:
+    wait_for("the move to finish", lambda: cluster.volume(name)["owner"] == target.name, 180)
+    wait_for("the target to serve it", lambda: writable_copies(cluster, name) == [target.name], 60)
+    assert checksums(cluster, target, mountpoint(target, name)) == data
