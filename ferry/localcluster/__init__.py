@@ -13,7 +13,7 @@ ferry-control run beside them in the root namespace. One module a job:
 - ``processes``: finding, starting and stopping the cluster's processes.
 - ``certificates``: the cluster's CA and certificates (``ferryctl ca issue-cluster``).
 - ``services``: etcd and ferry-control in the root namespace, an agent per host.
-- ``docker``: a dockerd per host, and the Swarm across them.
+- ``dockerd``: a dockerd per host, and the Swarm across them.
 - ``cluster``: ``up``, ``down``, ``status``, ``load-image`` and ``process``.
 - ``cli``: the command line.
 

@@ -30,7 +30,7 @@ from ferry.localcluster.commands import (
     wait_until,
 )
 from ferry.localcluster.description import HostDescription, read_if_present
-from ferry.localcluster.docker import (
+from ferry.localcluster.dockerd import (
     DOCKER_PLUGIN_DIRS,
     activate_plugin,
     docker_answers,
