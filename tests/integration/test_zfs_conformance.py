@@ -26,6 +26,7 @@ from agent.zfs import exceptions as exc
 from agent.zfs.streams import SnapshotReceive, SnapshotStream
 from agent.zfs.volumes import PoolRoot
 from ferry.core.snapshots import SnapshotRef
+from tests.support.files import write_random
 from tests.support.pools import ScratchPool, pool_fixture
 
 pytestmark = pytest.mark.integration
@@ -53,16 +54,6 @@ def fresh(pool: ScratchPool) -> tuple[bytes, Path]:
     """A dataset name not used before in this pool, and where it mounts."""
     component = f"ds{next(_counter)}"
     return pool.dataset(component), pool.path(component)
-
-
-def write_random(path: Path, size: int) -> str:
-    """Write incompressible data to ``path``; returns its sha256."""
-    data = os.urandom(size)
-    with path.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    return hashlib.sha256(data).hexdigest()
 
 
 def tree_digest(root: Path) -> dict[str, str]:
