@@ -19,9 +19,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.cluster.test_faults import writable_copies
-from tests.cluster.test_moves import mountpoint, wait_for
 from tests.support.cluster import Cluster, ClusterHost
+from tests.support.volumes import mountpoint, wait_for, writable_copies
 from tests.support.writer import acknowledged, lines_in, start_writer
 
 pytestmark = pytest.mark.cluster
