@@ -23,6 +23,7 @@ from control.operations import VolumeOps
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import Move, MovePhase, Owner, VolumeSpec
 from ferry.core.snapshots import SnapshotRef
+from protos.ferry.v1 import transfer_pb2
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration
@@ -32,23 +33,33 @@ SOURCE, TARGET = "mv-src", "mv-dst"
 
 
 class TargetWithoutRoom:
-    """Answers ``holdings`` after running ``meanwhile``; every stream fails."""
+    """Answers ``holdings`` after running ``meanwhile``; every stream fails, or only the first
+    ``room_after`` when that is set: later ones are taken, and held from then on."""
 
     node = TARGET
     address = "10.255.0.3:7080"
 
-    def __init__(self, meanwhile: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        meanwhile: Callable[[], Awaitable[None]] | None = None,
+        room_after: int | None = None,
+    ) -> None:
         self.meanwhile = meanwhile
+        self.room_after = room_after
         self.streams = 0
+        self.held: list[SnapshotRef] = []
 
     async def holdings(self, volume: str) -> list[SnapshotRef]:
         if self.meanwhile is not None:
             await self.meanwhile()
-        return []
+        return list(self.held)
 
-    async def send(self, *_args: object) -> list[SnapshotRef]:
+    async def send(self, header: transfer_pb2.StreamHeader, *_args: object) -> list[SnapshotRef]:
         self.streams += 1
-        raise TransferFailed(f"{self.node} ({self.address}): No space left on device")
+        if self.room_after is None or self.streams <= self.room_after:
+            raise TransferFailed(f"{self.node} ({self.address}): No space left on device")
+        self.held.append(SnapshotRef(header.to_snapshot, header.to_guid))
+        return list(self.held)
 
 
 @pytest.fixture
@@ -146,15 +157,20 @@ async def test_a_retry_keeps_the_last_error_visible_until_a_sync_succeeds(
         assert move is not None
         seen.append(move.value.error)
 
-    target = TargetWithoutRoom(meanwhile=read_the_error)
+    target = TargetWithoutRoom(meanwhile=read_the_error, room_after=2)
     mover = driver(keyspace, store, target, tmp_path)
     for _ in range(2):
         with pytest.raises(TransferFailed):
             await mover.run(name)
-    assert seen == ["", f"{TARGET} ({target.address}): No space left on device"], (
-        "the second attempt still showed the first one's error"
-    )
+    no_room = f"{TARGET} ({target.address}): No space left on device"
+    assert seen == ["", no_room], "the second attempt did not show the first one's error"
     move = await keyspace.get_move(name)
     assert move is not None and move.value.attempt == 2
     held = [ref.name for ref in await store.snapshots(name) or []]
     assert len(held) == 1, f"each retry replaced the unsent snapshot, not added one: {held}"
+
+    await mover.run(name)  # room on the target now: this attempt's syncs succeed
+    assert seen[2:] == [no_room, ""], "the error went before a sync succeeded, or stayed after"
+    move = await keyspace.get_move(name)
+    assert move is not None
+    assert (move.value.phase, move.value.error) == (MovePhase.ACTIVATING, "")
