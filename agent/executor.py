@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from agent import zfs
 from agent.moves import MoveAbandoned, MoveDriver
+from agent.replicas import Replicator
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from ferry.cluster.keyspace import Keyspace
@@ -23,6 +24,7 @@ from ferry.core.plan import (
     Fence,
     Missing,
     Purge,
+    Replicate,
     SetAside,
 )
 from ferry.core.records import MovePhase
@@ -45,17 +47,24 @@ class Executor:
         store: VolumeStore,
         driver: MoveDriver,
         wake: Callable[[], None],
+        replicator: Replicator,
     ) -> None:
         self._node = node
         self._keyspace = keyspace
         self._store = store
         self._driver = driver
         self._wake = wake
+        self._replicator = replicator
         self._moves: dict[str, asyncio.Task[None]] = {}
+        self._replications: dict[str, asyncio.Task[None]] = {}
 
     @property
     def running_moves(self) -> frozenset[str]:
         return frozenset(name for name, task in self._moves.items() if not task.done())
+
+    @property
+    def replicating(self) -> frozenset[str]:
+        return frozenset(name for name, task in self._replications.items() if not task.done())
 
     async def apply(self, action: Action) -> None:
         log.info("applying: action=%s volume=%s", type(action).__name__, action.volume)
@@ -76,6 +85,8 @@ class Executor:
                 await self._activate(volume, epoch)
             case DriveMove(volume):
                 self._moves[volume] = asyncio.create_task(self._drive(volume))
+            case Replicate(volume):
+                self._replications[volume] = asyncio.create_task(self._replicate(volume))
             case Destroy(volume):
                 await self._store.destroy(volume)
                 await self._keyspace.delete_state(self._node, volume)
@@ -175,7 +186,17 @@ class Executor:
                 await asyncio.sleep(delay)
         self._wake()
 
+    async def _replicate(self, volume: str) -> None:
+        """The replication loop; it ends when this node should stop, and convergence starts
+        it again when it should run (after a move, say)."""
+        try:
+            await self._replicator.run(volume)
+        except Exception as error:
+            log.warning("replication stopped: volume=%s error=%s", volume, error)
+        self._wake()
+
     async def close(self) -> None:
-        for task in self._moves.values():
+        tasks = [*self._moves.values(), *self._replications.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._moves.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)

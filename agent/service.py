@@ -27,6 +27,7 @@ from agent.executor import Executor
 from agent.moves import MoveDriver
 from agent.plugin import VolumePlugin, serve
 from agent.registration import Registration
+from agent.replicas import Replicator
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
@@ -81,7 +82,10 @@ class AgentService:
         self._retired: list[PeerClient] = []
         self._mounts = DockerMounts(config.docker_mounts_file)
         self._driver = MoveDriver(config.node, keyspace, store, self._peer, self._mounts)
-        self._executor = Executor(config.node, keyspace, store, self._driver, self._wakeup.set)
+        self._replicator = Replicator(config.node, keyspace, store, self._peer)
+        self._executor = Executor(
+            config.node, keyspace, store, self._driver, self._wakeup.set, self._replicator
+        )
         self._registration = Registration(
             keyspace,
             NodeInfo(
@@ -217,6 +221,7 @@ class AgentService:
             data,
             insecure=self._config.tls is None,
             require_encryption=self._config.encrypt_streams,
+            received=self._wakeup.set,
         )
         transfer_pb2_grpc.add_TransferServicer_to_server(service, server)
         if self._certificates is None:
@@ -288,7 +293,11 @@ class AgentService:
             moves={name: m.value for name, m in moves.items() if name not in skipped},
             unreadable=frozenset(record.volume for record in unreadable),
         )
-        actual = Actual(volumes=local, running_moves=self._executor.running_moves)
+        actual = Actual(
+            volumes=local,
+            running_moves=self._executor.running_moves,
+            replicating=self._executor.replicating,
+        )
         per_volume: dict[str, list[Action]] = {}
         for action in plan(desired, actual):
             per_volume.setdefault(action.volume, []).append(action)
@@ -354,6 +363,7 @@ class AgentService:
                 writable=local.writable,
                 mounted=local.mounted,
                 updated_at=time.time(),
+                newest_snapshot_at=local.newest_snapshot_at,
             )
             self._states[name] = state
         for name in busy | set(self._store.unreadable):
@@ -361,7 +371,11 @@ class AgentService:
                 self._states[name] = NodeState(node=self._config.node, volume=name)
         held = set(volumes) | busy | set(self._store.unreadable)
         for name in held:
-            state = replace(self._states[name], stuck=self._stuck(name))
+            state = replace(
+                self._states[name],
+                stuck=self._stuck(name),
+                replication_error=self._replicator.error(name),
+            )
             await self._keyspace.put_state(state, self._registration.lease)
         for gone in self._reported - held:
             await self._keyspace.delete_state(self._config.node, gone)

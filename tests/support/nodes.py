@@ -21,6 +21,7 @@ import grpc
 
 from agent.executor import Executor
 from agent.moves import MoveDriver
+from agent.replicas import Replicator
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient
 from agent.transfer.data import DataListener
@@ -88,7 +89,8 @@ async def running_nodes(
             peers[name] = PeerClient(name, address, None, encrypt_streams=False)
             mounts = DockerMounts(workdir / f"{name}-docker-mounts.json")
             driver = MoveDriver(name, keyspace, store, connect, mounts)
-            executor = Executor(name, keyspace, store, driver, wake=lambda: None)
+            replicator = Replicator(name, keyspace, store, connect)
+            executor = Executor(name, keyspace, store, driver, lambda: None, replicator)
             nodes[name] = Node(name, root, store, workdir / name, address, mounts, driver, executor)
         yield nodes
     finally:

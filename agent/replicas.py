@@ -1,0 +1,250 @@
+"""Standing replicas: the owner keeps each replica node's copy current within the RPO.
+
+One task per volume this node owns with replicas, while it owns it and no
+move runs. Each round it takes one snapshot and sends it to every replica
+that is due, incrementally from the newest snapshot both hold (full the
+first time), then holds that snapshot for the replica (``zfs hold``, tag
+``ferry-replica-<node>``; recorded on the dataset, since zfs-fuse cannot
+list tags) and releases the replica's previous base. Pruning keeps every
+replica's base and the newest snapshots, nothing else, so a replica that
+is far behind, or down, still continues incrementally.
+
+Rounds come every ``replication_interval(rpo)`` (a third of the RPO). A
+replica whose send fails is retried after a back-off, capped at the
+interval; once its newest snapshot is older than the RPO the volume is out
+of its RPO: logged (ERROR, once, and when it is back) and reported in this
+node's state for ``ferryctl volume get``.
+
+What the receiver checks and keeps aside is the move protocol's (a receive
+never forces and never destroys): a replica is an ordinary read-only copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from agent.retry import Backoff
+from agent.store import VolumeStore
+from agent.transfer.client import PeerClient, TransferFailed
+from ferry.cluster.keyspace import Keyspace
+from ferry.core.records import ACTIVE_PHASES, VolumeSpec
+from ferry.core.snapshots import (
+    SnapshotRef,
+    newest_common,
+    prunable_with_replicas,
+    replication_interval,
+)
+from protos.ferry.v1 import transfer_pb2
+
+log = logging.getLogger(__name__)
+
+PeerLookup = Callable[[str], Awaitable[PeerClient]]
+
+
+@dataclass
+class _Replica:
+    """What the owner knows of one replica between rounds."""
+
+    synced_at: float
+    """Wall time of the newest snapshot the replica confirmed (or when replication began)."""
+    due: float = 0.0
+    error: str = ""
+    out_of_rpo: bool = False
+    backoff: Backoff = field(default_factory=lambda: Backoff(first=0.5, cap=15.0))
+
+
+class Replicator:
+    """Runs the replication loop of each volume this node owns with replicas."""
+
+    def __init__(
+        self, node: str, keyspace: Keyspace, store: VolumeStore, connect: PeerLookup
+    ) -> None:
+        self._node = node
+        self._keyspace = keyspace
+        self._store = store
+        self._connect = connect
+        self._errors: dict[str, str] = {}
+
+    def error(self, volume: str) -> str:
+        """Why keeping the volume's replicas current fails now; empty while it works."""
+        return self._errors.get(volume, "")
+
+    async def run(self, volume: str) -> None:
+        """Replicate until this node no longer owns the volume, a move starts, or the
+        volume has no replicas any more."""
+        replicas: dict[str, _Replica] = {}
+        backoff = Backoff()
+        try:
+            while True:
+                spec = await self._current(volume)
+                if spec is None:
+                    return
+                started = time.monotonic()
+                interval = replication_interval(spec.rpo_seconds)
+                try:
+                    await self._round(volume, spec, replicas)
+                    backoff.reset()
+                except Exception as error:
+                    # Snapshot or hold failed here (not one replica's send): all wait.
+                    self._errors[volume] = f"{self._node}: {error}"
+                    delay = min(backoff.next(), interval)
+                    log.warning(
+                        "replication round failed: volume=%s error=%s retry_in=%.1fs",
+                        volume,
+                        error,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+        finally:
+            self._errors.pop(volume, None)
+
+    async def _current(self, volume: str) -> VolumeSpec | None:
+        """The spec, while this node should replicate the volume; None once it should stop."""
+        spec = await self._keyspace.get_volume(volume)
+        owner = await self._keyspace.get_owner(volume)
+        move = await self._keyspace.get_move(volume)
+        if spec is None or spec.value.deleted or owner is None or owner.value.node != self._node:
+            return None
+        if move is not None and move.value.phase in ACTIVE_PHASES:
+            return None  # the move sends what is needed; replication resumes after it
+        if not spec.value.replicas:
+            await self._drop_unlisted(volume, [])
+            return None
+        return spec.value
+
+    async def _round(self, volume: str, spec: VolumeSpec, replicas: dict[str, _Replica]) -> None:
+        owner = await self._keyspace.get_owner(volume)
+        if owner is None:
+            return
+        epoch = owner.value.epoch
+        targets = [node for node in spec.replica_nodes if node != self._node]
+        for gone in set(replicas) - set(targets):
+            del replicas[gone]
+        await self._drop_unlisted(volume, targets)
+        for node in targets:
+            if node not in replicas:
+                replicas[node] = _Replica(synced_at=await self._reported_at(volume, node))
+        due = [node for node in targets if replicas[node].due <= time.monotonic()]
+        if due:
+            taken_at = time.time()
+            snapshot = await self._store.take_snapshot(volume, epoch)
+            bases = await self._store.replica_bases(volume)
+            held = sorted({snapshot.name, *(bases[n] for n in due if n in bases)})
+            async with self._store.held(volume, held):
+                results = await asyncio.gather(
+                    *(self._send(volume, epoch, node, snapshot) for node in due),
+                    return_exceptions=True,
+                )
+            for node, result in zip(due, results, strict=True):
+                self._settle(volume, node, replicas[node], result, spec, taken_at)
+            await self._prune(volume)
+        self._check_rpo(volume, spec, replicas)
+
+    async def _reported_at(self, volume: str, node: str) -> float:
+        """When the newest snapshot the replica last reported was taken; now for a replica
+        that reports none yet (being seeded: it has the RPO to get its first copy)."""
+        state = await self._keyspace.get_state(node, volume)
+        return state.newest_snapshot_at if state and state.newest_snapshot_at else time.time()
+
+    async def _send(self, volume: str, epoch: int, node: str, snapshot: SnapshotRef) -> int:
+        """Bring ``node`` up to ``snapshot``; returns the bytes sent."""
+        peer = await self._connect(node)
+        remote = await peer.holdings(volume)
+        local = await self._store.snapshots(volume) or []
+        base = newest_common(local, remote)
+        sent = 0
+        if base != snapshot.name:
+            estimated = await self._store.send_space(volume, snapshot.name, base)
+            header = transfer_pb2.StreamHeader(
+                volume=volume,
+                from_snapshot=base or "",
+                to_snapshot=snapshot.name,
+                to_guid=snapshot.guid,
+                epoch=epoch,
+                sender=self._node,
+                estimated_bytes=estimated,
+            )
+            progress = [0]
+            stream = self._store.send_stream(volume, snapshot.name, base)
+            holds = await peer.send(header, stream, lambda n: progress.__setitem__(0, n))
+            if snapshot not in holds:
+                raise TransferFailed(f"{node} does not report {volume}@{snapshot.name} after send")
+            sent = progress[0]
+        await self._store.set_replica_base(volume, node, snapshot.name)
+        return sent
+
+    def _settle(
+        self,
+        volume: str,
+        node: str,
+        replica: _Replica,
+        result: int | BaseException,
+        spec: VolumeSpec,
+        taken_at: float,
+    ) -> None:
+        if isinstance(result, BaseException):
+            if not isinstance(result, Exception):
+                raise result
+            delay = min(replica.backoff.next(), replication_interval(spec.rpo_seconds))
+            replica.due = time.monotonic() + delay
+            replica.error = f"{node}: {result}"
+            log.warning(
+                "replication failed: volume=%s replica=%s error=%s retry_in=%.1fs",
+                volume,
+                node,
+                result,
+                delay,
+            )
+            return
+        replica.synced_at = taken_at
+        replica.due = 0.0
+        replica.error = ""
+        replica.backoff.reset()
+        log.debug("replicated: volume=%s replica=%s bytes=%d", volume, node, result)
+
+    def _check_rpo(self, volume: str, spec: VolumeSpec, replicas: dict[str, _Replica]) -> None:
+        """Log the moment a replica falls out of the RPO or is back; keep the reason."""
+        now = time.time()
+        problems = []
+        for node, replica in sorted(replicas.items()):
+            late = now - replica.synced_at > spec.rpo_seconds
+            if late and not replica.out_of_rpo:
+                log.error(
+                    "volume out of its RPO: volume=%s replica=%s lag=%.0fs rpo=%ds error=%s",
+                    volume,
+                    node,
+                    now - replica.synced_at,
+                    spec.rpo_seconds,
+                    replica.error or "-",
+                )
+            elif replica.out_of_rpo and not late:
+                log.info("volume back within its RPO: volume=%s replica=%s", volume, node)
+            replica.out_of_rpo = late
+            if replica.error:
+                problems.append(replica.error)
+        if len(spec.replica_nodes) < spec.replicas:
+            problems.append(
+                f"{spec.replicas - len(spec.replica_nodes)} replica(s) not placed: too few "
+                "live nodes with room"
+            )
+        self._errors[volume] = "; ".join(problems)
+
+    async def _prune(self, volume: str) -> None:
+        local = [ref.name for ref in await self._store.snapshots(volume) or []]
+        bases = await self._store.replica_bases(volume)
+        await self._store.destroy_snapshots(
+            volume, prunable_with_replicas(local, bases.values())
+        )
+
+    async def _drop_unlisted(self, volume: str, targets: list[str]) -> None:
+        """Release the holds of nodes that are no longer replicas: their bases may go."""
+        for node in await self._store.replica_bases(volume):
+            if node not in targets:
+                await self._store.drop_replica_base(volume, node)
+                log.info("replica hold released: volume=%s node=%s", volume, node)
