@@ -238,9 +238,7 @@ class Replicator:
     async def _prune(self, volume: str) -> None:
         local = [ref.name for ref in await self._store.snapshots(volume) or []]
         bases = await self._store.replica_bases(volume)
-        await self._store.destroy_snapshots(
-            volume, prunable_with_replicas(local, bases.values())
-        )
+        await self._store.destroy_snapshots(volume, prunable_with_replicas(local, bases.values()))
 
     async def _drop_unlisted(self, volume: str, targets: list[str]) -> None:
         """Release the holds of nodes that are no longer replicas: their bases may go."""
