@@ -142,6 +142,9 @@ class Replicator:
                     return_exceptions=True,
                 )
             for node, result in zip(due, results, strict=True):
+                if not isinstance(result, BaseException):
+                    # One after another: each rewrites the dataset's record of bases.
+                    await self._store.set_replica_base(volume, node, snapshot.name)
                 self._settle(volume, node, replicas[node], result, spec, taken_at)
             await self._prune(volume)
         self._check_rpo(volume, spec, replicas)
@@ -176,7 +179,6 @@ class Replicator:
             if snapshot not in holds:
                 raise TransferFailed(f"{node} does not report {volume}@{snapshot.name} after send")
             sent = progress[0]
-        await self._store.set_replica_base(volume, node, snapshot.name)
         return sent
 
     def _settle(
