@@ -366,10 +366,13 @@ class AgentService:
                 newest_snapshot_at=local.newest_snapshot_at,
             )
             self._states[name] = state
+        # A copy being received (a replica, every few seconds) keeps its last report: left
+        # out, it would vanish from 'volume get' and read as "no copy" meanwhile.
+        receiving = {name for name in self._store.receiving if name in self._states}
         for name in busy | set(self._store.unreadable):
             if name not in self._states:
                 self._states[name] = NodeState(node=self._config.node, volume=name)
-        held = set(volumes) | busy | set(self._store.unreadable)
+        held = set(volumes) | busy | set(self._store.unreadable) | receiving
         for name in held:
             state = replace(
                 self._states[name],

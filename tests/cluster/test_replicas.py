@@ -100,7 +100,7 @@ def test_a_move_to_a_replicas_node_sends_only_the_last_delta(cluster: Cluster, v
     written = time.time()
     wait_for(
         "the replica to hold the bulk",
-        lambda: copies(cluster, volume)[replica]["newest_snapshot_at"] > written,
+        lambda: copies(cluster, volume).get(replica, {}).get("newest_snapshot_at", 0) > written,
         timeout=60,
     )
     started = time.monotonic()
