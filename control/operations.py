@@ -185,10 +185,8 @@ class VolumeOps:
         drop the last placed ones, whose copies stay as stale read-only copies.
         """
         current = await self._existing(name)
-        owner = await self._keyspace.get_owner(name)
-        placed_on = owner.value.node if owner else current.value.node
         changes: dict[str, object] = {}
-        replicated = await self._replicated(current.value, replication, placed_on)
+        replicated = await self._replicated(current.value, replication)
         if replicated != current.value:
             changes.update(
                 replicas=replicated.replicas,
@@ -319,11 +317,10 @@ class VolumeOps:
         log.info("move cancelled: volume=%s stays_on=%s", spec.value.name, source)
         return cancelled
 
-    async def _replicated(
-        self, spec: VolumeSpec, wanted: Replication, owner: str = ""
-    ) -> VolumeSpec:
-        """``spec`` with the replication asked for, its replicas placed; InvalidArgument
-        for a bad value or too few nodes to place every replica on."""
+    async def _replicated(self, spec: VolumeSpec, wanted: Replication) -> VolumeSpec:
+        """``spec`` with the replication asked for, its replicas placed off its desired node
+        (the owner's, or during a move its target's: the source is then a replica's node);
+        InvalidArgument for a bad value or too few nodes to place every replica on."""
         count = spec.replicas if wanted.replicas is None else wanted.replicas
         if not 0 <= count <= MAX_REPLICAS:
             raise InvalidArgument(f"replicas must be 0 to {MAX_REPLICAS}, got {count}")
@@ -345,7 +342,7 @@ class VolumeOps:
                 f"replace_after {replace_after}s is below the shortest, "
                 f"{MIN_REPLACE_AFTER_SECONDS}s (a node restarting would lose its replica)"
             )
-        owner = owner or spec.node
+        owner = spec.node
         live = [
             Candidate(n.value.name, n.value.free_bytes) for n in await self._keyspace.list_nodes()
         ]

@@ -25,6 +25,7 @@ from dataclasses import replace
 
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.placement import Candidate, place_replicas
+from ferry.core.records import ACTIVE_PHASES
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ class ReplicaKeeper:
         names = {c.name for c in live}
         now = time.time()
         volumes = await self._keyspace.list_volumes([])
+        # A volume that is moving has its target as desired node and its source among
+        # the replicas until the handoff: left alone until the move ends.
+        moving = {
+            name
+            for name, move in (await self._keyspace.list_moves([])).items()
+            if move.value.phase in ACTIVE_PHASES
+        }
         wanted = {node for v in volumes for node in v.value.replica_nodes}
         for node in list(self.down_since):
             if node in names or node not in wanted:
@@ -64,10 +72,8 @@ class ReplicaKeeper:
             self.down_since.setdefault(node, now)
         for versioned in volumes:
             spec = versioned.value
-            if spec.deleted or not spec.replicas:
+            if spec.deleted or not spec.replicas or spec.name in moving:
                 continue
-            owner = await self._keyspace.get_owner(spec.name)
-            owner_node = owner.value.node if owner else spec.node
             expired = {
                 node
                 for node in spec.replica_nodes
@@ -75,7 +81,7 @@ class ReplicaKeeper:
                 and now - self.down_since[node] >= spec.replace_after_seconds
             }
             placed = place_replicas(
-                spec.replicas, owner_node, spec.replica_nodes, live, spec.size_bytes, expired
+                spec.replicas, spec.node, spec.replica_nodes, live, spec.size_bytes, expired
             )
             if placed == spec.replica_nodes:
                 continue
