@@ -1,0 +1,1 @@
+"""The move protocol, both halves, behind three ports (``agent.replication.ports``)."""
