@@ -52,7 +52,22 @@ class SnapshotSource(Protocol):
         """Snapshots kept from pruning while a stream needs them."""
 
 
-class LocalStore(SnapshotSource, Protocol):
+class ReceivingStore(Protocol):
+    """This node's copies as the receiving end of a stream sees them."""
+
+    async def snapshots(self, volume: str) -> list[SnapshotRef] | None:
+        """Oldest first; None when this node holds no copy."""
+
+    async def is_writable(self, volume: str) -> bool: ...
+
+    async def divergence(self, volume: str, base: str) -> str:
+        """Why the copy cannot continue from ``base`` without loss, or ""."""
+
+    async def keep_aside(self, volume: str, epoch: int, reason: str) -> str:
+        """Rename the copy out of the way; returns its new name."""
+
+
+class LocalStore(SnapshotSource, ReceivingStore, Protocol):
     """This node's copies of its volumes: what a move and a receive need of them."""
 
     async def freeze(self, volume: str) -> None:
@@ -73,14 +88,6 @@ class LocalStore(SnapshotSource, Protocol):
 
     def commands_running(self, volume: str) -> list[str]:
         """Outside commands on the volume running now, described for an operator."""
-
-    async def is_writable(self, volume: str) -> bool: ...
-
-    async def divergence(self, volume: str, base: str) -> str:
-        """Why the copy cannot continue from ``base`` without loss, or ""."""
-
-    async def keep_aside(self, volume: str, epoch: int, reason: str) -> str:
-        """Rename the copy out of the way; returns its new name."""
 
     async def activate(self, spec: VolumeSpec) -> None:
         """Make this copy the writable, mounted one, with the spec's properties."""
