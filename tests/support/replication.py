@@ -278,10 +278,15 @@ class FakePeer:
             raise TransferFailed(f"{self._node} (fake): the stream is not the header's snapshot")
         try:
             self.store.receive(stream)
-        except TransferFailed as refused:
-            if header.from_snapshot:
-                await self.store.keep_aside(header.volume, header.epoch, str(refused))
-            raise
+        except TransferFailed as failed:
+            if not header.from_snapshot:
+                raise
+            # As ZFS's refusal of a modified copy is handled (agent.transfer.server).
+            reason = f"was written to after {header.from_snapshot} ({failed})"
+            try:
+                await admission.diverged(self._node, header, reason, self.store)
+            except admission.Refused as refused:
+                raise TransferFailed(f"{self._node} (fake): {refused}") from refused
         self.store.after_receive(header.volume)
         on_progress(len(stream.snapshot.data) - (len(stream.base.data) if stream.base else 0))
         return await self.store.snapshots(header.volume) or []
