@@ -5,11 +5,11 @@ certificate names the sender (unless the cluster runs insecure), then makes
 the admission decisions of ``agent.replication.admission`` (the sender owns
 the volume at the stated epoch, the copy here can take the stream without
 losing anything). Only then does it issue a ticket for the data connection
-(agent.transfer.data). The target is always this node's
-own dataset for the volume, under its pool root. ``zfs receive`` never runs
-with force: a copy written to after the check makes ZFS refuse the stream,
-and that copy is kept aside too. A stream cut in half makes ``zfs receive``
-fail, which leaves the dataset as it was.
+(agent.transfer.data). The target is always this node's own dataset for the
+volume, under its pool root. ``zfs receive`` never runs with force: a copy
+written to after the check makes ZFS refuse the stream, and that copy is
+kept aside too. A stream cut in half makes ``zfs receive`` fail, which
+leaves the dataset as it was.
 """
 
 from __future__ import annotations
