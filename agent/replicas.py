@@ -27,22 +27,18 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from agent.replication.ports import Peer
+from agent.replication.sync import sync_to_peer
 from agent.retry import Backoff
 from agent.store import VolumeStore
-from agent.transfer.client import PeerClient, TransferFailed
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.records import ACTIVE_PHASES, VolumeSpec
-from ferry.core.snapshots import (
-    SnapshotRef,
-    newest_common,
-    prunable_with_replicas,
-    replication_interval,
-)
-from protos.ferry.v1 import transfer_pb2
+from ferry.core.phases import ACTIVE_PHASES
+from ferry.core.records import VolumeSpec
+from ferry.core.snapshots import prunable_with_replicas, replication_interval
 
 log = logging.getLogger(__name__)
 
-PeerLookup = Callable[[str], Awaitable[PeerClient]]
+PeerLookup = Callable[[str], Awaitable[Peer]]
 
 
 @dataclass
@@ -131,21 +127,17 @@ class Replicator:
             if node not in replicas:
                 replicas[node] = _Replica(synced_at=await self._reported_at(volume, node))
         due = [node for node in targets if replicas[node].due <= time.monotonic()]
-        if due:
+        for node in due:
+            # One replica after another: each send holds its base and snapshot, and the
+            # record of bases is rewritten after each.
             taken_at = time.time()
-            snapshot = await self._store.take_snapshot(volume, epoch)
-            bases = await self._store.replica_bases(volume)
-            held = sorted({snapshot.name, *(bases[n] for n in due if n in bases)})
-            async with self._store.held(volume, held):
-                results = await asyncio.gather(
-                    *(self._send(volume, epoch, node, snapshot) for node in due),
-                    return_exceptions=True,
-                )
-            for node, result in zip(due, results, strict=True):
-                if not isinstance(result, BaseException):
-                    # One after another: each rewrites the dataset's record of bases.
-                    await self._store.set_replica_base(volume, node, snapshot.name)
-                self._settle(volume, node, replicas[node], result, spec, taken_at)
+            try:
+                sent = await self._send(volume, epoch, node)
+            except Exception as error:
+                self._settle(volume, node, replicas[node], error, spec, taken_at)
+                continue
+            self._settle(volume, node, replicas[node], sent, spec, taken_at)
+        if due:
             await self._prune(volume)
         self._check_rpo(volume, spec, replicas)
 
@@ -155,31 +147,21 @@ class Replicator:
         state = await self._keyspace.get_state(node, volume)
         return state.newest_snapshot_at if state and state.newest_snapshot_at else time.time()
 
-    async def _send(self, volume: str, epoch: int, node: str, snapshot: SnapshotRef) -> int:
-        """Bring ``node`` up to ``snapshot``; returns the bytes sent."""
-        peer = await self._connect(node)
-        remote = await peer.holdings(volume)
-        local = await self._store.snapshots(volume) or []
-        base = newest_common(local, remote)
-        sent = 0
-        if base != snapshot.name:
-            estimated = await self._store.send_space(volume, snapshot.name, base)
-            header = transfer_pb2.StreamHeader(
-                volume=volume,
-                from_snapshot=base or "",
-                to_snapshot=snapshot.name,
-                to_guid=snapshot.guid,
-                epoch=epoch,
-                sender=self._node,
-                estimated_bytes=estimated,
-            )
-            progress = [0]
-            stream = self._store.send_stream(volume, snapshot.name, base)
-            holds = await peer.send(header, stream, lambda n: progress.__setitem__(0, n))
-            if snapshot not in holds:
-                raise TransferFailed(f"{node} does not report {volume}@{snapshot.name} after send")
-            sent = progress[0]
-        return sent
+    async def _send(self, volume: str, epoch: int, node: str) -> int:
+        """Bring ``node`` up to a new snapshot and hold it as that replica's base; returns
+        the bytes sent. The other replicas' bases are kept by the sync's own pruning."""
+        bases = await self._store.replica_bases(volume)
+        others = [short for peer, short in bases.items() if peer != node]
+        sent = await sync_to_peer(
+            self._store,
+            await self._connect(node),
+            volume,
+            epoch=epoch,
+            sender=self._node,
+            keep=others,
+        )
+        await self._store.set_replica_base(volume, node, sent.snapshot.name)
+        return sent.bytes_sent
 
     def _settle(
         self,

@@ -24,8 +24,8 @@ import time
 from dataclasses import replace
 
 from ferry.cluster.keyspace import Keyspace
+from ferry.core.phases import ACTIVE_PHASES
 from ferry.core.placement import Candidate, place_replicas
-from ferry.core.records import ACTIVE_PHASES
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,12 @@ from typing import cast
 
 import pytest
 
-from agent.moves import MoveAbandoned, MoveDriver
+from agent.replication.adapters import PoolStore
+from agent.replication.ports import Peer
+from agent.replication.record import MoveAbandoned
+from agent.replication.source import MoveDriver
 from agent.store import VolumeStore
-from agent.transfer.client import PeerClient, TransferFailed
+from agent.transfer.client import TransferFailed
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
 from control.operations import VolumeOps
@@ -79,10 +82,11 @@ async def source(
 def driver(
     keyspace: Keyspace, store: VolumeStore, target: TargetWithoutRoom, where: Path
 ) -> MoveDriver:
-    async def connect(_node: str) -> PeerClient:
-        return cast(PeerClient, target)
+    async def connect(_node: str) -> Peer:
+        return cast(Peer, target)
 
-    return MoveDriver(SOURCE, keyspace, store, connect, DockerMounts(where / "docker-mounts.json"))
+    local = PoolStore(store, DockerMounts(where / "docker-mounts.json"))
+    return MoveDriver(SOURCE, keyspace, local, connect)
 
 
 async def test_a_retry_after_a_cancel_with_the_source_down_does_not_resume_the_move(

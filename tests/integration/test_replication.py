@@ -20,6 +20,7 @@ import pytest
 
 from agent import zfs
 from agent.replicas import Replicator
+from agent.replication.adapters import RemotePeer
 from agent.transfer.client import PeerClient, TransferFailed
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import VolumeSpec
@@ -58,10 +59,10 @@ class Links:
         self.cut: set[str] = set()
         self._peers = {n.name: PeerClient(n.name, n.address, None, False) for n in nodes.values()}
 
-    async def connect(self, node: str) -> PeerClient:
+    async def connect(self, node: str) -> RemotePeer:
         if node in self.cut:
             raise TransferFailed(f"{node} is unreachable (link cut by the test)")
-        return self._peers[node]
+        return RemotePeer(self._peers[node])
 
     async def close(self) -> None:
         for peer in self._peers.values():
