@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.control_client import ControlClient
+from agent.plugin import PluginError
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import NodeInfo
 from tests.support.etcd import ControlServer, LiveNodes, ferryctl, free_port, register_node
@@ -141,3 +143,23 @@ async def test_a_replica_whose_node_stays_down_is_placed_anew(
     assert f"replica on {b} replaced by {c}" in history[0]
     listed = await ferryctl(env, "node", "list")
     assert f"replica on {b} replaced by {c}" in listed.stdout
+
+
+async def test_docker_create_options_ask_for_replicas(
+    control: ControlServer, nodes: LiveNodes
+) -> None:
+    """``docker volume create -d ferry -o replicas=1 -o rpo=15s``: the plugin's create."""
+    prefix = secrets.token_hex(2)
+    a, b = f"p{prefix}-a", f"p{prefix}-b"
+    await nodes.add(a, 100 * GIB)
+    await nodes.add(b, 30 * GIB)
+    client = ControlClient(control.address, control.certs.issue("node", a), a)
+    try:
+        name = unique("rp")
+        await client.create_volume(name, "", "", "", {"replicas": "1", "rpo": "15s"})
+        shown = await get(control.ferryctl_env(), name)
+        assert (shown["node"], shown["replica_nodes"], shown["rpo_seconds"]) == (a, [b], 15)
+        with pytest.raises(PluginError, match="invalid replicas"):
+            await client.create_volume(unique("rp"), "", "", "", {"replicas": "one"})
+    finally:
+        await client.close()
