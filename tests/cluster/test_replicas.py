@@ -23,7 +23,7 @@ from tests.support.cluster import REPO, Cluster, ClusterHost
 
 pytestmark = pytest.mark.cluster
 
-RPO = 6
+RPO = 8
 
 
 @pytest.fixture
