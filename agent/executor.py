@@ -84,6 +84,7 @@ class Executor:
             case Activate(volume, epoch):
                 await self._activation.activate(volume, epoch)
             case DriveMove(volume):
+                await self._stop_replicating(volume)
                 self._moves[volume] = asyncio.create_task(self._drive(volume))
             case Replicate(volume):
                 self._replications[volume] = asyncio.create_task(self._replicate(volume))
@@ -156,6 +157,15 @@ class Executor:
         except Exception as error:
             log.warning("replication stopped: volume=%s error=%s", volume, error)
         self._wake()
+
+    async def _stop_replicating(self, volume: str) -> None:
+        """End the volume's replication loop before its move starts: a round still sending
+        would make the move's first sync to the same peer fail ("already running") and
+        wait a back-off. A send cut here leaves the replica's copy as it was."""
+        task = self._replications.pop(volume, None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def close(self) -> None:
         tasks = [*self._moves.values(), *self._replications.values()]

@@ -228,7 +228,7 @@ def _cell(row: dict[str, Any], column: str) -> str:
         if not row.get("replicas"):
             return "-"
         state = "ok" if row.get("meets_rpo") else "OUT"
-        return f"{state} {row['rpo_seconds']}s x{row['replicas']}"
+        return f"{state}/{row['rpo_seconds']}s"
     if column == "lag":
         return f"{row['lag_seconds']:.1f}s" if row.get("newest_snapshot_at") else "-"
     if column == "newest_snapshot":
