@@ -154,26 +154,30 @@ def throughput(cluster: Cluster, args: argparse.Namespace) -> None:
 
 
 def moves(cluster: Cluster, args: argparse.Namespace) -> None:
-    a, b, c = cluster.hosts
+    a = cluster.hosts[0]
     pauses: dict[str, list[tuple[float, int]]] = {"replica": [], "fresh": []}
     for run in range(args.runs):
         order = ["replica", "fresh"] if run % 2 == 0 else ["fresh", "replica"]
         for kind in order:
             name = create(cluster, a, 1 if kind == "replica" else 0, args.rpo, "1G")
             write_random(cluster, a, f"{mountpoint(a, name)}/bulk", 256)
+            # Placement picks the replica's node (most free space); the fresh node is the other.
+            replica = (cluster.volume(name)["replica_nodes"] or [cluster.hosts[1].name])[0]
+            target = replica
             if kind == "replica":
                 written = time.time()
                 try:
                     wait_for(
                         "the replica to hold the bulk",
-                        lambda n=name, w=written: _replica_after(cluster, n, b.name, w),
+                        lambda n=name, w=written, r=replica: _replica_after(cluster, n, r, w),
                         300,
                     )
                 except AssertionError:
                     print(cluster.ferryctl(["volume", "get", name]).stdout)
                     raise
             write_random(cluster, a, f"{mountpoint(a, name)}/changed", 16)
-            target = b.name if kind == "replica" else c.name
+            if kind == "fresh":
+                target = next(h.name for h in cluster.hosts[1:] if h.name != replica)
             pauses[kind].append(timed_move(cluster, name, target))
             cluster.ferryctl(["volume", "delete", name, "--force"])
             took, sent = pauses[kind][-1]
