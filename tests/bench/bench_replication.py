@@ -26,8 +26,8 @@ import subprocess
 import sys
 import time
 
-from tests.cluster.test_moves import mountpoint, wait_for, write_random
 from tests.support.cluster import REPO, Cluster, ClusterHost, local_cluster
+from tests.support.volumes import mountpoint, wait_for, write_random_on
 
 MIB = 1 << 20
 DD_RATE = re.compile(r"([\d.]+) s,")
@@ -160,7 +160,7 @@ def moves(cluster: Cluster, args: argparse.Namespace) -> None:
         order = ["replica", "fresh"] if run % 2 == 0 else ["fresh", "replica"]
         for kind in order:
             name = create(cluster, a, 1 if kind == "replica" else 0, args.rpo, "1G")
-            write_random(cluster, a, f"{mountpoint(a, name)}/bulk", 256)
+            write_random_on(cluster, a, f"{mountpoint(a, name)}/bulk", 256)
             # Placement picks the replica's node (most free space); the fresh node is the other.
             replica = (cluster.volume(name)["replica_nodes"] or [cluster.hosts[1].name])[0]
             target = replica
@@ -175,7 +175,7 @@ def moves(cluster: Cluster, args: argparse.Namespace) -> None:
                 except AssertionError:
                     print(cluster.ferryctl(["volume", "get", name]).stdout)
                     raise
-            write_random(cluster, a, f"{mountpoint(a, name)}/changed", 16)
+            write_random_on(cluster, a, f"{mountpoint(a, name)}/changed", 16)
             if kind == "fresh":
                 target = next(h.name for h in cluster.hosts[1:] if h.name != replica)
             pauses[kind].append(timed_move(cluster, name, target))

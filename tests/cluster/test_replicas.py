@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.test_moves import mountpoint, wait_for, write_random
 from tests.support.cluster import REPO, Cluster, ClusterHost
+from tests.support.volumes import mountpoint, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
 
@@ -96,7 +96,7 @@ def test_replication_keeps_the_lag_under_the_rpo_with_a_steady_writer(
 def test_a_move_to_a_replicas_node_sends_only_the_last_delta(cluster: Cluster, volume: str) -> None:
     owner, (replica,) = create_replicated(cluster, volume)
     path = mountpoint(cluster.host(owner), volume)
-    write_random(cluster, cluster.host(owner), f"{path}/bulk", 64)
+    write_random_on(cluster, cluster.host(owner), f"{path}/bulk", 64)
     written = time.time()
     wait_for(
         "the replica to hold the bulk",
