@@ -168,13 +168,13 @@ class Replicator:
         volume: str,
         node: str,
         replica: _Replica,
-        result: int | BaseException,
+        result: int | Exception,
         spec: VolumeSpec,
         taken_at: float,
     ) -> None:
-        if isinstance(result, BaseException):
-            if not isinstance(result, Exception):
-                raise result
+        """Record one replica's send: current as of ``taken_at``, or due again after a
+        back-off (capped at the interval) with the error kept for the status."""
+        if isinstance(result, Exception):
             delay = min(replica.backoff.next(), replication_interval(spec.rpo_seconds))
             replica.due = time.monotonic() + delay
             replica.error = f"{node}: {result}"
