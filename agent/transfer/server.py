@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from agent import zfs
 from agent.replication import admission
 from agent.store import VolumeStore
 from agent.transfer.data import (
