@@ -463,7 +463,7 @@ def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> N
     """
     moved = api.call("MoveVolume", control_pb2.MoveVolumeRequest(name=name, node=node))
     if not moved.HasField("move") or (moved.owner == node and not _moving(moved)):
-        ended = moved.move.error if moved.move.phase == "failed" else ""
+        ended = moved.move.error if moved.move.phase == MovePhase.FAILED else ""
         click.echo(f"volume {name} is on {node}" + (f" (its last move: {ended})" if ended else ""))
         return
     click.echo(f"volume {name}: moving {moved.move.source} -> {node}")
@@ -472,11 +472,11 @@ def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> N
 
 
 def _moving(volume: control_pb2.Volume) -> bool:
-    return volume.HasField("move") and MovePhase(volume.move.phase) not in ENDED_PHASES
+    return volume.HasField("move") and volume.move.phase not in ENDED_PHASES
 
 
 def _cancellable(volume: control_pb2.Volume) -> bool:
-    return volume.HasField("move") and MovePhase(volume.move.phase) in ACTIVE_PHASES
+    return volume.HasField("move") and volume.move.phase in ACTIVE_PHASES
 
 
 def _follow(api: Api, name: str, node: str, timeout: float) -> None:
@@ -493,7 +493,7 @@ def _follow(api: Api, name: str, node: str, timeout: float) -> None:
     failure = f"move of {name} did not finish in time; 'ferryctl move status {name}' follows it"
     deadline = time.monotonic() + timeout
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task(name, total=None, phase="pending", rate="")
+        task = progress.add_task(name, total=None, phase=MovePhase.PENDING.value, rate="")
         try:
             for current in _watch(api, name, deadline):
                 move = current.move
@@ -504,10 +504,10 @@ def _follow(api: Api, name: str, node: str, timeout: float) -> None:
                     phase=move.phase,
                     rate=f"{filesize.decimal(int(move.rate_bps))}/s" if move.rate_bps else "",
                 )
-                if move.phase == "failed":
+                if move.phase == MovePhase.FAILED:
                     failure = f"move of {name} failed: {move.error or 'see the agents logs'}"
                     break
-                if current.owner == node and move.phase == "done":
+                if current.owner == node and move.phase == MovePhase.DONE:
                     failure = ""
                     break
         except grpc.RpcError as error:

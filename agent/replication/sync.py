@@ -44,7 +44,7 @@ async def sync_to_peer(
 ) -> Sent:
     """Snapshot ``volume`` now and send that snapshot to ``peer``, incremental from the newest
     snapshot both hold with the same GUID (a full stream when there is none, unless
-    ``full_allowed`` is false: then NoCommonSnapshot before anything is taken or sent).
+    ``full_allowed`` is false: then NoCommonSnapshot, nothing sent or kept).
     ``sender`` and ``epoch`` are this node and its owner epoch, which the peer checks
     against etcd; ``remote`` is what the peer holds if the caller has just asked it.
     Snapshots other peers still need as their base go in ``keep``: they are neither
@@ -54,15 +54,16 @@ async def sync_to_peer(
     sent otherwise."""
     if remote is None:
         remote = await peer.holdings(volume)
-    before = await store.snapshots(volume) or []
-    if not full_allowed and newest_common(before, remote) is None:
+    snapshot = await store.take_snapshot(volume, epoch)
+    local = await store.snapshots(volume) or []
+    base = newest_common(local, remote)
+    if base is None and not full_allowed:
+        # Taken and dropped rather than listed first: a handoff calls this frozen.
+        await store.destroy_snapshots(volume, [snapshot.name])
         raise NoCommonSnapshot(
             f"{peer.node} holds no snapshot of {volume} in common with {sender}; "
             "it needs a full stream"
         )
-    snapshot = await store.take_snapshot(volume, epoch)
-    local = await store.snapshots(volume) or []
-    base = newest_common(local, remote)
     leftovers = [name for name in unsent(local, remote, epoch, snapshot.name) if name not in keep]
     await store.destroy_snapshots(volume, leftovers)
     estimated = await store.send_space(volume, snapshot.name, base)

@@ -47,6 +47,9 @@ _UNDER_WAY = (_P.PENDING, _P.PRECOPY, _P.WAITING_FOR_UNMOUNT, _P.HANDOFF)
 
 TRANSITIONS: tuple[Transition, ...] = (
     Transition(None, _P.PENDING, Writer.CONTROL, "a move is requested"),
+    Transition(
+        _P.ACTIVATING, _P.PENDING, Writer.CONTROL, "a move on from the new owner, not yet writable"
+    ),
     *(
         Transition(before, _P.PRECOPY, Writer.SOURCE, why)
         for before, why in (
@@ -82,7 +85,9 @@ TRANSITIONS: tuple[Transition, ...] = (
 )
 
 ACTIVE_PHASES = frozenset(
-    t.before for t in TRANSITIONS if t.writer is Writer.CONTROL and t.before is not None
+    t.before
+    for t in TRANSITIONS
+    if (t.after, t.writer) == (_P.FAILED, Writer.CONTROL) and t.before is not None
 )
 """A move is under way, and may be cancelled, until the ownership swap."""
 

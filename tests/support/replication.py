@@ -239,7 +239,8 @@ class FakePeer:
     """Another node's Transfer service, over that node's ``FakeStore`` and the cluster's records.
 
     ``answers`` False: it does not answer at all (a cut link); ``streams_fail``: it
-    answers ``holdings`` but every stream breaks.
+    answers ``holdings`` but every stream breaks before it arrives; ``receive_fails``: a
+    stream it admits fails in ``zfs receive`` with that error (a full pool, say).
     """
 
     def __init__(self, node: str, store: FakeStore, records: MoveRecords) -> None:
@@ -248,6 +249,7 @@ class FakePeer:
         self.records = records
         self.answers = True
         self.streams_fail = False
+        self.receive_fails = ""
         self.streams: list[transfer_pb2.StreamHeader] = []
 
     @property
@@ -267,13 +269,15 @@ class FakePeer:
     ) -> list[SnapshotRef]:
         if not self.answers or self.streams_fail:
             raise TransferFailed(f"{self._node} (fake): Connection timed out")
-        assert isinstance(stream, FakeStream)
         self.streams.append(header)
         try:
             await admission.authorize(self._node, header, self.records)
             await admission.prepare_base(self._node, header, self.store)
         except admission.Refused as refused:
             raise TransferFailed(f"{self._node} (fake): {refused}") from refused
+        if self.receive_fails:
+            raise TransferFailed(f"{self._node} (fake): {self.receive_fails}")
+        assert isinstance(stream, FakeStream), "only a FakeStore's streams reach a FakeStore"
         if (stream.snapshot.name, stream.snapshot.guid) != (header.to_snapshot, header.to_guid):
             raise TransferFailed(f"{self._node} (fake): the stream is not the header's snapshot")
         try:

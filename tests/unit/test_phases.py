@@ -62,11 +62,13 @@ def test_a_writer_is_refused_a_change_the_table_does_not_give_it(
         phases.check(before, after, writer)
 
 
-def test_a_new_move_replaces_an_ended_one_only_by_control() -> None:
+def test_a_new_move_replaces_an_ended_or_handed_off_one_only_by_control() -> None:
     for ended in ENDED_PHASES:
         phases.check(ended, MovePhase.PENDING, Writer.CONTROL)
     with pytest.raises(phases.IllegalTransition):
         phases.check(MovePhase.PRECOPY, MovePhase.PENDING, Writer.CONTROL)
+    # Ownership has moved: the new owner may be moved on before its activation wrote done.
+    phases.check(MovePhase.ACTIVATING, MovePhase.PENDING, Writer.CONTROL)
 
 
 def test_every_transition_in_the_table_is_allowed_to_its_writer_only() -> None:

@@ -230,6 +230,21 @@ async def test_a_move_goes_pending_precopy_handoff_activating_done(cluster: Clus
     assert [bool(h.from_snapshot) for h in cluster.peers[B].streams] == [False, True]
 
 
+async def test_a_target_that_is_down_leaves_the_move_pending_with_why(cluster: Cluster) -> None:
+    await cluster.request_move()
+
+    async def down(node: str) -> FakePeer:
+        raise TransferFailed(f"node {node} is not registered (down?); the move waits for it")
+
+    driver = MoveDriver(A, cluster.records, cluster.stores[A], down)
+    with pytest.raises(TransferFailed):
+        await driver.run(VOLUME)
+    move = await _move(cluster)
+    assert (move.phase, move.attempt) == (MovePhase.PENDING, 1)
+    assert "is not registered" in move.error
+    assert await cluster.stores[A].is_writable(VOLUME)
+
+
 async def test_progress_is_written_in_the_record(cluster: Cluster) -> None:
     await cluster.request_move()
     await cluster.converge(A)
