@@ -353,6 +353,11 @@ def test_etcd_restarted_mid_move_loses_nothing_and_the_move_completes(
         cluster.local_process("etcd", "kill")
         time.sleep(3)
         cluster.local_process("etcd", "start")
+        wait_for(
+            "control to read etcd again",
+            lambda: cluster.ferryctl(["volume", "get", name], check=False).returncode == 0,
+            60,
+        )
         finish_with_every_line(cluster, name, data, b, writer)
     assert cluster.volume(name)["epoch"] == 2
 
