@@ -1,8 +1,9 @@
-"""The Docker plugin's requests to ferry-control, over gRPC with this node's certificate.
+"""The node's requests to ferry-control, over gRPC with this node's certificate.
 
-The plugin never writes volume specs to etcd itself: control decides what a
-node may ask for (``ferry.security.authz``: create, and move to itself), so etcd
-can deny nodes write access to ``volumes/``.
+Neither the Docker plugin nor the convergence loop writes volume specs to etcd
+itself: control decides what a node may ask for (``ferry.security.authz``:
+create, move to itself, report a failed create), so etcd denies nodes write
+access to ``volumes/``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import grpc
 
 from agent.plugin import PluginError
+from ferry.core.plan import Create
 from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
@@ -72,6 +74,17 @@ class ControlClient:
             await self._stub.MoveVolume(
                 control_pb2.MoveVolumeRequest(name=name, node=node), timeout=CALL_TIMEOUT_SECONDS
             )
+        except grpc.aio.AioRpcError as error:
+            raise self._failed(error) from error
+
+    async def report_create_failure(self, create: Create, why: str) -> None:
+        """ZFS refused ``create`` for good: control stores why in the spec (nodes have no
+        write right on ``volumes/``)."""
+        request = control_pb2.CreateFailureRequest(
+            name=create.volume, uid=create.uid, size_bytes=create.size_bytes, error=why
+        )
+        try:
+            await self._stub.ReportCreateFailure(request, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
             raise self._failed(error) from error
 

@@ -38,7 +38,7 @@ from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
 from ferry.cluster.keyspace import Keyspace, Unreadable, endpoints_client
-from ferry.core.plan import Action, Actual, Desired, plan
+from ferry.core.plan import Action, Actual, Create, Desired, plan
 from ferry.core.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
 from ferry.security.certificates import CertificateWatch
 from ferry.security.gate import KindGate
@@ -81,7 +81,15 @@ class AgentService:
         self._retired: list[PeerClient] = []
         self._mounts = DockerMounts(config.docker_mounts_file)
         self._driver = MoveDriver(config.node, keyspace, store, self._peer, self._mounts)
-        self._executor = Executor(config.node, keyspace, store, self._driver, self._wakeup.set)
+        self._control: ControlClient | None = None
+        self._executor = Executor(
+            config.node,
+            keyspace,
+            store,
+            self._driver,
+            self._wakeup.set,
+            self._report_create_failure,
+        )
         self._registration = Registration(
             keyspace,
             NodeInfo(
@@ -114,7 +122,7 @@ class AgentService:
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="ferry-worker")
         )
-        control = ControlClient(self._config.control, self._config.tls, self._config.node)
+        control = self._control_client()
         plugin = VolumePlugin(
             node=self._config.node,
             keyspace=self._keyspace,
@@ -171,6 +179,7 @@ class AgentService:
             if site is not None:
                 await site.cleanup()
             await control.close()
+            self._control = None
             if server is not None:
                 await server.stop(grace=2)
             if data is not None:
@@ -226,6 +235,15 @@ class AgentService:
             server.add_secure_port(self._config.listen, self._certificates.server_credentials())
         await server.start()
         return server
+
+    def _control_client(self) -> ControlClient:
+        """One client of ferry-control, made in the running loop on first use."""
+        if self._control is None:
+            self._control = ControlClient(self._config.control, self._config.tls, self._config.node)
+        return self._control
+
+    async def _report_create_failure(self, create: Create, why: str) -> None:
+        await self._control_client().report_create_failure(create, why)
 
     def _registered_again(self) -> None:
         """A new lease: the state and mount keys went with the old one, so report them again."""

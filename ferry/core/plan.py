@@ -93,13 +93,6 @@ class Destroy:
 
 
 @dataclass(frozen=True)
-class Purge:
-    """The volume was deleted and this node holds nothing of it any more."""
-
-    volume: str
-
-
-@dataclass(frozen=True)
 class SetAside:
     """The copy here is a deleted namesake's (another uid): keep it aside, never adopt it."""
 
@@ -113,7 +106,7 @@ class Missing:
     volume: str
 
 
-Action = Create | Claim | Fence | Activate | DriveMove | Destroy | Purge | SetAside | Missing
+Action = Create | Claim | Fence | Activate | DriveMove | Destroy | SetAside | Missing
 
 
 def plan(desired: Desired, actual: Actual) -> list[Action]:
@@ -137,7 +130,7 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
         return []
     if spec.deleted:
         if local is None:
-            return [Purge(name)]
+            return []  # control purges the records once no node holds a copy
         if local.mounted and local.writable and owner is not None and owner.node == me:
             return [Fence(name), Destroy(name)]
         return [Destroy(name)]

@@ -42,9 +42,16 @@ def pool() -> Iterator[ScratchPool]:
 
 @pytest.fixture
 async def agent(
-    pool: ScratchPool, keyspace: Keyspace, etcd: EtcdServer, tmp_path: Path
+    pool: ScratchPool,
+    keyspace: Keyspace,
+    etcd: EtcdServer,
+    control: ControlServer,
+    tmp_path: Path,
 ) -> AsyncIterator[tuple[AgentService, VolumeStore]]:
-    """An agent that converges only when told (``converge()``), registered on a lease."""
+    """An agent that converges only when told (``converge()``), registered on a lease; it
+    reports to ferry-control with a node certificate."""
+    certs = control.certs.directory
+    ca.issue(certs, "node", NODE)
     config = AgentConfig(
         node=NODE,
         etcd=(etcd.endpoint,),
@@ -54,8 +61,9 @@ async def agent(
         data_port=0,
         mount_root=tmp_path / "mnt",
         plugin_socket=None,
-        tls=None,
+        tls=TlsFiles(certs / "ca.crt", certs / f"{NODE}.crt", certs / f"{NODE}.key"),
         state_dir=tmp_path / "state",
+        control=control.address,
     )
     store = VolumeStore(PoolRoot(pool.name), config.mount_root)
     service = AgentService(config, keyspace, store)
@@ -151,7 +159,6 @@ async def test_a_create_the_node_refuses_ends_failed_and_is_not_retried(
     assert f"failed: node {NODE} could not create it" in shown.stdout
 
     certs = control.certs.directory
-    ca.issue(certs, "node", NODE)
     node_tls = TlsFiles(certs / "ca.crt", certs / f"{NODE}.crt", certs / f"{NODE}.key")
     to_control = ControlClient(control.address, node_tls, NODE)
     plugin = VolumePlugin(

@@ -28,7 +28,7 @@ from agent.transfer.server import TransferService
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.plan import Activate, DriveMove
+from ferry.core.plan import Activate, Create, DriveMove
 from ferry.core.records import Move, VolumeSpec
 from protos.ferry.v1 import transfer_pb2_grpc
 from tests.support.pools import ScratchPool
@@ -52,6 +52,10 @@ class Node:
 
     def path(self, volume: str) -> Path:
         return self.store.mountpoint(volume)
+
+
+async def _no_control(create: Create, why: str) -> None:
+    raise AssertionError(f"create of {create.volume} failed ({why}); these nodes have no control")
 
 
 @asynccontextmanager
@@ -88,7 +92,7 @@ async def running_nodes(
             peers[name] = PeerClient(name, address, None, encrypt_streams=False)
             mounts = DockerMounts(workdir / f"{name}-docker-mounts.json")
             driver = MoveDriver(name, keyspace, store, connect, mounts)
-            executor = Executor(name, keyspace, store, driver, wake=lambda: None)
+            executor = Executor(name, keyspace, store, driver, lambda: None, _no_control)
             nodes[name] = Node(name, root, store, workdir / name, address, mounts, driver, executor)
         yield nodes
     finally:
