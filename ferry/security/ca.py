@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -95,7 +96,7 @@ def issue(
     """Issue ``<name>.crt``/``<name>.key`` signed by the CA in ``directory``."""
     if kind not in KINDS:
         raise CAError(f"unknown certificate kind {kind!r}; use one of {', '.join(KINDS)}")
-    _check_reserved(kind, name)
+    _check_reserved(kind, name, dns)
     try:
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
         ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
@@ -141,8 +142,9 @@ def issue(
     return cert_path, key_path
 
 
-def _check_reserved(kind: str, name: str) -> None:
-    """A reserved name only with its kind, and the etcd administrator only as ``root``.
+def _check_reserved(kind: str, name: str, dns: Sequence[str]) -> None:
+    """A reserved name only with its kind, and the etcd administrator only as ``root``; the
+    name members know each other by (ETCD_SERVER_NAME) only in a member's certificate.
 
     etcd grants by common name: a node certificate named ``root`` would be
     etcd's administrator, one named ``control`` would write every volume.
@@ -150,5 +152,10 @@ def _check_reserved(kind: str, name: str) -> None:
     owner = RESERVED_NAMES.get(name)
     if owner is not None and owner != kind:
         raise CAError(f"the name {name!r} is reserved for --kind {owner}; choose another name")
+    if kind != "etcd" and ETCD_SERVER_NAME in dns:
+        raise CAError(
+            f"the DNS name {ETCD_SERVER_NAME!r} is reserved for --kind etcd: etcd members "
+            "admit as peers only certificates that name it"
+        )
     if kind == "etcd-root" and name != "root":
         raise CAError("an etcd-root certificate is named root (etcd's administrator): --name root")

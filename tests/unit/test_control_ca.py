@@ -108,3 +108,12 @@ def test_names_etcd_grants_by_go_only_with_their_kind(
     with pytest.raises(ca.CAError, match=message):
         ca.issue(tmp_path, kind, name)
     assert not (tmp_path / f"{name}.crt").exists()
+
+
+def test_only_a_member_certificate_names_etcd_the_name_members_admit_peers_by(
+    tmp_path: Path,
+) -> None:
+    ca.init(tmp_path)
+    with pytest.raises(ca.CAError, match="reserved for --kind etcd"):
+        ca.issue(tmp_path, "node", "host1", dns=(ca.ETCD_SERVER_NAME,))
+    ca.issue(tmp_path, "etcd", "etcd-host1", dns=(ca.ETCD_SERVER_NAME,))
