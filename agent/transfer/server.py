@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -235,6 +236,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             header.sender,
             header.epoch,
         )
+        started = time.monotonic()
         try:
             work = functools.partial(zfs.lzc_receive, snapshot)
             if isinstance(connection, SecureStream):
@@ -243,6 +245,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             else:
                 await pump(work, connection)
                 received = stream_bytes_received(connection)
+            streamed = time.monotonic() - started
         except (ZFSError, OSError) as error:
             if header.from_snapshot and isinstance(
                 error, zfs.DestinationModified | zfs.StreamMismatch
@@ -263,7 +266,14 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                 f"{header.to_guid}",
             )
         await self._holdings.after_receive(volume, uid)
-        log.info("received: volume=%s snapshot=%s bytes=%d", volume, header.to_snapshot, received)
+        log.info(
+            "received: volume=%s snapshot=%s bytes=%d stream_seconds=%.2f encrypted=%s",
+            volume,
+            header.to_snapshot,
+            received,
+            streamed,
+            header.encrypted,
+        )
         return received
 
     async def _reply(
