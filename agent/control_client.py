@@ -14,6 +14,7 @@ import grpc
 
 from agent.plugin import PluginError
 from ferry.core.plan import Create
+from ferry.security.certificates import CertificateWatch
 from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
@@ -27,18 +28,35 @@ CALL_TIMEOUT_SECONDS = 30.0
 class ControlClient:
     """``agent.plugin.ControlApi`` against ferry-control at ``address``."""
 
-    def __init__(self, address: str, tls: TlsFiles | None, here: str) -> None:
+    def __init__(self, address: str, tls: TlsFiles | CertificateWatch | None, here: str) -> None:
+        """With a CertificateWatch, a renewed certificate gets a new channel for the next call
+        (calls running on the old one finish there)."""
         self._address = address
         self._here = here
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(address)
-        else:
-            self._channel = grpc.aio.secure_channel(
-                address,
-                tls.channel_credentials(),
-                options=[("grpc.ssl_target_name_override", CONTROL_NAME)],
+        self._certificates = CertificateWatch(tls) if isinstance(tls, TlsFiles) else tls
+        self._generation = -1
+        self._channels: list[grpc.aio.Channel] = []
+        self._current: control_pb2_grpc.ControlStub | None = None
+
+    @property
+    def _stub(self) -> control_pb2_grpc.ControlStub:
+        if self._certificates is None:
+            if self._current is None:
+                self._channels.append(grpc.aio.insecure_channel(self._address))
+                self._current = control_pb2_grpc.ControlStub(self._channels[-1])
+            return self._current
+        self._certificates.check()
+        if self._current is None or self._generation != self._certificates.generation:
+            self._generation = self._certificates.generation
+            self._channels.append(
+                grpc.aio.secure_channel(
+                    self._address,
+                    self._certificates.channel_credentials(),
+                    options=[("grpc.ssl_target_name_override", CONTROL_NAME)],
+                )
             )
-        self._stub = control_pb2_grpc.ControlStub(self._channel)
+            self._current = control_pb2_grpc.ControlStub(self._channels[-1])
+        return self._current
 
     async def create_volume(self, name: str, size: str, compression: str, node: str) -> None:
         """Without a node option, the volume is created where Docker asked for it.
@@ -89,7 +107,8 @@ class ControlClient:
             raise self._failed(error) from error
 
     async def close(self) -> None:
-        await self._channel.close(grace=None)
+        for channel in self._channels:
+            await channel.close(grace=None)
 
     def _failed(self, error: grpc.aio.AioRpcError) -> PluginError:
         """Control's one-sentence answer as Docker shows it; an unreachable control says so."""

@@ -91,9 +91,15 @@ def init(directory: Path, name: str = "ferry-cluster-ca") -> Path:
 
 
 def issue(
-    directory: Path, kind: str, name: str, ips: tuple[str, ...] = (), dns: tuple[str, ...] = ()
+    directory: Path,
+    kind: str,
+    name: str,
+    ips: tuple[str, ...] = (),
+    dns: tuple[str, ...] = (),
+    valid_days: float = VALID_DAYS,
 ) -> tuple[Path, Path]:
-    """Issue ``<name>.crt``/``<name>.key`` signed by the CA in ``directory``."""
+    """Issue ``<name>.crt``/``<name>.key`` signed by the CA in ``directory``, valid for
+    ``valid_days`` from now."""
     if kind not in KINDS:
         raise CAError(f"unknown certificate kind {kind!r}; use one of {', '.join(KINDS)}")
     _check_reserved(kind, name, dns)
@@ -125,7 +131,7 @@ def issue(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .not_valid_after(now + datetime.timedelta(days=valid_days))
         .add_extension(x509.SubjectAlternativeName([*names, *addresses]), critical=False)
         .add_extension(
             x509.ExtendedKeyUsage(
