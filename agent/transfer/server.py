@@ -36,6 +36,7 @@ from agent.transfer.secure import SecureStream
 from agent.zfs import ZFSError
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import VolumeSpec
+from ferry.core.snapshots import SnapshotRef
 from ferry.security.tls import peer_identity
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 
@@ -105,13 +106,14 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                     f"no data connection for {volume} arrived on port {self._data.port} "
                     "in time; is it blocked by a firewall?",
                 )
-            received = await self._receive(request, spec.uid, connection, context)
+            received, held = await self._receive(request, spec.uid, connection, context)
         finally:
             if ticket is not None:
                 self._data.discard(ticket)  # closes the connection it admitted
             self._holdings.receiving.discard(volume)
-        reply = await self._reply(volume, context)
-        reply.bytes_received = received
+        reply = transfer_pb2.HoldingsReply(volume=volume, node=self._node, bytes_received=received)
+        for ref in held:
+            reply.snapshots.add(name=ref.name, guid=ref.guid)
         yield transfer_pb2.ReceiveReply(done=reply)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> None:
@@ -224,8 +226,9 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         uid: str,
         connection: DataConnection,
         context: grpc.aio.ServicerContext,
-    ) -> int:
-        """Receive without force: ZFS itself refuses a copy modified since the base."""
+    ) -> tuple[int, list[SnapshotRef]]:
+        """Receive without force: ZFS itself refuses a copy modified since the base. Returns
+        the bytes received and the snapshots the copy then holds."""
         volume = header.volume
         snapshot = self._holdings.snapshot_name(volume, header.to_snapshot)
         log.info(
@@ -258,14 +261,17 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                 grpc.StatusCode.DATA_LOSS,
                 f"receive of {volume}@{header.to_snapshot} failed, copy left unchanged: {error}",
             )
-        guid = await self._holdings.guid(volume, header.to_snapshot)
+        held = await self._holdings.snapshots(volume) or []
+        guid = next((ref.guid for ref in held if ref.name == header.to_snapshot), None)
+        if guid is None:
+            raise zfs.SnapshotNotFound(snapshot)
         if header.to_guid and guid != header.to_guid:
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
                 f"received {volume}@{header.to_snapshot} has GUID {guid}, sender said "
                 f"{header.to_guid}",
             )
-        await self._holdings.after_receive(volume, uid)
+        held = await self._holdings.after_receive(volume, uid, held)
         log.info(
             "received: volume=%s snapshot=%s bytes=%d stream_seconds=%.2f encrypted=%s",
             volume,
@@ -274,7 +280,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             streamed,
             header.encrypted,
         )
-        return received
+        return received, held
 
     async def _reply(
         self, volume: str, context: grpc.aio.ServicerContext
