@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from agent.zfs import runner
 from ferry.security.tls import certificate_name
 
+FRAMES = 1
+"""The encrypted stream format this module speaks (``StreamHeader.encrypted_format``)."""
 FRAME_BYTES = 1 << 20
 KEY_BYTES = 32
 TAG_BYTES = 16

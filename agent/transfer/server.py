@@ -32,7 +32,7 @@ from agent.transfer.data import (
     pump,
     stream_bytes_received,
 )
-from agent.transfer.secure import SecureStream
+from agent.transfer.secure import FRAMES, SecureStream
 from agent.zfs import ZFSError
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import VolumeSpec
@@ -80,6 +80,12 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                 f"{self._node} accepts only encrypted streams; start the agent of "
                 f"{request.sender} without --insecure-plain-streams",
             )
+        if request.encrypted and request.encrypted_format != FRAMES:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{request.sender} runs an older Ferry whose encrypted streams {self._node} "
+                "does not speak; upgrade it",
+            )
         if volume in self._holdings.receiving:
             await context.abort(
                 grpc.StatusCode.ABORTED,
@@ -96,7 +102,9 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             except ValueError as error:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self._node}: {error}")
             yield transfer_pb2.ReceiveReply(
-                ticket=transfer_pb2.DataTicket(token=ticket.token, port=self._data.port)
+                ticket=transfer_pb2.DataTicket(
+                    token=ticket.token, port=self._data.port, encrypted_format=FRAMES
+                )
             )
             try:
                 connection = await ticket.connection()
