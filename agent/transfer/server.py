@@ -16,7 +16,6 @@ fail, which leaves the dataset as it was.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -238,7 +237,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         """Receive without force: ZFS itself refuses a copy modified since the base. Returns
         the bytes received and the snapshots the copy then holds."""
         volume = header.volume
-        snapshot = self._holdings.snapshot_name(volume, header.to_snapshot)
+        work = self._holdings.receive_stream(volume, header.to_snapshot).read_from
         log.info(
             "receiving: volume=%s from=%s to=%s sender=%s epoch=%d",
             volume,
@@ -249,7 +248,6 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         )
         started = time.monotonic()
         try:
-            work = functools.partial(zfs.lzc_receive, snapshot)
             if isinstance(connection, SecureStream):
                 await connection.receive(work)
                 received = connection.relayed
@@ -272,7 +270,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         held = await self._holdings.snapshots(volume) or []
         guid = next((ref.guid for ref in held if ref.name == header.to_snapshot), None)
         if guid is None:
-            raise zfs.SnapshotNotFound(snapshot)
+            raise zfs.SnapshotNotFound(self._holdings.snapshot_name(volume, header.to_snapshot))
         if header.to_guid and guid != header.to_guid:
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
