@@ -64,6 +64,7 @@ async def agent(
         tls=TlsFiles(certs / "ca.crt", certs / f"{NODE}.crt", certs / f"{NODE}.key"),
         state_dir=tmp_path / "state",
         control=control.address,
+        lease_ttl=60,  # nothing refreshes it here; a loaded machine takes more than 10 s
     )
     store = VolumeStore(PoolRoot(pool.name), config.mount_root)
     service = AgentService(config, keyspace, store)
