@@ -33,29 +33,29 @@ class ControlClient:
         (calls running on the old one finish there)."""
         self._address = address
         self._here = here
-        self._certificates = CertificateWatch(tls) if isinstance(tls, TlsFiles) else tls
-        self._generation = -1
+        self._tls = tls
+        self._generation = 0
         self._channels: list[grpc.aio.Channel] = []
         self._current: control_pb2_grpc.ControlStub | None = None
 
     @property
     def _stub(self) -> control_pb2_grpc.ControlStub:
-        if self._certificates is None:
-            if self._current is None:
-                self._channels.append(grpc.aio.insecure_channel(self._address))
-                self._current = control_pb2_grpc.ControlStub(self._channels[-1])
-            return self._current
-        self._certificates.check()
-        if self._current is None or self._generation != self._certificates.generation:
-            self._generation = self._certificates.generation
-            self._channels.append(
-                grpc.aio.secure_channel(
+        tls = self._tls
+        if isinstance(tls, CertificateWatch):
+            tls.check()
+            if tls.generation != self._generation:
+                self._generation, self._current = tls.generation, None
+        if self._current is None:
+            if tls is None:
+                channel = grpc.aio.insecure_channel(self._address)
+            else:
+                channel = grpc.aio.secure_channel(
                     self._address,
-                    self._certificates.channel_credentials(),
+                    tls.channel_credentials(),
                     options=[("grpc.ssl_target_name_override", CONTROL_NAME)],
                 )
-            )
-            self._current = control_pb2_grpc.ControlStub(self._channels[-1])
+            self._channels.append(channel)
+            self._current = control_pb2_grpc.ControlStub(channel)
         return self._current
 
     async def create_volume(self, name: str, size: str, compression: str, node: str) -> None:

@@ -48,8 +48,10 @@ class TlsClient(aetcd.Client):
     def __init__(
         self, host: str, port: int, tls: TlsFiles | CertificateWatch, timeout: int
     ) -> None:
-        self._certificates = tls if isinstance(tls, CertificateWatch) else CertificateWatch(tls)
-        self._dialed_generation = self._certificates.generation
+        """With a CertificateWatch the client can follow renewals (``redial_if_renewed``);
+        with plain TlsFiles it dials with them as they are, unchecked."""
+        self._tls = tls
+        self._dialed_generation = 0
         super().__init__(
             host=host,
             port=port,
@@ -67,11 +69,10 @@ class TlsClient(aetcd.Client):
         self._is_connecting = True
         try:
             options: list[tuple[str, Any]] = list(self._options.items())
-            self._dialed_generation = self._certificates.generation
+            if isinstance(self._tls, CertificateWatch):
+                self._dialed_generation = self._tls.generation
             self.channel = grpc.aio.secure_channel(
-                f"{self._host}:{self._port}",
-                self._certificates.channel_credentials(),
-                options=options,
+                f"{self._host}:{self._port}", self._tls.channel_credentials(), options=options
             )
             self.kvstub = rpc.KVStub(self.channel)
             self.clusterstub = rpc.ClusterStub(self.channel)
@@ -88,15 +89,18 @@ class TlsClient(aetcd.Client):
     async def redial_if_renewed(self) -> bool:
         """A new channel with the renewed certificate, if the files were renewed since the
         last dial; True if it dialed. Calls made from now on use the new channel."""
-        self._certificates.check()
-        if not self._connected.is_set() or self._certificates.generation == self._dialed_generation:
+        certificates = self._tls
+        if not isinstance(certificates, CertificateWatch):
+            return False
+        certificates.check()
+        if not self._connected.is_set() or certificates.generation == self._dialed_generation:
             return False
         old = self.channel
         self._connected.clear()
         await self.connect()  # no await before it sets _connected again: nobody sees a gap
         log.info(
             "etcd client dialed again with the renewed certificate: cert=%s",
-            self._certificates.files.cert,
+            certificates.files.cert,
         )
         await old.close(grace=REDIAL_GRACE_SECONDS)
         return True
