@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 from agent import zfs
-from agent.moves import MoveAbandoned, MoveDriver
+from agent.replication.activation import Activation
+from agent.replication.record import MoveAbandoned
+from agent.replication.source import MoveDriver
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from ferry.cluster.keyspace import Keyspace
@@ -24,12 +24,9 @@ from ferry.core.plan import (
     Missing,
     SetAside,
 )
-from ferry.core.records import MovePhase
 
 log = logging.getLogger(__name__)
 
-# Compare-and-swap rounds for marking a move done, each on a fresh read.
-FINISH_ATTEMPTS = 10
 # ZFS refusing a create for reasons a retry does not change (too small, no room, bad value).
 CREATE_FAILED_FOR_GOOD = (zfs.NoSpace, zfs.QuotaExceeded, zfs.PropertyInvalid, zfs.NameInvalid)
 
@@ -47,6 +44,7 @@ class Executor:
         keyspace: Keyspace,
         store: VolumeStore,
         driver: MoveDriver,
+        activation: Activation,
         wake: Callable[[], None],
         report_create_failure: CreateFailureReport,
     ) -> None:
@@ -54,6 +52,7 @@ class Executor:
         self._keyspace = keyspace
         self._store = store
         self._driver = driver
+        self._activation = activation
         self._wake = wake
         self._report_create_failure = report_create_failure
         self._moves: dict[str, asyncio.Task[None]] = {}
@@ -78,7 +77,7 @@ class Executor:
             case Fence(volume):
                 await self._store.fence(volume)
             case Activate(volume, epoch):
-                await self._activate(volume, epoch)
+                await self._activation.activate(volume, epoch)
             case DriveMove(volume):
                 self._moves[volume] = asyncio.create_task(self._drive(volume))
             case Destroy(volume):
@@ -110,44 +109,6 @@ class Executor:
         why = f"{type(error).__name__}: {error}"
         log.error("create failed: volume=%s node=%s error=%s", create.volume, self._node, why)
         await self._report_create_failure(create, why)
-
-    async def _activate(self, volume: str, epoch: int) -> None:
-        move = await self._keyspace.get_move(volume)
-        incoming = move is not None and move.value.target == self._node
-        if incoming and move is not None and move.value.final_snapshot:
-            held = [ref.name for ref in await self._store.snapshots(volume) or []]
-            if move.value.final_snapshot not in held:
-                log.error(
-                    "not activating: volume=%s lacks final snapshot %s of the handoff",
-                    volume,
-                    move.value.final_snapshot,
-                )
-                return
-        spec = await self._keyspace.get_volume(volume)
-        if spec is None:
-            return
-        await self._store.activate(spec.value)
-        log.info("volume writable: volume=%s node=%s epoch=%d", volume, self._node, epoch)
-        if incoming:
-            await self._finish_move(volume)
-
-    async def _finish_move(self, volume: str) -> None:
-        """Mark the move into this node done, on a fresh read each time: the source may still
-        be writing its last phase, and a lost compare-and-swap must not leave the move open."""
-        for _ in range(FINISH_ATTEMPTS):
-            move = await self._keyspace.get_move(volume)
-            if (
-                move is None
-                or move.value.target != self._node
-                or move.value.phase == MovePhase.DONE
-            ):
-                return
-            done = replace(move.value, phase=MovePhase.DONE, error="", updated_at=time.time())
-            if await self._keyspace.put_move(done, move.revision):
-                return
-        log.warning(
-            "move record not marked done after %d attempts: volume=%s", FINISH_ATTEMPTS, volume
-        )
 
     async def _drive(self, volume: str) -> None:
         backoff = Backoff()
