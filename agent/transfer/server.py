@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -51,13 +51,16 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         data: DataListener,
         insecure: bool,
         require_encryption: bool,
+        received: Callable[[], None] = lambda: None,
     ) -> None:
+        """``received`` is called after each receive (the agent reports its copy anew)."""
         self._node = node
         self._holdings = holdings
         self._keyspace = keyspace
         self._data = data
         self._insecure = insecure
         self._require_encryption = require_encryption
+        self._received = received
 
     async def Holdings(
         self, request: transfer_pb2.HoldingsRequest, context: grpc.aio.ServicerContext
@@ -209,6 +212,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                 f"{header.to_guid}",
             )
         held = await self._holdings.after_receive(volume, uid, held)
+        self._received()
         log.info(
             "received: volume=%s snapshot=%s bytes=%d stream_seconds=%.2f encrypted=%s",
             volume,
