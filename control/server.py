@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
 import click
@@ -19,13 +19,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from control.operations import OperationError, PermissionDenied, VolumeOps
 from ferry.cluster.keyspace import (
     Keyspace,
-    Unreadable,
+    Kind,
     UnreadableRecord,
     Versioned,
     endpoints_client,
     etcd_target,
 )
-from ferry.core.records import AsideCopy, AsideDrop, MountRecord, Move, NodeState, Owner, VolumeSpec
+from ferry.cluster.view import ClusterView, read_view
+from ferry.core.records import AsideCopy, MountRecord, Move, NodeState, Owner, VolumeSpec
 from ferry.logs import setup_logging
 from ferry.security.authz import CONTROL_API, NODE, delete_refusal, move_refusal
 from ferry.security.gate import KindGate
@@ -35,6 +36,19 @@ from protos.ferry.v1 import control_pb2, control_pb2_grpc
 log = logging.getLogger(__name__)
 
 WATCH_RETRY_SECONDS = 1.0
+# What a volume's API message is made of, read as one view.
+VOLUME_KINDS = (
+    Kind.VOLUMES,
+    Kind.OWNERS,
+    Kind.MOVES,
+    Kind.MOUNTS,
+    Kind.STATE,
+    Kind.ASIDES,
+    Kind.DROPS,
+)
+# Records whose absence would misreport a volume (no owner, no mount, no copy): reported
+# (ListVolumes) or refused (GetVolume) when unreadable. A bad aside record is only logged.
+REPORTED_UNREADABLE = (Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, Kind.STATE)
 DELETE, MOVE = CONTROL_API + "DeleteVolume", CONTROL_API + "MoveVolume"
 
 
@@ -76,27 +90,26 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def ListVolumes(
         self, request: control_pb2.ListVolumesRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListVolumesReply:
-        skipped: list[Unreadable] = []
-        specs = await self._keyspace.list_volumes(skipped)
-        owners = await self._keyspace.list_owners(skipped)
-        moves = await self._keyspace.list_moves(skipped)
-        mounted = _by_volume(await self._keyspace.list_all_mounts(skipped))
-        held = _by_volume(await self._keyspace.list_all_state(skipped))
-        aside = _by_volume(await self._keyspace.list_asides())
-        drops = await self._keyspace.list_drops()
+        view = await read_view(self._keyspace, VOLUME_KINDS)
+        mounted = _by_volume(view.mounts)
+        held = _by_volume(view.states)
+        aside = _by_volume(view.asides)
         volumes = [
             _volume_message(
                 s.value,
-                owners.get(s.value.name),
-                moves.get(s.value.name),
-                mounted.get(s.value.name, []),
-                held.get(s.value.name, []),
-                [_aside_message(a, drops) for a in aside.get(s.value.name, [])],
+                view.owners.get(name),
+                view.moves.get(name),
+                mounted.get(name, []),
+                held.get(name, []),
+                [_aside_message(a, view.drop_requested(a)) for a in aside.get(name, [])],
             )
-            for s in specs
+            for name, s in view.volumes.items()
             if not s.value.deleted
         ]
-        unreadable = [control_pb2.UnreadableRecord(key=r.key, reason=r.reason) for r in skipped]
+        unreadable = [
+            control_pb2.UnreadableRecord(key=r.key, reason=r.reason)
+            for r in view.skipped(*REPORTED_UNREADABLE)
+        ]
         return control_pb2.ListVolumesReply(volumes=volumes, unreadable=unreadable)
 
     async def DeleteVolume(
@@ -174,7 +187,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             try:
                 start = resume if resume is not None else await self._keyspace.revision() + 1
                 changes = self._keyspace.watch(
-                    "volumes", "owners", "moves", "mounts", start_revision=start
+                    Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, start_revision=start
                 )
                 current = await self._volume(request.name, context)
                 if current != last:
@@ -182,7 +195,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     last = current
                 async for change in changes:
                     resume = change.revision + 1
-                    if change.name.split("/")[0] != request.name:
+                    if change.volume != request.name:
                         continue
                     current = await self._volume(request.name, context)
                     if current != last:
@@ -211,16 +224,13 @@ class ControlService(control_pb2_grpc.ControlServicer):
             aside = await self._ops.drop_aside(request.volume, request.node, request.dataset)
         except OperationError as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        return _aside_message(aside, await self._keyspace.list_drops(aside.node))
+        drops = await self._keyspace.list_drops(aside.node)
+        return _aside_message(aside, any(d.dataset == aside.dataset for d in drops))
 
     async def _asides(self, volume: str) -> list[control_pb2.AsideCopy]:
         """Copies kept aside of ``volume`` (every volume's when empty), oldest first."""
-        drops = await self._keyspace.list_drops()
-        return [
-            _aside_message(a, drops)
-            for a in sorted(await self._keyspace.list_asides(), key=lambda a: a.kept_at)
-            if not volume or a.volume == volume
-        ]
+        view = await read_view(self._keyspace, (Kind.ASIDES, Kind.DROPS), volume=volume)
+        return _aside_messages(view)
 
     async def _guard(self, context: grpc.aio.ServicerContext, operation: object) -> object:
         try:
@@ -240,21 +250,28 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def _read_volume(
         self, name: str, context: grpc.aio.ServicerContext
     ) -> control_pb2.Volume:
-        spec = await self._keyspace.get_volume(name)
+        """The volume from one view of its records; UnreadableRecord if one of them (not a
+        copy kept aside) does not decode, since leaving it out would show no mount or copy."""
+        view = await read_view(self._keyspace, VOLUME_KINDS, volume=name)
+        view.check(name, *REPORTED_UNREADABLE)
+        spec = view.volumes.get(name)
         if spec is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"volume {name} does not exist")
         assert spec is not None
-        owner = await self._keyspace.get_owner(name)
-        move = await self._keyspace.get_move(name)
-        mounts = await self._keyspace.list_mounts(name)
-        copies = await self._keyspace.list_state(name)
-        return _volume_message(spec.value, owner, move, mounts, copies, await self._asides(name))
+        return _volume_message(
+            spec.value,
+            view.owners.get(name),
+            view.moves.get(name),
+            view.mounts_of(name),
+            view.states_of(name),
+            _aside_messages(view),
+        )
 
 
 R = TypeVar("R", MountRecord, NodeState, AsideCopy)
 
 
-def _by_volume(records: list[R]) -> dict[str, list[R]]:
+def _by_volume(records: Iterable[R]) -> dict[str, list[R]]:
     """Per-node records (mounts, state) grouped by the volume they are about."""
     grouped: dict[str, list[R]] = {}
     for record in records:
@@ -316,7 +333,15 @@ def _volume_message(
     return volume
 
 
-def _aside_message(aside: AsideCopy, drops: list[AsideDrop]) -> control_pb2.AsideCopy:
+def _aside_messages(view: ClusterView) -> list[control_pb2.AsideCopy]:
+    """The view's copies kept aside, oldest first."""
+    return [
+        _aside_message(a, view.drop_requested(a))
+        for a in sorted(view.asides, key=lambda a: a.kept_at)
+    ]
+
+
+def _aside_message(aside: AsideCopy, drop_requested: bool) -> control_pb2.AsideCopy:
     return control_pb2.AsideCopy(
         node=aside.node,
         dataset=aside.dataset,
@@ -325,7 +350,7 @@ def _aside_message(aside: AsideCopy, drops: list[AsideDrop]) -> control_pb2.Asid
         epoch=aside.epoch,
         used_bytes=aside.used_bytes,
         reason=aside.reason,
-        drop_requested=any((d.node, d.dataset) == (aside.node, aside.dataset) for d in drops),
+        drop_requested=drop_requested,
     )
 
 
