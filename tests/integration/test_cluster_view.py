@@ -144,7 +144,7 @@ async def test_get_volume_is_not_split_by_a_move_written_while_it_reads(
         again = await stub.GetVolume(control_pb2.GetVolumeRequest(name="pg"))
         assert (again.node, again.move.target) == ("n2", "n2")
     finally:
-        await channel.close()
+        await channel.close(grace=None)
         await server.stop(grace=1)
 
 
