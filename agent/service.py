@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import grpc
 
-from agent.asides import AsideLedger
+from agent.asides import LEDGER_KINDS, AsideLedger
 from agent.config import AgentConfig
 from agent.control_client import ControlClient
 from agent.executor import Executor
@@ -280,13 +280,13 @@ class AgentService:
         busy = self._busy()
         local = await self._store.local_volumes(skip=busy)
         skipped = busy | set(self._store.unreadable)
-        view = await read_view(self._keyspace, DESIRED_KINDS)
+        view = await read_view(self._keyspace, DESIRED_KINDS + LEDGER_KINDS, node=self._config.node)
         desired = Desired(
             node=self._config.node,
             volumes={name: v.value for name, v in view.volumes.items() if name not in skipped},
             owners={name: o.value for name, o in view.owners.items() if name not in skipped},
             moves={name: m.value for name, m in view.moves.items() if name not in skipped},
-            unreadable=frozenset(record.volume for record in view.skipped()),
+            unreadable=frozenset(record.volume for record in view.skipped(*DESIRED_KINDS)),
         )
         actual = Actual(volumes=local, running_moves=self._executor.running_moves)
         per_volume: dict[str, list[Action]] = {}
@@ -307,7 +307,7 @@ class AgentService:
                 task.add_done_callback(lambda _task: self._wakeup.set())
         await self._report()
         try:
-            await self._asides.converge(self._registration.lease)
+            await self._asides.converge(self._registration.lease, view)
         except Exception as error:
             # Reported again at the next pass; volumes converge meanwhile.
             log.warning(
