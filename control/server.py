@@ -27,6 +27,7 @@ from ferry.cluster.keyspace import (
 )
 from ferry.cluster.view import ClusterView, read_view
 from ferry.core.records import AsideCopy, MountRecord, Move, NodeState, Owner, VolumeSpec
+from ferry.flags import service_flags
 from ferry.logs import setup_logging
 from ferry.security.authz import CONTROL_API, NODE, delete_refusal, move_refusal
 from ferry.security.gate import KindGate
@@ -388,12 +389,7 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
 @click.command(context_settings={"auto_envvar_prefix": "FERRY", "show_default": True})
 @click.option("--etcd", required=True, help="etcd endpoints, HOST:PORT[,HOST:PORT...].")
 @click.option("--listen", default="0.0.0.0:7070", help="Address of the Control gRPC API.")
-@click.option("--tls-ca", default="", help="Cluster CA certificate (PEM).")
-@click.option("--tls-cert", default="", help="Control's certificate (PEM).")
-@click.option("--tls-key", default="", help="Control's private key (PEM).")
-@click.option("--insecure", is_flag=True, help="No TLS (development only; says so loudly).")
-@click.option("--etcd-prefix", default="/ferry/v1", help="Key prefix of Ferry's state in etcd.")
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+@service_flags(cert_help="Control's certificate (PEM).", key_help="Control's private key (PEM).")
 def main(
     etcd: str,
     listen: str,
