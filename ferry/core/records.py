@@ -241,8 +241,24 @@ class MountRecord(_Record):
     users: tuple[str, ...] = ()
 
 
+class _AboutAside:
+    """A record about one copy kept aside on one node, keyed by the copy's leaf name: both
+    names are checked when it is made or read."""
+
+    node: str
+    dataset: str
+
+    def __post_init__(self) -> None:
+        check_node_name(self.node)
+        aside_leaf(self.dataset)
+
+    @property
+    def leaf(self) -> str:
+        return aside_leaf(self.dataset)
+
+
 @dataclass(frozen=True)
-class AsideCopy(_Record):
+class AsideCopy(_AboutAside, _Record):
     """A copy of a volume that a node kept aside instead of overwriting it: data that
     diverged from the volume's history (written after the snapshot a stream built on)."""
 
@@ -255,31 +271,15 @@ class AsideCopy(_Record):
     used_bytes: int = 0
     reason: str = ""
 
-    def __post_init__(self) -> None:
-        check_node_name(self.node)
-        aside_leaf(self.dataset)
-
-    @property
-    def leaf(self) -> str:
-        return aside_leaf(self.dataset)
-
 
 @dataclass(frozen=True)
-class AsideDrop(_Record):
+class AsideDrop(_AboutAside, _Record):
     """An operator's request that ``node`` destroy one copy it keeps aside."""
 
     node: str
     volume: str
     dataset: str
     requested_at: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        check_node_name(self.node)
-        aside_leaf(self.dataset)
-
-    @property
-    def leaf(self) -> str:
-        return aside_leaf(self.dataset)
 
 
 def aside_leaf(dataset: str) -> str:
