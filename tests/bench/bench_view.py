@@ -17,27 +17,20 @@ import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
 
 import agent.asides
 import agent.service
 import control.server
-from agent.config import AgentConfig
-from agent.service import AgentService
-from agent.store import VolumeStore
-from agent.zfs.volumes import PoolRoot
-from control.server import ControlService
 from ferry.cluster.keyspace import Keyspace, Kind
 from ferry.cluster.view import ClusterView, read_view
 from ferry.core.records import MountRecord, Move, NodeState, VolumeSpec
-from ferry.security.gate import KindGate
-from protos.ferry.v1 import control_pb2, control_pb2_grpc
+from protos.ferry.v1 import control_pb2
 from tests.support.etcd import EtcdServer, LiveNodes
 from tests.support.etcd_requests import KvRecorder
+from tests.support.inprocess import insecure_control, registered_agent
 from tests.support.pools import scratch_pool
 
 VOLUMES = 1000
@@ -124,48 +117,6 @@ async def _populate(keyspace: Keyspace) -> None:
             assert await keyspace.put_move(Move(volume=name, source=node, target=target), None)
 
 
-@contextlib.asynccontextmanager
-async def _agent(etcd: EtcdServer, keyspace: Keyspace, work: Path) -> AsyncIterator[AgentService]:
-    with scratch_pool("vwbench") as pool:
-        config = AgentConfig(
-            node=NODE,
-            etcd=(etcd.endpoint,),
-            pool=pool.name,
-            listen="127.0.0.1:0",
-            advertise="127.0.0.1:1",
-            data_port=0,
-            mount_root=work / "mnt",
-            plugin_socket=None,
-            tls=None,
-            state_dir=work / "state",
-            lease_ttl=600,
-        )
-        store = VolumeStore(PoolRoot(pool.name), config.mount_root)
-        service = AgentService(config, keyspace, store)
-        await store.ensure_root()
-        await service._registration.register()
-        try:
-            yield service
-        finally:
-            await service._registration.lease.revoke()
-
-
-@contextlib.asynccontextmanager
-async def _control(keyspace: Keyspace) -> AsyncIterator[control_pb2_grpc.ControlStub]:
-    server = grpc.aio.server(interceptors=[KindGate(insecure=True)])
-    control_pb2_grpc.add_ControlServicer_to_server(
-        ControlService(keyspace, KindGate(insecure=True)), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield control_pb2_grpc.ControlStub(channel)
-    finally:
-        await channel.close(None)
-        await server.stop(grace=1)
-
-
 def _report(what: str, before: Cost, after: Cost) -> None:
     print(
         f"{what:<13} requests {before.requests:>4.1f} -> {after.requests:>4.1f} "
@@ -178,13 +129,20 @@ async def _main() -> None:
     with (
         tempfile.TemporaryDirectory(prefix="vwbench-") as tmp,
         EtcdServer("vwbench") as etcd,
+        scratch_pool("vwbench") as pool,
     ):
         client = etcd.client()
         try:
             keyspace = Keyspace(client)
             await _populate(keyspace)
             requests = await KvRecorder(client).install()
-            async with _agent(etcd, keyspace, Path(tmp)) as service, _control(keyspace) as stub:
+            async with (
+                registered_agent(NODE, pool.name, etcd.endpoint, keyspace, Path(tmp), 600) as (
+                    service,
+                    _,
+                ),
+                insecure_control(keyspace) as stub,
+            ):
                 name = f"bench-{VOLUMES // 2:05d}"
 
                 async def get() -> None:

@@ -6,10 +6,8 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 
-from control.server import ControlService
 from ferry.cluster.keyspace import Change, Keyspace, Kind
 from ferry.cluster.view import DESIRED_KINDS, read_view
 from ferry.core.records import (
@@ -21,10 +19,10 @@ from ferry.core.records import (
     NodeState,
     VolumeSpec,
 )
-from ferry.security.gate import KindGate
-from protos.ferry.v1 import control_pb2, control_pb2_grpc
+from protos.ferry.v1 import control_pb2
 from tests.support.etcd import EtcdServer, register_node
 from tests.support.etcd_requests import KvRecorder
+from tests.support.inprocess import insecure_control
 
 pytestmark = pytest.mark.integration
 
@@ -126,26 +124,15 @@ async def test_get_volume_is_not_split_by_a_move_written_while_it_reads(
 ) -> None:
     """Failed on the five-read GetVolume: it read the spec (node n1), then the move to n2."""
     await _volume_on(keyspace, "pg", "n1")
-    server = grpc.aio.server(interceptors=[KindGate(insecure=True)])
-    control_pb2_grpc.add_ControlServicer_to_server(
-        ControlService(keyspace, KindGate(insecure=True)), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    async with insecure_control(keyspace) as stub:
         requests = await KvRecorder(keyspace.client).install()
         requests.after_next(lambda: _request_move(writer, "pg", "n2"))
-        stub = control_pb2_grpc.ControlStub(channel)
         shown = await stub.GetVolume(control_pb2.GetVolumeRequest(name="pg"))
         moving = (shown.node, shown.move.target if shown.HasField("move") else "")
         assert moving == ("n1", ""), f"a spec and a move of two moments: {moving}"
         assert requests.total == 1, f"one etcd request, not {dict(requests.counts)}"
         again = await stub.GetVolume(control_pb2.GetVolumeRequest(name="pg"))
         assert (again.node, again.move.target) == ("n2", "n2")
-    finally:
-        await channel.close(grace=None)
-        await server.stop(grace=1)
 
 
 async def test_a_watch_says_which_kind_of_key_changed_and_what_it_is_about(

@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 
 import agent.service as agent_service
-from agent.config import AgentConfig
 from agent.control_client import ControlClient
 from agent.plugin import PluginError, VolumePlugin
 from agent.service import AgentService
 from agent.store import VolumeStore
 from agent.usage import DockerMounts
-from agent.zfs.volumes import PoolRoot
 from control.operations import VolumeOps
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.plan import Action, Actual, Desired
@@ -30,6 +28,7 @@ from ferry.security import ca
 from ferry.security.tls import TlsFiles
 from tests.support.etcd import ControlServer, EtcdServer, ferryctl
 from tests.support.etcd_requests import KvRecorder
+from tests.support.inprocess import registered_agent
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration
@@ -48,29 +47,14 @@ async def agent(
     pool: ScratchPool, keyspace: Keyspace, etcd: EtcdServer, tmp_path: Path
 ) -> AsyncIterator[tuple[AgentService, VolumeStore]]:
     """An agent that converges only when told (``converge()``), registered on a lease."""
-    config = AgentConfig(
-        node=NODE,
-        etcd=(etcd.endpoint,),
-        pool=pool.name,
-        listen="127.0.0.1:0",
-        advertise="127.0.0.1:1",
-        data_port=0,
-        mount_root=tmp_path / "mnt",
-        plugin_socket=None,
-        tls=None,
-        state_dir=tmp_path / "state",
-    )
-    store = VolumeStore(PoolRoot(pool.name), config.mount_root)
-    service = AgentService(config, keyspace, store)
-    await store.ensure_root()
-    await service._registration.register()
-    try:
-        yield service, store
-    finally:
-        await service._registration.lease.revoke()
-        for volume in await store.local_volumes():
-            await store.stop_writes(volume)
-            await store.destroy(volume)
+    async with registered_agent(NODE, pool.name, etcd.endpoint, keyspace, tmp_path) as agent:
+        _, store = agent
+        try:
+            yield agent
+        finally:
+            for volume in await store.local_volumes():
+                await store.stop_writes(volume)
+                await store.destroy(volume)
 
 
 def unique(base: str) -> str:
