@@ -20,9 +20,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.cluster.test_faults import writable_copies
-from tests.cluster.test_moves import mountpoint, wait_for
 from tests.support.cluster import REPO, Cluster, ClusterHost
+from tests.support.volumes import mountpoint, wait_for, writable_copies
 
 pytestmark = pytest.mark.cluster
 

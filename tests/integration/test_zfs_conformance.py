@@ -20,6 +20,7 @@ import pytest
 
 from agent.zfs import cli, lzc
 from agent.zfs import exceptions as exc
+from tests.support.files import write_random
 from tests.support.pools import ScratchPool, pool_fixture
 
 pytestmark = pytest.mark.integration
@@ -47,16 +48,6 @@ def fresh(pool: ScratchPool) -> tuple[bytes, Path]:
     """A dataset name not used before in this pool, and where it mounts."""
     component = f"ds{next(_counter)}"
     return pool.dataset(component), pool.path(component)
-
-
-def write_random(path: Path, size: int) -> str:
-    """Write incompressible data to ``path``; returns its sha256."""
-    data = os.urandom(size)
-    with path.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    return hashlib.sha256(data).hexdigest()
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -14,6 +14,7 @@ import pytest
 
 from agent import zfs
 from agent.zfs.streams import receive_chunks, send_chunks
+from tests.support.files import write_random
 from tests.support.pools import ScratchPool, pool_fixture
 
 pytestmark = pytest.mark.integration
@@ -21,12 +22,6 @@ pytestmark = pytest.mark.integration
 
 src = pool_fixture("zt", scope="module")
 dst = pool_fixture("zt", scope="module")
-
-
-def write_random(path: Path, size: int) -> str:
-    data = os.urandom(size)
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
 
 
 def digest(path: Path) -> str:

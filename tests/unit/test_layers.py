@@ -18,6 +18,8 @@ ALLOWED = {
     "ferry.core": ("ferry.core",),
     "ferry.security": ("ferry.core", "ferry.security"),
     "ferry.cluster": ("ferry.core", "ferry.security", "ferry.cluster"),
+    # deploy/local-cluster: runs the Ferry programs as subprocesses, imports none of them.
+    "ferry.localcluster": ("ferry.core", "ferry.security", "ferry.localcluster"),
     "ferry": ("ferry",),
     "control": ("ferry", "control", "protos"),
     "agent": ("ferry", "agent", "protos"),
@@ -87,3 +89,22 @@ def test_core_does_no_io(module: str, path: Path) -> None:
         name for name in _imports(path) if any(_within(name, bad) for bad in CORE_FORBIDDEN)
     )
     assert not reaching, f"{module} imports {reaching}: the core does no I/O"
+
+
+def _test_modules() -> list[tuple[str, Path]]:
+    return [
+        (".".join(path.relative_to(REPO).with_suffix("").parts), path)
+        for path in sorted((REPO / "tests").rglob("*.py"))
+    ]
+
+
+def test_tests_take_their_helpers_from_support_not_from_other_tests() -> None:
+    """A helper in a test module is imported by pytest's collection of that module too, and
+    moving or renaming a test breaks its neighbours: shared helpers live in tests/support."""
+    from_tests = {
+        module: sorted(
+            name for name in _imports(path) if name.startswith("tests.") and ".test_" in name
+        )
+        for module, path in _test_modules()
+    }
+    assert {module: names for module, names in from_tests.items() if names} == {}
