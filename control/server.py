@@ -177,20 +177,21 @@ class ControlService(control_pb2_grpc.ControlServicer):
     ) -> AsyncIterator[control_pb2.Volume]:
         """The volume now, then each time it changes; rides out etcd restarts.
 
-        The watch starts from the revision read before the volume, so nothing
-        between the read and the watch is missed. When etcd goes away the
-        watch resumes from after the last change seen, and the volume is read
-        again (a compacted revision also just means: read again, watch from now).
+        The watch starts right after the revision the volume was read at (its
+        view's), so nothing after the read is missed and nothing before it is
+        replayed. When etcd goes away the watch resumes from after the last
+        change seen, and the volume is read again (a compacted revision also
+        just means: read again, watch from now).
         """
         last: control_pb2.Volume | None = None
         resume: int | None = None
         while True:
             try:
-                start = resume if resume is not None else await self._keyspace.revision() + 1
+                current, revision = await self._volume_at(request.name, context)
+                start = resume if resume is not None else revision + 1
                 changes = self._keyspace.watch(
                     Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, start_revision=start
                 )
-                current = await self._volume(request.name, context)
                 if current != last:
                     yield current
                     last = current
@@ -242,24 +243,26 @@ class ControlService(control_pb2_grpc.ControlServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
     async def _volume(self, name: str, context: grpc.aio.ServicerContext) -> control_pb2.Volume:
+        return (await self._volume_at(name, context))[0]
+
+    async def _volume_at(
+        self, name: str, context: grpc.aio.ServicerContext
+    ) -> tuple[control_pb2.Volume, int]:
+        """The volume from one view of its records, and the revision it was read at.
+
+        Refused (FAILED_PRECONDITION) if one of its records (not a copy kept
+        aside) does not decode: leaving it out would show no owner, mount or copy.
+        """
+        view = await read_view(self._keyspace, VOLUME_KINDS, volume=name)
         try:
-            return await self._read_volume(name, context)
+            view.check(name, *REPORTED_UNREADABLE)
         except UnreadableRecord as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-            raise
-
-    async def _read_volume(
-        self, name: str, context: grpc.aio.ServicerContext
-    ) -> control_pb2.Volume:
-        """The volume from one view of its records; UnreadableRecord if one of them (not a
-        copy kept aside) does not decode, since leaving it out would show no mount or copy."""
-        view = await read_view(self._keyspace, VOLUME_KINDS, volume=name)
-        view.check(name, *REPORTED_UNREADABLE)
         spec = view.volumes.get(name)
         if spec is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"volume {name} does not exist")
         assert spec is not None
-        return _volume_message(
+        message = _volume_message(
             spec.value,
             view.owners.get(name),
             view.moves.get(name),
@@ -267,6 +270,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             view.states_of(name),
             _aside_messages(view),
         )
+        return message, view.revision
 
 
 R = TypeVar("R", MountRecord, NodeState, AsideCopy)
