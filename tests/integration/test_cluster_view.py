@@ -7,7 +7,10 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
+from aetcd.exceptions import ClientError
 
+from agent.asides import LEDGER_KINDS
+from control.server import VOLUME_KINDS
 from ferry.cluster.keyspace import Change, Keyspace, Kind
 from ferry.cluster.view import DESIRED_KINDS, read_view
 from ferry.core.records import (
@@ -20,7 +23,7 @@ from ferry.core.records import (
     VolumeSpec,
 )
 from protos.ferry.v1 import control_pb2
-from tests.support.etcd import EtcdServer, register_node
+from tests.support.etcd import ClusterCerts, EtcdServer, register_node
 from tests.support.etcd_requests import KvRecorder
 from tests.support.inprocess import insecure_control
 
@@ -159,3 +162,26 @@ async def test_a_watch_says_which_kind_of_key_changed_and_what_it_is_about(
         (Kind.DROPS, "", "n3"),
     ]
     await lease.revoke()
+
+
+async def test_a_node_and_control_may_read_their_views_under_etcd_auth(
+    etcd: EtcdServer, certs: ClusterCerts
+) -> None:
+    """etcd checks every range of the transaction against the user's role."""
+    await asyncio.to_thread(etcd.bootstrap, ("ct-viewer",))
+    for tls, kinds, node in (
+        (certs.issue("node", "ct-viewer"), DESIRED_KINDS + LEDGER_KINDS, "ct-viewer"),
+        (certs.control, VOLUME_KINDS, ""),
+    ):
+        client = etcd.client(tls)
+        try:
+            view = await read_view(Keyspace(client), kinds, node=node)
+            assert view.revision > 0
+        finally:
+            await client.close()
+    stranger = etcd.client(certs.issue("node", "ct-unlisted"))
+    try:
+        with pytest.raises(ClientError, match=r"permission denied|user name is empty"):
+            await read_view(Keyspace(stranger), DESIRED_KINDS)
+    finally:
+        await stranger.close()
