@@ -227,11 +227,11 @@ class Keyspace:
         """Every key in ``ranges``, read in ONE etcd request at one revision, with it.
 
         One transaction with no compare and a range request per range: etcd
-        serves all of them from the same revision, so a write between two of
-        them cannot be half seen (three separate reads could see a move's new
-        owner and not its move record). Goes under aetcd's ``transaction``,
-        which drops the response header and with it the revision when every
-        range is empty; errors are aetcd's own (``ClientError``).
+        serves all of them from the same revision, so a write cannot fall
+        between them (separate reads saw a spec's old node and the move that
+        replaced it). The request goes to aetcd's KV stub, not through its
+        ``transaction()``, which drops the response header and with it the
+        revision when every range is empty; errors are aetcd's (``ClientError``).
         """
         request = rpc.TxnRequest(
             success=[

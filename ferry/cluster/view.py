@@ -58,9 +58,6 @@ class ClusterView:
     def mounts_of(self, volume: str) -> list[MountRecord]:
         return [mount for mount in self.mounts if mount.volume == volume]
 
-    def asides_of(self, volume: str) -> list[AsideCopy]:
-        return [aside for aside in self.asides if aside.volume == volume]
-
     def drop_requested(self, aside: AsideCopy) -> bool:
         return any((d.node, d.dataset) == (aside.node, aside.dataset) for d in self.drops)
 

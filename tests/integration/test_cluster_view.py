@@ -83,7 +83,7 @@ async def test_a_view_holds_every_kind_as_records_at_the_revision_it_was_read(
     assert view.nodes["n1"].value.address == "127.0.0.1:1"
     assert [s.snapshots for s in view.states_of("pg")] == [("s1",)]
     assert [m.ids for m in view.mounts_of("pg")] == [("c1",)]
-    assert [a.dataset for a in view.asides_of("pg")] == [ASIDE]
+    assert [(a.volume, a.dataset) for a in view.asides] == [("pg", ASIDE)]
     assert view.drop_requested(view.asides[0])
 
     one = await read_view(keyspace, volume="pg")
