@@ -31,7 +31,7 @@ import aetcd
 from aetcd import exceptions, rpc
 from aetcd.utils import prefix_range_end
 
-from ferry.cluster.etcd_tls import TlsClient
+from ferry.cluster.etcd_tls import CHANNEL_OPTIONS, TlsClient
 from ferry.core.records import (
     AsideCopy,
     AsideDrop,
@@ -639,7 +639,7 @@ def endpoints_client(
     host, port = etcd_target(endpoints)
     if tls is not None:
         return TlsClient(host, port, tls, timeout=10)
-    return aetcd.Client(host=host, port=port, timeout=10)
+    return aetcd.Client(host=host, port=port, timeout=10, options=CHANNEL_OPTIONS)
 
 
 def etcd_target(endpoints: tuple[str, ...] | list[str]) -> tuple[str, int]:

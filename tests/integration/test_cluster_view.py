@@ -185,3 +185,16 @@ async def test_a_node_and_control_may_read_their_views_under_etcd_auth(
             await read_view(Keyspace(stranger), DESIRED_KINDS)
     finally:
         await stranger.close()
+
+
+async def test_a_view_larger_than_grpcs_default_reply_limit_is_read(
+    keyspace: Keyspace,
+) -> None:
+    """Failed before the client raised the limit: "Received message larger than max"."""
+    lease = await keyspace.new_lease(60)
+    snapshots = tuple(f"ferry-1-{n:06d}-{'x' * 24}" for n in range(1000))
+    for i in range(120):
+        await keyspace.put_state(NodeState(node="n1", volume=f"v{i}", snapshots=snapshots), lease)
+    view = await read_view(keyspace, (Kind.STATE,))
+    assert len(view.states) == 120 and view.states[0].snapshots == snapshots
+    await lease.revoke()
