@@ -33,7 +33,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
 from ferry.core.declared import Current, DeclarationError, changes, parse
-from ferry.core.records import MovePhase
+from ferry.core.phases import ACTIVE_PHASES, ENDED_PHASES, MovePhase
 from ferry.security import ca
 from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
@@ -383,7 +383,11 @@ def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> N
 
 
 def _moving(volume: control_pb2.Volume) -> bool:
-    return volume.HasField("move") and volume.move.phase not in ("done", "failed")
+    return volume.HasField("move") and volume.move.phase not in ENDED_PHASES
+
+
+def _cancellable(volume: control_pb2.Volume) -> bool:
+    return volume.HasField("move") and volume.move.phase in ACTIVE_PHASES
 
 
 def _follow(api: Api, name: str, node: str, timeout: float) -> None:
@@ -449,7 +453,7 @@ def move() -> None:
 def move_cancel(api: Api, name: str) -> None:
     """Cancel a move that has not handed off: the volume stays on its source (up or down)."""
     found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
-    if not _moving(found) or found.move.phase == "activating":
+    if not _cancellable(found):
         fail(f"volume {name} has no move to cancel ('ferryctl move status {name}' shows the last)")
     source = found.move.source
     api.call("MoveVolume", control_pb2.MoveVolumeRequest(name=name, node=source))
