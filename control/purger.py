@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import logging
 
-from ferry.cluster.keyspace import Keyspace, Unreadable
+from ferry.cluster.keyspace import Keyspace, Kind
+from ferry.cluster.view import read_view
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,15 @@ RETRY_SECONDS = 2.0
 async def purge_settled(keyspace: Keyspace) -> list[str]:
     """Purge every deleted volume no live node reports holding; the names purged.
 
-    A state record that does not decode counts as a copy: a purge must not
-    take an unreadable record for none.
+    Specs and state records come from one view (one etcd revision). A state
+    record that does not decode counts as a copy: a purge must not take an
+    unreadable record for none.
     """
-    unreadable: list[Unreadable] = []
-    held = {state.volume for state in await keyspace.list_all_state(unreadable)}
-    held |= {record.volume for record in unreadable}
+    view = await read_view(keyspace, (Kind.VOLUMES, Kind.STATE))
+    held = {state.volume for state in view.states}
+    held |= {record.volume for record in view.skipped(Kind.STATE)}
     purged = []
-    for spec in await keyspace.list_volumes():
-        name = spec.value.name
+    for name, spec in view.volumes.items():
         if spec.value.deleted and name not in held and await keyspace.purge_volume(name):
             log.info("volume purged, no copy is left: volume=%s", name)
             purged.append(name)
@@ -69,7 +70,7 @@ async def purge_forever(keyspace: Keyspace) -> None:
 async def _watch(keyspace: Keyspace, changed: asyncio.Event) -> None:
     while True:
         try:
-            async for _change in keyspace.watch("volumes", "state"):
+            async for _change in keyspace.watch(Kind.VOLUMES, Kind.STATE):
                 changed.set()
         except Exception as error:
             log.warning("purge watch failed: error=%s retry_in=%.0fs", error, RETRY_SECONDS)
