@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import grpc
 
-from agent.asides import AsideLedger
+from agent.asides import LEDGER_KINDS, AsideLedger
 from agent.config import AgentConfig
 from agent.control_client import ControlClient
 from agent.executor import Executor
@@ -40,8 +40,10 @@ from agent.transfer.server import TransferService
 from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
-from ferry.cluster.keyspace import Keyspace, Unreadable, endpoints_client
-from ferry.core.plan import Action, Actual, Desired, plan
+from ferry.cluster.etcd_tls import follow_renewals
+from ferry.cluster.keyspace import Keyspace, Kind, endpoints_client
+from ferry.cluster.view import DESIRED_KINDS, read_view
+from ferry.core.plan import Action, Actual, Create, Desired, plan
 from ferry.core.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
 from ferry.security.certificates import CertificateWatch
 from ferry.security.gate import KindGate
@@ -73,18 +75,29 @@ def _clock(when: float) -> str:
 class AgentService:
     """One host's agent."""
 
-    def __init__(self, config: AgentConfig, keyspace: Keyspace, store: VolumeStore) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        keyspace: Keyspace,
+        store: VolumeStore,
+        certificates: CertificateWatch | None = None,
+    ) -> None:
+        """``certificates``: the watch of ``config.tls`` that the etcd client dials with, if
+        one was made for it (renewals then reach etcd, gRPC and peers alike)."""
         self._config = config
         self._keyspace = keyspace
         self._store = store
         self._wakeup = asyncio.Event()
-        self._certificates = CertificateWatch(config.tls) if config.tls else None
+        if certificates is None and config.tls is not None:
+            certificates = CertificateWatch(config.tls)
+        self._certificates = certificates
         self._peers: dict[str, tuple[PeerClient, int]] = {}
         # Clients made before a certificate renewal: transfers may still run on them.
         self._retired: list[PeerClient] = []
         self._mounts = DockerMounts(config.docker_mounts_file)
         local = PoolStore(store, self._mounts)
         self._driver = MoveDriver(config.node, keyspace, local, self._remote_peer)
+        self._control: ControlClient | None = None
         self._replicator = Replicator(config.node, keyspace, store, self._remote_peer)
         self._executor = Executor(
             config.node,
@@ -94,6 +107,7 @@ class AgentService:
             Activation(config.node, keyspace, local),
             self._wakeup.set,
             self._replicator,
+            self._report_create_failure,
         )
         self._registration = Registration(
             keyspace,
@@ -127,7 +141,7 @@ class AgentService:
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="ferry-worker")
         )
-        control = ControlClient(self._config.control, self._config.tls, self._config.node)
+        control = self._control_client()
         plugin = VolumePlugin(
             node=self._config.node,
             keyspace=self._keyspace,
@@ -146,11 +160,12 @@ class AgentService:
             await self._store.ensure_root()
             # First, so an agent under a name another live agent holds touches nothing.
             await self._registration.register()
-            tasks.append(
+            tasks += [
                 asyncio.create_task(
                     self._registration.keep_alive(self._registered_again), name="lease"
-                )
-            )
+                ),
+                asyncio.create_task(follow_renewals(self._keyspace.client), name="etcd-renewal"),
+            ]
             await self._mounts.load()
             await self._recover()
             if self._certificates is not None:
@@ -184,6 +199,7 @@ class AgentService:
             if site is not None:
                 await site.cleanup()
             await control.close()
+            self._control = None
             if server is not None:
                 await server.stop(grace=2)
             if data is not None:
@@ -241,6 +257,17 @@ class AgentService:
         await server.start()
         return server
 
+    def _control_client(self) -> ControlClient:
+        """One client of ferry-control, made in the running loop on first use."""
+        if self._control is None:
+            self._control = ControlClient(
+                self._config.control, self._certificates, self._config.node
+            )
+        return self._control
+
+    async def _report_create_failure(self, create: Create, why: str) -> None:
+        await self._control_client().report_create_failure(create, why)
+
     def _registered_again(self) -> None:
         """A new lease: the state and mount keys went with the old one, so report them again."""
         self._reported.clear()
@@ -251,10 +278,11 @@ class AgentService:
         backoff = Backoff()
         while True:
             try:
-                async for _change in self._keyspace.watch(
-                    "volumes", "owners", "moves", "mounts", "drops"
+                async for change in self._keyspace.watch(
+                    Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, Kind.DROPS
                 ):
-                    self._wakeup.set()
+                    if change.kind != Kind.DROPS or change.node == self._config.node:
+                        self._wakeup.set()
                     backoff.reset()
             except Exception as error:
                 delay = backoff.next()
@@ -279,7 +307,8 @@ class AgentService:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
     async def converge(self) -> bool:
-        """One pass: read desired and actual state, plan, apply, report.
+        """One pass: read desired state (one etcd read, at one revision) and actual, plan,
+        apply, report.
 
         Each volume's actions run as a task of their own, in order; a volume whose task
         still runs (a hung command) is left out of later passes until it ends, so one
@@ -291,16 +320,13 @@ class AgentService:
         busy = self._busy()
         local = await self._store.local_volumes(skip=busy)
         skipped = busy | set(self._store.unreadable)
-        unreadable: list[Unreadable] = []
-        volumes = await self._keyspace.list_volumes(unreadable)
-        owners = await self._keyspace.list_owners(unreadable)
-        moves = await self._keyspace.list_moves(unreadable)
+        view = await read_view(self._keyspace, DESIRED_KINDS + LEDGER_KINDS, node=self._config.node)
         desired = Desired(
             node=self._config.node,
-            volumes={v.value.name: v.value for v in volumes if v.value.name not in skipped},
-            owners={name: o.value for name, o in owners.items() if name not in skipped},
-            moves={name: m.value for name, m in moves.items() if name not in skipped},
-            unreadable=frozenset(record.volume for record in unreadable),
+            volumes={name: v.value for name, v in view.volumes.items() if name not in skipped},
+            owners={name: o.value for name, o in view.owners.items() if name not in skipped},
+            moves={name: m.value for name, m in view.moves.items() if name not in skipped},
+            unreadable=frozenset(record.volume for record in view.skipped(*DESIRED_KINDS)),
         )
         actual = Actual(
             volumes=local,
@@ -325,7 +351,7 @@ class AgentService:
                 task.add_done_callback(lambda _task: self._wakeup.set())
         await self._report()
         try:
-            await self._asides.converge(self._registration.lease)
+            await self._asides.converge(self._registration.lease, view)
         except Exception as error:
             # Reported again at the next pass; volumes converge meanwhile.
             log.warning(
@@ -458,10 +484,11 @@ async def run(config: AgentConfig) -> None:
     Over mutual TLS with the node's own certificate (the etcd user of this
     node, see control.etcd_auth), or in plaintext when the agent runs insecure.
     """
-    client = await asyncio.to_thread(endpoints_client, config.etcd, config.tls)
+    certificates = CertificateWatch(config.tls) if config.tls else None
+    client = await asyncio.to_thread(endpoints_client, config.etcd, certificates)
     try:
         keyspace = Keyspace(client, config.etcd_prefix)
         store = VolumeStore(PoolRoot(config.pool), config.mount_root)
-        await AgentService(config, keyspace, store).run()
+        await AgentService(config, keyspace, store, certificates).run()
     finally:
         await client.close()
