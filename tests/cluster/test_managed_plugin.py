@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ BUILD = REPO / "deploy" / "docker-plugin" / "build.sh"
 PLUGIN = "ferry/ferry:latest"
 TOOLBOX = "ferry/toolbox"
 BUILD_TIMEOUT_SECONDS = 1800
+MOVE_DEADLINE_SECONDS = 300
 
 
 def install_plugin(host: ClusterHost) -> None:
@@ -53,11 +55,21 @@ def plugin_hosts(cluster: Cluster) -> Iterator[tuple[ClusterHost, ClusterHost]]:
 
 
 def run_toolbox(cluster: Cluster, host: ClusterHost, volume: str, script: str) -> str:
-    return cluster.docker(
-        host,
-        ["run", "--rm", "--network", "none", "--volume-driver", PLUGIN,
-         "-v", f"{volume}:/data", TOOLBOX, "sh", "-c", script],
-    ).stdout  # fmt: skip
+    """A container with the volume; retried while the Mount waits for a move to this host
+    (Docker gives a plugin call 30 s, a move on this shared machine may take longer)."""
+    deadline = time.monotonic() + MOVE_DEADLINE_SECONDS
+    while True:
+        result = cluster.docker(
+            host,
+            ["run", "--rm", "--network", "none", "--volume-driver", PLUGIN,
+             "-v", f"{volume}:/data", TOOLBOX, "sh", "-c", script],
+            check=False,
+        )  # fmt: skip
+        if result.returncode == 0:
+            return result.stdout
+        waiting = "Client.Timeout exceeded" in result.stderr or "still moving" in result.stderr
+        assert waiting and time.monotonic() < deadline, result.stderr
+        time.sleep(2)
 
 
 def test_a_volume_is_created_written_moved_and_removed_through_the_managed_plugin(
