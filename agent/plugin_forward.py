@@ -35,6 +35,7 @@ log = logging.getLogger("ferry.plugin_forward")
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 AGENT_CALL_TIMEOUT_SECONDS = 600.0  # a Mount waits for a move to this host to finish
+MOUNT_ANSWER_SECONDS = 25.0  # below Docker's 30 s for a plugin call
 MS_BIND = 4096
 MS_REC = 16384
 MNT_DETACH = 2
@@ -75,6 +76,7 @@ class Forwarder:
     mount_root: Path
     _ids: dict[str, set[str]] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _abandoned: set[asyncio.Task[dict[str, Any]]] = field(default_factory=set)
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """One call to the agent's plugin socket; its reply, ``Err`` included."""
@@ -110,6 +112,32 @@ class Forwarder:
         return self.seen_mount_root / relative
 
     async def mount(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Docker gives a plugin call 30 s and then forgets it, while the agent's Mount may
+        wait longer for a move to this host. An answer is therefore given within
+        ``MOUNT_ANSWER_SECONDS``; a Mount that completes after it is undone (Unmount with
+        its ID), because no container will ever unmount it and it would pin the volume."""
+        task = asyncio.create_task(self._mount(body))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), MOUNT_ANSWER_SECONDS)
+        except TimeoutError:
+            self._abandoned.add(task)
+            task.add_done_callback(lambda done: self._undo_late_mount(done, body))
+            return {
+                "Err": f"volume {body['Name']} is not ready on this host yet (moving here?); "
+                f"the move continues, retry when 'ferryctl move status {body['Name']}' says done"
+            }
+
+    def _undo_late_mount(self, task: asyncio.Task[dict[str, Any]], body: dict[str, Any]) -> None:
+        if task.cancelled() or task.exception() is not None or task.result().get("Err"):
+            self._abandoned.discard(task)
+            return
+        log.info("undoing a mount Docker gave up on: volume=%s id=%s", body["Name"], body.get("ID"))
+        undo = asyncio.create_task(self.unmount(body))
+        self._abandoned.add(undo)
+        undo.add_done_callback(self._abandoned.discard)
+        self._abandoned.discard(task)
+
+    async def _mount(self, body: dict[str, Any]) -> dict[str, Any]:
         name, request_id = body["Name"], body.get("ID", "")
         async with self._lock(name):
             reply = await self.call("/VolumeDriver.Mount", body)

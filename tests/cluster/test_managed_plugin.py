@@ -56,7 +56,7 @@ def plugin_hosts(cluster: Cluster) -> Iterator[tuple[ClusterHost, ClusterHost]]:
 
 def run_toolbox(cluster: Cluster, host: ClusterHost, volume: str, script: str) -> str:
     """A container with the volume; retried while the Mount waits for a move to this host
-    (Docker gives a plugin call 30 s, a move on this shared machine may take longer)."""
+    (the plugin answers "not ready" within Docker's 30 s for a call; a move may take longer)."""
     deadline = time.monotonic() + MOVE_DEADLINE_SECONDS
     while True:
         result = cluster.docker(
@@ -67,7 +67,7 @@ def run_toolbox(cluster: Cluster, host: ClusterHost, volume: str, script: str) -
         )  # fmt: skip
         if result.returncode == 0:
             return result.stdout
-        waiting = "Client.Timeout exceeded" in result.stderr or "still moving" in result.stderr
+        waiting = "not ready on this host yet" in result.stderr or "still moving" in result.stderr
         assert waiting and time.monotonic() < deadline, result.stderr
         time.sleep(2)
 
