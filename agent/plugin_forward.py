@@ -258,13 +258,13 @@ async def run(forwarder: Forwarder, socket_path: Path) -> None:
 @click.option(
     "--seen-mount-root",
     type=click.Path(path_type=Path),
-    default=Path("/run/ferry-agent-mnt"),
-    help="Where the host's agent mount root is mounted in the plugin.",
+    default=Path("/var/lib/ferry/mnt"),
+    help="Where the host's agent mount root is mounted in the plugin (its own path).",
 )
 @click.option(
     "--mount-root",
     type=click.Path(path_type=Path),
-    default=Path("/var/lib/ferry/mnt"),
+    default=Path("/var/lib/ferry/plugin-mnt"),
     help="The plugin's propagated mount: where volumes are bound for Docker.",
 )
 @click.option("--log-level", default="info", help="debug, info or warning.")

@@ -9,8 +9,8 @@
 # ferry-plugin-forward, which answers Docker's volume-plugin calls on the
 # plugin socket by asking the host's ferry-agent on its own plugin socket
 # (--agent-socket-dir, default /run/ferry) and bind-mounts the agent's mounts
-# (--agent-mount-root, default /var/lib/ferry/mnt) into the plugin's
-# propagated mount. The agent keeps ZFS; the plugin needs no ZFS userland.
+# (--agent-mount-root, default /var/lib/ferry/mnt, mounted at the same path in
+# the plugin) into the plugin's propagated mount. The agent keeps ZFS; the plugin needs no ZFS userland.
 # The root filesystem (debootstrap minbase bookworm, python3, Ferry and its
 # dependencies in /opt/ferry/venv) is cached as a tarball in DIR (default
 # /var/cache/ferry/plugin) under a key of its inputs: the Debian suite, packages
@@ -125,7 +125,7 @@ install_ferry() {
             && in_root "$root" /opt/ferry/venv/bin/ferry-plugin-forward --help >/dev/null
     } >>"$build_log" 2>&1 || die "installing Ferry in the root filesystem failed; see the end of $build_log"
     rm -rf "$root"/tmp/* "$src" "$wheels"
-    mkdir -p "$root/var/lib/ferry/mnt" "$root/run/ferry-agent" "$root/run/ferry-agent-mnt" "$root/run/docker/plugins"
+    mkdir -p "$root/var/lib/ferry/plugin-mnt" "$root/var/lib/ferry/mnt" "$root/run/ferry-agent" "$root/run/docker/plugins"
 }
 
 cached_rootfs() {
@@ -172,7 +172,20 @@ install_plugin() {
     trap "rm -rf '$plugin_dir'" EXIT
     mkdir "$plugin_dir/rootfs"
     tar -C "$plugin_dir/rootfs" -xf "$tarball"
-    cp "$here/config.json" "$plugin_dir/config.json"
+    # The agent's mount root is mounted at its own path: the agent then takes the plugin's
+    # propagated copies of its mounts for what they are (agent/zfs/inuse.py).
+    python3 - "$here/config.json" "$plugin_dir/config.json" "$agent_mount_root" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+root = sys.argv[3]
+for mount in config["mounts"]:
+    if mount["name"] == "agent-mnt":
+        mount["source"] = mount["destination"] = root
+for env in config["env"]:
+    if env["name"] in ("FERRY_SEEN_MOUNT_ROOT", "FERRY_AGENT_MOUNT_ROOT"):
+        env["value"] = root
+json.dump(config, open(sys.argv[2], "w"), indent=2)
+PY
     if "${docker_cmd[@]}" plugin inspect "$name" >/dev/null 2>&1; then
         log "$name: replacing the installed plugin"
         "${docker_cmd[@]}" plugin rm --force "$name" >/dev/null
@@ -180,9 +193,7 @@ install_plugin() {
     "${docker_cmd[@]}" plugin create "$name" "$plugin_dir" >/dev/null
     rm -rf "$plugin_dir"
     trap - EXIT
-    "${docker_cmd[@]}" plugin set "$name" \
-        "agent-socket.source=$agent_socket_dir" "agent-mnt.source=$agent_mount_root" \
-        "FERRY_AGENT_MOUNT_ROOT=$agent_mount_root"
+    "${docker_cmd[@]}" plugin set "$name" "agent-socket.source=$agent_socket_dir"
     "${docker_cmd[@]}" plugin enable "$name" >/dev/null
     log "$name: created and enabled in $(elapsed "$started")s (root filesystem key $content_key); driver name $name"
 }
