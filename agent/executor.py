@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import replace
 
 from agent import zfs
-from agent.moves import MoveAbandoned, MoveDriver
+from agent.replicas import Replicator
+from agent.replication.activation import Activation
+from agent.replication.record import MoveAbandoned
+from agent.replication.source import MoveDriver
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from ferry.cluster.keyspace import Keyspace
@@ -23,14 +25,12 @@ from ferry.core.plan import (
     Fence,
     Missing,
     Purge,
+    Replicate,
     SetAside,
 )
-from ferry.core.records import MovePhase
 
 log = logging.getLogger(__name__)
 
-# Compare-and-swap rounds for marking a move done, each on a fresh read.
-FINISH_ATTEMPTS = 10
 # ZFS refusing a create for reasons a retry does not change (too small, no room, bad value).
 CREATE_FAILED_FOR_GOOD = (zfs.NoSpace, zfs.QuotaExceeded, zfs.PropertyInvalid, zfs.NameInvalid)
 
@@ -44,18 +44,27 @@ class Executor:
         keyspace: Keyspace,
         store: VolumeStore,
         driver: MoveDriver,
+        activation: Activation,
         wake: Callable[[], None],
+        replicator: Replicator,
     ) -> None:
         self._node = node
         self._keyspace = keyspace
         self._store = store
         self._driver = driver
+        self._activation = activation
         self._wake = wake
+        self._replicator = replicator
         self._moves: dict[str, asyncio.Task[None]] = {}
+        self._replications: dict[str, asyncio.Task[None]] = {}
 
     @property
     def running_moves(self) -> frozenset[str]:
         return frozenset(name for name, task in self._moves.items() if not task.done())
+
+    @property
+    def replicating(self) -> frozenset[str]:
+        return frozenset(name for name, task in self._replications.items() if not task.done())
 
     async def apply(self, action: Action) -> None:
         log.info("applying: action=%s volume=%s", type(action).__name__, action.volume)
@@ -73,9 +82,12 @@ class Executor:
             case Fence(volume):
                 await self._store.fence(volume)
             case Activate(volume, epoch):
-                await self._activate(volume, epoch)
+                await self._activation.activate(volume, epoch)
             case DriveMove(volume):
+                await self._stop_replicating(volume)
                 self._moves[volume] = asyncio.create_task(self._drive(volume))
+            case Replicate(volume):
+                self._replications[volume] = asyncio.create_task(self._replicate(volume))
             case Destroy(volume):
                 await self._store.destroy(volume)
                 await self._keyspace.delete_state(self._node, volume)
@@ -120,44 +132,6 @@ class Executor:
                 why,
             )
 
-    async def _activate(self, volume: str, epoch: int) -> None:
-        move = await self._keyspace.get_move(volume)
-        incoming = move is not None and move.value.target == self._node
-        if incoming and move is not None and move.value.final_snapshot:
-            held = [ref.name for ref in await self._store.snapshots(volume) or []]
-            if move.value.final_snapshot not in held:
-                log.error(
-                    "not activating: volume=%s lacks final snapshot %s of the handoff",
-                    volume,
-                    move.value.final_snapshot,
-                )
-                return
-        spec = await self._keyspace.get_volume(volume)
-        if spec is None:
-            return
-        await self._store.activate(spec.value)
-        log.info("volume writable: volume=%s node=%s epoch=%d", volume, self._node, epoch)
-        if incoming:
-            await self._finish_move(volume)
-
-    async def _finish_move(self, volume: str) -> None:
-        """Mark the move into this node done, on a fresh read each time: the source may still
-        be writing its last phase, and a lost compare-and-swap must not leave the move open."""
-        for _ in range(FINISH_ATTEMPTS):
-            move = await self._keyspace.get_move(volume)
-            if (
-                move is None
-                or move.value.target != self._node
-                or move.value.phase == MovePhase.DONE
-            ):
-                return
-            done = replace(move.value, phase=MovePhase.DONE, error="", updated_at=time.time())
-            if await self._keyspace.put_move(done, move.revision):
-                return
-        log.warning(
-            "move record not marked done after %d attempts: volume=%s", FINISH_ATTEMPTS, volume
-        )
-
     async def _drive(self, volume: str) -> None:
         backoff = Backoff()
         while True:
@@ -175,7 +149,26 @@ class Executor:
                 await asyncio.sleep(delay)
         self._wake()
 
-    async def close(self) -> None:
-        for task in self._moves.values():
+    async def _replicate(self, volume: str) -> None:
+        """The replication loop; it ends when this node should stop, and convergence starts
+        it again when it should run (after a move, say)."""
+        try:
+            await self._replicator.run(volume)
+        except Exception as error:
+            log.warning("replication stopped: volume=%s error=%s", volume, error)
+        self._wake()
+
+    async def _stop_replicating(self, volume: str) -> None:
+        """End the volume's replication loop before its move starts: a round still sending
+        would make the move's first sync to the same peer fail ("already running") and
+        wait a back-off. A send cut here leaves the replica's copy as it was."""
+        task = self._replications.pop(volume, None)
+        if task is not None and not task.done():
             task.cancel()
-        await asyncio.gather(*self._moves.values(), return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def close(self) -> None:
+        tasks = [*self._moves.values(), *self._replications.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

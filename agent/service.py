@@ -20,13 +20,16 @@ from dataclasses import replace
 
 import grpc
 
-from agent.asides import AsideLedger
+from agent.asides import LEDGER_KINDS, AsideLedger
 from agent.config import AgentConfig
 from agent.control_client import ControlClient
 from agent.executor import Executor
-from agent.moves import MoveDriver
 from agent.plugin import VolumePlugin, serve
 from agent.registration import Registration
+from agent.replicas import Replicator
+from agent.replication.activation import Activation
+from agent.replication.adapters import PoolStore, RemotePeer
+from agent.replication.source import MoveDriver
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
@@ -37,7 +40,8 @@ from agent.transfer.server import TransferService
 from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
-from ferry.cluster.keyspace import Keyspace, Unreadable, endpoints_client
+from ferry.cluster.keyspace import Keyspace, Kind, endpoints_client
+from ferry.cluster.view import DESIRED_KINDS, read_view
 from ferry.core.plan import Action, Actual, Desired, plan
 from ferry.core.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
 from ferry.security.certificates import CertificateWatch
@@ -80,8 +84,18 @@ class AgentService:
         # Clients made before a certificate renewal: transfers may still run on them.
         self._retired: list[PeerClient] = []
         self._mounts = DockerMounts(config.docker_mounts_file)
-        self._driver = MoveDriver(config.node, keyspace, store, self._peer, self._mounts)
-        self._executor = Executor(config.node, keyspace, store, self._driver, self._wakeup.set)
+        local = PoolStore(store, self._mounts)
+        self._driver = MoveDriver(config.node, keyspace, local, self._remote_peer)
+        self._replicator = Replicator(config.node, keyspace, store, self._remote_peer)
+        self._executor = Executor(
+            config.node,
+            keyspace,
+            store,
+            self._driver,
+            Activation(config.node, keyspace, local),
+            self._wakeup.set,
+            self._replicator,
+        )
         self._registration = Registration(
             keyspace,
             NodeInfo(
@@ -217,6 +231,7 @@ class AgentService:
             data,
             insecure=self._config.tls is None,
             require_encryption=self._config.encrypt_streams,
+            received=self._wakeup.set,
         )
         transfer_pb2_grpc.add_TransferServicer_to_server(service, server)
         if self._certificates is None:
@@ -237,10 +252,11 @@ class AgentService:
         backoff = Backoff()
         while True:
             try:
-                async for _change in self._keyspace.watch(
-                    "volumes", "owners", "moves", "mounts", "drops"
+                async for change in self._keyspace.watch(
+                    Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, Kind.DROPS
                 ):
-                    self._wakeup.set()
+                    if change.kind != Kind.DROPS or change.node == self._config.node:
+                        self._wakeup.set()
                     backoff.reset()
             except Exception as error:
                 delay = backoff.next()
@@ -265,7 +281,8 @@ class AgentService:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
     async def converge(self) -> bool:
-        """One pass: read desired and actual state, plan, apply, report.
+        """One pass: read desired state (one etcd read, at one revision) and actual, plan,
+        apply, report.
 
         Each volume's actions run as a task of their own, in order; a volume whose task
         still runs (a hung command) is left out of later passes until it ends, so one
@@ -277,18 +294,19 @@ class AgentService:
         busy = self._busy()
         local = await self._store.local_volumes(skip=busy)
         skipped = busy | set(self._store.unreadable)
-        unreadable: list[Unreadable] = []
-        volumes = await self._keyspace.list_volumes(unreadable)
-        owners = await self._keyspace.list_owners(unreadable)
-        moves = await self._keyspace.list_moves(unreadable)
+        view = await read_view(self._keyspace, DESIRED_KINDS + LEDGER_KINDS, node=self._config.node)
         desired = Desired(
             node=self._config.node,
-            volumes={v.value.name: v.value for v in volumes if v.value.name not in skipped},
-            owners={name: o.value for name, o in owners.items() if name not in skipped},
-            moves={name: m.value for name, m in moves.items() if name not in skipped},
-            unreadable=frozenset(record.volume for record in unreadable),
+            volumes={name: v.value for name, v in view.volumes.items() if name not in skipped},
+            owners={name: o.value for name, o in view.owners.items() if name not in skipped},
+            moves={name: m.value for name, m in view.moves.items() if name not in skipped},
+            unreadable=frozenset(record.volume for record in view.skipped(*DESIRED_KINDS)),
         )
-        actual = Actual(volumes=local, running_moves=self._executor.running_moves)
+        actual = Actual(
+            volumes=local,
+            running_moves=self._executor.running_moves,
+            replicating=self._executor.replicating,
+        )
         per_volume: dict[str, list[Action]] = {}
         for action in plan(desired, actual):
             per_volume.setdefault(action.volume, []).append(action)
@@ -307,7 +325,7 @@ class AgentService:
                 task.add_done_callback(lambda _task: self._wakeup.set())
         await self._report()
         try:
-            await self._asides.converge(self._registration.lease)
+            await self._asides.converge(self._registration.lease, view)
         except Exception as error:
             # Reported again at the next pass; volumes converge meanwhile.
             log.warning(
@@ -354,14 +372,22 @@ class AgentService:
                 writable=local.writable,
                 mounted=local.mounted,
                 updated_at=time.time(),
+                newest_snapshot_at=local.newest_snapshot_at,
             )
             self._states[name] = state
+        # A copy being received (a replica, every few seconds) keeps its last report: left
+        # out, it would vanish from 'volume get' and read as "no copy" meanwhile.
+        receiving = {name for name in self._store.receiving if name in self._states}
         for name in busy | set(self._store.unreadable):
             if name not in self._states:
                 self._states[name] = NodeState(node=self._config.node, volume=name)
-        held = set(volumes) | busy | set(self._store.unreadable)
+        held = set(volumes) | busy | set(self._store.unreadable) | receiving
         for name in held:
-            state = replace(self._states[name], stuck=self._stuck(name))
+            state = replace(
+                self._states[name],
+                stuck=self._stuck(name),
+                replication_error=self._replicator.error(name),
+            )
             await self._keyspace.put_state(state, self._registration.lease)
         for gone in self._reported - held:
             await self._keyspace.delete_state(self._config.node, gone)
@@ -405,6 +431,9 @@ class AgentService:
             f"daemon on {self._config.node}: a command is killed at its limit and the step "
             "retried"
         )
+
+    async def _remote_peer(self, node: str) -> RemotePeer:
+        return RemotePeer(await self._peer(node))
 
     async def _peer(self, node: str) -> PeerClient:
         found = await self._keyspace.get_node(node)

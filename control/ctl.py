@@ -33,6 +33,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
 from ferry.core.declared import Current, DeclarationError, changes, parse
+from ferry.core.phases import ACTIVE_PHASES, ENDED_PHASES, MovePhase
 from ferry.security import ca
 from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
@@ -48,6 +49,9 @@ OUTPUT = click.option(
     default="table",
     show_default=True,
 )
+# The declared-volumes file of `diff` and `apply`; the CA directory of the `ca` commands.
+DECLARED_FILE = click.option("-f", "--file", "file", type=click.Path(path_type=Path), required=True)
+CA_DIR = click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
 
 console = Console()
 
@@ -160,6 +164,7 @@ def _volume_dict(volume: control_pb2.Volume) -> dict[str, Any]:
     data["epoch"] = int(data.get("epoch", 0))
     for copy in data["copies"]:
         copy["used_bytes"] = int(copy.get("used_bytes", 0))
+        copy["lag_seconds"] = round(float(copy.get("lag_seconds", 0.0)), 1)
     data["diverged"] = [_aside_dict(aside) for aside in volume.diverged]
     if volume.HasField("move"):
         for key in ("bytes_sent", "bytes_total"):
@@ -222,6 +227,15 @@ def _cell(row: dict[str, Any], column: str) -> str:
     if column == "copies":
         copies = row.get("copies") or []
         return ",".join(c["node"] + ("(rw)" if c["writable"] else "") for c in copies) or "-"
+    if column == "rpo":
+        if not row.get("replicas"):
+            return "-"
+        state = "ok" if row.get("meets_rpo") else "OUT"
+        return f"{state}/{row['rpo_seconds']}s"
+    if column == "lag":
+        return f"{row['lag_seconds']:.1f}s" if row.get("newest_snapshot_at") else "-"
+    if column == "newest_snapshot":
+        return str(row.get("newest_snapshot") or "-")
     if column == "free":
         return _human(int(row.get("free_bytes", 0)))
     if column == "used":
@@ -255,7 +269,9 @@ VOLUME_COLUMNS = [
     "copies",
     "mounted_on",
     "move",
+    "rpo",
 ]
+COPY_COLUMNS = ["node", "role", "newest_snapshot", "lag", "writable"]
 ASIDE_COLUMNS = ["node", "dataset", "kept", "epoch", "used", "reason"]
 
 
@@ -264,20 +280,89 @@ def volume() -> None:
     """Create, inspect, move and delete volumes."""
 
 
+def _replication_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option(
+                "--replicas", type=int, default=None, help="Standby copies besides the owner's."
+            ),
+            click.option("--rpo", default="", help="Most data, in time, a lost host may cost."),
+            click.option(
+                "--replace-after",
+                default="",
+                help="How long a replica's node may be down before it is replaced.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @volume.command("create")
 @click.argument("name")
 @click.option("--size", default="", help="e.g. 512M, 10G, or bytes (default 1G).")
 @click.option("--compression", default="", help="off, on, lzjb, gzip, gzip-N, zle.")
 @click.option("--node", default="", help="Node to create it on (default: most free space).")
+@_replication_options
 @OUTPUT
 @click.pass_obj
-def volume_create(api: Api, name: str, size: str, compression: str, node: str, output: str) -> None:
-    """Create a volume."""
+def volume_create(
+    api: Api,
+    name: str,
+    size: str,
+    compression: str,
+    node: str,
+    replicas: int | None,
+    rpo: str,
+    replace_after: str,
+    output: str,
+) -> None:
+    """Create a volume (with --replicas N, N standby copies kept within --rpo, e.g. 15s)."""
     created = api.call(
         "CreateVolume",
-        control_pb2.CreateVolumeRequest(name=name, size=size, compression=compression, node=node),
+        control_pb2.CreateVolumeRequest(
+            name=name,
+            size=size,
+            compression=compression,
+            node=node,
+            replicas=replicas,
+            rpo=rpo,
+            replace_after=replace_after,
+        ),
     )
     _emit(output, [_volume_dict(created)], VOLUME_COLUMNS, single=True)
+
+
+@volume.command("update")
+@click.argument("name")
+@click.option("--size", default="", help="New size.")
+@click.option("--compression", default="", help="New compression.")
+@_replication_options
+@OUTPUT
+@click.pass_obj
+def volume_update(
+    api: Api,
+    name: str,
+    size: str,
+    compression: str,
+    replicas: int | None,
+    rpo: str,
+    replace_after: str,
+    output: str,
+) -> None:
+    """Change a volume's size, compression or replication; what is not given stays."""
+    updated = api.call(
+        "UpdateVolume",
+        control_pb2.CreateVolumeRequest(
+            name=name,
+            size=size,
+            compression=compression,
+            replicas=replicas,
+            rpo=rpo,
+            replace_after=replace_after,
+        ),
+    )
+    _emit(output, [_volume_dict(updated)], VOLUME_COLUMNS, single=True)
 
 
 @volume.command("list")
@@ -312,6 +397,17 @@ def volume_get(api: Api, name: str, output: str) -> None:
     if reply.HasField("move") and reply.move.error and output == "table":
         click.echo(f"move {reply.move.phase}, last error: {reply.move.error}")
     _emit_stuck(output, [(c.node, c.stuck) for c in reply.copies])
+    if output == "table" and (reply.replicas or reply.copies):
+        click.echo("")
+        _emit(output, found["copies"], COPY_COLUMNS)
+    if output == "table" and reply.replicas:
+        verdict = "meets" if reply.meets_rpo else "does NOT meet"
+        click.echo(
+            f"\n{verdict} its rpo of {reply.rpo_seconds}s with {reply.replicas} replica(s) on "
+            f"{', '.join(reply.replica_nodes) or 'no node yet'}"
+        )
+        for note in [*reply.replica_notes, *reply.replica_history]:
+            click.echo(f"  {note}")
     if output == "table" and found["diverged"]:
         click.echo(
             f"\ndiverged copies kept aside (data written after the snapshot a stream built on; "
@@ -370,7 +466,7 @@ def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> N
     """
     moved = api.call("MoveVolume", control_pb2.MoveVolumeRequest(name=name, node=node))
     if not moved.HasField("move") or (moved.owner == node and not _moving(moved)):
-        ended = moved.move.error if moved.move.phase == "failed" else ""
+        ended = moved.move.error if moved.move.phase == MovePhase.FAILED else ""
         click.echo(f"volume {name} is on {node}" + (f" (its last move: {ended})" if ended else ""))
         return
     click.echo(f"volume {name}: moving {moved.move.source} -> {node}")
@@ -379,7 +475,11 @@ def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> N
 
 
 def _moving(volume: control_pb2.Volume) -> bool:
-    return volume.HasField("move") and volume.move.phase not in ("done", "failed")
+    return volume.HasField("move") and volume.move.phase not in ENDED_PHASES
+
+
+def _cancellable(volume: control_pb2.Volume) -> bool:
+    return volume.HasField("move") and volume.move.phase in ACTIVE_PHASES
 
 
 def _follow(api: Api, name: str, node: str, timeout: float) -> None:
@@ -396,7 +496,7 @@ def _follow(api: Api, name: str, node: str, timeout: float) -> None:
     failure = f"move of {name} did not finish in time; 'ferryctl move status {name}' follows it"
     deadline = time.monotonic() + timeout
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task(name, total=None, phase="pending", rate="")
+        task = progress.add_task(name, total=None, phase=MovePhase.PENDING.value, rate="")
         try:
             for current in _watch(api, name, deadline):
                 move = current.move
@@ -407,10 +507,10 @@ def _follow(api: Api, name: str, node: str, timeout: float) -> None:
                     phase=move.phase,
                     rate=f"{filesize.decimal(int(move.rate_bps))}/s" if move.rate_bps else "",
                 )
-                if move.phase == "failed":
+                if move.phase == MovePhase.FAILED:
                     failure = f"move of {name} failed: {move.error or 'see the agents logs'}"
                     break
-                if current.owner == node and move.phase == "done":
+                if current.owner == node and move.phase == MovePhase.DONE:
                     failure = ""
                     break
         except grpc.RpcError as error:
@@ -445,7 +545,7 @@ def move() -> None:
 def move_cancel(api: Api, name: str) -> None:
     """Cancel a move that has not handed off: the volume stays on its source (up or down)."""
     found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
-    if not _moving(found) or found.move.phase == "activating":
+    if not _cancellable(found):
         fail(f"volume {name} has no move to cancel ('ferryctl move status {name}' shows the last)")
     source = found.move.source
     api.call("MoveVolume", control_pb2.MoveVolumeRequest(name=name, node=source))
@@ -488,6 +588,22 @@ def node_list(api: Api, output: str) -> None:
         for n in reply.nodes
     ]
     _emit(output, rows, ["name", "status", "address", "pool", "free", "version", "cert_expires"])
+    if output == "table":
+        _replica_nodes_down(api, {n.name for n in reply.nodes})
+
+
+def _replica_nodes_down(api: Api, live: set[str]) -> None:
+    """Below the node table: replicas on nodes that are down, and replicas re-placed."""
+    volumes = api.call("ListVolumes", control_pb2.ListVolumesRequest()).volumes
+    for found in volumes:
+        for node in found.replica_nodes:
+            if node not in live:
+                click.echo(
+                    f"{node} is down and holds a replica of {found.name}: it is placed on "
+                    f"another node once down for {found.replace_after_seconds}s"
+                )
+        for event in found.replica_history:
+            click.echo(f"{found.name}: {event}")
 
 
 def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
@@ -498,7 +614,18 @@ def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
     except DeclarationError as error:
         fail(str(error))
     reply = api.call("ListVolumes", control_pb2.ListVolumesRequest())
-    current = {v.name: Current(v.name, v.size_bytes, v.compression, v.node) for v in reply.volumes}
+    current = {
+        v.name: Current(
+            v.name,
+            v.size_bytes,
+            v.compression,
+            v.node,
+            replicas=v.replicas,
+            rpo_seconds=v.rpo_seconds,
+            replace_after_seconds=v.replace_after_seconds,
+        )
+        for v in reply.volumes
+    }
     return [
         (change, next((d for d in declared if d.name == change.name), None))
         for change in changes(declared, current, prune)
@@ -506,7 +633,7 @@ def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
 
 
 @main.command("diff")
-@click.option("-f", "--file", "file", type=click.Path(path_type=Path), required=True)
+@DECLARED_FILE
 @click.option("--prune", is_flag=True, help="Also show deletions of volumes not in the file.")
 @OUTPUT
 @click.pass_obj
@@ -517,7 +644,7 @@ def diff(api: Api, file: Path, prune: bool, output: str) -> None:
 
 
 @main.command("apply")
-@click.option("-f", "--file", "file", type=click.Path(path_type=Path), required=True)
+@DECLARED_FILE
 @click.option("--prune", is_flag=True, help="Delete volumes that are not in the file.")
 @click.option("--dry-run", is_flag=True, help="Only show what would change.")
 @click.pass_obj
@@ -531,7 +658,13 @@ def apply(api: Api, file: Path, prune: bool, dry_run: bool) -> None:
         "create": lambda d: api.call(
             "CreateVolume",
             control_pb2.CreateVolumeRequest(
-                name=d.name, size=d.size, compression=d.compression, node=d.node
+                name=d.name,
+                size=d.size,
+                compression=d.compression,
+                node=d.node,
+                replicas=d.replicas,
+                rpo=d.rpo,
+                replace_after=d.replace_after,
             ),
         ),
         "move": lambda d: api.call(
@@ -539,7 +672,14 @@ def apply(api: Api, file: Path, prune: bool, dry_run: bool) -> None:
         ),
         "update": lambda d: api.call(
             "UpdateVolume",
-            control_pb2.CreateVolumeRequest(name=d.name, size=d.size, compression=d.compression),
+            control_pb2.CreateVolumeRequest(
+                name=d.name,
+                size=d.size,
+                compression=d.compression,
+                replicas=d.replicas,
+                rpo=d.rpo,
+                replace_after=d.replace_after,
+            ),
         ),
     }
     for change, wanted in planned:
@@ -558,7 +698,7 @@ def ca_group() -> None:
 
 
 @ca_group.command("init")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@CA_DIR
 def ca_init(directory: Path) -> None:
     """Create a cluster CA in DIR."""
     try:
@@ -569,7 +709,7 @@ def ca_init(directory: Path) -> None:
 
 
 @ca_group.command("issue")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@CA_DIR
 @click.option("--kind", type=click.Choice(ca.KINDS), required=True)
 @click.option(
     "--name",
@@ -601,7 +741,7 @@ def _named_addresses(entries: tuple[str, ...], flag: str) -> dict[str, tuple[str
 
 
 @ca_group.command("issue-cluster")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@CA_DIR
 @click.option("--control", "control_ips", multiple=True, help="IP control serves on (repeatable).")
 @click.option("--node", "nodes", multiple=True, help="NAME=IP of a node (repeatable).")
 @click.option("--etcd", "etcd_members", multiple=True, help="NAME=IP[,IP] of an etcd member.")

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ferry.core.records import ACTIVE_PHASES, Move, Owner, VolumeSpec
+from ferry.core.phases import ACTIVE_PHASES, MovePhase, Writer, writer_of
+from ferry.core.records import Move, Owner, VolumeSpec
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class LocalVolume:
     mounted: bool = False
     uid: str = ""
     used_bytes: int = 0
+    newest_snapshot_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Actual:
 
     volumes: Mapping[str, LocalVolume] = field(default_factory=dict)
     running_moves: frozenset[str] = frozenset()
+    replicating: frozenset[str] = frozenset()
+    """Volumes whose replication loop runs here now."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,13 @@ class DriveMove:
 
 
 @dataclass(frozen=True)
+class Replicate:
+    """This node owns a volume with replicas and no move: keep the replicas current."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
 class Destroy:
     """The volume was deleted: destroy the local copy."""
 
@@ -113,7 +124,9 @@ class Missing:
     volume: str
 
 
-Action = Create | Claim | Fence | Activate | DriveMove | Destroy | Purge | SetAside | Missing
+Action = (
+    Create | Claim | Fence | Activate | DriveMove | Replicate | Destroy | Purge | SetAside | Missing
+)
 
 
 def plan(desired: Desired, actual: Actual) -> list[Action]:
@@ -160,6 +173,18 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
         return [Missing(name)]
     if move is not None and move.source == me and move.phase in ACTIVE_PHASES:
         return [] if name in actual.running_moves else [DriveMove(name)]
-    if not local.writable or not local.mounted:
+    if not local.writable or not local.mounted or _to_end_here(move, me):
         return [Activate(name, owner.epoch)]
+    if spec.replicas and name not in actual.replicating:
+        return [Replicate(name)]
     return []
+
+
+def _to_end_here(move: Move | None, me: str) -> bool:
+    """A move into this node that only its activation ends: the agent died between making the
+    copy writable and writing ``done``, and activating again (a no-op for the copy) ends it."""
+    return (
+        move is not None
+        and move.target == me
+        and writer_of(move.phase, MovePhase.DONE) is Writer.TARGET
+    )
