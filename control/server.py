@@ -18,6 +18,7 @@ import grpc
 from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from control.etcd_unreachable import EtcdUnreachable
 from control.operations import OperationError, PermissionDenied, Replication, VolumeOps
 from control.purger import purge_forever
 from control.replicas import ReplicaKeeper
@@ -451,7 +452,7 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
     client = await asyncio.to_thread(endpoints_client, etcd, tls)
     keyspace = Keyspace(client, prefix)
     gate = KindGate(insecure=tls is None)
-    server = grpc.aio.server(interceptors=[gate])
+    server = grpc.aio.server(interceptors=[gate, EtcdUnreachable()])
     control_pb2_grpc.add_ControlServicer_to_server(ControlService(keyspace, gate), server)
     health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
