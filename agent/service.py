@@ -28,6 +28,7 @@ from agent.moves import MoveDriver
 from agent.plugin import VolumePlugin, serve
 from agent.registration import Registration
 from agent.retry import Backoff
+from agent.selffence import SelfFence
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.transfer.data import DataListener, host_of
@@ -102,6 +103,11 @@ class AgentService:
         self._actions: dict[str, asyncio.Task[bool]] = {}
         self._started: dict[str, tuple[str, float]] = {}
         self._asides = AsideLedger(config.node, keyspace, store)
+        self._owned: dict[str, int] = {}
+        """Volume -> epoch this node owned at the last convergence pass (for the self-fence)."""
+        self._fence = SelfFence(
+            config.node, keyspace, store, self._registration, lambda: self._owned
+        )
 
     async def run(self) -> None:
         """Serve until cancelled.
@@ -138,6 +144,7 @@ class AgentService:
                     self._registration.keep_alive(self._registered_again), name="lease"
                 )
             )
+            tasks.append(asyncio.create_task(self._fence.run(), name="self-fence"))
             await self._mounts.load()
             await self._recover()
             if self._certificates is not None:
@@ -288,6 +295,11 @@ class AgentService:
             moves={name: m.value for name, m in moves.items() if name not in skipped},
             unreadable=frozenset(record.volume for record in unreadable),
         )
+        self._owned = {
+            name: owner.value.epoch
+            for name, owner in owners.items()
+            if owner.value.node == self._config.node
+        }
         actual = Actual(volumes=local, running_moves=self._executor.running_moves)
         per_volume: dict[str, list[Action]] = {}
         for action in plan(desired, actual):

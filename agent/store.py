@@ -37,6 +37,10 @@ from ferry.core.snapshots import SnapshotRef, next_name, prunable
 log = logging.getLogger(__name__)
 
 
+class SelfFenced(Exception):
+    """A copy would become writable while this node's lease is unconfirmed (agent.selffence)."""
+
+
 class VolumeStore:
     """Async operations on this node's volume datasets."""
 
@@ -47,6 +51,8 @@ class VolumeStore:
         """Volumes a transfer is writing into now; convergence leaves them alone."""
         self.unreadable: dict[str, str] = {}
         """Volumes whose dataset the last ``local_volumes`` could not read, with the error."""
+        self.self_fenced = False
+        """The etcd lease went unconfirmed (agent.selffence): nothing makes a copy writable."""
 
     async def ensure_root(self) -> None:
         await asyncio.to_thread(self._root.ensure)
@@ -157,7 +163,15 @@ class VolumeStore:
     async def activate(self, spec: VolumeSpec) -> None:
         """Make this node's copy the writable, mounted one, with the spec's size, compression
         and uid (a received copy whose agent died before stamping it gets it here)."""
+        self._refuse_while_fenced(spec.name)
         await asyncio.to_thread(self._activate, spec)
+
+    def _refuse_while_fenced(self, volume: str) -> None:
+        if self.self_fenced:
+            raise SelfFenced(
+                f"{volume} stays frozen: this node's etcd lease is not confirmed; it thaws "
+                "once the agent re-registered and still owns the volume at the same epoch"
+            )
 
     def _activate(self, spec: VolumeSpec) -> None:
         dataset = self._root.dataset(spec.name)
@@ -170,6 +184,7 @@ class VolumeStore:
 
     async def ensure_mounted(self, volume: str) -> None:
         """Mount the owner's copy if it is not (after the last container unmounted it)."""
+        self._refuse_while_fenced(volume)
         await asyncio.to_thread(self._root.mount, volume, self.mountpoint(volume))
 
     def commands_running(self, volume: str, older_than: float = 0.0) -> list[str]:
@@ -189,9 +204,32 @@ class VolumeStore:
         process holds a file open for writing); ``stop_writes`` or ``thaw`` follows."""
         await asyncio.to_thread(self._root.freeze, volume)
 
-    async def thaw(self, volume: str) -> None:
-        """Accept writes again after ``freeze``, for a handoff that failed before the swap."""
+    async def thaw(self, volume: str, confirmed: bool = False) -> None:
+        """Accept writes again after ``freeze``, for a handoff that failed before the swap;
+        while self-fenced only with ``confirmed`` (the lease and the epoch were checked)."""
+        if not confirmed:
+            self._refuse_while_fenced(volume)
         await asyncio.to_thread(self._root.thaw, volume)
+
+    async def kill_writers(self, volume: str) -> list[str]:
+        """Kill what holds the volume's files open for writing (PoolRoot.kill_writers)."""
+        return await asyncio.to_thread(self._root.kill_writers, volume)
+
+    async def mounted_writable(self) -> list[str]:
+        """Volumes mounted read-write at their mountpoint here, from the kernel's mount table
+        alone (no ZFS command: this must answer when ZFS is slow)."""
+        return await asyncio.to_thread(self._mounted_writable)
+
+    def _mounted_writable(self) -> list[str]:
+        prefix = str(self._mount_root).rstrip("/") + "/"
+        found = []
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 3 and fields[1].startswith(prefix):
+                name = fields[1][len(prefix) :]
+                if "/" not in name and "rw" in fields[3].split(","):
+                    found.append(name)
+        return found
 
     async def stop_writes(self, volume: str) -> None:
         """Unmount and make read-only: after this, nothing writes to this copy."""

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -262,6 +263,19 @@ class PoolRoot:
             f"cannot thaw {volume}",
             self.dataset(volume).decode(),
         )
+
+    def kill_writers(self, volume: str) -> list[str]:
+        """SIGKILL every process holding a file of the volume open for writing (what makes
+        the kernel refuse ``freeze``); returns who. Only for a lost lease (agent.selffence)."""
+        killed = []
+        for pid in inuse.writing_pids(self.dataset(volume).decode()):
+            try:
+                command = (Path("/proc") / str(pid) / "comm").read_text().strip()
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue  # gone already
+            killed.append(f"pid {pid} ({command})")
+        return killed
 
     def frozen(self) -> list[str]:
         """Volumes mounted read-only by ``freeze``."""

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum, StrEnum
 from typing import Any, Self
 
-from ferry.core import compression, names
+from ferry.core import compression, fencing, names
 
 SCHEMA_VERSION = 1
 
@@ -112,6 +112,10 @@ class VolumeSpec(_Record):
     created_by_node: str = ""
     """The node whose Docker plugin created the volume (empty: ferryctl); only that
     node's certificate may delete it besides a user's (ferry.security.authz)."""
+    failover: str = "manual"
+    """``auto``: control promotes a standby copy once the owner's node has been gone for
+    ``failover_after`` seconds; ``manual``: only ``ferryctl volume failover`` does."""
+    failover_after: float = fencing.DEFAULT_FAILOVER_AFTER_SECONDS
 
     def __post_init__(self) -> None:
         validate_volume_name(self.name)
@@ -126,6 +130,7 @@ class VolumeSpec(_Record):
                 f"invalid compression {self.compression!r}: "
                 f"use one of {', '.join(sorted(compression.STORABLE))}"
             )
+        fencing.check_failover(self.failover, self.failover_after)
 
 
 @dataclass(frozen=True)
