@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from agent import zfs
-from agent.moves import MoveAbandoned, MoveDriver
+from agent.moves import MoveAbandoned, MoveDriver, PeerLookup
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from ferry.cluster.keyspace import Keyspace
@@ -23,9 +23,11 @@ from ferry.core.plan import (
     Fence,
     Missing,
     Purge,
+    Rejoin,
     SetAside,
 )
 from ferry.core.records import MovePhase
+from ferry.core.snapshots import FENCED_PREFIX, newest_common
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,10 @@ class Executor:
         store: VolumeStore,
         driver: MoveDriver,
         wake: Callable[[], None],
+        connect: PeerLookup,
     ) -> None:
         self._node = node
+        self._connect = connect
         self._keyspace = keyspace
         self._store = store
         self._driver = driver
@@ -72,6 +76,8 @@ class Executor:
                 await self._keyspace.claim_owner(volume, self._node)
             case Fence(volume):
                 await self._store.fence(volume)
+            case Rejoin(volume):
+                await self._rejoin(volume)
             case Activate(volume, epoch):
                 await self._activate(volume, epoch)
             case DriveMove(volume):
@@ -102,6 +108,46 @@ class Executor:
                     volume,
                 )
 
+    async def _rejoin(self, volume: str) -> None:
+        """Keep this old owner's late writes aside and make its copy a replica again.
+
+        The base is the newest snapshot this copy and the owner's hold with the same
+        GUID (asked of the owner: nothing here is trusted by name). What the copy holds
+        after it, snapshots and the head, is kept aside and listed, never rolled back;
+        the copy left in place ends at the base, so the owner's streams continue from it.
+        Without an owner to ask (down), nothing changes until the next pass.
+        """
+        owner = await self._keyspace.get_owner(volume)
+        if owner is None or owner.value.node == self._node:
+            return
+        remote = await (await self._connect(owner.value.node)).holdings(volume)
+        await self._store.stop_writes(volume)
+        await self._store.snapshot_head(volume, FENCED_PREFIX)
+        local = await self._store.snapshots(volume) or []
+        base = newest_common(local, remote)
+        reason = (
+            await self._store.divergence(volume, base)
+            if base
+            else f"holds no snapshot in common with {owner.value.node}, the owner"
+        )
+        aside = await self._store.split_aside(
+            volume,
+            base,
+            owner.value.epoch,
+            f"{reason} (written here before {owner.value.node} "
+            f"took over at epoch {owner.value.epoch})",
+        )
+        log.warning(
+            "old owner's late writes kept aside, copy rejoined as a replica: volume=%s node=%s "
+            "owner=%s epoch=%d base=%s aside=%s",
+            volume,
+            self._node,
+            owner.value.node,
+            owner.value.epoch,
+            base or "(none: a full copy comes)",
+            aside,
+        )
+
     async def _create_failed(self, volume: str, error: Exception) -> None:
         """Write why the create failed into the spec, so this node stops retrying it and
         ``volume get`` and Docker say so; only on the spec as read (a new size wins)."""
@@ -122,7 +168,12 @@ class Executor:
 
     async def _activate(self, volume: str, epoch: int) -> None:
         move = await self._keyspace.get_move(volume)
-        incoming = move is not None and move.value.target == self._node
+        # A move a failover ended (its source was lost) brings nothing to wait for.
+        incoming = (
+            move is not None
+            and move.value.target == self._node
+            and move.value.phase != MovePhase.FAILED
+        )
         if incoming and move is not None and move.value.final_snapshot:
             held = [ref.name for ref in await self._store.snapshots(volume) or []]
             if move.value.final_snapshot not in held:

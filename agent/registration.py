@@ -23,7 +23,7 @@ from agent.retry import Backoff
 from agent.store import VolumeStore
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.fencing import RENEW_RETRY_SECONDS
-from ferry.core.records import NODE_READY, NodeInfo
+from ferry.core.records import NODE_READY, NodeInfo, NodeSeen
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class Registration:
                     registered_again()
                 else:
                     self.renewed_at = sent
+                    await self._keyspace.put_seen(NodeSeen(self._record.name, time.time()))
                     await self._report_changes()
                 backoff.reset()
             except NodeNameTaken:

@@ -82,7 +82,9 @@ class AgentService:
         self._retired: list[PeerClient] = []
         self._mounts = DockerMounts(config.docker_mounts_file)
         self._driver = MoveDriver(config.node, keyspace, store, self._peer, self._mounts)
-        self._executor = Executor(config.node, keyspace, store, self._driver, self._wakeup.set)
+        self._executor = Executor(
+            config.node, keyspace, store, self._driver, self._wakeup.set, self._peer
+        )
         self._registration = Registration(
             keyspace,
             NodeInfo(
@@ -103,6 +105,7 @@ class AgentService:
         self._actions: dict[str, asyncio.Task[bool]] = {}
         self._started: dict[str, tuple[str, float]] = {}
         self._asides = AsideLedger(config.node, keyspace, store)
+        self._snapshot_times: dict[tuple[str, str], float] = {}
         self._owned: dict[str, int] = {}
         """Volume -> epoch this node owned at the last convergence pass (for the self-fence)."""
         self._fence = SelfFence(
@@ -358,6 +361,7 @@ class AgentService:
         busy = self._busy()
         volumes = await self._store.local_volumes(skip=busy)
         for name, local in volumes.items():
+            newest_at = await self._snapshot_time(name, local.snapshots)
             state = NodeState(
                 node=self._config.node,
                 volume=name,
@@ -366,6 +370,7 @@ class AgentService:
                 writable=local.writable,
                 mounted=local.mounted,
                 updated_at=time.time(),
+                newest_snapshot_at=newest_at,
             )
             self._states[name] = state
         for name in busy | set(self._store.unreadable):
@@ -380,6 +385,21 @@ class AgentService:
             self._states.pop(gone, None)
         self._reported = held
         await self._report_mounts(held)
+
+    async def _snapshot_time(self, volume: str, snapshots: tuple[str, ...]) -> float:
+        """When the newest snapshot was taken, read once per snapshot; 0 when unreadable."""
+        if not snapshots:
+            return 0.0
+        key = (volume, snapshots[-1])
+        if key not in self._snapshot_times:
+            try:
+                self._snapshot_times[key] = await self._store.snapshot_time(*key)
+            except ZFSError as error:
+                log.warning("snapshot time unread: volume=%s error=%s", volume, error)
+                return 0.0
+            for old in [k for k in self._snapshot_times if k[0] == volume and k != key]:
+                del self._snapshot_times[old]
+        return self._snapshot_times[key]
 
     async def _report_mounts(self, volumes: Iterable[str]) -> None:
         """Mount records from the truth: Docker's IDs on disk and the kernel's users.

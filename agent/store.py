@@ -32,7 +32,7 @@ from agent.zfs.volumes import (
 )
 from ferry.core.plan import LocalVolume
 from ferry.core.records import VolumeSpec
-from ferry.core.snapshots import SnapshotRef, next_name, prunable
+from ferry.core.snapshots import FENCED_PREFIX, SnapshotRef, next_name, prunable
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,11 @@ class VolumeStore:
             SnapshotRef(full.split(b"@", 1)[1].decode(), guid)
             for full, guid in zfs.snapshot_guids(dataset)
         ]
+
+    async def snapshot_time(self, volume: str, short: str) -> float:
+        """When the snapshot was taken (ZFS's ``creation``, Unix seconds)."""
+        props = await asyncio.to_thread(zfs.lzc_get_props, self.snapshot_name(volume, short))
+        return float(props.get("creation", 0))
 
     async def guid(self, volume: str, short: str) -> int:
         for ref in await self.snapshots(volume) or ():
@@ -258,9 +263,8 @@ class VolumeStore:
                 "; ".join(user.describe() for user in users),
             )
         await asyncio.to_thread(self._stop_writes, volume)
-        name = self.snapshot_name(volume, f"fenced-{int(time.time())}")
-        await asyncio.to_thread(zfs.lzc_snapshot, [name])
-        log.warning("fenced: volume=%s kept=%s", volume, name.decode())
+        name = await self.snapshot_head(volume, FENCED_PREFIX)
+        log.warning("fenced: volume=%s kept=%s@%s", volume, volume, name)
 
     async def divergence(self, volume: str, base: str) -> str:
         """Why this copy cannot take an incremental stream from ``base`` without losing
@@ -293,6 +297,19 @@ class VolumeStore:
         """
         aside = await asyncio.to_thread(self._root.rename_aside, volume, epoch, reason)
         return aside.decode()
+
+    async def split_aside(self, volume: str, base: str | None, epoch: int, reason: str) -> str:
+        """Keep the copy aside and leave a read-only copy ending at ``base`` in its place
+        (PoolRoot.split_aside); returns the name of the copy kept aside."""
+        aside = await asyncio.to_thread(self._root.split_aside, volume, base, epoch, reason)
+        return aside.decode()
+
+    async def snapshot_head(self, volume: str, prefix: str) -> str:
+        """Snapshot what the copy holds now as ``<prefix>-<unix time>``; returns its name."""
+        short = f"{prefix}-{int(time.time())}"
+        if short not in [ref.name for ref in await self.snapshots(volume) or ()]:
+            await asyncio.to_thread(zfs.lzc_snapshot, [self.snapshot_name(volume, short)])
+        return short
 
     async def asides(self) -> list[AsideDataset]:
         """The copies kept aside in this node's pool."""

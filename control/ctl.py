@@ -269,13 +269,42 @@ def volume() -> None:
 @click.option("--size", default="", help="e.g. 512M, 10G, or bytes (default 1G).")
 @click.option("--compression", default="", help="off, on, lzjb, gzip, gzip-N, zle.")
 @click.option("--node", default="", help="Node to create it on (default: most free space).")
+@click.option(
+    "--failover",
+    type=click.Choice(["manual", "auto"]),
+    default=None,
+    help="auto: fail over by itself once the owner's node is gone --failover-after "
+    "[default: manual, by 'ferryctl volume failover'].",
+)
+@click.option(
+    "--failover-after",
+    type=float,
+    default=0.0,
+    help="Seconds the owner's node must be gone before an auto failover [default: 30].",
+)
 @OUTPUT
 @click.pass_obj
-def volume_create(api: Api, name: str, size: str, compression: str, node: str, output: str) -> None:
+def volume_create(
+    api: Api,
+    name: str,
+    size: str,
+    compression: str,
+    node: str,
+    failover: str | None,
+    failover_after: float,
+    output: str,
+) -> None:
     """Create a volume."""
     created = api.call(
         "CreateVolume",
-        control_pb2.CreateVolumeRequest(name=name, size=size, compression=compression, node=node),
+        control_pb2.CreateVolumeRequest(
+            name=name,
+            size=size,
+            compression=compression,
+            node=node,
+            failover=failover or "",
+            failover_after=failover_after,
+        ),
     )
     _emit(output, [_volume_dict(created)], VOLUME_COLUMNS, single=True)
 
@@ -376,6 +405,23 @@ def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> N
     click.echo(f"volume {name}: moving {moved.move.source} -> {node}")
     if wait:
         _follow(api, name, node, timeout)
+
+
+@volume.command("failover")
+@click.argument("name")
+@click.option("--to", "node", default="", help="The node to promote [default: newest copy].")
+@click.pass_obj
+def volume_failover(api: Api, name: str, node: str) -> None:
+    """Make a standby copy the owner while the owner's node is down, and say what is lost.
+
+    Refused while the owner is live: 'volume move' then hands over without loss.
+    """
+    reply = api.call("FailoverVolume", control_pb2.FailoverVolumeRequest(name=name, node=node))
+    click.echo(
+        f"volume {name} failed over from {reply.old_owner} to {reply.volume.owner} "
+        f"(epoch {reply.volume.epoch}), from snapshot {reply.snapshot}"
+    )
+    click.echo(reply.lost)
 
 
 def _moving(volume: control_pb2.Volume) -> bool:
@@ -498,7 +544,10 @@ def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
     except DeclarationError as error:
         fail(str(error))
     reply = api.call("ListVolumes", control_pb2.ListVolumesRequest())
-    current = {v.name: Current(v.name, v.size_bytes, v.compression, v.node) for v in reply.volumes}
+    current = {
+        v.name: Current(v.name, v.size_bytes, v.compression, v.node, v.failover, v.failover_after)
+        for v in reply.volumes
+    }
     return [
         (change, next((d for d in declared if d.name == change.name), None))
         for change in changes(declared, current, prune)
@@ -531,7 +580,12 @@ def apply(api: Api, file: Path, prune: bool, dry_run: bool) -> None:
         "create": lambda d: api.call(
             "CreateVolume",
             control_pb2.CreateVolumeRequest(
-                name=d.name, size=d.size, compression=d.compression, node=d.node
+                name=d.name,
+                size=d.size,
+                compression=d.compression,
+                node=d.node,
+                failover=d.failover,
+                failover_after=d.failover_after,
             ),
         ),
         "move": lambda d: api.call(
@@ -539,7 +593,13 @@ def apply(api: Api, file: Path, prune: bool, dry_run: bool) -> None:
         ),
         "update": lambda d: api.call(
             "UpdateVolume",
-            control_pb2.CreateVolumeRequest(name=d.name, size=d.size, compression=d.compression),
+            control_pb2.CreateVolumeRequest(
+                name=d.name,
+                size=d.size,
+                compression=d.compression,
+                failover=d.failover,
+                failover_after=d.failover_after,
+            ),
         ),
     }
     for change, wanted in planned:

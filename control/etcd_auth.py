@@ -51,10 +51,20 @@ class Right:
     shared: str = ""
 
 
-CONTROL_WRITES = (Right("volumes"), Right("moves"), Right("drops"))
+CONTROL_WRITES = (
+    Right("volumes"),
+    Right("moves"),
+    Right("drops"),
+    Right(
+        "owners",
+        shared="a failover hands a volume whose owner's node is down to a standby copy "
+        "(the one write of owners/ that the owner itself cannot make)",
+    ),
+)
 
 NODE_WRITES = (
     Right("nodes", own=True),
+    Right("seen", own=True),
     Right("state", own=True),
     Right("asides", own=True),
     Right("drops", own=True),

@@ -16,7 +16,8 @@ import grpc
 from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from control.operations import OperationError, PermissionDenied, VolumeOps
+from control.autofailover import AutoFailover
+from control.operations import FailedOver, OperationError, PermissionDenied, VolumeOps
 from ferry.cluster.keyspace import (
     Keyspace,
     Unreadable,
@@ -58,6 +59,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 request.compression,
                 request.node,
                 created_by_node=caller.name if caller.kind == NODE else "",
+                failover=request.failover,
+                failover_after=request.failover_after,
             ),
         )
         return await self._volume(request.name, context)
@@ -134,9 +137,28 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self, request: control_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.Volume:
         await self._guard(
-            context, self._ops.update(request.name, request.size, request.compression)
+            context,
+            self._ops.update(
+                request.name,
+                request.size,
+                request.compression,
+                request.failover,
+                request.failover_after,
+            ),
         )
         return await self._volume(request.name, context)
+
+    async def FailoverVolume(
+        self, request: control_pb2.FailoverVolumeRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.FailoverVolumeReply:
+        done = await self._guard(context, self._ops.failover(request.name, request.node))
+        assert isinstance(done, FailedOver)
+        return control_pb2.FailoverVolumeReply(
+            volume=await self._volume(request.name, context),
+            old_owner=done.old_owner,
+            snapshot=done.snapshot,
+            lost=done.lost,
+        )
 
     async def ListNodes(
         self, request: control_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
@@ -282,6 +304,8 @@ def _volume_message(
         created_at=spec.created_at,
         mounted_on=sorted(m.node for m in mounts),
         create_error=spec.create_error,
+        failover=spec.failover,
+        failover_after=spec.failover_after,
         copies=[
             control_pb2.Copy(
                 node=c.node,
@@ -348,6 +372,7 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
     else:
         server.add_secure_port(listen, tls.server_credentials())
     await server.start()
+    failover = asyncio.create_task(AutoFailover(keyspace, VolumeOps(keyspace)).run())
     await health_service.set("ferry.v1.Control", health_pb2.HealthCheckResponse.SERVING)
     await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -356,6 +381,7 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
     try:
         await server.wait_for_termination()
     finally:
+        failover.cancel()
         await server.stop(grace=2)
         await client.close()
 

@@ -316,6 +316,7 @@ class PoolRoot:
         """Destroy the volume's dataset and its snapshots (holds released first)."""
         self.unmount(volume)
         self._release_mountpoint(volume)
+        self._promote_dependent_asides(volume)
         _destroy_with_snapshots(self.dataset(volume))
 
     def release_transfer_holds(self, volume: str) -> list[bytes]:
@@ -357,6 +358,43 @@ class PoolRoot:
             reason,
         )
         return target
+
+    def split_aside(self, volume: str, base: str | None, epoch: int, reason: str) -> bytes:
+        """Keep the whole copy aside, and put in its place a read-only copy that ends at ``base``.
+
+        For an old owner whose late writes (after ``base``, the newest snapshot the
+        new owner has too) must be kept but not served: the copy is renamed aside
+        (``rename_aside``), then ``base`` is cloned back under the volume's name and
+        promoted, so the volume again holds every snapshot up to ``base`` (same
+        GUIDs: streams from the owner continue from there) and the copy aside, a
+        clone of it, holds what came after. No block is copied. Returns the aside.
+        """
+        aside = self.rename_aside(volume, epoch, reason)
+        if base is None:
+            return aside
+        dataset = self.dataset(volume)
+        uid = zfs.lzc_get_props(aside).get(UID_PROPERTY, "")
+        zfs.lzc_clone(
+            dataset, aside + b"@" + base.encode(), props={"canmount": "noauto", "readonly": "on"}
+        )
+        zfs.lzc_promote(dataset)
+        if uid:
+            self.stamp_uid(volume, uid)
+        log.info(
+            "copy rejoined from its newest common snapshot: volume=%s base=%s aside=%s",
+            volume,
+            base,
+            aside.decode(),
+        )
+        return aside
+
+    def _promote_dependent_asides(self, volume: str) -> None:
+        """Copies kept aside by ``split_aside`` are clones of the volume's snapshots: promote
+        them, so the volume can be destroyed and they keep every block they need."""
+        origin = self.dataset(volume) + b"@"
+        for child in zfs.lzc_list_children(self.aside):
+            if zfs.lzc_get_props(child).get("origin", "").encode().startswith(origin):
+                zfs.lzc_promote(child)
 
     def _free_aside_name(self, leaf: str) -> bytes:
         """``leaf`` under the aside root, with a counter if that name is taken."""

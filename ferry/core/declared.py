@@ -7,6 +7,8 @@ A file lists volumes::
         size: 10G
         compression: lzjb
         node: host1
+        failover: auto        # manual (default) or auto
+        failover_after: 30    # seconds, at least the owner's lease TTL
 
 It is checked whole before anything changes: any error names its line.
 """
@@ -18,9 +20,10 @@ from dataclasses import dataclass
 
 import yaml
 
+from ferry.core import fencing
 from ferry.core.records import check_node_name, parse_size, validate_volume_name
 
-FIELDS = frozenset({"name", "size", "compression", "node"})
+FIELDS = frozenset({"name", "size", "compression", "node", "failover", "failover_after"})
 
 
 class DeclarationError(ValueError):
@@ -37,6 +40,8 @@ class Declared:
     compression: str
     node: str
     line: int
+    failover: str = ""
+    failover_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class Current:
     size_bytes: int
     compression: str
     node: str
+    failover: str = "manual"
+    failover_after: float = fencing.DEFAULT_FAILOVER_AFTER_SECONDS
 
 
 @dataclass(frozen=True)
@@ -114,9 +121,36 @@ def _entry(node: yaml.Node, source: str) -> Declared:
         node_name = values.get("node", "")
         if node_name:
             check_node_name(node_name)
+        failover = values.get("failover", "")
+        failover_after = _seconds(values.get("failover_after", ""))
+        if failover or failover_after:
+            fencing.check_failover(
+                failover or "manual", failover_after or fencing.DEFAULT_FAILOVER_AFTER_SECONDS
+            )
     except ValueError as error:
         raise DeclarationError(f"{source}:{line}: {error}") from error
-    return Declared(name, size_bytes, size, values.get("compression", ""), node_name, line)
+    return Declared(
+        name,
+        size_bytes,
+        size,
+        values.get("compression", ""),
+        node_name,
+        line,
+        failover,
+        failover_after,
+    )
+
+
+def _seconds(text: str) -> float:
+    """``30``, ``30s`` or ``2m`` as seconds; 0.0 for empty."""
+    value = text.strip().lower()
+    if not value:
+        return 0.0
+    scale = 60.0 if value.endswith("m") else 1.0
+    try:
+        return float(value.rstrip("sm")) * scale
+    except ValueError:
+        raise ValueError(f"invalid failover_after {text!r}: seconds, e.g. 30 or 30s") from None
 
 
 def changes(
@@ -137,6 +171,10 @@ def changes(
             diffs.append(f"size {have.size_bytes} -> {want.size_bytes}")
         if want.compression and want.compression != have.compression:
             diffs.append(f"compression {have.compression} -> {want.compression}")
+        if want.failover and want.failover != have.failover:
+            diffs.append(f"failover {have.failover} -> {want.failover}")
+        if want.failover_after and want.failover_after != have.failover_after:
+            diffs.append(f"failover_after {have.failover_after:g} -> {want.failover_after:g}")
         if diffs:
             out.append(Change("update", want.name, ", ".join(diffs)))
     if prune:

@@ -193,6 +193,21 @@ class NodeState(_Record):
     stuck: str = ""
     """What on this node has been running too long for this volume, since when, and what to
     do; empty when nothing is stuck."""
+    newest_snapshot_at: float = 0.0
+    """When the newest of ``snapshots`` was taken (Unix time, ZFS's ``creation``); 0 unknown.
+    A failover to this copy loses what the owner wrote after it."""
+
+
+@dataclass(frozen=True)
+class NodeSeen(_Record):
+    """When a node's agent last renewed its lease (its clock), kept after the lease is gone:
+    a failover says from it what the copy it promotes lacks."""
+
+    node: str
+    at: float
+
+    def __post_init__(self) -> None:
+        check_node_name(self.node)
 
 
 class MovePhase(StrEnum):

@@ -88,7 +88,7 @@ async def running_nodes(
             peers[name] = PeerClient(name, address, None, encrypt_streams=False)
             mounts = DockerMounts(workdir / f"{name}-docker-mounts.json")
             driver = MoveDriver(name, keyspace, store, connect, mounts)
-            executor = Executor(name, keyspace, store, driver, wake=lambda: None)
+            executor = Executor(name, keyspace, store, driver, wake=lambda: None, connect=connect)
             nodes[name] = Node(name, root, store, workdir / name, address, mounts, driver, executor)
         yield nodes
     finally:

@@ -26,12 +26,20 @@ class CreateVolumeRequest(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     COMPRESSION_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    FAILOVER_FIELD_NUMBER: _builtins.int
+    FAILOVER_AFTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size: _builtins.str
     """"512M", "10G", "1073741824"; empty means 1G."""
     compression: _builtins.str
     node: _builtins.str
     """Empty: the live node with the most free space."""
+    failover: _builtins.str
+    """"manual" (the default when empty) or "auto": control fails the volume over
+    by itself once the owner's node has been gone failover_after seconds.
+    """
+    failover_after: _builtins.float
+    """Seconds; 0 means the default (30). Never below the owner's lease TTL."""
     def __init__(
         self,
         *,
@@ -39,10 +47,12 @@ class CreateVolumeRequest(_message.Message):
         size: _builtins.str = ...,
         compression: _builtins.str = ...,
         node: _builtins.str = ...,
+        failover: _builtins.str = ...,
+        failover_after: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "name", b"name", "node", b"node", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "failover", b"failover", "failover_after", b"failover_after", "name", b"name", "node", b"node", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -257,6 +267,8 @@ class Volume(_message.Message):
     COPIES_FIELD_NUMBER: _builtins.int
     CREATE_ERROR_FIELD_NUMBER: _builtins.int
     DIVERGED_FIELD_NUMBER: _builtins.int
+    FAILOVER_FIELD_NUMBER: _builtins.int
+    FAILOVER_AFTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     compression: _builtins.str
@@ -271,6 +283,9 @@ class Volume(_message.Message):
     """Why the node it was placed on could not create it; empty otherwise.
     The node does not retry; a new size ('volume update --size') or a delete ends it.
     """
+    failover: _builtins.str
+    """"manual" or "auto", and the seconds an auto failover waits for."""
+    failover_after: _builtins.float
     @_builtins.property
     def mounted_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Nodes where a container mounts it now."""
@@ -307,14 +322,72 @@ class Volume(_message.Message):
         copies: _abc.Iterable[Global___Copy] | None = ...,
         create_error: _builtins.str = ...,
         diverged: _abc.Iterable[Global___AsideCopy] | None = ...,
+        failover: _builtins.str = ...,
+        failover_after: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["move", b"move"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "create_error", b"create_error", "created_at", b"created_at", "deleted", b"deleted", "diverged", b"diverged", "epoch", b"epoch", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "create_error", b"create_error", "created_at", b"created_at", "deleted", b"deleted", "diverged", b"diverged", "epoch", b"epoch", "failover", b"failover", "failover_after", b"failover_after", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Volume: _TypeAlias = Volume  # noqa: Y015
+
+@_typing.final
+class FailoverVolumeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    node: _builtins.str
+    """Empty: the live copy holding the newest snapshot."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailoverVolumeRequest: _TypeAlias = FailoverVolumeRequest  # noqa: Y015
+
+@_typing.final
+class FailoverVolumeReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    OLD_OWNER_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    old_owner: _builtins.str
+    """The owner that was lost, and the snapshot the new owner starts from."""
+    snapshot: _builtins.str
+    lost: _builtins.str
+    """What the new copy lacks: "writes on host1 after 12:00:03 UTC (14 s before
+    it was lost) are not in this copy".
+    """
+    @_builtins.property
+    def volume(self) -> Global___Volume: ...
+    def __init__(
+        self,
+        *,
+        volume: Global___Volume | None = ...,
+        old_owner: _builtins.str = ...,
+        snapshot: _builtins.str = ...,
+        lost: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost", b"lost", "old_owner", b"old_owner", "snapshot", b"snapshot", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailoverVolumeReply: _TypeAlias = FailoverVolumeReply  # noqa: Y015
 
 @_typing.final
 class AsideCopy(_message.Message):
