@@ -30,8 +30,9 @@ from aiohttp import web
 
 from agent.store import VolumeStore
 from agent.usage import DockerMounts, HandoffRunning, mount_records
-from ferry.cluster.keyspace import Keyspace
-from ferry.core.records import MovePhase
+from ferry.cluster.keyspace import Keyspace, Versioned
+from ferry.core.fencing import LEASE_TTL_SECONDS
+from ferry.core.records import MovePhase, Owner, VolumeSpec
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +192,17 @@ class VolumePlugin:
         spec = await self.keyspace.get_volume(name)
         if spec is None or spec.value.deleted:
             raise PluginError(f"volume {name} does not exist (deleted?); create it first")
+        deadline = time.monotonic() + MOUNT_WAIT_SECONDS
         owner = await self.keyspace.get_owner(name)
+        if (
+            owner is not None
+            and owner.value.node != self.node
+            and await self.keyspace.get_node(owner.value.node) is None
+        ):
+            owner = await self._wait_for_failover(spec.value, owner.value, deadline)
         if owner is not None and owner.value.node != self.node:
             await self.control.move_volume(name, self.node)
             log.info("mount asked for a move: volume=%s from=%s", name, owner.value.node)
-        deadline = time.monotonic() + MOUNT_WAIT_SECONDS
         while time.monotonic() < deadline:
             owner = await self.keyspace.get_owner(name)
             if owner is None:
@@ -208,6 +215,38 @@ class VolumePlugin:
                 return
             await asyncio.sleep(POLL_SECONDS)
         raise PluginError(await self._still_moving(name))
+
+    async def _wait_for_failover(
+        self, spec: VolumeSpec, lost: Owner, deadline: float
+    ) -> Versioned[Owner] | None:
+        """The owner's node is down: a move cannot copy from it. With ``failover: auto``
+        wait (inside Docker's limit) for control to promote a copy, and return the new
+        owner; else PluginError saying to run the failover."""
+        name = spec.name
+        if spec.failover != "auto":
+            raise PluginError(
+                f"volume {name}'s owner {lost.node} is down, and its failover is manual: run "
+                f"'ferryctl volume failover {name}' (--to {self.node} for this host's copy), "
+                f"then start the container again; or start {lost.node} again"
+            )
+        due = LEASE_TTL_SECONDS + spec.failover_after
+        if due > MOUNT_WAIT_SECONDS:
+            raise PluginError(
+                f"volume {name}'s owner {lost.node} is down; its auto failover comes up to "
+                f"{due:.0f} s after the loss, longer than Docker waits for a mount: start the "
+                f"container again then, or run 'ferryctl volume failover {name}' now"
+            )
+        log.info("mount waits for the auto failover: volume=%s lost=%s", name, lost.node)
+        while time.monotonic() < deadline:
+            owner = await self.keyspace.get_owner(name)
+            if owner is not None and owner.value != lost:
+                return owner
+            await asyncio.sleep(POLL_SECONDS * 10)
+        raise PluginError(
+            f"volume {name}'s owner {lost.node} is down and no auto failover happened in "
+            f"{MOUNT_WAIT_SECONDS:.0f} s (is ferry-control running? 'ferryctl volume get "
+            f"{name}' says why); run 'ferryctl volume failover {name}'"
+        )
 
     async def _refuse_if_create_failed(self, name: str) -> None:
         spec = await self.keyspace.get_volume(name)
