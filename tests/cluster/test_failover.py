@@ -1,0 +1,155 @@
+"""Failover between netns hosts: an owner cut off stops its writes before anyone may take
+over, a failover says what it loses, and the old owner comes back as a replica.
+
+host2 holds a standby copy of each volume: the volume is created there and moved
+to host1, and a move's source keeps a read-only copy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ferry.core.fencing import FENCING_BOUND_SECONDS, LEASE_TTL_SECONDS
+from tests.cluster.test_acknowledged_writes import container_writing, docker_hosts, logs
+from tests.cluster.test_faults import writable_copies
+from tests.cluster.test_moves import wait_for
+from tests.support.cluster import Cluster, ClusterHost
+
+pytestmark = pytest.mark.cluster
+
+LOSS = re.compile(
+    r"writes on host1 after \d\d:\d\d:\d\d UTC \((\d+) s before it was lost\) are not in this copy"
+)
+# Polling the container's log every half second, and docker logs' own delay.
+OBSERVED_SLACK_SECONDS = 1.5
+
+
+@pytest.fixture
+def volume(cluster: Cluster) -> Iterator[str]:
+    """A volume owned by host1 with a standby copy on host2."""
+    name = f"fo-{secrets.token_hex(3)}"
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    cluster.ferryctl(["volume", "create", name, "--size", "128M", "--node", b.name])
+    wait_for(f"{name} owned by {b.name}", lambda: cluster.volume(name)["owner"] == b.name)
+    cluster.ferryctl(["volume", "move", name, a.name, "--wait", "--timeout", "120"])
+    yield name
+    cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
+
+
+def link(cluster: Cluster, host: ClusterHost, up: bool) -> None:
+    cluster.run(host, ["ip", "link", "set", "eth0", "up" if up else "down"])
+
+
+def live(cluster: Cluster, host: ClusterHost) -> bool:
+    nodes = json.loads(cluster.ferryctl(["node", "list", "-o", "json"]).stdout)
+    return any(node["name"] == host.name for node in nodes)
+
+
+def last_write(cluster: Cluster, host: ClusterHost, container: str, quiet: float) -> float:
+    """When the container's last acknowledged write was seen, once none came for ``quiet`` s."""
+    count, seen_at = len(logs(cluster, host, container)), time.monotonic()
+    while time.monotonic() - seen_at < quiet:
+        time.sleep(0.5)
+        now = len(logs(cluster, host, container))
+        if now != count:
+            count, seen_at = now, time.monotonic()
+    return seen_at
+
+
+def failover(cluster: Cluster, volume: str, *args: str) -> str:
+    result = cluster.ferryctl(["volume", "failover", volume, *args], check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_partitioned_owner_stops_writing_before_a_failover_and_returns_as_a_replica(
+    cluster: Cluster, volume: str
+) -> None:
+    a, b = docker_hosts(cluster)
+    with container_writing(cluster, a, volume) as container:
+        written_before = logs(cluster, a, container)
+        link(cluster, a, up=False)
+        cut = time.monotonic()
+        try:
+            refused = cluster.ferryctl(["volume", "failover", volume], check=False)
+            assert refused.returncode != 0 and "is live" in refused.stderr, refused.stderr
+            stopped = last_write(cluster, a, container, quiet=4.0) - cut
+            print(f"writes stopped {stopped:.1f} s after the cut (bound {FENCING_BOUND_SECONDS})")
+            assert stopped <= FENCING_BOUND_SECONDS + OBSERVED_SLACK_SECONDS
+            assert live(cluster, a), "the writes stopped while the lease still held"
+            assert "Read-only file system" in cluster.docker(a, ["logs", container]).stderr
+
+            wait_for(f"{a.name}'s lease to expire", lambda: not live(cluster, a), 30)
+            print(f"lease gone {time.monotonic() - cut:.1f} s after the cut")
+            said = failover(cluster, volume)
+            assert LOSS.search(said), said
+            print(said.strip())
+        finally:
+            link(cluster, a, up=True)
+        assert cluster.volume(volume)["owner"] == b.name
+        wait_for(f"{a.name} to register again", lambda: live(cluster, a), 60)
+        late = logs(cluster, a, container)
+        time.sleep(3)
+        assert logs(cluster, a, container) == late, f"{a.name} served writes after it returned"
+    wait_for(
+        f"{a.name}'s late writes kept aside",
+        lambda: [d["node"] for d in cluster.volume(volume)["diverged"]] == [a.name],
+        60,
+    )
+    assert writable_copies(cluster, volume) == [b.name]
+    copies = {c["node"]: c for c in cluster.volume(volume)["copies"]}
+    assert not copies[a.name]["writable"], f"{a.name}'s copy is a read-only replica"
+    assert written_before, "the container wrote before the cut"
+
+
+def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, volume: str) -> None:
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    cluster.agent(a.name, "kill")
+    link(cluster, a, up=False)
+    lost = time.monotonic()
+    try:
+        wait_for(f"{a.name}'s lease to expire", lambda: not live(cluster, a), 30)
+        said = failover(cluster, volume, "--to", b.name)
+        found = LOSS.search(said)
+        assert found, said
+        print(said.strip())
+        wait_for(f"{b.name}'s copy writable", lambda: writable_copies(cluster, volume) == [b.name])
+        print(f"manual failover: writable {time.monotonic() - lost:.1f} s after the loss")
+    finally:
+        link(cluster, a, up=True)
+        cluster.agent(a.name, "start")
+    wait_for(f"{a.name} back as a replica", lambda: live(cluster, a), 60)
+
+    auto = f"fa-{secrets.token_hex(3)}"
+    cluster.ferryctl(
+        ["volume", "create", auto, "--size", "128M", "--node", b.name, "--failover", "auto",
+         "--failover-after", str(LEASE_TTL_SECONDS)]
+    )  # fmt: skip
+    try:
+        wait_for(f"{auto} owned by {b.name}", lambda: cluster.volume(auto)["owner"] == b.name)
+        cluster.ferryctl(["volume", "move", auto, a.name, "--wait", "--timeout", "120"])
+        cluster.agent(a.name, "kill")
+        link(cluster, a, up=False)
+        lost = time.monotonic()
+        try:
+            wait_for(
+                "the auto failover",
+                lambda: cluster.volume(auto)["owner"] == b.name,
+                3 * LEASE_TTL_SECONDS + 30,
+            )
+            took = time.monotonic() - lost
+            print(f"auto failover {took:.1f} s after the loss (lease TTL {LEASE_TTL_SECONDS} s)")
+            assert took >= LEASE_TTL_SECONDS, "failed over before the owner's lease could expire"
+            wait_for(f"{b.name} writable", lambda: writable_copies(cluster, auto) == [b.name])
+        finally:
+            link(cluster, a, up=True)
+            cluster.agent(a.name, "start")
+        wait_for(f"{a.name} to register again", lambda: live(cluster, a), 60)
+    finally:
+        cluster.ferryctl(["volume", "delete", auto, "--force"], check=False)
