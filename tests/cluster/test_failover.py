@@ -51,15 +51,17 @@ def live(cluster: Cluster, host: ClusterHost) -> bool:
     return any(node["name"] == host.name for node in nodes)
 
 
-def last_write(cluster: Cluster, host: ClusterHost, container: str, quiet: float) -> float:
-    """When the container's last acknowledged write was seen, once none came for ``quiet`` s."""
-    count, seen_at = len(logs(cluster, host, container)), time.monotonic()
-    while time.monotonic() - seen_at < quiet:
-        time.sleep(0.5)
+def until_lease_gone(cluster: Cluster, host: ClusterHost, container: str) -> tuple[float, float]:
+    """Follow the container's acknowledged writes until ``host``'s lease is gone (at most
+    30 s); returns when (time.monotonic) the last new write was seen, and the lease gone."""
+    count, written_at = len(logs(cluster, host, container)), time.monotonic()
+    deadline = written_at + 30
+    while live(cluster, host):
+        assert time.monotonic() < deadline, f"{host.name}'s lease did not expire"
         now = len(logs(cluster, host, container))
         if now != count:
-            count, seen_at = now, time.monotonic()
-    return seen_at
+            count, written_at = now, time.monotonic()
+    return written_at, time.monotonic()
 
 
 def failover(cluster: Cluster, volume: str, *args: str) -> str:
@@ -79,14 +81,14 @@ def test_a_partitioned_owner_stops_writing_before_a_failover_and_returns_as_a_re
         try:
             refused = cluster.ferryctl(["volume", "failover", volume], check=False)
             assert refused.returncode != 0 and "is live" in refused.stderr, refused.stderr
-            stopped = last_write(cluster, a, container, quiet=4.0) - cut
-            print(f"writes stopped {stopped:.1f} s after the cut (bound {FENCING_BOUND_SECONDS})")
-            assert stopped <= FENCING_BOUND_SECONDS + OBSERVED_SLACK_SECONDS
-            assert live(cluster, a), "the writes stopped while the lease still held"
+            written_at, gone_at = until_lease_gone(cluster, a, container)
+            print(
+                f"writes stopped {written_at - cut:.1f} s after the cut (bound "
+                f"{FENCING_BOUND_SECONDS} s), the lease went {gone_at - cut:.1f} s after it"
+            )
+            assert written_at - cut <= FENCING_BOUND_SECONDS + OBSERVED_SLACK_SECONDS
+            assert written_at < gone_at, "a write was acknowledged after the lease was gone"
             assert "Read-only file system" in cluster.docker(a, ["logs", container]).stderr
-
-            wait_for(f"{a.name}'s lease to expire", lambda: not live(cluster, a), 30)
-            print(f"lease gone {time.monotonic() - cut:.1f} s after the cut")
             said = failover(cluster, volume)
             assert LOSS.search(said), said
             print(said.strip())
