@@ -647,3 +647,42 @@ def ca_issue(
     except ca.CAError as error:
         fail(str(error))
     click.echo(f"certificate: {cert}\nkey: {key}")
+
+
+def _named_addresses(entries: tuple[str, ...], flag: str) -> dict[str, tuple[str, ...]]:
+    """NAME=IP[,IP...] entries -> {NAME: (IP, ...)}."""
+    named = {}
+    for entry in entries:
+        name, _, ips = entry.partition("=")
+        if not name or not ips:
+            fail(f"{flag} {entry!r}: give NAME=IP or NAME=IP,IP")
+        named[name] = tuple(ips.split(","))
+    return named
+
+
+@ca_group.command("issue-cluster")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@click.option("--control", "control_ips", multiple=True, help="IP control serves on (repeatable).")
+@click.option("--node", "nodes", multiple=True, help="NAME=IP of a node (repeatable).")
+@click.option("--etcd", "etcd_members", multiple=True, help="NAME=IP[,IP] of an etcd member.")
+@click.option("--user", "users", multiple=True, help="A user (operator) name (repeatable).")
+def ca_issue_cluster(
+    directory: Path,
+    control_ips: tuple[str, ...],
+    nodes: tuple[str, ...],
+    etcd_members: tuple[str, ...],
+    users: tuple[str, ...],
+) -> None:
+    """Make a cluster's CA and certificates in DIR: control, each node, each etcd member,
+    each user and etcd's root. Keeps an existing CA and existing certificates."""
+    try:
+        issued = ca.issue_cluster(
+            directory,
+            control_ips=control_ips,
+            nodes=_named_addresses(nodes, "--node"),
+            etcd_members=_named_addresses(etcd_members, "--etcd"),
+            users=users,
+        )
+    except ca.CAError as error:
+        fail(str(error))
+    click.echo(f"issued in {directory}: {', '.join(issued) or 'nothing new'}")

@@ -8,7 +8,8 @@
 # Writes DIR/ca.crt, ca.key, control.{crt,key}, NODE.{crt,key}, admin.{crt,key},
 # etcd-NODE.{crt,key} (the etcd member certificate, used where NODE runs etcd)
 # and root.{crt,key} (etcd's administrator, for ferry-etcd-bootstrap).
-# ferryctl comes from FERRYCTL, else from PATH.
+# `ferryctl ca issue-cluster` (ferry.security.ca.issue_cluster, the one way every
+# cluster's set is made) does the work. ferryctl comes from FERRYCTL, else from PATH.
 set -euo pipefail
 
 if [ "$#" -lt 3 ]; then
@@ -26,23 +27,9 @@ if [ -z "$ferryctl" ] || [ ! -x "$ferryctl" ]; then
     exit 1
 fi
 
-issue() {
-    local kind="$1" name="$2"
-    shift 2
-    if [ -e "$dir/$name.crt" ]; then
-        return 0
-    fi
-    "$ferryctl" ca issue --dir "$dir" --kind "$kind" --name "$name" "$@"
-}
-
-if [ ! -e "$dir/ca.key" ]; then
-    mkdir -p "$dir"
-    "$ferryctl" ca init --dir "$dir"
-fi
-issue control control --ip "$control_ip"
+flags=(--control "$control_ip" --user admin)
 for entry in "$@"; do
-    issue node "${entry%%=*}" --ip "${entry#*=}"
-    issue etcd "etcd-${entry%%=*}" --ip "${entry#*=}" --ip 127.0.0.1
+    flags+=(--node "$entry" --etcd "etcd-${entry%%=*}=${entry#*=},127.0.0.1")
 done
-issue user admin
-issue etcd-root root
+mkdir -p "$dir"
+"$ferryctl" ca issue-cluster --dir "$dir" "${flags[@]}"

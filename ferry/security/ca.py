@@ -13,6 +13,11 @@ certificate is the etcd user of that node, control's is ``control``. An
 ``etcd-root`` certificate (name ``root``) is the etcd administrator that
 bootstraps users and roles. Reserved names go with their kind only, so no node
 or user certificate can act as ``control`` or ``root`` in etcd.
+
+``issue_cluster`` is the one way a whole cluster's set is made: the local
+cluster (``deploy/local-cluster``), the Vagrant cluster (``vagrant/certs.sh``,
+through ``ferryctl ca issue-cluster``) and the test suite's etcd all call it,
+so they cannot drift apart in which certificates a cluster needs.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -139,6 +145,39 @@ def issue(
     _write(key_path, _key_pem(key), private=True)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
     return cert_path, key_path
+
+
+def issue_cluster(
+    directory: Path,
+    *,
+    control_ips: Sequence[str],
+    nodes: Mapping[str, Sequence[str]],
+    etcd_members: Mapping[str, Sequence[str]],
+    users: Sequence[str],
+) -> list[str]:
+    """A cluster's CA and certificates in ``directory``: ``control`` (serving on
+    ``control_ips``), each node and etcd member (name -> the IPs it serves on), each user,
+    and etcd's ``root``. Returns the names issued now.
+
+    Idempotent: an existing CA and existing certificates are kept, so a second run (a
+    Vagrant ``provision`` after ``up``) neither replaces the CA that signed the nodes'
+    certificates nor re-keys a node that already holds its key.
+    """
+    if not (directory / "ca.key").exists():
+        init(directory)
+    wanted = [
+        ("control", "control", tuple(control_ips)),
+        *(("node", name, tuple(ips)) for name, ips in nodes.items()),
+        *(("etcd", name, tuple(ips)) for name, ips in etcd_members.items()),
+        *(("user", name, ()) for name in users),
+        ("etcd-root", "root", ()),
+    ]
+    issued = []
+    for kind, name, ips in wanted:
+        if not (directory / f"{name}.crt").exists():
+            issue(directory, kind, name, ips)
+            issued.append(name)
+    return issued
 
 
 def _check_reserved(kind: str, name: str) -> None:

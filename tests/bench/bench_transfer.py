@@ -29,8 +29,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.cluster.test_moves import mount_held, mountpoint, wait_for, write_random
 from tests.support.cluster import Cluster, ClusterHost, local_cluster
+from tests.support.volumes import mount_held, mountpoint, wait_for, write_random_on
 
 MIB = 1 << 20
 PLAIN = {"FERRY_INSECURE_PLAIN_STREAMS": "1"}
@@ -41,7 +41,7 @@ def fresh_volume(cluster: Cluster, host: ClusterHost, mib: int) -> str:
     name = f"bench-{secrets.token_hex(3)}"
     cluster.ferryctl(["volume", "create", name, "--size", f"{mib + 256}M", "--node", host.name])
     wait_for(f"{name} on {host.name}", lambda: cluster.volume(name)["owner"] == host.name)
-    write_random(cluster, host, f"{mountpoint(host, name)}/data", mib)
+    write_random_on(cluster, host, f"{mountpoint(host, name)}/data", mib)
     return name
 
 
@@ -91,7 +91,7 @@ def handoff_pause(cluster: Cluster, name: str, a: ClusterHost, b: ClusterHost) -
     with mount_held(cluster, name, a.name):
         cluster.ferryctl(["volume", "move", name, b.name])
         wait_for("pre-copy", lambda: phase(cluster, name) == "waiting_for_unmount", 600)
-        write_random(cluster, a, f"{mountpoint(a, name)}/changed", 16)
+        write_random_on(cluster, a, f"{mountpoint(a, name)}/changed", 16)
         time.sleep(4)  # let pre-copy catch up with the 16 MiB, as it does in use
         released = time.monotonic()
     dataset = f"{b.pool}/ferry/{name}"

@@ -16,9 +16,8 @@ import pytest
 
 from ferry.security import ca
 from ferry.security.certificates import not_after
-from tests.cluster.test_faults import finish_and_check
-from tests.cluster.test_moves import checksums, mountpoint, wait_for, write_random
 from tests.support.cluster import Cluster
+from tests.support.volumes import checksums, finish_and_check, mountpoint, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
 
@@ -42,7 +41,7 @@ def test_a_renewed_node_certificate_is_taken_up_without_a_restart(
     name = f"rn-{secrets.token_hex(3)}"
     cluster.ferryctl(["volume", "create", name, "--size", "256M", "--node", b.name])
     wait_for(f"{name} on {b.name}", lambda: cluster.volume(name)["owner"] == b.name)
-    write_random(cluster, b, f"{mountpoint(b, name)}/data", 16)
+    write_random_on(cluster, b, f"{mountpoint(b, name)}/data", 16)
     data = checksums(cluster, b, mountpoint(b, name))
     try:
         for part in ("ca.crt", "ca.key"):

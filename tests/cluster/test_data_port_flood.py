@@ -16,9 +16,8 @@ import pytest
 
 from agent.transfer.data import TOKEN_READ_SECONDS, host_of
 from agent.transfer.unadmitted import PER_PEER
-from tests.cluster.test_faults import finish_and_check
-from tests.cluster.test_moves import checksums, mountpoint, wait_for, write_random
 from tests.support.cluster import Cluster
+from tests.support.volumes import checksums, finish_and_check, mountpoint, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
 
@@ -65,7 +64,7 @@ def test_a_flood_on_the_data_port_is_capped_quiet_and_leaves_the_agent_serving(
     name = f"fl-{secrets.token_hex(3)}"
     cluster.ferryctl(["volume", "create", name, "--size", "256M", "--node", a.name])
     wait_for(f"{name} on {a.name}", lambda: cluster.volume(name)["owner"] == a.name)
-    write_random(cluster, a, f"{mountpoint(a, name)}/data", 16)
+    write_random_on(cluster, a, f"{mountpoint(a, name)}/data", 16)
     data = checksums(cluster, a, mountpoint(a, name))
     try:
         logged_before = log.stat().st_size

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster.test_moves import mountpoint, wait_for, write_random
 from tests.support.cluster import Cluster, ClusterHost
+from tests.support.volumes import mountpoint, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
 
@@ -65,7 +65,7 @@ def test_late_writes_on_the_old_copy_are_kept_aside_listed_and_dropped_on_reques
     cluster: Cluster, volume: str
 ) -> None:
     a, b = cluster.hosts[0], cluster.hosts[1]
-    write_random(cluster, a, f"{mountpoint(a, volume)}/before", 1)
+    write_random_on(cluster, a, f"{mountpoint(a, volume)}/before", 1)
     cluster.ferryctl(["volume", "move", volume, b.name, "--wait", "--timeout", "300"])
     late = write_late_lines(cluster, a, volume)
 

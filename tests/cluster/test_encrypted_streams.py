@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.test_faults import finish_and_check, move_error
-from tests.cluster.test_moves import checksums, mountpoint, wait_for, write_random
 from tests.support.cluster import Cluster
+from tests.support.volumes import (
+    checksums,
+    finish_and_check,
+    mountpoint,
+    move_error,
+    wait_for,
+    write_random_on,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -38,7 +44,7 @@ def test_a_default_receiver_refuses_a_plain_sender_and_takes_its_copy_encrypted(
     name = f"enc-{secrets.token_hex(3)}"
     cluster.ferryctl(["volume", "create", name, "--size", "512M", "--node", a.name])
     wait_for(f"{name} on {a.name}", lambda: cluster.volume(name)["owner"] == a.name)
-    write_random(cluster, a, f"{mountpoint(a, name)}/data", 96)
+    write_random_on(cluster, a, f"{mountpoint(a, name)}/data", 96)
     data = checksums(cluster, a, mountpoint(a, name))
     try:
         cluster.agent(a.name, "stop")

@@ -16,15 +16,9 @@ from collections.abc import Iterator
 import pytest
 
 from ferry.core.fencing import FENCING_BOUND_SECONDS, LEASE_TTL_SECONDS
-from tests.cluster.test_acknowledged_writes import (
-    TOOLBOX,
-    container_writing,
-    docker_hosts,
-    logs,
-)
-from tests.cluster.test_faults import writable_copies
-from tests.cluster.test_moves import wait_for
 from tests.support.cluster import Cluster, ClusterHost
+from tests.support.containers import TOOLBOX, container_writing, docker_hosts, logs
+from tests.support.volumes import wait_for, writable_copies
 
 pytestmark = pytest.mark.cluster
 

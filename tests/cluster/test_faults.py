@@ -18,53 +18,19 @@ import pytest
 
 from agent.moves import HANDOFF_DEADLINE_SECONDS
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
-from tests.cluster.test_moves import (
+from tests.support.cluster import Cluster, ClusterHost
+from tests.support.volumes import (
     checksums,
+    finish_and_check,
     mount_held,
     mountpoint,
+    sent,
     wait_for,
-    write_random,
+    writable_copies,
+    write_random_on,
 )
-from tests.support.cluster import Cluster, ClusterHost
 
 pytestmark = pytest.mark.cluster
-
-
-def writable_copies(cluster: Cluster, name: str) -> list[str]:
-    """Hosts where the volume's dataset is mounted read-write, in ZFS and in the mount table."""
-    found = []
-    for host in cluster.hosts[:2]:
-        out = cluster.run(
-            host,
-            ["zfs", "get", "-H", "-o", "value", "readonly,mounted", f"{host.pool}/ferry/{name}"],
-            check=False,
-        ).stdout.split()
-        if out != ["off", "yes"]:
-            continue
-        options = cluster.run(
-            host, ["findmnt", "-n", "-o", "OPTIONS", mountpoint(host, name)], check=False
-        ).stdout
-        if "ro" not in options.strip().split(","):
-            found.append(host.name)
-    return found
-
-
-def move_phase(cluster: Cluster, name: str) -> str:
-    move = cluster.volume(name).get("move") or {}
-    assert isinstance(move, dict)
-    return str(move.get("phase", ""))
-
-
-def sent(cluster: Cluster, name: str) -> int:
-    move = cluster.volume(name).get("move") or {}
-    assert isinstance(move, dict)
-    return int(move.get("bytes_sent", 0))
-
-
-def move_error(cluster: Cluster, name: str) -> str:
-    move = cluster.volume(name).get("move") or {}
-    assert isinstance(move, dict)
-    return str(move.get("error", ""))
 
 
 @pytest.fixture
@@ -76,7 +42,7 @@ def loaded(cluster: Cluster) -> Iterator[tuple[str, dict[str, str]]]:
     name = f"ft-{secrets.token_hex(3)}"
     cluster.ferryctl(["volume", "create", name, "--size", "1G", "--node", a.name])
     wait_for(f"{name} owned by {a.name}", lambda: cluster.volume(name)["owner"] == a.name)
-    write_random(cluster, a, f"{mountpoint(a, name)}/data", 384)
+    write_random_on(cluster, a, f"{mountpoint(a, name)}/data", 384)
     yield name, checksums(cluster, a, mountpoint(a, name))
     for host in cluster.hosts:
         if not _port_open(host.agent_address or ""):
@@ -91,14 +57,6 @@ def _port_open(address: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def finish_and_check(
-    cluster: Cluster, name: str, data: dict[str, str], target: ClusterHost
-) -> None:
-    wait_for("the move to finish", lambda: cluster.volume(name)["owner"] == target.name, 180)
-    wait_for("the target to serve it", lambda: writable_copies(cluster, name) == [target.name], 60)
-    assert checksums(cluster, target, mountpoint(target, name)) == data
 
 
 @pytest.mark.parametrize("victim", [0, 1], ids=["source", "target"])
@@ -298,7 +256,7 @@ def test_a_handoff_whose_final_send_hangs_thaws_the_source_and_the_move_complete
     cluster.ferryctl(["volume", "create", name, "--size", "256M", "--node", a.name])
     try:
         wait_for(f"{name} owned by {a.name}", lambda: cluster.volume(name)["owner"] == a.name)
-        write_random(cluster, a, f"{mountpoint(a, name)}/data", 8)
+        write_random_on(cluster, a, f"{mountpoint(a, name)}/data", 8)
         hung = {"FERRY_FAILPOINTS": "hang:zfs send -i", "FERRY_ZFS_TIMEOUTS": "stream=300"}
         cluster.agent(a.name, "stop")
         cluster.agent(a.name, "start", hung)
@@ -315,7 +273,7 @@ def test_a_handoff_whose_final_send_hangs_thaws_the_source_and_the_move_complete
         )
         assert time.monotonic() - frozen_at < HANDOFF_DEADLINE_SECONDS + 30
         assert cluster.volume(name)["owner"] == a.name
-        write_random(cluster, a, f"{mountpoint(a, name)}/after-the-hung-handoff", 4)
+        write_random_on(cluster, a, f"{mountpoint(a, name)}/after-the-hung-handoff", 4)
         wait_for(
             "move status to show the hung send of the next attempt",
             lambda: (

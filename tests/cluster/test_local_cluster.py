@@ -3,6 +3,7 @@ the local-only ones bring up their own netns clusters with deploy/local-cluster.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import subprocess
@@ -14,10 +15,14 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from socketserver import ThreadingMixIn, UnixStreamServer
+from typing import cast
 
 import pytest
-import yaml
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
+from agent.plugin import HANDSHAKE, ROUTES, VolumePlugin
+from ferry.localcluster.description import ClusterDescription
 from tests.cluster.conftest import requires_root
 from tests.support.cluster import Cluster, ClusterHost, local_cluster, local_cluster_command
 from tests.support.etcd import SOURCE_TREE, VENV_BIN
@@ -62,8 +67,8 @@ def unique_cluster_name() -> str:
 
 
 def test_suite_reads_its_hosts_from_the_description_file(cluster: Cluster) -> None:
-    described = yaml.safe_load(cluster.path.read_text())
-    assert cluster.host_names == [h["name"] for h in described["hosts"]]
+    described = ClusterDescription.load(cluster.path)
+    assert cluster.host_names == [h.name for h in described.hosts]
     assert len(set(cluster.host_names)) == len(cluster.hosts) >= 2
     for host in cluster.hosts:
         addresses = cluster.run(host, ["ip", "-o", "-4", "addr", "show"]).stdout
@@ -228,7 +233,10 @@ def docker_cluster() -> Iterator[Cluster]:
 
 class RecordingPlugin(ThreadingMixIn, UnixStreamServer):
     """Answers the Docker volume plugin protocol on one host's plugin socket and records
-    which calls reached it; stands in for the agent to show where each dockerd goes."""
+    which calls reached it; stands in for the agent to show where each dockerd goes.
+
+    Docker's handshake (Activate, Capabilities: the driver's scope) is answered by the real
+    plugin's own handlers, so dockerd treats the stand-in as it treats the agent."""
 
     daemon_threads = True
 
@@ -238,6 +246,10 @@ class RecordingPlugin(ThreadingMixIn, UnixStreamServer):
         super().__init__(str(socket_path), PluginHandler)
 
 
+async def real_plugin_answer(path: str) -> dict[str, object]:
+    return await ROUTES[path](cast(VolumePlugin, None), {})
+
+
 class PluginHandler(BaseHTTPRequestHandler):
     server: RecordingPlugin
 
@@ -245,17 +257,19 @@ class PluginHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
         self.server.calls.append((self.path, body))
-        answers: dict[str, object] = {
-            "/Plugin.Activate": {"Implements": ["VolumeDriver"]},
-            "/VolumeDriver.Capabilities": {"Capabilities": {"Scope": "local"}},
-            "/VolumeDriver.List": {"Volumes": [], "Err": ""},
-        }
-        reply = json.dumps(answers.get(self.path, {"Err": ""})).encode()
+        reply = json.dumps({"Err": "", **self.answer(self.path)}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/vnd.docker.plugins.v1+json")
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
         self.wfile.write(reply)
+
+    @staticmethod
+    def answer(path: str) -> dict[str, object]:
+        if path in HANDSHAKE:
+            # Activate and Capabilities answer constants; they never read the plugin.
+            return asyncio.run(real_plugin_answer(path))
+        return {"Volumes": []} if path == "/VolumeDriver.List" else {}
 
     def log_message(self, format: str, *args: object) -> None:
         """Quiet: the recorded calls are what the test reads."""
@@ -363,6 +377,14 @@ def fake_ferry_bin(directory: Path) -> Path:
     return directory
 
 
+def certificate_says(path: Path) -> tuple[str, list[str]]:
+    """The kind (organizational unit) and IP addresses a certificate names."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    kind = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return str(kind), [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+
+
 def test_up_issues_certificates_and_starts_control_and_an_agent_per_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -383,15 +405,18 @@ def test_up_issues_certificates_and_starts_control_and_an_agent_per_host(
         calls = record.read_text().splitlines()
         bridge = cluster.control_address.split(":")[0]  # type: ignore[union-attr]
         certs = cluster.tls_ca.parent  # type: ignore[union-attr]
-        assert f"ferryctl ca init --dir {certs}" in calls
-        issued = {c.split("--name ")[1].split()[0] for c in calls if " ca issue " in c}
-        assert issued == {"control", "admin", "etcd", "root", *cluster.host_names}
-        assert f"--kind etcd --name etcd --ip {bridge}" in "\n".join(calls)
+        assert any(c.startswith(f"ferryctl ca issue-cluster --dir {certs} ") for c in calls)
+        expected = {
+            "control": ("control", [bridge]),
+            "admin": ("user", []),
+            "etcd": ("etcd", [bridge]),
+            "root": ("etcd-root", []),
+            **{host.name: ("node", [host.address]) for host in cluster.hosts},
+        }
+        assert {who: certificate_says(certs / f"{who}.crt") for who in expected} == expected
         nodes = " ".join(f"--node {host}" for host in cluster.host_names)
         assert any(c.startswith("ferry-etcd-bootstrap ") and c.endswith(nodes) for c in calls)
-        assert f"--kind control --name control --ip {bridge}" in "\n".join(calls)
         for host in cluster.hosts:
-            assert f"--kind node --name {host.name} --ip {host.address}" in "\n".join(calls)
             agent = next(c for c in calls if c.startswith(f"ferry-agent --node {host.name} "))
             assert f"--pool {host.pool} " in agent
             assert f"--listen {host.agent_address} --advertise {host.agent_address}" in agent

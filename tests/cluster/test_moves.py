@@ -8,7 +8,6 @@ volume is driven through ferryctl like an operator would.
 from __future__ import annotations
 
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,62 +15,16 @@ from contextlib import contextmanager
 import pytest
 
 from tests.support.cluster import Cluster, ClusterHost
+from tests.support.volumes import (
+    MIB,
+    checksums,
+    mount_held,
+    mountpoint,
+    wait_for,
+    write_random_on,
+)
 
 pytestmark = pytest.mark.cluster
-
-MIB = 1 << 20
-
-
-def wait_for(what: str, predicate: object, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def mountpoint(host: ClusterHost, name: str) -> str:
-    assert host.mount_root, f"{host.name} has no mount_root in the cluster description"
-    return f"{host.mount_root}/{name}"
-
-
-def write_random(cluster: Cluster, host: ClusterHost, path: str, mib: int) -> None:
-    cluster.run(
-        host, ["dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={mib}", "status=none"]
-    )
-
-
-def checksums(cluster: Cluster, host: ClusterHost, directory: str) -> dict[str, str]:
-    out = cluster.run(
-        host, ["sh", "-s"], input=f"cd {directory} && sha256sum * | sort -k2\n"
-    ).stdout
-    return {line.split()[1]: line.split()[0] for line in out.splitlines()}
-
-
-@contextmanager
-def mount_held(cluster: Cluster, volume: str, node: str) -> Iterator[None]:
-    """A mount of ``volume`` on ``node`` as a container holds one: a bind mount of the
-    volume in a mount namespace of its own. A move of the volume waits for it to go
-    before its handoff (the agent reads the kernel's mount tables, not a record)."""
-    host = cluster.host(node)
-    inside = f"/tmp/held-{volume}"
-    script = (
-        f"mkdir -p {inside} && mount --bind {mountpoint(host, volume)} {inside} && exec sleep 600"
-    )
-    holder = subprocess.Popen(
-        [*host.run_prefix, "unshare", "-m", "--propagation", "slave", "sh", "-c", script]
-    )
-    try:
-        wait_for(
-            f"{volume} to show as mounted on {node}",
-            lambda: node in cluster.volume(volume)["mounted_on"],
-            timeout=30,
-        )
-        yield
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @contextmanager
@@ -80,7 +33,7 @@ def moving_while_mounted(
 ) -> Iterator[None]:
     """16 MiB written on ``source``, a container's mount held there, and a move to ``target``
     that has pre-copied and waits for the unmount; the mount goes on leaving."""
-    write_random(cluster, source, f"{mountpoint(source, volume)}/before", 16)
+    write_random_on(cluster, source, f"{mountpoint(source, volume)}/before", 16)
     with mount_held(cluster, volume, source.name):
         cluster.ferryctl(["volume", "move", volume, target.name])
         wait_for(
@@ -104,8 +57,8 @@ def test_a_volume_moves_with_its_data_and_comes_back_incrementally(
     cluster: Cluster, volume: str
 ) -> None:
     a, b = cluster.hosts[0], cluster.hosts[1]
-    write_random(cluster, a, f"{mountpoint(a, volume)}/big", 256)
-    write_random(cluster, a, f"{mountpoint(a, volume)}/small", 1)
+    write_random_on(cluster, a, f"{mountpoint(a, volume)}/big", 256)
+    write_random_on(cluster, a, f"{mountpoint(a, volume)}/small", 1)
     before = checksums(cluster, a, mountpoint(a, volume))
 
     cluster.ferryctl(["volume", "move", volume, b.name, "--wait", "--timeout", "300"])
@@ -120,7 +73,7 @@ def test_a_volume_moves_with_its_data_and_comes_back_incrementally(
         lambda: copies_of(cluster, volume) == {b.name: True, a.name: False},
     )
 
-    write_random(cluster, b, f"{mountpoint(b, volume)}/new-on-b", 4)
+    write_random_on(cluster, b, f"{mountpoint(b, volume)}/new-on-b", 4)
     after_b = checksums(cluster, b, mountpoint(b, volume))
     cluster.ferryctl(["volume", "move", volume, a.name, "--wait", "--timeout", "300"])
     back = cluster.volume(volume)
@@ -145,7 +98,7 @@ def test_a_move_waits_while_mounted_and_completes_after_unmount(
 ) -> None:
     a, b = cluster.hosts[0], cluster.hosts[1]
     with moving_while_mounted(cluster, volume, a, b):
-        write_random(cluster, a, f"{mountpoint(a, volume)}/while-mounted", 8)
+        write_random_on(cluster, a, f"{mountpoint(a, volume)}/while-mounted", 8)
         time.sleep(1)
         assert cluster.volume(volume)["owner"] == a.name, "still writable on a while mounted"
         expected = checksums(cluster, a, mountpoint(a, volume))
@@ -168,4 +121,4 @@ def test_moving_back_during_a_move_cancels_it_and_the_source_keeps_the_volume(
     there = cluster.volume(volume)
     assert (there["owner"], there["epoch"], there["node"]) == (a.name, 1, a.name)
     assert there["move"]["phase"] == "failed"
-    write_random(cluster, a, f"{mountpoint(a, volume)}/after-the-cancel", 1)
+    write_random_on(cluster, a, f"{mountpoint(a, volume)}/after-the-cancel", 1)

@@ -13,8 +13,8 @@ import secrets
 import pytest
 
 from ferry.cluster.keyspace import Keyspace
-from tests.cluster.test_moves import mountpoint, wait_for
 from tests.support.cluster import Cluster, ClusterHost
+from tests.support.volumes import mountpoint, wait_for
 
 pytestmark = pytest.mark.cluster
 

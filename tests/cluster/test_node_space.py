@@ -7,8 +7,8 @@ import secrets
 
 import pytest
 
-from tests.cluster.test_moves import MIB, mountpoint, wait_for, write_random
 from tests.support.cluster import Cluster
+from tests.support.volumes import MIB, mountpoint, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
 
@@ -27,7 +27,7 @@ def test_written_data_lowers_the_free_space_that_creates_are_checked_against(
     cluster.ferryctl(["volume", "create", name, "--size", "1G", "--node", host.name])
     try:
         wait_for(f"{name} owned by {host.name}", lambda: cluster.volume(name)["owner"] == host.name)
-        write_random(cluster, host, f"{mountpoint(host, name)}/data", 96)
+        write_random_on(cluster, host, f"{mountpoint(host, name)}/data", 96)
         wait_for(
             f"{host.name}'s free space on record to drop by the 96 MiB written",
             lambda: free_bytes(cluster, host.name) <= before - 64 * MIB,

@@ -21,7 +21,7 @@ from agent.asides import AsideLedger
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.plan import Activate, Fence, Rejoin
 from ferry.core.records import Move, MovePhase, NodeInfo, NodeSeen, NodeState, Owner
-from tests.integration.test_divergence import aside_datasets, listed, read_aside
+from tests.support.asides import aside_datasets, listed, read_aside
 from tests.support.etcd import ControlServer, ferryctl
 from tests.support.nodes import Node, append_lines, create_owned, move, running_nodes
 from tests.support.pools import ScratchPool, scratch_pool

@@ -22,16 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import aetcd
-import yaml
 
 from ferry.cluster.keyspace import endpoints_client
+from ferry.localcluster.description import ClusterDescription, DescriptionError, HostDescription
 from ferry.security.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CLUSTER = REPO / "deploy" / "local-cluster"
-FORMAT_VERSION = 1
 COMMAND_TIMEOUT_SECONDS = 300.0
 
 
@@ -39,94 +38,78 @@ class ClusterError(RuntimeError):
     """The description file is unusable or a cluster command failed; the message says which."""
 
 
-@dataclass(frozen=True)
-class ClusterHost:
-    name: str
-    address: str
-    run_prefix: tuple[str, ...]
-    pool: str
-    agent_address: str | None
-    plugin_socket: str | None
-    mount_root: str | None
-    docker_host: str | None
-    logs: Mapping[str, str | None]
+ClusterHost = HostDescription
+"""One host as the description file states it (``ferry.localcluster.description``)."""
 
 
 @dataclass(frozen=True)
 class Cluster:
+    """The cluster a description file names, and the commands tests run on it."""
+
     path: Path
-    name: str
-    hosts: tuple[ClusterHost, ...]
-    etcd_endpoints: tuple[str, ...]
-    control_address: str | None
-    insecure: bool
-    tls_ca: Path | None
-    user_cert: Path | None
-    user_key: Path | None
-    logs: Mapping[str, str | None]
-    kind: str = "local"
-    etcd_root_cert: Path | None = None
-    etcd_root_key: Path | None = None
-    swarm_manager: str | None = None
-    """The host whose dockerd manages a Docker Swarm of all hosts' dockerds, if any."""
+    description: ClusterDescription
 
     @classmethod
     def load(cls, path: Path) -> Cluster:
         try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ClusterError(f"cannot read cluster description {path}: {exc}") from exc
-        if not isinstance(raw, dict) or raw.get("version") != FORMAT_VERSION:
-            raise ClusterError(
-                f"{path} is not a version {FORMAT_VERSION} cluster description "
-                "(see docs/local-cluster.md)"
-            )
-        try:
-            return cls._from_mapping(path, raw)
-        except (KeyError, TypeError) as exc:
-            raise ClusterError(
-                f"{path}: missing or malformed field {exc} (see docs/local-cluster.md)"
-            ) from exc
+            return cls(path, ClusterDescription.load(path))
+        except DescriptionError as exc:
+            raise ClusterError(str(exc)) from exc
 
-    @classmethod
-    def _from_mapping(cls, path: Path, raw: dict[str, Any]) -> Cluster:
-        hosts = tuple(
-            ClusterHost(
-                name=h["name"],
-                address=h["address"],
-                run_prefix=tuple(h["run"]),
-                pool=h["pool"],
-                agent_address=h.get("agent"),
-                plugin_socket=h.get("plugin_socket"),
-                mount_root=h.get("mount_root"),
-                docker_host=h.get("docker_host"),
-                logs=dict(h.get("logs") or {}),
-            )
-            for h in raw["hosts"]
-        )
-        if not hosts:
-            raise ClusterError(f"{path} describes no hosts")
-        tls = raw.get("tls") or {}
-        control = raw.get("control") or {}
-        return cls(
-            path=path,
-            name=raw["name"],
-            hosts=hosts,
-            etcd_endpoints=tuple(raw["etcd"]["endpoints"]),
-            control_address=control.get("address"),
-            insecure=bool(tls.get("insecure")),
-            tls_ca=_optional_path(tls.get("ca")),
-            user_cert=_optional_path(tls.get("user_cert")),
-            user_key=_optional_path(tls.get("user_key")),
-            logs={
-                "etcd": (raw["etcd"] or {}).get("log"),
-                "control": control.get("log"),
-            },
-            kind=str(raw.get("kind", "local")),
-            etcd_root_cert=_optional_path(tls.get("etcd_root_cert")),
-            etcd_root_key=_optional_path(tls.get("etcd_root_key")),
-            swarm_manager=(raw.get("swarm") or {}).get("manager"),
-        )
+    @property
+    def name(self) -> str:
+        return self.description.name
+
+    @property
+    def kind(self) -> str:
+        return self.description.kind
+
+    @property
+    def hosts(self) -> tuple[ClusterHost, ...]:
+        return self.description.hosts
+
+    @property
+    def etcd_endpoints(self) -> tuple[str, ...]:
+        return self.description.etcd_endpoints
+
+    @property
+    def control_address(self) -> str | None:
+        return self.description.control_address
+
+    @property
+    def insecure(self) -> bool:
+        return self.description.tls.insecure
+
+    @property
+    def tls_ca(self) -> Path | None:
+        return self.description.tls.ca
+
+    @property
+    def user_cert(self) -> Path | None:
+        return self.description.tls.user_cert
+
+    @property
+    def user_key(self) -> Path | None:
+        return self.description.tls.user_key
+
+    @property
+    def etcd_root_cert(self) -> Path | None:
+        return self.description.tls.etcd_root_cert
+
+    @property
+    def etcd_root_key(self) -> Path | None:
+        return self.description.tls.etcd_root_key
+
+    @property
+    def logs(self) -> Mapping[str, str | None]:
+        """Logs of the cluster's services: ``etcd`` and ``control``."""
+        return {"etcd": self.description.etcd_log, "control": self.description.control_log}
+
+    @property
+    def swarm_manager(self) -> str | None:
+        """The host whose dockerd manages a Docker Swarm of all hosts' dockerds, if any."""
+        swarm = self.description.swarm
+        return swarm.manager if swarm else None
 
     @property
     def etcd_root(self) -> TlsFiles | None:
@@ -218,10 +201,6 @@ class Cluster:
         if target.docker_host:
             return _run(["docker", "-H", target.docker_host, *args], check, timeout)
         return self.run(target, ["docker", *args], check, timeout)
-
-
-def _optional_path(value: str | None) -> Path | None:
-    return Path(value) if value else None
 
 
 def _ferry_command(name: str) -> str:

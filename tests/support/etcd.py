@@ -331,17 +331,17 @@ def run_bootstrap(endpoints: list[str], certs: ClusterCerts, nodes: tuple[str, .
 
 def issue_certificates(directory: Path) -> ClusterCerts:
     """A cluster CA with certificates for control (127.0.0.1), the user ``ct-admin``, etcd's
-    members (127.0.0.1) and etcd's ``root``.
-
-    In this process, through ``ferry.security.ca`` (what ``ferryctl ca`` runs): five ferryctl
-    processes cost seconds per etcd on a loaded machine; the command line itself is run by
-    deploy/local-cluster and the cluster suite.
+    members (127.0.0.1) and etcd's ``root``: ``ca.issue_cluster``, as local-cluster and
+    Vagrant make theirs, in this process (five ferryctl processes cost seconds per etcd on a
+    loaded machine). Nodes get theirs on demand (``ClusterCerts.issue``).
     """
-    ca.init(directory)
-    ca.issue(directory, "control", "control", ips=("127.0.0.1",))
-    ca.issue(directory, "user", ADMIN)
-    ca.issue(directory, "etcd", ETCD_MEMBER, ips=("127.0.0.1",))
-    ca.issue(directory, "etcd-root", "root")
+    ca.issue_cluster(
+        directory,
+        control_ips=("127.0.0.1",),
+        nodes={},
+        etcd_members={ETCD_MEMBER: ("127.0.0.1",)},
+        users=(ADMIN,),
+    )
     return ClusterCerts(directory)
 
 

@@ -7,10 +7,12 @@ import stat
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
+from control.ctl import main
 from ferry.security import ca
 
 
@@ -108,3 +110,58 @@ def test_names_etcd_grants_by_go_only_with_their_kind(
     with pytest.raises(ca.CAError, match=message):
         ca.issue(tmp_path, kind, name)
     assert not (tmp_path / f"{name}.crt").exists()
+
+
+def kind_and_addresses(path: Path) -> tuple[str, list[str]]:
+    cert = load(path)
+    kind = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return str(kind), [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+
+
+def test_issue_cluster_makes_every_certificate_a_cluster_needs(tmp_path: Path) -> None:
+    issued = ca.issue_cluster(
+        tmp_path,
+        control_ips=("10.0.0.1",),
+        nodes={"host1": ("10.0.0.2",), "host2": ("10.0.0.3",)},
+        etcd_members={"etcd-host1": ("10.0.0.2", "127.0.0.1")},
+        users=("admin",),
+    )
+    assert sorted(issued) == ["admin", "control", "etcd-host1", "host1", "host2", "root"]
+    assert {name: kind_and_addresses(tmp_path / f"{name}.crt") for name in issued} == {
+        "control": ("control", ["10.0.0.1"]),
+        "host1": ("node", ["10.0.0.2"]),
+        "host2": ("node", ["10.0.0.3"]),
+        "etcd-host1": ("etcd", ["10.0.0.2", "127.0.0.1"]),
+        "admin": ("user", []),
+        "root": ("etcd-root", []),
+    }
+    for name in issued:
+        assert signed_by(load(tmp_path / f"{name}.crt"), load(tmp_path / "ca.crt"))
+
+
+def test_issue_cluster_again_keeps_the_ca_and_issues_only_what_is_missing(tmp_path: Path) -> None:
+    def issue(nodes: dict[str, tuple[str, ...]]) -> list[str]:
+        return ca.issue_cluster(
+            tmp_path, control_ips=("10.0.0.1",), nodes=nodes, etcd_members={}, users=("admin",)
+        )
+
+    issue({"host1": ("10.0.0.2",)})
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert issue({"host1": ("10.0.0.2",), "host2": ("10.0.0.3",)}) == ["host2"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in kept} == kept
+    assert signed_by(load(tmp_path / "host2.crt"), load(tmp_path / "ca.crt"))
+
+
+def test_ferryctl_ca_issue_cluster_reads_names_and_addresses(tmp_path: Path) -> None:
+    args = ["ca", "issue-cluster", "--dir", str(tmp_path), "--control", "10.0.0.1"]
+    args += ["--node", "host1=10.0.0.2", "--etcd", "etcd=10.0.0.1,127.0.0.1", "--user", "admin"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert kind_and_addresses(tmp_path / "etcd.crt") == ("etcd", ["10.0.0.1", "127.0.0.1"])
+    assert kind_and_addresses(tmp_path / "host1.crt") == ("node", ["10.0.0.2"])
+    refused = CliRunner().invoke(
+        main, ["ca", "issue-cluster", "--dir", str(tmp_path), "--node", "host3"]
+    )
+    assert refused.exit_code == 1
+    assert "--node 'host3': give NAME=IP" in refused.output

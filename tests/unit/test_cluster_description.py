@@ -1,0 +1,81 @@
+"""The cluster description file: what local-cluster writes is what the suite reads back."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ferry.localcluster.description import ClusterDescription, DescriptionError
+from ferry.localcluster.layout import describe, make_layout
+
+SUBNET = ipaddress.IPv4Network("10.212.7.0/24")
+
+
+@pytest.mark.parametrize(
+    ("docker", "insecure", "agents", "swarm"),
+    [(True, False, True, True), (False, True, True, False), (True, False, False, False)],
+)
+def test_a_saved_description_loads_as_the_same_cluster(
+    tmp_path: Path, docker: bool, insecure: bool, agents: bool, swarm: bool
+) -> None:
+    layout = make_layout("lc7", tmp_path / "lc7", SUBNET, 3)
+    described = describe(layout, docker, insecure, agents, swarm)
+    path = tmp_path / "cluster.yaml"
+    described.save(path)
+    assert ClusterDescription.load(path) == described
+    host2 = described.hosts[1]
+    assert (host2.name, host2.address, host2.pool) == ("host2", "10.212.7.3", "ferry-lc7-host2")
+    assert host2.run_prefix == ("nsenter", "--net=/run/netns/ferry-lc7-host2")
+    assert (host2.docker_host is not None) == docker
+    assert (described.control_address is not None) == agents
+    assert (described.tls.user_cert is not None) == (agents and not insecure)
+    assert (described.swarm is not None) == swarm
+
+
+def test_a_minimal_description_of_another_cluster_loads_with_the_rest_unset(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "name": "vagrant",
+                "kind": "vagrant",
+                "etcd": {"endpoints": ["192.168.56.11:2379"]},
+                "hosts": [
+                    {"name": "node1", "address": "192.168.56.11", "run": ["ssh"], "pool": "ferry"}
+                ],
+                "a_future_field": {"ignored": True},
+            }
+        )
+    )
+    described = ClusterDescription.load(path)
+    assert described.kind == "vagrant"
+    assert described.hosts[0].agent_address is None and described.control_address is None
+    assert described.tls.insecure is False and described.tls.ca is None
+    assert described.swarm is None
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("version: 2\nname: x\n", "is not a version 1 cluster description"),
+        ("version: 1\nname: x\nhosts: []\netcd: {endpoints: []}\n", "describes no hosts"),
+        (
+            "version: 1\nname: x\nhosts: [{name: h}]\netcd: {endpoints: []}\n",
+            "missing or malformed field",
+        ),
+        ("version: 1\nname: [x\n", "is not valid YAML"),
+    ],
+)
+def test_an_unusable_description_is_refused_saying_why(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    with pytest.raises(DescriptionError, match=says):
+        ClusterDescription.load(path)
