@@ -38,20 +38,33 @@ class ControlClient:
             )
         self._stub = control_pb2_grpc.ControlStub(self._channel)
 
-    async def create_volume(self, name: str, size: str, compression: str, node: str) -> None:
+    async def create_volume(
+        self,
+        name: str,
+        size: str,
+        compression: str,
+        node: str,
+        failover: str = "",
+        failover_after: float = 0.0,
+    ) -> None:
         """Without a node option, the volume is created where Docker asked for it.
 
         An existing volume is taken as it is when no option asks for anything else.
         """
         request = control_pb2.CreateVolumeRequest(
-            name=name, size=size, compression=compression, node=node or self._here
+            name=name,
+            size=size,
+            compression=compression,
+            node=node or self._here,
+            failover=failover,
+            failover_after=failover_after,
         )
         try:
             await self._stub.CreateVolume(request, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise self._failed(error) from error
-            if size or compression or node:
+            if size or compression or node or failover or failover_after:
                 raise PluginError(
                     f"volume {name} already exists; omit options to use it as it is"
                 ) from None

@@ -40,7 +40,7 @@ MOUNT_WAIT_SECONDS = 100.0
 # A Mount waiting for a move polls etcd (and ZFS only once the volume is owned here):
 # whatever it waits past the activation adds to the container's pause.
 POLL_SECONDS = 0.1
-KNOWN_OPTIONS = frozenset({"size", "compression", "node"})
+KNOWN_OPTIONS = frozenset({"size", "compression", "node", "failover", "failover_after"})
 
 
 class PluginError(Exception):
@@ -50,7 +50,15 @@ class PluginError(Exception):
 class ControlApi(Protocol):
     """What the plugin asks of ferry-control; errors are raised as PluginError."""
 
-    async def create_volume(self, name: str, size: str, compression: str, node: str) -> None: ...
+    async def create_volume(
+        self,
+        name: str,
+        size: str,
+        compression: str,
+        node: str,
+        failover: str = "",
+        failover_after: float = 0.0,
+    ) -> None: ...
 
     async def delete_volume(self, name: str) -> None: ...
 
@@ -85,8 +93,20 @@ class VolumePlugin:
                 f"unknown option(s) {', '.join(unknown)}; Ferry takes "
                 f"{', '.join(sorted(KNOWN_OPTIONS))} (e.g. -o size=1G)"
             )
+        try:
+            failover_after = float(opts.get("failover_after") or 0)
+        except ValueError:
+            raise PluginError(
+                f"failover_after={opts['failover_after']!r} is not a number of seconds "
+                "(e.g. -o failover_after=30)"
+            ) from None
         await self.control.create_volume(
-            name, opts.get("size", ""), opts.get("compression", ""), opts.get("node", "")
+            name,
+            opts.get("size", ""),
+            opts.get("compression", ""),
+            opts.get("node", ""),
+            opts.get("failover", ""),
+            failover_after,
         )
 
     async def remove(self, name: str) -> None:

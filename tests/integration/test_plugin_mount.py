@@ -29,7 +29,15 @@ SIZE = 64 << 20
 class NoControl:
     """The volume is owned here already: the plugin never asks control for anything."""
 
-    async def create_volume(self, name: str, size: str, compression: str, node: str) -> None:
+    async def create_volume(
+        self,
+        name: str,
+        size: str,
+        compression: str,
+        node: str,
+        failover: str = "",
+        failover_after: float = 0.0,
+    ) -> None:
         raise AssertionError("not called")
 
     async def delete_volume(self, name: str) -> None:
