@@ -90,9 +90,11 @@ class SelfFence:
             ",".join(sorted(self._frozen)) or "none",
         )
         deadline = self._fenced_at + FREEZE_RETRY_SECONDS
-        await asyncio.gather(*(self._freeze(volume, deadline) for volume in self._frozen))
+        await asyncio.gather(
+            *(self._freeze(volume, deadline, volume in writable) for volume in self._frozen)
+        )
 
-    async def _freeze(self, volume: str, deadline: float) -> None:
+    async def _freeze(self, volume: str, deadline: float, mounted_here: bool) -> None:
         """Freeze, retried while a file is open for writing, until ``deadline``; then the
         processes holding files open for writing are killed and the freeze tried once more.
 
@@ -102,7 +104,7 @@ class SelfFence:
         """
         while True:
             try:
-                await self._store.freeze(volume)
+                await self._store.freeze(volume, mounted_here)
                 log.warning("frozen, etcd lease lost: volume=%s node=%s", volume, self._node)
                 return
             except FilesystemBusy as busy:
@@ -124,7 +126,7 @@ class SelfFence:
                     await asyncio.sleep(BUSY_RETRY_SECONDS)
                     continue
             try:
-                await self._store.freeze(volume)
+                await self._store.freeze(volume, mounted_here)
                 log.warning("frozen, etcd lease lost: volume=%s node=%s", volume, self._node)
             except Exception as error:
                 log.error(

@@ -197,10 +197,12 @@ class VolumeStore:
             and (command.subject == dataset or (command.subject or "").startswith(dataset + "@"))
         ]
 
-    async def freeze(self, volume: str) -> None:
+    async def freeze(self, volume: str, mounted_here: bool = False) -> None:
         """Stop every writer at once, still mounted (PoolRoot.freeze; FilesystemBusy while a
-        process holds a file open for writing); ``stop_writes`` or ``thaw`` follows."""
-        await asyncio.to_thread(self._root.freeze, volume)
+        process holds a file open for writing); ``stop_writes`` or ``thaw`` follows.
+        ``mounted_here``: the kernel's mount table shows it at its mountpoint (no ZFS read)."""
+        at = self.mountpoint(volume) if mounted_here else None
+        await asyncio.to_thread(self._root.freeze, volume, at)
 
     async def thaw(self, volume: str, confirmed: bool = False) -> None:
         """Accept writes again after ``freeze``, for a handoff that failed before the swap;

@@ -268,8 +268,12 @@ class PoolRoot:
             retry_busy(lambda: zfs.zfs_unmount(dataset), f"unmount {volume}")
         zfs.lzc_set_prop(dataset, "canmount", "noauto")
 
-    def freeze(self, volume: str) -> None:
+    def freeze(self, volume: str, at: Path | None = None) -> None:
         """Stop every writer of the mounted volume at once, and flush what was written.
+
+        ``at``: where it is mounted, when the caller read that from the kernel's
+        mount table; then no ZFS property is read before the remount (the
+        self-fence must not wait on a slow ZFS daemon to stop writes).
 
         A read-only remount of the filesystem's superblock (not of one mount
         entry: a container's bind mount lives in its own mount namespace and
@@ -280,7 +284,7 @@ class PoolRoot:
         flag: instant, whatever the size, where ``unmount`` drops FUSE's page
         cache (0.2 s for 2 GiB on zfs-fuse). A frozen volume is unmounted later.
         """
-        path = self._mounted_path(volume)
+        path = str(at) if at is not None else self._mounted_path(volume)
         if path is None:
             return
         subject = self.dataset(volume).decode()
