@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from agent import zfs
-from agent.moves import MoveAbandoned, MoveDriver, PeerLookup
+from agent.replication.activation import Activation
+from agent.replication.ports import Peer
+from agent.replication.record import MoveAbandoned
+from agent.replication.source import MoveDriver
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from ferry.cluster.keyspace import Keyspace
@@ -26,13 +28,10 @@ from ferry.core.plan import (
     Rejoin,
     SetAside,
 )
-from ferry.core.records import MovePhase
 from ferry.core.snapshots import FENCED_PREFIX, newest_common
 
 log = logging.getLogger(__name__)
 
-# Compare-and-swap rounds for marking a move done, each on a fresh read.
-FINISH_ATTEMPTS = 10
 # ZFS refusing a create for reasons a retry does not change (too small, no room, bad value).
 CREATE_FAILED_FOR_GOOD = (zfs.NoSpace, zfs.QuotaExceeded, zfs.PropertyInvalid, zfs.NameInvalid)
 
@@ -46,14 +45,16 @@ class Executor:
         keyspace: Keyspace,
         store: VolumeStore,
         driver: MoveDriver,
+        activation: Activation,
         wake: Callable[[], None],
-        connect: PeerLookup,
+        connect: Callable[[str], Awaitable[Peer]],
     ) -> None:
         self._node = node
         self._connect = connect
         self._keyspace = keyspace
         self._store = store
         self._driver = driver
+        self._activation = activation
         self._wake = wake
         self._moves: dict[str, asyncio.Task[None]] = {}
 
@@ -79,7 +80,7 @@ class Executor:
             case Rejoin(volume):
                 await self._rejoin(volume)
             case Activate(volume, epoch):
-                await self._activate(volume, epoch)
+                await self._activation.activate(volume, epoch)
             case DriveMove(volume):
                 self._moves[volume] = asyncio.create_task(self._drive(volume))
             case Destroy(volume):
@@ -165,49 +166,6 @@ class Executor:
                 spec.value.size_bytes,
                 why,
             )
-
-    async def _activate(self, volume: str, epoch: int) -> None:
-        move = await self._keyspace.get_move(volume)
-        # A move a failover ended (its source was lost) brings nothing to wait for.
-        incoming = (
-            move is not None
-            and move.value.target == self._node
-            and move.value.phase != MovePhase.FAILED
-        )
-        if incoming and move is not None and move.value.final_snapshot:
-            held = [ref.name for ref in await self._store.snapshots(volume) or []]
-            if move.value.final_snapshot not in held:
-                log.error(
-                    "not activating: volume=%s lacks final snapshot %s of the handoff",
-                    volume,
-                    move.value.final_snapshot,
-                )
-                return
-        spec = await self._keyspace.get_volume(volume)
-        if spec is None:
-            return
-        await self._store.activate(spec.value)
-        log.info("volume writable: volume=%s node=%s epoch=%d", volume, self._node, epoch)
-        if incoming:
-            await self._finish_move(volume)
-
-    async def _finish_move(self, volume: str) -> None:
-        """Mark the move into this node done, on a fresh read each time: the source may still
-        be writing its last phase, and a lost compare-and-swap must not leave the move open."""
-        for _ in range(FINISH_ATTEMPTS):
-            move = await self._keyspace.get_move(volume)
-            if (
-                move is None
-                or move.value.target != self._node
-                or move.value.phase == MovePhase.DONE
-            ):
-                return
-            done = replace(move.value, phase=MovePhase.DONE, error="", updated_at=time.time())
-            if await self._keyspace.put_move(done, move.revision):
-                return
-        log.warning(
-            "move record not marked done after %d attempts: volume=%s", FINISH_ATTEMPTS, volume
-        )
 
     async def _drive(self, volume: str) -> None:
         backoff = Backoff()

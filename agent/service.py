@@ -24,9 +24,11 @@ from agent.asides import AsideLedger
 from agent.config import AgentConfig
 from agent.control_client import ControlClient
 from agent.executor import Executor
-from agent.moves import MoveDriver
 from agent.plugin import VolumePlugin, serve
 from agent.registration import Registration
+from agent.replication.activation import Activation
+from agent.replication.adapters import PoolStore, RemotePeer
+from agent.replication.source import MoveDriver
 from agent.retry import Backoff
 from agent.selffence import SelfFence
 from agent.store import VolumeStore
@@ -81,9 +83,16 @@ class AgentService:
         # Clients made before a certificate renewal: transfers may still run on them.
         self._retired: list[PeerClient] = []
         self._mounts = DockerMounts(config.docker_mounts_file)
-        self._driver = MoveDriver(config.node, keyspace, store, self._peer, self._mounts)
+        local = PoolStore(store, self._mounts)
+        self._driver = MoveDriver(config.node, keyspace, local, self._remote_peer)
         self._executor = Executor(
-            config.node, keyspace, store, self._driver, self._wakeup.set, self._peer
+            config.node,
+            keyspace,
+            store,
+            self._driver,
+            Activation(config.node, keyspace, local),
+            self._wakeup.set,
+            self._remote_peer,
         )
         self._registration = Registration(
             keyspace,
@@ -437,6 +446,9 @@ class AgentService:
             f"daemon on {self._config.node}: a command is killed at its limit and the step "
             "retried"
         )
+
+    async def _remote_peer(self, node: str) -> RemotePeer:
+        return RemotePeer(await self._peer(node))
 
     async def _peer(self, node: str) -> PeerClient:
         found = await self._keyspace.get_node(node)

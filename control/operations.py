@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from ferry.cluster.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
 from ferry.core import compression, fencing
 from ferry.core.failover import FailoverRefused, choose, loss
+from ferry.core.phases import ACTIVE_PHASES, Writer, check
 from ferry.core.records import (
-    ACTIVE_PHASES,
     AsideCopy,
     AsideDrop,
     Move,
@@ -266,6 +266,7 @@ class VolumeOps:
         await self._refuse_if_down(name, owner.value.node)
         await self._refuse_without_room(name, owner.value.node, target.value)
         move = Move(volume=name, source=owner.value.node, target=node, started_at=time.time())
+        check(existing.value.phase if existing else None, move.phase, Writer.CONTROL)
         if not await self._keyspace.request_move(
             current, owner, move, existing.revision if existing else None
         ):
@@ -297,6 +298,7 @@ class VolumeOps:
         move = await self._keyspace.get_move(name)
         ended = None
         if move is not None and move.value.phase in ACTIVE_PHASES:
+            check(move.value.phase, MovePhase.FAILED, Writer.CONTROL)
             ended = replace(
                 move.value,
                 phase=MovePhase.FAILED,
@@ -336,6 +338,7 @@ class VolumeOps:
             error=f"cancelled: moved back to {source} by request",
             updated_at=time.time(),
         )
+        check(move.value.phase, cancelled.phase, Writer.CONTROL)
         if not await self._keyspace.request_move(
             spec, owner, cancelled, move.revision, placement=source
         ):

@@ -10,10 +10,11 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
-from enum import Enum, StrEnum
+from enum import Enum
 from typing import Any, Self
 
 from ferry.core import compression, fencing, names
+from ferry.core.phases import MovePhase
 
 SCHEMA_VERSION = 1
 
@@ -208,22 +209,6 @@ class NodeSeen(_Record):
 
     def __post_init__(self) -> None:
         check_node_name(self.node)
-
-
-class MovePhase(StrEnum):
-    PENDING = "pending"
-    PRECOPY = "precopy"
-    WAITING_FOR_UNMOUNT = "waiting_for_unmount"
-    HANDOFF = "handoff"
-    ACTIVATING = "activating"
-    DONE = "done"
-    FAILED = "failed"
-
-
-# A move in one of these is under way; done and failed (cancelled too) ended it for good.
-ACTIVE_PHASES = frozenset(
-    {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
-)
 
 
 @dataclass(frozen=True)
