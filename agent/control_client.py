@@ -8,6 +8,7 @@ can deny nodes write access to ``volumes/``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import grpc
 
@@ -44,6 +45,7 @@ class ControlClient:
         size: str,
         compression: str,
         node: str,
+        replication: Mapping[str, str],
         failover: str = "",
         failover_after: float = 0.0,
     ) -> None:
@@ -51,6 +53,9 @@ class ControlClient:
 
         An existing volume is taken as it is when no option asks for anything else.
         """
+        replicas = replication.get("replicas", "")
+        if replicas and not replicas.isdigit():
+            raise PluginError(f"invalid replicas {replicas!r}: a whole number, 0 for none")
         request = control_pb2.CreateVolumeRequest(
             name=name,
             size=size,
@@ -58,13 +63,16 @@ class ControlClient:
             node=node or self._here,
             failover=failover,
             failover_after=failover_after,
+            replicas=int(replicas) if replicas else None,
+            rpo=replication.get("rpo", ""),
+            replace_after=replication.get("replace_after", ""),
         )
         try:
             await self._stub.CreateVolume(request, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise self._failed(error) from error
-            if size or compression or node or failover or failover_after:
+            if size or compression or node or replication or failover or failover_after:
                 raise PluginError(
                     f"volume {name} already exists; omit options to use it as it is"
                 ) from None

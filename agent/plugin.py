@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +40,9 @@ MOUNT_WAIT_SECONDS = 100.0
 # A Mount waiting for a move polls etcd (and ZFS only once the volume is owned here):
 # whatever it waits past the activation adds to the container's pause.
 POLL_SECONDS = 0.1
-KNOWN_OPTIONS = frozenset({"size", "compression", "node", "failover", "failover_after"})
+REPLICATION_OPTIONS = ("replicas", "rpo", "replace_after")
+FAILOVER_OPTIONS = ("failover", "failover_after")
+KNOWN_OPTIONS = frozenset({"size", "compression", "node", *REPLICATION_OPTIONS, *FAILOVER_OPTIONS})
 
 
 class PluginError(Exception):
@@ -56,9 +58,11 @@ class ControlApi(Protocol):
         size: str,
         compression: str,
         node: str,
+        replication: Mapping[str, str],
         failover: str = "",
         failover_after: float = 0.0,
-    ) -> None: ...
+    ) -> None:
+        """``replication``: the ``replicas``, ``rpo`` and ``replace_after`` options given."""
 
     async def delete_volume(self, name: str) -> None: ...
 
@@ -105,6 +109,7 @@ class VolumePlugin:
             opts.get("size", ""),
             opts.get("compression", ""),
             opts.get("node", ""),
+            {key: opts[key] for key in REPLICATION_OPTIONS if key in opts},
             opts.get("failover", ""),
             failover_after,
         )

@@ -20,12 +20,13 @@ from dataclasses import replace
 
 import grpc
 
-from agent.asides import AsideLedger
+from agent.asides import LEDGER_KINDS, AsideLedger
 from agent.config import AgentConfig
 from agent.control_client import ControlClient
 from agent.executor import Executor
 from agent.plugin import VolumePlugin, serve
 from agent.registration import Registration
+from agent.replicas import Replicator
 from agent.replication.activation import Activation
 from agent.replication.adapters import PoolStore, RemotePeer
 from agent.replication.source import MoveDriver
@@ -40,7 +41,8 @@ from agent.transfer.server import TransferService
 from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
-from ferry.cluster.keyspace import Keyspace, Unreadable, endpoints_client
+from ferry.cluster.keyspace import Keyspace, Kind, endpoints_client
+from ferry.cluster.view import DESIRED_KINDS, read_view
 from ferry.core.plan import Action, Actual, Desired, plan
 from ferry.core.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
 from ferry.security.certificates import CertificateWatch
@@ -85,6 +87,7 @@ class AgentService:
         self._mounts = DockerMounts(config.docker_mounts_file)
         local = PoolStore(store, self._mounts)
         self._driver = MoveDriver(config.node, keyspace, local, self._remote_peer)
+        self._replicator = Replicator(config.node, keyspace, store, self._remote_peer)
         self._executor = Executor(
             config.node,
             keyspace,
@@ -92,6 +95,7 @@ class AgentService:
             self._driver,
             Activation(config.node, keyspace, local),
             self._wakeup.set,
+            self._replicator,
             self._remote_peer,
         )
         self._registration = Registration(
@@ -114,7 +118,6 @@ class AgentService:
         self._actions: dict[str, asyncio.Task[bool]] = {}
         self._started: dict[str, tuple[str, float]] = {}
         self._asides = AsideLedger(config.node, keyspace, store)
-        self._snapshot_times: dict[tuple[str, str], float] = {}
         self._owned: dict[str, int] = {}
         """Volume -> epoch this node owned at the last convergence pass (for the self-fence)."""
         self._fence = SelfFence(
@@ -236,6 +239,7 @@ class AgentService:
             data,
             insecure=self._config.tls is None,
             require_encryption=self._config.encrypt_streams,
+            received=self._wakeup.set,
         )
         transfer_pb2_grpc.add_TransferServicer_to_server(service, server)
         if self._certificates is None:
@@ -256,10 +260,11 @@ class AgentService:
         backoff = Backoff()
         while True:
             try:
-                async for _change in self._keyspace.watch(
-                    "volumes", "owners", "moves", "mounts", "drops"
+                async for change in self._keyspace.watch(
+                    Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, Kind.DROPS
                 ):
-                    self._wakeup.set()
+                    if change.kind != Kind.DROPS or change.node == self._config.node:
+                        self._wakeup.set()
                     backoff.reset()
             except Exception as error:
                 delay = backoff.next()
@@ -284,7 +289,8 @@ class AgentService:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
     async def converge(self) -> bool:
-        """One pass: read desired and actual state, plan, apply, report.
+        """One pass: read desired state (one etcd read, at one revision) and actual, plan,
+        apply, report.
 
         Each volume's actions run as a task of their own, in order; a volume whose task
         still runs (a hung command) is left out of later passes until it ends, so one
@@ -296,23 +302,24 @@ class AgentService:
         busy = self._busy()
         local = await self._store.local_volumes(skip=busy)
         skipped = busy | set(self._store.unreadable)
-        unreadable: list[Unreadable] = []
-        volumes = await self._keyspace.list_volumes(unreadable)
-        owners = await self._keyspace.list_owners(unreadable)
-        moves = await self._keyspace.list_moves(unreadable)
+        view = await read_view(self._keyspace, DESIRED_KINDS + LEDGER_KINDS, node=self._config.node)
         desired = Desired(
             node=self._config.node,
-            volumes={v.value.name: v.value for v in volumes if v.value.name not in skipped},
-            owners={name: o.value for name, o in owners.items() if name not in skipped},
-            moves={name: m.value for name, m in moves.items() if name not in skipped},
-            unreadable=frozenset(record.volume for record in unreadable),
+            volumes={name: v.value for name, v in view.volumes.items() if name not in skipped},
+            owners={name: o.value for name, o in view.owners.items() if name not in skipped},
+            moves={name: m.value for name, m in view.moves.items() if name not in skipped},
+            unreadable=frozenset(record.volume for record in view.skipped(*DESIRED_KINDS)),
+        )
+        actual = Actual(
+            volumes=local,
+            running_moves=self._executor.running_moves,
+            replicating=self._executor.replicating,
         )
         self._owned = {
             name: owner.value.epoch
-            for name, owner in owners.items()
+            for name, owner in view.owners.items()
             if owner.value.node == self._config.node
         }
-        actual = Actual(volumes=local, running_moves=self._executor.running_moves)
         per_volume: dict[str, list[Action]] = {}
         for action in plan(desired, actual):
             per_volume.setdefault(action.volume, []).append(action)
@@ -331,7 +338,7 @@ class AgentService:
                 task.add_done_callback(lambda _task: self._wakeup.set())
         await self._report()
         try:
-            await self._asides.converge(self._registration.lease)
+            await self._asides.converge(self._registration.lease, view)
         except Exception as error:
             # Reported again at the next pass; volumes converge meanwhile.
             log.warning(
@@ -370,7 +377,6 @@ class AgentService:
         busy = self._busy()
         volumes = await self._store.local_volumes(skip=busy)
         for name, local in volumes.items():
-            newest_at = await self._snapshot_time(name, local.snapshots)
             state = NodeState(
                 node=self._config.node,
                 volume=name,
@@ -379,36 +385,28 @@ class AgentService:
                 writable=local.writable,
                 mounted=local.mounted,
                 updated_at=time.time(),
-                newest_snapshot_at=newest_at,
+                newest_snapshot_at=local.newest_snapshot_at,
             )
             self._states[name] = state
+        # A copy being received (a replica, every few seconds) keeps its last report: left
+        # out, it would vanish from 'volume get' and read as "no copy" meanwhile.
+        receiving = {name for name in self._store.receiving if name in self._states}
         for name in busy | set(self._store.unreadable):
             if name not in self._states:
                 self._states[name] = NodeState(node=self._config.node, volume=name)
-        held = set(volumes) | busy | set(self._store.unreadable)
+        held = set(volumes) | busy | set(self._store.unreadable) | receiving
         for name in held:
-            state = replace(self._states[name], stuck=self._stuck(name))
+            state = replace(
+                self._states[name],
+                stuck=self._stuck(name),
+                replication_error=self._replicator.error(name),
+            )
             await self._keyspace.put_state(state, self._registration.lease)
         for gone in self._reported - held:
             await self._keyspace.delete_state(self._config.node, gone)
             self._states.pop(gone, None)
         self._reported = held
         await self._report_mounts(held)
-
-    async def _snapshot_time(self, volume: str, snapshots: tuple[str, ...]) -> float:
-        """When the newest snapshot was taken, read once per snapshot; 0 when unreadable."""
-        if not snapshots:
-            return 0.0
-        key = (volume, snapshots[-1])
-        if key not in self._snapshot_times:
-            try:
-                self._snapshot_times[key] = await self._store.snapshot_time(*key)
-            except ZFSError as error:
-                log.warning("snapshot time unread: volume=%s error=%s", volume, error)
-                return 0.0
-            for old in [k for k in self._snapshot_times if k[0] == volume and k != key]:
-                del self._snapshot_times[old]
-        return self._snapshot_times[key]
 
     async def _report_mounts(self, volumes: Iterable[str]) -> None:
         """Mount records from the truth: Docker's IDs on disk and the kernel's users.

@@ -16,7 +16,8 @@ import logging
 import time
 
 from control.operations import OperationError, VolumeOps
-from ferry.cluster.keyspace import Keyspace
+from ferry.cluster.keyspace import Keyspace, Kind
+from ferry.cluster.view import read_view
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,12 @@ class AutoFailover:
     async def step(self) -> None:
         """One look at the nodes and the auto volumes; fails over those that are due."""
         now = time.monotonic()
-        live = {n.value.name for n in await self._keyspace.list_nodes()}
-        owners = await self._keyspace.list_owners()
+        view = await read_view(self._keyspace, (Kind.NODES, Kind.OWNERS, Kind.VOLUMES))
+        live = set(view.nodes)
+        owners = view.owners
         for node in set(self._gone_since) & live:
             del self._gone_since[node]
-        for spec in await self._keyspace.list_volumes():
+        for spec in view.volumes.values():
             volume = spec.value
             owner = owners.get(volume.name)
             if volume.deleted or volume.failover != "auto" or owner is None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
 import click
@@ -17,16 +18,25 @@ from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from control.autofailover import AutoFailover
-from control.operations import FailedOver, OperationError, PermissionDenied, VolumeOps
+from control.operations import (
+    FailedOver,
+    OperationError,
+    PermissionDenied,
+    Replication,
+    VolumeOps,
+)
+from control.replicas import ReplicaKeeper
 from ferry.cluster.keyspace import (
     Keyspace,
-    Unreadable,
+    Kind,
     UnreadableRecord,
     Versioned,
     endpoints_client,
     etcd_target,
 )
-from ferry.core.records import AsideCopy, AsideDrop, MountRecord, Move, NodeState, Owner, VolumeSpec
+from ferry.cluster.view import ClusterView, read_view
+from ferry.core.records import AsideCopy, MountRecord, Move, NodeState, Owner, VolumeSpec
+from ferry.flags import service_flags
 from ferry.logs import setup_logging
 from ferry.security.authz import CONTROL_API, NODE, delete_refusal, move_refusal
 from ferry.security.gate import KindGate
@@ -36,6 +46,19 @@ from protos.ferry.v1 import control_pb2, control_pb2_grpc
 log = logging.getLogger(__name__)
 
 WATCH_RETRY_SECONDS = 1.0
+# What a volume's API message is made of, read as one view.
+VOLUME_KINDS = (
+    Kind.VOLUMES,
+    Kind.OWNERS,
+    Kind.MOVES,
+    Kind.MOUNTS,
+    Kind.STATE,
+    Kind.ASIDES,
+    Kind.DROPS,
+)
+# Records whose absence would misreport a volume (no owner, no mount, no copy): reported
+# (ListVolumes) or refused (GetVolume) when unreadable. A bad aside record is only logged.
+REPORTED_UNREADABLE = (Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, Kind.STATE)
 DELETE, MOVE = CONTROL_API + "DeleteVolume", CONTROL_API + "MoveVolume"
 
 
@@ -59,6 +82,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 request.compression,
                 request.node,
                 created_by_node=caller.name if caller.kind == NODE else "",
+                replication=_replication(request),
                 failover=request.failover,
                 failover_after=request.failover_after,
             ),
@@ -79,27 +103,26 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def ListVolumes(
         self, request: control_pb2.ListVolumesRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListVolumesReply:
-        skipped: list[Unreadable] = []
-        specs = await self._keyspace.list_volumes(skipped)
-        owners = await self._keyspace.list_owners(skipped)
-        moves = await self._keyspace.list_moves(skipped)
-        mounted = _by_volume(await self._keyspace.list_all_mounts(skipped))
-        held = _by_volume(await self._keyspace.list_all_state(skipped))
-        aside = _by_volume(await self._keyspace.list_asides())
-        drops = await self._keyspace.list_drops()
+        view = await read_view(self._keyspace, VOLUME_KINDS)
+        mounted = _by_volume(view.mounts)
+        held = _by_volume(view.states)
+        aside = _by_volume(view.asides)
         volumes = [
             _volume_message(
                 s.value,
-                owners.get(s.value.name),
-                moves.get(s.value.name),
-                mounted.get(s.value.name, []),
-                held.get(s.value.name, []),
-                [_aside_message(a, drops) for a in aside.get(s.value.name, [])],
+                view.owners.get(name),
+                view.moves.get(name),
+                mounted.get(name, []),
+                held.get(name, []),
+                [_aside_message(a, view.drop_requested(a)) for a in aside.get(name, [])],
             )
-            for s in specs
+            for name, s in view.volumes.items()
             if not s.value.deleted
         ]
-        unreadable = [control_pb2.UnreadableRecord(key=r.key, reason=r.reason) for r in skipped]
+        unreadable = [
+            control_pb2.UnreadableRecord(key=r.key, reason=r.reason)
+            for r in view.skipped(*REPORTED_UNREADABLE)
+        ]
         return control_pb2.ListVolumesReply(volumes=volumes, unreadable=unreadable)
 
     async def DeleteVolume(
@@ -142,6 +165,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 request.name,
                 request.size,
                 request.compression,
+                _replication(request),
                 request.failover,
                 request.failover_after,
             ),
@@ -185,26 +209,27 @@ class ControlService(control_pb2_grpc.ControlServicer):
     ) -> AsyncIterator[control_pb2.Volume]:
         """The volume now, then each time it changes; rides out etcd restarts.
 
-        The watch starts from the revision read before the volume, so nothing
-        between the read and the watch is missed. When etcd goes away the
-        watch resumes from after the last change seen, and the volume is read
-        again (a compacted revision also just means: read again, watch from now).
+        The watch starts right after the revision the volume was read at (its
+        view's), so nothing after the read is missed and nothing before it is
+        replayed. When etcd goes away the watch resumes from after the last
+        change seen, and the volume is read again (a compacted revision also
+        just means: read again, watch from now).
         """
         last: control_pb2.Volume | None = None
         resume: int | None = None
         while True:
             try:
-                start = resume if resume is not None else await self._keyspace.revision() + 1
+                current, revision = await self._volume_at(request.name, context)
+                start = resume if resume is not None else revision + 1
                 changes = self._keyspace.watch(
-                    "volumes", "owners", "moves", "mounts", start_revision=start
+                    Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, start_revision=start
                 )
-                current = await self._volume(request.name, context)
                 if current != last:
                     yield current
                     last = current
                 async for change in changes:
                     resume = change.revision + 1
-                    if change.name.split("/")[0] != request.name:
+                    if change.volume != request.name:
                         continue
                     current = await self._volume(request.name, context)
                     if current != last:
@@ -233,16 +258,13 @@ class ControlService(control_pb2_grpc.ControlServicer):
             aside = await self._ops.drop_aside(request.volume, request.node, request.dataset)
         except OperationError as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        return _aside_message(aside, await self._keyspace.list_drops(aside.node))
+        drops = await self._keyspace.list_drops(aside.node)
+        return _aside_message(aside, any(d.dataset == aside.dataset for d in drops))
 
     async def _asides(self, volume: str) -> list[control_pb2.AsideCopy]:
         """Copies kept aside of ``volume`` (every volume's when empty), oldest first."""
-        drops = await self._keyspace.list_drops()
-        return [
-            _aside_message(a, drops)
-            for a in sorted(await self._keyspace.list_asides(), key=lambda a: a.kept_at)
-            if not volume or a.volume == volume
-        ]
+        view = await read_view(self._keyspace, (Kind.ASIDES, Kind.DROPS), volume=volume)
+        return _aside_messages(view)
 
     async def _guard(self, context: grpc.aio.ServicerContext, operation: object) -> object:
         try:
@@ -253,30 +275,79 @@ class ControlService(control_pb2_grpc.ControlServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
     async def _volume(self, name: str, context: grpc.aio.ServicerContext) -> control_pb2.Volume:
+        return (await self._volume_at(name, context))[0]
+
+    async def _volume_at(
+        self, name: str, context: grpc.aio.ServicerContext
+    ) -> tuple[control_pb2.Volume, int]:
+        """The volume from one view of its records, and the revision it was read at.
+
+        Refused (FAILED_PRECONDITION) if one of its records (not a copy kept
+        aside) does not decode: leaving it out would show no owner, mount or copy.
+        """
+        view = await read_view(self._keyspace, VOLUME_KINDS, volume=name)
         try:
-            return await self._read_volume(name, context)
+            view.check(name, *REPORTED_UNREADABLE)
         except UnreadableRecord as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-            raise
-
-    async def _read_volume(
-        self, name: str, context: grpc.aio.ServicerContext
-    ) -> control_pb2.Volume:
-        spec = await self._keyspace.get_volume(name)
+        spec = view.volumes.get(name)
         if spec is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"volume {name} does not exist")
         assert spec is not None
-        owner = await self._keyspace.get_owner(name)
-        move = await self._keyspace.get_move(name)
-        mounts = await self._keyspace.list_mounts(name)
-        copies = await self._keyspace.list_state(name)
-        return _volume_message(spec.value, owner, move, mounts, copies, await self._asides(name))
+        message = _volume_message(
+            spec.value,
+            view.owners.get(name),
+            view.moves.get(name),
+            view.mounts_of(name),
+            view.states_of(name),
+            _aside_messages(view),
+        )
+        return message, view.revision
 
 
 R = TypeVar("R", MountRecord, NodeState, AsideCopy)
 
 
-def _by_volume(records: list[R]) -> dict[str, list[R]]:
+def _replication(request: control_pb2.CreateVolumeRequest) -> Replication:
+    return Replication(
+        replicas=request.replicas if request.HasField("replicas") else None,
+        rpo=request.rpo,
+        replace_after=request.replace_after,
+    )
+
+
+def _role(spec: VolumeSpec, owner: Versioned[Owner] | None, node: str) -> str:
+    if owner is not None and owner.value.node == node:
+        return "owner"
+    return "replica" if node in spec.replica_nodes else "stale"
+
+
+def _rpo_notes(
+    spec: VolumeSpec, owner: Versioned[Owner] | None, copies: list[NodeState], now: float
+) -> list[str]:
+    """Why the volume does not meet its RPO now; empty when it does (or has no replicas)."""
+    if not spec.replicas:
+        return []
+    notes = []
+    held = {c.node: c for c in copies}
+    missing = spec.replicas - len(spec.replica_nodes)
+    if missing:
+        notes.append(f"{missing} replica(s) not placed: too few live nodes with room")
+    for node in spec.replica_nodes:
+        copy = held.get(node)
+        if copy is None or not copy.newest_snapshot_at:
+            notes.append(f"replica on {node} reports no copy (node down, or being seeded)")
+        elif (lag := now - copy.newest_snapshot_at) > spec.rpo_seconds:
+            notes.append(
+                f"replica on {node} is {lag:.0f}s behind, more than the rpo {spec.rpo_seconds}s"
+            )
+    ours = held.get(owner.value.node) if owner else None
+    if notes and ours is not None and ours.replication_error:
+        notes.append(f"owner {ours.node}: {ours.replication_error}")
+    return notes
+
+
+def _by_volume(records: Iterable[R]) -> dict[str, list[R]]:
     """Per-node records (mounts, state) grouped by the volume they are about."""
     grouped: dict[str, list[R]] = {}
     for record in records:
@@ -293,6 +364,8 @@ def _volume_message(
     diverged: list[control_pb2.AsideCopy],
 ) -> control_pb2.Volume:
     """The API's view of one volume from its records."""
+    now = time.time()
+    notes = _rpo_notes(spec, owner, copies, now)
     volume = control_pb2.Volume(
         name=spec.name,
         size_bytes=spec.size_bytes,
@@ -313,10 +386,20 @@ def _volume_message(
                 used_bytes=c.used_bytes,
                 writable=c.writable,
                 stuck=c.stuck,
+                role=_role(spec, owner, c.node),
+                newest_snapshot_at=c.newest_snapshot_at,
+                lag_seconds=max(0.0, now - c.newest_snapshot_at) if c.newest_snapshot_at else 0.0,
             )
             for c in sorted(copies, key=lambda c: c.node)
         ],
         diverged=diverged,
+        replicas=spec.replicas,
+        replica_nodes=list(spec.replica_nodes),
+        rpo_seconds=spec.rpo_seconds,
+        replace_after_seconds=spec.replace_after_seconds,
+        meets_rpo=not notes,
+        replica_notes=notes,
+        replica_history=list(spec.replaced),
     )
     if move is not None:
         m = move.value
@@ -340,7 +423,15 @@ def _volume_message(
     return volume
 
 
-def _aside_message(aside: AsideCopy, drops: list[AsideDrop]) -> control_pb2.AsideCopy:
+def _aside_messages(view: ClusterView) -> list[control_pb2.AsideCopy]:
+    """The view's copies kept aside, oldest first."""
+    return [
+        _aside_message(a, view.drop_requested(a))
+        for a in sorted(view.asides, key=lambda a: a.kept_at)
+    ]
+
+
+def _aside_message(aside: AsideCopy, drop_requested: bool) -> control_pb2.AsideCopy:
     return control_pb2.AsideCopy(
         node=aside.node,
         dataset=aside.dataset,
@@ -349,7 +440,7 @@ def _aside_message(aside: AsideCopy, drops: list[AsideDrop]) -> control_pb2.Asid
         epoch=aside.epoch,
         used_bytes=aside.used_bytes,
         reason=aside.reason,
-        drop_requested=any((d.node, d.dataset) == (aside.node, aside.dataset) for d in drops),
+        drop_requested=drop_requested,
     )
 
 
@@ -373,6 +464,7 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
         server.add_secure_port(listen, tls.server_credentials())
     await server.start()
     failover = asyncio.create_task(AutoFailover(keyspace, VolumeOps(keyspace)).run())
+    keeper = asyncio.create_task(ReplicaKeeper(keyspace).run(), name="replicas")
     await health_service.set("ferry.v1.Control", health_pb2.HealthCheckResponse.SERVING)
     await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -382,6 +474,7 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
         await server.wait_for_termination()
     finally:
         failover.cancel()
+        keeper.cancel()
         await server.stop(grace=2)
         await client.close()
 
@@ -389,12 +482,7 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
 @click.command(context_settings={"auto_envvar_prefix": "FERRY", "show_default": True})
 @click.option("--etcd", required=True, help="etcd endpoints, HOST:PORT[,HOST:PORT...].")
 @click.option("--listen", default="0.0.0.0:7070", help="Address of the Control gRPC API.")
-@click.option("--tls-ca", default="", help="Cluster CA certificate (PEM).")
-@click.option("--tls-cert", default="", help="Control's certificate (PEM).")
-@click.option("--tls-key", default="", help="Control's private key (PEM).")
-@click.option("--insecure", is_flag=True, help="No TLS (development only; says so loudly).")
-@click.option("--etcd-prefix", default="/ferry/v1", help="Key prefix of Ferry's state in etcd.")
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+@service_flags(cert_help="Control's certificate (PEM).", key_help="Control's private key (PEM).")
 def main(
     etcd: str,
     listen: str,

@@ -9,6 +9,9 @@ A file lists volumes::
         node: host1
         failover: auto        # manual (default) or auto
         failover_after: 30    # seconds, at least the owner's lease TTL
+        replicas: 1        # standby copies besides the owner's
+        rpo: 15s           # the most data, in time, losing the owner's host may cost
+        replace_after: 5m  # a replica's node down this long: the replica goes elsewhere
 
 It is checked whole before anything changes: any error names its line.
 """
@@ -21,9 +24,21 @@ from dataclasses import dataclass
 import yaml
 
 from ferry.core import fencing
-from ferry.core.records import check_node_name, parse_size, validate_volume_name
+from ferry.core.records import check_node_name, parse_duration, parse_size, validate_volume_name
 
-FIELDS = frozenset({"name", "size", "compression", "node", "failover", "failover_after"})
+FIELDS = frozenset(
+    {
+        "name",
+        "size",
+        "compression",
+        "node",
+        "replicas",
+        "rpo",
+        "replace_after",
+        "failover",
+        "failover_after",
+    }
+)
 
 
 class DeclarationError(ValueError):
@@ -40,6 +55,9 @@ class Declared:
     compression: str
     node: str
     line: int
+    replicas: int | None = None
+    rpo: str = ""
+    replace_after: str = ""
     failover: str = ""
     failover_after: float = 0.0
 
@@ -52,6 +70,9 @@ class Current:
     size_bytes: int
     compression: str
     node: str
+    replicas: int = 0
+    rpo_seconds: int = 0
+    replace_after_seconds: int = 0
     failover: str = "manual"
     failover_after: float = fencing.DEFAULT_FAILOVER_AFTER_SECONDS
 
@@ -121,6 +142,10 @@ def _entry(node: yaml.Node, source: str) -> Declared:
         node_name = values.get("node", "")
         if node_name:
             check_node_name(node_name)
+        replicas = _replicas(values.get("replicas", ""))
+        for duration in ("rpo", "replace_after"):
+            if values.get(duration):
+                parse_duration(values[duration])
         failover = values.get("failover", "")
         failover_after = _seconds(values.get("failover_after", ""))
         if failover or failover_after:
@@ -136,9 +161,20 @@ def _entry(node: yaml.Node, source: str) -> Declared:
         values.get("compression", ""),
         node_name,
         line,
-        failover,
-        failover_after,
+        replicas=replicas,
+        rpo=values.get("rpo", ""),
+        replace_after=values.get("replace_after", ""),
+        failover=failover,
+        failover_after=failover_after,
     )
+
+
+def _replicas(text: str) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"invalid replicas {text!r}: a whole number, 0 for none")
+    return int(text)
 
 
 def _seconds(text: str) -> float:
@@ -171,6 +207,14 @@ def changes(
             diffs.append(f"size {have.size_bytes} -> {want.size_bytes}")
         if want.compression and want.compression != have.compression:
             diffs.append(f"compression {have.compression} -> {want.compression}")
+        if want.replicas is not None and want.replicas != have.replicas:
+            diffs.append(f"replicas {have.replicas} -> {want.replicas}")
+        for what, text, seconds in (
+            ("rpo", want.rpo, have.rpo_seconds),
+            ("replace_after", want.replace_after, have.replace_after_seconds),
+        ):
+            if text and parse_duration(text) != seconds:
+                diffs.append(f"{what} {seconds}s -> {parse_duration(text)}s")
         if want.failover and want.failover != have.failover:
             diffs.append(f"failover {have.failover} -> {want.failover}")
         if want.failover_after and want.failover_after != have.failover_after:

@@ -6,6 +6,7 @@ record from a newer schema instead of guessing at it.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -22,6 +23,8 @@ _UID = re.compile(r"^[0-9a-f]{0,32}$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smh]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
 
 
 def validate_volume_name(name: str) -> str:
@@ -54,6 +57,20 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def parse_duration(text: str | int) -> int:
+    """Whole seconds from ``90``, ``15s``, ``5m``, ``1h``; must be positive."""
+    if isinstance(text, int):
+        seconds = text
+    else:
+        match = _DURATION.match(str(text))
+        if match is None:
+            raise ValueError(f"invalid duration {text!r}: use seconds or a number with s, m or h")
+        seconds = int(match.group(1)) * _SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"invalid duration {text!r}: must be positive")
+    return seconds
+
+
 class _Record:
     """JSON (de)serialisation with the schema version, for frozen dataclasses."""
 
@@ -73,7 +90,7 @@ class _Record:
                 f"{cls.__name__} record has schema version {version}; this Ferry reads "
                 f"{SCHEMA_VERSION}: upgrade Ferry on this host"
             )
-        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        known = _field_names(cls)  # type: ignore[arg-type]
         values = {}
         for key, value in data.items():
             if key in known:
@@ -82,6 +99,12 @@ class _Record:
             return cls(**values)
         except TypeError as error:
             raise ValueError(f"{cls.__name__} record does not fit its schema: {error}") from error
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    """A record class's field names, worked out once: a listing decodes thousands."""
+    return frozenset(f.name for f in fields(cls))
 
 
 def _encode(value: object) -> object:
@@ -117,9 +140,30 @@ class VolumeSpec(_Record):
     """``auto``: control promotes a standby copy once the owner's node has been gone for
     ``failover_after`` seconds; ``manual``: only ``ferryctl volume failover`` does."""
     failover_after: float = fencing.DEFAULT_FAILOVER_AFTER_SECONDS
+    replicas: int = 0
+    """Standby copies besides the owner's that the owner keeps current (0: none)."""
+    rpo_seconds: int = 0
+    """The most data, in time, that losing the owner's host may cost (0 without replicas)."""
+    replace_after_seconds: int = 0
+    """How long a replica's node may be down before control places the replica elsewhere."""
+    replica_nodes: tuple[str, ...] = ()
+    """Where control placed the replicas: never the owner's node, at most ``replicas``."""
+    replaced: tuple[str, ...] = ()
+    """What control did to keep the count (newest last, a few kept): for the operator."""
 
     def __post_init__(self) -> None:
         validate_volume_name(self.name)
+        for replica in self.replica_nodes:
+            check_node_name(replica)
+        if self.replicas < 0 or len(self.replica_nodes) > self.replicas:
+            raise ValueError(
+                f"volume {self.name} wants {self.replicas} replicas but lists "
+                f"{len(self.replica_nodes)} replica nodes"
+            )
+        if len(set(self.replica_nodes)) != len(self.replica_nodes):
+            raise ValueError(f"volume {self.name} lists a replica node twice")
+        if self.replicas and self.rpo_seconds <= 0:
+            raise ValueError(f"volume {self.name} has replicas but no rpo")
         if not _UID.match(self.uid):
             raise ValueError(f"invalid volume uid {self.uid!r}: hexadecimal digits or empty")
         check_node_name(self.node)
@@ -195,8 +239,10 @@ class NodeState(_Record):
     """What on this node has been running too long for this volume, since when, and what to
     do; empty when nothing is stuck."""
     newest_snapshot_at: float = 0.0
-    """When the newest of ``snapshots`` was taken (Unix time, ZFS's ``creation``); 0 unknown.
-    A failover to this copy loses what the owner wrote after it."""
+    """When the newest snapshot of this copy was taken on the owner (ZFS ``creation``, which
+    a stream carries): a replica's lag is the age of this."""
+    replication_error: str = ""
+    """On the owner: why keeping a replica current fails now (empty while it works)."""
 
 
 @dataclass(frozen=True)
@@ -246,8 +292,24 @@ class MountRecord(_Record):
     users: tuple[str, ...] = ()
 
 
+class _AboutAside:
+    """A record about one copy kept aside on one node, keyed by the copy's leaf name: both
+    names are checked when it is made or read."""
+
+    node: str
+    dataset: str
+
+    def __post_init__(self) -> None:
+        check_node_name(self.node)
+        aside_leaf(self.dataset)
+
+    @property
+    def leaf(self) -> str:
+        return aside_leaf(self.dataset)
+
+
 @dataclass(frozen=True)
-class AsideCopy(_Record):
+class AsideCopy(_AboutAside, _Record):
     """A copy of a volume that a node kept aside instead of overwriting it: data that
     diverged from the volume's history (written after the snapshot a stream built on)."""
 
@@ -260,31 +322,15 @@ class AsideCopy(_Record):
     used_bytes: int = 0
     reason: str = ""
 
-    def __post_init__(self) -> None:
-        check_node_name(self.node)
-        aside_leaf(self.dataset)
-
-    @property
-    def leaf(self) -> str:
-        return aside_leaf(self.dataset)
-
 
 @dataclass(frozen=True)
-class AsideDrop(_Record):
+class AsideDrop(_AboutAside, _Record):
     """An operator's request that ``node`` destroy one copy it keeps aside."""
 
     node: str
     volume: str
     dataset: str
     requested_at: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        check_node_name(self.node)
-        aside_leaf(self.dataset)
-
-    @property
-    def leaf(self) -> str:
-        return aside_leaf(self.dataset)
 
 
 def aside_leaf(dataset: str) -> str:

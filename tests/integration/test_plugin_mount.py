@@ -8,7 +8,7 @@ an unknown lease).
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,7 @@ class NoControl:
         size: str,
         compression: str,
         node: str,
+        replication: Mapping[str, str],
         failover: str = "",
         failover_after: float = 0.0,
     ) -> None:

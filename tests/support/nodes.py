@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from agent.executor import Executor
+from agent.replicas import Replicator
 from agent.replication.activation import Activation
 from agent.replication.adapters import PoolStore, RemotePeer
 from agent.replication.source import MoveDriver
@@ -92,8 +93,9 @@ async def running_nodes(
             local = PoolStore(store, mounts)
             driver = MoveDriver(name, keyspace, local, connect)
             activation = Activation(name, keyspace, local)
+            replicator = Replicator(name, keyspace, store, connect)
             executor = Executor(
-                name, keyspace, store, driver, activation, wake=lambda: None, connect=connect
+                name, keyspace, store, driver, activation, lambda: None, replicator, connect
             )
             nodes[name] = Node(name, root, store, workdir / name, address, mounts, driver, executor)
         yield nodes
