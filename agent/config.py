@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.cluster.keyspace import DEFAULT_PREFIX
+from ferry.core import fencing
 from ferry.security.tls import TlsFiles
 
 
@@ -26,7 +27,7 @@ class AgentConfig:
     """ferry-control's HOST:PORT: the Docker plugin asks it to create and move volumes."""
     plain_streams: bool = False
     etcd_prefix: str = DEFAULT_PREFIX
-    lease_ttl: int = 10
+    lease_ttl: int = fencing.LEASE_TTL_SECONDS
     resync_seconds: float = 10.0
     state_dir: Path | None = None
     """Where the agent keeps what must survive its restarts; beside the mount root if unset."""

@@ -60,7 +60,14 @@ class ControlClient:
         return self._current
 
     async def create_volume(
-        self, name: str, size: str, compression: str, node: str, replication: Mapping[str, str]
+        self,
+        name: str,
+        size: str,
+        compression: str,
+        node: str,
+        replication: Mapping[str, str],
+        failover: str = "",
+        failover_after: float = 0.0,
     ) -> None:
         """Without a node option, the volume is created where Docker asked for it.
 
@@ -74,6 +81,8 @@ class ControlClient:
             size=size,
             compression=compression,
             node=node or self._here,
+            failover=failover,
+            failover_after=failover_after,
             replicas=int(replicas) if replicas else None,
             rpo=replication.get("rpo", ""),
             replace_after=replication.get("replace_after", ""),
@@ -83,7 +92,7 @@ class ControlClient:
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise self._failed(error) from error
-            if size or compression or node or replication:
+            if size or compression or node or replication or failover or failover_after:
                 raise PluginError(
                     f"volume {name} already exists; omit options to use it as it is"
                 ) from None

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from agent import zfs
 from agent.replicas import Replicator
 from agent.replication.activation import Activation
+from agent.replication.ports import Peer
 from agent.replication.record import MoveAbandoned
 from agent.replication.source import MoveDriver
 from agent.retry import Backoff
@@ -23,9 +24,11 @@ from ferry.core.plan import (
     DriveMove,
     Fence,
     Missing,
+    Rejoin,
     Replicate,
     SetAside,
 )
+from ferry.core.snapshots import FENCED_PREFIX, newest_common
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,10 @@ class Executor:
         wake: Callable[[], None],
         replicator: Replicator,
         report_create_failure: CreateFailureReport,
+        connect: Callable[[str], Awaitable[Peer]],
     ) -> None:
         self._node = node
+        self._connect = connect
         self._keyspace = keyspace
         self._store = store
         self._driver = driver
@@ -85,6 +90,8 @@ class Executor:
                 await self._keyspace.claim_owner(volume, self._node)
             case Fence(volume):
                 await self._store.fence(volume)
+            case Rejoin(volume):
+                await self._rejoin(volume)
             case Activate(volume, epoch):
                 await self._activation.activate(volume, epoch)
             case DriveMove(volume):
@@ -114,6 +121,46 @@ class Executor:
                     "or move the volume to a node that has it",
                     volume,
                 )
+
+    async def _rejoin(self, volume: str) -> None:
+        """Keep this old owner's late writes aside and make its copy a replica again.
+
+        The base is the newest snapshot this copy and the owner's hold with the same
+        GUID (asked of the owner: nothing here is trusted by name). What the copy holds
+        after it, snapshots and the head, is kept aside and listed, never rolled back;
+        the copy left in place ends at the base, so the owner's streams continue from it.
+        Without an owner to ask (down), nothing changes until the next pass.
+        """
+        owner = await self._keyspace.get_owner(volume)
+        if owner is None or owner.value.node == self._node:
+            return
+        remote = await (await self._connect(owner.value.node)).holdings(volume)
+        await self._store.stop_writes(volume)
+        await self._store.snapshot_head(volume, FENCED_PREFIX)
+        local = await self._store.snapshots(volume) or []
+        base = newest_common(local, remote)
+        reason = (
+            await self._store.divergence(volume, base)
+            if base
+            else f"holds no snapshot in common with {owner.value.node}, the owner"
+        )
+        aside = await self._store.split_aside(
+            volume,
+            base,
+            owner.value.epoch,
+            f"{reason} (written here before {owner.value.node} "
+            f"took over at epoch {owner.value.epoch})",
+        )
+        log.warning(
+            "old owner's late writes kept aside, copy rejoined as a replica: volume=%s node=%s "
+            "owner=%s epoch=%d base=%s aside=%s",
+            volume,
+            self._node,
+            owner.value.node,
+            owner.value.epoch,
+            base or "(none: a full copy comes)",
+            aside,
+        )
 
     async def _create_failed(self, create: Create, error: Exception) -> None:
         """Control stores why in the spec, so this node stops retrying it and ``volume get``

@@ -30,8 +30,9 @@ from aiohttp import web
 
 from agent.store import VolumeStore
 from agent.usage import DockerMounts, HandoffRunning, mount_records
-from ferry.cluster.keyspace import Keyspace
-from ferry.core.records import MovePhase
+from ferry.cluster.keyspace import Keyspace, Versioned
+from ferry.core.fencing import LEASE_TTL_SECONDS
+from ferry.core.records import MovePhase, Owner, VolumeSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ MOUNT_WAIT_SECONDS = 100.0
 # whatever it waits past the activation adds to the container's pause.
 POLL_SECONDS = 0.1
 REPLICATION_OPTIONS = ("replicas", "rpo", "replace_after")
-KNOWN_OPTIONS = frozenset({"size", "compression", "node", *REPLICATION_OPTIONS})
+FAILOVER_OPTIONS = ("failover", "failover_after")
+KNOWN_OPTIONS = frozenset({"size", "compression", "node", *REPLICATION_OPTIONS, *FAILOVER_OPTIONS})
 
 
 class PluginError(Exception):
@@ -51,7 +53,14 @@ class ControlApi(Protocol):
     """What the plugin asks of ferry-control; errors are raised as PluginError."""
 
     async def create_volume(
-        self, name: str, size: str, compression: str, node: str, replication: Mapping[str, str]
+        self,
+        name: str,
+        size: str,
+        compression: str,
+        node: str,
+        replication: Mapping[str, str],
+        failover: str = "",
+        failover_after: float = 0.0,
     ) -> None:
         """``replication``: the ``replicas``, ``rpo`` and ``replace_after`` options given."""
 
@@ -88,12 +97,21 @@ class VolumePlugin:
                 f"unknown option(s) {', '.join(unknown)}; Ferry takes "
                 f"{', '.join(sorted(KNOWN_OPTIONS))} (e.g. -o size=1G)"
             )
+        try:
+            failover_after = float(opts.get("failover_after") or 0)
+        except ValueError:
+            raise PluginError(
+                f"failover_after={opts['failover_after']!r} is not a number of seconds "
+                "(e.g. -o failover_after=30)"
+            ) from None
         await self.control.create_volume(
             name,
             opts.get("size", ""),
             opts.get("compression", ""),
             opts.get("node", ""),
             {key: opts[key] for key in REPLICATION_OPTIONS if key in opts},
+            opts.get("failover", ""),
+            failover_after,
         )
 
     async def remove(self, name: str) -> None:
@@ -199,11 +217,17 @@ class VolumePlugin:
         spec = await self.keyspace.get_volume(name)
         if spec is None or spec.value.deleted:
             raise PluginError(f"volume {name} does not exist (deleted?); create it first")
+        deadline = time.monotonic() + MOUNT_WAIT_SECONDS
         owner = await self.keyspace.get_owner(name)
+        if (
+            owner is not None
+            and owner.value.node != self.node
+            and await self.keyspace.get_node(owner.value.node) is None
+        ):
+            owner = await self._wait_for_failover(spec.value, owner.value, deadline)
         if owner is not None and owner.value.node != self.node:
             await self.control.move_volume(name, self.node)
             log.info("mount asked for a move: volume=%s from=%s", name, owner.value.node)
-        deadline = time.monotonic() + MOUNT_WAIT_SECONDS
         while time.monotonic() < deadline:
             owner = await self.keyspace.get_owner(name)
             if owner is None:
@@ -216,6 +240,38 @@ class VolumePlugin:
                 return
             await asyncio.sleep(POLL_SECONDS)
         raise PluginError(await self._still_moving(name))
+
+    async def _wait_for_failover(
+        self, spec: VolumeSpec, lost: Owner, deadline: float
+    ) -> Versioned[Owner] | None:
+        """The owner's node is down: a move cannot copy from it. With ``failover: auto``
+        wait (inside Docker's limit) for control to promote a copy, and return the new
+        owner; else PluginError saying to run the failover."""
+        name = spec.name
+        if spec.failover != "auto":
+            raise PluginError(
+                f"volume {name}'s owner {lost.node} is down, and its failover is manual: run "
+                f"'ferryctl volume failover {name}' (--to {self.node} for this host's copy), "
+                f"then start the container again; or start {lost.node} again"
+            )
+        due = LEASE_TTL_SECONDS + spec.failover_after
+        if due > MOUNT_WAIT_SECONDS:
+            raise PluginError(
+                f"volume {name}'s owner {lost.node} is down; its auto failover comes up to "
+                f"{due:.0f} s after the loss, longer than Docker waits for a mount: start the "
+                f"container again then, or run 'ferryctl volume failover {name}' now"
+            )
+        log.info("mount waits for the auto failover: volume=%s lost=%s", name, lost.node)
+        while time.monotonic() < deadline:
+            owner = await self.keyspace.get_owner(name)
+            if owner is not None and owner.value != lost:
+                return owner
+            await asyncio.sleep(POLL_SECONDS * 10)
+        raise PluginError(
+            f"volume {name}'s owner {lost.node} is down and no auto failover happened in "
+            f"{MOUNT_WAIT_SECONDS:.0f} s (is ferry-control running? 'ferryctl volume get "
+            f"{name}' says why); run 'ferryctl volume failover {name}'"
+        )
 
     async def _refuse_if_create_failed(self, name: str) -> None:
         spec = await self.keyspace.get_volume(name)

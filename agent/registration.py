@@ -22,7 +22,8 @@ import aetcd
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.records import NODE_READY, NodeInfo
+from ferry.core.fencing import RENEW_RETRY_SECONDS
+from ferry.core.records import NODE_READY, NodeInfo, NodeSeen
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,11 @@ class Registration:
         self._ttl = ttl
         self._store = store
         self._lease: aetcd.Lease | None = None
+        self.renewed_at = -float("inf")
+        """When (time.monotonic) the last renewal etcd confirmed was sent: the lease cannot
+        expire before ``renewed_at + ttl`` (``agent.selffence`` reads it)."""
+        self.registrations = 0
+        """How many times this agent registered: a new lease each time."""
 
     @property
     def lease(self) -> aetcd.Lease:
@@ -75,6 +81,7 @@ class Registration:
             started_at=time.time(),
             cert_not_after=await asyncio.to_thread(self._cert_not_after),
         )
+        granted = time.monotonic()
         lease = await self._keyspace.new_lease(self._ttl)
         # etcd raises a TTL below its minimum; the holder's lease got the same.
         deadline = time.monotonic() + 2 * int(await lease.granted_ttl())
@@ -101,8 +108,12 @@ class Registration:
                 )
                 waiting = True
             await asyncio.sleep(CLAIM_POLL_SECONDS)
-            await self._keyspace.refresh_lease(lease)
+            sent = time.monotonic()
+            if await self._keyspace.refresh_lease(lease) > 0:
+                granted = sent
         self._record, self._lease = record, lease
+        self.renewed_at = granted
+        self.registrations += 1
         log.info("registered: node=%s address=%s", record.name, record.address)
 
     async def mark_ready(self) -> None:
@@ -132,22 +143,36 @@ class Registration:
     async def keep_alive(self, registered_again: Callable[[], None]) -> None:
         """Refresh the lease and the free space on record until cancelled; register again when
         the lease was lost (etcd down too long), then call ``registered_again``."""
-        backoff = Backoff()
+        # Scaled to this lease; with the default TTL these are ferry.core.fencing's numbers.
+        interval = self._ttl / 3
+        # Retried soon after a failure, and each attempt bounded: a renewal hung on a cut
+        # link must not hold the next one back past the self-fence (agent.selffence).
+        backoff = Backoff(first=RENEW_RETRY_SECONDS / 2, cap=RENEW_RETRY_SECONDS)
+        delay = interval
         while True:
-            await asyncio.sleep(self._ttl / 3)
+            await asyncio.sleep(delay)
+            delay = interval
             try:
-                if await self._keyspace.refresh_lease(self.lease) <= 0:
+                sent = time.monotonic()
+                async with asyncio.timeout(interval / 2):
+                    remaining = await self._keyspace.refresh_lease(self.lease)
+                if remaining <= 0:
                     await self.register()
                     registered_again()
                 else:
+                    self.renewed_at = sent
+                    await self._keyspace.put_seen(NodeSeen(self._record.name, time.time()))
                     await self._report_changes()
                 backoff.reset()
             except NodeNameTaken:
                 raise
             except Exception as error:
                 delay = backoff.next()
-                log.warning("etcd lease refresh failed: error=%s retry_in=%.1fs", error, delay)
-                await asyncio.sleep(delay)
+                log.warning(
+                    "etcd lease refresh failed: error=%s retry_in=%.1fs",
+                    str(error) or type(error).__name__,
+                    delay,
+                )
 
     async def _report_changes(self) -> None:
         """Free space that moved by a step, and a renewed certificate's expiry."""

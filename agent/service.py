@@ -31,6 +31,7 @@ from agent.replication.activation import Activation
 from agent.replication.adapters import PoolStore, RemotePeer
 from agent.replication.source import MoveDriver
 from agent.retry import Backoff
+from agent.selffence import SelfFence
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.transfer.data import DataListener, host_of
@@ -108,6 +109,7 @@ class AgentService:
             self._wakeup.set,
             self._replicator,
             self._report_create_failure,
+            self._remote_peer,
         )
         self._registration = Registration(
             keyspace,
@@ -129,6 +131,11 @@ class AgentService:
         self._actions: dict[str, asyncio.Task[bool]] = {}
         self._started: dict[str, tuple[str, float]] = {}
         self._asides = AsideLedger(config.node, keyspace, store)
+        self._owned: dict[str, int] = {}
+        """Volume -> epoch this node owned at the last convergence pass (for the self-fence)."""
+        self._fence = SelfFence(
+            config.node, keyspace, store, self._registration, lambda: self._owned
+        )
 
     async def run(self) -> None:
         """Serve until cancelled.
@@ -165,6 +172,7 @@ class AgentService:
                     self._registration.keep_alive(self._registered_again), name="lease"
                 ),
                 asyncio.create_task(follow_renewals(self._keyspace.client), name="etcd-renewal"),
+                asyncio.create_task(self._fence.run(), name="self-fence"),
             ]
             await self._mounts.load()
             await self._recover()
@@ -333,6 +341,11 @@ class AgentService:
             running_moves=self._executor.running_moves,
             replicating=self._executor.replicating,
         )
+        self._owned = {
+            name: owner.value.epoch
+            for name, owner in view.owners.items()
+            if owner.value.node == self._config.node
+        }
         per_volume: dict[str, list[Action]] = {}
         for action in plan(desired, actual):
             per_volume.setdefault(action.volume, []).append(action)

@@ -34,9 +34,13 @@ from agent.zfs.volumes import (
 )
 from ferry.core.plan import LocalVolume
 from ferry.core.records import VolumeSpec
-from ferry.core.snapshots import SnapshotRef, next_name, prunable
+from ferry.core.snapshots import FENCED_PREFIX, SnapshotRef, next_name, prunable
 
 log = logging.getLogger(__name__)
+
+
+class SelfFenced(Exception):
+    """A copy would become writable while this node's lease is unconfirmed (agent.selffence)."""
 
 
 class VolumeStore:
@@ -49,6 +53,8 @@ class VolumeStore:
         """Volumes a transfer is writing into now; convergence leaves them alone."""
         self.unreadable: dict[str, str] = {}
         """Volumes whose dataset the last ``local_volumes`` could not read, with the error."""
+        self.self_fenced = False
+        """The etcd lease went unconfirmed (agent.selffence): nothing makes a copy writable."""
 
     async def ensure_root(self) -> None:
         await asyncio.to_thread(self._root.ensure)
@@ -125,6 +131,10 @@ class VolumeStore:
     def _snapshots(self, volume: str) -> list[SnapshotRef] | None:
         return self._root.snapshots(volume)
 
+    async def snapshot_time(self, volume: str, short: str) -> float:
+        """When the snapshot was taken (ZFS's ``creation``, Unix seconds)."""
+        return await asyncio.to_thread(self._root.snapshot_created, volume, short)
+
     async def guid(self, volume: str, short: str) -> int:
         for ref in await self.snapshots(volume) or ():
             if ref.name == short:
@@ -158,7 +168,15 @@ class VolumeStore:
     async def activate(self, spec: VolumeSpec) -> None:
         """Make this node's copy the writable, mounted one, with the spec's size, compression
         and uid (a received copy whose agent died before stamping it gets it here)."""
+        self._refuse_while_fenced(spec.name)
         await asyncio.to_thread(self._activate, spec)
+
+    def _refuse_while_fenced(self, volume: str) -> None:
+        if self.self_fenced:
+            raise SelfFenced(
+                f"{volume} stays frozen: this node's etcd lease is not confirmed; it thaws "
+                "once the agent re-registered and still owns the volume at the same epoch"
+            )
 
     def _activate(self, spec: VolumeSpec) -> None:
         self._root.set_property(spec.name, "refquota", spec.size_bytes)
@@ -170,6 +188,7 @@ class VolumeStore:
 
     async def ensure_mounted(self, volume: str) -> None:
         """Mount the owner's copy if it is not (after the last container unmounted it)."""
+        self._refuse_while_fenced(volume)
         await asyncio.to_thread(self._root.mount, volume, self.mountpoint(volume))
 
     def commands_running(self, volume: str, older_than: float = 0.0) -> list[str]:
@@ -184,14 +203,39 @@ class VolumeStore:
             and (command.subject == dataset or (command.subject or "").startswith(dataset + "@"))
         ]
 
-    async def freeze(self, volume: str) -> None:
+    async def freeze(self, volume: str, mounted_here: bool = False) -> None:
         """Stop every writer at once, still mounted (PoolRoot.freeze; FilesystemBusy while a
-        process holds a file open for writing); ``stop_writes`` or ``thaw`` follows."""
-        await asyncio.to_thread(self._root.freeze, volume)
+        process holds a file open for writing); ``stop_writes`` or ``thaw`` follows.
+        ``mounted_here``: the kernel's mount table shows it at its mountpoint (no ZFS read)."""
+        at = self.mountpoint(volume) if mounted_here else None
+        await asyncio.to_thread(self._root.freeze, volume, at)
 
-    async def thaw(self, volume: str) -> None:
-        """Accept writes again after ``freeze``, for a handoff that failed before the swap."""
+    async def thaw(self, volume: str, confirmed: bool = False) -> None:
+        """Accept writes again after ``freeze``, for a handoff that failed before the swap;
+        while self-fenced only with ``confirmed`` (the lease and the epoch were checked)."""
+        if not confirmed:
+            self._refuse_while_fenced(volume)
         await asyncio.to_thread(self._root.thaw, volume)
+
+    async def kill_writers(self, volume: str) -> list[str]:
+        """Kill what holds the volume's files open for writing (PoolRoot.kill_writers)."""
+        return await asyncio.to_thread(self._root.kill_writers, volume)
+
+    async def mounted_writable(self) -> list[str]:
+        """Volumes mounted read-write at their mountpoint here, from the kernel's mount table
+        alone (no ZFS command: this must answer when ZFS is slow)."""
+        return await asyncio.to_thread(self._mounted_writable)
+
+    def _mounted_writable(self) -> list[str]:
+        prefix = str(self._mount_root).rstrip("/") + "/"
+        found = []
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 3 and fields[1].startswith(prefix):
+                name = fields[1][len(prefix) :]
+                if "/" not in name and "rw" in fields[3].split(","):
+                    found.append(name)
+        return found
 
     async def stop_writes(self, volume: str) -> None:
         """Unmount and make read-only: after this, nothing writes to this copy."""
@@ -220,9 +264,8 @@ class VolumeStore:
                 "; ".join(user.describe() for user in users),
             )
         await asyncio.to_thread(self._stop_writes, volume)
-        short = f"fenced-{int(time.time())}"
-        await asyncio.to_thread(self._root.snapshot, volume, short)
-        log.warning("fenced: volume=%s kept=%s", volume, self.snapshot_name(volume, short).decode())
+        name = await self.snapshot_head(volume, FENCED_PREFIX)
+        log.warning("fenced: volume=%s kept=%s@%s", volume, volume, name)
 
     async def divergence(self, volume: str, base: str) -> str:
         """Why this copy cannot take an incremental stream from ``base`` without losing
@@ -255,6 +298,19 @@ class VolumeStore:
         """
         aside = await asyncio.to_thread(self._root.rename_aside, volume, epoch, reason)
         return aside.decode()
+
+    async def split_aside(self, volume: str, base: str | None, epoch: int, reason: str) -> str:
+        """Keep the copy aside and leave a read-only copy ending at ``base`` in its place
+        (PoolRoot.split_aside); returns the name of the copy kept aside."""
+        aside = await asyncio.to_thread(self._root.split_aside, volume, base, epoch, reason)
+        return aside.decode()
+
+    async def snapshot_head(self, volume: str, prefix: str) -> str:
+        """Snapshot what the copy holds now as ``<prefix>-<unix time>``; returns its name."""
+        short = f"{prefix}-{int(time.time())}"
+        if short not in [ref.name for ref in await self.snapshots(volume) or ()]:
+            await asyncio.to_thread(self._root.snapshot, volume, short)
+        return short
 
     async def asides(self) -> list[AsideDataset]:
         """The copies kept aside in this node's pool."""

@@ -305,6 +305,19 @@ def _replication_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--size", default="", help="e.g. 512M, 10G, or bytes (default 1G).")
 @click.option("--compression", default="", help="off, on, lzjb, gzip, gzip-N, zle.")
 @click.option("--node", default="", help="Node to create it on (default: most free space).")
+@click.option(
+    "--failover",
+    type=click.Choice(["manual", "auto"]),
+    default=None,
+    help="auto: fail over by itself once the owner's node is gone --failover-after "
+    "[default: manual, by 'ferryctl volume failover'].",
+)
+@click.option(
+    "--failover-after",
+    type=float,
+    default=0.0,
+    help="Seconds the owner's node must be gone before an auto failover [default: 30].",
+)
 @_replication_options
 @OUTPUT
 @click.pass_obj
@@ -317,6 +330,8 @@ def volume_create(
     replicas: int | None,
     rpo: str,
     replace_after: str,
+    failover: str | None,
+    failover_after: float,
     output: str,
 ) -> None:
     """Create a volume (with --replicas N, N standby copies kept within --rpo, e.g. 15s)."""
@@ -327,6 +342,8 @@ def volume_create(
             size=size,
             compression=compression,
             node=node,
+            failover=failover or "",
+            failover_after=failover_after,
             replicas=replicas,
             rpo=rpo,
             replace_after=replace_after,
@@ -474,6 +491,23 @@ def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> N
     click.echo(f"volume {name}: moving {moved.move.source} -> {node}")
     if wait:
         _follow(api, name, node, timeout)
+
+
+@volume.command("failover")
+@click.argument("name")
+@click.option("--to", "node", default="", help="The node to promote [default: newest copy].")
+@click.pass_obj
+def volume_failover(api: Api, name: str, node: str) -> None:
+    """Make a standby copy the owner while the owner's node is down, and say what is lost.
+
+    Refused while the owner is live: 'volume move' then hands over without loss.
+    """
+    reply = api.call("FailoverVolume", control_pb2.FailoverVolumeRequest(name=name, node=node))
+    click.echo(
+        f"volume {name} failed over from {reply.old_owner} to {reply.volume.owner} "
+        f"(epoch {reply.volume.epoch}), from snapshot {reply.snapshot}"
+    )
+    click.echo(reply.lost)
 
 
 def _moving(volume: control_pb2.Volume) -> bool:
@@ -625,6 +659,8 @@ def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
             replicas=v.replicas,
             rpo_seconds=v.rpo_seconds,
             replace_after_seconds=v.replace_after_seconds,
+            failover=v.failover,
+            failover_after=v.failover_after,
         )
         for v in reply.volumes
     }
@@ -667,6 +703,8 @@ def apply(api: Api, file: Path, prune: bool, dry_run: bool) -> None:
                 replicas=d.replicas,
                 rpo=d.rpo,
                 replace_after=d.replace_after,
+                failover=d.failover,
+                failover_after=d.failover_after,
             ),
         ),
         "move": lambda d: api.call(
@@ -681,6 +719,8 @@ def apply(api: Api, file: Path, prune: bool, dry_run: bool) -> None:
                 replicas=d.replicas,
                 rpo=d.rpo,
                 replace_after=d.replace_after,
+                failover=d.failover,
+                failover_after=d.failover_after,
             ),
         ),
     }

@@ -55,11 +55,17 @@ CONTROL_WRITES = (
     Right("volumes"),
     Right("moves"),
     Right("drops"),
-    Right("owners", shared="only to remove a purged volume's owner with its spec and move"),
+    Right(
+        "owners",
+        shared="to remove a purged volume's owner with its spec and move, and for a "
+        "failover, which hands a volume whose owner's node is down to a standby copy "
+        "(the one write of owners/ that the owner itself cannot make)",
+    ),
 )
 
 NODE_WRITES = (
     Right("nodes", own=True),
+    Right("seen", own=True),
     Right("state", own=True),
     Right("asides", own=True),
     Right("drops", own=True),

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ferry.cluster.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
-from ferry.core import compression
+from ferry.core import compression, fencing
+from ferry.core.failover import FailoverRefused, choose, loss
 from ferry.core.phases import ACTIVE_PHASES, Writer, check
 from ferry.core.placement import Candidate, after_move, place_replicas
 from ferry.core.records import (
@@ -100,6 +101,18 @@ class Replication:
 CREATE_ATTEMPTS = 5
 
 
+@dataclass(frozen=True)
+class FailedOver:
+    """A failover done: who owns the volume now, from which snapshot, and what is lost."""
+
+    volume: str
+    old_owner: str
+    node: str
+    epoch: int
+    snapshot: str
+    lost: str
+
+
 class VolumeOps:
     """Volume requests against the keyspace."""
 
@@ -114,18 +127,23 @@ class VolumeOps:
         node: str = "",
         created_by_node: str = "",
         replication: Replication = Replication(),
+        failover: str = "",
+        failover_after: float = 0.0,
     ) -> VolumeSpec:
         """Validate and store a new volume; without a node, the live node with most free space.
 
         ``created_by_node`` is the node whose Docker plugin asked (empty for ferryctl).
+        Empty ``failover``/0 ``failover_after`` take the defaults (manual, 30 s).
         Replicas are placed at once, on other live nodes with room; too few is refused.
         """
         size_bytes = self._size(size) if size else 1 << 30
         compression = self._compression(compression or "off")
+        policy = self._failover(failover or "manual", failover_after)
         for _ in range(CREATE_ATTEMPTS):
             target = await self._live_node(node) if node else await self._roomiest()
             spec = self._new_spec(name, size_bytes, compression, target.value, created_by_node)
             spec = await self._replicated(spec, replication)
+            spec = replace(spec, failover=policy[0], failover_after=policy[1])
             if await self._store_new(spec, target.revision):
                 log.info("volume created: volume=%s node=%s size=%d", name, spec.node, size_bytes)
                 return spec
@@ -178,6 +196,8 @@ class VolumeOps:
         size: str = "",
         compression: str = "",
         replication: Replication = Replication(),
+        failover: str = "",
+        failover_after: float = 0.0,
     ) -> VolumeSpec:
         """Change size, compression or replication (the owner applies them); empty values stay.
 
@@ -186,6 +206,11 @@ class VolumeOps:
         """
         current = await self._existing(name)
         changes: dict[str, object] = {}
+        if failover or failover_after:
+            changes["failover"], changes["failover_after"] = self._failover(
+                failover or current.value.failover,
+                failover_after or current.value.failover_after,
+            )
         replicated = await self._replicated(current.value, replication)
         if replicated != current.value:
             changes.update(
@@ -317,6 +342,55 @@ class VolumeOps:
             raise Conflict(f"volume {name} changed while moving it (another request?); retry")
         log.info("move requested: volume=%s from=%s to=%s", name, move.source, node)
         return move
+
+    async def failover(self, name: str, to: str = "") -> FailedOver:
+        """Promote a standby copy while the owner's node is down (ferry.core.failover's rules).
+
+        The write compares the owner record, the owner's node record (absent), the
+        target's (present), the spec and the move as read here: if the owner came
+        back or anything else changed meanwhile, Conflict, and nothing changed.
+        """
+        current = await self._existing(name)
+        owner = await self._keyspace.get_owner(name)
+        if owner is None:
+            raise OperationError(
+                f"volume {name} is not created on any node yet; nothing to fail over"
+            )
+        old = owner.value.node
+        live = {n.value.name for n in await self._keyspace.list_nodes()}
+        try:
+            chosen = choose(name, old, old in live, await self._keyspace.list_state(name), to)
+        except FailoverRefused as refused:
+            raise OperationError(str(refused)) from refused
+        if chosen.node not in live:
+            raise OperationError(f"node {chosen.node} went down meanwhile; retry")
+        move = await self._keyspace.get_move(name)
+        ended = None
+        if move is not None and move.value.phase in ACTIVE_PHASES:
+            check(move.value.phase, MovePhase.FAILED, Writer.CONTROL)
+            ended = replace(
+                move.value,
+                phase=MovePhase.FAILED,
+                error=f"ended: {old} was lost and {name} failed over to {chosen.node}",
+                updated_at=time.time(),
+            )
+        if not await self._keyspace.fail_over(current, owner, chosen.node, move, ended):
+            raise Conflict(
+                f"volume {name} changed while failing it over ({old} back, or another "
+                f"request?); check 'ferryctl volume get {name}' and retry"
+            )
+        seen = await self._keyspace.get_seen(old)
+        lost = loss(old, chosen, seen.at if seen else 0.0)
+        log.warning(
+            "failed over: volume=%s from=%s to=%s epoch=%d snapshot=%s lost=%r",
+            name,
+            old,
+            chosen.node,
+            owner.value.epoch + 1,
+            chosen.snapshot,
+            lost,
+        )
+        return FailedOver(name, old, chosen.node, owner.value.epoch + 1, chosen.snapshot, lost)
 
     async def _cancel(
         self, spec: Versioned[VolumeSpec], owner: Versioned[Owner], move: Versioned[Move]
@@ -468,6 +542,16 @@ class VolumeOps:
                 f"({MIN_SIZE_BYTES} bytes): an empty dataset alone takes 112K; choose 1M or more"
             )
         return size
+
+    @staticmethod
+    def _failover(mode: str, after: float) -> tuple[str, float]:
+        """The failover mode and delay to store; 0 s means the default."""
+        after = after or fencing.DEFAULT_FAILOVER_AFTER_SECONDS
+        try:
+            fencing.check_failover(mode, after)
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from error
+        return mode, after
 
     @staticmethod
     def _compression(value: str) -> str:

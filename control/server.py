@@ -18,8 +18,15 @@ import grpc
 from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from control.autofailover import AutoFailover
 from control.etcd_unreachable import EtcdUnreachable
-from control.operations import OperationError, PermissionDenied, Replication, VolumeOps
+from control.operations import (
+    FailedOver,
+    OperationError,
+    PermissionDenied,
+    Replication,
+    VolumeOps,
+)
 from control.purger import purge_forever
 from control.replicas import ReplicaKeeper
 from ferry.cluster.keyspace import (
@@ -86,6 +93,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 request.node,
                 created_by_node=caller.name if caller.kind == NODE else "",
                 replication=_replication(request),
+                failover=request.failover,
+                failover_after=request.failover_after,
             ),
         )
         return await self._volume(request.name, context)
@@ -180,10 +189,27 @@ class ControlService(control_pb2_grpc.ControlServicer):
         await self._guard(
             context,
             self._ops.update(
-                request.name, request.size, request.compression, _replication(request)
+                request.name,
+                request.size,
+                request.compression,
+                _replication(request),
+                request.failover,
+                request.failover_after,
             ),
         )
         return await self._volume(request.name, context)
+
+    async def FailoverVolume(
+        self, request: control_pb2.FailoverVolumeRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.FailoverVolumeReply:
+        done = await self._guard(context, self._ops.failover(request.name, request.node))
+        assert isinstance(done, FailedOver)
+        return control_pb2.FailoverVolumeReply(
+            volume=await self._volume(request.name, context),
+            old_owner=done.old_owner,
+            snapshot=done.snapshot,
+            lost=done.lost,
+        )
 
     async def ListNodes(
         self, request: control_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
@@ -378,6 +404,8 @@ def _volume_message(
         created_at=spec.created_at,
         mounted_on=sorted(m.node for m in mounts),
         create_error=spec.create_error,
+        failover=spec.failover,
+        failover_after=spec.failover_after,
         copies=[
             control_pb2.Copy(
                 node=c.node,
@@ -463,6 +491,9 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
         server.add_secure_port(listen, tls.server_credentials())
     await server.start()
     purging = asyncio.create_task(purge_forever(keyspace), name="purge")
+    failover = asyncio.create_task(
+        AutoFailover(keyspace, VolumeOps(keyspace)).run(), name="auto-failover"
+    )
     keeper = asyncio.create_task(ReplicaKeeper(keyspace).run(), name="replicas")
     await health_service.set("ferry.v1.Control", health_pb2.HealthCheckResponse.SERVING)
     await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -472,6 +503,7 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
     try:
         await server.wait_for_termination()
     finally:
+        failover.cancel()
         keeper.cancel()
         purging.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -29,7 +29,12 @@ class Activation:
         """Writable and mounted, if this copy holds the handoff's final snapshot (a move into
         this node) or no move says otherwise; then the move is marked done."""
         move = await self._records.get_move(volume)
-        incoming = move is not None and move.value.target == self._node
+        # A move a failover ended (its source was lost) brings nothing to wait for.
+        incoming = (
+            move is not None
+            and move.value.target == self._node
+            and move.value.phase != MovePhase.FAILED
+        )
         if incoming and move is not None and move.value.final_snapshot:
             held = [ref.name for ref in await self._store.snapshots(volume) or []]
             if move.value.final_snapshot not in held:

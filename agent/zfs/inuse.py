@@ -136,6 +136,38 @@ class KernelView:
         return found
 
 
+def writing_pids(dataset: str) -> list[int]:
+    """Processes (but this one) holding a file of ``dataset``'s filesystem open for writing,
+    in any mount namespace: what keeps the kernel from freezing it."""
+    me = os.getpid()
+    mount_ids = set()
+    for pid in _pids():
+        for entry in _mount_table(pid) or []:
+            if _is_dataset(entry, dataset):
+                mount_ids.add(entry.mount_id)
+    return [pid for pid in _pids() if pid != me and _writes_on(pid, mount_ids)]
+
+
+def _writes_on(pid: int, mount_ids: set[int]) -> bool:
+    """Whether the process has a file open for writing on one of ``mount_ids`` (from fdinfo)."""
+    base = PROC / str(pid)
+    try:
+        fds = os.listdir(base / "fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            info = dict(
+                line.split(":", 1) for line in (base / "fdinfo" / fd).read_text().splitlines()
+            )
+        except (OSError, ValueError):
+            continue
+        flags = int(info.get("flags", "0").strip() or "0", 8)
+        if int(info.get("mnt_id", "-1").strip()) in mount_ids and flags & os.O_ACCMODE:
+            return True
+    return False
+
+
 def _is_dataset(entry: MountEntry, dataset: str) -> bool:
     return entry.fstype in FILESYSTEM_TYPES and entry.source == dataset
 

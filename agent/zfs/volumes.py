@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -274,8 +275,12 @@ class PoolRoot:
             retry_busy(lambda: zfs.zfs_unmount(dataset), f"unmount {volume}")
         zfs.lzc_set_prop(dataset, "canmount", "noauto")
 
-    def freeze(self, volume: str) -> None:
+    def freeze(self, volume: str, at: Path | None = None) -> None:
         """Stop every writer of the mounted volume at once, and flush what was written.
+
+        ``at``: where it is mounted, when the caller read that from the kernel's
+        mount table; then no ZFS property is read before the remount (the
+        self-fence must not wait on a slow ZFS daemon to stop writes).
 
         A read-only remount of the filesystem's superblock (not of one mount
         entry: a container's bind mount lives in its own mount namespace and
@@ -286,7 +291,7 @@ class PoolRoot:
         flag: instant, whatever the size, where ``unmount`` drops FUSE's page
         cache (0.2 s for 2 GiB on zfs-fuse). A frozen volume is unmounted later.
         """
-        path = self._mounted_path(volume)
+        path = str(at) if at is not None else self._mounted_path(volume)
         if path is None:
             return
         subject = self.dataset(volume).decode()
@@ -311,6 +316,19 @@ class PoolRoot:
             self.dataset(volume).decode(),
             failure=_refused(f"cannot thaw {volume}", remount),
         )
+
+    def kill_writers(self, volume: str) -> list[str]:
+        """SIGKILL every process holding a file of the volume open for writing (what makes
+        the kernel refuse ``freeze``); returns who. Only for a lost lease (agent.selffence)."""
+        killed = []
+        for pid in inuse.writing_pids(self.dataset(volume).decode()):
+            try:
+                command = (Path("/proc") / str(pid) / "comm").read_text().strip()
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue  # gone already
+            killed.append(f"pid {pid} ({command})")
+        return killed
 
     def frozen(self) -> list[str]:
         """Volumes mounted read-only by ``freeze``."""
@@ -351,6 +369,7 @@ class PoolRoot:
         """Destroy the volume's dataset and its snapshots (holds released first)."""
         self.unmount(volume)
         self._release_mountpoint(volume)
+        self._promote_dependent_asides(volume)
         _destroy_with_snapshots(self.dataset(volume))
 
     def release_transfer_holds(self, volume: str) -> list[bytes]:
@@ -434,6 +453,43 @@ class PoolRoot:
             reason,
         )
         return target
+
+    def split_aside(self, volume: str, base: str | None, epoch: int, reason: str) -> bytes:
+        """Keep the whole copy aside, and put in its place a read-only copy that ends at ``base``.
+
+        For an old owner whose late writes (after ``base``, the newest snapshot the
+        new owner has too) must be kept but not served: the copy is renamed aside
+        (``rename_aside``), then ``base`` is cloned back under the volume's name and
+        promoted, so the volume again holds every snapshot up to ``base`` (same
+        GUIDs: streams from the owner continue from there) and the copy aside, a
+        clone of it, holds what came after. No block is copied. Returns the aside.
+        """
+        aside = self.rename_aside(volume, epoch, reason)
+        if base is None:
+            return aside
+        dataset = self.dataset(volume)
+        uid = zfs.lzc_get_props(aside).get(UID_PROPERTY, "")
+        zfs.lzc_clone(
+            dataset, aside + b"@" + base.encode(), props={"canmount": "noauto", "readonly": "on"}
+        )
+        zfs.lzc_promote(dataset)
+        if uid:
+            self.stamp_uid(volume, uid)
+        log.info(
+            "copy rejoined from its newest common snapshot: volume=%s base=%s aside=%s",
+            volume,
+            base,
+            aside.decode(),
+        )
+        return aside
+
+    def _promote_dependent_asides(self, volume: str) -> None:
+        """Copies kept aside by ``split_aside`` are clones of the volume's snapshots: promote
+        them, so the volume can be destroyed and they keep every block they need."""
+        origin = self.dataset(volume) + b"@"
+        for child in zfs.lzc_list_children(self.aside):
+            if zfs.lzc_get_props(child).get("origin", "").encode().startswith(origin):
+                zfs.lzc_promote(child)
 
     def _free_aside_name(self, leaf: str) -> bytes:
         """``leaf`` under the aside root, with a counter if that name is taken."""

@@ -12,6 +12,7 @@ Keys, under a prefix (default ``/ferry/v1``):
 | ``mounts/<name>/<node>`` | MountRecord, on the node's lease | that agent |
 | ``asides/<node>/<leaf>`` | AsideCopy, on the node's lease | that agent |
 | ``drops/<node>/<leaf>`` | AsideDrop | control asks, the agent deletes it once done |
+| ``seen/<node>`` | NodeSeen, not leased: outlives the node's lease | that agent |
 
 Every write that depends on what was read is a transaction comparing the
 key's ``mod_revision`` (or its absence); nothing is read-then-written.
@@ -38,6 +39,7 @@ from ferry.core.records import (
     MountRecord,
     Move,
     NodeInfo,
+    NodeSeen,
     NodeState,
     Owner,
     VolumeSpec,
@@ -63,6 +65,7 @@ class Kind(StrEnum):
     MOUNTS = "mounts"
     ASIDES = "asides"
     DROPS = "drops"
+    SEEN = "seen"
 
 
 KINDS = tuple(Kind)
@@ -75,6 +78,7 @@ RECORDS: dict[Kind, type[Any]] = {
     Kind.MOUNTS: MountRecord,
     Kind.ASIDES: AsideCopy,
     Kind.DROPS: AsideDrop,
+    Kind.SEEN: NodeSeen,
 }
 # Kinds whose keys name the volume first (``mounts/<volume>/<node>``); the others name the
 # node first (``state/<node>/<volume>``, ``asides/<node>/<leaf>``) or only (``nodes/<node>``).
@@ -401,6 +405,44 @@ class Keyspace:
         )
         return bool(succeeded)
 
+    async def fail_over(
+        self,
+        spec: Versioned[VolumeSpec],
+        owner: Versioned[Owner],
+        new_node: str,
+        move: Versioned[Move] | None,
+        ended: Move | None = None,
+    ) -> bool:
+        """Hand the volume to ``new_node`` at the next epoch while its owner's node is down.
+
+        One transaction, only while: the owner record is ``owner`` as read, the
+        owner's node record is absent (its lease is gone, so its agent has frozen
+        every volume it owns: ferry.core.fencing), ``new_node`` is registered, and
+        the spec and the move record are as read. It writes the new owner, the
+        spec placed on ``new_node`` and, when given, ``ended`` (the move the lost
+        owner was running, ended). A second failover, a returning owner or a move
+        that raced this one makes it fail; nothing is half written.
+        """
+        name = spec.value.name
+        tx = self.client.transactions
+        owner_key, move_key = self._key("owners", name), self._key("moves", name)
+        compare = [
+            tx.mod(self._key("volumes", name)) == spec.revision,
+            tx.value(owner_key) == owner.value.to_json(),
+            tx.mod(owner_key) == owner.revision,
+            tx.create(self._key("nodes", owner.value.node)) == 0,
+            tx.create(self._key("nodes", new_node)) != 0,
+            tx.create(move_key) == 0 if move is None else tx.mod(move_key) == move.revision,
+        ]
+        success = [
+            tx.put(owner_key, Owner(new_node, owner.value.epoch + 1).to_json()),
+            tx.put(self._key("volumes", name), replace(spec.value, node=new_node).to_json()),
+        ]
+        if ended is not None:
+            success.append(tx.put(move_key, ended.to_json()))
+        succeeded, _ = await self.client.transaction(compare=compare, success=success, failure=[])
+        return bool(succeeded)
+
     async def delete_owner(self, name: str) -> None:
         await self.client.delete(self._key("owners", name))
 
@@ -442,6 +484,13 @@ class Keyspace:
 
     async def list_nodes(self) -> list[Versioned[NodeInfo]]:
         return [v for _, v in await self._list(self._key("nodes", ""), NodeInfo)]
+
+    async def put_seen(self, seen: NodeSeen) -> None:
+        await self.client.put(self._key("seen", seen.node), seen.to_json())
+
+    async def get_seen(self, node: str) -> NodeSeen | None:
+        found = await self._get(self._key("seen", node), NodeSeen)
+        return found.value if found else None
 
     # state
 
@@ -605,7 +654,7 @@ class KeyRange:
     range_end: bytes
 
 
-PER_NODE_KINDS = ("nodes", "state", "asides", "drops")
+PER_NODE_KINDS = ("nodes", "state", "asides", "drops", "seen")
 
 
 def grant_range(prefix: str, kind: str = "", node: str = "") -> KeyRange:
@@ -626,8 +675,8 @@ def grant_range(prefix: str, kind: str = "", node: str = "") -> KeyRange:
         return KeyRange(start, prefix_range_end(start))
     if kind not in PER_NODE_KINDS:
         raise ValueError(f"{kind}/ keys cannot be granted per node: only {PER_NODE_KINDS}")
-    if kind == "nodes":
-        return KeyRange(f"{base}nodes/{node}".encode(), b"")
+    if kind in ("nodes", "seen"):
+        return KeyRange(f"{base}{kind}/{node}".encode(), b"")
     start = f"{base}{kind}/{node}/".encode()
     return KeyRange(start, prefix_range_end(start))
 

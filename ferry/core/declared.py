@@ -7,6 +7,8 @@ A file lists volumes::
         size: 10G
         compression: lzjb
         node: host1
+        failover: auto        # manual (default) or auto
+        failover_after: 30    # seconds, at least the owner's lease TTL
         replicas: 1        # standby copies besides the owner's
         rpo: 15s           # the most data, in time, losing the owner's host may cost
         replace_after: 5m  # a replica's node down this long: the replica goes elsewhere
@@ -21,9 +23,22 @@ from dataclasses import dataclass
 
 import yaml
 
+from ferry.core import fencing
 from ferry.core.records import check_node_name, parse_duration, parse_size, validate_volume_name
 
-FIELDS = frozenset({"name", "size", "compression", "node", "replicas", "rpo", "replace_after"})
+FIELDS = frozenset(
+    {
+        "name",
+        "size",
+        "compression",
+        "node",
+        "replicas",
+        "rpo",
+        "replace_after",
+        "failover",
+        "failover_after",
+    }
+)
 
 
 class DeclarationError(ValueError):
@@ -43,6 +58,8 @@ class Declared:
     replicas: int | None = None
     rpo: str = ""
     replace_after: str = ""
+    failover: str = ""
+    failover_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,8 @@ class Current:
     replicas: int = 0
     rpo_seconds: int = 0
     replace_after_seconds: int = 0
+    failover: str = "manual"
+    failover_after: float = fencing.DEFAULT_FAILOVER_AFTER_SECONDS
 
 
 @dataclass(frozen=True)
@@ -127,6 +146,12 @@ def _entry(node: yaml.Node, source: str) -> Declared:
         for duration in ("rpo", "replace_after"):
             if values.get(duration):
                 parse_duration(values[duration])
+        failover = values.get("failover", "")
+        failover_after = _seconds(values.get("failover_after", ""))
+        if failover or failover_after:
+            fencing.check_failover(
+                failover or "manual", failover_after or fencing.DEFAULT_FAILOVER_AFTER_SECONDS
+            )
     except ValueError as error:
         raise DeclarationError(f"{source}:{line}: {error}") from error
     return Declared(
@@ -139,6 +164,8 @@ def _entry(node: yaml.Node, source: str) -> Declared:
         replicas=replicas,
         rpo=values.get("rpo", ""),
         replace_after=values.get("replace_after", ""),
+        failover=failover,
+        failover_after=failover_after,
     )
 
 
@@ -148,6 +175,18 @@ def _replicas(text: str) -> int | None:
     if not text.isdigit():
         raise ValueError(f"invalid replicas {text!r}: a whole number, 0 for none")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    """``30``, ``30s`` or ``2m`` as seconds; 0.0 for empty."""
+    value = text.strip().lower()
+    if not value:
+        return 0.0
+    scale = 60.0 if value.endswith("m") else 1.0
+    try:
+        return float(value.rstrip("sm")) * scale
+    except ValueError:
+        raise ValueError(f"invalid failover_after {text!r}: seconds, e.g. 30 or 30s") from None
 
 
 def changes(
@@ -176,6 +215,10 @@ def changes(
         ):
             if text and parse_duration(text) != seconds:
                 diffs.append(f"{what} {seconds}s -> {parse_duration(text)}s")
+        if want.failover and want.failover != have.failover:
+            diffs.append(f"failover {have.failover} -> {want.failover}")
+        if want.failover_after and want.failover_after != have.failover_after:
+            diffs.append(f"failover_after {have.failover_after:g} -> {want.failover_after:g}")
         if diffs:
             out.append(Change("update", want.name, ", ".join(diffs)))
     if prune:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ferry.core.phases import ACTIVE_PHASES, MovePhase, Writer, writer_of
 from ferry.core.records import Move, Owner, VolumeSpec
+from ferry.core.snapshots import is_fenced
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,15 @@ class Fence:
 
 
 @dataclass(frozen=True)
+class Rejoin:
+    """A copy here that was its owner's and was fenced (by this node, or frozen when its lease
+    went unconfirmed) while another node took the volume over: keep what it wrote after the
+    newest snapshot the owner has aside, and make it a replica from that snapshot."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
 class Activate:
     """This node owns the volume at ``epoch``: make the copy writable and mount it."""
 
@@ -117,7 +127,18 @@ class Missing:
     volume: str
 
 
-Action = Create | Claim | Fence | Activate | DriveMove | Replicate | Destroy | SetAside | Missing
+Action = (
+    Create
+    | Claim
+    | Fence
+    | Rejoin
+    | Activate
+    | DriveMove
+    | Replicate
+    | Destroy
+    | SetAside
+    | Missing
+)
 
 
 def plan(desired: Desired, actual: Actual) -> list[Action]:
@@ -159,7 +180,13 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
             )
         return [Claim(name)]
     if owner.node != me:
-        return [Fence(name)] if local is not None and local.writable else []
+        if local is None:
+            return []
+        if local.writable:
+            return [Fence(name)]
+        if local.mounted or any(is_fenced(snapshot) for snapshot in local.snapshots):
+            return [Rejoin(name)]
+        return []
     if local is None:
         return [Missing(name)]
     if move is not None and move.source == me and move.phase in ACTIVE_PHASES:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any, Self
 
-from ferry.core import compression, names
+from ferry.core import compression, fencing, names
 from ferry.core.phases import MovePhase
 
 SCHEMA_VERSION = 1
@@ -136,6 +136,10 @@ class VolumeSpec(_Record):
     created_by_node: str = ""
     """The node whose Docker plugin created the volume (empty: ferryctl); only that
     node's certificate may delete it besides a user's (ferry.security.authz)."""
+    failover: str = "manual"
+    """``auto``: control promotes a standby copy once the owner's node has been gone for
+    ``failover_after`` seconds; ``manual``: only ``ferryctl volume failover`` does."""
+    failover_after: float = fencing.DEFAULT_FAILOVER_AFTER_SECONDS
     replicas: int = 0
     """Standby copies besides the owner's that the owner keeps current (0: none)."""
     rpo_seconds: int = 0
@@ -171,6 +175,7 @@ class VolumeSpec(_Record):
                 f"invalid compression {self.compression!r}: "
                 f"use one of {', '.join(sorted(compression.STORABLE))}"
             )
+        fencing.check_failover(self.failover, self.failover_after)
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,18 @@ class NodeState(_Record):
     a stream carries): a replica's lag is the age of this."""
     replication_error: str = ""
     """On the owner: why keeping a replica current fails now (empty while it works)."""
+
+
+@dataclass(frozen=True)
+class NodeSeen(_Record):
+    """When a node's agent last renewed its lease (its clock), kept after the lease is gone:
+    a failover says from it what the copy it promotes lacks."""
+
+    node: str
+    at: float
+
+    def __post_init__(self) -> None:
+        check_node_name(self.node)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 PREFIX = "ferry-"
+FENCED_PREFIX = "fenced"
+"""``fenced-<unix time>``: what a copy held when its node found it no longer owned it."""
 _PATTERN = re.compile(r"^ferry-(\d+)-(\d+)$")
 
 
@@ -42,6 +44,10 @@ def parse(name: str) -> SnapshotName | None:
     if match is None:
         return None
     return SnapshotName(seq=int(match.group(2)), epoch=int(match.group(1)))
+
+
+def is_fenced(name: str) -> bool:
+    return name.startswith(FENCED_PREFIX + "-")
 
 
 def next_name(existing: Iterable[str], epoch: int) -> str:

@@ -15,40 +15,17 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import pytest
 
 from tests.support.cluster import Cluster, ClusterHost
+from tests.support.containers import TOOLBOX, WRITER, container_writing, docker_hosts, logs
 from tests.support.volumes import mountpoint, wait_for, writable_copies
 from tests.support.writer import acknowledged, lines_in, start_writer
 
 pytestmark = pytest.mark.cluster
 
-TOOLBOX = "ferry/toolbox"
-# busybox sh: `sync FILE` fsyncs the file; "ok N" is printed only after it returned.
-WRITER = (
-    "i=0; while :; do "
-    'if echo "line $i" >> {log} && sync {log}; then echo "ok $i"; fi; '
-    "i=$((i+1)); sleep 0.05; done"
-)
 WAIT_FOR_THE_WRITER_SECONDS = 6.0
-
-
-def docker_hosts(cluster: Cluster) -> tuple[ClusterHost, ClusterHost]:
-    if cluster.kind != "local":
-        pytest.skip("kills and restarts local-cluster agents and etcd")
-    a, b = cluster.hosts[0], cluster.hosts[1]
-    if not (a.docker_host and b.docker_host):
-        pytest.skip("this cluster runs no dockerd per host (FERRY_CLUSTER_DOCKER=0)")
-    for host in (a, b):
-        assert host.docker_host
-        subprocess.run(
-            ["deploy/images/build.sh", "--docker-host", host.docker_host, TOOLBOX],
-            check=True,
-            capture_output=True,
-        )
-    return a, b
 
 
 class CopySampler:
@@ -122,6 +99,13 @@ def cut_link(cluster: Cluster, host: ClusterHost) -> None:
     time.sleep(3)
 
 
+def moved_to(cluster: Cluster, volume: str, host: ClusterHost) -> bool:
+    """The move is done: ``host`` owns the volume and has made its copy writable (the owner
+    changes first, at the handoff; reading the copy before its activation found no file)."""
+    state = cluster.volume(volume)
+    return bool(state["owner"] == host.name and (state.get("move") or {}).get("phase") == "done")
+
+
 def both_registered(cluster: Cluster) -> bool:
     listed = cluster.ferryctl(["node", "list"], check=False).stdout
     return all(host.name in listed for host in cluster.hosts[:2])
@@ -171,25 +155,6 @@ def request_with_docker_run(cluster: Cluster, volume: str, target: ClusterHost) 
     return DockerRun(target, volume)
 
 
-@contextmanager
-def container_writing(cluster: Cluster, host: ClusterHost, volume: str) -> Iterator[str]:
-    name = f"w-{volume}"
-    cluster.docker(
-        host,
-        ["run", "-d", "--name", name, "--network", "none", "--volume-driver", "ferry",
-         "-v", f"{volume}:/data", TOOLBOX, "sh", "-c", WRITER.format(log="/data/log")],
-    )  # fmt: skip
-    try:
-        wait_for("the writer to start", lambda: len(logs(cluster, host, name)) > 10)
-        yield name
-    finally:
-        cluster.docker(host, ["rm", "-f", name], check=False)
-
-
-def logs(cluster: Cluster, host: ClusterHost, container: str) -> set[int]:
-    return acknowledged(cluster.docker(host, ["logs", container], check=False).stdout)
-
-
 def still_waiting(
     cluster: Cluster, volume: str, source: ClusterHost, request: MoveRequest | None = None
 ) -> None:
@@ -224,7 +189,7 @@ def test_a_container_keeps_every_acknowledged_line_across_a_restart_and_a_move(
         still_waiting(cluster, volume, a, request)
         cluster.docker(a, ["stop", "-t", "1", container])
         written = logs(cluster, a, container)
-        wait_for("the move to finish", lambda: cluster.volume(volume)["owner"] == b.name, 120)
+        wait_for("the move to finish", lambda: moved_to(cluster, volume, b), 120)
         read_by_docker = request.finish()
     on_b = lines_on(cluster, b, volume)
     assert written, "the writer acknowledged lines"
@@ -247,7 +212,7 @@ def test_a_writer_outside_docker_holding_its_file_open_is_waited_for(
             still_waiting(cluster, volume, a)
             writer.kill()
             out, _ = writer.communicate()
-            wait_for("the move to finish", lambda: cluster.volume(volume)["owner"] == b.name, 120)
+            wait_for("the move to finish", lambda: moved_to(cluster, volume, b), 120)
     finally:
         writer.kill()
         writer.wait()
@@ -295,7 +260,7 @@ def test_a_container_binding_the_mountpoints_host_path_is_waited_for(
             still_waiting(cluster, volume, a)
             cluster.docker(a, ["stop", "-t", "1", name])
             written = logs(cluster, a, name)
-            wait_for("the move to finish", lambda: cluster.volume(volume)["owner"] == b.name, 120)
+            wait_for("the move to finish", lambda: moved_to(cluster, volume, b), 120)
     finally:
         cluster.docker(a, ["rm", "-f", name], check=False)
     assert written and written <= lines_on(cluster, b, volume)

@@ -48,6 +48,9 @@ def volume_names(cluster: Cluster) -> set[str]:
         (["-o", "colour=blue"], "unknown option"),
         (["-o", "compression=zstd-max"], "invalid compression"),
         (["-o", "node=nowhere"], "unknown or down"),
+        (["-o", "failover=sometimes"], "invalid failover"),
+        (["-o", "failover_after=3"], "shorter than the fencing bound"),
+        (["-o", "failover_after=soon"], "not a number of seconds"),
     ],
 )
 def test_bad_create_options_are_refused_and_nothing_is_created(
@@ -59,6 +62,18 @@ def test_bad_create_options_are_refused_and_nothing_is_created(
     assert result.returncode != 0
     assert message in result.stderr
     assert name not in volume_names(cluster)
+
+
+def test_a_volume_created_from_docker_can_fail_over_by_itself(cluster: Cluster) -> None:
+    host = docker_host(cluster)
+    name = f"auto-{secrets.token_hex(3)}"
+    opts = ["-o", "failover=auto", "-o", "failover_after=45"]
+    cluster.docker(host, ["volume", "create", "-d", "ferry", *opts, name])
+    try:
+        got = cluster.volume(name)
+        assert (got["failover"], got["failover_after"]) == ("auto", 45.0)
+    finally:
+        cluster.ferryctl(["volume", "delete", name], check=False)
 
 
 def test_an_invalid_volume_name_is_refused(cluster: Cluster) -> None:

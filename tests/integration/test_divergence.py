@@ -11,7 +11,6 @@ mounting the stopped copy writable behind the agent's back).
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,11 +23,11 @@ from agent.replication.adapters import PoolStore, RemotePeer
 from agent.replication.record import MoveAbandoned
 from agent.replication.source import MoveDriver
 from agent.transfer.client import PeerClient, TransferFailed
-from agent.zfs.volumes import retry_busy
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.plan import Activate
 from ferry.core.records import Move, MovePhase, Owner
 from protos.ferry.v1 import transfer_pb2
+from tests.support.asides import aside_datasets, listed, read_aside
 from tests.support.etcd import ControlServer, ferryctl
 from tests.support.nodes import Node, append_lines, create_owned, move, running_nodes
 from tests.support.pools import ScratchPool, scratch_pool
@@ -67,30 +66,8 @@ def write_behind_the_agents_back(node: Node, volume: str, lines: int) -> list[st
     return written
 
 
-def aside_datasets(node: Node) -> list[bytes]:
-    return zfs.lzc_list_children(node.root.aside)
-
-
-def read_aside(node: Node, dataset: bytes, file: str, where: Path) -> str:
-    """A file of a copy kept aside, read from a read-only mount made for the test."""
-    zfs.lzc_set_prop(dataset, "mountpoint", str(where))
-    zfs.zfs_mount(dataset)
-    try:
-        return (where / file).read_text()
-    finally:
-        retry_busy(lambda: zfs.zfs_unmount(dataset), "unmount the copy kept aside")
-        zfs.lzc_inherit_prop(dataset, "mountpoint")
-
-
 def ignore(_sent: int) -> None:
     """Progress of a send, of no interest here."""
-
-
-async def listed(control: ControlServer, volume: str) -> list[dict[str, object]]:
-    result = await ferryctl(control.ferryctl_env(), "volume", "get", volume, "-o", "json")
-    assert result.code == 0, result.stderr
-    diverged: list[dict[str, object]] = json.loads(result.stdout)["diverged"]
-    return diverged
 
 
 async def test_late_writes_without_a_snapshot_are_kept_aside_on_a_move_back(

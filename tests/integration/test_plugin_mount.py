@@ -30,7 +30,14 @@ class NoControl:
     """The volume is owned here already: the plugin never asks control for anything."""
 
     async def create_volume(
-        self, name: str, size: str, compression: str, node: str, replication: Mapping[str, str]
+        self,
+        name: str,
+        size: str,
+        compression: str,
+        node: str,
+        replication: Mapping[str, str],
+        failover: str = "",
+        failover_after: float = 0.0,
     ) -> None:
         raise AssertionError("not called")
 

@@ -99,7 +99,15 @@ async def running_nodes(
             activation = Activation(name, keyspace, local)
             replicator = Replicator(name, keyspace, store, connect)
             executor = Executor(
-                name, keyspace, store, driver, activation, lambda: None, replicator, _no_control
+                name,
+                keyspace,
+                store,
+                driver,
+                activation,
+                lambda: None,
+                replicator,
+                _no_control,
+                connect,
             )
             nodes[name] = Node(name, root, store, workdir / name, address, mounts, driver, executor)
         yield nodes

@@ -28,6 +28,8 @@ def writable(prefix: str, role: str, key: str) -> bool:
         ("/ferry/v1/nodes/host1x", False),
         ("/ferry/v1/state/host1/vol", True),
         ("/ferry/v1/state/host10/vol", False),
+        ("/ferry/v1/seen/host1", True),
+        ("/ferry/v1/seen/host10", False),
         ("/ferry/v1/owners/vol", True),
         ("/other/v1/owners/vol", False),
         ("/ferry/v1/volumes/vol", False),
@@ -39,7 +41,7 @@ def test_a_node_role_writes_its_own_keys_and_not_a_namesake_prefixs(
     assert writable("/ferry/v1", etcd_auth.node_role("host1"), key) is allowed
 
 
-def test_control_writes_volumes_moves_drop_requests_and_purged_owners_only() -> None:
+def test_control_writes_volumes_moves_drops_and_the_owners_of_purges_and_failovers() -> None:
     role = etcd_auth.CONTROL_ROLE
     written = {kind for kind in KINDS if writable("/ferry/v1", role, f"/ferry/v1/{kind}/x/y")}
     assert written == {"volumes", "moves", "drops", "owners"}

@@ -17,6 +17,7 @@ from ferry.core.plan import (
     Fence,
     LocalVolume,
     Missing,
+    Rejoin,
     SetAside,
     plan,
 )
@@ -106,6 +107,16 @@ def test_a_writable_copy_on_a_node_that_lost_ownership_is_fenced() -> None:
     desired = Desired(node="a", volumes={"pg": spec(node="b")}, owners={"pg": Owner("b", 2)})
     assert plan(desired, Actual(volumes={"pg": writable()})) == [Fence("pg")]
     assert plan(desired, Actual(volumes={"pg": replica()})) == []
+
+
+def test_an_old_owner_fenced_or_frozen_after_a_failover_rejoins_as_a_replica() -> None:
+    desired = Desired(node="a", volumes={"pg": spec(node="b")}, owners={"pg": Owner("b", 2)})
+    fenced = replace(replica(), snapshots=("ferry-1-1", "fenced-1700000000"))
+    frozen = replace(writable(), writable=False)  # mounted read-only by the self-fence
+    assert plan(desired, Actual(volumes={"pg": fenced})) == [Rejoin("pg")]
+    assert plan(desired, Actual(volumes={"pg": frozen})) == [Rejoin("pg")]
+    owned = Desired(node="a", volumes={"pg": spec(node="a")}, owners={"pg": Owner("a", 1)})
+    assert plan(owned, Actual(volumes={"pg": frozen})) == [Activate("pg", 1)]
 
 
 def test_the_owner_drives_a_move_away_once() -> None:

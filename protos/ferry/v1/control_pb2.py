@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/ferry/v1/control.proto\x12\x08\x66\x65rry.v1\"T\n\x14\x43reateFailureRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x14\n\x12\x43reateFailureReply\"\x9f\x01\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x16\n\x08replicas\x18\x98\x02 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x03rpo\x18\x99\x02 \x01(\t\x12\x16\n\rreplace_after\x18\x9a\x02 \x01(\tB\x0b\n\t_replicas\" \n\x10GetVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListVolumesRequest\"e\n\x10ListVolumesReply\x12!\n\x07volumes\x18\x01 \x03(\x0b\x32\x10.ferry.v1.Volume\x12.\n\nunreadable\x18\x02 \x03(\x0b\x32\x1a.ferry.v1.UnreadableRecord\"/\n\x10UnreadableRecord\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x13\x44\x65leteVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"#\n\x11\x44\x65leteVolumeReply\x12\x0e\n\x06notice\x18\x01 \x01(\t\"/\n\x11MoveVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"\xa5\x01\n\nMoveStatus\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\x10\n\x08rate_bps\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\x12\r\n\x05stuck\x18\t \x01(\t\"\xcc\x03\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x08\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nmounted_on\x18\t \x03(\t\x12\"\n\x04move\x18\n \x01(\x0b\x32\x14.ferry.v1.MoveStatus\x12\x1e\n\x06\x63opies\x18\x0b \x03(\x0b\x32\x0e.ferry.v1.Copy\x12\x14\n\x0c\x63reate_error\x18\x0c \x01(\t\x12%\n\x08\x64iverged\x18\r \x03(\x0b\x32\x13.ferry.v1.AsideCopy\x12\x11\n\x08replicas\x18\x9b\x02 \x01(\r\x12\x16\n\rreplica_nodes\x18\x9c\x02 \x03(\t\x12\x14\n\x0brpo_seconds\x18\x9d\x02 \x01(\r\x12\x1e\n\x15replace_after_seconds\x18\x9e\x02 \x01(\r\x12\x12\n\tmeets_rpo\x18\x9f\x02 \x01(\x08\x12\x16\n\rreplica_notes\x18\xa0\x02 \x03(\t\x12\x18\n\x0freplica_history\x18\xa4\x02 \x03(\t\"\x96\x01\n\tAsideCopy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0e\n\x06volume\x18\x03 \x01(\t\x12\x0f\n\x07kept_at\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nused_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x16\n\x0e\x64rop_requested\x18\x08 \x01(\x08\"#\n\x11ListAsidesRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"6\n\x0fListAsidesReply\x12#\n\x06\x61sides\x18\x01 \x03(\x0b\x32\x13.ferry.v1.AsideCopy\"A\n\x10\x44ropAsideRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\"\xa4\x01\n\x04\x43opy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x17\n\x0fnewest_snapshot\x18\x02 \x01(\t\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x10\n\x08writable\x18\x04 \x01(\x08\x12\r\n\x05stuck\x18\x05 \x01(\t\x12\r\n\x04role\x18\xa1\x02 \x01(\t\x12\x1b\n\x12newest_snapshot_at\x18\xa2\x02 \x01(\x01\x12\x14\n\x0blag_seconds\x18\xa3\x02 \x01(\x01\"\x12\n\x10ListNodesRequest\"\x94\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x16\n\x0e\x63\x65rt_not_after\x18\x08 \x01(\x01\"/\n\x0eListNodesReply\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.ferry.v1.Node2\xf3\x05\n\x07\x43ontrol\x12?\n\x0c\x43reateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x39\n\tGetVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume\x12G\n\x0bListVolumes\x12\x1c.ferry.v1.ListVolumesRequest\x1a\x1a.ferry.v1.ListVolumesReply\x12J\n\x0c\x44\x65leteVolume\x12\x1d.ferry.v1.DeleteVolumeRequest\x1a\x1b.ferry.v1.DeleteVolumeReply\x12;\n\nMoveVolume\x12\x1b.ferry.v1.MoveVolumeRequest\x1a\x10.ferry.v1.Volume\x12?\n\x0cUpdateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x41\n\tListNodes\x12\x1a.ferry.v1.ListNodesRequest\x1a\x18.ferry.v1.ListNodesReply\x12=\n\x0bWatchVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume0\x01\x12\x44\n\nListAsides\x12\x1b.ferry.v1.ListAsidesRequest\x1a\x19.ferry.v1.ListAsidesReply\x12<\n\tDropAside\x12\x1a.ferry.v1.DropAsideRequest\x1a\x13.ferry.v1.AsideCopy\x12S\n\x13ReportCreateFailure\x12\x1e.ferry.v1.CreateFailureRequest\x1a\x1c.ferry.v1.CreateFailureReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/ferry/v1/control.proto\x12\x08\x66\x65rry.v1\"T\n\x14\x43reateFailureRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x14\n\x12\x43reateFailureReply\"\xcb\x01\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\x08\x66\x61ilover\x18\x84\x02 \x01(\t\x12\x17\n\x0e\x66\x61ilover_after\x18\x85\x02 \x01(\x01\x12\x16\n\x08replicas\x18\x98\x02 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x03rpo\x18\x99\x02 \x01(\t\x12\x16\n\rreplace_after\x18\x9a\x02 \x01(\tB\x0b\n\t_replicas\" \n\x10GetVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListVolumesRequest\"e\n\x10ListVolumesReply\x12!\n\x07volumes\x18\x01 \x03(\x0b\x32\x10.ferry.v1.Volume\x12.\n\nunreadable\x18\x02 \x03(\x0b\x32\x1a.ferry.v1.UnreadableRecord\"/\n\x10UnreadableRecord\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x13\x44\x65leteVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"#\n\x11\x44\x65leteVolumeReply\x12\x0e\n\x06notice\x18\x01 \x01(\t\"/\n\x11MoveVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"\xa5\x01\n\nMoveStatus\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\x10\n\x08rate_bps\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\x12\r\n\x05stuck\x18\t \x01(\t\"\xf8\x03\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x08\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nmounted_on\x18\t \x03(\t\x12\"\n\x04move\x18\n \x01(\x0b\x32\x14.ferry.v1.MoveStatus\x12\x1e\n\x06\x63opies\x18\x0b \x03(\x0b\x32\x0e.ferry.v1.Copy\x12\x14\n\x0c\x63reate_error\x18\x0c \x01(\t\x12%\n\x08\x64iverged\x18\r \x03(\x0b\x32\x13.ferry.v1.AsideCopy\x12\x11\n\x08replicas\x18\x9b\x02 \x01(\r\x12\x16\n\rreplica_nodes\x18\x9c\x02 \x03(\t\x12\x14\n\x0brpo_seconds\x18\x9d\x02 \x01(\r\x12\x1e\n\x15replace_after_seconds\x18\x9e\x02 \x01(\r\x12\x12\n\tmeets_rpo\x18\x9f\x02 \x01(\x08\x12\x16\n\rreplica_notes\x18\xa0\x02 \x03(\t\x12\x18\n\x0freplica_history\x18\xa4\x02 \x03(\t\x12\x11\n\x08\x66\x61ilover\x18\x86\x02 \x01(\t\x12\x17\n\x0e\x66\x61ilover_after\x18\x87\x02 \x01(\x01\"3\n\x15\x46\x61iloverVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"j\n\x13\x46\x61iloverVolumeReply\x12 \n\x06volume\x18\x01 \x01(\x0b\x32\x10.ferry.v1.Volume\x12\x11\n\told_owner\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\t\x12\x0c\n\x04lost\x18\x04 \x01(\t\"\x96\x01\n\tAsideCopy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0e\n\x06volume\x18\x03 \x01(\t\x12\x0f\n\x07kept_at\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nused_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x16\n\x0e\x64rop_requested\x18\x08 \x01(\x08\"#\n\x11ListAsidesRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"6\n\x0fListAsidesReply\x12#\n\x06\x61sides\x18\x01 \x03(\x0b\x32\x13.ferry.v1.AsideCopy\"A\n\x10\x44ropAsideRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\"\xa4\x01\n\x04\x43opy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x17\n\x0fnewest_snapshot\x18\x02 \x01(\t\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x10\n\x08writable\x18\x04 \x01(\x08\x12\r\n\x05stuck\x18\x05 \x01(\t\x12\r\n\x04role\x18\xa1\x02 \x01(\t\x12\x1b\n\x12newest_snapshot_at\x18\xa2\x02 \x01(\x01\x12\x14\n\x0blag_seconds\x18\xa3\x02 \x01(\x01\"\x12\n\x10ListNodesRequest\"\x94\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x16\n\x0e\x63\x65rt_not_after\x18\x08 \x01(\x01\"/\n\x0eListNodesReply\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.ferry.v1.Node2\xc5\x06\n\x07\x43ontrol\x12?\n\x0c\x43reateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x39\n\tGetVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume\x12G\n\x0bListVolumes\x12\x1c.ferry.v1.ListVolumesRequest\x1a\x1a.ferry.v1.ListVolumesReply\x12J\n\x0c\x44\x65leteVolume\x12\x1d.ferry.v1.DeleteVolumeRequest\x1a\x1b.ferry.v1.DeleteVolumeReply\x12;\n\nMoveVolume\x12\x1b.ferry.v1.MoveVolumeRequest\x1a\x10.ferry.v1.Volume\x12?\n\x0cUpdateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x41\n\tListNodes\x12\x1a.ferry.v1.ListNodesRequest\x1a\x18.ferry.v1.ListNodesReply\x12=\n\x0bWatchVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume0\x01\x12\x44\n\nListAsides\x12\x1b.ferry.v1.ListAsidesRequest\x1a\x19.ferry.v1.ListAsidesReply\x12<\n\tDropAside\x12\x1a.ferry.v1.DropAsideRequest\x1a\x13.ferry.v1.AsideCopy\x12S\n\x13ReportCreateFailure\x12\x1e.ferry.v1.CreateFailureRequest\x1a\x1c.ferry.v1.CreateFailureReply\x12P\n\x0e\x46\x61iloverVolume\x12\x1f.ferry.v1.FailoverVolumeRequest\x1a\x1d.ferry.v1.FailoverVolumeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,41 +36,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEFAILUREREPLY']._serialized_start=129
   _globals['_CREATEFAILUREREPLY']._serialized_end=149
   _globals['_CREATEVOLUMEREQUEST']._serialized_start=152
-  _globals['_CREATEVOLUMEREQUEST']._serialized_end=311
-  _globals['_GETVOLUMEREQUEST']._serialized_start=313
-  _globals['_GETVOLUMEREQUEST']._serialized_end=345
-  _globals['_LISTVOLUMESREQUEST']._serialized_start=347
-  _globals['_LISTVOLUMESREQUEST']._serialized_end=367
-  _globals['_LISTVOLUMESREPLY']._serialized_start=369
-  _globals['_LISTVOLUMESREPLY']._serialized_end=470
-  _globals['_UNREADABLERECORD']._serialized_start=472
-  _globals['_UNREADABLERECORD']._serialized_end=519
-  _globals['_DELETEVOLUMEREQUEST']._serialized_start=521
-  _globals['_DELETEVOLUMEREQUEST']._serialized_end=571
-  _globals['_DELETEVOLUMEREPLY']._serialized_start=573
-  _globals['_DELETEVOLUMEREPLY']._serialized_end=608
-  _globals['_MOVEVOLUMEREQUEST']._serialized_start=610
-  _globals['_MOVEVOLUMEREQUEST']._serialized_end=657
-  _globals['_MOVESTATUS']._serialized_start=660
-  _globals['_MOVESTATUS']._serialized_end=825
-  _globals['_VOLUME']._serialized_start=828
-  _globals['_VOLUME']._serialized_end=1288
-  _globals['_ASIDECOPY']._serialized_start=1291
-  _globals['_ASIDECOPY']._serialized_end=1441
-  _globals['_LISTASIDESREQUEST']._serialized_start=1443
-  _globals['_LISTASIDESREQUEST']._serialized_end=1478
-  _globals['_LISTASIDESREPLY']._serialized_start=1480
-  _globals['_LISTASIDESREPLY']._serialized_end=1534
-  _globals['_DROPASIDEREQUEST']._serialized_start=1536
-  _globals['_DROPASIDEREQUEST']._serialized_end=1601
-  _globals['_COPY']._serialized_start=1604
-  _globals['_COPY']._serialized_end=1768
-  _globals['_LISTNODESREQUEST']._serialized_start=1770
-  _globals['_LISTNODESREQUEST']._serialized_end=1788
-  _globals['_NODE']._serialized_start=1791
-  _globals['_NODE']._serialized_end=1939
-  _globals['_LISTNODESREPLY']._serialized_start=1941
-  _globals['_LISTNODESREPLY']._serialized_end=1988
-  _globals['_CONTROL']._serialized_start=1991
-  _globals['_CONTROL']._serialized_end=2746
+  _globals['_CREATEVOLUMEREQUEST']._serialized_end=355
+  _globals['_GETVOLUMEREQUEST']._serialized_start=357
+  _globals['_GETVOLUMEREQUEST']._serialized_end=389
+  _globals['_LISTVOLUMESREQUEST']._serialized_start=391
+  _globals['_LISTVOLUMESREQUEST']._serialized_end=411
+  _globals['_LISTVOLUMESREPLY']._serialized_start=413
+  _globals['_LISTVOLUMESREPLY']._serialized_end=514
+  _globals['_UNREADABLERECORD']._serialized_start=516
+  _globals['_UNREADABLERECORD']._serialized_end=563
+  _globals['_DELETEVOLUMEREQUEST']._serialized_start=565
+  _globals['_DELETEVOLUMEREQUEST']._serialized_end=615
+  _globals['_DELETEVOLUMEREPLY']._serialized_start=617
+  _globals['_DELETEVOLUMEREPLY']._serialized_end=652
+  _globals['_MOVEVOLUMEREQUEST']._serialized_start=654
+  _globals['_MOVEVOLUMEREQUEST']._serialized_end=701
+  _globals['_MOVESTATUS']._serialized_start=704
+  _globals['_MOVESTATUS']._serialized_end=869
+  _globals['_VOLUME']._serialized_start=872
+  _globals['_VOLUME']._serialized_end=1376
+  _globals['_FAILOVERVOLUMEREQUEST']._serialized_start=1378
+  _globals['_FAILOVERVOLUMEREQUEST']._serialized_end=1429
+  _globals['_FAILOVERVOLUMEREPLY']._serialized_start=1431
+  _globals['_FAILOVERVOLUMEREPLY']._serialized_end=1537
+  _globals['_ASIDECOPY']._serialized_start=1540
+  _globals['_ASIDECOPY']._serialized_end=1690
+  _globals['_LISTASIDESREQUEST']._serialized_start=1692
+  _globals['_LISTASIDESREQUEST']._serialized_end=1727
+  _globals['_LISTASIDESREPLY']._serialized_start=1729
+  _globals['_LISTASIDESREPLY']._serialized_end=1783
+  _globals['_DROPASIDEREQUEST']._serialized_start=1785
+  _globals['_DROPASIDEREQUEST']._serialized_end=1850
+  _globals['_COPY']._serialized_start=1853
+  _globals['_COPY']._serialized_end=2017
+  _globals['_LISTNODESREQUEST']._serialized_start=2019
+  _globals['_LISTNODESREQUEST']._serialized_end=2037
+  _globals['_NODE']._serialized_start=2040
+  _globals['_NODE']._serialized_end=2188
+  _globals['_LISTNODESREPLY']._serialized_start=2190
+  _globals['_LISTNODESREPLY']._serialized_end=2237
+  _globals['_CONTROL']._serialized_start=2240
+  _globals['_CONTROL']._serialized_end=3077
 # @@protoc_insertion_point(module_scope)

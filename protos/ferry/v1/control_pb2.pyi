@@ -72,6 +72,8 @@ class CreateVolumeRequest(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     COMPRESSION_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    FAILOVER_FIELD_NUMBER: _builtins.int
+    FAILOVER_AFTER_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     RPO_FIELD_NUMBER: _builtins.int
     REPLACE_AFTER_FIELD_NUMBER: _builtins.int
@@ -81,6 +83,12 @@ class CreateVolumeRequest(_message.Message):
     compression: _builtins.str
     node: _builtins.str
     """Empty: the live node with the most free space."""
+    failover: _builtins.str
+    """"manual" (the default when empty) or "auto": control fails the volume over
+    by itself once the owner's node has been gone failover_after seconds.
+    """
+    failover_after: _builtins.float
+    """Seconds; 0 means the default (30). Never below the owner's lease TTL."""
     replicas: _builtins.int
     """Standby copies besides the owner's; absent: 0 on create, unchanged on update."""
     rpo: _builtins.str
@@ -94,13 +102,15 @@ class CreateVolumeRequest(_message.Message):
         size: _builtins.str = ...,
         compression: _builtins.str = ...,
         node: _builtins.str = ...,
+        failover: _builtins.str = ...,
+        failover_after: _builtins.float = ...,
         replicas: _builtins.int | None = ...,
         rpo: _builtins.str = ...,
         replace_after: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_replicas", b"_replicas", "replicas", b"replicas"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_replicas", b"_replicas", "compression", b"compression", "name", b"name", "node", b"node", "replace_after", b"replace_after", "replicas", b"replicas", "rpo", b"rpo", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_replicas", b"_replicas", "compression", b"compression", "failover", b"failover", "failover_after", b"failover_after", "name", b"name", "node", b"node", "replace_after", b"replace_after", "replicas", b"replicas", "rpo", b"rpo", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__replicas: _TypeAlias = _typing.Literal["replicas"]  # noqa: Y015
     _WhichOneofArgType__replicas: _TypeAlias = _typing.Literal["_replicas", b"_replicas"]  # noqa: Y015
@@ -324,6 +334,8 @@ class Volume(_message.Message):
     MEETS_RPO_FIELD_NUMBER: _builtins.int
     REPLICA_NOTES_FIELD_NUMBER: _builtins.int
     REPLICA_HISTORY_FIELD_NUMBER: _builtins.int
+    FAILOVER_FIELD_NUMBER: _builtins.int
+    FAILOVER_AFTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     compression: _builtins.str
@@ -348,6 +360,9 @@ class Volume(_message.Message):
     """Every wanted replica is placed, reports a copy, and its newest snapshot is
     younger than the RPO (always true without replicas).
     """
+    failover: _builtins.str
+    """"manual" or "auto", and the seconds an auto failover waits for."""
+    failover_after: _builtins.float
     @_builtins.property
     def mounted_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Nodes where a container mounts it now."""
@@ -401,14 +416,72 @@ class Volume(_message.Message):
         meets_rpo: _builtins.bool = ...,
         replica_notes: _abc.Iterable[_builtins.str] | None = ...,
         replica_history: _abc.Iterable[_builtins.str] | None = ...,
+        failover: _builtins.str = ...,
+        failover_after: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["move", b"move"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "create_error", b"create_error", "created_at", b"created_at", "deleted", b"deleted", "diverged", b"diverged", "epoch", b"epoch", "meets_rpo", b"meets_rpo", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "replace_after_seconds", b"replace_after_seconds", "replica_history", b"replica_history", "replica_nodes", b"replica_nodes", "replica_notes", b"replica_notes", "replicas", b"replicas", "rpo_seconds", b"rpo_seconds", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "create_error", b"create_error", "created_at", b"created_at", "deleted", b"deleted", "diverged", b"diverged", "epoch", b"epoch", "failover", b"failover", "failover_after", b"failover_after", "meets_rpo", b"meets_rpo", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "replace_after_seconds", b"replace_after_seconds", "replica_history", b"replica_history", "replica_nodes", b"replica_nodes", "replica_notes", b"replica_notes", "replicas", b"replicas", "rpo_seconds", b"rpo_seconds", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Volume: _TypeAlias = Volume  # noqa: Y015
+
+@_typing.final
+class FailoverVolumeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    node: _builtins.str
+    """Empty: the live copy holding the newest snapshot."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailoverVolumeRequest: _TypeAlias = FailoverVolumeRequest  # noqa: Y015
+
+@_typing.final
+class FailoverVolumeReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    OLD_OWNER_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    old_owner: _builtins.str
+    """The owner that was lost, and the snapshot the new owner starts from."""
+    snapshot: _builtins.str
+    lost: _builtins.str
+    """What the new copy lacks: "writes on host1 after 12:00:03 UTC (14 s before
+    it was lost) are not in this copy".
+    """
+    @_builtins.property
+    def volume(self) -> Global___Volume: ...
+    def __init__(
+        self,
+        *,
+        volume: Global___Volume | None = ...,
+        old_owner: _builtins.str = ...,
+        snapshot: _builtins.str = ...,
+        lost: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost", b"lost", "old_owner", b"old_owner", "snapshot", b"snapshot", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailoverVolumeReply: _TypeAlias = FailoverVolumeReply  # noqa: Y015
 
 @_typing.final
 class AsideCopy(_message.Message):

@@ -89,6 +89,11 @@ class ControlStub:
                 request_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureRequest.SerializeToString,
                 response_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureReply.FromString,
                 _registered_method=True)
+        self.FailoverVolume = channel.unary_unary(
+                '/ferry.v1.Control/FailoverVolume',
+                request_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.FailoverVolumeRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.FailoverVolumeReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -166,6 +171,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FailoverVolume(self, request, context):
+        """Promotes a standby copy while the owner's node is down (its lease gone);
+        refused while the owner is live (use MoveVolume). Says what is lost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +236,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ReportCreateFailure,
                     request_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureRequest.FromString,
                     response_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureReply.SerializeToString,
+            ),
+            'FailoverVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.FailoverVolume,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.FailoverVolumeRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.FailoverVolumeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -522,6 +540,33 @@ class Control:
             '/ferry.v1.Control/ReportCreateFailure',
             protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureRequest.SerializeToString,
             protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FailoverVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Control/FailoverVolume',
+            protos_dot_ferry_dot_v1_dot_control__pb2.FailoverVolumeRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_control__pb2.FailoverVolumeReply.FromString,
             options,
             channel_credentials,
             insecure,

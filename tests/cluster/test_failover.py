@@ -1,0 +1,168 @@
+"""Failover between netns hosts: an owner cut off stops its writes before anyone may take
+over, a failover says what it loses, and the old owner comes back as a replica.
+
+host2 holds a standby copy of each volume: the volume is created there and moved
+to host1, and a move's source keeps a read-only copy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ferry.core.fencing import FENCING_BOUND_SECONDS, LEASE_TTL_SECONDS
+from tests.support.cluster import Cluster, ClusterHost
+from tests.support.containers import TOOLBOX, container_writing, docker_hosts, logs
+from tests.support.volumes import wait_for, writable_copies
+
+pytestmark = pytest.mark.cluster
+
+LOSS = re.compile(
+    r"writes on host1 after \d\d:\d\d:\d\d UTC \((\d+) s before it was lost\) are not in this copy"
+)
+# Polling the container's log every half second, and docker logs' own delay.
+OBSERVED_SLACK_SECONDS = 1.5
+
+
+@pytest.fixture
+def volume(cluster: Cluster) -> Iterator[str]:
+    """A volume owned by host1 with a standby copy on host2."""
+    name = f"fo-{secrets.token_hex(3)}"
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    cluster.ferryctl(["volume", "create", name, "--size", "128M", "--node", b.name])
+    wait_for(f"{name} owned by {b.name}", lambda: cluster.volume(name)["owner"] == b.name)
+    cluster.ferryctl(["volume", "move", name, a.name, "--wait", "--timeout", "120"])
+    yield name
+    cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
+
+
+def link(cluster: Cluster, host: ClusterHost, up: bool) -> None:
+    cluster.run(host, ["ip", "link", "set", "eth0", "up" if up else "down"])
+
+
+def live(cluster: Cluster, host: ClusterHost) -> bool:
+    nodes = json.loads(cluster.ferryctl(["node", "list", "-o", "json"]).stdout)
+    return any(node["name"] == host.name for node in nodes)
+
+
+def until_lease_gone(cluster: Cluster, host: ClusterHost, container: str) -> tuple[float, float]:
+    """Follow the container's acknowledged writes until ``host``'s lease is gone (at most
+    30 s); returns when (time.monotonic) the last new write was seen, and the lease gone."""
+    count, written_at = len(logs(cluster, host, container)), time.monotonic()
+    deadline = written_at + 30
+    while live(cluster, host):
+        assert time.monotonic() < deadline, f"{host.name}'s lease did not expire"
+        now = len(logs(cluster, host, container))
+        if now != count:
+            count, written_at = now, time.monotonic()
+    return written_at, time.monotonic()
+
+
+def writable_on(cluster: Cluster, volume: str, host: ClusterHost) -> bool:
+    """What ``host``'s agent reports (the lost host's own mount, its agent dead, is not asked)."""
+    return any(c["node"] == host.name and c["writable"] for c in cluster.volume(volume)["copies"])
+
+
+def failover(cluster: Cluster, volume: str, *args: str) -> str:
+    result = cluster.ferryctl(["volume", "failover", volume, *args], check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_partitioned_owner_stops_writing_before_a_failover_and_returns_as_a_replica(
+    cluster: Cluster, volume: str
+) -> None:
+    a, b = docker_hosts(cluster)
+    with container_writing(cluster, a, volume) as container:
+        written_before = logs(cluster, a, container)
+        link(cluster, a, up=False)
+        cut = time.monotonic()
+        try:
+            refused = cluster.ferryctl(["volume", "failover", volume], check=False)
+            assert refused.returncode != 0 and "is live" in refused.stderr, refused.stderr
+            written_at, gone_at = until_lease_gone(cluster, a, container)
+            print(
+                f"writes stopped {written_at - cut:.1f} s after the cut (bound "
+                f"{FENCING_BOUND_SECONDS} s), the lease went {gone_at - cut:.1f} s after it"
+            )
+            assert written_at - cut <= FENCING_BOUND_SECONDS + OBSERVED_SLACK_SECONDS
+            assert written_at < gone_at, "a write was acknowledged after the lease was gone"
+            assert "Read-only file system" in cluster.docker(a, ["logs", container]).stderr
+            said = failover(cluster, volume)
+            assert LOSS.search(said), said
+            print(said.strip())
+        finally:
+            link(cluster, a, up=True)
+        assert cluster.volume(volume)["owner"] == b.name
+        wait_for(f"{a.name} to register again", lambda: live(cluster, a), 60)
+        late = logs(cluster, a, container)
+        time.sleep(3)
+        assert logs(cluster, a, container) == late, f"{a.name} served writes after it returned"
+    wait_for(
+        f"{a.name}'s late writes kept aside",
+        lambda: [d["node"] for d in cluster.volume(volume)["diverged"]] == [a.name],
+        60,
+    )
+    assert writable_copies(cluster, volume) == [b.name]
+    copies = {c["node"]: c for c in cluster.volume(volume)["copies"]}
+    assert not copies[a.name]["writable"], f"{a.name}'s copy is a read-only replica"
+    assert written_before, "the container wrote before the cut"
+
+
+def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, volume: str) -> None:
+    a, b = docker_hosts(cluster)
+    cluster.agent(a.name, "kill")
+    link(cluster, a, up=False)
+    lost = time.monotonic()
+    try:
+        wait_for(f"{a.name}'s lease to expire", lambda: not live(cluster, a), 30)
+        said = failover(cluster, volume, "--to", b.name)
+        found = LOSS.search(said)
+        assert found, said
+        print(said.strip())
+        wait_for(f"{b.name}'s copy writable", lambda: writable_on(cluster, volume, b))
+        print(f"manual failover: writable {time.monotonic() - lost:.1f} s after the loss")
+    finally:
+        link(cluster, a, up=True)
+        cluster.agent(a.name, "start")
+    wait_for(f"{a.name} back as a replica", lambda: live(cluster, a), 60)
+
+    auto = f"fa-{secrets.token_hex(3)}"
+    cluster.ferryctl(
+        ["volume", "create", auto, "--size", "128M", "--node", b.name, "--failover", "auto",
+         "--failover-after", str(LEASE_TTL_SECONDS)]
+    )  # fmt: skip
+    try:
+        wait_for(f"{auto} owned by {b.name}", lambda: cluster.volume(auto)["owner"] == b.name)
+        cluster.ferryctl(["volume", "move", auto, a.name, "--wait", "--timeout", "120"])
+        cluster.agent(a.name, "kill")
+        link(cluster, a, up=False)
+        lost = time.monotonic()
+        try:
+            # A container started on b at once: its Mount waits for the auto failover.
+            ran = cluster.docker(
+                b,
+                ["run", "--rm", "--network", "none", "--volume-driver", "ferry",
+                 "-v", f"{auto}:/data", TOOLBOX, "sh", "-c", "echo after > /data/f && cat /data/f"],
+                check=False,
+                timeout=150,
+            )  # fmt: skip
+            took = time.monotonic() - lost
+            assert ran.returncode == 0 and ran.stdout.strip() == "after", ran.stderr
+            assert cluster.volume(auto)["owner"] == b.name
+            print(
+                f"auto failover: a container on {b.name} ran {took:.1f} s after the loss "
+                f"(lease TTL {LEASE_TTL_SECONDS} s, failover_after {LEASE_TTL_SECONDS} s)"
+            )
+            assert took >= LEASE_TTL_SECONDS, "failed over before the owner's lease could expire"
+        finally:
+            link(cluster, a, up=True)
+            cluster.agent(a.name, "start")
+        wait_for(f"{a.name} to register again", lambda: live(cluster, a), 60)
+    finally:
+        cluster.ferryctl(["volume", "delete", auto, "--force"], check=False)
