@@ -1,6 +1,8 @@
 """This node's volume datasets, as the agent sees them: async, by volume name.
 
-The one place where the agent touches ZFS, through ``agent.zfs`` only. Every
+The one place where the agent touches its volumes' datasets, through
+``agent.zfs.volumes.PoolRoot`` (and the streams of ``agent.zfs.streams``); it
+calls no ``lzc_*`` function itself. Every
 call runs in a worker thread (the ZFS layer is synchronous) so the event
 loop keeps serving gRPC, the plugin socket and etcd watches meanwhile.
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from agent import zfs
 from agent.zfs.inuse import User
-from agent.zfs.streams import SnapshotStream
+from agent.zfs.streams import SnapshotReceive, SnapshotStream
 from agent.zfs.volumes import (
     TRANSFER_HOLD,
     UID_PROPERTY,
@@ -74,7 +76,7 @@ class VolumeStore:
         return self._mount_root / volume
 
     def snapshot_name(self, volume: str, short: str) -> bytes:
-        return self._root.dataset(volume) + b"@" + short.encode()
+        return self._root.snapshot_name(volume, short)
 
     async def local_volumes(self, skip: Iterable[str] = ()) -> dict[str, LocalVolume]:
         """The volumes held here, but those in ``skip`` and those being received.
@@ -91,7 +93,7 @@ class VolumeStore:
         read_only = read_only_mounts()
         for volume in set(self._root.volumes()) - self.receiving - skip:
             try:
-                props = zfs.lzc_get_props(self._root.dataset(volume))
+                props = self._root.props(volume)
                 snapshots = tuple(ref.name for ref in self._snapshots(volume) or ())
             except zfs.DatasetNotFound:
                 continue  # destroyed or renamed since it was listed
@@ -115,13 +117,7 @@ class VolumeStore:
         return await asyncio.to_thread(self._snapshots, volume)
 
     def _snapshots(self, volume: str) -> list[SnapshotRef] | None:
-        dataset = self._root.dataset(volume)
-        if not zfs.lzc_exists(dataset):
-            return None
-        return [
-            SnapshotRef(full.split(b"@", 1)[1].decode(), guid)
-            for full, guid in zfs.snapshot_guids(dataset)
-        ]
+        return self._root.snapshots(volume)
 
     async def guid(self, volume: str, short: str) -> int:
         for ref in await self.snapshots(volume) or ():
@@ -133,8 +129,7 @@ class VolumeStore:
         return await asyncio.to_thread(self._is_writable, volume)
 
     def _is_writable(self, volume: str) -> bool:
-        props = zfs.lzc_get_props(self._root.dataset(volume))
-        return _writable(props, read_only_mounts())
+        return _writable(self._root.props(volume), read_only_mounts())
 
     async def users(self, volumes: Iterable[str]) -> dict[str, list[User]]:
         """Who uses each volume's filesystem here besides the agent's own mountpoint, as the
@@ -160,9 +155,8 @@ class VolumeStore:
         await asyncio.to_thread(self._activate, spec)
 
     def _activate(self, spec: VolumeSpec) -> None:
-        dataset = self._root.dataset(spec.name)
-        zfs.lzc_set_prop(dataset, "refquota", spec.size_bytes)
-        zfs.lzc_set_prop(dataset, "compression", spec.compression)
+        self._root.set_property(spec.name, "refquota", spec.size_bytes)
+        self._root.set_property(spec.name, "compression", spec.compression)
         if spec.uid:
             self._root.stamp_uid(spec.name, spec.uid)
         self._root.set_readonly(spec.name, False)
@@ -220,9 +214,9 @@ class VolumeStore:
                 "; ".join(user.describe() for user in users),
             )
         await asyncio.to_thread(self._stop_writes, volume)
-        name = self.snapshot_name(volume, f"fenced-{int(time.time())}")
-        await asyncio.to_thread(zfs.lzc_snapshot, [name])
-        log.warning("fenced: volume=%s kept=%s", volume, name.decode())
+        short = f"fenced-{int(time.time())}"
+        await asyncio.to_thread(self._root.snapshot, volume, short)
+        log.warning("fenced: volume=%s kept=%s", volume, self.snapshot_name(volume, short).decode())
 
     async def divergence(self, volume: str, base: str) -> str:
         """Why this copy cannot take an incremental stream from ``base`` without losing
@@ -270,8 +264,7 @@ class VolumeStore:
         await asyncio.to_thread(self._after_receive, volume, uid)
 
     def _after_receive(self, volume: str, uid: str) -> None:
-        dataset = self._root.dataset(volume)
-        zfs.lzc_set_prop(dataset, "canmount", "noauto")
+        self._root.set_property(volume, "canmount", "noauto")
         self._root.set_readonly(volume, True)
         if uid:
             self._root.stamp_uid(volume, uid)
@@ -281,16 +274,13 @@ class VolumeStore:
     async def take_snapshot(self, volume: str, epoch: int) -> SnapshotRef:
         existing = [ref.name for ref in await self.snapshots(volume) or ()]
         short = next_name(existing, epoch)
-        await asyncio.to_thread(zfs.lzc_snapshot, [self.snapshot_name(volume, short)])
+        await asyncio.to_thread(self._root.snapshot, volume, short)
         return SnapshotRef(short, await self.guid(volume, short))
 
     async def send_space(self, volume: str, short: str, base: str | None) -> int:
         """Estimated stream size, or 0 when the ZFS backend cannot estimate."""
-        source = self.snapshot_name(volume, base) if base else None
         try:
-            return await asyncio.to_thread(
-                zfs.lzc_send_space, self.snapshot_name(volume, short), source
-            )
+            return await asyncio.to_thread(self._root.send_space, volume, short, base)
         except zfs.FeatureNotSupported:
             return 0
 
@@ -299,22 +289,24 @@ class VolumeStore:
         source = self.snapshot_name(volume, base) if base else None
         return SnapshotStream(self.snapshot_name(volume, short), source)
 
+    def receive_stream(self, volume: str, short: str) -> SnapshotReceive:
+        """A receive into snapshot ``short`` of this node's copy (never forced)."""
+        return SnapshotReceive(self.snapshot_name(volume, short))
+
     @asynccontextmanager
     async def held(self, volume: str, shorts: Sequence[str]) -> AsyncIterator[None]:
         """Hold snapshots for the duration of a transfer, so no pruning destroys them."""
-        names = [self.snapshot_name(volume, s) for s in shorts]
-        await asyncio.to_thread(zfs.lzc_hold, dict.fromkeys(names, TRANSFER_HOLD))
+        await asyncio.to_thread(self._root.hold, volume, shorts, TRANSFER_HOLD)
         try:
             yield
         finally:
-            await asyncio.to_thread(zfs.lzc_release, {name: [TRANSFER_HOLD] for name in names})
+            await asyncio.to_thread(self._root.release, volume, shorts, TRANSFER_HOLD)
 
     async def destroy_snapshots(self, volume: str, shorts: Sequence[str]) -> None:
         await asyncio.to_thread(self._destroy_snapshots, volume, shorts)
 
     def _destroy_snapshots(self, volume: str, shorts: Sequence[str]) -> None:
-        if shorts:
-            zfs.lzc_destroy_snaps([self.snapshot_name(volume, s) for s in shorts], defer=True)
+        self._root.destroy_snapshots(volume, shorts, defer=True)
 
     async def destroy(self, volume: str) -> None:
         await asyncio.to_thread(self._root.destroy_volume, volume)

@@ -16,7 +16,6 @@ fail, which leaves the dataset as it was.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -226,7 +225,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
     ) -> int:
         """Receive without force: ZFS itself refuses a copy modified since the base."""
         volume = header.volume
-        snapshot = self._holdings.snapshot_name(volume, header.to_snapshot)
+        work = self._holdings.receive_stream(volume, header.to_snapshot).read_from
         log.info(
             "receiving: volume=%s from=%s to=%s sender=%s epoch=%d",
             volume,
@@ -236,7 +235,6 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             header.epoch,
         )
         try:
-            work = functools.partial(zfs.lzc_receive, snapshot)
             if isinstance(connection, SecureStream):
                 await connection.receive(work)
                 received = connection.relayed

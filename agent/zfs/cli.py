@@ -12,7 +12,6 @@ import errno
 import functools
 import logging
 import re
-import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,26 +39,20 @@ class Features:
     send_flags: frozenset[str]
 
 
-def run(
+def _run(
     argv: Sequence[str],
     name: Name | None = None,
     stdin: int | None = None,
-    stdout: int | None = subprocess.PIPE,
+    stdout: int | None = runner.PIPE,
 ) -> str:
-    """Run a zfs/zpool command (bounded, by ``runner``); map its failure to the pyzfs exception."""
-    result = runner.run(
-        argv, as_bytes(name).decode() if name is not None else None, stdin=stdin, stdout=stdout
+    """A zfs/zpool command through ``runner``; a failure raised as its pyzfs exception."""
+    return runner.check(
+        argv,
+        as_bytes(name).decode() if name is not None else None,
+        failure=lambda stderr: error_for(stderr, name),
+        stdin=stdin,
+        stdout=stdout,
     )
-    if result.returncode != 0:
-        error = error_for(result.stderr, name)
-        log.debug(
-            "zfs command failed: argv=%s rc=%d error=%s",
-            argv,
-            result.returncode,
-            type(error).__name__,
-        )
-        raise error
-    return str(result.stdout or "")
 
 
 _PATTERNS: list[tuple[str, type[exc.ZFSError]]] = [
@@ -153,7 +146,7 @@ def lzc_create(
     raw = validate_dataset(name)
     if ds_type != "zfs":
         raise exc.DatasetTypeInvalid(raw)
-    run(_zfs("create", *_prop_args(props), raw), raw)
+    _run(_zfs("create", *_prop_args(props), raw), raw)
 
 
 def lzc_snapshot(snaps: Iterable[Name], props: Mapping[str, PropValue] | None = None) -> None:
@@ -164,7 +157,9 @@ def lzc_snapshot(snaps: Iterable[Name], props: Mapping[str, PropValue] | None = 
         raise exc.SnapshotFailure([exc.DuplicateSnapshots(None)])
     if features().multi_snapshot or len(names) == 1:
         try:
-            run(_zfs("snapshot", *_prop_args(props), *names), names[0] if len(names) == 1 else None)
+            _run(
+                _zfs("snapshot", *_prop_args(props), *names), names[0] if len(names) == 1 else None
+            )
         except exc.ZFSError as error:
             if len(names) == 1:
                 raise
@@ -173,11 +168,11 @@ def lzc_snapshot(snaps: Iterable[Name], props: Mapping[str, PropValue] | None = 
     taken: list[bytes] = []
     try:
         for snap in names:
-            run(_zfs("snapshot", *_prop_args(props), snap), snap)
+            _run(_zfs("snapshot", *_prop_args(props), snap), snap)
             taken.append(snap)
     except exc.ZFSError as error:
         for snap in taken:
-            run(_zfs("destroy", snap), snap)
+            _run(_zfs("destroy", snap), snap)
         raise exc.SnapshotFailure([error]) from error
 
 
@@ -195,7 +190,7 @@ def lzc_destroy_snaps(snaps: Iterable[Name], defer: bool) -> None:
     errors: list[exc.ZFSError] = []
     for snap in (validate_snapshot(s) for s in snaps):
         try:
-            run(_zfs("destroy", *(["-d"] if defer else []), snap), snap)
+            _run(_zfs("destroy", *(["-d"] if defer else []), snap), snap)
         except exc.DatasetNotFound:
             continue
         except exc.DatasetBusy:
@@ -208,13 +203,13 @@ def lzc_destroy_snaps(snaps: Iterable[Name], defer: bool) -> None:
 
 def lzc_destroy(name: Name) -> None:
     raw = validate_dataset(name)
-    run(_zfs("destroy", raw), raw)
+    _run(_zfs("destroy", raw), raw)
 
 
 def lzc_exists(name: Name) -> bool:
     raw = validate(name)
     try:
-        run(_zfs("list", "-H", "-o", "name", "-t", "all", raw), raw)
+        _run(_zfs("list", "-H", "-o", "name", "-t", "all", raw), raw)
     except exc.DatasetNotFound:
         return False
     return True
@@ -244,7 +239,7 @@ def lzc_send(
 ) -> None:
     """Write the stream of ``snapname`` (incremental from ``fromsnap``) to ``fd``."""
     snap = validate_snapshot(snapname)
-    run(_zfs("send", *_send_args(snap, fromsnap, flags), snap), snap, stdout=fd)
+    _run(_zfs("send", *_send_args(snap, fromsnap, flags), snap), snap, stdout=fd)
 
 
 def lzc_receive(
@@ -264,7 +259,7 @@ def lzc_receive(
     if raw or origin is not None or props:
         raise exc.FeatureNotSupported(snap, "receive with raw, origin or props is not offered")
     args = ["-u", *(["-F"] if force else [])]
-    run(_zfs("receive", *args, snap), snap, stdin=fd)
+    _run(_zfs("receive", *args, snap), snap, stdin=fd)
 
 
 def lzc_receive_resumable(
@@ -291,7 +286,7 @@ def lzc_receive_resumable(
     if raw or origin is not None or props:
         raise exc.FeatureNotSupported(snap, "receive with raw, origin or props is not offered")
     args = ["-s", "-u", *(["-F"] if force else [])]
-    run(_zfs("receive", *args, snap), snap, stdin=fd)
+    _run(_zfs("receive", *args, snap), snap, stdin=fd)
 
 
 def receive_resume_token(name: Name) -> str | None:
@@ -311,7 +306,7 @@ def send_resume(token: str, fd: int) -> None:
     """
     if not re.fullmatch(r"[0-9a-zA-Z-]+", token):
         raise exc.BadStream(None, "a resume token is letters, digits and dashes")
-    run(_zfs("send", "-t", token), None, stdout=fd)
+    _run(_zfs("send", "-t", token), None, stdout=fd)
 
 
 def receive_abort(name: Name) -> None:
@@ -323,7 +318,7 @@ def receive_abort(name: Name) -> None:
     raw = validate_dataset(name)
     if not features().resumable_receive:
         raise exc.FeatureNotSupported(raw, "this ZFS keeps no partial receives to discard")
-    run(_zfs("receive", "-A", raw), raw)
+    _run(_zfs("receive", "-A", raw), raw)
 
 
 def lzc_send_space(
@@ -332,7 +327,7 @@ def lzc_send_space(
     """Estimated stream size; without ``zfs send -n`` only a full stream can be estimated."""
     snap = validate_snapshot(snapname)
     if features().send_estimate:
-        out = run(_zfs("send", "-nvP", *_send_args(snap, fromsnap, flags), snap), snap)
+        out = _run(_zfs("send", "-nvP", *_send_args(snap, fromsnap, flags), snap), snap)
         sizes = re.findall(r"^size\s+(\d+)", out, re.MULTILINE)
         if sizes:
             return int(sizes[-1])
@@ -353,7 +348,7 @@ def lzc_hold(holds: Mapping[Name, str], fd: int | None = None) -> list[bytes]:
     for snap, tag in holds.items():
         raw = validate_snapshot(snap)
         try:
-            run(_zfs("hold", tag, raw), raw)
+            _run(_zfs("hold", tag, raw), raw)
         except exc.DatasetNotFound:
             missing.append(raw)
         except exc.ZFSError as error:
@@ -371,7 +366,7 @@ def lzc_release(holds: Mapping[Name, Sequence[str]]) -> list[bytes]:
         raw = validate_snapshot(snap)
         for tag in tags:
             try:
-                run(_zfs("release", tag, raw), raw)
+                _run(_zfs("release", tag, raw), raw)
             except exc.DatasetNotFound:
                 missing.append(raw)
             except exc.ZFSError as error:
@@ -386,7 +381,7 @@ def lzc_get_holds(snapname: Name) -> dict[str, int]:
     snap = validate_snapshot(snapname)
     if not features().list_holds:
         raise exc.FeatureNotSupported(snap, "this ZFS has no 'zfs holds'; use hold_count")
-    out = run(_zfs("holds", "-H", snap), snap)
+    out = _run(_zfs("holds", "-H", snap), snap)
     holds = {}
     for line in out.splitlines():
         _, tag, created = line.split("\t")[:3]
@@ -416,7 +411,7 @@ def lzc_rollback(name: Name) -> bytes:
     snaps = lzc_list_snaps(raw)
     if not snaps:
         raise exc.SnapshotNotFound(raw)
-    run(_zfs("rollback", snaps[-1]), raw)
+    _run(_zfs("rollback", snaps[-1]), raw)
     return snaps[-1]
 
 
@@ -425,23 +420,23 @@ def lzc_rollback_to(name: Name, snap: Name) -> None:
     target = validate_snapshot(snap)
     if lzc_list_snaps(raw)[-1:] != [target]:
         raise exc.SnapshotNotLatest(target)
-    run(_zfs("rollback", target), target)
+    _run(_zfs("rollback", target), target)
 
 
 def lzc_rename(source: Name, target: Name) -> None:
     src = validate(source)
     dst = validate(target)
-    run(_zfs("rename", src, dst), src)
+    _run(_zfs("rename", src, dst), src)
 
 
 def lzc_clone(name: Name, origin: Name, props: Mapping[str, PropValue] | None = None) -> None:
     raw = validate_dataset(name)
-    run(_zfs("clone", *_prop_args(props), validate_snapshot(origin), raw), raw)
+    _run(_zfs("clone", *_prop_args(props), validate_snapshot(origin), raw), raw)
 
 
 def lzc_promote(name: Name) -> None:
     raw = validate_dataset(name)
-    run(_zfs("promote", raw), raw)
+    _run(_zfs("promote", raw), raw)
 
 
 def lzc_get_props(name: Name) -> dict[str, str]:
@@ -457,24 +452,24 @@ def lzc_get_props(name: Name) -> dict[str, str]:
 
 
 def _get(raw: bytes, which: str) -> dict[str, str]:
-    out = run(_zfs("get", "-Hp", "-o", "property,value", which, raw), raw)
+    out = _run(_zfs("get", "-Hp", "-o", "property,value", which, raw), raw)
     return dict(line.partition("\t")[::2] for line in out.splitlines())
 
 
 def lzc_set_prop(name: Name, prop: str, value: PropValue) -> None:
     raw = validate(name)
-    run(_zfs("set", f"{prop}={value}", raw), raw)
+    _run(_zfs("set", f"{prop}={value}", raw), raw)
 
 
 def lzc_inherit_prop(name: Name, prop: str) -> None:
     raw = validate(name)
-    run(_zfs("inherit", prop, raw), raw)
+    _run(_zfs("inherit", prop, raw), raw)
 
 
 def lzc_list_snaps(name: Name) -> list[bytes]:
     """Full names of the dataset's snapshots, oldest first."""
     raw = validate_dataset(name)
-    out = run(
+    out = _run(
         _zfs("list", "-H", "-o", "name", "-t", "snapshot", "-s", "createtxg", "-r", "-d", "1", raw),
         raw,
     )
@@ -491,7 +486,7 @@ def snapshot_guids(name: Name) -> list[tuple[bytes, int]]:
     ``all`` omits guid on zfs-fuse, so both properties are named.
     """
     raw = validate_dataset(name)
-    out = run(
+    out = _run(
         _zfs("get", "-Hp", "-r", "-d", "1", "-o", "name,property,value", "createtxg,guid", raw), raw
     )
     prefix = raw.decode() + "@"
@@ -507,23 +502,23 @@ def snapshot_guids(name: Name) -> list[tuple[bytes, int]]:
 def lzc_list_children(name: Name) -> list[bytes]:
     """Direct child filesystems of a dataset."""
     raw = validate_dataset(name)
-    out = run(_zfs("list", "-H", "-o", "name", "-t", "filesystem", "-r", "-d", "1", raw), raw)
+    out = _run(_zfs("list", "-H", "-o", "name", "-t", "filesystem", "-r", "-d", "1", raw), raw)
     return [line.encode() for line in out.splitlines() if line != raw.decode()]
 
 
 def zfs_mount(name: Name) -> None:
     raw = validate_dataset(name)
-    run(_zfs("mount", raw), raw)
+    _run(_zfs("mount", raw), raw)
 
 
 def zfs_unmount(name: Name) -> None:
     raw = validate_dataset(name)
-    run(_zfs("unmount", raw), raw)
+    _run(_zfs("unmount", raw), raw)
 
 
 def pool_free_bytes(pool: str) -> int:
     raw = validate_dataset(pool)
-    return int(run(_zfs("get", "-Hp", "-o", "value", "available", raw), raw).strip())
+    return int(_run(_zfs("get", "-Hp", "-o", "value", "available", raw), raw).strip())
 
 
 def _prop_args(props: Mapping[str, PropValue] | None) -> list[str]:

@@ -323,7 +323,8 @@ class CommandFailed(ZFSGenericError):
 
 
 class CommandTimeout(ZFSError):
-    """A command exceeded its limit (``agent.zfs.runner``) and was killed; says what to do next."""
+    """A command or libzfs_core call exceeded its limit (``agent.zfs.runner``): the command was
+    killed, the call abandoned to its thread; says what to do next."""
 
     errno = _errno.ETIMEDOUT
     message = "ZFS command timed out"

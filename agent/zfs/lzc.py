@@ -8,6 +8,12 @@ What libzfs_core lacks (properties, listing, mount) comes from the CLI backend,
 and so do create and clone: ``zfs create`` mounts the new filesystem and turns
 property strings (``compression=gzip``) into the numbers the kernel takes,
 while ``lzc_create`` does neither, and the API promises a mounted filesystem.
+
+Each call is bounded like a command (``runner.call``): it runs in a thread
+of its own under the limit of its kind; past it the caller gets
+``CommandTimeout`` and the thread, which no signal can stop inside an ioctl,
+is left to finish, listed among the running commands and logged when it
+returns.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from agent.zfs import exceptions as exc
+from agent.zfs import runner
 from agent.zfs.names import validate
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,14 +81,25 @@ def _tags(tags: Any) -> Any:
     return tags
 
 
-def _translated(function: F, name_args: int) -> F:
-    """Validate the first ``name_args`` arguments as names; raise Ferry's exception classes."""
+def _translated(function: F, name: str, name_args: int) -> F:
+    """Validate the first ``name_args`` arguments as names; run the call bounded by the
+    runner; raise Ferry's exception classes."""
+    kind = _KINDS.get(name, runner.Kind.CHANGE)
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
         converted = [_names(a) for a in args[:name_args]] + list(args[name_args:])
+        subject = _subject(converted[0]) if converted else None
         try:
-            return function(*converted, **kwargs)
+            return runner.call(
+                (name, subject) if subject else (name,),
+                subject,
+                kind,
+                lambda: function(*converted, **kwargs),
+                fd=_stream_fd(name, args, kwargs),
+            )
+        except exc.ZFSError:
+            raise  # Ferry's own already: CommandTimeout
         except Exception as error:
             ours = _ours(error)
             if ours is error:
@@ -89,6 +107,36 @@ def _translated(function: F, name_args: int) -> F:
             raise ours from error
 
     return call  # type: ignore[return-value]
+
+
+def _subject(names: Any) -> str | None:
+    """The name a call is about, for the running list and messages: its first name."""
+    if isinstance(names, bytes):
+        return names.decode()
+    first = next(iter(names or ()), None)
+    return first.decode() if isinstance(first, bytes) else None
+
+
+# How long each call may take (the runner's kinds); the rest are changes.
+_KINDS = {
+    "lzc_exists": runner.Kind.READ,
+    "lzc_get_holds": runner.Kind.READ,
+    "lzc_send_space": runner.Kind.READ,
+    "lzc_send": runner.Kind.STREAM,
+    "lzc_receive": runner.Kind.STREAM,
+    "lzc_receive_resumable": runner.Kind.STREAM,
+}
+# Where a stream call takes its descriptor: its progress is measured there.
+_FD_ARG = {"lzc_send": 2, "lzc_receive": 1, "lzc_receive_resumable": 1}
+
+
+def _stream_fd(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    position = _FD_ARG.get(name)
+    if position is None:
+        return None
+    if "fd" in kwargs:
+        return int(kwargs["fd"])
+    return int(args[position]) if len(args) > position else None
 
 
 # How many leading arguments of each binding function are dataset or snapshot names.
@@ -143,7 +191,7 @@ def functions() -> dict[str, Callable[..., Any]]:
     for name, count in _NAME_ARGS.items():
         if not hasattr(libzfs_core, name):
             continue
-        function = _translated(getattr(libzfs_core, name), count)
+        function = _translated(getattr(libzfs_core, name), name, count)
         if name in _RESULTS:
             function = _reshaped(function, _RESULTS[name])
         found[name] = function

@@ -17,7 +17,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -34,6 +34,7 @@ from agent.zfs.exceptions import (
 )
 from agent.zfs.names import validate_dataset, validate_under, validate_volume_name
 from ferry.core import compression
+from ferry.core.snapshots import SnapshotRef
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +121,9 @@ class FilesystemBusy(OSError):
     """The kernel refused to stop writes: a process holds a file open for writing."""
 
 
-def _run_status(command: list[str], subject: str | None = None) -> runner.Finished:
-    """Run a mount/sync command, bounded by ``runner`` (``CommandTimeout`` past its limit)."""
-    return runner.run(command, subject)
-
-
-def _run(command: list[str], failure: str, subject: str | None = None) -> None:
-    """Run a mount/sync command (bounded); OSError with ``failure`` and its stderr if it fails."""
-    result = _run_status(command, subject)
-    if result.returncode != 0:
-        raise OSError(f"{failure}: {' '.join(command)}: {result.stderr.strip()}")
+def _refused(what: str, command: list[str]) -> Callable[[str], OSError]:
+    """The error of a failed mount/sync command: what failed, the command, its stderr."""
+    return lambda stderr: OSError(f"{what}: {' '.join(command)}: {stderr.strip()}")
 
 
 @dataclass(frozen=True)
@@ -196,6 +190,48 @@ class PoolRoot:
         """Stamp ``uid`` on a copy that arrived by a stream (which carries no properties)."""
         zfs.lzc_set_prop(self.dataset(volume), UID_PROPERTY, uid)
 
+    def props(self, volume: str) -> dict[str, str]:
+        """Every property of the volume's dataset, as ``lzc_get_props`` reads them."""
+        return zfs.lzc_get_props(self.dataset(volume))
+
+    def set_property(self, volume: str, prop: str, value: str | int) -> None:
+        zfs.lzc_set_prop(self.dataset(volume), prop, value)
+
+    def snapshot_name(self, volume: str, short: str) -> bytes:
+        """The full name of the volume's snapshot ``short``."""
+        return self.dataset(volume) + b"@" + short.encode()
+
+    def snapshots(self, volume: str) -> list[SnapshotRef] | None:
+        """The volume's snapshots, oldest first, with their GUIDs; None when it has no dataset."""
+        dataset = self.dataset(volume)
+        if not zfs.lzc_exists(dataset):
+            return None
+        return [
+            SnapshotRef(full.split(b"@", 1)[1].decode(), guid)
+            for full, guid in zfs.snapshot_guids(dataset)
+        ]
+
+    def snapshot(self, volume: str, short: str) -> None:
+        zfs.lzc_snapshot([self.snapshot_name(volume, short)])
+
+    def destroy_snapshots(self, volume: str, shorts: Sequence[str], defer: bool) -> None:
+        """Destroy the volume's snapshots ``shorts``; with ``defer``, a held one goes once its
+        holds are released."""
+        if shorts:
+            zfs.lzc_destroy_snaps([self.snapshot_name(volume, s) for s in shorts], defer=defer)
+
+    def send_space(self, volume: str, short: str, base: str | None) -> int:
+        """Estimated size of the stream of ``short`` (incremental from ``base``);
+        FeatureNotSupported where ZFS cannot estimate it."""
+        source = self.snapshot_name(volume, base) if base else None
+        return zfs.lzc_send_space(self.snapshot_name(volume, short), source)
+
+    def hold(self, volume: str, shorts: Sequence[str], tag: str) -> None:
+        zfs.lzc_hold({self.snapshot_name(volume, s): tag for s in shorts})
+
+    def release(self, volume: str, shorts: Sequence[str], tag: str) -> None:
+        zfs.lzc_release({self.snapshot_name(volume, s): [tag] for s in shorts})
+
     def is_mounted(self, volume: str) -> bool:
         return zfs.lzc_get_props(self.dataset(volume)).get("mounted") == "yes"
 
@@ -243,24 +279,26 @@ class PoolRoot:
         if path is None:
             return
         subject = self.dataset(volume).decode()
-        result = _run_status(["mount", "-i", "-o", "remount,ro", path], subject)
+        result = runner.run(["mount", "-i", "-o", "remount,ro", path], subject)
         if result.returncode != 0:
             if "busy" in result.stderr:
                 raise FilesystemBusy(
                     f"cannot freeze {volume}: a process holds a file on it open for writing"
                 )
             raise OSError(f"cannot freeze {volume}: {result.stderr.strip()}")
-        _run(["sync", "-f", path], f"cannot freeze {volume}", subject)
+        sync = ["sync", "-f", path]
+        runner.check(sync, subject, failure=_refused(f"cannot freeze {volume}", sync))
 
     def thaw(self, volume: str) -> None:
         """Undo ``freeze``: every mount of the still-mounted volume accepts writes again."""
         path = self._mounted_path(volume)
         if path is None or path not in read_only_mounts():
             return
-        _run(
-            ["mount", "-i", "-o", "remount,rw", path],
-            f"cannot thaw {volume}",
+        remount = ["mount", "-i", "-o", "remount,rw", path]
+        runner.check(
+            remount,
             self.dataset(volume).decode(),
+            failure=_refused(f"cannot thaw {volume}", remount),
         )
 
     def frozen(self) -> list[str]:

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import os
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -20,10 +21,12 @@ import pytest
 from agent import zfs
 from agent.transfer import data
 from agent.transfer.data import DataListener
+from agent.transfer.secure import stream_context
 from agent.zfs import cli, runner
 from agent.zfs.exceptions import CommandTimeout
-from agent.zfs.streams import send_chunks
 from agent.zfs.volumes import PoolRoot
+from ferry.security import ca
+from ferry.security.tls import TlsFiles
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -189,39 +192,94 @@ async def test_a_cancelled_transfer_kills_its_hung_zfs_send_at_once(
             sending = asyncio.create_task(
                 data.pump(functools.partial(cli.lzc_send, snapshot, None), sock)
             )
-            await asyncio.sleep(1)
-            assert [r.argv[:2] for r in runner.running()] == [("zfs", "send")]
-            started = time.monotonic()
-            sending.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await asyncio.wait_for(sending, BOUND)
-            assert time.monotonic() - started < BOUND
-            assert runner.running() == []
+            await _cancelled_while_hung(sending)
     finally:
         await listener.close()
 
 
-async def test_a_stream_read_through_a_pipe_kills_its_hung_send_when_abandoned(
-    pool: ScratchPool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The encrypted path reads ``zfs send`` through a pipe: giving up on it ends it too.
-
-    On the commands' backend: with libzfs_core (kernel OpenZFS) a send is an ioctl
-    of this process, no command the runner could bound."""
-    monkeypatch.setenv("FERRY_FAILPOINTS", "hang:zfs send")
-    monkeypatch.setattr(zfs, "lzc_send", cli.lzc_send)
-
-    async def first_chunk() -> bytes:
-        async for chunk in send_chunks(pool.dataset("to-never") + b"@s1"):
-            return chunk
-        return b""
-
-    reading = asyncio.create_task(first_chunk())
+async def _cancelled_while_hung(sending: asyncio.Task[None]) -> None:
+    """Cancel ``sending`` while its ``zfs send`` hangs: it ends within the bound, and so does
+    the command."""
     await asyncio.sleep(1)
     assert [r.argv[:2] for r in runner.running()] == [("zfs", "send")]
     started = time.monotonic()
-    reading.cancel()
+    sending.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(reading, BOUND)
+        await asyncio.wait_for(sending, BOUND)
     assert time.monotonic() - started < BOUND
     assert runner.running() == []
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("to-pki")
+    ca.init(directory)
+    for node in ("to-recv", "to-send"):
+        ca.issue(directory, "node", node, ips=("127.0.0.1",))
+    return directory
+
+
+def _stream_context(pki: Path, node: str, purpose: ssl.Purpose) -> ssl.SSLContext:
+    files = TlsFiles(pki / "ca.crt", pki / f"{node}.crt", pki / f"{node}.key")
+    return stream_context(files.ssl_context(purpose))
+
+
+async def test_a_cancelled_encrypted_transfer_kills_its_hung_zfs_send_at_once(
+    pool: ScratchPool, pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encrypted path relays ``zfs send`` through a socket pair: giving up on it ends the
+    command too, though the relay, not the command, holds the connection."""
+    monkeypatch.setenv("FERRY_FAILPOINTS", "hang:zfs send")
+    server_context = _stream_context(pki, "to-recv", ssl.Purpose.CLIENT_AUTH)
+    listener = DataListener("127.0.0.1", 0, lambda: server_context)
+    await listener.start()
+    try:
+        ticket = listener.expect("127.0.0.1", "to-send", encrypted=True)
+        client = _stream_context(pki, "to-send", ssl.Purpose.SERVER_AUTH)
+        sender = await data.connect_tls("127.0.0.1", listener.port, ticket.token, client, "to-recv")
+        with sender.sock:
+            snapshot = pool.dataset("to-never") + b"@s1"
+            sending = asyncio.create_task(
+                sender.send(functools.partial(cli.lzc_send, snapshot, None))
+            )
+            await _cancelled_while_hung(sending)
+    finally:
+        await listener.close()
+
+
+def test_every_command_is_reported_to_the_observers_with_how_it_ended(
+    pool: ScratchPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hook metrics attach to: one report per command, with its duration and outcome;
+    an observer that raises changes no command's result."""
+    seen: list[tuple[tuple[str, ...], float, runner.Outcome]] = []
+
+    def observe(command: tuple[str, ...], seconds: float, outcome: runner.Outcome) -> None:
+        seen.append((command, seconds, outcome))
+
+    def broken(command: tuple[str, ...], seconds: float, outcome: runner.Outcome) -> None:
+        raise RuntimeError("an observer's own bug")
+
+    runner.add_observer(broken)
+    runner.add_observer(observe)
+    try:
+        assert cli.lzc_exists(pool.name)
+        assert not cli.lzc_exists(pool.name + "/missing")
+        with pytest.raises(zfs.DatasetNotFound):
+            cli.lzc_get_props(pool.name + "/missing")
+        monkeypatch.setenv("FERRY_FAILPOINTS", "hang:zfs get")
+        monkeypatch.setenv("FERRY_ZFS_TIMEOUTS", f"read={LIMIT}")
+        with pytest.raises(CommandTimeout):
+            cli.pool_free_bytes(pool.name)
+    finally:
+        runner.remove_observer(observe)
+        runner.remove_observer(broken)
+    assert [(command[:2], outcome) for command, _, outcome in seen] == [
+        (("zfs", "list"), runner.Outcome.OK),
+        (("zfs", "list"), runner.Outcome.FAILED),
+        (("zfs", "get"), runner.Outcome.FAILED),
+        (("zfs", "get"), runner.Outcome.TIMED_OUT),
+    ]
+    assert seen[0][0][-1] == pool.name
+    assert all(0 < seconds < BOUND for _, seconds, _ in seen)
+    assert seen[-1][1] >= LIMIT
