@@ -68,6 +68,13 @@ log = logging.getLogger("agent")
     "mutual TLS, and plain streams are refused.",
 )
 @click.option("--etcd-prefix", default="/ferry/v1", help="Key prefix of Ferry's state in etcd.")
+@click.option(
+    "--metrics-address",
+    default="",
+    help="HOST:PORT of the Prometheus /metrics endpoint (HTTPS with the node's certificate; "
+    "clients need one from the cluster CA); empty: no metrics. Loopback unless a scraper "
+    "elsewhere needs it (docs/operations.md).",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
 def main(
     node: str,
@@ -86,6 +93,7 @@ def main(
     insecure: bool,
     insecure_plain_streams: bool,
     etcd_prefix: str,
+    metrics_address: str,
     log_level: str,
 ) -> None:
     """Run the Ferry agent on this host: volumes, transfers, and the Docker plugin."""
@@ -105,6 +113,7 @@ def main(
             control=control,
             plain_streams=insecure_plain_streams,
             etcd_prefix=etcd_prefix,
+            metrics_address=metrics_address,
         )
         runner.limits()
     except ValueError as error:

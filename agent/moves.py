@@ -42,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-from agent import failpoints
+from agent import failpoints, metrics
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.usage import DockerMounts
@@ -114,6 +114,7 @@ class MoveDriver:
         except MoveAbandoned:
             raise
         except Exception as error:
+            metrics.MOVE_FAILURES.labels(metrics.failure_reason(error)).inc()
             # Kept in the record until a sync succeeds: 'move status' shows why it retries.
             await tracker.update(error=str(error), attempt=tracker.move.attempt + 1)
             raise
@@ -165,6 +166,8 @@ class MoveDriver:
                 )
                 stopped_for = time.monotonic() - paused
                 if swapped:
+                    metrics.MOVE_HANDOFF_PAUSE.observe(stopped_for)
+                    metrics.MOVE_HANDOFFS.inc()
                     failpoints.reached("handoff.after_cas")
                     await tracker.update(phase=MovePhase.ACTIVATING)
             finally:
@@ -376,6 +379,7 @@ class _Progress:
         self.sent = 0
 
     def report(self, sent: int) -> None:
+        metrics.MOVE_SENT.inc(max(sent - self.sent, 0))
         self.sent = sent
         now = time.monotonic()
         if now - self._written_at >= PROGRESS_SECONDS and (

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import aetcd
 
+from agent import metrics
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from ferry.cluster.keyspace import Keyspace
@@ -137,6 +138,7 @@ class Registration:
             await asyncio.sleep(self._ttl / 3)
             try:
                 if await self._keyspace.refresh_lease(self.lease) <= 0:
+                    metrics.LEASE_RENEW_FAILURES.labels("expired").inc()
                     await self.register()
                     registered_again()
                 else:
@@ -145,6 +147,7 @@ class Registration:
             except NodeNameTaken:
                 raise
             except Exception as error:
+                metrics.LEASE_RENEW_FAILURES.labels("error").inc()
                 delay = backoff.next()
                 log.warning("etcd lease refresh failed: error=%s retry_in=%.1fs", error, delay)
                 await asyncio.sleep(delay)

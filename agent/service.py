@@ -14,12 +14,13 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import grpc
 
+from agent import metrics
 from agent.asides import AsideLedger
 from agent.config import AgentConfig
 from agent.control_client import ControlClient
@@ -39,7 +40,8 @@ from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
 from ferry.cluster.keyspace import Keyspace, Unreadable, endpoints_client
 from ferry.core.plan import Action, Actual, Desired, plan
-from ferry.core.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
+from ferry.core.records import NODE_STARTING, MountRecord, Move, NodeInfo, NodeState, Owner
+from ferry.metrics import contexts, serve_metrics
 from ferry.security.certificates import CertificateWatch
 from ferry.security.gate import KindGate
 from ferry.security.tls import warn_insecure
@@ -126,6 +128,12 @@ class AgentService:
         site = None
         if self._config.plugin_socket is not None:
             site = await serve(plugin, self._config.plugin_socket)
+        metrics.watch_commands()
+        exporter = None
+        if self._config.metrics_address:
+            exporter = await serve_metrics(
+                metrics.REGISTRY, self._config.metrics_address, self._metrics_tls()
+            )
         tasks: list[asyncio.Task[None]] = []
         server: grpc.aio.Server | None = None
         data: DataListener | None = None
@@ -170,6 +178,8 @@ class AgentService:
             await self._executor.close()
             if site is not None:
                 await site.cleanup()
+            if exporter is not None:
+                await exporter.cleanup()
             await control.close()
             if server is not None:
                 await server.stop(grace=2)
@@ -177,6 +187,11 @@ class AgentService:
                 await data.close()
             for peer in [*(p for p, _ in self._peers.values()), *self._retired]:
                 await peer.close()
+
+    def _metrics_tls(self) -> Callable[[], ssl.SSLContext] | None:
+        if self._config.tls is None:
+            return None
+        return contexts(self._config.tls, self._certificates)
 
     def _cert_not_after(self) -> float:
         return self._certificates.not_after if self._certificates else 0.0
@@ -306,6 +321,7 @@ class AgentService:
                 # A stuck volume is looked at again once its actions end.
                 task.add_done_callback(lambda _task: self._wakeup.set())
         await self._report()
+        self._show({n: o.value for n, o in owners.items()}, (m.value for m in moves.values()))
         try:
             await self._asides.converge(self._registration.lease)
         except Exception as error:
@@ -361,13 +377,36 @@ class AgentService:
                 self._states[name] = NodeState(node=self._config.node, volume=name)
         held = set(volumes) | busy | set(self._store.unreadable)
         for name in held:
-            state = replace(self._states[name], stuck=self._stuck(name))
+            self._states[name] = state = replace(self._states[name], stuck=self._stuck(name))
             await self._keyspace.put_state(state, self._registration.lease)
         for gone in self._reported - held:
             await self._keyspace.delete_state(self._config.node, gone)
             self._states.pop(gone, None)
         self._reported = held
         await self._report_mounts(held)
+
+    def _show(self, owners: Mapping[str, Owner], moves: Iterable[Move]) -> None:
+        """The metrics' view of this node's volumes and of the moves it sends."""
+        views = []
+        for name, state in sorted(self._states.items()):
+            owner = owners.get(name)
+            if name in self._store.unreadable:
+                status = "unreadable"
+            elif state.stuck:
+                status = "stuck"
+            else:
+                status = "writable" if state.writable else "readonly"
+            views.append(
+                metrics.VolumeView(
+                    volume=name,
+                    state=status,
+                    role="owner" if owner and owner.node == self._config.node else "copy",
+                    epoch=owner.epoch if owner else 0,
+                    used_bytes=state.used_bytes,
+                )
+            )
+        metrics.show_volumes(views)
+        metrics.show_moves(move for move in moves if move.source == self._config.node)
 
     async def _report_mounts(self, volumes: Iterable[str]) -> None:
         """Mount records from the truth: Docker's IDs on disk and the kernel's users.

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from agent import zfs
+from agent import metrics, zfs
 from agent.zfs.inuse import User
 from agent.zfs.streams import SnapshotReceive, SnapshotStream
 from agent.zfs.volumes import (
@@ -216,6 +216,7 @@ class VolumeStore:
         await asyncio.to_thread(self._stop_writes, volume)
         short = f"fenced-{int(time.time())}"
         await asyncio.to_thread(self._root.snapshot, volume, short)
+        metrics.FENCED.inc()
         log.warning("fenced: volume=%s kept=%s", volume, self.snapshot_name(volume, short).decode())
 
     async def divergence(self, volume: str, base: str) -> str:

@@ -16,6 +16,7 @@ import grpc
 from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from control import metrics
 from control.operations import OperationError, PermissionDenied, VolumeOps
 from ferry.cluster.keyspace import (
     Keyspace,
@@ -27,6 +28,7 @@ from ferry.cluster.keyspace import (
 )
 from ferry.core.records import AsideCopy, AsideDrop, MountRecord, Move, NodeState, Owner, VolumeSpec
 from ferry.logs import setup_logging
+from ferry.metrics import contexts, parse_address, serve_metrics
 from ferry.security.authz import CONTROL_API, NODE, delete_refusal, move_refusal
 from ferry.security.gate import KindGate
 from ferry.security.tls import TlsFiles, endpoints, from_flags, warn_insecure
@@ -329,15 +331,22 @@ def _aside_message(aside: AsideCopy, drops: list[AsideDrop]) -> control_pb2.Asid
     )
 
 
-async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix: str) -> None:
-    """Serve the Control API and gRPC health checking until cancelled.
+async def serve(
+    etcd: tuple[str, ...],
+    listen: str,
+    tls: TlsFiles | None,
+    prefix: str,
+    metrics_address: str = "",
+) -> None:
+    """Serve the Control API and gRPC health checking (and metrics, at ``metrics_address``
+    unless it is empty) until cancelled.
 
     etcd is reached over mutual TLS with control's own certificate (etcd user
     ``control``), or in plaintext when control runs insecure.
     """
     client = await asyncio.to_thread(endpoints_client, etcd, tls)
     keyspace = Keyspace(client, prefix)
-    gate = KindGate(insecure=tls is None)
+    gate = KindGate(insecure=tls is None, observe=metrics.observe_call)
     server = grpc.aio.server(interceptors=[gate])
     control_pb2_grpc.add_ControlServicer_to_server(ControlService(keyspace, gate), server)
     health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -347,6 +356,11 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
         server.add_insecure_port(listen)
     else:
         server.add_secure_port(listen, tls.server_credentials())
+    exporter = None
+    if metrics_address:
+        exporter = await serve_metrics(
+            metrics.REGISTRY, metrics_address, contexts(tls, None) if tls else None
+        )
     await server.start()
     await health_service.set("ferry.v1.Control", health_pb2.HealthCheckResponse.SERVING)
     await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -357,6 +371,8 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
         await server.wait_for_termination()
     finally:
         await server.stop(grace=2)
+        if exporter is not None:
+            await exporter.cleanup()
         await client.close()
 
 
@@ -368,6 +384,12 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
 @click.option("--tls-key", default="", help="Control's private key (PEM).")
 @click.option("--insecure", is_flag=True, help="No TLS (development only; says so loudly).")
 @click.option("--etcd-prefix", default="/ferry/v1", help="Key prefix of Ferry's state in etcd.")
+@click.option(
+    "--metrics-address",
+    default="",
+    help="HOST:PORT of the Prometheus /metrics endpoint (HTTPS with control's certificate; "
+    "clients need one from the cluster CA); empty: no metrics (docs/operations.md).",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
 def main(
     etcd: str,
@@ -377,6 +399,7 @@ def main(
     tls_key: str,
     insecure: bool,
     etcd_prefix: str,
+    metrics_address: str,
     log_level: str,
 ) -> None:
     """Run ferry-control: the cluster's API for volumes and nodes."""
@@ -384,9 +407,11 @@ def main(
     try:
         tls = from_flags(tls_ca, tls_cert, tls_key, insecure)
         etcd_target(endpoints(etcd))
+        if metrics_address:
+            parse_address(metrics_address)
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     try:
-        asyncio.run(serve(endpoints(etcd), listen, tls, etcd_prefix))
+        asyncio.run(serve(endpoints(etcd), listen, tls, etcd_prefix, metrics_address))
     except KeyboardInterrupt:
         log.info("ferry-control stopped")
