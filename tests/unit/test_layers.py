@@ -6,12 +6,11 @@ here before it tangles the packages.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.modules import REPO, imports, project_modules, within
 
 # What each layer may import from the project (a prefix match on module names).
 ALLOWED = {
@@ -29,37 +28,11 @@ PROJECT = ("agent", "control", "ferry", "protos")
 CORE_FORBIDDEN = ("asyncio", "socket", "subprocess", "aetcd", "grpc", "docker", "os", "pathlib")
 
 
-def _modules() -> list[tuple[str, Path]]:
-    found = []
-    for top in ("agent", "control", "ferry"):
-        for path in sorted((REPO / top).rglob("*.py")):
-            parts = path.relative_to(REPO).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            found.append((name, path))
-    return found
-
-
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
-
-
 def _layer(module: str) -> str:
-    return max((layer for layer in ALLOWED if _within(module, layer)), key=len)
+    return max((layer for layer in ALLOWED if within(module, layer)), key=len)
 
 
-def _within(module: str, package: str) -> bool:
-    return module == package or module.startswith(package + ".")
-
-
-MODULES = _modules()
+MODULES = project_modules()
 
 
 def test_every_package_is_found() -> None:
@@ -72,21 +45,20 @@ def test_imports_point_down(module: str, path: Path) -> None:
     allowed = ALLOWED[_layer(module)]
     upward = sorted(
         name
-        for name in _imports(path)
-        if any(_within(name, top) for top in PROJECT)
-        and not any(_within(name, ok) for ok in allowed)
+        for name in imports(path)
+        if any(within(name, top) for top in PROJECT) and not any(within(name, ok) for ok in allowed)
     )
     assert not upward, f"{module} imports {upward}; it may import only {allowed}"
 
 
 @pytest.mark.parametrize(
     ("module", "path"),
-    [(m, p) for m, p in MODULES if _within(m, "ferry.core")],
-    ids=[m for m, _ in MODULES if _within(m, "ferry.core")],
+    [(m, p) for m, p in MODULES if within(m, "ferry.core")],
+    ids=[m for m, _ in MODULES if within(m, "ferry.core")],
 )
 def test_core_does_no_io(module: str, path: Path) -> None:
     reaching = sorted(
-        name for name in _imports(path) if any(_within(name, bad) for bad in CORE_FORBIDDEN)
+        name for name in imports(path) if any(within(name, bad) for bad in CORE_FORBIDDEN)
     )
     assert not reaching, f"{module} imports {reaching}: the core does no I/O"
 
@@ -103,7 +75,7 @@ def test_tests_take_their_helpers_from_support_not_from_other_tests() -> None:
     moving or renaming a test breaks its neighbours: shared helpers live in tests/support."""
     from_tests = {
         module: sorted(
-            name for name in _imports(path) if name.startswith("tests.") and ".test_" in name
+            name for name in imports(path) if name.startswith("tests.") and ".test_" in name
         )
         for module, path in _test_modules()
     }
