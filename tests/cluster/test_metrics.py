@@ -13,7 +13,7 @@ import secrets
 import pytest
 
 from tests.support.cluster import Cluster
-from tests.support.metrics import Samples, scrape, value
+from tests.support.metrics import Samples, scrape_cluster, value
 from tests.support.volumes import mount_held, mountpoint, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
@@ -22,13 +22,13 @@ pytestmark = pytest.mark.cluster
 def _agent(cluster: Cluster, host: int) -> Samples:
     address = cluster.hosts[host].metrics_address
     assert address, "the cluster description names no agent metrics address"
-    return scrape(cluster, address)
+    return scrape_cluster(cluster, address)
 
 
 def _control(cluster: Cluster) -> Samples:
     address = cluster.description.control_metrics_address
     assert address, "the cluster description names no control metrics address"
-    return scrape(cluster, address)
+    return scrape_cluster(cluster, address)
 
 
 def test_metrics_follow_a_move(cluster: Cluster) -> None:

@@ -9,22 +9,29 @@ from collections.abc import Mapping
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ferry.security.tls import TlsFiles
 from tests.support.cluster import Cluster
 
 Samples = Mapping[tuple[str, frozenset[tuple[str, str]]], float]
 SCRAPE_TIMEOUT_SECONDS = 10.0
 
 
-def scrape(cluster: Cluster, address: str) -> Samples:
+def scrape_cluster(cluster: Cluster, address: str) -> Samples:
+    """``scrape`` with the cluster's operator certificate (plain HTTP on an insecure one)."""
+    if cluster.insecure:
+        return scrape(address, None)
+    assert cluster.tls_ca and cluster.user_cert and cluster.user_key
+    return scrape(address, TlsFiles(cluster.tls_ca, cluster.user_cert, cluster.user_key))
+
+
+def scrape(address: str, tls: TlsFiles | None) -> Samples:
     """Every sample at ``address``/metrics: (name, labels) -> value."""
     context = None
     scheme = "http"
-    if not cluster.insecure:
-        assert cluster.tls_ca and cluster.user_cert and cluster.user_key
+    if tls is not None:
         scheme = "https"
-        context = ssl.create_default_context(cafile=str(cluster.tls_ca))
+        context = tls.ssl_context(ssl.Purpose.SERVER_AUTH)
         context.check_hostname = False  # the certificate names the node, not its address
-        context.load_cert_chain(str(cluster.user_cert), str(cluster.user_key))
     with urllib.request.urlopen(
         f"{scheme}://{address}/metrics", timeout=SCRAPE_TIMEOUT_SECONDS, context=context
     ) as answer:
