@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
+from control import live
 from ferry.core.declared import Current, DeclarationError, changes, parse
 from ferry.security import ca
 from ferry.security.tls import TlsFiles
@@ -47,6 +48,17 @@ OUTPUT = click.option(
     type=click.Choice(["table", "json", "yaml"]),
     default="table",
     show_default=True,
+)
+
+WATCH = click.option(
+    "-w", "--watch", is_flag=True, help="Keep following: redraw on each change until Ctrl-C."
+)
+INTERVAL = click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    show_default=True,
+    help="With --watch: seconds between reads of the list.",
 )
 
 console = Console()
@@ -192,14 +204,19 @@ def _emit(
     elif output == "yaml":
         click.echo(yaml.safe_dump(rows[0] if single else rows, sort_keys=True), nl=False)
     else:
-        table = Table(*[c.upper() for c in columns], box=None, pad_edge=False)
-        for row in rows:
-            table.add_row(*[_cell(row, c) for c in columns])
+        table = _table(rows, columns)
         if not whole:
             console.print(table)
             return
         needed = console.measure(table, options=console.options.update_width(1 << 16)).maximum
         Console(width=max(console.width, needed)).print(table)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> Table:
+    table = Table(*[c.upper() for c in columns], box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*[_cell(row, c) for c in columns])
+    return table
 
 
 def _emit_stuck(output: str, copies: list[tuple[str, str]]) -> None:
@@ -282,9 +299,15 @@ def volume_create(api: Api, name: str, size: str, compression: str, node: str, o
 
 @volume.command("list")
 @OUTPUT
+@WATCH
+@INTERVAL
 @click.pass_obj
-def volume_list(api: Api, output: str) -> None:
-    """List volumes."""
+def volume_list(api: Api, output: str, watch: bool, interval: float) -> None:
+    """List volumes (--watch: and follow them, redrawn in place, until Ctrl-C)."""
+    if watch:
+        display = live.Display(output, "name", lambda rows: _table(rows, VOLUME_COLUMNS), console)
+        live.follow(display, live.every(interval, _volume_rows(api), time.sleep))
+        return
     reply = api.call("ListVolumes", control_pb2.ListVolumesRequest())
     _emit(output, [_volume_dict(v) for v in reply.volumes], VOLUME_COLUMNS)
     for record in reply.unreadable:
@@ -293,6 +316,24 @@ def volume_list(api: Api, output: str) -> None:
             f"it with etcdctl (its volume is not converged meanwhile)",
             err=True,
         )
+
+
+def _volume_rows(api: Api) -> Callable[[], list[dict[str, Any]]]:
+    """Reads of the volume list for --watch; while control cannot be reached, the last one."""
+    last: list[dict[str, Any]] = []
+
+    def read() -> list[dict[str, Any]]:
+        nonlocal last
+        try:
+            reply = api.stub.ListVolumes(control_pb2.ListVolumesRequest(), timeout=30)
+        except grpc.RpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                fail(_rpc_message(error))
+            return last
+        last = [_volume_dict(v) for v in reply.volumes]
+        return last
+
+    return read
 
 
 @volume.command("get")
@@ -452,12 +493,25 @@ def move_cancel(api: Api, name: str) -> None:
     click.echo(f"move of {name} cancelled: it stays on {source}")
 
 
+MOVE_COLUMNS = ["name", "phase", "source", "target", "bytes_sent", "bytes_total", "rate", "error"]
+WATCH_FOR_EVER_SECONDS = 365 * 86400.0
+
+
 @move.command("status")
 @click.argument("name")
 @OUTPUT
+@WATCH
 @click.pass_obj
-def move_status(api: Api, name: str, output: str) -> None:
-    """Show the current or last move of a volume."""
+def move_status(api: Api, name: str, output: str, watch: bool) -> None:
+    """Show the current or last move of a volume (--watch: and follow it until Ctrl-C)."""
+    if watch:
+        display = live.Display(output, "name", lambda rows: _table(rows, MOVE_COLUMNS), console)
+        updates = _watch(api, name, time.monotonic() + WATCH_FOR_EVER_SECONDS)
+        try:
+            live.follow(display, ([_move_row(name, current)] for current in updates))
+        except grpc.RpcError as error:
+            fail(_rpc_message(error))
+        return
     found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
     if not found.HasField("move"):
         fail(f"volume {name} has never moved")
@@ -470,6 +524,16 @@ def move_status(api: Api, name: str, output: str) -> None:
         single=True,
     )
     _emit_stuck(output, [(c.node, c.stuck) for c in found.copies if c.node in moving])
+
+
+def _move_row(name: str, volume: control_pb2.Volume) -> dict[str, Any]:
+    """The volume's move as one row (phase ``-`` before its first move)."""
+    if not volume.HasField("move"):
+        return {"name": name, "phase": "-"}
+    row = {"name": name, **_volume_dict(volume)["move"]}
+    rate = float(row.get("rate_bps", 0))
+    row["rate"] = f"{filesize.decimal(int(rate))}/s" if rate else ""
+    return row
 
 
 @main.group()
