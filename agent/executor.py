@@ -12,6 +12,7 @@ from agent import zfs
 from agent.moves import MoveAbandoned, MoveDriver
 from agent.retry import Backoff
 from agent.store import VolumeStore
+from ferry.cluster.events import EventLog
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.plan import (
     Action,
@@ -25,7 +26,7 @@ from ferry.core.plan import (
     Purge,
     SetAside,
 )
-from ferry.core.records import MovePhase
+from ferry.core.records import EventKind, MovePhase
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Executor:
         self._driver = driver
         self._wake = wake
         self._moves: dict[str, asyncio.Task[None]] = {}
+        self._events = EventLog(keyspace, node)
 
     @property
     def running_moves(self) -> frozenset[str]:
@@ -72,6 +74,12 @@ class Executor:
                 await self._keyspace.claim_owner(volume, self._node)
             case Fence(volume):
                 await self._store.fence(volume)
+                await self._events.record(
+                    volume,
+                    EventKind.FENCED,
+                    f"{self._node} no longer owns it: writes stopped, its last writes kept in "
+                    "a fenced- snapshot",
+                )
             case Activate(volume, epoch):
                 await self._activate(volume, epoch)
             case DriveMove(volume):
@@ -88,6 +96,12 @@ class Executor:
                     volume,
                     owner.value.epoch if owner else 0,
                     "belongs to a deleted volume of the same name (another uid)",
+                )
+                await self._events.record(
+                    volume,
+                    EventKind.DIVERGED_KEPT,
+                    f"kept aside as {aside} on {self._node}: belongs to a deleted volume of "
+                    "the same name",
                 )
                 log.warning(
                     "copy belongs to a deleted volume of the same name, kept aside: "
@@ -153,6 +167,12 @@ class Executor:
                 return
             done = replace(move.value, phase=MovePhase.DONE, error="", updated_at=time.time())
             if await self._keyspace.put_move(done, move.revision):
+                await self._events.record(
+                    volume,
+                    EventKind.MOVED,
+                    f"{done.source} -> {self._node}: writable here after {done.attempt + 1} "
+                    f"attempt(s)",
+                )
                 return
         log.warning(
             "move record not marked done after %d attempts: volume=%s", FINISH_ATTEMPTS, volume

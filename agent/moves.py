@@ -47,8 +47,9 @@ from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.usage import DockerMounts
 from agent.zfs.volumes import FilesystemBusy
+from ferry.cluster.events import EventLog
 from ferry.cluster.keyspace import Keyspace, Versioned
-from ferry.core.records import ACTIVE_PHASES, Move, MovePhase, Owner
+from ferry.core.records import ACTIVE_PHASES, EventKind, Move, MovePhase, Owner
 from ferry.core.snapshots import SnapshotRef, newest_common, prunable, unsent
 from protos.ferry.v1 import transfer_pb2
 
@@ -92,6 +93,7 @@ class MoveDriver:
         self._mounts = mounts
         self._small_delta = small_delta
         self._handoff_deadline = handoff_deadline
+        self._events = EventLog(keyspace, node)
 
     async def run(self, volume: str) -> None:
         """One attempt to finish the move; raises on failure, the caller retries with back-off."""
@@ -115,6 +117,12 @@ class MoveDriver:
             raise
         except Exception as error:
             metrics.MOVE_FAILURES.labels(metrics.failure_reason(error)).inc()
+            await self._events.record(
+                volume,
+                EventKind.MOVE_ERROR,
+                f"attempt {tracker.move.attempt + 1} to {tracker.move.target} failed, retried: "
+                f"{error}",
+            )
             # Kept in the record until a sync succeeds: 'move status' shows why it retries.
             await tracker.update(error=str(error), attempt=tracker.move.attempt + 1)
             raise
@@ -182,6 +190,12 @@ class MoveDriver:
             self._mounts.end_handoff(volume)
         if not swapped:
             raise MoveAbandoned(f"ownership of {volume} changed during the handoff")
+        await self._events.record(
+            volume,
+            EventKind.HANDED_OFF,
+            f"{self._node} -> {tracker.move.target} at epoch {epoch + 1}, final snapshot {final}",
+            pause_seconds=stopped_for,
+        )
         log.info(
             "handed off: volume=%s from=%s to=%s epoch=%d final=%s writes_stopped_for=%.2fs",
             volume,

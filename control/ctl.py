@@ -243,6 +243,11 @@ def _cell(row: dict[str, Any], column: str) -> str:
         return _human(int(row.get("free_bytes", 0)))
     if column == "used":
         return _human(int(row.get("used_bytes", 0)))
+    if column == "time":
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(row.get("at", 0))))
+    if column == "pause":
+        pause = float(row.get("pause_seconds", 0))
+        return f"{pause:.2f}s" if pause else "-"
     if column == "kept":
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("kept_at", 0)))
     if column == "dataset" and row.get("drop_requested"):
@@ -534,6 +539,45 @@ def _move_row(name: str, volume: control_pb2.Volume) -> dict[str, Any]:
     rate = float(row.get("rate_bps", 0))
     row["rate"] = f"{filesize.decimal(int(rate))}/s" if rate else ""
     return row
+
+
+EVENT_COLUMNS = ["time", "volume", "kind", "by", "pause", "detail"]
+
+
+@main.command("events")
+@click.option("--volume", "name", default="", help="Only this volume's events.")
+@click.option("-f", "--follow", is_flag=True, help="Then each new event, until Ctrl-C.")
+@OUTPUT
+@click.pass_obj
+def events(api: Api, name: str, follow: bool, output: str) -> None:
+    """What happened to volumes, oldest first (kept for 7 days): created, moved, handed off
+    with its pause, fenced, diverged copy kept, failed over, errors."""
+    request = control_pb2.WatchEventsRequest(volume=name, follow=follow)
+    stream = api.stub.WatchEvents(request, timeout=None if follow else 30)
+    try:
+        if not follow:
+            _emit(output, [_event_dict(e) for e in stream], EVENT_COLUMNS, whole=True)
+            return
+        if output == "table":
+            click.echo("  ".join(c.upper() for c in EVENT_COLUMNS))
+        for event in stream:
+            row = _event_dict(event)
+            if output == "json":
+                click.echo(json.dumps(row, sort_keys=True))
+            elif output == "yaml":
+                click.echo("---\n" + yaml.safe_dump(row, sort_keys=True), nl=False)
+            else:
+                click.echo("  ".join(_cell(row, c) for c in EVENT_COLUMNS))
+    except grpc.RpcError as error:
+        fail(_rpc_message(error))
+    except KeyboardInterrupt:
+        stream.cancel()
+
+
+def _event_dict(event: control_pb2.Event) -> dict[str, Any]:
+    return MessageToDict(
+        event, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 @main.group()

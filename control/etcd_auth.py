@@ -25,6 +25,7 @@ import click
 import grpc
 from aetcd import rpc
 
+from ferry.cluster.events import CONTROL_WRITER
 from ferry.cluster.keyspace import DEFAULT_PREFIX, KeyRange, endpoints_client, grant_range
 from ferry.security.tls import TlsFiles, endpoints
 
@@ -51,13 +52,15 @@ class Right:
     shared: str = ""
 
 
-CONTROL_WRITES = (Right("volumes"), Right("moves"), Right("drops"))
+# Own keys of control are its events' (events/control/...).
+CONTROL_WRITES = (Right("volumes"), Right("moves"), Right("drops"), Right("events", own=True))
 
 NODE_WRITES = (
     Right("nodes", own=True),
     Right("state", own=True),
     Right("asides", own=True),
     Right("drops", own=True),
+    Right("events", own=True),
     Right(
         "owners",
         shared="the ownership compare-and-swap: an agent claims a new volume's first epoch, "
@@ -106,7 +109,9 @@ def roles(prefix: str, nodes: Sequence[str]) -> dict[str, tuple[str, set[tuple[i
             raise BootstrapError(
                 f"a node cannot be named {node!r}: etcd would take it for that user"
             )
-    table = {CONTROL_ROLE: (CONTROL_USER, wanted_permissions(prefix, CONTROL_WRITES))}
+    table = {
+        CONTROL_ROLE: (CONTROL_USER, wanted_permissions(prefix, CONTROL_WRITES, CONTROL_WRITER))
+    }
     for node in nodes:
         table[node_role(node)] = (node, wanted_permissions(prefix, NODE_WRITES, node))
     return table

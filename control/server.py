@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from control import metrics
 from control.operations import OperationError, PermissionDenied, VolumeOps
+from ferry.cluster.events import CONTROL_WRITER, EventLog
 from ferry.cluster.keyspace import (
     Keyspace,
     Unreadable,
@@ -26,7 +27,18 @@ from ferry.cluster.keyspace import (
     endpoints_client,
     etcd_target,
 )
-from ferry.core.records import AsideCopy, AsideDrop, MountRecord, Move, NodeState, Owner, VolumeSpec
+from ferry.core.records import (
+    AsideCopy,
+    AsideDrop,
+    Event,
+    EventKind,
+    MountRecord,
+    Move,
+    MovePhase,
+    NodeState,
+    Owner,
+    VolumeSpec,
+)
 from ferry.logs import setup_logging
 from ferry.metrics import contexts, parse_address, serve_metrics
 from ferry.security.authz import CONTROL_API, NODE, delete_refusal, move_refusal
@@ -47,6 +59,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self._keyspace = keyspace
         self._ops = VolumeOps(keyspace)
         self._gate = gate
+        self._events = EventLog(keyspace, CONTROL_WRITER)
 
     async def CreateVolume(
         self, request: control_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
@@ -62,7 +75,11 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 created_by_node=caller.name if caller.kind == NODE else "",
             ),
         )
-        return await self._volume(request.name, context)
+        created = await self._volume(request.name, context)
+        await self._events.record(
+            request.name, EventKind.CREATED, f"on {created.node}, asked by {caller.name}"
+        )
+        return created
 
     async def GetVolume(
         self, request: control_pb2.GetVolumeRequest, context: grpc.aio.ServicerContext
@@ -120,6 +137,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
         except UnreadableRecord as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        forced = " (forced)" if request.force else ""
+        await self._events.record(
+            request.name, EventKind.DELETED, f"asked by {caller.name}{forced}"
+        )
         return control_pb2.DeleteVolumeReply(notice=notice)
 
     async def MoveVolume(
@@ -129,7 +150,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
         refused = move_refusal(caller, request.node)
         if refused is not None:
             await self._gate.refuse(context, caller, MOVE, request.name, refused)
-        await self._guard(context, self._ops.move(request.name, request.node))
+        move = await self._guard(context, self._ops.move(request.name, request.node))
+        if isinstance(move, Move):
+            what = "cancelled" if move.phase == MovePhase.FAILED else "requested"
+            await self._events.record(
+                request.name,
+                EventKind.MOVE_REQUESTED,
+                f"{what}: {move.source} -> {move.target}, asked by {caller.name}",
+            )
         return await self._volume(request.name, context)
 
     async def UpdateVolume(
@@ -196,6 +224,32 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 log.warning(
                     "etcd unavailable while following a volume: volume=%s error=%s retry_in=%.1fs",
                     request.name,
+                    error,
+                    WATCH_RETRY_SECONDS,
+                )
+                await asyncio.sleep(WATCH_RETRY_SECONDS)
+
+    async def WatchEvents(
+        self, request: control_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[control_pb2.Event]:
+        """The events kept, oldest first; with ``follow``, then each new one. A follower rides
+        out etcd restarts from the revision after the last event it sent."""
+        kept, revision = await self._keyspace.list_events(request.volume)
+        for event in kept:
+            yield _event_message(event)
+        resume = revision + 1
+        while request.follow:
+            try:
+                async for found in self._keyspace.watch_events(resume):
+                    resume = found.revision + 1
+                    if not request.volume or found.value.volume == request.volume:
+                        yield _event_message(found.value)
+            except RevisionCompactedError:
+                resume = await self._keyspace.revision() + 1
+                log.warning("events compacted while following: some may be missing")
+            except ClientError as error:
+                log.warning(
+                    "etcd unavailable while following events: error=%s retry_in=%.1fs",
                     error,
                     WATCH_RETRY_SECONDS,
                 )
@@ -316,6 +370,17 @@ def _volume_message(
             )
         )
     return volume
+
+
+def _event_message(event: Event) -> control_pb2.Event:
+    return control_pb2.Event(
+        volume=event.volume,
+        kind=event.kind.value,
+        by=event.by,
+        at=event.at,
+        detail=event.detail,
+        pause_seconds=event.pause_seconds,
+    )
 
 
 def _aside_message(aside: AsideCopy, drops: list[AsideDrop]) -> control_pb2.AsideCopy:

@@ -32,8 +32,9 @@ from agent.transfer.data import (
 )
 from agent.transfer.secure import SecureStream
 from agent.zfs import ZFSError
+from ferry.cluster.events import EventLog
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.records import VolumeSpec
+from ferry.core.records import EventKind, VolumeSpec
 from ferry.security.tls import peer_identity
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 
@@ -58,6 +59,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         self._data = data
         self._insecure = insecure
         self._require_encryption = require_encryption
+        self._events = EventLog(keyspace, node)
 
     async def Holdings(
         self, request: transfer_pb2.HoldingsRequest, context: grpc.aio.ServicerContext
@@ -199,6 +201,11 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         """Keep the copy aside; an incremental stream is then refused (a full one goes on)."""
         volume = header.volume
         aside = await self._holdings.keep_aside(volume, header.epoch, reason)
+        await self._events.record(
+            volume,
+            EventKind.DIVERGED_KEPT,
+            f"kept aside as {aside} on {self._node}: {reason} (stream from {header.sender})",
+        )
         log.warning(
             "copy diverged from the stream, kept aside: volume=%s from=%s reason=%s aside=%s "
             "sender=%s epoch=%d",

@@ -297,3 +297,34 @@ def aside_leaf(dataset: str) -> str:
 def to_dict(record: Any) -> dict[str, Any]:
     """A record as plain JSON-able values (for ``-o json``)."""
     return dict(json.loads(record.to_json()))
+
+
+class EventKind(StrEnum):
+    """What happened to a volume, as ``ferryctl events`` lists it."""
+
+    CREATED = "created"
+    DELETED = "deleted"
+    MOVE_REQUESTED = "move_requested"
+    HANDED_OFF = "handed_off"
+    MOVED = "moved"
+    MOVE_ERROR = "move_error"
+    FENCED = "fenced"
+    DIVERGED_KEPT = "diverged_kept"
+    FAILED_OVER = "failed_over"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Event(_Record):
+    """One thing that happened to a volume: what, by whom (a node or ``control``), when, and
+    the pause writes saw when it was a handoff."""
+
+    volume: str
+    kind: EventKind
+    by: str
+    at: float = field(default_factory=time.time)
+    detail: str = ""
+    pause_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", EventKind(self.kind))

@@ -55,6 +55,7 @@ RULES: dict[str, Rule] = {
     CONTROL_API + "WatchVolume": Rule(frozenset({USER}), False),
     CONTROL_API + "ListAsides": Rule(frozenset({USER}), False),
     CONTROL_API + "DropAside": Rule(frozenset({USER}), True),
+    CONTROL_API + "WatchEvents": Rule(frozenset({USER}), False),
     TRANSFER_API + "Holdings": Rule(frozenset({NODE}), False),
     TRANSFER_API + "Receive": Rule(frozenset({NODE}), True),
     HEALTH_API + "Check": Rule(EVERYONE, False),
