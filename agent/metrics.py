@@ -143,12 +143,17 @@ class _Views(Collector):
         )
         sent = GaugeMetricFamily(
             "ferry_move_bytes",
-            "Bytes sent in the current attempt of each move this node sends.",
+            "Bytes of each move this node sends that its target holds (cut streams not counted).",
+            labels=["volume"],
+        )
+        attempt = GaugeMetricFamily(
+            "ferry_move_attempt_bytes",
+            "Bytes the current attempt of each move sent, a cut stream's included.",
             labels=["volume"],
         )
         total = GaugeMetricFamily(
             "ferry_move_expected_bytes",
-            "Bytes the current attempt of each move is expected to send.",
+            "Bytes each move is expected to have sent once its running stream ends.",
             labels=["volume"],
         )
         rate = GaugeMetricFamily(
@@ -160,9 +165,10 @@ class _Views(Collector):
             for name in MOVE_PHASES:
                 phase.add_metric([move.volume, name], float(move.phase.value == name))
             sent.add_metric([move.volume], move.bytes_sent)
+            attempt.add_metric([move.volume], move.attempt_bytes_sent)
             total.add_metric([move.volume], move.bytes_total)
             rate.add_metric([move.volume], move.rate_bps)
-        yield from (state, role, epoch, used, phase, sent, total, rate)
+        yield from (state, role, epoch, used, phase, sent, attempt, total, rate)
 
 
 _VIEWS = _Views()

@@ -37,6 +37,7 @@ A transfer cut in half leaves the target's copy as it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -130,7 +131,7 @@ class MoveDriver:
     async def _precopy(
         self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord
     ) -> None:
-        await tracker.update(phase=MovePhase.PRECOPY)
+        await tracker.update(phase=MovePhase.PRECOPY, attempt_bytes_sent=tracker.attempt_sent)
         while True:
             sent = await self._sync(volume, epoch, peer, tracker)
             users = await self._in_use(volume)
@@ -153,7 +154,7 @@ class MoveDriver:
     async def _handoff(
         self, volume: str, epoch: int, peer: PeerClient, tracker: _MoveRecord
     ) -> None:
-        await tracker.update(phase=MovePhase.HANDOFF)
+        await tracker.update(phase=MovePhase.HANDOFF, attempt_bytes_sent=tracker.attempt_sent)
         await self._refuse_if_in_use(volume, tracker, "was mounted again")
         # Asked before the freeze: an unreachable target must not stop writes here.
         remote = await peer.holdings(volume)
@@ -283,7 +284,11 @@ class MoveDriver:
         progress = _Progress(tracker, estimated)
         async with self._store.held(volume, [name for name in (base, snapshot.name) if name]):
             stream = self._store.send_stream(volume, snapshot.name, base)
-            held = await peer.send(header, stream, progress.report)
+            try:
+                held = await peer.send(header, stream, progress.report)
+            except Exception:
+                await progress.cut()
+                raise
             failpoints.reached("transfer.sent")
         await progress.finish()
         if not any(ref == snapshot for ref in held):
@@ -331,6 +336,8 @@ class _MoveRecord:
     def __init__(self, keyspace: Keyspace, current: Versioned[Move]) -> None:
         self._keyspace = keyspace
         self._current = current
+        self.attempt_sent = 0
+        """Bytes of this attempt's finished or cut streams (one driver run is one attempt)."""
 
     @property
     def move(self) -> Move:
@@ -381,7 +388,9 @@ class _MoveRecord:
 
 
 class _Progress:
-    """Bytes sent in this move so far, written to the move record at most every PROGRESS_SECONDS."""
+    """One stream's bytes, written to the move record at most every PROGRESS_SECONDS: added to
+    the move's bytes while it runs, taken out again if it is cut (the retry resends them), and
+    counted in the attempt's bytes either way."""
 
     def __init__(self, tracker: _MoveRecord, total: int) -> None:
         self._tracker = tracker
@@ -406,6 +415,17 @@ class _Progress:
         if self._pending is not None:
             await self._pending
         await self._write()
+        self._tracker.attempt_sent += self.sent
+
+    async def cut(self) -> None:
+        """The stream failed: the target kept none of it."""
+        self._tracker.attempt_sent += self.sent
+        with contextlib.suppress(Exception):
+            if self._pending is not None:
+                await self._pending
+            await self._tracker.update(
+                bytes_sent=self._before, attempt_bytes_sent=self._tracker.attempt_sent
+            )
 
     async def _write(self) -> None:
         elapsed = max(time.monotonic() - self._started, 1e-6)
@@ -413,4 +433,5 @@ class _Progress:
             bytes_sent=self._before + self.sent,
             bytes_total=self._before + max(self._total, self.sent),
             rate_bps=self.sent / elapsed,
+            attempt_bytes_sent=self._tracker.attempt_sent + self.sent,
         )

@@ -174,7 +174,7 @@ def _volume_dict(volume: control_pb2.Volume) -> dict[str, Any]:
         copy["used_bytes"] = int(copy.get("used_bytes", 0))
     data["diverged"] = [_aside_dict(aside) for aside in volume.diverged]
     if volume.HasField("move"):
-        for key in ("bytes_sent", "bytes_total"):
+        for key in ("bytes_sent", "bytes_total", "attempt_bytes_sent"):
             data["move"][key] = int(data["move"].get(key, 0))
     else:
         data.pop("move", None)
@@ -525,7 +525,7 @@ def move_status(api: Api, name: str, output: str, watch: bool) -> None:
     _emit(
         output,
         [data],
-        ["phase", "source", "target", "bytes_sent", "bytes_total", "error"],
+        ["phase", "source", "target", "bytes_sent", "bytes_total", "attempt_bytes_sent", "error"],
         single=True,
     )
     _emit_stuck(output, [(c.node, c.stuck) for c in found.copies if c.node in moving])

@@ -358,6 +358,7 @@ def _volume_message(
                 target=m.target,
                 phase=m.phase.value,
                 bytes_sent=m.bytes_sent,
+                attempt_bytes_sent=m.attempt_bytes_sent,
                 bytes_total=m.bytes_total,
                 rate_bps=m.rate_bps,
                 error=m.error,

@@ -215,6 +215,8 @@ class Move(_Record):
     target: str
     phase: MovePhase = MovePhase.PENDING
     bytes_sent: int = 0
+    """Bytes of this move the target holds: its finished streams and the running one's
+    progress. A stream cut half-way is taken out again (its retry sends them anew)."""
     bytes_total: int = 0
     rate_bps: float = 0.0
     error: str = ""
@@ -222,6 +224,8 @@ class Move(_Record):
     final_snapshot: str = ""
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    attempt_bytes_sent: int = 0
+    """Bytes the current (or last) attempt sent, a stream cut half-way included."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phase", MovePhase(self.phase))

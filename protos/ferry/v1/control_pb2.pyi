@@ -272,6 +272,7 @@ class MoveStatus(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     STUCK_FIELD_NUMBER: _builtins.int
+    ATTEMPT_BYTES_SENT_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     target: _builtins.str
     phase: _builtins.str
@@ -282,6 +283,8 @@ class MoveStatus(_message.Message):
     attempt: _builtins.int
     stuck: _builtins.str
     """What is stuck on the source or the target ("node: ..."), as the copies report it."""
+    attempt_bytes_sent: _builtins.int
+    """Bytes the current (or last) attempt sent; bytes_sent counts what the target holds."""
     def __init__(
         self,
         *,
@@ -294,10 +297,11 @@ class MoveStatus(_message.Message):
         error: _builtins.str = ...,
         attempt: _builtins.int = ...,
         stuck: _builtins.str = ...,
+        attempt_bytes_sent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bytes_sent", b"bytes_sent", "bytes_total", b"bytes_total", "error", b"error", "phase", b"phase", "rate_bps", b"rate_bps", "source", b"source", "stuck", b"stuck", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempt_bytes_sent", b"attempt_bytes_sent", "bytes_sent", b"bytes_sent", "bytes_total", b"bytes_total", "error", b"error", "phase", b"phase", "rate_bps", b"rate_bps", "source", b"source", "stuck", b"stuck", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
