@@ -12,7 +12,7 @@ from agent.config import AgentConfig
 from agent.registration import NodeNameTaken, NodeNotAuthorized
 from agent.service import run
 from agent.zfs import runner
-from ferry.logs import setup_logging
+from ferry.logs import FORMATS, setup_logging
 from ferry.security.tls import endpoints, from_flags
 
 log = logging.getLogger("agent")
@@ -76,6 +76,13 @@ log = logging.getLogger("agent")
     "elsewhere needs it (docs/operations.md).",
 )
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+@click.option(
+    "--log-format",
+    default="text",
+    type=click.Choice(FORMATS),
+    help="text: time level logger message key=value...; json: one object per line, each "
+    "key=value a field.",
+)
 def main(
     node: str,
     etcd: str,
@@ -95,9 +102,10 @@ def main(
     etcd_prefix: str,
     metrics_address: str,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the Ferry agent on this host: volumes, transfers, and the Docker plugin."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         config = AgentConfig(
             node=node,

@@ -39,7 +39,7 @@ from ferry.core.records import (
     Owner,
     VolumeSpec,
 )
-from ferry.logs import setup_logging
+from ferry.logs import FORMATS, setup_logging
 from ferry.metrics import contexts, parse_address, serve_metrics
 from ferry.security.authz import CONTROL_API, NODE, delete_refusal, move_refusal
 from ferry.security.gate import KindGate
@@ -457,6 +457,13 @@ async def serve(
     "clients need one from the cluster CA); empty: no metrics (docs/operations.md).",
 )
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+@click.option(
+    "--log-format",
+    default="text",
+    type=click.Choice(FORMATS),
+    help="text: time level logger message key=value...; json: one object per line, each "
+    "key=value a field.",
+)
 def main(
     etcd: str,
     listen: str,
@@ -467,9 +474,10 @@ def main(
     etcd_prefix: str,
     metrics_address: str,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run ferry-control: the cluster's API for volumes and nodes."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         tls = from_flags(tls_ca, tls_cert, tls_key, insecure)
         etcd_target(endpoints(etcd))
