@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import replace
 
 from agent import zfs
-from agent.moves import MoveAbandoned, MoveDriver
+from agent.replication.activation import Activation
+from agent.replication.record import MoveAbandoned
+from agent.replication.source import MoveDriver
 from agent.retry import Backoff
 from agent.store import VolumeStore
-from ferry.cluster.events import EventLog
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.plan import (
     Action,
@@ -26,12 +26,9 @@ from ferry.core.plan import (
     Purge,
     SetAside,
 )
-from ferry.core.records import EventKind, MovePhase
 
 log = logging.getLogger(__name__)
 
-# Compare-and-swap rounds for marking a move done, each on a fresh read.
-FINISH_ATTEMPTS = 10
 # ZFS refusing a create for reasons a retry does not change (too small, no room, bad value).
 CREATE_FAILED_FOR_GOOD = (zfs.NoSpace, zfs.QuotaExceeded, zfs.PropertyInvalid, zfs.NameInvalid)
 
@@ -45,15 +42,16 @@ class Executor:
         keyspace: Keyspace,
         store: VolumeStore,
         driver: MoveDriver,
+        activation: Activation,
         wake: Callable[[], None],
     ) -> None:
         self._node = node
         self._keyspace = keyspace
         self._store = store
         self._driver = driver
+        self._activation = activation
         self._wake = wake
         self._moves: dict[str, asyncio.Task[None]] = {}
-        self._events = EventLog(keyspace, node)
 
     @property
     def running_moves(self) -> frozenset[str]:
@@ -74,14 +72,8 @@ class Executor:
                 await self._keyspace.claim_owner(volume, self._node)
             case Fence(volume):
                 await self._store.fence(volume)
-                await self._events.record(
-                    volume,
-                    EventKind.FENCED,
-                    f"{self._node} no longer owns it: writes stopped, its last writes kept in "
-                    "a fenced- snapshot",
-                )
             case Activate(volume, epoch):
-                await self._activate(volume, epoch)
+                await self._activation.activate(volume, epoch)
             case DriveMove(volume):
                 self._moves[volume] = asyncio.create_task(self._drive(volume))
             case Destroy(volume):
@@ -96,12 +88,6 @@ class Executor:
                     volume,
                     owner.value.epoch if owner else 0,
                     "belongs to a deleted volume of the same name (another uid)",
-                )
-                await self._events.record(
-                    volume,
-                    EventKind.DIVERGED_KEPT,
-                    f"kept aside as {aside} on {self._node}: belongs to a deleted volume of "
-                    "the same name",
                 )
                 log.warning(
                     "copy belongs to a deleted volume of the same name, kept aside: "
@@ -133,50 +119,6 @@ class Executor:
                 spec.value.size_bytes,
                 why,
             )
-
-    async def _activate(self, volume: str, epoch: int) -> None:
-        move = await self._keyspace.get_move(volume)
-        incoming = move is not None and move.value.target == self._node
-        if incoming and move is not None and move.value.final_snapshot:
-            held = [ref.name for ref in await self._store.snapshots(volume) or []]
-            if move.value.final_snapshot not in held:
-                log.error(
-                    "not activating: volume=%s lacks final snapshot %s of the handoff",
-                    volume,
-                    move.value.final_snapshot,
-                )
-                return
-        spec = await self._keyspace.get_volume(volume)
-        if spec is None:
-            return
-        await self._store.activate(spec.value)
-        log.info("volume writable: volume=%s node=%s epoch=%d", volume, self._node, epoch)
-        if incoming:
-            await self._finish_move(volume)
-
-    async def _finish_move(self, volume: str) -> None:
-        """Mark the move into this node done, on a fresh read each time: the source may still
-        be writing its last phase, and a lost compare-and-swap must not leave the move open."""
-        for _ in range(FINISH_ATTEMPTS):
-            move = await self._keyspace.get_move(volume)
-            if (
-                move is None
-                or move.value.target != self._node
-                or move.value.phase == MovePhase.DONE
-            ):
-                return
-            done = replace(move.value, phase=MovePhase.DONE, error="", updated_at=time.time())
-            if await self._keyspace.put_move(done, move.revision):
-                await self._events.record(
-                    volume,
-                    EventKind.MOVED,
-                    f"{done.source} -> {self._node}: writable here after {done.attempt + 1} "
-                    f"attempt(s)",
-                )
-                return
-        log.warning(
-            "move record not marked done after %d attempts: volume=%s", FINISH_ATTEMPTS, volume
-        )
 
     async def _drive(self, volume: str) -> None:
         backoff = Backoff()

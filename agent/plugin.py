@@ -12,7 +12,7 @@ here), then mounts, then publishes the mount record in etcd (which blocks a
 delete); if any step fails, the ID and the record are taken back and Docker
 gets the reason. The record is released when the last container lets go.
 Whether a move may hand off is decided from the kernel's view, not from
-the record (``agent.moves``).
+the record (``agent.replication.source``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -25,9 +25,11 @@ from agent.asides import AsideLedger
 from agent.config import AgentConfig
 from agent.control_client import ControlClient
 from agent.executor import Executor
-from agent.moves import MoveDriver
 from agent.plugin import VolumePlugin, serve
 from agent.registration import Registration
+from agent.replication.activation import Activation
+from agent.replication.adapters import PoolStore, RemotePeer
+from agent.replication.source import MoveDriver
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient, TransferFailed
@@ -38,9 +40,18 @@ from agent.transfer.server import TransferService
 from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
+from ferry.cluster.events import EventLog
 from ferry.cluster.keyspace import Keyspace, Unreadable, endpoints_client
 from ferry.core.plan import Action, Actual, Desired, plan
-from ferry.core.records import NODE_STARTING, MountRecord, Move, NodeInfo, NodeState, Owner
+from ferry.core.records import (
+    NODE_STARTING,
+    EventKind,
+    MountRecord,
+    Move,
+    NodeInfo,
+    NodeState,
+    Owner,
+)
 from ferry.metrics import contexts, serve_metrics
 from ferry.security.certificates import CertificateWatch
 from ferry.security.gate import KindGate
@@ -82,8 +93,17 @@ class AgentService:
         # Clients made before a certificate renewal: transfers may still run on them.
         self._retired: list[PeerClient] = []
         self._mounts = DockerMounts(config.docker_mounts_file)
-        self._driver = MoveDriver(config.node, keyspace, store, self._peer, self._mounts)
-        self._executor = Executor(config.node, keyspace, store, self._driver, self._wakeup.set)
+        local = PoolStore(store, self._mounts)
+        events = EventLog(keyspace, config.node)
+        self._driver = MoveDriver(config.node, keyspace, local, self._remote_peer, events=events)
+        self._executor = Executor(
+            config.node,
+            keyspace,
+            store,
+            self._driver,
+            Activation(config.node, keyspace, local, finished=self._moved(events)),
+            self._wakeup.set,
+        )
         self._registration = Registration(
             keyspace,
             NodeInfo(
@@ -187,6 +207,17 @@ class AgentService:
                 await data.close()
             for peer in [*(p for p, _ in self._peers.values()), *self._retired]:
                 await peer.close()
+
+    def _moved(self, events: EventLog) -> Callable[[Move], Awaitable[None]]:
+        async def record(done: Move) -> None:
+            await events.record(
+                done.volume,
+                EventKind.MOVED,
+                f"{done.source} -> {self._config.node}: writable here after "
+                f"{done.attempt + 1} attempt(s)",
+            )
+
+        return record
 
     def _metrics_tls(self) -> Callable[[], ssl.SSLContext] | None:
         if self._config.tls is None:
@@ -445,6 +476,9 @@ class AgentService:
             "retried"
         )
 
+    async def _remote_peer(self, node: str) -> RemotePeer:
+        return RemotePeer(await self._peer(node))
+
     async def _peer(self, node: str) -> PeerClient:
         found = await self._keyspace.get_node(node)
         if found is None:
@@ -471,7 +505,9 @@ async def run(config: AgentConfig) -> None:
     client = await asyncio.to_thread(endpoints_client, config.etcd, config.tls)
     try:
         keyspace = Keyspace(client, config.etcd_prefix)
-        store = VolumeStore(PoolRoot(config.pool), config.mount_root)
+        store = VolumeStore(
+            PoolRoot(config.pool), config.mount_root, events=EventLog(keyspace, config.node)
+        )
         await AgentService(config, keyspace, store).run()
     finally:
         await client.close()

@@ -32,8 +32,9 @@ from agent.zfs.volumes import (
     PoolRoot,
     read_only_mounts,
 )
+from ferry.cluster.events import EventLog
 from ferry.core.plan import LocalVolume
-from ferry.core.records import VolumeSpec
+from ferry.core.records import EventKind, VolumeSpec
 from ferry.core.snapshots import SnapshotRef, next_name, prunable
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,11 @@ log = logging.getLogger(__name__)
 class VolumeStore:
     """Async operations on this node's volume datasets."""
 
-    def __init__(self, root: PoolRoot, mount_root: Path) -> None:
+    def __init__(self, root: PoolRoot, mount_root: Path, events: EventLog | None = None) -> None:
         self._root = root
         self._mount_root = mount_root
+        self._events = events
+        """Where fences and copies kept aside are told (``ferryctl events``)."""
         self.receiving: set[str] = set()
         """Volumes a transfer is writing into now; convergence leaves them alone."""
         self.unreadable: dict[str, str] = {}
@@ -217,6 +220,12 @@ class VolumeStore:
         short = f"fenced-{int(time.time())}"
         await asyncio.to_thread(self._root.snapshot, volume, short)
         metrics.FENCED.inc()
+        if self._events is not None:
+            await self._events.record(
+                volume,
+                EventKind.FENCED,
+                f"this node no longer owns it: writes stopped, its last writes kept in {short}",
+            )
         log.warning("fenced: volume=%s kept=%s", volume, self.snapshot_name(volume, short).decode())
 
     async def divergence(self, volume: str, base: str) -> str:
@@ -248,8 +257,10 @@ class VolumeStore:
 
         ``epoch`` is the owner epoch in force now; ``reason`` says what the copy holds.
         """
-        aside = await asyncio.to_thread(self._root.rename_aside, volume, epoch, reason)
-        return aside.decode()
+        aside = (await asyncio.to_thread(self._root.rename_aside, volume, epoch, reason)).decode()
+        if self._events is not None:
+            await self._events.record(volume, EventKind.DIVERGED_KEPT, f"as {aside}: {reason}")
+        return aside
 
     async def asides(self) -> list[AsideDataset]:
         """The copies kept aside in this node's pool."""

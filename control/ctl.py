@@ -34,6 +34,7 @@ from rich.table import Table
 
 from control import live
 from ferry.core.declared import Current, DeclarationError, changes, parse
+from ferry.core.phases import ACTIVE_PHASES, ENDED_PHASES, MovePhase
 from ferry.security import ca
 from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
@@ -416,7 +417,7 @@ def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> N
     """
     moved = api.call("MoveVolume", control_pb2.MoveVolumeRequest(name=name, node=node))
     if not moved.HasField("move") or (moved.owner == node and not _moving(moved)):
-        ended = moved.move.error if moved.move.phase == "failed" else ""
+        ended = moved.move.error if moved.move.phase == MovePhase.FAILED else ""
         click.echo(f"volume {name} is on {node}" + (f" (its last move: {ended})" if ended else ""))
         return
     click.echo(f"volume {name}: moving {moved.move.source} -> {node}")
@@ -425,7 +426,11 @@ def volume_move(api: Api, name: str, node: str, wait: bool, timeout: float) -> N
 
 
 def _moving(volume: control_pb2.Volume) -> bool:
-    return volume.HasField("move") and volume.move.phase not in ("done", "failed")
+    return volume.HasField("move") and volume.move.phase not in ENDED_PHASES
+
+
+def _cancellable(volume: control_pb2.Volume) -> bool:
+    return volume.HasField("move") and volume.move.phase in ACTIVE_PHASES
 
 
 def _follow(api: Api, name: str, node: str, timeout: float) -> None:
@@ -442,7 +447,7 @@ def _follow(api: Api, name: str, node: str, timeout: float) -> None:
     failure = f"move of {name} did not finish in time; 'ferryctl move status {name}' follows it"
     deadline = time.monotonic() + timeout
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task(name, total=None, phase="pending", rate="")
+        task = progress.add_task(name, total=None, phase=MovePhase.PENDING.value, rate="")
         try:
             for current in _watch(api, name, deadline):
                 move = current.move
@@ -453,10 +458,10 @@ def _follow(api: Api, name: str, node: str, timeout: float) -> None:
                     phase=move.phase,
                     rate=f"{filesize.decimal(int(move.rate_bps))}/s" if move.rate_bps else "",
                 )
-                if move.phase == "failed":
+                if move.phase == MovePhase.FAILED:
                     failure = f"move of {name} failed: {move.error or 'see the agents logs'}"
                     break
-                if current.owner == node and move.phase == "done":
+                if current.owner == node and move.phase == MovePhase.DONE:
                     failure = ""
                     break
         except grpc.RpcError as error:
@@ -491,7 +496,7 @@ def move() -> None:
 def move_cancel(api: Api, name: str) -> None:
     """Cancel a move that has not handed off: the volume stays on its source (up or down)."""
     found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
-    if not _moving(found) or found.move.phase == "activating":
+    if not _cancellable(found):
         fail(f"volume {name} has no move to cancel ('ferryctl move status {name}' shows the last)")
     source = found.move.source
     api.call("MoveVolume", control_pb2.MoveVolumeRequest(name=name, node=source))

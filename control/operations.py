@@ -15,8 +15,8 @@ from dataclasses import replace
 
 from ferry.cluster.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
 from ferry.core import compression
+from ferry.core.phases import ACTIVE_PHASES, Writer, check
 from ferry.core.records import (
-    ACTIVE_PHASES,
     AsideCopy,
     AsideDrop,
     Move,
@@ -235,6 +235,7 @@ class VolumeOps:
         await self._refuse_if_down(name, owner.value.node)
         await self._refuse_without_room(name, owner.value.node, target.value)
         move = Move(volume=name, source=owner.value.node, target=node, started_at=time.time())
+        check(existing.value.phase if existing else None, move.phase, Writer.CONTROL)
         if not await self._keyspace.request_move(
             current, owner, move, existing.revision if existing else None
         ):
@@ -257,6 +258,7 @@ class VolumeOps:
             error=f"cancelled: moved back to {source} by request",
             updated_at=time.time(),
         )
+        check(move.value.phase, cancelled.phase, Writer.CONTROL)
         if not await self._keyspace.request_move(
             spec, owner, cancelled, move.revision, placement=source
         ):

@@ -1,17 +1,15 @@
 """The receiving end of a transfer: the gRPC ``Transfer`` service of an agent.
 
-Before a byte reaches ``zfs receive`` the receiver checks, in this order:
-the certificate names the sender (unless the cluster runs insecure), the
-sender owns the volume at the stated epoch in etcd, this node does not own
-it (a writable copy is never overwritten), the volume is not deleted, and
-the copy holds nothing after the stream's base (no newer snapshot, no byte
-written since; otherwise it is kept aside under the pool's aside root and
-the sender asked for a full stream). Only then does it issue a ticket for
-the data connection (agent.transfer.data). The target is always this node's
-own dataset for the volume, under its pool root. ``zfs receive`` never runs
-with force: a copy written to after the check makes ZFS refuse the stream,
-and that copy is kept aside too. A stream cut in half makes ``zfs receive``
-fail, which leaves the dataset as it was.
+Before a byte reaches ``zfs receive`` the receiver checks that the
+certificate names the sender (unless the cluster runs insecure), then makes
+the admission decisions of ``agent.replication.admission`` (the sender owns
+the volume at the stated epoch, the copy here can take the stream without
+losing anything). Only then does it issue a ticket for the data connection
+(agent.transfer.data). The target is always this node's own dataset for the
+volume, under its pool root. ``zfs receive`` never runs with force: a copy
+written to after the check makes ZFS refuse the stream, and that copy is
+kept aside too. A stream cut in half makes ``zfs receive`` fail, which
+leaves the dataset as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from agent import zfs
+from agent.replication import admission
 from agent.store import VolumeStore
 from agent.transfer.data import (
     DataConnection,
@@ -32,9 +30,8 @@ from agent.transfer.data import (
 )
 from agent.transfer.secure import SecureStream
 from agent.zfs import ZFSError
-from ferry.cluster.events import EventLog
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.records import EventKind, VolumeSpec
+from ferry.core.records import VolumeSpec
 from ferry.security.tls import peer_identity
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 
@@ -59,7 +56,6 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         self._data = data
         self._insecure = insecure
         self._require_encryption = require_encryption
-        self._events = EventLog(keyspace, node)
 
     async def Holdings(
         self, request: transfer_pb2.HoldingsRequest, context: grpc.aio.ServicerContext
@@ -136,92 +132,18 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         self, header: transfer_pb2.StreamHeader, context: grpc.aio.ServicerContext
     ) -> VolumeSpec:
         """The volume's spec, if the header's sender owns it at the header's epoch."""
-        volume = header.volume
-        spec = await self._keyspace.get_volume(volume)
-        if spec is None or spec.value.deleted:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"volume {volume} does not exist")
-        assert spec is not None
-        owner = await self._keyspace.get_owner(volume)
-        if owner is None or (owner.value.node, owner.value.epoch) != (header.sender, header.epoch):
-            held = "nobody" if owner is None else f"{owner.value.node} at epoch {owner.value.epoch}"
-            log.warning(
-                "transfer refused: volume=%s sender=%s epoch=%d owner=%s",
-                volume,
-                header.sender,
-                header.epoch,
-                held,
-            )
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{header.sender} is not the owner of {volume} at epoch {header.epoch} "
-                f"(etcd says {held})",
-            )
-        if header.sender == self._node:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a node does not send to itself")
-        return spec.value
+        try:
+            return await admission.authorize(self._node, header, self._keyspace)
+        except admission.Refused as refused:
+            await context.abort(_STATUS[refused.why], str(refused))
 
     async def _prepare_base(
         self, header: transfer_pb2.StreamHeader, context: grpc.aio.ServicerContext
     ) -> None:
-        """Make sure the local copy can take this stream without losing anything.
-
-        A copy that holds anything after the stream's base (a newer snapshot,
-        bytes written since) is kept aside, never rolled back; the sender then
-        finds no copy here and sends a full stream.
-        """
-        volume = header.volume
-        local = await self._holdings.snapshots(volume)
-        if local is None:
-            if header.from_snapshot:
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{self._node} holds no copy of {volume}; send a full stream",
-                )
-            return
-        if await self._holdings.is_writable(volume):
-            log.warning(
-                "transfer refused, the copy here is writable: volume=%s sender=%s",
-                volume,
-                header.sender,
-            )
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{self._node} holds a writable copy of {volume}; it must be fenced first",
-            )
-        if not header.from_snapshot:
-            reason = "a full stream came for a copy that already exists"
-        else:
-            reason = await self._holdings.divergence(volume, header.from_snapshot)
-        if reason:
-            await self._diverged(header, reason, context)
-
-    async def _diverged(
-        self, header: transfer_pb2.StreamHeader, reason: str, context: grpc.aio.ServicerContext
-    ) -> None:
-        """Keep the copy aside; an incremental stream is then refused (a full one goes on)."""
-        volume = header.volume
-        aside = await self._holdings.keep_aside(volume, header.epoch, reason)
-        await self._events.record(
-            volume,
-            EventKind.DIVERGED_KEPT,
-            f"kept aside as {aside} on {self._node}: {reason} (stream from {header.sender})",
-        )
-        log.warning(
-            "copy diverged from the stream, kept aside: volume=%s from=%s reason=%s aside=%s "
-            "sender=%s epoch=%d",
-            volume,
-            header.from_snapshot or "(full)",
-            reason,
-            aside,
-            header.sender,
-            header.epoch,
-        )
-        if header.from_snapshot:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{self._node}'s copy of {volume} {reason}; kept aside as {aside} "
-                f"('ferryctl volume aside list {volume}'); send a full stream",
-            )
+        try:
+            await admission.prepare_base(self._node, header, self._holdings)
+        except admission.Refused as refused:
+            await context.abort(_STATUS[refused.why], str(refused))
 
     async def _receive(
         self,
@@ -249,12 +171,14 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                 await pump(work, connection)
                 received = stream_bytes_received(connection)
         except (ZFSError, OSError) as error:
-            if header.from_snapshot and isinstance(
-                error, zfs.DestinationModified | zfs.StreamMismatch
-            ):
+            reason = admission.refused_by_zfs(error, header.from_snapshot)
+            if reason:
                 # Written after the base, seen by ZFS only (no `written` here, or a writer
                 # this agent does not know of): kept aside, the stream refused.
-                await self._diverged(header, _refusal_reason(error, header.from_snapshot), context)
+                try:
+                    await admission.diverged(self._node, header, reason, self._holdings)
+                except admission.Refused as refused:
+                    await context.abort(_STATUS[refused.why], str(refused))
             log.warning("receive failed, copy unchanged: volume=%s error=%s", volume, error)
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
@@ -284,8 +208,12 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         return reply
 
 
-def _refusal_reason(error: ZFSError, base: str) -> str:
-    """What ZFS's refusal of an incremental receive without force says about the copy."""
-    if isinstance(error, zfs.DestinationModified):
-        return f"was written to after {base} (ZFS: modified since that snapshot)"
-    return f"does not continue from {base} (ZFS: its newest snapshot is not the stream's base)"
+_STATUS = {
+    admission.Refusal.NO_VOLUME: grpc.StatusCode.NOT_FOUND,
+    admission.Refusal.NOT_OWNER: grpc.StatusCode.FAILED_PRECONDITION,
+    admission.Refusal.TO_ITSELF: grpc.StatusCode.INVALID_ARGUMENT,
+    admission.Refusal.NO_COPY: grpc.StatusCode.FAILED_PRECONDITION,
+    admission.Refusal.WRITABLE: grpc.StatusCode.FAILED_PRECONDITION,
+    admission.Refusal.DIVERGED: grpc.StatusCode.FAILED_PRECONDITION,
+}
+"""The gRPC status a refusal ends the call with."""

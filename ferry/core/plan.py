@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ferry.core.records import ACTIVE_PHASES, Move, Owner, VolumeSpec
+from ferry.core.phases import ACTIVE_PHASES, MovePhase, Writer, writer_of
+from ferry.core.records import Move, Owner, VolumeSpec
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,16 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
         return [Missing(name)]
     if move is not None and move.source == me and move.phase in ACTIVE_PHASES:
         return [] if name in actual.running_moves else [DriveMove(name)]
-    if not local.writable or not local.mounted:
+    if not local.writable or not local.mounted or _to_end_here(move, me):
         return [Activate(name, owner.epoch)]
     return []
+
+
+def _to_end_here(move: Move | None, me: str) -> bool:
+    """A move into this node that only its activation ends: the agent died between making the
+    copy writable and writing ``done``, and activating again (a no-op for the copy) ends it."""
+    return (
+        move is not None
+        and move.target == me
+        and writer_of(move.phase, MovePhase.DONE) is Writer.TARGET
+    )

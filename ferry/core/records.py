@@ -14,6 +14,7 @@ from enum import Enum, StrEnum
 from typing import Any, Self
 
 from ferry.core import compression, names
+from ferry.core.phases import MovePhase
 
 SCHEMA_VERSION = 1
 
@@ -188,22 +189,6 @@ class NodeState(_Record):
     stuck: str = ""
     """What on this node has been running too long for this volume, since when, and what to
     do; empty when nothing is stuck."""
-
-
-class MovePhase(StrEnum):
-    PENDING = "pending"
-    PRECOPY = "precopy"
-    WAITING_FOR_UNMOUNT = "waiting_for_unmount"
-    HANDOFF = "handoff"
-    ACTIVATING = "activating"
-    DONE = "done"
-    FAILED = "failed"
-
-
-# A move in one of these is under way; done and failed (cancelled too) ended it for good.
-ACTIVE_PHASES = frozenset(
-    {MovePhase.PENDING, MovePhase.PRECOPY, MovePhase.WAITING_FOR_UNMOUNT, MovePhase.HANDOFF}
-)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from agent.moves import HANDOFF_DEADLINE_SECONDS
+from agent.replication.source import HANDOFF_DEADLINE_SECONDS
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 from tests.support.cluster import Cluster, ClusterHost
 from tests.support.volumes import (

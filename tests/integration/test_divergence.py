@@ -20,7 +20,9 @@ import pytest
 
 from agent import zfs
 from agent.asides import AsideLedger
-from agent.moves import MoveAbandoned, MoveDriver
+from agent.replication.adapters import PoolStore, RemotePeer
+from agent.replication.record import MoveAbandoned
+from agent.replication.source import MoveDriver
 from agent.transfer.client import PeerClient, TransferFailed
 from agent.zfs.volumes import retry_busy
 from ferry.cluster.keyspace import Keyspace
@@ -244,10 +246,11 @@ async def test_a_refused_ownership_swap_abandons_the_move_and_keeps_the_copy_sto
     written = append_lines(a.path(volume) / "a.log", 5, "before the handoff")
     assert await keyspace.put_move(Move(volume=volume, source=a.name, target=b.name), None)
 
-    async def connect(node: str) -> PeerClient:
-        return PeerClient(node, nodes[node].address, None, encrypt_streams=False)
+    async def connect(node: str) -> RemotePeer:
+        return RemotePeer(PeerClient(node, nodes[node].address, None, encrypt_streams=False))
 
-    driver = MoveDriver(a.name, SwapLostToFailover(keyspace.client), a.store, connect, a.mounts)
+    local = PoolStore(a.store, a.mounts)
+    driver = MoveDriver(a.name, SwapLostToFailover(keyspace.client), local, connect)
     with pytest.raises(MoveAbandoned, match=r"ownership of .* changed during the handoff"):
         await driver.run(volume)
 

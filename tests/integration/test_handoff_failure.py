@@ -1,7 +1,8 @@
 """A handoff that fails before the ownership swap gives the source its writes back.
 
-The source agent runs on a real pool and etcd; the target is a stand-in
-that fails the way a target behind a cut link does.
+The source agent runs on a real pool and etcd; the target is the fake peer
+(``tests.support.replication``, held to the real one by a shared suite),
+failing the way a target behind a cut link does.
 """
 
 from __future__ import annotations
@@ -11,41 +12,36 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import cast
 
 import pytest
 
-from agent.moves import HandoffTimedOut, MoveDriver
+from agent.replication.adapters import PoolStore
+from agent.replication.ports import Peer
+from agent.replication.source import HandoffTimedOut, MoveDriver
 from agent.store import VolumeStore
-from agent.transfer.client import PeerClient, TransferFailed
+from agent.transfer.client import TransferFailed
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import Move, MovePhase, Owner, VolumeSpec
-from ferry.core.snapshots import SnapshotRef
 from tests.support.pools import ScratchPool, scratch_pool
+from tests.support.replication import FakePeer, FakeStore
 
 pytestmark = pytest.mark.integration
 
 SIZE = 16 << 20
 
 
-class TargetCutOff:
-    """Answers ``holdings`` while ``answers`` is set, and fails every stream."""
-
-    node = "ho-b"
-    address = "10.255.0.2:7080"
-
-    def __init__(self, answers: bool) -> None:
-        self.answers = answers
-
-    async def holdings(self, volume: str) -> list[SnapshotRef]:
-        if not self.answers:
-            raise TransferFailed(f"{self.node} ({self.address}): Deadline Exceeded")
-        return []
-
-    async def send(self, *_args: object) -> list[SnapshotRef]:
-        raise TransferFailed(f"{self.node} ({self.address}): Connection timed out")
+async def cut_off(keyspace: Keyspace, source: tuple[str, VolumeStore], answers: bool) -> FakePeer:
+    """A target holding what was pre-copied, that answers ``holdings`` only if ``answers``,
+    and whose streams all break."""
+    name, store = source
+    held = FakeStore("ho-b")
+    held.plant(name, await store.snapshots(name) or [])
+    target = FakePeer("ho-b", held, keyspace)
+    target.answers = answers
+    target.streams_fail = True
+    return target
 
 
 @pytest.fixture
@@ -58,7 +54,8 @@ def pool() -> Iterator[ScratchPool]:
 async def source(
     pool: ScratchPool, keyspace: Keyspace, tmp_path: Path
 ) -> AsyncIterator[tuple[str, VolumeStore]]:
-    """A volume owned and mounted writable on ho-a, in the handoff phase of a move to ho-b."""
+    """A volume owned and mounted writable on ho-a, in the handoff phase of a move to ho-b,
+    its snapshot ferry-1-1 pre-copied."""
     name = f"ho-{secrets.token_hex(3)}"
     store = VolumeStore(PoolRoot(pool.name), tmp_path)
     await store.ensure_root()
@@ -67,27 +64,26 @@ async def source(
     await store.activate(spec)
     await keyspace.create_volume(spec)
     assert await keyspace.claim_owner(name, "ho-a")
+    await store.take_snapshot(name, 1)
     move = Move(volume=name, source="ho-a", target="ho-b", phase=MovePhase.HANDOFF)
     assert await keyspace.put_move(move, None)
     yield name, store
     await keyspace.purge_volume(name)
 
 
-async def handoff(keyspace: Keyspace, store: VolumeStore, name: str, target: TargetCutOff) -> None:
-    async def connect(_node: str) -> PeerClient:
-        return cast(PeerClient, target)
-
+async def handoff(keyspace: Keyspace, store: VolumeStore, name: str, target: FakePeer) -> None:
     with pytest.raises(TransferFailed):
         mounts = DockerMounts(store.mountpoint(name).parent / "state" / "docker-mounts.json")
-        await MoveDriver("ho-a", keyspace, store, connect, mounts).run(name)
+        await MoveDriver("ho-a", keyspace, PoolStore(store, mounts), _connect(target)).run(name)
 
 
 async def test_a_stream_failing_after_the_freeze_thaws_the_source(
     keyspace: Keyspace, source: tuple[str, VolumeStore], tmp_path: Path
 ) -> None:
     name, store = source
-    await handoff(keyspace, store, name, TargetCutOff(answers=True))
-    assert await store.snapshots(name), "the handoff froze the volume and took its final snapshot"
+    await handoff(keyspace, store, name, await cut_off(keyspace, source, answers=True))
+    taken = [ref.name for ref in await store.snapshots(name) or []]
+    assert taken == ["ferry-1-1", "ferry-1-2"], "the handoff froze it and took a final snapshot"
     assert await store.is_writable(name)
     (tmp_path / name / "after-the-failed-handoff").write_bytes(b"accepted")
     owner = await keyspace.get_owner(name)
@@ -100,8 +96,9 @@ async def test_a_target_that_does_not_answer_never_stops_the_sources_writes(
     keyspace: Keyspace, source: tuple[str, VolumeStore]
 ) -> None:
     name, store = source
-    await handoff(keyspace, store, name, TargetCutOff(answers=False))
-    assert await store.snapshots(name) == [], "no final snapshot: writes were never stopped"
+    await handoff(keyspace, store, name, await cut_off(keyspace, source, answers=False))
+    taken = [ref.name for ref in await store.snapshots(name) or []]
+    assert taken == ["ferry-1-1"], "no final snapshot: writes were never stopped"
     assert await store.is_writable(name)
 
 
@@ -122,9 +119,8 @@ async def test_a_handoff_whose_final_steps_hang_thaws_the_source_within_its_dead
     driver = MoveDriver(
         "ho-a",
         keyspace,
-        store,
-        _connect(TargetCutOff(answers=True)),
-        DockerMounts(tmp_path / "mounts.json"),
+        PoolStore(store, DockerMounts(tmp_path / "mounts.json")),
+        _connect(await cut_off(keyspace, source, answers=True)),
         handoff_deadline=deadline,
     )
     started = time.monotonic()
@@ -142,9 +138,9 @@ async def test_a_handoff_whose_final_steps_hang_thaws_the_source_within_its_dead
     await _until(lambda: not store.commands_running(name), 15)
 
 
-def _connect(target: TargetCutOff) -> Callable[[str], Awaitable[PeerClient]]:
-    async def connect(_node: str) -> PeerClient:
-        return cast(PeerClient, target)
+def _connect(target: FakePeer) -> Callable[[str], Awaitable[Peer]]:
+    async def connect(_node: str) -> Peer:
+        return target
 
     return connect
 

@@ -1,8 +1,9 @@
 """A cancelled move stays cancelled, and a retry keeps the last error (issue 9, items 5 and 8).
 
-The source's move driver runs on a real pool and etcd; the target is a
-stand-in that answers ``holdings`` (running a hook: what happens meanwhile
-elsewhere) and fails every stream, the way a target without room does.
+The source's move driver runs on a real pool and etcd; the target is the fake
+peer (held to the real one by tests/integration/test_replication_ports.py)
+that answers ``holdings`` (running a hook: what happens meanwhile elsewhere)
+and fails every stream it admits, the way a target without room does.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import cast
 
 import pytest
 
-from agent.moves import MoveAbandoned, MoveDriver
+from agent.replication.adapters import PoolStore
+from agent.replication.ports import Peer
+from agent.replication.record import MoveAbandoned
+from agent.replication.source import MoveDriver
 from agent.store import VolumeStore
-from agent.transfer.client import PeerClient, TransferFailed
+from agent.transfer.client import TransferFailed
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
 from control.operations import VolumeOps
@@ -24,6 +27,7 @@ from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import Move, MovePhase, Owner, VolumeSpec
 from ferry.core.snapshots import SnapshotRef
 from tests.support.pools import ScratchPool, scratch_pool
+from tests.support.replication import FakePeer, FakeStore
 
 pytestmark = pytest.mark.integration
 
@@ -31,24 +35,21 @@ SIZE = 16 << 20
 SOURCE, TARGET = "mv-src", "mv-dst"
 
 
-class TargetWithoutRoom:
-    """Answers ``holdings`` after running ``meanwhile``; every stream fails."""
+class TargetWithoutRoom(FakePeer):
+    """The fake peer (it admits streams by the real rules) with a full pool: it answers
+    ``holdings`` after running ``meanwhile``, and every stream it admits fails."""
 
-    node = TARGET
-    address = "10.255.0.3:7080"
-
-    def __init__(self, meanwhile: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self, keyspace: Keyspace, meanwhile: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        super().__init__(TARGET, FakeStore(TARGET), keyspace)
         self.meanwhile = meanwhile
-        self.streams = 0
+        self.receive_fails = "No space left on device"
 
     async def holdings(self, volume: str) -> list[SnapshotRef]:
         if self.meanwhile is not None:
             await self.meanwhile()
-        return []
-
-    async def send(self, *_args: object) -> list[SnapshotRef]:
-        self.streams += 1
-        raise TransferFailed(f"{self.node} ({self.address}): No space left on device")
+        return await super().holdings(volume)
 
 
 @pytest.fixture
@@ -79,17 +80,18 @@ async def source(
 def driver(
     keyspace: Keyspace, store: VolumeStore, target: TargetWithoutRoom, where: Path
 ) -> MoveDriver:
-    async def connect(_node: str) -> PeerClient:
-        return cast(PeerClient, target)
+    async def connect(_node: str) -> Peer:
+        return target
 
-    return MoveDriver(SOURCE, keyspace, store, connect, DockerMounts(where / "docker-mounts.json"))
+    local = PoolStore(store, DockerMounts(where / "docker-mounts.json"))
+    return MoveDriver(SOURCE, keyspace, local, connect)
 
 
 async def test_a_retry_after_a_cancel_with_the_source_down_does_not_resume_the_move(
     keyspace: Keyspace, source: tuple[str, VolumeStore], tmp_path: Path
 ) -> None:
     name, store = source
-    target = TargetWithoutRoom()
+    target = TargetWithoutRoom(keyspace)
     mover = driver(keyspace, store, target, tmp_path)
     with pytest.raises(TransferFailed):
         await mover.run(name)
@@ -105,7 +107,7 @@ async def test_a_retry_after_a_cancel_with_the_source_down_does_not_resume_the_m
         MovePhase.FAILED,
         f"cancelled: moved back to {SOURCE} by request",
     )
-    assert target.streams == 1, "no stream after the cancel"
+    assert len(target.streams) == 1, "no stream after the cancel"
     assert await store.snapshots(name) == snapshots, "no snapshot after the cancel"
     owner = await keyspace.get_owner(name)
     assert owner is not None and owner.value == Owner(SOURCE, 1)
@@ -127,11 +129,11 @@ async def test_a_cancel_during_the_handoff_stops_it_before_the_freeze(
     async def cancel() -> None:
         await VolumeOps(keyspace).move(name, SOURCE)
 
-    target = TargetWithoutRoom(meanwhile=cancel)
+    target = TargetWithoutRoom(keyspace, meanwhile=cancel)
     with pytest.raises(MoveAbandoned, match="ended"):
         await driver(keyspace, store, target, tmp_path).run(name)
     assert await store.snapshots(name) == [], "never frozen: no final snapshot was taken"
-    assert target.streams == 0
+    assert target.streams == []
     assert await store.is_writable(name)
 
 
@@ -146,12 +148,12 @@ async def test_a_retry_keeps_the_last_error_visible_until_a_sync_succeeds(
         assert move is not None
         seen.append(move.value.error)
 
-    target = TargetWithoutRoom(meanwhile=read_the_error)
+    target = TargetWithoutRoom(keyspace, meanwhile=read_the_error)
     mover = driver(keyspace, store, target, tmp_path)
     for _ in range(2):
         with pytest.raises(TransferFailed):
             await mover.run(name)
-    assert seen == ["", f"{TARGET} ({target.address}): No space left on device"], (
+    assert seen == ["", f"{TARGET} (fake): No space left on device"], (
         "the second attempt still showed the first one's error"
     )
     move = await keyspace.get_move(name)

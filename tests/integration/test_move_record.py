@@ -7,21 +7,21 @@ from dataclasses import replace
 
 import pytest
 
-from agent.moves import MoveAbandoned, _MoveRecord
+from agent.replication.record import MoveAbandoned, MoveRecord
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import Move, MovePhase
 
 pytestmark = pytest.mark.integration
 
 
-async def _tracked(keyspace: Keyspace) -> tuple[str, _MoveRecord]:
+async def _tracked(keyspace: Keyspace) -> tuple[str, MoveRecord]:
     name = f"mr-{secrets.token_hex(3)}"
     assert await keyspace.put_move(
         Move(volume=name, source="n1", target="n2", phase=MovePhase.HANDOFF), None
     )
     current = await keyspace.get_move(name)
     assert current is not None
-    return name, _MoveRecord(keyspace, current)
+    return name, MoveRecord(keyspace, current)
 
 
 async def test_a_late_activating_from_the_source_leaves_done_in_place(keyspace: Keyspace) -> None:

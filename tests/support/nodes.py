@@ -20,7 +20,9 @@ from pathlib import Path
 import grpc
 
 from agent.executor import Executor
-from agent.moves import MoveDriver
+from agent.replication.activation import Activation
+from agent.replication.adapters import PoolStore, RemotePeer
+from agent.replication.source import MoveDriver
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient
 from agent.transfer.data import DataListener
@@ -61,8 +63,8 @@ async def running_nodes(
     """Nodes ``names``, each serving transfers on loopback; all stopped on exit."""
     peers: dict[str, PeerClient] = {}
 
-    async def connect(node: str) -> PeerClient:
-        return peers[node]
+    async def connect(node: str) -> RemotePeer:
+        return RemotePeer(peers[node])
 
     nodes: dict[str, Node] = {}
     servers: list[grpc.aio.Server] = []
@@ -87,8 +89,10 @@ async def running_nodes(
             servers.append(server)
             peers[name] = PeerClient(name, address, None, encrypt_streams=False)
             mounts = DockerMounts(workdir / f"{name}-docker-mounts.json")
-            driver = MoveDriver(name, keyspace, store, connect, mounts)
-            executor = Executor(name, keyspace, store, driver, wake=lambda: None)
+            local = PoolStore(store, mounts)
+            driver = MoveDriver(name, keyspace, local, connect)
+            activation = Activation(name, keyspace, local)
+            executor = Executor(name, keyspace, store, driver, activation, wake=lambda: None)
             nodes[name] = Node(name, root, store, workdir / name, address, mounts, driver, executor)
         yield nodes
     finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from ferry.core.plan import (
     Activate,
     Actual,
@@ -85,6 +87,20 @@ def test_the_owner_activates_its_copy_and_then_rests() -> None:
     desired = Desired(node="b", volumes={"pg": spec(node="b")}, owners={"pg": Owner("b", 2)})
     assert plan(desired, Actual(volumes={"pg": replica()})) == [Activate("pg", 2)]
     assert plan(desired, Actual(volumes={"pg": writable()})) == []
+
+
+@pytest.mark.parametrize("phase", [MovePhase.HANDOFF, MovePhase.ACTIVATING])
+def test_a_move_into_a_writable_copy_not_marked_done_is_activated_again(phase: MovePhase) -> None:
+    """The target's agent died between making its copy writable and writing done."""
+    desired = Desired(
+        node="b",
+        volumes={"pg": spec(node="b")},
+        owners={"pg": Owner("b", 2)},
+        moves={"pg": move("a", "b", phase)},
+    )
+    assert plan(desired, Actual(volumes={"pg": writable()})) == [Activate("pg", 2)]
+    ended = replace(desired, moves={"pg": move("a", "b", MovePhase.DONE)})
+    assert plan(ended, Actual(volumes={"pg": writable()})) == []
 
 
 def test_a_writable_copy_on_a_node_that_lost_ownership_is_fenced() -> None:

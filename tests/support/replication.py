@@ -1,0 +1,350 @@
+"""In-memory fakes of the replication ports (``agent.replication.ports``), for unit tests.
+
+Held to the real implementations by ``tests/integration/test_replication_ports.py``:
+the same tests run on ``PoolStore``/``RemotePeer``/``Keyspace`` over zfs-fuse and etcd,
+and on these. A ``FakePeer`` admits a stream by the real rules
+(``agent.replication.admission``) against the target's ``FakeStore``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field, replace
+
+from agent.replication import admission
+from agent.replication.ports import MoveRecords, ProgressCallback, SendStream
+from agent.transfer.client import TransferFailed
+from agent.zfs.volumes import FilesystemBusy
+from ferry.cluster.keyspace import Versioned
+from ferry.core.records import Move, Owner, VolumeSpec
+from ferry.core.snapshots import SnapshotRef, next_name, prunable
+from protos.ferry.v1 import transfer_pb2
+
+_guids = itertools.count(1000)
+
+
+@dataclass
+class _Snapshot:
+    name: str
+    guid: int
+    data: bytes
+
+
+@dataclass
+class _Copy:
+    """One dataset: its data now, its snapshots (oldest first), how it is mounted."""
+
+    data: bytes = b""
+    snapshots: list[_Snapshot] = field(default_factory=list)
+    mounted: bool = False
+    readonly: bool = True
+    frozen: bool = False
+    written: bool = False
+    """Bytes written since the newest snapshot."""
+    open_for_writing: int = 0
+
+
+@dataclass(frozen=True)
+class FakeStream:
+    """A send stream: the snapshot's name, GUID and data, and the base it continues."""
+
+    volume: str
+    snapshot: _Snapshot
+    base: _Snapshot | None
+
+    def write_to(self, fd: int) -> None:
+        raise NotImplementedError("a FakeStream is read by a FakePeer, never written to a file")
+
+
+class FakeStore:
+    """One node's pool."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.copies: dict[str, _Copy] = {}
+        self.asides: list[tuple[str, _Copy]] = []
+        self.users: dict[str, list[str]] = {}
+        self.gated: set[str] = set()
+        self.holds: dict[tuple[str, str], int] = {}
+
+    # What a test does to the copy.
+
+    def create(self, volume: str) -> None:
+        self.copies[volume] = _Copy(mounted=True, readonly=False)
+
+    def plant(self, volume: str, held: Sequence[SnapshotRef]) -> None:
+        """A received (read-only, unmounted) copy holding snapshots of these names and GUIDs."""
+        self.copies[volume] = _Copy(snapshots=[_Snapshot(r.name, r.guid, b"") for r in held])
+
+    def write(self, volume: str, data: bytes) -> bool:
+        """Append ``data`` as a writer would; False (EROFS, EPERM) when the copy refuses it."""
+        copy = self.copies[volume]
+        if not (copy.mounted and not copy.readonly and not copy.frozen):
+            return False
+        copy.data += data
+        copy.written = True
+        return True
+
+    def data(self, volume: str) -> bytes:
+        return self.copies[volume].data
+
+    @contextmanager
+    def open_for_writing(self, volume: str) -> Iterator[None]:
+        copy = self.copies[volume]
+        copy.open_for_writing += 1
+        self.users.setdefault(volume, []).append("pid 4242 (a writer)")
+        try:
+            yield
+        finally:
+            copy.open_for_writing -= 1
+            self.users[volume].remove("pid 4242 (a writer)")
+
+    def recover(self) -> None:
+        """What a restarted agent does first (``VolumeStore.recover``)."""
+        self.holds.clear()
+        for copy in self.copies.values():
+            if copy.frozen:
+                self._stop(copy)
+
+    # The LocalStore port.
+
+    async def snapshots(self, volume: str) -> list[SnapshotRef] | None:
+        copy = self.copies.get(volume)
+        if copy is None:
+            return None
+        return [SnapshotRef(s.name, s.guid) for s in copy.snapshots]
+
+    async def take_snapshot(self, volume: str, epoch: int) -> SnapshotRef:
+        copy = self.copies[volume]
+        name = next_name([s.name for s in copy.snapshots], epoch)
+        snapshot = _Snapshot(name, next(_guids), copy.data)
+        copy.snapshots.append(snapshot)
+        copy.written = False
+        return SnapshotRef(name, snapshot.guid)
+
+    async def destroy_snapshots(self, volume: str, shorts: Sequence[str]) -> None:
+        copy = self.copies[volume]
+        copy.snapshots = [s for s in copy.snapshots if s.name not in shorts]
+
+    async def send_space(self, volume: str, short: str, base: str | None) -> int:
+        stream = self.send_stream(volume, short, base)
+        return len(stream.snapshot.data) - (len(stream.base.data) if stream.base else 0)
+
+    def send_stream(self, volume: str, short: str, base: str | None) -> FakeStream:
+        by_name = {s.name: s for s in self.copies[volume].snapshots}
+        return FakeStream(volume, by_name[short], by_name[base] if base else None)
+
+    @asynccontextmanager
+    async def held(self, volume: str, shorts: Sequence[str]) -> AsyncIterator[None]:
+        held = {s.name for s in self.copies[volume].snapshots}
+        missing = [short for short in shorts if short not in held]
+        if missing:
+            raise FileNotFoundError(f"no snapshot {volume}@{missing[0]} to hold")
+        for short in shorts:
+            self.holds[volume, short] = self.holds.get((volume, short), 0) + 1
+        try:
+            yield
+        finally:
+            for short in shorts:
+                self.holds[volume, short] -= 1
+                if not self.holds[volume, short]:
+                    del self.holds[volume, short]
+
+    async def freeze(self, volume: str) -> None:
+        copy = self.copies[volume]
+        if not copy.mounted:
+            return
+        if copy.open_for_writing:
+            raise FilesystemBusy(f"cannot freeze {volume}: a file is open for writing")
+        copy.frozen = True
+
+    async def thaw(self, volume: str) -> None:
+        self.copies[volume].frozen = False
+
+    async def stop_writes(self, volume: str) -> None:
+        self._stop(self.copies[volume])
+
+    async def in_use(self, volume: str) -> list[str]:
+        return list(self.users.get(volume, []))
+
+    @contextmanager
+    def closed_to_mounts(self, volume: str) -> Iterator[None]:
+        self.gated.add(volume)
+        try:
+            yield
+        finally:
+            self.gated.discard(volume)
+
+    def commands_running(self, volume: str) -> list[str]:
+        return []
+
+    async def is_writable(self, volume: str) -> bool:
+        copy = self.copies[volume]
+        return copy.mounted and not copy.readonly and not copy.frozen
+
+    async def divergence(self, volume: str, base: str) -> str:
+        names = [s.name for s in self.copies[volume].snapshots]
+        if base not in names:
+            return f"holds no snapshot {base} to continue from"
+        newer = names[names.index(base) + 1 :]
+        if newer:
+            return f"has snapshot(s) newer than {base}: {', '.join(newer)}"
+        return ""  # as on zfs-fuse (no `written`): ZFS itself refuses the receive
+
+    async def keep_aside(self, volume: str, epoch: int, reason: str) -> str:
+        copy = self.copies.pop(volume)
+        self._stop(copy)
+        name = f"{self.node}/ferry-aside/{volume}-e{epoch}-{len(self.asides)}"
+        self.asides.append((name, copy))
+        return name
+
+    async def activate(self, spec: VolumeSpec) -> None:
+        copy = self.copies[spec.name]
+        copy.readonly = False
+        copy.mounted = True
+
+    # The receiving end, for FakePeer.
+
+    def receive(self, stream: FakeStream) -> None:
+        """As ``zfs receive`` without force: a full stream makes the copy, an incremental one
+        continues the newest snapshot if nothing was written since."""
+        snapshot = replace(stream.snapshot)
+        copy = self.copies.get(stream.volume)
+        if stream.base is None:
+            if copy is not None:
+                raise TransferFailed(f"{self.node}: destination {stream.volume} exists")
+            self.copies[stream.volume] = _Copy(data=snapshot.data, snapshots=[snapshot])
+            return
+        if copy is None or not copy.snapshots or copy.snapshots[-1].guid != stream.base.guid:
+            raise TransferFailed(f"{self.node}: {stream.volume} does not continue the stream")
+        if copy.written:
+            raise TransferFailed(f"{self.node}: {stream.volume} was modified since the base")
+        copy.snapshots.append(snapshot)
+        copy.data = snapshot.data
+
+    def after_receive(self, volume: str) -> None:
+        copy = self.copies[volume]
+        self._stop(copy)
+        drop = prunable([s.name for s in copy.snapshots], keep=[])
+        copy.snapshots = [s for s in copy.snapshots if s.name not in drop]
+
+    @staticmethod
+    def _stop(copy: _Copy) -> None:
+        copy.mounted, copy.readonly, copy.frozen = False, True, False
+
+
+class FakePeer:
+    """Another node's Transfer service, over that node's ``FakeStore`` and the cluster's records.
+
+    ``answers`` False: it does not answer at all (a cut link); ``streams_fail``: it
+    answers ``holdings`` but every stream breaks before it arrives; ``receive_fails``: a
+    stream it admits fails in ``zfs receive`` with that error (a full pool, say).
+    """
+
+    def __init__(self, node: str, store: FakeStore, records: MoveRecords) -> None:
+        self._node = node
+        self.store = store
+        self.records = records
+        self.answers = True
+        self.streams_fail = False
+        self.receive_fails = ""
+        self.streams: list[transfer_pb2.StreamHeader] = []
+
+    @property
+    def node(self) -> str:
+        return self._node
+
+    async def holdings(self, volume: str) -> list[SnapshotRef]:
+        if not self.answers:
+            raise TransferFailed(f"{self._node} (fake): Deadline Exceeded")
+        return await self.store.snapshots(volume) or []
+
+    async def send(
+        self,
+        header: transfer_pb2.StreamHeader,
+        stream: SendStream,
+        on_progress: ProgressCallback,
+    ) -> list[SnapshotRef]:
+        if not self.answers or self.streams_fail:
+            raise TransferFailed(f"{self._node} (fake): Connection timed out")
+        self.streams.append(header)
+        try:
+            await admission.authorize(self._node, header, self.records)
+            await admission.prepare_base(self._node, header, self.store)
+        except admission.Refused as refused:
+            raise TransferFailed(f"{self._node} (fake): {refused}") from refused
+        if self.receive_fails:
+            raise TransferFailed(f"{self._node} (fake): {self.receive_fails}")
+        assert isinstance(stream, FakeStream), "only a FakeStore's streams reach a FakeStore"
+        if (stream.snapshot.name, stream.snapshot.guid) != (header.to_snapshot, header.to_guid):
+            raise TransferFailed(f"{self._node} (fake): the stream is not the header's snapshot")
+        try:
+            self.store.receive(stream)
+        except TransferFailed as failed:
+            if not header.from_snapshot:
+                raise
+            # As ZFS's refusal of a modified copy is handled (agent.transfer.server).
+            reason = f"was written to after {header.from_snapshot} ({failed})"
+            try:
+                await admission.diverged(self._node, header, reason, self.store)
+            except admission.Refused as refused:
+                raise TransferFailed(f"{self._node} (fake): {refused}") from refused
+        self.store.after_receive(header.volume)
+        on_progress(len(stream.snapshot.data) - (len(stream.base.data) if stream.base else 0))
+        return await self.store.snapshots(header.volume) or []
+
+
+class FakeRecords:
+    """The cluster's records, with etcd's revisions: every write bumps one counter."""
+
+    def __init__(self) -> None:
+        self._revision = 1
+        self.moves: dict[str, Versioned[Move]] = {}
+        self.owners: dict[str, Versioned[Owner]] = {}
+        self.volumes: dict[str, Versioned[VolumeSpec]] = {}
+        self.writes = 0
+
+    def _next(self) -> int:
+        self._revision += 1
+        self.writes += 1
+        return self._revision
+
+    async def create_volume(self, spec: VolumeSpec) -> None:
+        self.volumes[spec.name] = Versioned(spec, self._next())
+
+    async def claim_owner(self, volume: str, node: str) -> bool:
+        if volume in self.owners:
+            return False
+        self.owners[volume] = Versioned(Owner(node, 1), self._next())
+        return True
+
+    async def get_move(self, volume: str) -> Versioned[Move] | None:
+        return self.moves.get(volume)
+
+    async def put_move(self, move: Move, expected_revision: int | None) -> bool:
+        current = self.moves.get(move.volume)
+        if (current.revision if current else None) != expected_revision:
+            return False
+        self.moves[move.volume] = Versioned(move, self._next())
+        return True
+
+    async def get_owner(self, volume: str) -> Versioned[Owner] | None:
+        return self.owners.get(volume)
+
+    async def transfer_owner(
+        self, volume: str, expected: Owner, new_node: str, move_revision: int | None = None
+    ) -> bool:
+        current = self.owners.get(volume)
+        if current is None or current.value != expected:
+            return False
+        if move_revision is not None:
+            move = self.moves.get(volume)
+            if move is None or move.revision != move_revision:
+                return False
+        self.owners[volume] = Versioned(Owner(new_node, expected.epoch + 1), self._next())
+        return True
+
+    async def get_volume(self, volume: str) -> Versioned[VolumeSpec] | None:
+        return self.volumes.get(volume)
