@@ -16,6 +16,8 @@ from ferry.core.phases import ACTIVE_PHASES, MovePhase, Writer
 from ferry.core.records import Move
 
 PROGRESS_SECONDS = 0.5
+# A stream that failed after this share of its estimated size was sent is taken as arrived.
+COMPLETE_SHARE = 0.95
 
 
 class MoveAbandoned(Exception):
@@ -113,13 +115,17 @@ class Progress:
         self._record.attempt_sent += self.sent
 
     async def cut(self) -> None:
-        """The stream failed: the target kept none of it."""
+        """The sync failed. Cut short of its estimated size, the stream left the target's copy
+        as it was: its bytes are taken out of the move's. Failed once (nearly) all was sent,
+        the target may hold it (the failure came after: a lost reply, a check), and they stay.
+        """
         self._record.attempt_sent += self.sent
+        arrived = self.sent if self.sent >= COMPLETE_SHARE * self._total else 0
         with contextlib.suppress(Exception):
             if self._pending is not None:
                 await self._pending
             await self._record.update(
-                bytes_sent=self._before, attempt_bytes_sent=self._record.attempt_sent
+                bytes_sent=self._before + arrived, attempt_bytes_sent=self._record.attempt_sent
             )
 
     async def _write(self) -> None:
