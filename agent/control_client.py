@@ -8,6 +8,7 @@ can deny nodes write access to ``volumes/``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import grpc
 
@@ -38,20 +39,31 @@ class ControlClient:
             )
         self._stub = control_pb2_grpc.ControlStub(self._channel)
 
-    async def create_volume(self, name: str, size: str, compression: str, node: str) -> None:
+    async def create_volume(
+        self, name: str, size: str, compression: str, node: str, replication: Mapping[str, str]
+    ) -> None:
         """Without a node option, the volume is created where Docker asked for it.
 
         An existing volume is taken as it is when no option asks for anything else.
         """
+        replicas = replication.get("replicas", "")
+        if replicas and not replicas.isdigit():
+            raise PluginError(f"invalid replicas {replicas!r}: a whole number, 0 for none")
         request = control_pb2.CreateVolumeRequest(
-            name=name, size=size, compression=compression, node=node or self._here
+            name=name,
+            size=size,
+            compression=compression,
+            node=node or self._here,
+            replicas=int(replicas) if replicas else None,
+            rpo=replication.get("rpo", ""),
+            replace_after=replication.get("replace_after", ""),
         )
         try:
             await self._stub.CreateVolume(request, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise self._failed(error) from error
-            if size or compression or node:
+            if size or compression or node or replication:
                 raise PluginError(
                     f"volume {name} already exists; omit options to use it as it is"
                 ) from None

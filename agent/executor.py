@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from agent import zfs
+from agent.replicas import Replicator
 from agent.replication.activation import Activation
 from agent.replication.record import MoveAbandoned
 from agent.replication.source import MoveDriver
@@ -24,6 +25,7 @@ from ferry.core.plan import (
     Fence,
     Missing,
     Purge,
+    Replicate,
     SetAside,
 )
 
@@ -44,6 +46,7 @@ class Executor:
         driver: MoveDriver,
         activation: Activation,
         wake: Callable[[], None],
+        replicator: Replicator,
     ) -> None:
         self._node = node
         self._keyspace = keyspace
@@ -51,11 +54,17 @@ class Executor:
         self._driver = driver
         self._activation = activation
         self._wake = wake
+        self._replicator = replicator
         self._moves: dict[str, asyncio.Task[None]] = {}
+        self._replications: dict[str, asyncio.Task[None]] = {}
 
     @property
     def running_moves(self) -> frozenset[str]:
         return frozenset(name for name, task in self._moves.items() if not task.done())
+
+    @property
+    def replicating(self) -> frozenset[str]:
+        return frozenset(name for name, task in self._replications.items() if not task.done())
 
     async def apply(self, action: Action) -> None:
         log.info("applying: action=%s volume=%s", type(action).__name__, action.volume)
@@ -75,7 +84,10 @@ class Executor:
             case Activate(volume, epoch):
                 await self._activation.activate(volume, epoch)
             case DriveMove(volume):
+                await self._stop_replicating(volume)
                 self._moves[volume] = asyncio.create_task(self._drive(volume))
+            case Replicate(volume):
+                self._replications[volume] = asyncio.create_task(self._replicate(volume))
             case Destroy(volume):
                 await self._store.destroy(volume)
                 await self._keyspace.delete_state(self._node, volume)
@@ -137,7 +149,26 @@ class Executor:
                 await asyncio.sleep(delay)
         self._wake()
 
-    async def close(self) -> None:
-        for task in self._moves.values():
+    async def _replicate(self, volume: str) -> None:
+        """The replication loop; it ends when this node should stop, and convergence starts
+        it again when it should run (after a move, say)."""
+        try:
+            await self._replicator.run(volume)
+        except Exception as error:
+            log.warning("replication stopped: volume=%s error=%s", volume, error)
+        self._wake()
+
+    async def _stop_replicating(self, volume: str) -> None:
+        """End the volume's replication loop before its move starts: a round still sending
+        would make the move's first sync to the same peer fail ("already running") and
+        wait a back-off. A send cut here leaves the replica's copy as it was."""
+        task = self._replications.pop(volume, None)
+        if task is not None and not task.done():
             task.cancel()
-        await asyncio.gather(*self._moves.values(), return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def close(self) -> None:
+        tasks = [*self._moves.values(), *self._replications.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

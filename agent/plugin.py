@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,7 +39,8 @@ MOUNT_WAIT_SECONDS = 100.0
 # A Mount waiting for a move polls etcd (and ZFS only once the volume is owned here):
 # whatever it waits past the activation adds to the container's pause.
 POLL_SECONDS = 0.1
-KNOWN_OPTIONS = frozenset({"size", "compression", "node"})
+REPLICATION_OPTIONS = ("replicas", "rpo", "replace_after")
+KNOWN_OPTIONS = frozenset({"size", "compression", "node", *REPLICATION_OPTIONS})
 
 
 class PluginError(Exception):
@@ -49,7 +50,10 @@ class PluginError(Exception):
 class ControlApi(Protocol):
     """What the plugin asks of ferry-control; errors are raised as PluginError."""
 
-    async def create_volume(self, name: str, size: str, compression: str, node: str) -> None: ...
+    async def create_volume(
+        self, name: str, size: str, compression: str, node: str, replication: Mapping[str, str]
+    ) -> None:
+        """``replication``: the ``replicas``, ``rpo`` and ``replace_after`` options given."""
 
     async def delete_volume(self, name: str) -> None: ...
 
@@ -85,7 +89,11 @@ class VolumePlugin:
                 f"{', '.join(sorted(KNOWN_OPTIONS))} (e.g. -o size=1G)"
             )
         await self.control.create_volume(
-            name, opts.get("size", ""), opts.get("compression", ""), opts.get("node", "")
+            name,
+            opts.get("size", ""),
+            opts.get("compression", ""),
+            opts.get("node", ""),
+            {key: opts[key] for key in REPLICATION_OPTIONS if key in opts},
         )
 
     async def remove(self, name: str) -> None:

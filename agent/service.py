@@ -27,6 +27,7 @@ from agent.control_client import ControlClient
 from agent.executor import Executor
 from agent.plugin import VolumePlugin, serve
 from agent.registration import Registration
+from agent.replicas import Replicator
 from agent.replication.activation import Activation
 from agent.replication.adapters import PoolStore, RemotePeer
 from agent.replication.source import MoveDriver
@@ -96,6 +97,7 @@ class AgentService:
         local = PoolStore(store, self._mounts)
         events = EventLog(keyspace, config.node)
         self._driver = MoveDriver(config.node, keyspace, local, self._remote_peer, events=events)
+        self._replicator = Replicator(config.node, keyspace, store, self._remote_peer)
         self._executor = Executor(
             config.node,
             keyspace,
@@ -103,6 +105,7 @@ class AgentService:
             self._driver,
             Activation(config.node, keyspace, local, finished=self._moved(events)),
             self._wakeup.set,
+            self._replicator,
         )
         self._registration = Registration(
             keyspace,
@@ -263,6 +266,7 @@ class AgentService:
             data,
             insecure=self._config.tls is None,
             require_encryption=self._config.encrypt_streams,
+            received=self._wakeup.set,
         )
         transfer_pb2_grpc.add_TransferServicer_to_server(service, server)
         if self._certificates is None:
@@ -334,7 +338,11 @@ class AgentService:
             moves={name: m.value for name, m in moves.items() if name not in skipped},
             unreadable=frozenset(record.volume for record in unreadable),
         )
-        actual = Actual(volumes=local, running_moves=self._executor.running_moves)
+        actual = Actual(
+            volumes=local,
+            running_moves=self._executor.running_moves,
+            replicating=self._executor.replicating,
+        )
         per_volume: dict[str, list[Action]] = {}
         for action in plan(desired, actual):
             per_volume.setdefault(action.volume, []).append(action)
@@ -401,14 +409,22 @@ class AgentService:
                 writable=local.writable,
                 mounted=local.mounted,
                 updated_at=time.time(),
+                newest_snapshot_at=local.newest_snapshot_at,
             )
             self._states[name] = state
+        # A copy being received (a replica, every few seconds) keeps its last report: left
+        # out, it would vanish from 'volume get' and read as "no copy" meanwhile.
+        receiving = {name for name in self._store.receiving if name in self._states}
         for name in busy | set(self._store.unreadable):
             if name not in self._states:
                 self._states[name] = NodeState(node=self._config.node, volume=name)
-        held = set(volumes) | busy | set(self._store.unreadable)
+        held = set(volumes) | busy | set(self._store.unreadable) | receiving
         for name in held:
-            self._states[name] = state = replace(self._states[name], stuck=self._stuck(name))
+            self._states[name] = state = replace(
+                self._states[name],
+                stuck=self._stuck(name),
+                replication_error=self._replicator.error(name),
+            )
             await self._keyspace.put_state(state, self._registration.lease)
         for gone in self._reported - held:
             await self._keyspace.delete_state(self._config.node, gone)

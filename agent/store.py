@@ -98,6 +98,7 @@ class VolumeStore:
             try:
                 props = self._root.props(volume)
                 snapshots = tuple(ref.name for ref in self._snapshots(volume) or ())
+                taken_at = self._taken_at(volume, snapshots[-1]) if snapshots else 0.0
             except zfs.DatasetNotFound:
                 continue  # destroyed or renamed since it was listed
             except zfs.ZFSError as error:
@@ -111,9 +112,14 @@ class VolumeStore:
                 mounted=props.get("mounted") == "yes",
                 uid=props.get(UID_PROPERTY, ""),
                 used_bytes=int(props.get("used", 0)),
+                newest_snapshot_at=taken_at,
             )
         self.unreadable = unreadable
         return found
+
+    def _taken_at(self, volume: str, short: str) -> float:
+        """When ``short`` was taken on the owner: ZFS ``creation``, which a stream carries."""
+        return self._root.snapshot_created(volume, short)
 
     async def snapshots(self, volume: str) -> list[SnapshotRef] | None:
         """Snapshots of the volume, oldest first; None when this node holds no copy."""
@@ -276,6 +282,8 @@ class VolumeStore:
         await asyncio.to_thread(self._after_receive, volume, uid)
 
     def _after_receive(self, volume: str, uid: str) -> None:
+        # A copy that receives is not the owner's: holds it kept for replicas as owner go.
+        self._root.release_replica_holds(volume)
         self._root.set_property(volume, "canmount", "noauto")
         self._root.set_readonly(volume, True)
         if uid:
@@ -313,6 +321,21 @@ class VolumeStore:
             yield
         finally:
             await asyncio.to_thread(self._root.release, volume, shorts, TRANSFER_HOLD)
+
+    async def replica_bases(self, volume: str) -> dict[str, str]:
+        """Each replica node's held base snapshot, as recorded on this (the owner's) copy."""
+        return await asyncio.to_thread(self._root.replica_bases, volume)
+
+    async def set_replica_base(self, volume: str, node: str, short: str) -> None:
+        """Hold ``short`` for replica ``node`` (its newest common snapshot), releasing the
+        previous one: pruning cannot break that replica's incremental chain."""
+        await asyncio.to_thread(self._root.set_replica_base, volume, node, short)
+
+    async def drop_replica_base(self, volume: str, node: str) -> None:
+        await asyncio.to_thread(self._root.drop_replica_base, volume, node)
+
+    async def release_replica_holds(self, volume: str) -> None:
+        await asyncio.to_thread(self._root.release_replica_holds, volume)
 
     async def destroy_snapshots(self, volume: str, shorts: Sequence[str]) -> None:
         await asyncio.to_thread(self._destroy_snapshots, volume, shorts)

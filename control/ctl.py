@@ -173,6 +173,7 @@ def _volume_dict(volume: control_pb2.Volume) -> dict[str, Any]:
     data["epoch"] = int(data.get("epoch", 0))
     for copy in data["copies"]:
         copy["used_bytes"] = int(copy.get("used_bytes", 0))
+        copy["lag_seconds"] = round(float(copy.get("lag_seconds", 0.0)), 1)
     data["diverged"] = [_aside_dict(aside) for aside in volume.diverged]
     if volume.HasField("move"):
         for key in ("bytes_sent", "bytes_total", "attempt_bytes_sent"):
@@ -240,6 +241,15 @@ def _cell(row: dict[str, Any], column: str) -> str:
     if column == "copies":
         copies = row.get("copies") or []
         return ",".join(c["node"] + ("(rw)" if c["writable"] else "") for c in copies) or "-"
+    if column == "rpo":
+        if not row.get("replicas"):
+            return "-"
+        state = "ok" if row.get("meets_rpo") else "OUT"
+        return f"{state}/{row['rpo_seconds']}s"
+    if column == "lag":
+        return f"{row['lag_seconds']:.1f}s" if row.get("newest_snapshot_at") else "-"
+    if column == "newest_snapshot":
+        return str(row.get("newest_snapshot") or "-")
     if column == "free":
         return _human(int(row.get("free_bytes", 0)))
     if column == "used":
@@ -278,7 +288,9 @@ VOLUME_COLUMNS = [
     "copies",
     "mounted_on",
     "move",
+    "rpo",
 ]
+COPY_COLUMNS = ["node", "role", "newest_snapshot", "lag", "writable"]
 ASIDE_COLUMNS = ["node", "dataset", "kept", "epoch", "used", "reason"]
 
 
@@ -287,20 +299,89 @@ def volume() -> None:
     """Create, inspect, move and delete volumes."""
 
 
+def _replication_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option(
+                "--replicas", type=int, default=None, help="Standby copies besides the owner's."
+            ),
+            click.option("--rpo", default="", help="Most data, in time, a lost host may cost."),
+            click.option(
+                "--replace-after",
+                default="",
+                help="How long a replica's node may be down before it is replaced.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @volume.command("create")
 @click.argument("name")
 @click.option("--size", default="", help="e.g. 512M, 10G, or bytes (default 1G).")
 @click.option("--compression", default="", help="off, on, lzjb, gzip, gzip-N, zle.")
 @click.option("--node", default="", help="Node to create it on (default: most free space).")
+@_replication_options
 @OUTPUT
 @click.pass_obj
-def volume_create(api: Api, name: str, size: str, compression: str, node: str, output: str) -> None:
-    """Create a volume."""
+def volume_create(
+    api: Api,
+    name: str,
+    size: str,
+    compression: str,
+    node: str,
+    replicas: int | None,
+    rpo: str,
+    replace_after: str,
+    output: str,
+) -> None:
+    """Create a volume (with --replicas N, N standby copies kept within --rpo, e.g. 15s)."""
     created = api.call(
         "CreateVolume",
-        control_pb2.CreateVolumeRequest(name=name, size=size, compression=compression, node=node),
+        control_pb2.CreateVolumeRequest(
+            name=name,
+            size=size,
+            compression=compression,
+            node=node,
+            replicas=replicas,
+            rpo=rpo,
+            replace_after=replace_after,
+        ),
     )
     _emit(output, [_volume_dict(created)], VOLUME_COLUMNS, single=True)
+
+
+@volume.command("update")
+@click.argument("name")
+@click.option("--size", default="", help="New size.")
+@click.option("--compression", default="", help="New compression.")
+@_replication_options
+@OUTPUT
+@click.pass_obj
+def volume_update(
+    api: Api,
+    name: str,
+    size: str,
+    compression: str,
+    replicas: int | None,
+    rpo: str,
+    replace_after: str,
+    output: str,
+) -> None:
+    """Change a volume's size, compression or replication; what is not given stays."""
+    updated = api.call(
+        "UpdateVolume",
+        control_pb2.CreateVolumeRequest(
+            name=name,
+            size=size,
+            compression=compression,
+            replicas=replicas,
+            rpo=rpo,
+            replace_after=replace_after,
+        ),
+    )
+    _emit(output, [_volume_dict(updated)], VOLUME_COLUMNS, single=True)
 
 
 @volume.command("list")
@@ -359,6 +440,17 @@ def volume_get(api: Api, name: str, output: str) -> None:
     if reply.HasField("move") and reply.move.error and output == "table":
         click.echo(f"move {reply.move.phase}, last error: {reply.move.error}")
     _emit_stuck(output, [(c.node, c.stuck) for c in reply.copies])
+    if output == "table" and (reply.replicas or reply.copies):
+        click.echo("")
+        _emit(output, found["copies"], COPY_COLUMNS)
+    if output == "table" and reply.replicas:
+        verdict = "meets" if reply.meets_rpo else "does NOT meet"
+        click.echo(
+            f"\n{verdict} its rpo of {reply.rpo_seconds}s with {reply.replicas} replica(s) on "
+            f"{', '.join(reply.replica_nodes) or 'no node yet'}"
+        )
+        for note in [*reply.replica_notes, *reply.replica_history]:
+            click.echo(f"  {note}")
     if output == "table" and found["diverged"]:
         click.echo(
             f"\ndiverged copies kept aside (data written after the snapshot a stream built on; "
@@ -601,6 +693,22 @@ def node_list(api: Api, output: str) -> None:
         for n in reply.nodes
     ]
     _emit(output, rows, ["name", "status", "address", "pool", "free", "version", "cert_expires"])
+    if output == "table":
+        _replica_nodes_down(api, {n.name for n in reply.nodes})
+
+
+def _replica_nodes_down(api: Api, live: set[str]) -> None:
+    """Below the node table: replicas on nodes that are down, and replicas re-placed."""
+    volumes = api.call("ListVolumes", control_pb2.ListVolumesRequest()).volumes
+    for found in volumes:
+        for node in found.replica_nodes:
+            if node not in live:
+                click.echo(
+                    f"{node} is down and holds a replica of {found.name}: it is placed on "
+                    f"another node once down for {found.replace_after_seconds}s"
+                )
+        for event in found.replica_history:
+            click.echo(f"{found.name}: {event}")
 
 
 def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
@@ -611,7 +719,18 @@ def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
     except DeclarationError as error:
         fail(str(error))
     reply = api.call("ListVolumes", control_pb2.ListVolumesRequest())
-    current = {v.name: Current(v.name, v.size_bytes, v.compression, v.node) for v in reply.volumes}
+    current = {
+        v.name: Current(
+            v.name,
+            v.size_bytes,
+            v.compression,
+            v.node,
+            replicas=v.replicas,
+            rpo_seconds=v.rpo_seconds,
+            replace_after_seconds=v.replace_after_seconds,
+        )
+        for v in reply.volumes
+    }
     return [
         (change, next((d for d in declared if d.name == change.name), None))
         for change in changes(declared, current, prune)
@@ -644,7 +763,13 @@ def apply(api: Api, file: Path, prune: bool, dry_run: bool) -> None:
         "create": lambda d: api.call(
             "CreateVolume",
             control_pb2.CreateVolumeRequest(
-                name=d.name, size=d.size, compression=d.compression, node=d.node
+                name=d.name,
+                size=d.size,
+                compression=d.compression,
+                node=d.node,
+                replicas=d.replicas,
+                rpo=d.rpo,
+                replace_after=d.replace_after,
             ),
         ),
         "move": lambda d: api.call(
@@ -652,7 +777,14 @@ def apply(api: Api, file: Path, prune: bool, dry_run: bool) -> None:
         ),
         "update": lambda d: api.call(
             "UpdateVolume",
-            control_pb2.CreateVolumeRequest(name=d.name, size=d.size, compression=d.compression),
+            control_pb2.CreateVolumeRequest(
+                name=d.name,
+                size=d.size,
+                compression=d.compression,
+                replicas=d.replicas,
+                rpo=d.rpo,
+                replace_after=d.replace_after,
+            ),
         ),
     }
     for change, wanted in planned:

@@ -11,11 +11,12 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ferry.cluster.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
 from ferry.core import compression
 from ferry.core.phases import ACTIVE_PHASES, Writer, check
+from ferry.core.placement import Candidate, after_move, place_replicas
 from ferry.core.records import (
     AsideCopy,
     AsideDrop,
@@ -24,6 +25,7 @@ from ferry.core.records import (
     NodeInfo,
     Owner,
     VolumeSpec,
+    parse_duration,
     parse_size,
 )
 
@@ -74,6 +76,24 @@ class Conflict(OperationError):
 # rather than failing on the node.
 MIN_SIZE_BYTES = 1 << 20
 
+# Replicas: the RPO when none is given, the shortest one the owner's interval (a third of
+# it) can serve on zfs-fuse, and how long a replica's node may be down before it is replaced.
+DEFAULT_RPO_SECONDS = 60
+MIN_RPO_SECONDS = 3
+DEFAULT_REPLACE_AFTER_SECONDS = 300
+MIN_REPLACE_AFTER_SECONDS = 10
+MAX_REPLICAS = 8
+
+
+@dataclass(frozen=True)
+class Replication:
+    """What a create or update asks of replicas; None fields stay as they are."""
+
+    replicas: int | None = None
+    rpo: str = ""
+    replace_after: str = ""
+
+
 # A node rewrites its record when its free space changes (every few seconds at
 # most), so a create rarely needs a second read of it; more than a few means
 # the node is flapping.
@@ -93,16 +113,19 @@ class VolumeOps:
         compression: str = "",
         node: str = "",
         created_by_node: str = "",
+        replication: Replication = Replication(),
     ) -> VolumeSpec:
         """Validate and store a new volume; without a node, the live node with most free space.
 
         ``created_by_node`` is the node whose Docker plugin asked (empty for ferryctl).
+        Replicas are placed at once, on other live nodes with room; too few is refused.
         """
         size_bytes = self._size(size) if size else 1 << 30
         compression = self._compression(compression or "off")
         for _ in range(CREATE_ATTEMPTS):
             target = await self._live_node(node) if node else await self._roomiest()
             spec = self._new_spec(name, size_bytes, compression, target.value, created_by_node)
+            spec = await self._replicated(spec, replication)
             if await self._store_new(spec, target.revision):
                 log.info("volume created: volume=%s node=%s size=%d", name, spec.node, size_bytes)
                 return spec
@@ -149,10 +172,28 @@ class VolumeOps:
         except ValueError as error:
             raise InvalidArgument(str(error)) from error
 
-    async def update(self, name: str, size: str = "", compression: str = "") -> VolumeSpec:
-        """Change size or compression (the owner applies them); empty values stay."""
+    async def update(
+        self,
+        name: str,
+        size: str = "",
+        compression: str = "",
+        replication: Replication = Replication(),
+    ) -> VolumeSpec:
+        """Change size, compression or replication (the owner applies them); empty values stay.
+
+        More replicas are placed at once (refused if too few nodes can take them); fewer
+        drop the last placed ones, whose copies stay as stale read-only copies.
+        """
         current = await self._existing(name)
         changes: dict[str, object] = {}
+        replicated = await self._replicated(current.value, replication)
+        if replicated != current.value:
+            changes.update(
+                replicas=replicated.replicas,
+                rpo_seconds=replicated.rpo_seconds,
+                replace_after_seconds=replicated.replace_after_seconds,
+                replica_nodes=replicated.replica_nodes,
+            )
         if size:
             changes["size_bytes"] = self._size(size)
             # A new size is a new try for a node whose create failed.
@@ -237,7 +278,11 @@ class VolumeOps:
         move = Move(volume=name, source=owner.value.node, target=node, started_at=time.time())
         check(existing.value.phase if existing else None, move.phase, Writer.CONTROL)
         if not await self._keyspace.request_move(
-            current, owner, move, existing.revision if existing else None
+            current,
+            owner,
+            move,
+            existing.revision if existing else None,
+            replica_nodes=after_move(current.value.replica_nodes, move.source, node),
         ):
             raise Conflict(f"volume {name} changed while moving it (another request?); retry")
         log.info("move requested: volume=%s from=%s to=%s", name, move.source, node)
@@ -260,7 +305,12 @@ class VolumeOps:
         )
         check(move.value.phase, cancelled.phase, Writer.CONTROL)
         if not await self._keyspace.request_move(
-            spec, owner, cancelled, move.revision, placement=source
+            spec,
+            owner,
+            cancelled,
+            move.revision,
+            placement=source,
+            replica_nodes=after_move(spec.value.replica_nodes, move.value.target, source),
         ):
             raise Conflict(
                 f"volume {spec.value.name} changed while cancelling its move (it may have "
@@ -268,6 +318,58 @@ class VolumeOps:
             )
         log.info("move cancelled: volume=%s stays_on=%s", spec.value.name, source)
         return cancelled
+
+    async def _replicated(self, spec: VolumeSpec, wanted: Replication) -> VolumeSpec:
+        """``spec`` with the replication asked for, its replicas placed off its desired node
+        (the owner's, or during a move its target's: the source is then a replica's node);
+        InvalidArgument for a bad value or too few nodes to place every replica on."""
+        count = spec.replicas if wanted.replicas is None else wanted.replicas
+        if not 0 <= count <= MAX_REPLICAS:
+            raise InvalidArgument(f"replicas must be 0 to {MAX_REPLICAS}, got {count}")
+        rpo = self._duration("rpo", wanted.rpo) if wanted.rpo else spec.rpo_seconds
+        replace_after = (
+            self._duration("replace_after", wanted.replace_after)
+            if wanted.replace_after
+            else spec.replace_after_seconds
+        )
+        if count:
+            rpo = rpo or DEFAULT_RPO_SECONDS
+            replace_after = replace_after or DEFAULT_REPLACE_AFTER_SECONDS
+        if count and rpo < MIN_RPO_SECONDS:
+            raise InvalidArgument(
+                f"rpo {rpo}s is below the shortest Ferry keeps, {MIN_RPO_SECONDS}s"
+            )
+        if count and replace_after < MIN_REPLACE_AFTER_SECONDS:
+            raise InvalidArgument(
+                f"replace_after {replace_after}s is below the shortest, "
+                f"{MIN_REPLACE_AFTER_SECONDS}s (a node restarting would lose its replica)"
+            )
+        owner = spec.node
+        live = [
+            Candidate(n.value.name, n.value.free_bytes) for n in await self._keyspace.list_nodes()
+        ]
+        nodes = place_replicas(count, owner, spec.replica_nodes, live, spec.size_bytes)
+        if len(nodes) < count:
+            others = ", ".join(c.name for c in live if c.name != owner) or "none"
+            raise InvalidArgument(
+                f"volume {spec.name} wants {count} replica(s) besides its owner {owner}, but "
+                f"only {len(nodes)} other live node(s) can hold {spec.size_bytes} bytes "
+                f"(others live: {others}); start more agents or ask for fewer replicas"
+            )
+        return replace(
+            spec,
+            replicas=count,
+            rpo_seconds=rpo if count else 0,
+            replace_after_seconds=replace_after if count else 0,
+            replica_nodes=nodes,
+        )
+
+    @staticmethod
+    def _duration(what: str, text: str) -> int:
+        try:
+            return parse_duration(text)
+        except ValueError as error:
+            raise InvalidArgument(f"{what}: {error}") from error
 
     async def _refuse_if_down(self, name: str, source: str) -> None:
         """A move copies from its source: refused up front while that node is down."""

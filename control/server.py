@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
@@ -17,7 +18,8 @@ from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from control import metrics
-from control.operations import OperationError, PermissionDenied, VolumeOps
+from control.operations import OperationError, PermissionDenied, Replication, VolumeOps
+from control.replicas import ReplicaKeeper
 from ferry.cluster.events import CONTROL_WRITER, EventLog
 from ferry.cluster.keyspace import (
     Keyspace,
@@ -73,6 +75,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 request.compression,
                 request.node,
                 created_by_node=caller.name if caller.kind == NODE else "",
+                replication=_replication(request),
             ),
         )
         created = await self._volume(request.name, context)
@@ -164,7 +167,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self, request: control_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.Volume:
         await self._guard(
-            context, self._ops.update(request.name, request.size, request.compression)
+            context,
+            self._ops.update(
+                request.name, request.size, request.compression, _replication(request)
+            ),
         )
         return await self._volume(request.name, context)
 
@@ -310,6 +316,45 @@ class ControlService(control_pb2_grpc.ControlServicer):
 R = TypeVar("R", MountRecord, NodeState, AsideCopy)
 
 
+def _replication(request: control_pb2.CreateVolumeRequest) -> Replication:
+    return Replication(
+        replicas=request.replicas if request.HasField("replicas") else None,
+        rpo=request.rpo,
+        replace_after=request.replace_after,
+    )
+
+
+def _role(spec: VolumeSpec, owner: Versioned[Owner] | None, node: str) -> str:
+    if owner is not None and owner.value.node == node:
+        return "owner"
+    return "replica" if node in spec.replica_nodes else "stale"
+
+
+def _rpo_notes(
+    spec: VolumeSpec, owner: Versioned[Owner] | None, copies: list[NodeState], now: float
+) -> list[str]:
+    """Why the volume does not meet its RPO now; empty when it does (or has no replicas)."""
+    if not spec.replicas:
+        return []
+    notes = []
+    held = {c.node: c for c in copies}
+    missing = spec.replicas - len(spec.replica_nodes)
+    if missing:
+        notes.append(f"{missing} replica(s) not placed: too few live nodes with room")
+    for node in spec.replica_nodes:
+        copy = held.get(node)
+        if copy is None or not copy.newest_snapshot_at:
+            notes.append(f"replica on {node} reports no copy (node down, or being seeded)")
+        elif (lag := now - copy.newest_snapshot_at) > spec.rpo_seconds:
+            notes.append(
+                f"replica on {node} is {lag:.0f}s behind, more than the rpo {spec.rpo_seconds}s"
+            )
+    ours = held.get(owner.value.node) if owner else None
+    if notes and ours is not None and ours.replication_error:
+        notes.append(f"owner {ours.node}: {ours.replication_error}")
+    return notes
+
+
 def _by_volume(records: list[R]) -> dict[str, list[R]]:
     """Per-node records (mounts, state) grouped by the volume they are about."""
     grouped: dict[str, list[R]] = {}
@@ -327,6 +372,8 @@ def _volume_message(
     diverged: list[control_pb2.AsideCopy],
 ) -> control_pb2.Volume:
     """The API's view of one volume from its records."""
+    now = time.time()
+    notes = _rpo_notes(spec, owner, copies, now)
     volume = control_pb2.Volume(
         name=spec.name,
         size_bytes=spec.size_bytes,
@@ -345,10 +392,20 @@ def _volume_message(
                 used_bytes=c.used_bytes,
                 writable=c.writable,
                 stuck=c.stuck,
+                role=_role(spec, owner, c.node),
+                newest_snapshot_at=c.newest_snapshot_at,
+                lag_seconds=max(0.0, now - c.newest_snapshot_at) if c.newest_snapshot_at else 0.0,
             )
             for c in sorted(copies, key=lambda c: c.node)
         ],
         diverged=diverged,
+        replicas=spec.replicas,
+        replica_nodes=list(spec.replica_nodes),
+        rpo_seconds=spec.rpo_seconds,
+        replace_after_seconds=spec.replace_after_seconds,
+        meets_rpo=not notes,
+        replica_notes=notes,
+        replica_history=list(spec.replaced),
     )
     if move is not None:
         m = move.value
@@ -428,6 +485,7 @@ async def serve(
             metrics.REGISTRY, metrics_address, contexts(tls, None) if tls else None
         )
     await server.start()
+    keeper = asyncio.create_task(ReplicaKeeper(keyspace).run(), name="replicas")
     await health_service.set("ferry.v1.Control", health_pb2.HealthCheckResponse.SERVING)
     await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -436,6 +494,7 @@ async def serve(
     try:
         await server.wait_for_termination()
     finally:
+        keeper.cancel()
         await server.stop(grace=2)
         if exporter is not None:
             await exporter.cleanup()

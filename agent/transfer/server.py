@@ -15,7 +15,7 @@ leaves the dataset as it was.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -49,13 +49,16 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         data: DataListener,
         insecure: bool,
         require_encryption: bool,
+        received: Callable[[], None] = lambda: None,
     ) -> None:
+        """``received`` is called after each receive (the agent reports its copy anew)."""
         self._node = node
         self._holdings = holdings
         self._keyspace = keyspace
         self._data = data
         self._insecure = insecure
         self._require_encryption = require_encryption
+        self._received = received
 
     async def Holdings(
         self, request: transfer_pb2.HoldingsRequest, context: grpc.aio.ServicerContext
@@ -192,6 +195,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                 f"{header.to_guid}",
             )
         await self._holdings.after_receive(volume, uid)
+        self._received()
         log.info("received: volume=%s snapshot=%s bytes=%d", volume, header.to_snapshot, received)
         return received
 

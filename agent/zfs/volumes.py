@@ -27,6 +27,8 @@ from agent.zfs import inuse, runner
 from agent.zfs.exceptions import (
     DatasetBusy,
     DatasetExists,
+    HoldExists,
+    HoldFailure,
     HoldNotFound,
     HoldReleaseFailure,
     NameInvalid,
@@ -42,6 +44,11 @@ T = TypeVar("T")
 
 # The hold a transfer places on the snapshots it sends from and to.
 TRANSFER_HOLD = "ferry-transfer"
+# The hold the owner keeps, per replica node, on that replica's newest common snapshot.
+REPLICA_HOLD_PREFIX = "ferry-replica-"
+# The user property recording each replica's held base: "node=snapshot,node=snapshot".
+# zfs-fuse cannot list a snapshot's hold tags, so this is what says which holds exist.
+REPLICA_BASES = "ferry:replica-bases"
 # The user property carrying the volume's uid (VolumeSpec.uid) on each of its datasets.
 UID_PROPERTY = "ferry:uid"
 # User properties of a copy kept aside: which volume, the owner epoch then, when and why.
@@ -211,6 +218,10 @@ class PoolRoot:
             for full, guid in zfs.snapshot_guids(dataset)
         ]
 
+    def snapshot_created(self, volume: str, short: str) -> float:
+        """When snapshot ``short`` was taken (``creation``, Unix seconds; kept by a stream)."""
+        return float(zfs.lzc_get_props(self.snapshot_name(volume, short)).get("creation", 0))
+
     def snapshot(self, volume: str, short: str) -> None:
         zfs.lzc_snapshot([self.snapshot_name(volume, short)])
 
@@ -352,6 +363,48 @@ class PoolRoot:
         """
         return _release_transfer_holds(self.dataset(volume))
 
+    def release_replica_holds(self, volume: str) -> None:
+        """Release every hold kept for replicas: for a copy that is no longer the owner's."""
+        dataset = self.dataset(volume)
+        if zfs.lzc_get_props(dataset).get(REPLICA_BASES):
+            _release_transfer_holds(dataset, replicas=True)
+
+    def replica_bases(self, volume: str) -> dict[str, str]:
+        """Each replica node's held base snapshot (short name), as recorded on the dataset."""
+        return _parse_bases(zfs.lzc_get_props(self.dataset(volume)).get(REPLICA_BASES, ""))
+
+    def set_replica_base(self, volume: str, node: str, short: str) -> None:
+        """Hold ``short`` for ``node`` and release the hold on its previous base.
+
+        Hold the new base, release the old one, then record: each step is
+        repeatable (a hold already there, a release of one already gone), so an
+        agent killed between any two leaves the chain held and the next call
+        finishes the change. The new base is held before the old one goes, so a
+        replica is never without a held base to continue from.
+        """
+        dataset = self.dataset(volume)
+        bases = self.replica_bases(volume)
+        old = bases.get(node)
+        tag = REPLICA_HOLD_PREFIX + node
+        try:
+            zfs.lzc_hold({dataset + b"@" + short.encode(): tag})
+        except HoldFailure as failure:
+            if not all(isinstance(error, HoldExists) for error in failure.errors):
+                raise
+        if old and old != short:
+            _release_tags(dataset + b"@" + old.encode(), [tag])
+        bases[node] = short
+        _record_bases(dataset, bases)
+
+    def drop_replica_base(self, volume: str, node: str) -> None:
+        """Release the hold kept for ``node`` (no longer a replica) and forget its base."""
+        dataset = self.dataset(volume)
+        bases = self.replica_bases(volume)
+        old = bases.pop(node, None)
+        if old is not None:
+            _release_tags(dataset + b"@" + old.encode(), [REPLICA_HOLD_PREFIX + node])
+        _record_bases(dataset, bases)
+
     def rename_aside(self, volume: str, epoch: int, reason: str) -> bytes:
         """Move a copy out of the volume root, keeping every byte; returns its new name.
 
@@ -434,25 +487,54 @@ class PoolRoot:
         return zfs.lzc_get_props(self.pool)["guid"]
 
 
-def _release_transfer_holds(dataset: bytes) -> list[bytes]:
+def _release_transfer_holds(dataset: bytes, replicas: bool = False) -> list[bytes]:
+    """Release TRANSFER_HOLD (and, with ``replicas``, every replica's hold) on the dataset's
+    snapshots; returns the snapshots that had one."""
+    tags = [TRANSFER_HOLD]
+    if replicas:
+        bases = _parse_bases(zfs.lzc_get_props(dataset).get(REPLICA_BASES, ""))
+        tags += [REPLICA_HOLD_PREFIX + node for node in bases]
     released = []
     for snapshot in zfs.lzc_list_snaps(dataset):
         if zfs.hold_count(snapshot) == 0:
             continue
-        try:
-            zfs.lzc_release({snapshot: [TRANSFER_HOLD]})
-        except HoldReleaseFailure as failure:
-            if all(isinstance(error, HoldNotFound) for error in failure.errors):
-                continue
-            raise
-        released.append(snapshot)
+        if _release_tags(snapshot, tags):
+            released.append(snapshot)
+    if replicas:
+        _record_bases(dataset, {})
     return released
 
 
+def _release_tags(snapshot: bytes, tags: list[str]) -> bool:
+    """Release each of ``tags`` that ``snapshot`` has; True if any was released."""
+    released = False
+    for tag in tags:
+        try:
+            zfs.lzc_release({snapshot: [tag]})
+            released = True
+        except HoldReleaseFailure as failure:
+            if not all(isinstance(error, HoldNotFound) for error in failure.errors):
+                raise
+    return released
+
+
+def _parse_bases(text: str) -> dict[str, str]:
+    pairs = (item.partition("=") for item in text.split(",") if "=" in item)
+    return {node: short for node, _, short in pairs}
+
+
+def _record_bases(dataset: bytes, bases: dict[str, str]) -> None:
+    if bases:
+        text = ",".join(f"{node}={short}" for node, short in sorted(bases.items()))
+        zfs.lzc_set_prop(dataset, REPLICA_BASES, text)
+    else:
+        zfs.lzc_inherit_prop(dataset, REPLICA_BASES)
+
+
 def _destroy_with_snapshots(dataset: bytes) -> None:
-    """Destroy an unmounted dataset and its snapshots, Ferry's transfer holds released first."""
+    """Destroy an unmounted dataset and its snapshots, Ferry's holds released first."""
     what = dataset.decode()
-    _release_transfer_holds(dataset)
+    _release_transfer_holds(dataset, replicas=True)
     snapshots = zfs.lzc_list_snaps(dataset)
     if snapshots:
         retry_busy(lambda: zfs.lzc_destroy_snaps(snapshots, defer=False), f"destroy {what}@*")

@@ -376,9 +376,10 @@ class Keyspace:
         move: Move,
         move_revision: int | None,
         placement: str = "",
+        replica_nodes: tuple[str, ...] | None = None,
     ) -> bool:
         """Write the move record and the desired node (``placement``, by default the move's
-        target) in one transaction.
+        target), and the replica nodes when given, in one transaction.
 
         Only while the spec, the owner (the move's source) and the previous move
         record (None: absent) are as read, so a racing request can never leave a
@@ -388,6 +389,8 @@ class Keyspace:
         move_key = self._key("moves", move.volume)
         tx = self.client.transactions
         placed = replace(spec.value, node=placement or move.target)
+        if replica_nodes is not None:
+            placed = replace(placed, replica_nodes=replica_nodes)
         succeeded, _ = await self.client.transaction(
             compare=[
                 tx.mod(volume_key) == spec.revision,

@@ -7,6 +7,9 @@ A file lists volumes::
         size: 10G
         compression: lzjb
         node: host1
+        replicas: 1        # standby copies besides the owner's
+        rpo: 15s           # the most data, in time, losing the owner's host may cost
+        replace_after: 5m  # a replica's node down this long: the replica goes elsewhere
 
 It is checked whole before anything changes: any error names its line.
 """
@@ -18,9 +21,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from ferry.core.records import check_node_name, parse_size, validate_volume_name
+from ferry.core.records import check_node_name, parse_duration, parse_size, validate_volume_name
 
-FIELDS = frozenset({"name", "size", "compression", "node"})
+FIELDS = frozenset({"name", "size", "compression", "node", "replicas", "rpo", "replace_after"})
 
 
 class DeclarationError(ValueError):
@@ -37,6 +40,9 @@ class Declared:
     compression: str
     node: str
     line: int
+    replicas: int | None = None
+    rpo: str = ""
+    replace_after: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class Current:
     size_bytes: int
     compression: str
     node: str
+    replicas: int = 0
+    rpo_seconds: int = 0
+    replace_after_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,9 +123,31 @@ def _entry(node: yaml.Node, source: str) -> Declared:
         node_name = values.get("node", "")
         if node_name:
             check_node_name(node_name)
+        replicas = _replicas(values.get("replicas", ""))
+        for duration in ("rpo", "replace_after"):
+            if values.get(duration):
+                parse_duration(values[duration])
     except ValueError as error:
         raise DeclarationError(f"{source}:{line}: {error}") from error
-    return Declared(name, size_bytes, size, values.get("compression", ""), node_name, line)
+    return Declared(
+        name,
+        size_bytes,
+        size,
+        values.get("compression", ""),
+        node_name,
+        line,
+        replicas=replicas,
+        rpo=values.get("rpo", ""),
+        replace_after=values.get("replace_after", ""),
+    )
+
+
+def _replicas(text: str) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"invalid replicas {text!r}: a whole number, 0 for none")
+    return int(text)
 
 
 def changes(
@@ -137,6 +168,14 @@ def changes(
             diffs.append(f"size {have.size_bytes} -> {want.size_bytes}")
         if want.compression and want.compression != have.compression:
             diffs.append(f"compression {have.compression} -> {want.compression}")
+        if want.replicas is not None and want.replicas != have.replicas:
+            diffs.append(f"replicas {have.replicas} -> {want.replicas}")
+        for what, text, seconds in (
+            ("rpo", want.rpo, have.rpo_seconds),
+            ("replace_after", want.replace_after, have.replace_after_seconds),
+        ):
+            if text and parse_duration(text) != seconds:
+                diffs.append(f"{what} {seconds}s -> {parse_duration(text)}s")
         if diffs:
             out.append(Change("update", want.name, ", ".join(diffs)))
     if prune:

@@ -24,6 +24,7 @@ class LocalVolume:
     mounted: bool = False
     uid: str = ""
     used_bytes: int = 0
+    newest_snapshot_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Actual:
 
     volumes: Mapping[str, LocalVolume] = field(default_factory=dict)
     running_moves: frozenset[str] = frozenset()
+    replicating: frozenset[str] = frozenset()
+    """Volumes whose replication loop runs here now."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,13 @@ class DriveMove:
 
 
 @dataclass(frozen=True)
+class Replicate:
+    """This node owns a volume with replicas and no move: keep the replicas current."""
+
+    volume: str
+
+
+@dataclass(frozen=True)
 class Destroy:
     """The volume was deleted: destroy the local copy."""
 
@@ -114,7 +124,9 @@ class Missing:
     volume: str
 
 
-Action = Create | Claim | Fence | Activate | DriveMove | Destroy | Purge | SetAside | Missing
+Action = (
+    Create | Claim | Fence | Activate | DriveMove | Replicate | Destroy | Purge | SetAside | Missing
+)
 
 
 def plan(desired: Desired, actual: Actual) -> list[Action]:
@@ -163,6 +175,8 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
         return [] if name in actual.running_moves else [DriveMove(name)]
     if not local.writable or not local.mounted or _to_end_here(move, me):
         return [Activate(name, owner.epoch)]
+    if spec.replicas and name not in actual.replicating:
+        return [Replicate(name)]
     return []
 
 

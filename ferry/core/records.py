@@ -22,6 +22,8 @@ _UID = re.compile(r"^[0-9a-f]{0,32}$")
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smh]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
 
 
 def validate_volume_name(name: str) -> str:
@@ -52,6 +54,20 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise ValueError(f"invalid size {text!r}: must be positive")
     return size
+
+
+def parse_duration(text: str | int) -> int:
+    """Whole seconds from ``90``, ``15s``, ``5m``, ``1h``; must be positive."""
+    if isinstance(text, int):
+        seconds = text
+    else:
+        match = _DURATION.match(str(text))
+        if match is None:
+            raise ValueError(f"invalid duration {text!r}: use seconds or a number with s, m or h")
+        seconds = int(match.group(1)) * _SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"invalid duration {text!r}: must be positive")
+    return seconds
 
 
 class _Record:
@@ -113,9 +129,30 @@ class VolumeSpec(_Record):
     created_by_node: str = ""
     """The node whose Docker plugin created the volume (empty: ferryctl); only that
     node's certificate may delete it besides a user's (ferry.security.authz)."""
+    replicas: int = 0
+    """Standby copies besides the owner's that the owner keeps current (0: none)."""
+    rpo_seconds: int = 0
+    """The most data, in time, that losing the owner's host may cost (0 without replicas)."""
+    replace_after_seconds: int = 0
+    """How long a replica's node may be down before control places the replica elsewhere."""
+    replica_nodes: tuple[str, ...] = ()
+    """Where control placed the replicas: never the owner's node, at most ``replicas``."""
+    replaced: tuple[str, ...] = ()
+    """What control did to keep the count (newest last, a few kept): for the operator."""
 
     def __post_init__(self) -> None:
         validate_volume_name(self.name)
+        for replica in self.replica_nodes:
+            check_node_name(replica)
+        if self.replicas < 0 or len(self.replica_nodes) > self.replicas:
+            raise ValueError(
+                f"volume {self.name} wants {self.replicas} replicas but lists "
+                f"{len(self.replica_nodes)} replica nodes"
+            )
+        if len(set(self.replica_nodes)) != len(self.replica_nodes):
+            raise ValueError(f"volume {self.name} lists a replica node twice")
+        if self.replicas and self.rpo_seconds <= 0:
+            raise ValueError(f"volume {self.name} has replicas but no rpo")
         if not _UID.match(self.uid):
             raise ValueError(f"invalid volume uid {self.uid!r}: hexadecimal digits or empty")
         check_node_name(self.node)
@@ -189,6 +226,11 @@ class NodeState(_Record):
     stuck: str = ""
     """What on this node has been running too long for this volume, since when, and what to
     do; empty when nothing is stuck."""
+    newest_snapshot_at: float = 0.0
+    """When the newest snapshot of this copy was taken on the owner (ZFS ``creation``, which
+    a stream carries): a replica's lag is the age of this."""
+    replication_error: str = ""
+    """On the owner: why keeping a replica current fails now (empty while it works)."""
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,24 @@ def prunable(snapshots: Sequence[str], keep: Iterable[str], keep_newest: int = 2
     kept = set(ferry[-keep_newest:]) | set(keep)
     oldest_kept = min((ferry.index(name) for name in kept if name in ferry), default=len(ferry))
     return ferry[:oldest_kept]
+
+
+def replication_interval(rpo_seconds: float) -> float:
+    """How often the owner sends to each replica: a third of the RPO (at least a second),
+    so one failed or slow round still leaves a replica within its RPO."""
+    return max(1.0, rpo_seconds / 3)
+
+
+def prunable_with_replicas(
+    snapshots: Sequence[str], bases: Iterable[str], keep_newest: int = 2
+) -> list[str]:
+    """Ferry snapshots (oldest first) that neither a replica nor the next send needs.
+
+    A send goes from a replica's newest common snapshot (its base) straight
+    to the newest one, so only each replica's base and the ``keep_newest``
+    newest are needed; a replica far behind keeps its own base and nothing
+    between it and the others'.
+    """
+    ferry = [name for name in snapshots if parse(name) is not None]
+    kept = set(ferry[-keep_newest:]) | set(bases)
+    return [name for name in ferry if name not in kept]

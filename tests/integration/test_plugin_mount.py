@@ -8,7 +8,7 @@ an unknown lease).
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,9 @@ SIZE = 64 << 20
 class NoControl:
     """The volume is owned here already: the plugin never asks control for anything."""
 
-    async def create_volume(self, name: str, size: str, compression: str, node: str) -> None:
+    async def create_volume(
+        self, name: str, size: str, compression: str, node: str, replication: Mapping[str, str]
+    ) -> None:
         raise AssertionError("not called")
 
     async def delete_volume(self, name: str) -> None:

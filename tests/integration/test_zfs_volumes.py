@@ -283,3 +283,32 @@ def test_no_write_lands_on_the_hosts_disk_under_an_unmounted_volume(
     assert (where / "log").read_text() == "in the volume"
     root.destroy_volume("db")
     assert not where.exists(), "a destroyed volume leaves no guarded directory behind"
+
+
+def test_a_replicas_base_is_held_until_the_next_and_a_destroy_releases_every_hold(
+    root: PoolRoot, tmp_path: Path
+) -> None:
+    root.ensure()
+    root.create_volume("rb", 64 << 20, "off", tmp_path / "rb")
+    dataset = root.dataset("rb")
+    snaps = [dataset + f"@ferry-1-{n}".encode() for n in (1, 2, 3)]
+    for snap in snaps:
+        zfs.lzc_snapshot([snap])
+    root.set_replica_base("rb", "host2", "ferry-1-1")
+    root.set_replica_base("rb", "host3", "ferry-1-1")
+    root.set_replica_base("rb", "host3", "ferry-1-1")  # repeated: no second hold
+    assert root.replica_bases("rb") == {"host2": "ferry-1-1", "host3": "ferry-1-1"}
+    assert zfs.hold_count(snaps[0]) == 2
+    # A pruner's deferred destroy leaves a held base in place.
+    zfs.lzc_destroy_snaps([snaps[0]], defer=True)
+    assert zfs.lzc_exists(snaps[0])
+    root.set_replica_base("rb", "host2", "ferry-1-2")
+    root.set_replica_base("rb", "host3", "ferry-1-3")
+    assert not zfs.lzc_exists(snaps[0]), "the last release ends a deferred destroy"
+    assert (zfs.hold_count(snaps[1]), zfs.hold_count(snaps[2])) == (1, 1)
+    root.drop_replica_base("rb", "host2")
+    assert root.replica_bases("rb") == {"host3": "ferry-1-3"}
+    assert zfs.hold_count(snaps[1]) == 0
+    root.unmount("rb")
+    root.destroy_volume("rb")
+    assert not zfs.lzc_exists(dataset)

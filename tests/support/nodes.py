@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from agent.executor import Executor
+from agent.replicas import Replicator
 from agent.replication.activation import Activation
 from agent.replication.adapters import PoolStore, RemotePeer
 from agent.replication.source import MoveDriver
@@ -92,7 +93,8 @@ async def running_nodes(
             local = PoolStore(store, mounts)
             driver = MoveDriver(name, keyspace, local, connect)
             activation = Activation(name, keyspace, local)
-            executor = Executor(name, keyspace, store, driver, activation, wake=lambda: None)
+            replicator = Replicator(name, keyspace, store, connect)
+            executor = Executor(name, keyspace, store, driver, activation, lambda: None, replicator)
             nodes[name] = Node(name, root, store, workdir / name, address, mounts, driver, executor)
         yield nodes
     finally:

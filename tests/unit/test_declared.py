@@ -100,3 +100,28 @@ def test_volumes_absent_from_the_file_are_deleted_only_with_prune() -> None:
     assert changes([_declared("pg")], CURRENT, prune=True) == [
         Change("delete", "old", "not in the file")
     ]
+
+
+def test_replication_fields_are_read_and_changes_listed() -> None:
+    from ferry.core.declared import Current, changes, parse
+
+    text = "volumes:\n  - name: pg\n    replicas: 1\n    rpo: 15s\n    replace_after: 5m\n"
+    (want,) = parse(text)
+    assert (want.replicas, want.rpo, want.replace_after) == (1, "15s", "5m")
+    have = Current("pg", 1 << 30, "off", "a", replicas=0)
+    (change,) = changes([want], {"pg": have}, prune=False)
+    assert change.action == "update"
+    assert "replicas 0 -> 1" in change.detail and "rpo 0s -> 15s" in change.detail
+    same = Current("pg", 1 << 30, "off", "a", 1, 15, 300)
+    assert changes([want], {"pg": same}, prune=False) == []
+
+
+def test_bad_replication_values_name_their_line() -> None:
+    import pytest
+
+    from ferry.core.declared import DeclarationError, parse
+
+    with pytest.raises(DeclarationError, match=r":2: invalid replicas"):
+        parse("volumes:\n  - name: pg\n    replicas: many\n", "f.yaml")
+    with pytest.raises(DeclarationError, match=r":2: invalid duration"):
+        parse("volumes:\n  - name: pg\n    rpo: soon\n", "f.yaml")

@@ -89,12 +89,21 @@ class CreateVolumeRequest(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     COMPRESSION_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    RPO_FIELD_NUMBER: _builtins.int
+    REPLACE_AFTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size: _builtins.str
     """"512M", "10G", "1073741824"; empty means 1G."""
     compression: _builtins.str
     node: _builtins.str
     """Empty: the live node with the most free space."""
+    replicas: _builtins.int
+    """Standby copies besides the owner's; absent: 0 on create, unchanged on update."""
+    rpo: _builtins.str
+    """The most data, in time, losing the owner's host may cost: "15s", "5m"."""
+    replace_after: _builtins.str
+    """How long a replica's node may be down before another node gets the replica."""
     def __init__(
         self,
         *,
@@ -102,12 +111,17 @@ class CreateVolumeRequest(_message.Message):
         size: _builtins.str = ...,
         compression: _builtins.str = ...,
         node: _builtins.str = ...,
+        replicas: _builtins.int | None = ...,
+        rpo: _builtins.str = ...,
+        replace_after: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_replicas", b"_replicas", "replicas", b"replicas"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "name", b"name", "node", b"node", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_replicas", b"_replicas", "compression", b"compression", "name", b"name", "node", b"node", "replace_after", b"replace_after", "replicas", b"replicas", "rpo", b"rpo", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__replicas: _TypeAlias = _typing.Literal["replicas"]  # noqa: Y015
+    _WhichOneofArgType__replicas: _TypeAlias = _typing.Literal["_replicas", b"_replicas"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__replicas) -> _WhichOneofReturnType__replicas | None: ...
 
 Global___CreateVolumeRequest: _TypeAlias = CreateVolumeRequest  # noqa: Y015
 
@@ -324,6 +338,13 @@ class Volume(_message.Message):
     COPIES_FIELD_NUMBER: _builtins.int
     CREATE_ERROR_FIELD_NUMBER: _builtins.int
     DIVERGED_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    REPLICA_NODES_FIELD_NUMBER: _builtins.int
+    RPO_SECONDS_FIELD_NUMBER: _builtins.int
+    REPLACE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    MEETS_RPO_FIELD_NUMBER: _builtins.int
+    REPLICA_NOTES_FIELD_NUMBER: _builtins.int
+    REPLICA_HISTORY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     size_bytes: _builtins.int
     compression: _builtins.str
@@ -337,6 +358,16 @@ class Volume(_message.Message):
     create_error: _builtins.str
     """Why the node it was placed on could not create it; empty otherwise.
     The node does not retry; a new size ('volume update --size') or a delete ends it.
+    """
+    replicas: _builtins.int
+    """Standby copies wanted besides the owner's, the nodes control placed them on,
+    the RPO and how long a replica's node may be down before it is replaced.
+    """
+    rpo_seconds: _builtins.int
+    replace_after_seconds: _builtins.int
+    meets_rpo: _builtins.bool
+    """Every wanted replica is placed, reports a copy, and its newest snapshot is
+    younger than the RPO (always true without replicas).
     """
     @_builtins.property
     def mounted_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -358,6 +389,16 @@ class Volume(_message.Message):
         built on (never overwritten; 'ferryctl volume aside drop' removes one).
         """
 
+    @_builtins.property
+    def replica_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def replica_notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why it does not meet its RPO, and what control did to keep the count."""
+
+    @_builtins.property
+    def replica_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Replicas control placed elsewhere because their node stayed down, newest last."""
+
     def __init__(
         self,
         *,
@@ -374,10 +415,17 @@ class Volume(_message.Message):
         copies: _abc.Iterable[Global___Copy] | None = ...,
         create_error: _builtins.str = ...,
         diverged: _abc.Iterable[Global___AsideCopy] | None = ...,
+        replicas: _builtins.int = ...,
+        replica_nodes: _abc.Iterable[_builtins.str] | None = ...,
+        rpo_seconds: _builtins.int = ...,
+        replace_after_seconds: _builtins.int = ...,
+        meets_rpo: _builtins.bool = ...,
+        replica_notes: _abc.Iterable[_builtins.str] | None = ...,
+        replica_history: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["move", b"move"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "create_error", b"create_error", "created_at", b"created_at", "deleted", b"deleted", "diverged", b"diverged", "epoch", b"epoch", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "copies", b"copies", "create_error", b"create_error", "created_at", b"created_at", "deleted", b"deleted", "diverged", b"diverged", "epoch", b"epoch", "meets_rpo", b"meets_rpo", "mounted_on", b"mounted_on", "move", b"move", "name", b"name", "node", b"node", "owner", b"owner", "replace_after_seconds", b"replace_after_seconds", "replica_history", b"replica_history", "replica_nodes", b"replica_nodes", "replica_notes", b"replica_notes", "replicas", b"replicas", "rpo_seconds", b"rpo_seconds", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -501,6 +549,9 @@ class Copy(_message.Message):
     USED_BYTES_FIELD_NUMBER: _builtins.int
     WRITABLE_FIELD_NUMBER: _builtins.int
     STUCK_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    NEWEST_SNAPSHOT_AT_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     newest_snapshot: _builtins.str
     """The newest snapshot in the copy; empty before the first."""
@@ -508,6 +559,15 @@ class Copy(_message.Message):
     writable: _builtins.bool
     stuck: _builtins.str
     """What has run too long on that node for this volume, since when, what to do; else empty."""
+    role: _builtins.str
+    """"owner", "replica", or "stale" (a read-only copy that is neither, left by a move
+    or by a replica that was replaced).
+    """
+    newest_snapshot_at: _builtins.float
+    """When the newest snapshot was taken (Unix time) and its age at the answer:
+    a replica's replication lag.
+    """
+    lag_seconds: _builtins.float
     def __init__(
         self,
         *,
@@ -516,10 +576,13 @@ class Copy(_message.Message):
         used_bytes: _builtins.int = ...,
         writable: _builtins.bool = ...,
         stuck: _builtins.str = ...,
+        role: _builtins.str = ...,
+        newest_snapshot_at: _builtins.float = ...,
+        lag_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["newest_snapshot", b"newest_snapshot", "node", b"node", "stuck", b"stuck", "used_bytes", b"used_bytes", "writable", b"writable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lag_seconds", b"lag_seconds", "newest_snapshot", b"newest_snapshot", "newest_snapshot_at", b"newest_snapshot_at", "node", b"node", "role", b"role", "stuck", b"stuck", "used_bytes", b"used_bytes", "writable", b"writable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
