@@ -98,14 +98,14 @@ class VolumeView:
     role: str
     epoch: int
     used_bytes: int
+    newest_snapshot_at: float = 0.0
+    replication_failing: bool = False
 
 
 class _Views(Collector):
-    """The per-volume and per-move gauges, from the last pass's views.
-
-    Replication lag and RPO (engineer "replicas") belong here too: one more field of
-    VolumeView and one more family below.
-    """
+    """The per-volume and per-move gauges, from the last pass's views. A replica's lag is
+    ``time() - ferry_volume_newest_snapshot_timestamp_seconds`` (its newest snapshot's age);
+    whether the RPO is met is control's answer to the same question (``volume get``)."""
 
     def __init__(self) -> None:
         self.volumes: tuple[VolumeView, ...] = ()
@@ -129,7 +129,20 @@ class _Views(Collector):
         used = GaugeMetricFamily(
             "ferry_volume_used_bytes", "Bytes the volume's dataset uses here.", labels=["volume"]
         )
+        newest = GaugeMetricFamily(
+            "ferry_volume_newest_snapshot_timestamp_seconds",
+            "When the newest snapshot this node holds of each volume was taken (Unix time).",
+            labels=["volume"],
+        )
+        failing = GaugeMetricFamily(
+            "ferry_volume_replication_failing",
+            "1 while this owner cannot keep a replica of the volume current.",
+            labels=["volume"],
+        )
         for view in self.volumes:
+            if view.newest_snapshot_at:
+                newest.add_metric([view.volume], view.newest_snapshot_at)
+            failing.add_metric([view.volume], float(view.replication_failing))
             for name in VOLUME_STATES:
                 state.add_metric([view.volume, name], float(view.state == name))
             for name in VOLUME_ROLES:
@@ -168,7 +181,8 @@ class _Views(Collector):
             attempt.add_metric([move.volume], move.attempt_bytes_sent)
             total.add_metric([move.volume], move.bytes_total)
             rate.add_metric([move.volume], move.rate_bps)
-        yield from (state, role, epoch, used, phase, sent, attempt, total, rate)
+        yield from (state, role, epoch, used, newest, failing)
+        yield from (phase, sent, attempt, total, rate)
 
 
 _VIEWS = _Views()

@@ -450,6 +450,8 @@ class AgentService:
                     role="owner" if owner and owner.node == self._config.node else "copy",
                     epoch=owner.epoch if owner else 0,
                     used_bytes=state.used_bytes,
+                    newest_snapshot_at=state.newest_snapshot_at,
+                    replication_failing=bool(state.replication_error),
                 )
             )
         metrics.show_volumes(views)
