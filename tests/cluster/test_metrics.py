@@ -9,6 +9,7 @@ owner's role and epoch, the target's admitted data connections).
 from __future__ import annotations
 
 import secrets
+import time
 
 import pytest
 
@@ -97,6 +98,8 @@ def test_metrics_follow_a_move(cluster: Cluster) -> None:
         assert value(after, "ferry_move_handoffs_total") >= 1
         assert value(after, "ferry_volume_role", volume=volume, role="copy") == 1
         assert value(arrived, "ferry_volume_epoch", volume=volume) == epoch + 1
+        newest = value(after, "ferry_volume_newest_snapshot_timestamp_seconds", volume=volume)
+        assert time.time() - 300 < newest <= time.time()
         assert value(arrived, "ferry_data_connections_accepted_total") > value(
             target, "ferry_data_connections_accepted_total"
         )
