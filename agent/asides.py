@@ -18,10 +18,14 @@ import aetcd
 from agent.store import VolumeStore
 from agent.zfs import ZFSError
 from agent.zfs.exceptions import NameInvalid
-from ferry.cluster.keyspace import Keyspace
+from ferry.cluster.keyspace import Keyspace, Kind
+from ferry.cluster.view import ClusterView, read_view
 from ferry.core.records import AsideCopy
 
 log = logging.getLogger(__name__)
+
+# What the ledger reads of this node's, in a pass's view.
+LEDGER_KINDS = (Kind.ASIDES, Kind.DROPS)
 
 
 class AsideLedger:
@@ -32,9 +36,15 @@ class AsideLedger:
         self._keyspace = keyspace
         self._store = store
 
-    async def converge(self, lease: aetcd.Lease) -> None:
-        """Carry out the drop requests for this node, then report what is kept aside."""
-        for drop in await self._keyspace.list_drops(self._node):
+    async def converge(self, lease: aetcd.Lease, view: ClusterView | None = None) -> None:
+        """Carry out the drop requests for this node, then report what is kept aside.
+
+        From ``view`` (the pass's, holding this node's asides and drops) or one read anew.
+        A record it shows that a drop below deletes is deleted again: a no-op.
+        """
+        if view is None:
+            view = await read_view(self._keyspace, LEDGER_KINDS, node=self._node)
+        for drop in view.drops:
             try:
                 dropped = await self._store.drop_aside(drop.dataset)
             except NameInvalid as error:
@@ -63,10 +73,10 @@ class AsideLedger:
                 )
             await self._keyspace.delete_aside(self._node, drop.leaf)
             await self._keyspace.delete_drop(self._node, drop.leaf)
-        await self._report(lease)
+        await self._report(lease, view)
 
-    async def _report(self, lease: aetcd.Lease) -> None:
-        reported = {a.leaf: a for a in await self._keyspace.list_asides(self._node)}
+    async def _report(self, lease: aetcd.Lease, view: ClusterView) -> None:
+        reported = {a.leaf: a for a in view.asides}
         held = [
             AsideCopy(
                 node=self._node,

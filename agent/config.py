@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.cluster.keyspace import DEFAULT_PREFIX
 from ferry.metrics import parse_address
 from ferry.security.tls import TlsFiles
 
@@ -25,7 +26,7 @@ class AgentConfig:
     control: str = ""
     """ferry-control's HOST:PORT: the Docker plugin asks it to create and move volumes."""
     plain_streams: bool = False
-    etcd_prefix: str = "/ferry/v1"
+    etcd_prefix: str = DEFAULT_PREFIX
     lease_ttl: int = 10
     resync_seconds: float = 10.0
     state_dir: Path | None = None

@@ -12,7 +12,8 @@ from agent.config import AgentConfig
 from agent.registration import NodeNameTaken, NodeNotAuthorized
 from agent.service import run
 from agent.zfs import runner
-from ferry.logs import FORMATS, setup_logging
+from ferry.flags import service_flags
+from ferry.logs import setup_logging
 from ferry.security.tls import endpoints, from_flags
 
 log = logging.getLogger("agent")
@@ -56,10 +57,6 @@ log = logging.getLogger("agent")
     type=click.Path(path_type=Path),
     help="Unix socket of the Docker volume plugin.",
 )
-@click.option("--tls-ca", default="", help="Cluster CA certificate (PEM).")
-@click.option("--tls-cert", default="", help="This node's certificate (PEM, CN = node name).")
-@click.option("--tls-key", default="", help="This node's private key (PEM).")
-@click.option("--insecure", is_flag=True, help="No TLS (development only; says so loudly).")
 @click.option(
     "--insecure-plain-streams",
     is_flag=True,
@@ -67,21 +64,9 @@ log = logging.getLogger("agent")
     "network between agents can read or alter volume data; says so loudly). Default: "
     "mutual TLS, and plain streams are refused.",
 )
-@click.option("--etcd-prefix", default="/ferry/v1", help="Key prefix of Ferry's state in etcd.")
-@click.option(
-    "--metrics-address",
-    default="",
-    help="HOST:PORT of the Prometheus /metrics endpoint (HTTPS with the node's certificate; "
-    "clients need one from the cluster CA); empty: no metrics. Loopback unless a scraper "
-    "elsewhere needs it (docs/operations.md).",
-)
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
-@click.option(
-    "--log-format",
-    default="text",
-    type=click.Choice(FORMATS),
-    help="text: time level logger message key=value...; json: one object per line, each "
-    "key=value a field.",
+@service_flags(
+    cert_help="This node's certificate (PEM, CN = node name).",
+    key_help="This node's private key (PEM).",
 )
 def main(
     node: str,

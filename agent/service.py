@@ -21,7 +21,7 @@ from dataclasses import replace
 import grpc
 
 from agent import metrics
-from agent.asides import AsideLedger
+from agent.asides import LEDGER_KINDS, AsideLedger
 from agent.config import AgentConfig
 from agent.control_client import ControlClient
 from agent.executor import Executor
@@ -42,7 +42,8 @@ from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
 from ferry.cluster.events import EventLog
-from ferry.cluster.keyspace import Keyspace, Unreadable, endpoints_client
+from ferry.cluster.keyspace import Keyspace, Kind, endpoints_client
+from ferry.cluster.view import DESIRED_KINDS, read_view
 from ferry.core.plan import Action, Actual, Desired, plan
 from ferry.core.records import (
     NODE_STARTING,
@@ -287,10 +288,11 @@ class AgentService:
         backoff = Backoff()
         while True:
             try:
-                async for _change in self._keyspace.watch(
-                    "volumes", "owners", "moves", "mounts", "drops"
+                async for change in self._keyspace.watch(
+                    Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, Kind.DROPS
                 ):
-                    self._wakeup.set()
+                    if change.kind != Kind.DROPS or change.node == self._config.node:
+                        self._wakeup.set()
                     backoff.reset()
             except Exception as error:
                 delay = backoff.next()
@@ -315,7 +317,8 @@ class AgentService:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
     async def converge(self) -> bool:
-        """One pass: read desired and actual state, plan, apply, report.
+        """One pass: read desired state (one etcd read, at one revision) and actual, plan,
+        apply, report.
 
         Each volume's actions run as a task of their own, in order; a volume whose task
         still runs (a hung command) is left out of later passes until it ends, so one
@@ -327,16 +330,13 @@ class AgentService:
         busy = self._busy()
         local = await self._store.local_volumes(skip=busy)
         skipped = busy | set(self._store.unreadable)
-        unreadable: list[Unreadable] = []
-        volumes = await self._keyspace.list_volumes(unreadable)
-        owners = await self._keyspace.list_owners(unreadable)
-        moves = await self._keyspace.list_moves(unreadable)
+        view = await read_view(self._keyspace, DESIRED_KINDS + LEDGER_KINDS, node=self._config.node)
         desired = Desired(
             node=self._config.node,
-            volumes={v.value.name: v.value for v in volumes if v.value.name not in skipped},
-            owners={name: o.value for name, o in owners.items() if name not in skipped},
-            moves={name: m.value for name, m in moves.items() if name not in skipped},
-            unreadable=frozenset(record.volume for record in unreadable),
+            volumes={name: v.value for name, v in view.volumes.items() if name not in skipped},
+            owners={name: o.value for name, o in view.owners.items() if name not in skipped},
+            moves={name: m.value for name, m in view.moves.items() if name not in skipped},
+            unreadable=frozenset(record.volume for record in view.skipped(*DESIRED_KINDS)),
         )
         actual = Actual(
             volumes=local,
@@ -360,9 +360,11 @@ class AgentService:
                 # A stuck volume is looked at again once its actions end.
                 task.add_done_callback(lambda _task: self._wakeup.set())
         await self._report()
-        self._show({n: o.value for n, o in owners.items()}, (m.value for m in moves.values()))
+        self._show(
+            {n: o.value for n, o in view.owners.items()}, (m.value for m in view.moves.values())
+        )
         try:
-            await self._asides.converge(self._registration.lease)
+            await self._asides.converge(self._registration.lease, view)
         except Exception as error:
             # Reported again at the next pass; volumes converge meanwhile.
             log.warning(

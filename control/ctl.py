@@ -50,6 +50,9 @@ OUTPUT = click.option(
     default="table",
     show_default=True,
 )
+# The declared-volumes file of `diff` and `apply`; the CA directory of the `ca` commands.
+DECLARED_FILE = click.option("-f", "--file", "file", type=click.Path(path_type=Path), required=True)
+CA_DIR = click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
 
 WATCH = click.option(
     "-w", "--watch", is_flag=True, help="Keep following: redraw on each change until Ctrl-C."
@@ -738,7 +741,7 @@ def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
 
 
 @main.command("diff")
-@click.option("-f", "--file", "file", type=click.Path(path_type=Path), required=True)
+@DECLARED_FILE
 @click.option("--prune", is_flag=True, help="Also show deletions of volumes not in the file.")
 @OUTPUT
 @click.pass_obj
@@ -749,7 +752,7 @@ def diff(api: Api, file: Path, prune: bool, output: str) -> None:
 
 
 @main.command("apply")
-@click.option("-f", "--file", "file", type=click.Path(path_type=Path), required=True)
+@DECLARED_FILE
 @click.option("--prune", is_flag=True, help="Delete volumes that are not in the file.")
 @click.option("--dry-run", is_flag=True, help="Only show what would change.")
 @click.pass_obj
@@ -803,7 +806,7 @@ def ca_group() -> None:
 
 
 @ca_group.command("init")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@CA_DIR
 def ca_init(directory: Path) -> None:
     """Create a cluster CA in DIR."""
     try:
@@ -814,7 +817,7 @@ def ca_init(directory: Path) -> None:
 
 
 @ca_group.command("issue")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@CA_DIR
 @click.option("--kind", type=click.Choice(ca.KINDS), required=True)
 @click.option(
     "--name",
@@ -846,7 +849,7 @@ def _named_addresses(entries: tuple[str, ...], flag: str) -> dict[str, tuple[str
 
 
 @ca_group.command("issue-cluster")
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+@CA_DIR
 @click.option("--control", "control_ips", multiple=True, help="IP control serves on (repeatable).")
 @click.option("--node", "nodes", multiple=True, help="NAME=IP of a node (repeatable).")
 @click.option("--etcd", "etcd_members", multiple=True, help="NAME=IP[,IP] of an etcd member.")

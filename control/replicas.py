@@ -23,7 +23,8 @@ import logging
 import time
 from dataclasses import replace
 
-from ferry.cluster.keyspace import Keyspace
+from ferry.cluster.keyspace import Keyspace, Kind
+from ferry.cluster.view import read_view
 from ferry.core.phases import ACTIVE_PHASES
 from ferry.core.placement import Candidate, place_replicas
 
@@ -51,19 +52,15 @@ class ReplicaKeeper:
             await asyncio.sleep(self._check_seconds)
 
     async def check(self) -> None:
-        """One pass over every volume with replicas."""
-        nodes = await self._keyspace.list_nodes()
-        live = [Candidate(n.value.name, n.value.free_bytes) for n in nodes]
+        """One pass over every volume with replicas, from one view of nodes, volumes and moves."""
+        view = await read_view(self._keyspace, (Kind.NODES, Kind.VOLUMES, Kind.MOVES))
+        live = [Candidate(n.value.name, n.value.free_bytes) for n in view.nodes.values()]
         names = {c.name for c in live}
         now = time.time()
-        volumes = await self._keyspace.list_volumes([])
+        volumes = list(view.volumes.values())
         # A volume that is moving has its target as desired node and its source among
         # the replicas until the handoff: left alone until the move ends.
-        moving = {
-            name
-            for name, move in (await self._keyspace.list_moves([])).items()
-            if move.value.phase in ACTIVE_PHASES
-        }
+        moving = {name for name, move in view.moves.items() if move.value.phase in ACTIVE_PHASES}
         wanted = {node for v in volumes for node in v.value.replica_nodes}
         for node in list(self.down_since):
             if node in names or node not in wanted:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
 import click
@@ -23,15 +23,15 @@ from control.replicas import ReplicaKeeper
 from ferry.cluster.events import CONTROL_WRITER, EventLog
 from ferry.cluster.keyspace import (
     Keyspace,
-    Unreadable,
+    Kind,
     UnreadableRecord,
     Versioned,
     endpoints_client,
     etcd_target,
 )
+from ferry.cluster.view import ClusterView, read_view
 from ferry.core.records import (
     AsideCopy,
-    AsideDrop,
     Event,
     EventKind,
     MountRecord,
@@ -41,7 +41,8 @@ from ferry.core.records import (
     Owner,
     VolumeSpec,
 )
-from ferry.logs import FORMATS, setup_logging
+from ferry.flags import service_flags
+from ferry.logs import setup_logging
 from ferry.metrics import contexts, parse_address, serve_metrics
 from ferry.security.authz import CONTROL_API, NODE, delete_refusal, move_refusal
 from ferry.security.gate import KindGate
@@ -51,6 +52,19 @@ from protos.ferry.v1 import control_pb2, control_pb2_grpc
 log = logging.getLogger(__name__)
 
 WATCH_RETRY_SECONDS = 1.0
+# What a volume's API message is made of, read as one view.
+VOLUME_KINDS = (
+    Kind.VOLUMES,
+    Kind.OWNERS,
+    Kind.MOVES,
+    Kind.MOUNTS,
+    Kind.STATE,
+    Kind.ASIDES,
+    Kind.DROPS,
+)
+# Records whose absence would misreport a volume (no owner, no mount, no copy): reported
+# (ListVolumes) or refused (GetVolume) when unreadable. A bad aside record is only logged.
+REPORTED_UNREADABLE = (Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, Kind.STATE)
 DELETE, MOVE = CONTROL_API + "DeleteVolume", CONTROL_API + "MoveVolume"
 
 
@@ -98,27 +112,26 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def ListVolumes(
         self, request: control_pb2.ListVolumesRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListVolumesReply:
-        skipped: list[Unreadable] = []
-        specs = await self._keyspace.list_volumes(skipped)
-        owners = await self._keyspace.list_owners(skipped)
-        moves = await self._keyspace.list_moves(skipped)
-        mounted = _by_volume(await self._keyspace.list_all_mounts(skipped))
-        held = _by_volume(await self._keyspace.list_all_state(skipped))
-        aside = _by_volume(await self._keyspace.list_asides())
-        drops = await self._keyspace.list_drops()
+        view = await read_view(self._keyspace, VOLUME_KINDS)
+        mounted = _by_volume(view.mounts)
+        held = _by_volume(view.states)
+        aside = _by_volume(view.asides)
         volumes = [
             _volume_message(
                 s.value,
-                owners.get(s.value.name),
-                moves.get(s.value.name),
-                mounted.get(s.value.name, []),
-                held.get(s.value.name, []),
-                [_aside_message(a, drops) for a in aside.get(s.value.name, [])],
+                view.owners.get(name),
+                view.moves.get(name),
+                mounted.get(name, []),
+                held.get(name, []),
+                [_aside_message(a, view.drop_requested(a)) for a in aside.get(name, [])],
             )
-            for s in specs
+            for name, s in view.volumes.items()
             if not s.value.deleted
         ]
-        unreadable = [control_pb2.UnreadableRecord(key=r.key, reason=r.reason) for r in skipped]
+        unreadable = [
+            control_pb2.UnreadableRecord(key=r.key, reason=r.reason)
+            for r in view.skipped(*REPORTED_UNREADABLE)
+        ]
         return control_pb2.ListVolumesReply(volumes=volumes, unreadable=unreadable)
 
     async def DeleteVolume(
@@ -199,26 +212,27 @@ class ControlService(control_pb2_grpc.ControlServicer):
     ) -> AsyncIterator[control_pb2.Volume]:
         """The volume now, then each time it changes; rides out etcd restarts.
 
-        The watch starts from the revision read before the volume, so nothing
-        between the read and the watch is missed. When etcd goes away the
-        watch resumes from after the last change seen, and the volume is read
-        again (a compacted revision also just means: read again, watch from now).
+        The watch starts right after the revision the volume was read at (its
+        view's), so nothing after the read is missed and nothing before it is
+        replayed. When etcd goes away the watch resumes from after the last
+        change seen, and the volume is read again (a compacted revision also
+        just means: read again, watch from now).
         """
         last: control_pb2.Volume | None = None
         resume: int | None = None
         while True:
             try:
-                start = resume if resume is not None else await self._keyspace.revision() + 1
+                current, revision = await self._volume_at(request.name, context)
+                start = resume if resume is not None else revision + 1
                 changes = self._keyspace.watch(
-                    "volumes", "owners", "moves", "mounts", start_revision=start
+                    Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, start_revision=start
                 )
-                current = await self._volume(request.name, context)
                 if current != last:
                     yield current
                     last = current
                 async for change in changes:
                     resume = change.revision + 1
-                    if change.name.split("/")[0] != request.name:
+                    if change.volume != request.name:
                         continue
                     current = await self._volume(request.name, context)
                     if current != last:
@@ -273,16 +287,13 @@ class ControlService(control_pb2_grpc.ControlServicer):
             aside = await self._ops.drop_aside(request.volume, request.node, request.dataset)
         except OperationError as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        return _aside_message(aside, await self._keyspace.list_drops(aside.node))
+        drops = await self._keyspace.list_drops(aside.node)
+        return _aside_message(aside, any(d.dataset == aside.dataset for d in drops))
 
     async def _asides(self, volume: str) -> list[control_pb2.AsideCopy]:
         """Copies kept aside of ``volume`` (every volume's when empty), oldest first."""
-        drops = await self._keyspace.list_drops()
-        return [
-            _aside_message(a, drops)
-            for a in sorted(await self._keyspace.list_asides(), key=lambda a: a.kept_at)
-            if not volume or a.volume == volume
-        ]
+        view = await read_view(self._keyspace, (Kind.ASIDES, Kind.DROPS), volume=volume)
+        return _aside_messages(view)
 
     async def _guard(self, context: grpc.aio.ServicerContext, operation: object) -> object:
         try:
@@ -293,24 +304,34 @@ class ControlService(control_pb2_grpc.ControlServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
     async def _volume(self, name: str, context: grpc.aio.ServicerContext) -> control_pb2.Volume:
+        return (await self._volume_at(name, context))[0]
+
+    async def _volume_at(
+        self, name: str, context: grpc.aio.ServicerContext
+    ) -> tuple[control_pb2.Volume, int]:
+        """The volume from one view of its records, and the revision it was read at.
+
+        Refused (FAILED_PRECONDITION) if one of its records (not a copy kept
+        aside) does not decode: leaving it out would show no owner, mount or copy.
+        """
+        view = await read_view(self._keyspace, VOLUME_KINDS, volume=name)
         try:
-            return await self._read_volume(name, context)
+            view.check(name, *REPORTED_UNREADABLE)
         except UnreadableRecord as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-            raise
-
-    async def _read_volume(
-        self, name: str, context: grpc.aio.ServicerContext
-    ) -> control_pb2.Volume:
-        spec = await self._keyspace.get_volume(name)
+        spec = view.volumes.get(name)
         if spec is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"volume {name} does not exist")
         assert spec is not None
-        owner = await self._keyspace.get_owner(name)
-        move = await self._keyspace.get_move(name)
-        mounts = await self._keyspace.list_mounts(name)
-        copies = await self._keyspace.list_state(name)
-        return _volume_message(spec.value, owner, move, mounts, copies, await self._asides(name))
+        message = _volume_message(
+            spec.value,
+            view.owners.get(name),
+            view.moves.get(name),
+            view.mounts_of(name),
+            view.states_of(name),
+            _aside_messages(view),
+        )
+        return message, view.revision
 
 
 R = TypeVar("R", MountRecord, NodeState, AsideCopy)
@@ -355,7 +376,7 @@ def _rpo_notes(
     return notes
 
 
-def _by_volume(records: list[R]) -> dict[str, list[R]]:
+def _by_volume(records: Iterable[R]) -> dict[str, list[R]]:
     """Per-node records (mounts, state) grouped by the volume they are about."""
     grouped: dict[str, list[R]] = {}
     for record in records:
@@ -415,7 +436,6 @@ def _volume_message(
                 target=m.target,
                 phase=m.phase.value,
                 bytes_sent=m.bytes_sent,
-                attempt_bytes_sent=m.attempt_bytes_sent,
                 bytes_total=m.bytes_total,
                 rate_bps=m.rate_bps,
                 error=m.error,
@@ -441,7 +461,15 @@ def _event_message(event: Event) -> control_pb2.Event:
     )
 
 
-def _aside_message(aside: AsideCopy, drops: list[AsideDrop]) -> control_pb2.AsideCopy:
+def _aside_messages(view: ClusterView) -> list[control_pb2.AsideCopy]:
+    """The view's copies kept aside, oldest first."""
+    return [
+        _aside_message(a, view.drop_requested(a))
+        for a in sorted(view.asides, key=lambda a: a.kept_at)
+    ]
+
+
+def _aside_message(aside: AsideCopy, drop_requested: bool) -> control_pb2.AsideCopy:
     return control_pb2.AsideCopy(
         node=aside.node,
         dataset=aside.dataset,
@@ -450,7 +478,7 @@ def _aside_message(aside: AsideCopy, drops: list[AsideDrop]) -> control_pb2.Asid
         epoch=aside.epoch,
         used_bytes=aside.used_bytes,
         reason=aside.reason,
-        drop_requested=any((d.node, d.dataset) == (aside.node, aside.dataset) for d in drops),
+        drop_requested=drop_requested,
     )
 
 
@@ -504,25 +532,7 @@ async def serve(
 @click.command(context_settings={"auto_envvar_prefix": "FERRY", "show_default": True})
 @click.option("--etcd", required=True, help="etcd endpoints, HOST:PORT[,HOST:PORT...].")
 @click.option("--listen", default="0.0.0.0:7070", help="Address of the Control gRPC API.")
-@click.option("--tls-ca", default="", help="Cluster CA certificate (PEM).")
-@click.option("--tls-cert", default="", help="Control's certificate (PEM).")
-@click.option("--tls-key", default="", help="Control's private key (PEM).")
-@click.option("--insecure", is_flag=True, help="No TLS (development only; says so loudly).")
-@click.option("--etcd-prefix", default="/ferry/v1", help="Key prefix of Ferry's state in etcd.")
-@click.option(
-    "--metrics-address",
-    default="",
-    help="HOST:PORT of the Prometheus /metrics endpoint (HTTPS with control's certificate; "
-    "clients need one from the cluster CA); empty: no metrics (docs/operations.md).",
-)
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
-@click.option(
-    "--log-format",
-    default="text",
-    type=click.Choice(FORMATS),
-    help="text: time level logger message key=value...; json: one object per line, each "
-    "key=value a field.",
-)
+@service_flags(cert_help="Control's certificate (PEM).", key_help="Control's private key (PEM).")
 def main(
     etcd: str,
     listen: str,

@@ -24,14 +24,16 @@ import ipaddress
 import logging
 import secrets
 import socket
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
 
 import aetcd
+from aetcd import exceptions, rpc
 from aetcd.utils import prefix_range_end
 
-from ferry.cluster.etcd_tls import TlsClient
+from ferry.cluster.etcd_tls import CHANNEL_OPTIONS, TlsClient
 from ferry.core.records import (
     AsideCopy,
     AsideDrop,
@@ -50,7 +52,37 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "/ferry/v1"
-KINDS = ("volumes", "owners", "nodes", "state", "moves", "mounts", "asides", "drops", "events")
+
+
+class Kind(StrEnum):
+    """The kinds of key under the prefix: the first part of every key."""
+
+    VOLUMES = "volumes"
+    OWNERS = "owners"
+    NODES = "nodes"
+    STATE = "state"
+    MOVES = "moves"
+    MOUNTS = "mounts"
+    ASIDES = "asides"
+    DROPS = "drops"
+    EVENTS = "events"
+
+
+KINDS = tuple(Kind)
+RECORDS: dict[Kind, type[Any]] = {
+    Kind.VOLUMES: VolumeSpec,
+    Kind.OWNERS: Owner,
+    Kind.NODES: NodeInfo,
+    Kind.STATE: NodeState,
+    Kind.MOVES: Move,
+    Kind.MOUNTS: MountRecord,
+    Kind.ASIDES: AsideCopy,
+    Kind.DROPS: AsideDrop,
+    Kind.EVENTS: Event,
+}
+# Kinds whose keys name the volume first (``mounts/<volume>/<node>``); the others name the
+# node first (``state/<node>/<volume>``, ``asides/<node>/<leaf>``) or only (``nodes/<node>``).
+VOLUME_FIRST = (Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS)
 
 
 class AlreadyExists(Exception):
@@ -98,13 +130,50 @@ class Versioned(Generic[T]):
 
 
 @dataclass(frozen=True)
-class Change:
-    """One change seen by a watch: kind (``volumes``, ``owners``, ...), name, deleted or not."""
+class Place:
+    """Where a key sits: its kind, its name under the kind, and the volume and node it is
+    about ('' where the key names none: ``nodes/<node>`` no volume, ``asides/<node>/<leaf>``
+    only the node)."""
 
-    kind: str
+    kind: Kind
     name: str
+    volume: str
+    node: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change seen by a watch: which key (kind, volume, node), deleted or not."""
+
+    place: Place
     deleted: bool
     revision: int
+
+    @property
+    def kind(self) -> Kind:
+        return self.place.kind
+
+    @property
+    def name(self) -> str:
+        return self.place.name
+
+    @property
+    def volume(self) -> str:
+        return self.place.volume
+
+    @property
+    def node(self) -> str:
+        return self.place.node
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One key and its value as a read at one revision returned it."""
+
+    place: Place
+    key: bytes
+    value: bytes
+    mod_revision: int
 
 
 class Keyspace:
@@ -127,10 +196,69 @@ class Keyspace:
 
     def _volume_of(self, key: bytes) -> str:
         """The volume a key is about (``mounts/<v>/<node>``, ``state/<node>/<v>``, ...)."""
-        kind, _, rest = key.decode()[len(self._prefix) :].partition("/")
-        if kind == "state":
-            return rest.rpartition("/")[2]
-        return "" if kind == "nodes" else rest.partition("/")[0]
+        place = self.place(key)
+        return place.volume if place else ""
+
+    def place(self, key: bytes) -> Place | None:
+        """Where ``key`` sits; None for a key under the prefix of no known kind."""
+        kind, _, name = key.decode()[len(self._prefix) :].partition("/")
+        if kind not in KINDS:
+            return None
+        first, _, second = name.partition("/")
+        if kind in VOLUME_FIRST:
+            return Place(Kind(kind), name, first, second)
+        if kind == Kind.STATE:
+            return Place(Kind.STATE, name, second, first)
+        return Place(Kind(kind), name, "", first)
+
+    def decode(self, entry: Entry) -> Any:
+        """The record an entry holds (its kind's record class); UnreadableRecord if it does
+        not decode."""
+        return self._decode(entry.key, entry.value, RECORDS[entry.place.kind])
+
+    def scope(self, kind: Kind, volume: str = "", node: str = "") -> KeyRange:
+        """The keys of ``kind`` a read needs for one volume and/or one node ('' : all).
+
+        A kind narrows only by what its keys name first (the volume for
+        ``VOLUME_FIRST`` kinds, else the node); the rest is the caller's to filter.
+        """
+        first = volume if kind in VOLUME_FIRST else node
+        if first and kind in (Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.NODES):
+            return KeyRange(self._key(kind, first), b"")
+        start = self._key(kind, first, "") if first else self._key(kind, "")
+        return KeyRange(start, prefix_range_end(start))
+
+    async def read(self, ranges: Sequence[KeyRange]) -> tuple[int, list[Entry]]:
+        """Every key in ``ranges``, read in ONE etcd request at one revision, with it.
+
+        One transaction with no compare and a range request per range: etcd
+        serves all of them from the same revision, so a write cannot fall
+        between them (separate reads saw a spec's old node and the move that
+        replaced it). The request goes to aetcd's KV stub, not through its
+        ``transaction()``, which drops the response header and with it the
+        revision when every range is empty; errors are aetcd's (``ClientError``).
+        """
+        request = rpc.TxnRequest(
+            success=[
+                rpc.RequestOp(request_range=rpc.RangeRequest(key=r.key, range_end=r.range_end))
+                for r in ranges
+            ]
+        )
+        await self.client.connect()
+        try:
+            response = await self.client.kvstub.Txn(
+                request, timeout=self.client._timeout, metadata=self.client.metadata
+            )
+        except rpc.AioRpcError as error:
+            exceptions._handle_exception(error)
+            raise
+        entries = []
+        for op in response.responses:
+            for kv in op.response_range.kvs:
+                place = self.place(kv.key)
+                if place is not None:
+                    entries.append(Entry(place, kv.key, kv.value, kv.mod_revision))
+        return int(response.header.revision), entries
 
     async def _get(self, key: bytes, cls: type[T]) -> Versioned[T] | None:
         found = await self.client.get(key)
@@ -252,12 +380,6 @@ class Keyspace:
     async def get_owner(self, name: str) -> Versioned[Owner] | None:
         return await self._get(self._key("owners", name), Owner)
 
-    async def list_owners(
-        self, skipped: list[Unreadable] | None = None
-    ) -> dict[str, Versioned[Owner]]:
-        found = await self._list(self._key("owners", ""), Owner, skipped)
-        return {self._volume_of(key): owner for key, owner in found}
-
     async def claim_owner(self, name: str, node: str) -> bool:
         """Become the first owner (epoch 1) of a volume nobody owns."""
         return await self._put_if(self._key("owners", name), Owner(node, 1).to_json(), None)
@@ -343,26 +465,16 @@ class Keyspace:
         """What live nodes hold of ``volume``; an unreadable record of it raises (a purge
         must not take it for no copy at all)."""
         skipped: list[Unreadable] = []
-        found = await self.list_all_state(skipped)
+        found = await self._list(self._key("state", ""), NodeState, skipped)
         for record in skipped:
             if record.volume == volume:
                 raise UnreadableRecord(record)
-        return [state for state in found if state.volume == volume]
-
-    async def list_all_state(self, skipped: list[Unreadable] | None = None) -> list[NodeState]:
-        """What every live node reports holding, in one read."""
-        return [v.value for _, v in await self._list(self._key("state", ""), NodeState, skipped)]
+        return [v.value for _, v in found if v.value.volume == volume]
 
     # moves
 
     async def get_move(self, name: str) -> Versioned[Move] | None:
         return await self._get(self._key("moves", name), Move)
-
-    async def list_moves(
-        self, skipped: list[Unreadable] | None = None
-    ) -> dict[str, Versioned[Move]]:
-        found = await self._list(self._key("moves", ""), Move, skipped)
-        return {v.value.volume: v for _, v in found}
 
     async def put_move(self, move: Move, expected_revision: int | None) -> bool:
         return await self._put_if(
@@ -428,10 +540,6 @@ class Keyspace:
         as "not mounted" and let a handoff or delete go ahead."""
         found = await self._list(self._key("mounts", volume, ""), MountRecord, strict=True)
         return [v.value for _, v in found]
-
-    async def list_all_mounts(self, skipped: list[Unreadable] | None = None) -> list[MountRecord]:
-        """Every mount record of every volume, in one read."""
-        return [v.value for _, v in await self._list(self._key("mounts", ""), MountRecord, skipped)]
 
     # copies kept aside
 
@@ -508,9 +616,10 @@ class Keyspace:
         return int(nothing.header.revision)
 
     async def watch(
-        self, *kinds: str, start_revision: int | None = None
+        self, *kinds: Kind, start_revision: int | None = None
     ) -> AsyncGenerator[Change, None]:
-        """Changes under the given kinds (all when none), until the stream breaks.
+        """Changes under the given kinds (all when none), until the stream breaks; each says
+        which kind of key changed and the volume and node it is about.
 
         From ``start_revision`` when given (etcd replays what happened since,
         unless it was compacted: ``aetcd.exceptions.RevisionCompactedError``),
@@ -523,10 +632,9 @@ class Keyspace:
         watch = await self.client.watch_prefix(self._prefix.encode(), start_revision=start_revision)
         try:
             async for event in watch:
-                relative = event.kv.key.decode()[len(self._prefix) :]
-                kind, _, name = relative.partition("/")
-                if kind in wanted:
-                    yield Change(kind, name, event.kind == "DELETE", event.kv.mod_revision)
+                place = self.place(event.kv.key)
+                if place is not None and place.kind in wanted:
+                    yield Change(place, event.kind == "DELETE", event.kv.mod_revision)
         finally:
             await watch.cancel()
 
@@ -577,7 +685,7 @@ def endpoints_client(
     host, port = etcd_target(endpoints)
     if tls is not None:
         return TlsClient(host, port, tls, timeout=10)
-    return aetcd.Client(host=host, port=port, timeout=10)
+    return aetcd.Client(host=host, port=port, timeout=10, options=CHANNEL_OPTIONS)
 
 
 def etcd_target(endpoints: tuple[str, ...] | list[str]) -> tuple[str, int]:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from aetcd.exceptions import ClientError
 
-from ferry.cluster.keyspace import Change, Keyspace
+from ferry.cluster.keyspace import Change, Keyspace, Kind
 from ferry.core.records import VolumeSpec
 from tests.support.etcd import EtcdServer
 
@@ -42,7 +42,7 @@ async def test_a_watch_from_a_revision_replays_what_changed_since(keyspace: Keys
     before = await keyspace.revision()
     await keyspace.create_volume(spec("early"))
     assert await keyspace.claim_owner("early", "ct-n1")
-    changes = keyspace.watch("owners", start_revision=before + 1)
+    changes = keyspace.watch(Kind.OWNERS, start_revision=before + 1)
     try:
         change = await first(changes)
     finally:
@@ -53,7 +53,7 @@ async def test_a_watch_from_a_revision_replays_what_changed_since(keyspace: Keys
 
 async def test_a_watch_from_now_sees_only_later_changes(keyspace: Keyspace) -> None:
     await keyspace.create_volume(spec("old"))
-    changes = keyspace.watch("volumes", start_revision=await keyspace.revision() + 1)
+    changes = keyspace.watch(Kind.VOLUMES, start_revision=await keyspace.revision() + 1)
     try:
         await keyspace.create_volume(spec("new"))
         assert (await first(changes)).name == "new"
@@ -64,14 +64,14 @@ async def test_a_watch_from_now_sees_only_later_changes(keyspace: Keyspace) -> N
 async def test_a_watch_raises_when_etcd_stops_and_resumes_after_its_restart(
     etcd: EtcdServer, keyspace: Keyspace
 ) -> None:
-    changes = keyspace.watch("volumes", start_revision=await keyspace.revision() + 1)
+    changes = keyspace.watch(Kind.VOLUMES, start_revision=await keyspace.revision() + 1)
     await keyspace.create_volume(spec("before"))
     seen = await first(changes)
     await asyncio.to_thread(etcd.restart)
     with pytest.raises(ClientError):
         await first(changes)
     await keyspace.create_volume(spec("during"))
-    resumed = keyspace.watch("volumes", start_revision=seen.revision + 1)
+    resumed = keyspace.watch(Kind.VOLUMES, start_revision=seen.revision + 1)
     try:
         assert (await first(resumed)).name == "during"
     finally:

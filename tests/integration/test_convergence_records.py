@@ -14,19 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig
+import agent.service as agent_service
 from agent.control_client import ControlClient
 from agent.plugin import PluginError, VolumePlugin
 from agent.service import AgentService
 from agent.store import VolumeStore
 from agent.usage import DockerMounts
-from agent.zfs.volumes import PoolRoot
 from control.operations import VolumeOps
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.records import VolumeSpec
+from ferry.core.plan import Action, Actual, Desired
+from ferry.core.records import Move, VolumeSpec
 from ferry.security import ca
 from ferry.security.tls import TlsFiles
 from tests.support.etcd import ControlServer, EtcdServer, ferryctl
+from tests.support.etcd_requests import KvRecorder
+from tests.support.inprocess import registered_agent
 from tests.support.pools import ScratchPool, scratch_pool
 
 pytestmark = pytest.mark.integration
@@ -45,29 +47,14 @@ async def agent(
     pool: ScratchPool, keyspace: Keyspace, etcd: EtcdServer, tmp_path: Path
 ) -> AsyncIterator[tuple[AgentService, VolumeStore]]:
     """An agent that converges only when told (``converge()``), registered on a lease."""
-    config = AgentConfig(
-        node=NODE,
-        etcd=(etcd.endpoint,),
-        pool=pool.name,
-        listen="127.0.0.1:0",
-        advertise="127.0.0.1:1",
-        data_port=0,
-        mount_root=tmp_path / "mnt",
-        plugin_socket=None,
-        tls=None,
-        state_dir=tmp_path / "state",
-    )
-    store = VolumeStore(PoolRoot(pool.name), config.mount_root)
-    service = AgentService(config, keyspace, store)
-    await store.ensure_root()
-    await service._registration.register()
-    try:
-        yield service, store
-    finally:
-        await service._registration.lease.revoke()
-        for volume in await store.local_volumes():
-            await store.stop_writes(volume)
-            await store.destroy(volume)
+    async with registered_agent(NODE, pool.name, etcd.endpoint, keyspace, tmp_path) as agent:
+        _, store = agent
+        try:
+            yield agent
+        finally:
+            for volume in await store.local_volumes():
+                await store.stop_writes(volume)
+                await store.destroy(volume)
 
 
 def unique(base: str) -> str:
@@ -172,3 +159,55 @@ async def test_a_create_the_node_refuses_ends_failed_and_is_not_retried(
     assert resized.create_error == "", "a new size is a new try"
     await service.converge()
     assert name in await store.local_volumes()
+
+
+async def test_a_move_requested_while_a_pass_reads_is_planned_whole(
+    agent: tuple[AgentService, VolumeStore],
+    keyspace: Keyspace,
+    etcd: EtcdServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pass plans from one revision: the spec's new node and the move together, or neither.
+
+    Failed on the three-read pass: it read the volumes (node mv-conv), then the move
+    request landed, then it read the owners and the move to mv-away.
+    """
+    service, _ = agent
+    name = unique("split")
+    await keyspace.create_volume(VolumeSpec(name=name, size_bytes=16 << 20, node=NODE))
+    planned: list[Desired] = []
+
+    def record(desired: Desired, actual: Actual) -> list[Action]:
+        planned.append(desired)
+        return []
+
+    monkeypatch.setattr(agent_service, "plan", record)
+    other = etcd.client()
+    try:
+        mover = Keyspace(other)
+        assert await mover.claim_owner(name, NODE)
+
+        async def request_move() -> None:
+            spec, owner = await mover.get_volume(name), await mover.get_owner(name)
+            assert spec is not None and owner is not None
+            move = Move(volume=name, source=NODE, target="mv-away")
+            assert await mover.request_move(spec, owner, move, None)
+
+        requests = await KvRecorder(keyspace.client).install()
+        requests.after_next(request_move)
+        await service.converge()
+        await service.converge()
+        first, second = planned
+        seen = [
+            (d.volumes[name].node, d.moves[name].target if name in d.moves else "") for d in planned
+        ]
+        assert seen == [(NODE, ""), ("mv-away", "mv-away")], f"planned from two moments: {seen}"
+        assert first.owners[name].node == second.owners[name].node == NODE
+    finally:
+        spec = await keyspace.get_volume(name)
+        if spec is not None:
+            await keyspace.update_volume(
+                VolumeSpec(**{**spec.value.__dict__, "deleted": True}), spec.revision
+            )
+        await keyspace.purge_volume(name)
+        await other.close()

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from ferry.cluster.keyspace import AlreadyExists, Change, Keyspace, NodeChanged
+from ferry.cluster.keyspace import AlreadyExists, Change, Keyspace, Kind, NodeChanged
 from ferry.core.records import (
     AsideCopy,
     AsideDrop,
@@ -195,7 +195,7 @@ async def test_watch_sees_volume_and_owner_changes(keyspace: Keyspace) -> None:
     seen: list[Change] = []
 
     async def follow() -> None:
-        async for change in keyspace.watch("volumes", "owners"):
+        async for change in keyspace.watch(Kind.VOLUMES, Kind.OWNERS):
             seen.append(change)
             if len(seen) == 3:
                 return

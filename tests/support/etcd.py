@@ -357,7 +357,7 @@ class ControlServer(TestService):
         etcd: str,
         certs: ClusterCerts,
         log_dir: Path,
-        prefix: str = "/ferry/v1",
+        prefix: str = DEFAULT_PREFIX,
         insecure: bool = False,
     ) -> None:
         self.port = free_port()
