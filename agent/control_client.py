@@ -1,8 +1,9 @@
-"""The Docker plugin's requests to ferry-control, over gRPC with this node's certificate.
+"""The node's requests to ferry-control, over gRPC with this node's certificate.
 
-The plugin never writes volume specs to etcd itself: control decides what a
-node may ask for (``ferry.security.authz``: create, and move to itself), so etcd
-can deny nodes write access to ``volumes/``.
+Neither the Docker plugin nor the convergence loop writes volume specs to etcd
+itself: control decides what a node may ask for (``ferry.security.authz``:
+create, move to itself, report a failed create), so etcd denies nodes write
+access to ``volumes/``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 import grpc
 
 from agent.plugin import PluginError
+from ferry.core.plan import Create
+from ferry.security.certificates import CertificateWatch
 from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
@@ -26,18 +29,35 @@ CALL_TIMEOUT_SECONDS = 30.0
 class ControlClient:
     """``agent.plugin.ControlApi`` against ferry-control at ``address``."""
 
-    def __init__(self, address: str, tls: TlsFiles | None, here: str) -> None:
+    def __init__(self, address: str, tls: TlsFiles | CertificateWatch | None, here: str) -> None:
+        """With a CertificateWatch, a renewed certificate gets a new channel for the next call
+        (calls running on the old one finish there)."""
         self._address = address
         self._here = here
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(address)
-        else:
-            self._channel = grpc.aio.secure_channel(
-                address,
-                tls.channel_credentials(),
-                options=[("grpc.ssl_target_name_override", CONTROL_NAME)],
-            )
-        self._stub = control_pb2_grpc.ControlStub(self._channel)
+        self._tls = tls
+        self._generation = 0
+        self._channels: list[grpc.aio.Channel] = []
+        self._current: control_pb2_grpc.ControlStub | None = None
+
+    @property
+    def _stub(self) -> control_pb2_grpc.ControlStub:
+        tls = self._tls
+        if isinstance(tls, CertificateWatch):
+            tls.check()
+            if tls.generation != self._generation:
+                self._generation, self._current = tls.generation, None
+        if self._current is None:
+            if tls is None:
+                channel = grpc.aio.insecure_channel(self._address)
+            else:
+                channel = grpc.aio.secure_channel(
+                    self._address,
+                    tls.channel_credentials(),
+                    options=[("grpc.ssl_target_name_override", CONTROL_NAME)],
+                )
+            self._channels.append(channel)
+            self._current = control_pb2_grpc.ControlStub(channel)
+        return self._current
 
     async def create_volume(
         self, name: str, size: str, compression: str, node: str, replication: Mapping[str, str]
@@ -87,8 +107,20 @@ class ControlClient:
         except grpc.aio.AioRpcError as error:
             raise self._failed(error) from error
 
+    async def report_create_failure(self, create: Create, why: str) -> None:
+        """ZFS refused ``create`` for good: control stores why in the spec (nodes have no
+        write right on ``volumes/``)."""
+        request = control_pb2.CreateFailureRequest(
+            name=create.volume, uid=create.uid, size_bytes=create.size_bytes, error=why
+        )
+        try:
+            await self._stub.ReportCreateFailure(request, timeout=CALL_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as error:
+            raise self._failed(error) from error
+
     async def close(self) -> None:
-        await self._channel.close(grace=None)
+        for channel in self._channels:
+            await channel.close(grace=None)
 
     def _failed(self, error: grpc.aio.AioRpcError) -> PluginError:
         """Control's one-sentence answer as Docker shows it; an unreachable control says so."""

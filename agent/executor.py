@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 
 from agent import zfs
 from agent.replicas import Replicator
@@ -24,7 +23,6 @@ from ferry.core.plan import (
     DriveMove,
     Fence,
     Missing,
-    Purge,
     Replicate,
     SetAside,
 )
@@ -33,6 +31,10 @@ log = logging.getLogger(__name__)
 
 # ZFS refusing a create for reasons a retry does not change (too small, no room, bad value).
 CREATE_FAILED_FOR_GOOD = (zfs.NoSpace, zfs.QuotaExceeded, zfs.PropertyInvalid, zfs.NameInvalid)
+
+
+CreateFailureReport = Callable[[Create, str], Awaitable[None]]
+"""(the create, why): tell ferry-control that ZFS refused it for good."""
 
 
 class Executor:
@@ -47,6 +49,7 @@ class Executor:
         activation: Activation,
         wake: Callable[[], None],
         replicator: Replicator,
+        report_create_failure: CreateFailureReport,
     ) -> None:
         self._node = node
         self._keyspace = keyspace
@@ -55,6 +58,7 @@ class Executor:
         self._activation = activation
         self._wake = wake
         self._replicator = replicator
+        self._report_create_failure = report_create_failure
         self._moves: dict[str, asyncio.Task[None]] = {}
         self._replications: dict[str, asyncio.Task[None]] = {}
 
@@ -73,7 +77,7 @@ class Executor:
                 try:
                     await self._store.create(volume, size_bytes, compression, uid)
                 except CREATE_FAILED_FOR_GOOD as error:
-                    await self._create_failed(volume, error)
+                    await self._create_failed(action, error)
                     return
                 if await self._keyspace.claim_owner(volume, self._node):
                     log.info("volume created and owned: volume=%s node=%s", volume, self._node)
@@ -91,9 +95,6 @@ class Executor:
             case Destroy(volume):
                 await self._store.destroy(volume)
                 await self._keyspace.delete_state(self._node, volume)
-            case Purge(volume):
-                if not await self._keyspace.list_state(volume):
-                    await self._keyspace.purge_volume(volume)
             case SetAside(volume):
                 owner = await self._keyspace.get_owner(volume)
                 aside = await self._store.keep_aside(
@@ -114,23 +115,12 @@ class Executor:
                     volume,
                 )
 
-    async def _create_failed(self, volume: str, error: Exception) -> None:
-        """Write why the create failed into the spec, so this node stops retrying it and
-        ``volume get`` and Docker say so; only on the spec as read (a new size wins)."""
-        spec = await self._keyspace.get_volume(volume)
-        if spec is None or spec.value.deleted:
-            return
+    async def _create_failed(self, create: Create, error: Exception) -> None:
+        """Control stores why in the spec, so this node stops retrying it and ``volume get``
+        and Docker say so (only on the spec tried: a new size is a new try)."""
         why = f"{type(error).__name__}: {error}"
-        failed = replace(spec.value, create_error=why)
-        if await self._keyspace.update_volume(failed, spec.revision):
-            log.error(
-                "create failed: volume=%s node=%s size=%d error=%s; not retried: give it a "
-                "size the node can create (ferryctl volume update --size) or delete it",
-                volume,
-                self._node,
-                spec.value.size_bytes,
-                why,
-            )
+        log.error("create failed: volume=%s node=%s error=%s", create.volume, self._node, why)
+        await self._report_create_failure(create, why)
 
     async def _drive(self, volume: str) -> None:
         backoff = Backoff()

@@ -355,7 +355,7 @@ CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 
 async def serve(plugin: VolumePlugin, socket_path: Path) -> web.AppRunner:
     """Start serving on ``socket_path`` (replacing a stale socket file)."""
-    await asyncio.to_thread(_replace_socket_file, socket_path)
+    await asyncio.to_thread(replace_socket_file, socket_path)
     runner = web.AppRunner(make_app(plugin))
     await runner.setup()
     await web.UnixSite(runner, str(socket_path)).start()
@@ -363,6 +363,6 @@ async def serve(plugin: VolumePlugin, socket_path: Path) -> web.AppRunner:
     return runner
 
 
-def _replace_socket_file(socket_path: Path) -> None:
+def replace_socket_file(socket_path: Path) -> None:
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)

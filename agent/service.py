@@ -41,10 +41,11 @@ from agent.transfer.server import TransferService
 from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
+from ferry.cluster.etcd_tls import follow_renewals
 from ferry.cluster.events import EventLog
 from ferry.cluster.keyspace import Keyspace, Kind, endpoints_client
 from ferry.cluster.view import DESIRED_KINDS, read_view
-from ferry.core.plan import Action, Actual, Desired, plan
+from ferry.core.plan import Action, Actual, Create, Desired, plan
 from ferry.core.records import (
     NODE_STARTING,
     EventKind,
@@ -85,12 +86,22 @@ def _clock(when: float) -> str:
 class AgentService:
     """One host's agent."""
 
-    def __init__(self, config: AgentConfig, keyspace: Keyspace, store: VolumeStore) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        keyspace: Keyspace,
+        store: VolumeStore,
+        certificates: CertificateWatch | None = None,
+    ) -> None:
+        """``certificates``: the watch of ``config.tls`` that the etcd client dials with, if
+        one was made for it (renewals then reach etcd, gRPC and peers alike)."""
         self._config = config
         self._keyspace = keyspace
         self._store = store
         self._wakeup = asyncio.Event()
-        self._certificates = CertificateWatch(config.tls) if config.tls else None
+        if certificates is None and config.tls is not None:
+            certificates = CertificateWatch(config.tls)
+        self._certificates = certificates
         self._peers: dict[str, tuple[PeerClient, int]] = {}
         # Clients made before a certificate renewal: transfers may still run on them.
         self._retired: list[PeerClient] = []
@@ -98,6 +109,7 @@ class AgentService:
         local = PoolStore(store, self._mounts)
         events = EventLog(keyspace, config.node)
         self._driver = MoveDriver(config.node, keyspace, local, self._remote_peer, events=events)
+        self._control: ControlClient | None = None
         self._replicator = Replicator(config.node, keyspace, store, self._remote_peer)
         self._executor = Executor(
             config.node,
@@ -107,6 +119,7 @@ class AgentService:
             Activation(config.node, keyspace, local, finished=self._moved(events)),
             self._wakeup.set,
             self._replicator,
+            self._report_create_failure,
         )
         self._registration = Registration(
             keyspace,
@@ -140,7 +153,7 @@ class AgentService:
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="ferry-worker")
         )
-        control = ControlClient(self._config.control, self._config.tls, self._config.node)
+        control = self._control_client()
         plugin = VolumePlugin(
             node=self._config.node,
             keyspace=self._keyspace,
@@ -165,11 +178,12 @@ class AgentService:
             await self._store.ensure_root()
             # First, so an agent under a name another live agent holds touches nothing.
             await self._registration.register()
-            tasks.append(
+            tasks += [
                 asyncio.create_task(
                     self._registration.keep_alive(self._registered_again), name="lease"
-                )
-            )
+                ),
+                asyncio.create_task(follow_renewals(self._keyspace.client), name="etcd-renewal"),
+            ]
             await self._mounts.load()
             await self._recover()
             if self._certificates is not None:
@@ -205,6 +219,7 @@ class AgentService:
             if exporter is not None:
                 await exporter.cleanup()
             await control.close()
+            self._control = None
             if server is not None:
                 await server.stop(grace=2)
             if data is not None:
@@ -277,6 +292,17 @@ class AgentService:
             server.add_secure_port(self._config.listen, self._certificates.server_credentials())
         await server.start()
         return server
+
+    def _control_client(self) -> ControlClient:
+        """One client of ferry-control, made in the running loop on first use."""
+        if self._control is None:
+            self._control = ControlClient(
+                self._config.control, self._certificates, self._config.node
+            )
+        return self._control
+
+    async def _report_create_failure(self, create: Create, why: str) -> None:
+        await self._control_client().report_create_failure(create, why)
 
     def _registered_again(self) -> None:
         """A new lease: the state and mount keys went with the old one, so report them again."""
@@ -522,12 +548,13 @@ async def run(config: AgentConfig) -> None:
     Over mutual TLS with the node's own certificate (the etcd user of this
     node, see control.etcd_auth), or in plaintext when the agent runs insecure.
     """
-    client = await asyncio.to_thread(endpoints_client, config.etcd, config.tls)
+    certificates = CertificateWatch(config.tls) if config.tls else None
+    client = await asyncio.to_thread(endpoints_client, config.etcd, certificates)
     try:
         keyspace = Keyspace(client, config.etcd_prefix)
         store = VolumeStore(
             PoolRoot(config.pool), config.mount_root, events=EventLog(keyspace, config.node)
         )
-        await AgentService(config, keyspace, store).run()
+        await AgentService(config, keyspace, store, certificates).run()
     finally:
         await client.close()

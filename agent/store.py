@@ -276,20 +276,26 @@ class VolumeStore:
         """Destroy one copy kept aside (on an operator's request only); False if it was gone."""
         return await asyncio.to_thread(self._root.destroy_aside, dataset)
 
-    async def after_receive(self, volume: str, uid: str) -> None:
+    async def after_receive(
+        self, volume: str, uid: str, held: Sequence[SnapshotRef]
+    ) -> list[SnapshotRef]:
         """A received copy stays read-only and unmounted, stamped with the volume's uid;
-        older snapshots are pruned."""
-        await asyncio.to_thread(self._after_receive, volume, uid)
+        older snapshots among ``held`` (what the copy holds now) are pruned. Returns what
+        it then holds, without listing it again."""
+        return await asyncio.to_thread(self._after_receive, volume, uid, held)
 
-    def _after_receive(self, volume: str, uid: str) -> None:
+    def _after_receive(
+        self, volume: str, uid: str, held: Sequence[SnapshotRef]
+    ) -> list[SnapshotRef]:
         # A copy that receives is not the owner's: holds it kept for replicas as owner go.
         self._root.release_replica_holds(volume)
         self._root.set_property(volume, "canmount", "noauto")
         self._root.set_readonly(volume, True)
         if uid:
             self._root.stamp_uid(volume, uid)
-        names = [ref.name for ref in self._snapshots(volume) or ()]
-        self._destroy_snapshots(volume, prunable(names, keep=[]))
+        pruned = prunable([ref.name for ref in held], keep=[])
+        self._destroy_snapshots(volume, pruned)
+        return [ref for ref in held if ref.name not in pruned]
 
     async def take_snapshot(self, volume: str, epoch: int) -> SnapshotRef:
         existing = [ref.name for ref in await self.snapshots(volume) or ()]

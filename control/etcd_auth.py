@@ -53,7 +53,13 @@ class Right:
 
 
 # Own keys of control are its events' (events/control/...).
-CONTROL_WRITES = (Right("volumes"), Right("moves"), Right("drops"), Right("events", own=True))
+CONTROL_WRITES = (
+    Right("volumes"),
+    Right("moves"),
+    Right("drops"),
+    Right("owners", shared="only to remove a purged volume's owner with its spec and move"),
+    Right("events", own=True),
+)
 
 NODE_WRITES = (
     Right("nodes", own=True),
@@ -66,20 +72,11 @@ NODE_WRITES = (
         shared="the ownership compare-and-swap: an agent claims a new volume's first epoch, "
         "and a move's source hands the volume over to the target",
     ),
-    Right(
-        "moves",
-        shared="the source agent advances the move it runs, and purges it with the volume",
-    ),
+    Right("moves", shared="the source agent advances the move it runs"),
     Right(
         "mounts",
         shared="mounts/<volume>/<node> names the volume first, so etcd cannot grant one "
         "node's mounts alone; a forged mount record only blocks a delete or move",
-    ),
-    Right(
-        "volumes",
-        shared="the last agent to destroy a deleted volume's data purges its spec (only the "
-        "holders know when nothing is left); the Docker plugin creates and moves volumes "
-        "through ferry-control, never here. A purge by control would take this right away",
     ),
 )
 

@@ -205,6 +205,36 @@ class VolumeOps:
             raise Conflict(f"volume {name} changed while updating it; retry")
         return spec
 
+    async def record_create_failure(
+        self,
+        name: str,
+        tried: tuple[str, int],
+        error: str,
+        refusal: Callable[[VolumeSpec], str | None] = lambda spec: None,
+    ) -> None:
+        """Store why the node could not create the volume, on the spec it tried (``tried``:
+        uid and size), so that it stops retrying and ``volume get`` and Docker say why; a
+        namesake created since, or a new size (a new try), is left alone."""
+        current = await self._existing(name)
+        if (current.value.uid, current.value.size_bytes) != tried:
+            return
+        refused = refusal(current.value)
+        if refused is not None:
+            raise PermissionDenied(refused)
+        failed = replace(current.value, create_error=error)
+        if failed != current.value and not await self._keyspace.update_volume(
+            failed, current.revision
+        ):
+            raise Conflict(f"volume {name} changed while recording its failed create; retry")
+        log.error(
+            "create failed: volume=%s node=%s size=%d error=%s; not retried: give it a size "
+            "the node can create (ferryctl volume update --size) or delete it",
+            name,
+            current.value.node,
+            current.value.size_bytes,
+            error,
+        )
+
     async def delete(
         self,
         name: str,

@@ -7,6 +7,7 @@ transaction, so two racing requests cannot both win.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -19,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from control import metrics
 from control.operations import OperationError, PermissionDenied, Replication, VolumeOps
+from control.purger import purge_forever
 from control.replicas import ReplicaKeeper
 from ferry.cluster.events import CONTROL_WRITER, EventLog
 from ferry.cluster.keyspace import (
@@ -44,7 +46,13 @@ from ferry.core.records import (
 from ferry.flags import service_flags
 from ferry.logs import setup_logging
 from ferry.metrics import contexts, parse_address, serve_metrics
-from ferry.security.authz import CONTROL_API, NODE, delete_refusal, move_refusal
+from ferry.security.authz import (
+    CONTROL_API,
+    NODE,
+    create_failure_refusal,
+    delete_refusal,
+    move_refusal,
+)
 from ferry.security.gate import KindGate
 from ferry.security.tls import TlsFiles, endpoints, from_flags, warn_insecure
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
@@ -66,6 +74,7 @@ VOLUME_KINDS = (
 # (ListVolumes) or refused (GetVolume) when unreadable. A bad aside record is only logged.
 REPORTED_UNREADABLE = (Kind.VOLUMES, Kind.OWNERS, Kind.MOVES, Kind.MOUNTS, Kind.STATE)
 DELETE, MOVE = CONTROL_API + "DeleteVolume", CONTROL_API + "MoveVolume"
+CREATE_FAILURE = CONTROL_API + "ReportCreateFailure"
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
@@ -175,6 +184,23 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 f"{what}: {move.source} -> {move.target}, asked by {caller.name}",
             )
         return await self._volume(request.name, context)
+
+    async def ReportCreateFailure(
+        self, request: control_pb2.CreateFailureRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.CreateFailureReply:
+        caller = self._gate.caller(context)
+        try:
+            await self._ops.record_create_failure(
+                request.name,
+                (request.uid, request.size_bytes),
+                request.error,
+                refusal=lambda spec: create_failure_refusal(caller, spec.node, spec.name),
+            )
+        except PermissionDenied as error:
+            await self._gate.refuse(context, caller, CREATE_FAILURE, request.name, str(error))
+        except OperationError as error:
+            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        return control_pb2.CreateFailureReply()
 
     async def UpdateVolume(
         self, request: control_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
@@ -513,6 +539,7 @@ async def serve(
             metrics.REGISTRY, metrics_address, contexts(tls, None) if tls else None
         )
     await server.start()
+    purging = asyncio.create_task(purge_forever(keyspace), name="purge")
     keeper = asyncio.create_task(ReplicaKeeper(keyspace).run(), name="replicas")
     await health_service.set("ferry.v1.Control", health_pb2.HealthCheckResponse.SERVING)
     await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -523,6 +550,9 @@ async def serve(
         await server.wait_for_termination()
     finally:
         keeper.cancel()
+        purging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await purging
         await server.stop(grace=2)
         if exporter is not None:
             await exporter.cleanup()

@@ -14,7 +14,7 @@ import grpc
 from agent.transfer import data
 from agent.transfer.data import host_of
 from agent.transfer.options import CHANNEL_OPTIONS
-from agent.transfer.secure import SecureStream, stream_context
+from agent.transfer.secure import FRAMES, SecureStream, stream_context
 from agent.zfs import ZFSError
 from agent.zfs.streams import SnapshotStream
 from ferry.core.snapshots import SnapshotRef
@@ -81,6 +81,7 @@ class PeerClient:
         stated = transfer_pb2.StreamHeader()
         stated.CopyFrom(header)
         stated.encrypted = self._ssl is not None
+        stated.encrypted_format = FRAMES if stated.encrypted else 0
         call = self._stub.Receive(stated)
         replies = aiter(call)
         host = host_of(self.address)
@@ -91,6 +92,11 @@ class PeerClient:
                     await self._stream_plain(call, sock, source, on_progress)
                     done = (await self._expect(replies, "done")).done
             else:
+                if ticket.encrypted_format != FRAMES:
+                    raise TransferFailed(
+                        f"{self.node} runs an older Ferry whose encrypted streams this agent "
+                        "does not speak; upgrade it"
+                    )
                 stream = await data.connect_tls(
                     host, ticket.port, ticket.token, self._ssl, self.node
                 )

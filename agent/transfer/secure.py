@@ -1,21 +1,29 @@
-"""Encrypted data connections: TLS 1.3 with the bytes relayed in threads of their own.
+"""Encrypted data connections: mutual TLS 1.3 to meet, AES-256-GCM frames to move the stream.
 
-This kernel offers no kernel TLS (``tcp_available_ulp`` lists no ``tls``;
-docs/decisions.md), so every byte passes through OpenSSL in user space.
-The relay keeps that off the event loop: ``zfs`` works on one end of an
-8 MiB socket pair and a thread moves 1 MiB buffers between it and the TLS
-socket (TLS on memory buffers, so a MiB is one ``send``); OpenSSL and
-socket calls all run without the GIL. TLS 1.3
-negotiates AES-256-GCM here (AES-NI: about 3 GB/s a core, far above the
-pools' speed).
+TLS authenticates both ends (the receiver checks that the client certificate
+names the sender), carries the ticket's token, and then carries the stream
+key: KEY_BYTES random bytes the receiver draws for this one connection. The
+stream then moves on the same TCP connection as AES-256-GCM frames of up to
+FRAME_BYTES each. TLS's own records are 16 KiB: relaying them cost each side
+twice the CPU of these frames, on cores that ``zfs`` needs (docs/decisions.md,
+"Transfer"). This kernel has no kernel TLS, so the agent relays either way.
 
-The end of a stream is TLS's close_notify, sent only after ``zfs send``
-succeeded. The receiver takes any other end (a cut, a forged FIN) as a
-truncated stream (SSLEOFError): ``zfs receive`` then fails and leaves its
-copy as it was.
+A frame is a 4-byte big-endian length (of what follows) and the sealed
+payload: ciphertext and a 16-byte tag. The nonce is the frame's number (a
+96-bit counter from 0) and the length is the associated data, so a frame
+altered, resized, dropped, repeated or reordered on the way fails its tag. The
+key is fresh for every connection and never leaves TLS, so no nonce repeats
+under a key and no frame of another connection fits. The stream ends with an
+empty frame, sent only after ``zfs send`` succeeded: any other end is a cut
+(StreamCut), ``zfs receive`` then sees a truncated stream and leaves its copy
+as it was.
 
-The receiving side shakes hands on the event loop without blocking, so
-connections that never finish their handshake cost no thread.
+The relay keeps all this off the event loop: ``zfs`` works on one end of an
+8 MiB socket pair and a thread of its own moves whole frames between it and
+the connection (one system call per frame each way; socket calls and
+AES-GCM run without the GIL). The receiving side shakes hands on the event
+loop without blocking, so connections that never finish their handshake cost
+no thread.
 """
 
 from __future__ import annotations
@@ -23,16 +31,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable
-from typing import cast
+from io import RawIOBase
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.zfs import runner
 from ferry.security.tls import certificate_name
 
-RELAY_BYTES = 1 << 20
+FRAMES = 1
+"""The encrypted stream format this module speaks (``StreamHeader.encrypted_format``)."""
+FRAME_BYTES = 1 << 20
+KEY_BYTES = 32
+TAG_BYTES = 16
+_LENGTH = struct.Struct(">I")
+_NONCE_BYTES = 12
 # Between ``zfs`` and the relay: deep enough that neither waits while the other is not
 # scheduled (a pipe holds at most 1 MiB without CAP_SYS_RESOURCE).
 BUFFER_BYTES = 8 << 20
@@ -53,13 +72,57 @@ def stream_context(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
+class StreamCut(ConnectionError):
+    """The encrypted stream ended before its end frame, or a frame failed its check."""
+
+
+class FrameCipher:
+    """AES-256-GCM over numbered frames: one direction of one connection, one key."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+        self._number = 0
+
+    def _nonce(self) -> bytes:
+        nonce = self._number.to_bytes(_NONCE_BYTES, "big")
+        self._number += 1
+        return nonce
+
+    def seal_into(self, plain: memoryview, frame: memoryview) -> int:
+        """The next frame, of ``plain`` (at most FRAME_BYTES), into ``frame``; its length."""
+        sealed = len(plain) + TAG_BYTES
+        _LENGTH.pack_into(frame, 0, sealed)
+        header = bytes(frame[: _LENGTH.size])
+        end = _LENGTH.size + sealed
+        self._aead.encrypt_into(self._nonce(), plain, header, frame[_LENGTH.size : end])
+        return end
+
+    @staticmethod
+    def sealed_length(header: bytes) -> int:
+        """The length a frame's header announces; StreamCut if no frame can be that long."""
+        (sealed,) = _LENGTH.unpack(header)
+        if not TAG_BYTES <= sealed <= FRAME_BYTES + TAG_BYTES:
+            raise StreamCut(f"a frame of the encrypted stream announces {sealed} bytes")
+        return int(sealed)
+
+    def open_into(self, header: bytes, sealed: memoryview, plain: memoryview) -> int:
+        """The next frame's plain bytes into ``plain``; their count (0: the end frame)."""
+        count = len(sealed) - TAG_BYTES
+        try:
+            self._aead.decrypt_into(self._nonce(), sealed, header, plain[:count])
+        except InvalidTag as error:
+            raise StreamCut(
+                "a frame of the encrypted stream failed its check: altered, dropped or "
+                "reordered on the way"
+            ) from error
+        return count
+
+
 class SecureStream:
     """An admitted encrypted data connection; ``relayed`` counts stream bytes moved so far.
 
-    TLS runs on memory buffers (``ssl.MemoryBIO``) and the relay moves
-    whole buffers through the socket: one ``send`` per MiB of stream and
-    ``recv`` calls of up to a MiB, where a TLS socket makes one system call
-    or two per 16 KiB record, each a chance to wait for a core.
+    TLS runs on memory buffers (``ssl.MemoryBIO``) for the handshake, the
+    token and the stream key; the stream itself moves as frames (FrameCipher).
     """
 
     def __init__(
@@ -75,6 +138,7 @@ class SecureStream:
             server_side=server_side,
             server_hostname=server_name or None,
         )
+        self._frames: FrameCipher | None = None
 
     @property
     def cipher(self) -> str:
@@ -97,23 +161,23 @@ class SecureStream:
         self.sock.close()
 
     def write(self, data: bytes | memoryview) -> None:
-        """Blocking: encrypt ``data`` and send it."""
+        """Blocking: send ``data`` inside TLS."""
         self._tls.write(data)
         self.sock.sendall(self._outgoing.read())
 
     async def send(self, work: Callable[[int], None]) -> None:
-        """``work`` writes the stream into a channel; it is encrypted onto the connection.
+        """``work`` writes the stream into a channel; it goes onto the connection in frames.
 
-        close_notify follows only if ``work`` succeeded; otherwise the
+        The end frame follows only if ``work`` succeeded; otherwise the
         connection is cut and ``work``'s error raised. Cancelled, the
         connection is cut, both threads are awaited, and CancelledError raised.
         """
         read_fd, write_fd = _channel()
         await self._run(_closing(work, write_fd), _closing(self._encrypt_from, read_fd))
-        await asyncio.to_thread(self._close_notify)
+        await asyncio.to_thread(self._end)
 
     async def receive(self, work: Callable[[int], None]) -> None:
-        """The decrypted stream goes into a channel that ``work`` reads."""
+        """The stream, checked frame by frame, goes into a channel that ``work`` reads."""
         read_fd, write_fd = _channel()
         await self._run(_closing(work, read_fd), _closing(self._decrypt_into, write_fd))
 
@@ -167,7 +231,7 @@ class SecureStream:
             return
 
     async def read_exactly(self, size: int) -> bytes:
-        """Exactly ``size`` bytes, on the event loop; what follows stays for the relay."""
+        """Exactly ``size`` bytes from inside TLS, on the event loop."""
         loop = asyncio.get_running_loop()
         data = b""
         while len(data) < size:
@@ -181,59 +245,71 @@ class SecureStream:
             data += piece
         return data
 
+    def _read_exactly_blocking(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            try:
+                piece = self._tls.read(size - len(data))
+            except ssl.SSLWantReadError:
+                self._take(self.sock.recv(HANDSHAKE_READ_BYTES))
+                continue
+            if not piece:
+                raise StreamCut("the receiver ended TLS before it sent the stream key")
+            data += piece
+        return data
+
     def _take(self, piece: bytes) -> None:
         if not piece:
-            raise EOFError("connection closed before the stream began")
+            raise StreamCut("connection closed before the stream began")
         self._incoming.write(piece)
 
     def _encrypt_from(self, read_fd: int) -> None:
-        view = memoryview(bytearray(RELAY_BYTES))
+        """Wait for the receiver's key, then seal whole frames of what ``zfs send`` wrote."""
+        frames = FrameCipher(self._read_exactly_blocking(KEY_BYTES))
+        plain = memoryview(bytearray(FRAME_BYTES))
+        frame = memoryview(bytearray(_LENGTH.size + FRAME_BYTES + TAG_BYTES))
         with open(read_fd, "rb", buffering=0, closefd=False) as source:
-            while count := source.readinto(view):
-                self.write(view[:count])
+            while count := _fill(source, plain):
+                self.sock.sendall(frame[: frames.seal_into(plain[:count], frame)])
                 self.relayed += count
+        self._frames = frames
 
-    def _close_notify(self) -> None:
-        """The stream is whole: close_notify, then the end of what this side sends."""
-        with contextlib.suppress(ssl.SSLWantReadError):
-            self._tls.unwrap()
-        self.sock.sendall(self._outgoing.read())
+    def _end(self) -> None:
+        """The stream is whole: the end frame, then the end of what this side sends."""
+        assert self._frames is not None, "the relay ran"
+        frame = memoryview(bytearray(_LENGTH.size + TAG_BYTES))
+        self.sock.sendall(frame[: self._frames.seal_into(memoryview(b""), frame)])
         self.sock.shutdown(socket.SHUT_WR)
 
     def _decrypt_into(self, write_fd: int) -> None:
-        received = memoryview(bytearray(RELAY_BYTES))
-        plain = memoryview(bytearray(RELAY_BYTES))
-        with contextlib.suppress(OSError):  # wait for a good part of a buffer, not each record
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, RELAY_BYTES // 4)
+        """Send a fresh key inside TLS, then open frames into the channel up to the end frame."""
+        key = secrets.token_bytes(KEY_BYTES)
+        self.write(key)
+        frames = FrameCipher(key)
+        header = memoryview(bytearray(_LENGTH.size))
+        sealed = memoryview(bytearray(FRAME_BYTES + TAG_BYTES))
+        plain = memoryview(bytearray(FRAME_BYTES))
         while True:
-            filled, whole = self._decrypted(plain)
-            _write_all(write_fd, plain[:filled])
-            self.relayed += filled
-            if whole:
+            self._receive_exactly(header)
+            announced = bytes(header)
+            size = frames.sealed_length(announced)
+            self._receive_exactly(sealed[:size])
+            count = frames.open_into(announced, sealed[:size], plain)
+            if count == 0:
                 return
-            if filled == 0:
-                count = self.sock.recv_into(received)
-                if count:
-                    self._incoming.write(received[:count])
-                else:
-                    self._incoming.write_eof()
+            _write_all(write_fd, plain[:count])
+            self.relayed += count
 
-    def _decrypted(self, plain: memoryview) -> tuple[int, bool]:
-        """Fill ``plain`` from what arrived; True once close_notify came (the stream is whole).
-
-        An end without close_notify raises SSLEOFError: the stream was cut.
-        """
+    def _receive_exactly(self, view: memoryview) -> None:
+        """Fill ``view`` from the connection, one call for a whole frame as a rule."""
         filled = 0
-        while filled < len(plain):
-            try:
-                # Given a buffer, read() returns a count (typeshed says bytes).
-                count = cast(int, self._tls.read(len(plain) - filled, plain[filled:]))
-            except ssl.SSLWantReadError:
-                return filled, False
-            if count == 0:  # close_notify
-                return filled, True
+        while filled < len(view):
+            count = self.sock.recv_into(view[filled:], 0, socket.MSG_WAITALL)
+            if not count:
+                raise StreamCut(
+                    f"the encrypted stream was cut after {self.relayed} bytes, before its end"
+                )
             filled += count
-        return filled, False
 
 
 async def dial(
@@ -277,6 +353,14 @@ def _channel() -> tuple[int, int]:
     reading.shutdown(socket.SHUT_WR)
     writing.shutdown(socket.SHUT_RD)
     return reading.detach(), writing.detach()
+
+
+def _fill(source: RawIOBase, view: memoryview) -> int:
+    """Read until ``view`` is full or the source ends: whole frames, a short one only last."""
+    filled = 0
+    while filled < len(view) and (count := source.readinto(view[filled:])):
+        filled += count
+    return filled
 
 
 def _write_all(fd: int, view: memoryview) -> None:

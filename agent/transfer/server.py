@@ -15,6 +15,7 @@ leaves the dataset as it was.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -28,10 +29,11 @@ from agent.transfer.data import (
     pump,
     stream_bytes_received,
 )
-from agent.transfer.secure import SecureStream
-from agent.zfs import ZFSError
+from agent.transfer.secure import FRAMES, SecureStream
+from agent.zfs import SnapshotNotFound, ZFSError
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import VolumeSpec
+from ferry.core.snapshots import SnapshotRef
 from ferry.security.tls import peer_identity
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
 
@@ -78,6 +80,12 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                 f"{self._node} accepts only encrypted streams; start the agent of "
                 f"{request.sender} without --insecure-plain-streams",
             )
+        if request.encrypted and request.encrypted_format != FRAMES:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{request.sender} runs an older Ferry whose encrypted streams {self._node} "
+                "does not speak; upgrade it",
+            )
         if volume in self._holdings.receiving:
             await context.abort(
                 grpc.StatusCode.ABORTED,
@@ -94,7 +102,9 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             except ValueError as error:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self._node}: {error}")
             yield transfer_pb2.ReceiveReply(
-                ticket=transfer_pb2.DataTicket(token=ticket.token, port=self._data.port)
+                ticket=transfer_pb2.DataTicket(
+                    token=ticket.token, port=self._data.port, encrypted_format=FRAMES
+                )
             )
             try:
                 connection = await ticket.connection()
@@ -104,13 +114,14 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                     f"no data connection for {volume} arrived on port {self._data.port} "
                     "in time; is it blocked by a firewall?",
                 )
-            received = await self._receive(request, spec.uid, connection, context)
+            received, held = await self._receive(request, spec.uid, connection, context)
         finally:
             if ticket is not None:
                 self._data.discard(ticket)  # closes the connection it admitted
             self._holdings.receiving.discard(volume)
-        reply = await self._reply(volume, context)
-        reply.bytes_received = received
+        reply = transfer_pb2.HoldingsReply(volume=volume, node=self._node, bytes_received=received)
+        for ref in held:
+            reply.snapshots.add(name=ref.name, guid=ref.guid)
         yield transfer_pb2.ReceiveReply(done=reply)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> None:
@@ -154,8 +165,9 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         uid: str,
         connection: DataConnection,
         context: grpc.aio.ServicerContext,
-    ) -> int:
-        """Receive without force: ZFS itself refuses a copy modified since the base."""
+    ) -> tuple[int, list[SnapshotRef]]:
+        """Receive without force: ZFS itself refuses a copy modified since the base. Returns
+        the bytes received and the snapshots the copy then holds."""
         volume = header.volume
         work = self._holdings.receive_stream(volume, header.to_snapshot).read_from
         log.info(
@@ -166,6 +178,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             header.sender,
             header.epoch,
         )
+        started = time.monotonic()
         try:
             if isinstance(connection, SecureStream):
                 await connection.receive(work)
@@ -173,6 +186,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             else:
                 await pump(work, connection)
                 received = stream_bytes_received(connection)
+            streamed = time.monotonic() - started
         except (ZFSError, OSError) as error:
             reason = admission.refused_by_zfs(error, header.from_snapshot)
             if reason:
@@ -187,17 +201,27 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                 grpc.StatusCode.DATA_LOSS,
                 f"receive of {volume}@{header.to_snapshot} failed, copy left unchanged: {error}",
             )
-        guid = await self._holdings.guid(volume, header.to_snapshot)
+        held = await self._holdings.snapshots(volume) or []
+        guid = next((ref.guid for ref in held if ref.name == header.to_snapshot), None)
+        if guid is None:
+            raise SnapshotNotFound(self._holdings.snapshot_name(volume, header.to_snapshot))
         if header.to_guid and guid != header.to_guid:
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
                 f"received {volume}@{header.to_snapshot} has GUID {guid}, sender said "
                 f"{header.to_guid}",
             )
-        await self._holdings.after_receive(volume, uid)
+        held = await self._holdings.after_receive(volume, uid, held)
         self._received()
-        log.info("received: volume=%s snapshot=%s bytes=%d", volume, header.to_snapshot, received)
-        return received
+        log.info(
+            "received: volume=%s snapshot=%s bytes=%d stream_seconds=%.2f encrypted=%s",
+            volume,
+            header.to_snapshot,
+            received,
+            streamed,
+            header.encrypted,
+        )
+        return received, held
 
     async def _reply(
         self, volume: str, context: grpc.aio.ServicerContext

@@ -45,6 +45,7 @@ from ferry.core.records import (
     Owner,
     VolumeSpec,
 )
+from ferry.security.certificates import CertificateWatch
 from ferry.security.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -675,12 +676,13 @@ def grant_range(prefix: str, kind: str = "", node: str = "") -> KeyRange:
 
 
 def endpoints_client(
-    endpoints: tuple[str, ...] | list[str], tls: TlsFiles | None = None
+    endpoints: tuple[str, ...] | list[str], tls: TlsFiles | CertificateWatch | None = None
 ) -> aetcd.Client:
     """A client for etcd at ``endpoints`` (``HOST:PORT`` each); see ``etcd_target``.
 
     With ``tls``, over mutual TLS as the etcd user its certificate names
-    (``ferry.cluster.etcd_tls``); without, plaintext (an ``--insecure`` cluster).
+    (``ferry.cluster.etcd_tls``; a CertificateWatch lets ``follow_renewals`` take up a
+    renewal); without, plaintext (an ``--insecure`` cluster).
     """
     host, port = etcd_target(endpoints)
     if tls is not None:

@@ -104,13 +104,6 @@ class Destroy:
 
 
 @dataclass(frozen=True)
-class Purge:
-    """The volume was deleted and this node holds nothing of it any more."""
-
-    volume: str
-
-
-@dataclass(frozen=True)
 class SetAside:
     """The copy here is a deleted namesake's (another uid): keep it aside, never adopt it."""
 
@@ -124,9 +117,7 @@ class Missing:
     volume: str
 
 
-Action = (
-    Create | Claim | Fence | Activate | DriveMove | Replicate | Destroy | Purge | SetAside | Missing
-)
+Action = Create | Claim | Fence | Activate | DriveMove | Replicate | Destroy | SetAside | Missing
 
 
 def plan(desired: Desired, actual: Actual) -> list[Action]:
@@ -150,7 +141,7 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
         return []
     if spec.deleted:
         if local is None:
-            return [Purge(name)]
+            return []  # control purges the records once no node holds a copy
         if local.mounted and local.writable and owner is not None and owner.node == me:
             return [Fence(name), Destroy(name)]
         return [Destroy(name)]

@@ -151,6 +151,9 @@ def up(name: str, state_dir: Path, options: UpOptions) -> Layout:
         else:
             bootstrap_etcd(layout, bootstrap)
         start_control(layout, control_command, insecure)
+        for host in layout.hosts:
+            host.mount_root.mkdir(parents=True)
+            make_shared_mount(host.mount_root)
         agents_started = [
             (h, start_agent(layout, h, agent_command, insecure)) for h in layout.hosts
         ]

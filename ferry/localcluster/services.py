@@ -22,6 +22,7 @@ from ferry.localcluster.layout import (
     Layout,
 )
 from ferry.localcluster.processes import Started
+from ferry.security.ca import ETCD_SERVER_NAME
 
 log = logging.getLogger("local-cluster")
 
@@ -34,6 +35,8 @@ def etcd_tls_flags(layout: Layout) -> list[str]:
         "--client-cert-auth", "--trusted-ca-file", ca, "--cert-file", cert, "--key-file", key,
         "--peer-client-cert-auth", "--peer-trusted-ca-file", ca,
         "--peer-cert-file", cert, "--peer-key-file", key,
+        # Only a member certificate (it names "etcd") may be a peer: not a node's.
+        "--peer-cert-allowed-hostname", ETCD_SERVER_NAME,
     ]  # fmt: skip
 
 

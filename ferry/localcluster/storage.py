@@ -78,8 +78,11 @@ def mounts_under(directory: Path) -> list[Path]:
 
 
 def make_shared_mount(directory: Path) -> None:
-    """Bind the state dir onto itself as a shared mount, so that datasets mounted under it
-    later (pools, agent mounts) also appear inside each dockerd's private mount namespace."""
+    """Bind a directory onto itself as a shared mount, so that datasets mounted under it
+    later appear inside each dockerd's private mount namespace. The state dir gets one
+    (pools, agent mounts), and so does each agent's mount root: a managed plugin's
+    container makes the mount holding its root filesystem (the state dir's) private, so
+    only a mount root with a mount of its own keeps propagating new volumes into it."""
     run(["mount", "--bind", str(directory), str(directory)])
     run(["mount", "--make-shared", str(directory)])
 

@@ -43,6 +43,7 @@ HEALTH_API = "/grpc.health.v1.Health/"
 NODE_MOVE_LIMIT = "only to itself (a Docker Mount there)"
 NODE_DELETE_LIMIT = "only a volume its own plugin created, unmounted everywhere, not forced"
 NODE_CREATE_LIMIT = "any node (the plugin's -o node=); the spec records the node that asked"
+NODE_CREATE_FAILURE_LIMIT = "only for a volume placed on itself"
 
 RULES: dict[str, Rule] = {
     CONTROL_API + "CreateVolume": Rule(frozenset({USER, NODE}), True, NODE_CREATE_LIMIT),
@@ -56,6 +57,7 @@ RULES: dict[str, Rule] = {
     CONTROL_API + "ListAsides": Rule(frozenset({USER}), False),
     CONTROL_API + "DropAside": Rule(frozenset({USER}), True),
     CONTROL_API + "WatchEvents": Rule(frozenset({USER}), False),
+    CONTROL_API + "ReportCreateFailure": Rule(frozenset({NODE}), True, NODE_CREATE_FAILURE_LIMIT),
     TRANSFER_API + "Holdings": Rule(frozenset({NODE}), False),
     TRANSFER_API + "Receive": Rule(frozenset({NODE}), True),
     HEALTH_API + "Check": Rule(EVERYONE, False),
@@ -118,6 +120,16 @@ def move_refusal(caller: Caller, target: str) -> str | None:
         return (
             f"node {caller.name} may move a volume only to itself, not to {target!r}; "
             f"move it with 'ferryctl volume move' (a user certificate)"
+        )
+    return None
+
+
+def create_failure_refusal(caller: Caller, placed_on: str, volume: str) -> str | None:
+    """A node reports a failed create only for a volume placed on itself."""
+    if caller.checked and caller.kind == NODE and placed_on != caller.name:
+        return (
+            f"node {caller.name} may report a failed create only for a volume placed on "
+            f"itself; {volume} is placed on {placed_on}"
         )
     return None
 

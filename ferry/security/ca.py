@@ -96,12 +96,18 @@ def init(directory: Path, name: str = "ferry-cluster-ca") -> Path:
 
 
 def issue(
-    directory: Path, kind: str, name: str, ips: tuple[str, ...] = (), dns: tuple[str, ...] = ()
+    directory: Path,
+    kind: str,
+    name: str,
+    ips: tuple[str, ...] = (),
+    dns: tuple[str, ...] = (),
+    valid_days: float = VALID_DAYS,
 ) -> tuple[Path, Path]:
-    """Issue ``<name>.crt``/``<name>.key`` signed by the CA in ``directory``."""
+    """Issue ``<name>.crt``/``<name>.key`` signed by the CA in ``directory``, valid for
+    ``valid_days`` from now."""
     if kind not in KINDS:
         raise CAError(f"unknown certificate kind {kind!r}; use one of {', '.join(KINDS)}")
-    _check_reserved(kind, name)
+    _check_reserved(kind, name, dns)
     try:
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
         ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
@@ -130,7 +136,7 @@ def issue(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .not_valid_after(now + datetime.timedelta(days=valid_days))
         .add_extension(x509.SubjectAlternativeName([*names, *addresses]), critical=False)
         .add_extension(
             x509.ExtendedKeyUsage(
@@ -180,8 +186,9 @@ def issue_cluster(
     return issued
 
 
-def _check_reserved(kind: str, name: str) -> None:
-    """A reserved name only with its kind, and the etcd administrator only as ``root``.
+def _check_reserved(kind: str, name: str, dns: Sequence[str]) -> None:
+    """A reserved name only with its kind, and the etcd administrator only as ``root``; the
+    name members know each other by (ETCD_SERVER_NAME) only in a member's certificate.
 
     etcd grants by common name: a node certificate named ``root`` would be
     etcd's administrator, one named ``control`` would write every volume.
@@ -189,5 +196,10 @@ def _check_reserved(kind: str, name: str) -> None:
     owner = RESERVED_NAMES.get(name)
     if owner is not None and owner != kind:
         raise CAError(f"the name {name!r} is reserved for --kind {owner}; choose another name")
+    if kind != "etcd" and ETCD_SERVER_NAME in dns:
+        raise CAError(
+            f"the DNS name {ETCD_SERVER_NAME!r} is reserved for --kind etcd: etcd members "
+            "admit as peers only certificates that name it"
+        )
     if kind == "etcd-root" and name != "root":
         raise CAError("an etcd-root certificate is named root (etcd's administrator): --name root")

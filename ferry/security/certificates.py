@@ -5,7 +5,8 @@ Renewing a certificate is writing new files at the same paths. A
 at no more than once per CHECK_SECONDS), checks that the new certificate
 and key belong together and come from the CA, and only then serves them:
 gRPC server credentials ask it at each handshake, TLS contexts are made
-anew, and ``generation`` tells holders of client credentials to dial again.
+anew, and ``generation`` tells holders of client credentials to dial again
+(peers, and the etcd client: ``ferry.cluster.etcd_tls``).
 A renewal caught half-written (a new certificate with the old key) keeps
 the old files in service and is tried again at the next look, so nothing
 stops serving while an operator copies files.
@@ -124,6 +125,14 @@ class CertificateWatch:
             if purpose not in self._contexts:
                 self._contexts[purpose] = narrow(self.files.ssl_context(purpose))
             return self._contexts[purpose]
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """gRPC client credentials from the files in service; a renewal needs a new channel
+        (``generation`` says when)."""
+        loaded = self.check()
+        return grpc.ssl_channel_credentials(
+            root_certificates=loaded.ca, private_key=loaded.key, certificate_chain=loaded.cert
+        )
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """gRPC server credentials that take up a renewal at the next handshake."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +19,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.support.cluster import REPO, Cluster, ClusterHost
+from tests.support.cluster import Cluster, ClusterHost
 from tests.support.volumes import mountpoint, wait_for, writable_copies
+from tests.support.writer import acknowledged, lines_in, start_writer
 
 pytestmark = pytest.mark.cluster
 
@@ -77,13 +77,10 @@ class CopySampler:
         assert len(self.worst) <= 1, f"two writable copies at once: {self.worst}"
 
 
-def acknowledged(output: str) -> set[int]:
-    return {int(line.split()[1]) for line in output.splitlines() if line.startswith("ok ")}
-
-
 def lines_on(cluster: Cluster, host: ClusterHost, volume: str) -> set[int]:
-    out = cluster.run(host, ["cat", f"{mountpoint(host, volume)}/log"], check=False).stdout
-    return {int(line.split()[1]) for line in out.splitlines() if line.startswith("line ")}
+    return lines_in(
+        cluster.run(host, ["cat", f"{mountpoint(host, volume)}/log"], check=False).stdout
+    )
 
 
 @pytest.fixture
@@ -131,13 +128,14 @@ def both_registered(cluster: Cluster) -> bool:
 
 
 class MoveRequest:
-    """A move asked for; ``finish`` returns what the new owner's container read, if any."""
+    """A move asked for; ``finish`` returns the lines the new owner's container read, or None
+    when no container reads (a move asked with ferryctl)."""
 
     def check(self) -> None:
         """Raise if the request already failed."""
 
-    def finish(self) -> str:
-        return ""
+    def finish(self) -> set[int] | None:
+        return None
 
 
 def request_with_ferryctl(cluster: Cluster, volume: str, target: ClusterHost) -> MoveRequest:
@@ -163,10 +161,10 @@ class DockerRun(MoveRequest):
         if self.process.poll() is not None:
             self.finish()
 
-    def finish(self) -> str:
+    def finish(self) -> set[int]:
         out, err = self.process.communicate(timeout=150)
         assert self.process.returncode == 0, f"docker run on {self.target.name} failed: {err}"
-        return out
+        return lines_in(out)
 
 
 def request_with_docker_run(cluster: Cluster, volume: str, target: ClusterHost) -> MoveRequest:
@@ -231,20 +229,9 @@ def test_a_container_keeps_every_acknowledged_line_across_a_restart_and_a_move(
     on_b = lines_on(cluster, b, volume)
     assert written, "the writer acknowledged lines"
     assert written <= on_b, f"acknowledged lines missing on {b.name}: {sorted(written - on_b)}"
-    if read_by_docker:
-        assert written <= acknowledged_lines(read_by_docker)
-
-
-def acknowledged_lines(log: str) -> set[int]:
-    return {int(line.split()[1]) for line in log.splitlines() if line.startswith("line ")}
-
-
-def host_writer(
-    cluster: Cluster, host: ClusterHost, path: str, hold: bool
-) -> subprocess.Popen[str]:
-    """tests.support.writer on the host, outside Docker, in the agent's own mount namespace."""
-    argv = [sys.executable, "-m", "tests.support.writer", path, *(["--hold"] if hold else [])]
-    return subprocess.Popen([*host.run_prefix, *argv], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    if read_by_docker is not None:
+        missing = sorted(written - read_by_docker)
+        assert not missing, f"acknowledged lines the container on {b.name} did not read: {missing}"
 
 
 def test_a_writer_outside_docker_holding_its_file_open_is_waited_for(
@@ -252,7 +239,7 @@ def test_a_writer_outside_docker_holding_its_file_open_is_waited_for(
 ) -> None:
     """Like a database's WAL: the kernel shows the open file, the move waits for it."""
     a, b = docker_hosts(cluster)
-    writer = host_writer(cluster, a, f"{mountpoint(a, volume)}/log", hold=True)
+    writer = start_writer(f"{mountpoint(a, volume)}/log", hold=True, prefix=a.run_prefix)
     try:
         with CopySampler(cluster, volume):
             wait_for("the writer to start", lambda: lines_on(cluster, a, volume))
@@ -275,7 +262,7 @@ def test_a_writer_that_reopens_its_file_loses_no_acknowledged_line(
     it: its writes are then refused (the freeze, then no mountpoint to write into), and
     every line it was told was written is on the new owner."""
     a, b = docker_hosts(cluster)
-    writer = host_writer(cluster, a, f"{mountpoint(a, volume)}/log", hold=False)
+    writer = start_writer(f"{mountpoint(a, volume)}/log", hold=False, prefix=a.run_prefix)
     try:
         with CopySampler(cluster, volume):
             wait_for("the writer to start", lambda: lines_on(cluster, a, volume))

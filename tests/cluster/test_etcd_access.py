@@ -87,7 +87,9 @@ def test_without_a_certificate_of_the_cluster_ca_etcd_answers_nothing(
     assert asyncio.run(forged_owner()) is None
 
 
-def test_a_node_writes_its_own_records_and_not_another_nodes(cluster: Cluster, certs: Path) -> None:
+def test_a_node_writes_its_own_records_and_not_another_nodes_nor_a_volume_spec(
+    cluster: Cluster, certs: Path
+) -> None:
     me, other = cluster.hosts[0].name, cluster.hosts[1].name
     outcomes = probe(
         cluster,
@@ -100,6 +102,7 @@ def test_a_node_writes_its_own_records_and_not_another_nodes(cluster: Cluster, c
         f"event:{me}",
         f"event:{other}",
         "event:control",
+        "volume",
         "escalate",
     )
     assert refused(outcomes) == {
@@ -110,6 +113,7 @@ def test_a_node_writes_its_own_records_and_not_another_nodes(cluster: Cluster, c
         f"event:{me}": False,
         f"event:{other}": True,
         "event:control": True,
+        "volume": True,
         "escalate": True,
     }, outcomes
 

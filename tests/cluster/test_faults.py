@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -23,27 +25,33 @@ from tests.support.volumes import (
     MIB,
     checksums,
     finish_and_check,
-    mount_held,
     mountpoint,
+    move_error,
     sent,
     wait_for,
     writable_copies,
     write_random_on,
 )
+from tests.support.writer import acknowledged, lines_in, start_writer
 
 pytestmark = pytest.mark.cluster
+
+LOADED = 384 * MIB
+"""What the ``loaded`` volume holds."""
+CUT_AFTER = 16 * MIB
+"""How far the first send of it gets before the cut-link test cuts the link."""
 
 
 @pytest.fixture
 def loaded(cluster: Cluster) -> Iterator[tuple[str, dict[str, str]]]:
-    """A volume on the first host with 384 MiB of data, and its checksums."""
+    """A volume on the first host with LOADED bytes of data, and its checksums."""
     if cluster.kind != "local":
         pytest.skip("fault injection drives local-cluster agents")
     a = cluster.hosts[0]
     name = f"ft-{secrets.token_hex(3)}"
     cluster.ferryctl(["volume", "create", name, "--size", "1G", "--node", a.name])
     wait_for(f"{name} owned by {a.name}", lambda: cluster.volume(name)["owner"] == a.name)
-    write_random_on(cluster, a, f"{mountpoint(a, name)}/data", 384)
+    write_random_on(cluster, a, f"{mountpoint(a, name)}/data", LOADED // MIB)
     yield name, checksums(cluster, a, mountpoint(a, name))
     for host in cluster.hosts:
         if not _port_open(host.agent_address or ""):
@@ -60,19 +68,88 @@ def _port_open(address: str) -> bool:
     return True
 
 
+@contextmanager
+def slowed(cluster: Cluster, host: ClusterHost, rate: str) -> Iterator[None]:
+    """What ``host`` sends limited to ``rate`` (a token bucket on its link), for a while."""
+    limit = ["tbf", "rate", rate, "burst", "256kb", "latency", "400ms"]
+    cluster.run(host, ["tc", "qdisc", "add", "dev", "eth0", "root", *limit])
+    try:
+        yield
+    finally:
+        cluster.run(host, ["tc", "qdisc", "del", "dev", "eth0", "root"])
+
+
+class LogWriter:
+    """``tests.support.writer`` appending fsynced lines to ``log`` in the volume on ``host``,
+    from entering to ``stop`` (at the latest the exit). It reopens the file for each line, so
+    nothing holds the volume between two writes and a move may hand off under it (its writes
+    are refused then)."""
+
+    def __init__(self, cluster: Cluster, host: ClusterHost, name: str) -> None:
+        self._cluster = cluster
+        self._host = host
+        self._name = name
+        self._process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> LogWriter:
+        log = f"{mountpoint(self._host, self._name)}/log"
+        self._process = start_writer(log, hold=False, prefix=self._host.run_prefix)
+        wait_for("the writer to start", lambda: lines_on(self._cluster, self._host, self._name))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+    def stop(self) -> set[int]:
+        """Stop it; the numbers of the lines it was told were written."""
+        assert self._process is not None
+        self._process.kill()
+        said, _ = self._process.communicate()
+        acked = acknowledged(said)
+        assert len(acked) > 20, f"the writer wrote during the move: {said[-400:]}"
+        return acked
+
+
+def lines_on(cluster: Cluster, host: ClusterHost, name: str) -> set[int]:
+    """The lines a LogWriter's file holds in the host's copy of the volume."""
+    out = cluster.run(host, ["cat", f"{mountpoint(host, name)}/log"], check=False).stdout
+    return lines_in(out)
+
+
+def finish_with_every_line(
+    cluster: Cluster, name: str, data: dict[str, str], target: ClusterHost, writer: LogWriter
+) -> None:
+    """``finish_and_check`` for a volume a LogWriter writes to: the data written before the
+    move, and every line the writer was told was written, are on the target."""
+    wait_for("the move to finish", lambda: cluster.volume(name)["owner"] == target.name, 180)
+    wait_for("the target to serve it", lambda: writable_copies(cluster, name) == [target.name], 60)
+    time.sleep(1)  # the writer's writes on the source are refused now
+    acked = writer.stop()
+    lost = sorted(acked - lines_on(cluster, target, name))
+    assert not lost, f"acknowledged lines lost on {target.name}: {lost}"
+    there = checksums(cluster, target, mountpoint(target, name))
+    assert {file: there.get(file) for file in data} == data
+
+
 @pytest.mark.parametrize("victim", [0, 1], ids=["source", "target"])
 def test_an_agent_killed_mid_transfer_leaves_the_source_owner_and_the_move_completes(
     cluster: Cluster, loaded: tuple[str, dict[str, str]], victim: int
 ) -> None:
+    """Killed in the middle of the first, full send (the source's link is slowed to 10 MB/s
+    until then, so the send is surely still running)."""
     name, data = loaded
     a, b = cluster.hosts[0], cluster.hosts[1]
-    cluster.ferryctl(["volume", "move", name, b.name])
-    wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
-    cluster.agent(cluster.hosts[victim].name, "kill")
+    with slowed(cluster, a, "80mbit"):
+        cluster.ferryctl(["volume", "move", name, b.name])
+        wait_for("the full send to be under way", lambda: sent(cluster, name) >= CUT_AFTER, 60)
+        cluster.agent(cluster.hosts[victim].name, "kill")
     info = cluster.volume(name)
     assert (info["owner"], info["epoch"]) == (a.name, 1)
-    # Writable on the source, or read-only there if the handoff had begun: never on both.
-    assert writable_copies(cluster, name) in ([a.name], [])
+    move = info["move"]
+    assert move["phase"] == "precopy" and move["bytes_sent"] < LOADED, f"not in flight: {move}"
+    assert writable_copies(cluster, name) == [a.name]
     time.sleep(2)
     cluster.agent(cluster.hosts[victim].name, "start")
     finish_and_check(cluster, name, data, b)
@@ -138,35 +215,69 @@ def test_a_source_dead_before_releasing_its_transfer_holds_finishes_the_move(
 def test_the_source_dying_around_the_ownership_swap_loses_nothing(
     cluster: Cluster, loaded: tuple[str, dict[str, str]], failpoint: str
 ) -> None:
+    """A writer appends and fsyncs a line every 50 ms on the source through the whole move (it
+    reopens its file for each line, so nothing holds the volume and the move may hand off
+    under it). Dead before the swap, the source still owns the volume and its copy stays
+    frozen: no copy is writable until it comes back. Dead after it, the target owns the
+    volume and serves it alone, without the source. Either way the move ends with exactly
+    one writable copy, on the target, holding every line the writer was told was written."""
     name, data = loaded
     a, b = cluster.hosts[0], cluster.hosts[1]
-    _move_until_the_source_dies_at(cluster, name, failpoint)
-    expected_owner = a.name if failpoint == "handoff.before_cas" else b.name
-    assert cluster.volume(name)["owner"] == expected_owner
-    assert len(writable_copies(cluster, name)) <= 1
-    cluster.agent(a.name, "start")
-    finish_and_check(cluster, name, data, b)
+    with LogWriter(cluster, a, name) as writer:
+        _move_until_the_source_dies_at(cluster, name, failpoint)
+        if failpoint == "handoff.before_cas":
+            assert cluster.volume(name)["owner"] == a.name
+            time.sleep(3)  # the target's agent, live, must not make its copy writable
+            assert writable_copies(cluster, name) == []
+        else:
+            assert cluster.volume(name)["owner"] == b.name
+            wait_for(
+                f"{b.name} to serve the volume with the source down",
+                lambda: writable_copies(cluster, name) == [b.name],
+                60,
+            )
+        cluster.agent(a.name, "start")
+        finish_with_every_line(cluster, name, data, b, writer)
 
 
 def test_a_cut_link_to_the_target_delays_the_move_and_it_completes(
     cluster: Cluster, loaded: tuple[str, dict[str, str]]
 ) -> None:
+    """The target's link goes down in the middle of the first, full send (the source's link
+    is slowed to 10 MB/s until then, so the send is surely still running): the send fails and
+    the move record says why, no byte more arrives and the source stays the one writable
+    owner while the link is down. Once it is back the move sends the stream again from the
+    start (no resumable receive on zfs-fuse) and completes, every byte on the target and no
+    half-received copy left there (tests/integration/test_handoff_failure.py covers a cut
+    during the handoff)."""
     name, data = loaded
     a, b = cluster.hosts[0], cluster.hosts[1]
-    # While a container on a mounts the volume the move cannot hand off, so the cut
-    # lands in the pre-copy whatever the timing (tests/integration/test_handoff_failure.py
-    # covers a cut during the handoff).
-    with mount_held(cluster, name, a.name):
+    with slowed(cluster, a, "80mbit"):
         cluster.ferryctl(["volume", "move", name, b.name])
-        wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
+        wait_for("the full send to be under way", lambda: sent(cluster, name) >= CUT_AFTER, 60)
         cluster.run(b, ["ip", "link", "set", "eth0", "down"])
-        try:
-            time.sleep(12)
-            assert cluster.volume(name)["owner"] == a.name
-            assert writable_copies(cluster, name) == [a.name]
-        finally:
-            cluster.run(b, ["ip", "link", "set", "eth0", "up"])
+    try:
+        cut = cluster.volume(name)["move"]
+        assert cut["phase"] == "precopy" and cut["bytes_sent"] < LOADED, f"not in flight: {cut}"
+        wait_for("the cut to fail the send", lambda: b.name in move_error(cluster, name), 60)
+        time.sleep(1)
+        failed = cluster.volume(name)["move"]
+        time.sleep(5)  # retries meanwhile find no way to the target either
+        during = cluster.volume(name)
+        assert during["owner"] == a.name and during["move"]["phase"] == "precopy"
+        assert during["move"]["bytes_sent"] == failed["bytes_sent"] < LOADED
+        assert during["move"]["attempt"] >= 1
+        assert writable_copies(cluster, name) == [a.name]
+    finally:
+        cluster.run(b, ["ip", "link", "set", "eth0", "up"])
     finish_and_check(cluster, name, data, b)
+    done = cluster.volume(name)["move"]
+    assert (done["phase"], done["error"]) == ("done", "")
+    assert done["bytes_sent"] >= CUT_AFTER + LOADED, "the cut stream was sent again in full"
+    dataset = f"{b.pool}/ferry/{name}"
+    held = cluster.run(b, ["zfs", "list", "-H", "-r", "-t", "all", "-o", "name", b.pool]).stdout
+    copies = [line for line in held.split() if name in line]
+    assert all(c == dataset or c.startswith(f"{dataset}@ferry-") for c in copies), copies
 
 
 def _stub(
@@ -257,14 +368,22 @@ def test_a_user_certificate_cannot_call_an_agents_peer_rpcs(cluster: Cluster) ->
 def test_etcd_restarted_mid_move_loses_nothing_and_the_move_completes(
     cluster: Cluster, loaded: tuple[str, dict[str, str]]
 ) -> None:
+    """A writer on the source writes through the move and etcd's restart; every line it was
+    told was written is on the target."""
     name, data = loaded
-    b = cluster.hosts[1]
-    cluster.ferryctl(["volume", "move", name, b.name])
-    wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
-    cluster.local_process("etcd", "kill")
-    time.sleep(3)
-    cluster.local_process("etcd", "start")
-    finish_and_check(cluster, name, data, b)
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    with LogWriter(cluster, a, name) as writer:
+        cluster.ferryctl(["volume", "move", name, b.name])
+        wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
+        cluster.local_process("etcd", "kill")
+        time.sleep(3)
+        cluster.local_process("etcd", "start")
+        wait_for(
+            "control to read etcd again",
+            lambda: cluster.ferryctl(["volume", "get", name], check=False).returncode == 0,
+            60,
+        )
+        finish_with_every_line(cluster, name, data, b, writer)
     assert cluster.volume(name)["epoch"] == 2
 
 

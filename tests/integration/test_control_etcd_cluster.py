@@ -4,6 +4,9 @@ losing the member in use loses nothing."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +14,9 @@ from aetcd.exceptions import ClientError
 
 from ferry.cluster.keyspace import Keyspace, endpoints_client
 from ferry.core.records import VolumeSpec
-from tests.support.etcd import EtcdCluster
+from ferry.security import ca
+from ferry.security.tls import TlsFiles
+from tests.support.etcd import EtcdCluster, EtcdServer
 
 pytestmark = pytest.mark.integration
 
@@ -48,3 +53,29 @@ async def test_the_keyspace_moves_to_another_member_when_the_first_dies(
         assert names == ["after", "before"]
     finally:
         await client.close()
+
+
+def peer_answers(member: EtcdServer, tls: TlsFiles) -> bool:
+    """Whether ``member``'s peer port serves a client with ``tls`` (raft's HTTP ``/members``)."""
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    context.check_hostname = False
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    try:
+        with urllib.request.urlopen(f"{member.peer_url}/members", context=context, timeout=5):
+            return True
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def test_only_a_member_certificate_is_a_peer_not_another_of_the_same_ca(
+    cluster: EtcdCluster,
+) -> None:
+    """A node's certificate, issued for its host's address as real ones are, is valid for the
+    cluster CA but does not name ``etcd``: a member refuses it on the peer port, so such a
+    host can neither join nor speak raft."""
+    name = "ct-peer-intruder"
+    ca.issue(cluster.certs.directory, "node", name, ips=("127.0.0.1",))
+    intruder = cluster.certs.files(name)
+    for member in cluster.members:
+        assert peer_answers(member, cluster.certs.etcd_member), "members serve each other"
+        assert not peer_answers(member, intruder), f"{member.name} took a node's certificate"

@@ -44,10 +44,20 @@ def pool() -> Iterator[ScratchPool]:
 
 @pytest.fixture
 async def agent(
-    pool: ScratchPool, keyspace: Keyspace, etcd: EtcdServer, tmp_path: Path
+    pool: ScratchPool,
+    keyspace: Keyspace,
+    etcd: EtcdServer,
+    control: ControlServer,
+    tmp_path: Path,
 ) -> AsyncIterator[tuple[AgentService, VolumeStore]]:
-    """An agent that converges only when told (``converge()``), registered on a lease."""
-    async with registered_agent(NODE, pool.name, etcd.endpoint, keyspace, tmp_path) as agent:
+    """An agent that converges only when told (``converge()``), registered on a lease; it
+    reports to ferry-control with a node certificate."""
+    certs = control.certs.directory
+    ca.issue(certs, "node", NODE)
+    tls = TlsFiles(certs / "ca.crt", certs / f"{NODE}.crt", certs / f"{NODE}.key")
+    async with registered_agent(
+        NODE, pool.name, etcd.endpoint, keyspace, tmp_path, 60, tls, control.address
+    ) as agent:
         _, store = agent
         try:
             yield agent
@@ -138,7 +148,6 @@ async def test_a_create_the_node_refuses_ends_failed_and_is_not_retried(
     assert f"failed: node {NODE} could not create it" in shown.stdout
 
     certs = control.certs.directory
-    ca.issue(certs, "node", NODE)
     node_tls = TlsFiles(certs / "ca.crt", certs / f"{NODE}.crt", certs / f"{NODE}.key")
     to_control = ControlClient(control.address, node_tls, NODE)
     plugin = VolumePlugin(

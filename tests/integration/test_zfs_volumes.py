@@ -240,7 +240,7 @@ async def test_created_and_received_copies_carry_the_volume_uid(
     assert zfs.lzc_get_props(root.dataset("copy")).get(UID_PROPERTY) is None, (
         "a stream carries no properties: the receiver must stamp the uid"
     )
-    await store.after_receive("copy", "c0ffee")
+    await store.after_receive("copy", "c0ffee", await store.snapshots("copy") or [])
     await store.create("unstamped", 8 << 20, "off", "")
     await store.activate(VolumeSpec(name="unstamped", size_bytes=8 << 20, node="n1", uid="beef"))
     local = await store.local_volumes()

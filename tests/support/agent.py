@@ -90,12 +90,18 @@ class AgentProcess(TestService):
 
     async def plugin_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST a Docker plugin call to the agent's socket, as dockerd does; the JSON reply."""
-        connector = aiohttp.UnixConnector(path=str(self.plugin_socket))
-        async with (
-            aiohttp.ClientSession(connector=connector) as session,
-            session.post(f"http://plugin{path}", data=json.dumps(body)) as reply,
-        ):
-            return dict(json.loads(await reply.read()))
+        return await plugin_call(self.plugin_socket, path, body)
+
+
+async def plugin_call(socket_path: Path, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST a Docker plugin call (``/VolumeDriver.Remove``...) to a plugin socket, as dockerd
+    does, with no Docker in between to refuse first; the JSON reply."""
+    connector = aiohttp.UnixConnector(path=str(socket_path))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(f"http://plugin{path}", data=json.dumps(body)) as reply,
+    ):
+        return dict(json.loads(await reply.read()))
 
 
 def _children(parent: int) -> list[int]:

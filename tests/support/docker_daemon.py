@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import docker
+import pytest
 from docker.errors import DockerException
 
 from tests.support.service import TestService
@@ -59,6 +60,8 @@ class DockerDaemon(TestService):
         return self._client
 
     def start(self) -> None:
+        if shutil.which("dockerd") is None:
+            pytest.fail("no dockerd command: run deploy/install.sh --dev (docker.io)")
         command = [
             "dockerd",
             f"--data-root={self.root / 'data'}",

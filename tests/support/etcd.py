@@ -44,6 +44,7 @@ from control import etcd_auth
 from ferry.cluster.keyspace import DEFAULT_PREFIX, Keyspace, endpoints_client
 from ferry.core.records import NodeInfo
 from ferry.security import ca
+from ferry.security.ca import ETCD_SERVER_NAME
 from ferry.security.tls import TlsFiles
 from tests.support.service import TestService
 
@@ -161,6 +162,7 @@ class EtcdServer(TestService):
             "--peer-trusted-ca-file", str(ca),
             "--peer-cert-file", str(member.cert),
             "--peer-key-file", str(member.key),
+            "--peer-cert-allowed-hostname", ETCD_SERVER_NAME,
         ]  # fmt: skip
 
     def launch(self, initial_cluster: str = "", token: str = "") -> None:

@@ -20,16 +20,24 @@ from agent.zfs.volumes import PoolRoot
 from control.server import ControlService
 from ferry.cluster.keyspace import Keyspace
 from ferry.security.gate import KindGate
+from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2_grpc
 
 
 @contextlib.asynccontextmanager
 async def registered_agent(
-    node: str, pool: str, etcd: str, keyspace: Keyspace, workdir: Path, lease_ttl: int = 10
+    node: str,
+    pool: str,
+    etcd: str,
+    keyspace: Keyspace,
+    workdir: Path,
+    lease_ttl: int = 10,
+    tls: TlsFiles | None = None,
+    control: str = "",
 ) -> AsyncIterator[tuple[AgentService, VolumeStore]]:
     """An agent that converges only when told (``converge()``), registered on a lease that
-    is not kept alive (it may expire before the end on a loaded machine); insecure, no
-    plugin socket."""
+    is not kept alive (it may expire before the end on a loaded machine); no plugin socket;
+    insecure unless ``tls`` is given (then it reports to ferry-control at ``control``)."""
     config = AgentConfig(
         node=node,
         etcd=(etcd,),
@@ -39,9 +47,10 @@ async def registered_agent(
         data_port=0,
         mount_root=workdir / "mnt",
         plugin_socket=None,
-        tls=None,
+        tls=tls,
         state_dir=workdir / "state",
         lease_ttl=lease_ttl,
+        control=control,
     )
     store = VolumeStore(PoolRoot(pool), config.mount_root)
     service = AgentService(config, keyspace, store)

@@ -31,7 +31,7 @@ from agent.transfer.server import TransferService
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.plan import Activate, DriveMove
+from ferry.core.plan import Activate, Create, DriveMove
 from ferry.core.records import Move, VolumeSpec
 from protos.ferry.v1 import transfer_pb2_grpc
 from tests.support.pools import ScratchPool
@@ -55,6 +55,10 @@ class Node:
 
     def path(self, volume: str) -> Path:
         return self.store.mountpoint(volume)
+
+
+async def _no_control(create: Create, why: str) -> None:
+    raise AssertionError(f"create of {create.volume} failed ({why}); these nodes have no control")
 
 
 @asynccontextmanager
@@ -94,7 +98,9 @@ async def running_nodes(
             driver = MoveDriver(name, keyspace, local, connect)
             activation = Activation(name, keyspace, local)
             replicator = Replicator(name, keyspace, store, connect)
-            executor = Executor(name, keyspace, store, driver, activation, lambda: None, replicator)
+            executor = Executor(
+                name, keyspace, store, driver, activation, lambda: None, replicator, _no_control
+            )
             nodes[name] = Node(name, root, store, workdir / name, address, mounts, driver, executor)
         yield nodes
     finally:

@@ -4,14 +4,38 @@
 stays open for writing (a database's WAL); without it, each line opens,
 appends, fsyncs and closes. Every line printed as ``ok N`` was fsynced
 (acknowledged); a refused write prints ``err N <errno>`` and the writer
-goes on trying, so a test sees exactly when writes stopped.
+goes on trying, so a test sees exactly when writes stopped. ``start_writer`` runs it
+on a cluster host; ``acknowledged`` and ``lines_in`` read what it said and wrote.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start_writer(path: str, hold: bool, prefix: Sequence[str] = ()) -> subprocess.Popen[str]:
+    """This writer on ``path``, run through ``prefix`` (a cluster host's run prefix: the host's
+    network namespace, the agent's own mount namespace); its stdout is piped."""
+    argv = [sys.executable, "-m", "tests.support.writer", path, *(["--hold"] if hold else [])]
+    return subprocess.Popen([*prefix, *argv], stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def acknowledged(output: str) -> set[int]:
+    """The numbers of the lines a writer said were fsynced (``ok N``)."""
+    return {int(line.split()[1]) for line in output.splitlines() if line.startswith("ok ")}
+
+
+def lines_in(log: str) -> set[int]:
+    """The numbers of the lines a writer's file holds (``line N``)."""
+    return {int(line.split()[1]) for line in log.splitlines() if line.startswith("line ")}
 
 
 def main() -> None:

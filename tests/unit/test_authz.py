@@ -46,7 +46,7 @@ def test_docs_show_the_same_table_as_the_code() -> None:
     }
 
 
-def test_users_never_call_agents_and_nodes_only_what_their_plugin_needs() -> None:
+def test_users_never_call_agents_and_nodes_only_what_their_plugin_and_creates_need() -> None:
     user, node = Caller("alice", authz.USER), Caller("host1", authz.NODE)
     for method in ("/ferry.v1.Transfer/Holdings", "/ferry.v1.Transfer/Receive"):
         assert "may not call" in str(refusal(method, user))
@@ -58,7 +58,11 @@ def test_users_never_call_agents_and_nodes_only_what_their_plugin_needs() -> Non
         "/ferry.v1.Control/CreateVolume",
         "/ferry.v1.Control/MoveVolume",
         "/ferry.v1.Control/DeleteVolume",
+        "/ferry.v1.Control/ReportCreateFailure",
     }
+    assert authz.create_failure_refusal(node, "host1", "v") is None
+    assert "placed on itself" in str(authz.create_failure_refusal(node, "host2", "v"))
+    assert authz.create_failure_refusal(user, "host2", "v") is None
 
 
 def test_an_unknown_method_or_kind_is_refused_and_insecure_lets_everyone_in() -> None:

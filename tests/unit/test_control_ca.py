@@ -165,3 +165,12 @@ def test_ferryctl_ca_issue_cluster_reads_names_and_addresses(tmp_path: Path) -> 
     )
     assert refused.exit_code == 1
     assert "--node 'host3': give NAME=IP" in refused.output
+
+
+def test_only_a_member_certificate_names_etcd_the_name_members_admit_peers_by(
+    tmp_path: Path,
+) -> None:
+    ca.init(tmp_path)
+    with pytest.raises(ca.CAError, match="reserved for --kind etcd"):
+        ca.issue(tmp_path, "node", "host1", dns=(ca.ETCD_SERVER_NAME,))
+    ca.issue(tmp_path, "etcd", "etcd-host1", dns=(ca.ETCD_SERVER_NAME,))

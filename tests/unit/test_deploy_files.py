@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from agent.main import main as agent_main
+from agent.plugin_forward import main as forward_main
 from control import ctl
 from control.etcd_auth import main as etcd_bootstrap_main
 from control.server import main as control_main
@@ -185,19 +186,26 @@ def test_legacy_spec_is_one_unix_socket_url() -> None:
     assert (DEPLOY / "docker-plugin/ferry.spec").read_text() == "unix:///run/ferry/ferry.sock\n"
 
 
-def test_managed_plugin_config_has_what_the_agent_needs() -> None:
+def test_managed_plugin_config_forwards_to_the_host_agent() -> None:
+    """The managed plugin runs ferry-plugin-forward: no devices, no network, the agent's
+    socket and mount root mounted in, and only variables the forwarder reads."""
     config = json.loads((DEPLOY / "docker-plugin/config.json").read_text())
     assert config["interface"] == {"types": ["docker.volumedriver/1.0"], "socket": "ferry.sock"}
-    assert config["network"] == {"type": "host"}
+    assert config["network"] == {"type": "none"}
     assert config["linux"]["capabilities"] == ["CAP_SYS_ADMIN"]
-    assert [d["path"] for d in config["linux"]["devices"]] == ["/dev/fuse", "/dev/zfs"]
-    assert {m["destination"] for m in config["mounts"]} >= {"/dev", "/etc/ferry/pki"}
-    assert config["entrypoint"][0].endswith("/ferry-agent")
+    assert config["linux"]["devices"] == []
+    assert config["entrypoint"] == ["/opt/ferry/venv/bin/ferry-plugin-forward"]
+    mounts = {m["name"]: m for m in config["mounts"]}
+    assert set(mounts) == {"agent-socket", "agent-mnt"}
+    assert "rslave" in mounts["agent-mnt"]["options"], "new agent mounts must appear in the plugin"
     env = {e["name"]: e["value"] for e in config["env"]}
     assert env["FERRY_MOUNT_ROOT"] == config["propagatedmount"]
     assert env["FERRY_PLUGIN_SOCKET"].endswith("/" + config["interface"]["socket"])
-    agent_env_names = {env_name(flag) for flag in options(agent_main)}
-    assert set(env) <= agent_env_names, "config.json sets variables the agent does not read"
+    assert Path(env["FERRY_AGENT_SOCKET"]).parent == Path(mounts["agent-socket"]["destination"])
+    assert env["FERRY_SEEN_MOUNT_ROOT"] == mounts["agent-mnt"]["destination"]
+    assert env["FERRY_AGENT_MOUNT_ROOT"] == mounts["agent-mnt"]["source"]
+    forwarder_env_names = {env_name(flag) for flag in options(forward_main)}
+    assert set(env) == forwarder_env_names, "config.json and ferry-plugin-forward's flags differ"
 
 
 # --- Vagrant cluster shape (Ruby) -----------------------------------------------

@@ -30,6 +30,7 @@ def writable(prefix: str, role: str, key: str) -> bool:
         ("/ferry/v1/state/host10/vol", False),
         ("/ferry/v1/owners/vol", True),
         ("/other/v1/owners/vol", False),
+        ("/ferry/v1/volumes/vol", False),
     ],
 )
 def test_a_node_role_writes_its_own_keys_and_not_a_namesake_prefixs(
@@ -38,10 +39,10 @@ def test_a_node_role_writes_its_own_keys_and_not_a_namesake_prefixs(
     assert writable("/ferry/v1", etcd_auth.node_role("host1"), key) is allowed
 
 
-def test_control_writes_volumes_moves_and_drop_requests_only() -> None:
+def test_control_writes_volumes_moves_drop_requests_and_purged_owners_only() -> None:
     role = etcd_auth.CONTROL_ROLE
     written = {kind for kind in KINDS if writable("/ferry/v1", role, f"/ferry/v1/{kind}/x/y")}
-    assert written == {"volumes", "moves", "drops"}
+    assert written == {"volumes", "moves", "drops", "owners"}
 
 
 @pytest.mark.parametrize("kind", ["asides", "drops"])

@@ -17,7 +17,6 @@ from ferry.core.plan import (
     Fence,
     LocalVolume,
     Missing,
-    Purge,
     SetAside,
     plan,
 )
@@ -137,11 +136,11 @@ def test_an_owner_without_data_reports_and_never_creates_an_empty_copy() -> None
     assert plan(desired, Actual()) == [Missing("pg")]
 
 
-def test_deleted_volumes_are_destroyed_then_purged() -> None:
+def test_deleted_volumes_are_destroyed_and_left_to_control_to_purge() -> None:
     desired = Desired(node="a", volumes={"pg": spec(deleted=True)}, owners={"pg": Owner("a", 1)})
     assert plan(desired, Actual(volumes={"pg": replica()})) == [Destroy("pg")]
     assert plan(desired, Actual(volumes={"pg": writable()})) == [Fence("pg"), Destroy("pg")]
-    assert plan(desired, Actual()) == [Purge("pg")]
+    assert plan(desired, Actual()) == []
 
 
 def test_datasets_without_desired_state_are_left_alone() -> None:

@@ -28,6 +28,7 @@ from ferry.core import phases
 from ferry.core.phases import MovePhase, Writer
 from ferry.core.plan import Activate, Actual, Desired, DriveMove, LocalVolume, plan
 from ferry.core.records import Move, Owner, VolumeSpec
+from ferry.core.snapshots import SnapshotRef
 from tests.support.replication import FakePeer, FakeRecords, FakeStore
 
 VOLUME = "vol"
@@ -243,6 +244,33 @@ async def test_a_target_that_is_down_leaves_the_move_pending_with_why(cluster: C
     assert (move.phase, move.attempt) == (MovePhase.PENDING, 1)
     assert "is not registered" in move.error
     assert await cluster.stores[A].is_writable(VOLUME)
+
+
+async def test_the_last_error_stays_through_a_retry_and_goes_once_a_sync_succeeds(
+    cluster: Cluster,
+) -> None:
+    """The first stream breaks; the retry's first sync still sees that error (``move status``
+    says why it retries) and its success takes it away (tests/integration/test_move_cancel.py
+    checks the first half on a real pool)."""
+    await cluster.request_move()
+    target = cluster.peers[B]
+    seen: list[str] = []
+    holdings = target.holdings
+
+    async def read_the_error(volume: str) -> list[SnapshotRef]:
+        seen.append((await _move(cluster)).error)
+        return await holdings(volume)
+
+    target.holdings = read_the_error  # type: ignore[method-assign]
+    target.streams_fail = True
+    with pytest.raises(TransferFailed):
+        await cluster.driver().run(VOLUME)
+    target.streams_fail = False
+    await cluster.converge(A)
+    broken = f"{B} (fake): Connection timed out"
+    assert seen[:3] == ["", broken, ""], "kept before the sync succeeded, or kept after it"
+    move = await _move(cluster)
+    assert (move.phase, move.error, move.attempt) == (MovePhase.ACTIVATING, "", 1)
 
 
 async def test_progress_is_written_in_the_record(cluster: Cluster) -> None:

@@ -16,7 +16,15 @@ import pytest
 
 from agent.transfer import data
 from agent.transfer.data import DataListener, peer_host
-from agent.transfer.secure import SecureStream, stream_context
+from agent.transfer.secure import (
+    FRAME_BYTES,
+    KEY_BYTES,
+    TAG_BYTES,
+    FrameCipher,
+    SecureStream,
+    StreamCut,
+    stream_context,
+)
 from ferry.security import ca
 from ferry.security.tls import TlsFiles
 
@@ -218,7 +226,7 @@ async def test_an_encrypted_ticket_admits_the_senders_certificate(
 async def test_an_encrypted_stream_cut_before_its_end_fails_the_receiver(
     tls_listener: DataListener, pki: Path
 ) -> None:
-    """Without close_notify the receiver must not take what came as the whole stream."""
+    """Without the end frame the receiver must not take what came as the whole stream."""
     ticket = tls_listener.expect("127.0.0.1", "ct-send", encrypted=True)
     client = _context(pki, "ct-send", ssl.Purpose.SERVER_AUTH)
     sender = await data.connect_tls("127.0.0.1", tls_listener.port, ticket.token, client, "ct-recv")
@@ -277,3 +285,32 @@ async def test_a_data_port_in_use_says_which_flag_moves_it(listener: DataListene
     second = DataListener("127.0.0.1", listener.port, None)
     with pytest.raises(OSError, match="--data-port"):
         await second.start()
+
+
+def _sealed(cipher: FrameCipher, plain: bytes) -> tuple[bytes, bytes]:
+    frame = memoryview(bytearray(4 + len(plain) + TAG_BYTES))
+    size = cipher.seal_into(memoryview(plain), frame)
+    return bytes(frame[:4]), bytes(frame[4:size])
+
+
+def _opened(cipher: FrameCipher, header: bytes, sealed: bytes) -> bytes:
+    plain = memoryview(bytearray(FRAME_BYTES))
+    count = cipher.open_into(header, memoryview(sealed), plain)
+    return bytes(plain[:count])
+
+
+def test_a_frame_altered_reordered_or_from_another_key_fails_its_check() -> None:
+    key = secrets.token_bytes(KEY_BYTES)
+    sender = FrameCipher(key)
+    first, second = _sealed(sender, b"first frame"), _sealed(sender, b"second")
+    assert _opened(FrameCipher(key), *first) == b"first frame"
+
+    flipped = bytes([first[1][0] ^ 1]) + first[1][1:]
+    resized = ((len(first[1]) + 1).to_bytes(4, "big"), first[1])
+    for header, sealed in ((first[0], flipped), second, resized):
+        with pytest.raises(StreamCut, match="failed its check"):
+            _opened(FrameCipher(key), header, sealed)
+    with pytest.raises(StreamCut, match="failed its check"):
+        _opened(FrameCipher(secrets.token_bytes(KEY_BYTES)), *first)
+    with pytest.raises(StreamCut, match="announces"):
+        FrameCipher.sealed_length((FRAME_BYTES + TAG_BYTES + 1).to_bytes(4, "big"))

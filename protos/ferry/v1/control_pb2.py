@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/ferry/v1/control.proto\x12\x08\x66\x65rry.v1\"6\n\x12WatchEventsRequest\x12\x0f\n\x06volume\x18\xac\x02 \x01(\t\x12\x0f\n\x06\x66ollow\x18\xad\x02 \x01(\x08\"j\n\x05\x45vent\x12\x0f\n\x06volume\x18\xac\x02 \x01(\t\x12\r\n\x04kind\x18\xad\x02 \x01(\t\x12\x0b\n\x02\x62y\x18\xae\x02 \x01(\t\x12\x0b\n\x02\x61t\x18\xaf\x02 \x01(\x01\x12\x0f\n\x06\x64\x65tail\x18\xb0\x02 \x01(\t\x12\x16\n\rpause_seconds\x18\xb1\x02 \x01(\x01\"\x9f\x01\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x16\n\x08replicas\x18\x98\x02 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x03rpo\x18\x99\x02 \x01(\t\x12\x16\n\rreplace_after\x18\x9a\x02 \x01(\tB\x0b\n\t_replicas\" \n\x10GetVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListVolumesRequest\"e\n\x10ListVolumesReply\x12!\n\x07volumes\x18\x01 \x03(\x0b\x32\x10.ferry.v1.Volume\x12.\n\nunreadable\x18\x02 \x03(\x0b\x32\x1a.ferry.v1.UnreadableRecord\"/\n\x10UnreadableRecord\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x13\x44\x65leteVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"#\n\x11\x44\x65leteVolumeReply\x12\x0e\n\x06notice\x18\x01 \x01(\t\"/\n\x11MoveVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"\xc2\x01\n\nMoveStatus\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\x10\n\x08rate_bps\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\x12\r\n\x05stuck\x18\t \x01(\t\x12\x1b\n\x12\x61ttempt_bytes_sent\x18\xac\x02 \x01(\x04\"\xcc\x03\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x08\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nmounted_on\x18\t \x03(\t\x12\"\n\x04move\x18\n \x01(\x0b\x32\x14.ferry.v1.MoveStatus\x12\x1e\n\x06\x63opies\x18\x0b \x03(\x0b\x32\x0e.ferry.v1.Copy\x12\x14\n\x0c\x63reate_error\x18\x0c \x01(\t\x12%\n\x08\x64iverged\x18\r \x03(\x0b\x32\x13.ferry.v1.AsideCopy\x12\x11\n\x08replicas\x18\x9b\x02 \x01(\r\x12\x16\n\rreplica_nodes\x18\x9c\x02 \x03(\t\x12\x14\n\x0brpo_seconds\x18\x9d\x02 \x01(\r\x12\x1e\n\x15replace_after_seconds\x18\x9e\x02 \x01(\r\x12\x12\n\tmeets_rpo\x18\x9f\x02 \x01(\x08\x12\x16\n\rreplica_notes\x18\xa0\x02 \x03(\t\x12\x18\n\x0freplica_history\x18\xa4\x02 \x03(\t\"\x96\x01\n\tAsideCopy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0e\n\x06volume\x18\x03 \x01(\t\x12\x0f\n\x07kept_at\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nused_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x16\n\x0e\x64rop_requested\x18\x08 \x01(\x08\"#\n\x11ListAsidesRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"6\n\x0fListAsidesReply\x12#\n\x06\x61sides\x18\x01 \x03(\x0b\x32\x13.ferry.v1.AsideCopy\"A\n\x10\x44ropAsideRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\"\xa4\x01\n\x04\x43opy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x17\n\x0fnewest_snapshot\x18\x02 \x01(\t\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x10\n\x08writable\x18\x04 \x01(\x08\x12\r\n\x05stuck\x18\x05 \x01(\t\x12\r\n\x04role\x18\xa1\x02 \x01(\t\x12\x1b\n\x12newest_snapshot_at\x18\xa2\x02 \x01(\x01\x12\x14\n\x0blag_seconds\x18\xa3\x02 \x01(\x01\"\x12\n\x10ListNodesRequest\"\x94\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x16\n\x0e\x63\x65rt_not_after\x18\x08 \x01(\x01\"/\n\x0eListNodesReply\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.ferry.v1.Node2\xde\x05\n\x07\x43ontrol\x12?\n\x0c\x43reateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x39\n\tGetVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume\x12G\n\x0bListVolumes\x12\x1c.ferry.v1.ListVolumesRequest\x1a\x1a.ferry.v1.ListVolumesReply\x12J\n\x0c\x44\x65leteVolume\x12\x1d.ferry.v1.DeleteVolumeRequest\x1a\x1b.ferry.v1.DeleteVolumeReply\x12;\n\nMoveVolume\x12\x1b.ferry.v1.MoveVolumeRequest\x1a\x10.ferry.v1.Volume\x12?\n\x0cUpdateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x41\n\tListNodes\x12\x1a.ferry.v1.ListNodesRequest\x1a\x18.ferry.v1.ListNodesReply\x12=\n\x0bWatchVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume0\x01\x12\x44\n\nListAsides\x12\x1b.ferry.v1.ListAsidesRequest\x1a\x19.ferry.v1.ListAsidesReply\x12<\n\tDropAside\x12\x1a.ferry.v1.DropAsideRequest\x1a\x13.ferry.v1.AsideCopy\x12>\n\x0bWatchEvents\x12\x1c.ferry.v1.WatchEventsRequest\x1a\x0f.ferry.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/ferry/v1/control.proto\x12\x08\x66\x65rry.v1\"6\n\x12WatchEventsRequest\x12\x0f\n\x06volume\x18\xac\x02 \x01(\t\x12\x0f\n\x06\x66ollow\x18\xad\x02 \x01(\x08\"j\n\x05\x45vent\x12\x0f\n\x06volume\x18\xac\x02 \x01(\t\x12\r\n\x04kind\x18\xad\x02 \x01(\t\x12\x0b\n\x02\x62y\x18\xae\x02 \x01(\t\x12\x0b\n\x02\x61t\x18\xaf\x02 \x01(\x01\x12\x0f\n\x06\x64\x65tail\x18\xb0\x02 \x01(\t\x12\x16\n\rpause_seconds\x18\xb1\x02 \x01(\x01\"T\n\x14\x43reateFailureRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x14\n\x12\x43reateFailureReply\"\x9f\x01\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x16\n\x08replicas\x18\x98\x02 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x03rpo\x18\x99\x02 \x01(\t\x12\x16\n\rreplace_after\x18\x9a\x02 \x01(\tB\x0b\n\t_replicas\" \n\x10GetVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListVolumesRequest\"e\n\x10ListVolumesReply\x12!\n\x07volumes\x18\x01 \x03(\x0b\x32\x10.ferry.v1.Volume\x12.\n\nunreadable\x18\x02 \x03(\x0b\x32\x1a.ferry.v1.UnreadableRecord\"/\n\x10UnreadableRecord\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x13\x44\x65leteVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"#\n\x11\x44\x65leteVolumeReply\x12\x0e\n\x06notice\x18\x01 \x01(\t\"/\n\x11MoveVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"\xc2\x01\n\nMoveStatus\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\x10\n\x08rate_bps\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\x12\r\n\x05stuck\x18\t \x01(\t\x12\x1b\n\x12\x61ttempt_bytes_sent\x18\xac\x02 \x01(\x04\"\xcc\x03\n\x06Volume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63ompression\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x08\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nmounted_on\x18\t \x03(\t\x12\"\n\x04move\x18\n \x01(\x0b\x32\x14.ferry.v1.MoveStatus\x12\x1e\n\x06\x63opies\x18\x0b \x03(\x0b\x32\x0e.ferry.v1.Copy\x12\x14\n\x0c\x63reate_error\x18\x0c \x01(\t\x12%\n\x08\x64iverged\x18\r \x03(\x0b\x32\x13.ferry.v1.AsideCopy\x12\x11\n\x08replicas\x18\x9b\x02 \x01(\r\x12\x16\n\rreplica_nodes\x18\x9c\x02 \x03(\t\x12\x14\n\x0brpo_seconds\x18\x9d\x02 \x01(\r\x12\x1e\n\x15replace_after_seconds\x18\x9e\x02 \x01(\r\x12\x12\n\tmeets_rpo\x18\x9f\x02 \x01(\x08\x12\x16\n\rreplica_notes\x18\xa0\x02 \x03(\t\x12\x18\n\x0freplica_history\x18\xa4\x02 \x03(\t\"\x96\x01\n\tAsideCopy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0e\n\x06volume\x18\x03 \x01(\t\x12\x0f\n\x07kept_at\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nused_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x16\n\x0e\x64rop_requested\x18\x08 \x01(\x08\"#\n\x11ListAsidesRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"6\n\x0fListAsidesReply\x12#\n\x06\x61sides\x18\x01 \x03(\x0b\x32\x13.ferry.v1.AsideCopy\"A\n\x10\x44ropAsideRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\"\xa4\x01\n\x04\x43opy\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x17\n\x0fnewest_snapshot\x18\x02 \x01(\t\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x10\n\x08writable\x18\x04 \x01(\x08\x12\r\n\x05stuck\x18\x05 \x01(\t\x12\r\n\x04role\x18\xa1\x02 \x01(\t\x12\x1b\n\x12newest_snapshot_at\x18\xa2\x02 \x01(\x01\x12\x14\n\x0blag_seconds\x18\xa3\x02 \x01(\x01\"\x12\n\x10ListNodesRequest\"\x94\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x16\n\x0e\x63\x65rt_not_after\x18\x08 \x01(\x01\"/\n\x0eListNodesReply\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.ferry.v1.Node2\xb3\x06\n\x07\x43ontrol\x12?\n\x0c\x43reateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x39\n\tGetVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume\x12G\n\x0bListVolumes\x12\x1c.ferry.v1.ListVolumesRequest\x1a\x1a.ferry.v1.ListVolumesReply\x12J\n\x0c\x44\x65leteVolume\x12\x1d.ferry.v1.DeleteVolumeRequest\x1a\x1b.ferry.v1.DeleteVolumeReply\x12;\n\nMoveVolume\x12\x1b.ferry.v1.MoveVolumeRequest\x1a\x10.ferry.v1.Volume\x12?\n\x0cUpdateVolume\x12\x1d.ferry.v1.CreateVolumeRequest\x1a\x10.ferry.v1.Volume\x12\x41\n\tListNodes\x12\x1a.ferry.v1.ListNodesRequest\x1a\x18.ferry.v1.ListNodesReply\x12=\n\x0bWatchVolume\x12\x1a.ferry.v1.GetVolumeRequest\x1a\x10.ferry.v1.Volume0\x01\x12\x44\n\nListAsides\x12\x1b.ferry.v1.ListAsidesRequest\x1a\x19.ferry.v1.ListAsidesReply\x12<\n\tDropAside\x12\x1a.ferry.v1.DropAsideRequest\x1a\x13.ferry.v1.AsideCopy\x12>\n\x0bWatchEvents\x12\x1c.ferry.v1.WatchEventsRequest\x1a\x0f.ferry.v1.Event0\x01\x12S\n\x13ReportCreateFailure\x12\x1e.ferry.v1.CreateFailureRequest\x1a\x1c.ferry.v1.CreateFailureReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,42 +35,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHEVENTSREQUEST']._serialized_end=97
   _globals['_EVENT']._serialized_start=99
   _globals['_EVENT']._serialized_end=205
-  _globals['_CREATEVOLUMEREQUEST']._serialized_start=208
-  _globals['_CREATEVOLUMEREQUEST']._serialized_end=367
-  _globals['_GETVOLUMEREQUEST']._serialized_start=369
-  _globals['_GETVOLUMEREQUEST']._serialized_end=401
-  _globals['_LISTVOLUMESREQUEST']._serialized_start=403
-  _globals['_LISTVOLUMESREQUEST']._serialized_end=423
-  _globals['_LISTVOLUMESREPLY']._serialized_start=425
-  _globals['_LISTVOLUMESREPLY']._serialized_end=526
-  _globals['_UNREADABLERECORD']._serialized_start=528
-  _globals['_UNREADABLERECORD']._serialized_end=575
-  _globals['_DELETEVOLUMEREQUEST']._serialized_start=577
-  _globals['_DELETEVOLUMEREQUEST']._serialized_end=627
-  _globals['_DELETEVOLUMEREPLY']._serialized_start=629
-  _globals['_DELETEVOLUMEREPLY']._serialized_end=664
-  _globals['_MOVEVOLUMEREQUEST']._serialized_start=666
-  _globals['_MOVEVOLUMEREQUEST']._serialized_end=713
-  _globals['_MOVESTATUS']._serialized_start=716
-  _globals['_MOVESTATUS']._serialized_end=910
-  _globals['_VOLUME']._serialized_start=913
-  _globals['_VOLUME']._serialized_end=1373
-  _globals['_ASIDECOPY']._serialized_start=1376
-  _globals['_ASIDECOPY']._serialized_end=1526
-  _globals['_LISTASIDESREQUEST']._serialized_start=1528
-  _globals['_LISTASIDESREQUEST']._serialized_end=1563
-  _globals['_LISTASIDESREPLY']._serialized_start=1565
-  _globals['_LISTASIDESREPLY']._serialized_end=1619
-  _globals['_DROPASIDEREQUEST']._serialized_start=1621
-  _globals['_DROPASIDEREQUEST']._serialized_end=1686
-  _globals['_COPY']._serialized_start=1689
-  _globals['_COPY']._serialized_end=1853
-  _globals['_LISTNODESREQUEST']._serialized_start=1855
-  _globals['_LISTNODESREQUEST']._serialized_end=1873
-  _globals['_NODE']._serialized_start=1876
-  _globals['_NODE']._serialized_end=2024
-  _globals['_LISTNODESREPLY']._serialized_start=2026
-  _globals['_LISTNODESREPLY']._serialized_end=2073
-  _globals['_CONTROL']._serialized_start=2076
-  _globals['_CONTROL']._serialized_end=2810
+  _globals['_CREATEFAILUREREQUEST']._serialized_start=207
+  _globals['_CREATEFAILUREREQUEST']._serialized_end=291
+  _globals['_CREATEFAILUREREPLY']._serialized_start=293
+  _globals['_CREATEFAILUREREPLY']._serialized_end=313
+  _globals['_CREATEVOLUMEREQUEST']._serialized_start=316
+  _globals['_CREATEVOLUMEREQUEST']._serialized_end=475
+  _globals['_GETVOLUMEREQUEST']._serialized_start=477
+  _globals['_GETVOLUMEREQUEST']._serialized_end=509
+  _globals['_LISTVOLUMESREQUEST']._serialized_start=511
+  _globals['_LISTVOLUMESREQUEST']._serialized_end=531
+  _globals['_LISTVOLUMESREPLY']._serialized_start=533
+  _globals['_LISTVOLUMESREPLY']._serialized_end=634
+  _globals['_UNREADABLERECORD']._serialized_start=636
+  _globals['_UNREADABLERECORD']._serialized_end=683
+  _globals['_DELETEVOLUMEREQUEST']._serialized_start=685
+  _globals['_DELETEVOLUMEREQUEST']._serialized_end=735
+  _globals['_DELETEVOLUMEREPLY']._serialized_start=737
+  _globals['_DELETEVOLUMEREPLY']._serialized_end=772
+  _globals['_MOVEVOLUMEREQUEST']._serialized_start=774
+  _globals['_MOVEVOLUMEREQUEST']._serialized_end=821
+  _globals['_MOVESTATUS']._serialized_start=824
+  _globals['_MOVESTATUS']._serialized_end=1018
+  _globals['_VOLUME']._serialized_start=1021
+  _globals['_VOLUME']._serialized_end=1481
+  _globals['_ASIDECOPY']._serialized_start=1484
+  _globals['_ASIDECOPY']._serialized_end=1634
+  _globals['_LISTASIDESREQUEST']._serialized_start=1636
+  _globals['_LISTASIDESREQUEST']._serialized_end=1671
+  _globals['_LISTASIDESREPLY']._serialized_start=1673
+  _globals['_LISTASIDESREPLY']._serialized_end=1727
+  _globals['_DROPASIDEREQUEST']._serialized_start=1729
+  _globals['_DROPASIDEREQUEST']._serialized_end=1794
+  _globals['_COPY']._serialized_start=1797
+  _globals['_COPY']._serialized_end=1961
+  _globals['_LISTNODESREQUEST']._serialized_start=1963
+  _globals['_LISTNODESREQUEST']._serialized_end=1981
+  _globals['_NODE']._serialized_start=1984
+  _globals['_NODE']._serialized_end=2132
+  _globals['_LISTNODESREPLY']._serialized_start=2134
+  _globals['_LISTNODESREPLY']._serialized_end=2181
+  _globals['_CONTROL']._serialized_start=2184
+  _globals['_CONTROL']._serialized_end=3003
 # @@protoc_insertion_point(module_scope)

@@ -89,6 +89,11 @@ class ControlStub:
                 request_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.Event.FromString,
                 _registered_method=True)
+        self.ReportCreateFailure = channel.unary_unary(
+                '/ferry.v1.Control/ReportCreateFailure',
+                request_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -166,6 +171,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportCreateFailure(self, request, context):
+        """A node says ZFS refused for good to create a volume placed on it; the spec then
+        carries why, and the node does not try again until the size changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +236,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.WatchEventsRequest.FromString,
                     response_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.Event.SerializeToString,
+            ),
+            'ReportCreateFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportCreateFailure,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -522,6 +540,33 @@ class Control:
             '/ferry.v1.Control/WatchEvents',
             protos_dot_ferry_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
             protos_dot_ferry_dot_v1_dot_control__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportCreateFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Control/ReportCreateFailure',
+            protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureReply.FromString,
             options,
             channel_credentials,
             insecure,

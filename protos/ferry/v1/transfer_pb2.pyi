@@ -116,6 +116,7 @@ class StreamHeader(_message.Message):
     SENDER_FIELD_NUMBER: _builtins.int
     ESTIMATED_BYTES_FIELD_NUMBER: _builtins.int
     ENCRYPTED_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_FORMAT_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     from_snapshot: _builtins.str
     """Base snapshot short name; empty for a full stream."""
@@ -131,6 +132,11 @@ class StreamHeader(_message.Message):
     false with --insecure-plain-streams); a receiver without that flag
     refuses plain streams.
     """
+    encrypted_format: _builtins.int
+    """How an encrypted stream moves: 1 = AES-GCM frames under a key sent inside TLS
+    (agent.transfer.secure.FRAMES). 0 is an older agent's TLS records: refused, so that
+    agents of two versions fail at once, with a reason, instead of waiting on each other.
+    """
     def __init__(
         self,
         *,
@@ -142,10 +148,11 @@ class StreamHeader(_message.Message):
         sender: _builtins.str = ...,
         estimated_bytes: _builtins.int = ...,
         encrypted: _builtins.bool = ...,
+        encrypted_format: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted", b"encrypted", "epoch", b"epoch", "estimated_bytes", b"estimated_bytes", "from_snapshot", b"from_snapshot", "sender", b"sender", "to_guid", b"to_guid", "to_snapshot", b"to_snapshot", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted", b"encrypted", "encrypted_format", b"encrypted_format", "epoch", b"epoch", "estimated_bytes", b"estimated_bytes", "from_snapshot", b"from_snapshot", "sender", b"sender", "to_guid", b"to_guid", "to_snapshot", b"to_snapshot", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -164,17 +171,21 @@ class DataTicket(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_FORMAT_FIELD_NUMBER: _builtins.int
     token: _builtins.bytes
     port: _builtins.int
+    encrypted_format: _builtins.int
+    """The receiver's encrypted stream format (see StreamHeader.encrypted_format)."""
     def __init__(
         self,
         *,
         token: _builtins.bytes = ...,
         port: _builtins.int = ...,
+        encrypted_format: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted_format", b"encrypted_format", "port", b"port", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
