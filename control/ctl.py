@@ -119,6 +119,8 @@ def _rpc_message(error: grpc.RpcError) -> str:
     code = error.code()
     details = error.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE:
+        if details.startswith("ferry-control cannot reach etcd"):
+            return details
         if "handshake failed" in details.lower():
             return (
                 f"cannot reach ferry-control: the TLS handshake failed ({details}); is --tls-ca "

@@ -19,6 +19,7 @@ from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from control import metrics
+from control.etcd_unreachable import EtcdUnreachable
 from control.operations import OperationError, PermissionDenied, Replication, VolumeOps
 from control.purger import purge_forever
 from control.replicas import ReplicaKeeper
@@ -524,7 +525,7 @@ async def serve(
     client = await asyncio.to_thread(endpoints_client, etcd, tls)
     keyspace = Keyspace(client, prefix)
     gate = KindGate(insecure=tls is None, observe=metrics.observe_call)
-    server = grpc.aio.server(interceptors=[gate])
+    server = grpc.aio.server(interceptors=[gate, EtcdUnreachable()])
     control_pb2_grpc.add_ControlServicer_to_server(ControlService(keyspace, gate), server)
     health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)

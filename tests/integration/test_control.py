@@ -227,3 +227,21 @@ async def test_clients_without_a_cluster_certificate_are_refused(
     assert through_cli.code != 0
     assert len(through_cli.stderr.strip().splitlines()) == 1
     assert "cannot reach ferry-control" in through_cli.stderr
+
+
+async def test_a_call_while_etcd_is_down_says_so_and_what_to_do(
+    etcd: EtcdServer, control: ControlServer, nodes: LiveNodes
+) -> None:
+    await nodes.add("ct-d", 10 * GIB, ttl=120)
+    env = control.ferryctl_env()
+    name = unique("down")
+    assert (await ferryctl(env, "volume", "create", name, "--size", "1G")).code == 0
+    etcd.stop()
+    try:
+        answer = await ferryctl(env, "volume", "get", name)
+    finally:
+        etcd.start()
+    assert answer.code != 0
+    assert "ferry-control cannot reach etcd" in answer.stderr, answer.stderr
+    assert "retry" in answer.stderr
+    assert "Unexpected" not in answer.stderr
