@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ferry.cluster.keyspace import DEFAULT_PREFIX
 from ferry.core import fencing
+from ferry.metrics import parse_address
 from ferry.security.tls import TlsFiles
 
 
@@ -31,6 +32,8 @@ class AgentConfig:
     resync_seconds: float = 10.0
     state_dir: Path | None = None
     """Where the agent keeps what must survive its restarts; beside the mount root if unset."""
+    metrics_address: str = ""
+    """HOST:PORT of the Prometheus endpoint (ferry.metrics); none when empty."""
 
     @property
     def docker_mounts_file(self) -> Path:
@@ -48,6 +51,8 @@ class AgentConfig:
                 "--control is required: ferry-control's HOST:PORT, which the Docker plugin "
                 "(--plugin-socket) asks to create and move volumes"
             )
+        if self.metrics_address:
+            parse_address(self.metrics_address)
         if not 0 <= self.data_port < 65536:
             raise ValueError(f"--data-port {self.data_port} is not a TCP port (0 to 65535)")
 

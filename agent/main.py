@@ -85,10 +85,12 @@ def main(
     insecure: bool,
     insecure_plain_streams: bool,
     etcd_prefix: str,
+    metrics_address: str,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the Ferry agent on this host: volumes, transfers, and the Docker plugin."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         config = AgentConfig(
             node=node,
@@ -104,6 +106,7 @@ def main(
             control=control,
             plain_streams=insecure_plain_streams,
             etcd_prefix=etcd_prefix,
+            metrics_address=metrics_address,
         )
         runner.limits()
     except ValueError as error:

@@ -160,12 +160,17 @@ class VolumePlugin:
         return {
             "Name": name,
             "Mountpoint": await self.path(name),
+            "CreatedAt": _rfc3339(spec.value.created_at),
             "Status": await self._status(name),
         }
 
     async def list(self) -> list[dict[str, Any]]:
         return [
-            {"Name": v.value.name, "Mountpoint": await self.path(v.value.name)}
+            {
+                "Name": v.value.name,
+                "Mountpoint": await self.path(v.value.name),
+                "CreatedAt": _rfc3339(v.value.created_at),
+            }
             for v in await self.keyspace.list_volumes()
             if not v.value.deleted
         ]
@@ -305,6 +310,11 @@ class VolumePlugin:
 
 
 Handler = Callable[[VolumePlugin, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _rfc3339(when: float) -> str:
+    """A Unix time as Docker reads a volume's CreatedAt (RFC 3339, UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 async def _activate(plugin: VolumePlugin, body: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import aetcd
 
+from agent import metrics
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from ferry.cluster.keyspace import Keyspace
@@ -157,6 +158,7 @@ class Registration:
                 async with asyncio.timeout(interval / 2):
                     remaining = await self._keyspace.refresh_lease(self.lease)
                 if remaining <= 0:
+                    metrics.LEASE_RENEW_FAILURES.labels("expired").inc()
                     await self.register()
                     registered_again()
                 else:
@@ -167,6 +169,7 @@ class Registration:
             except NodeNameTaken:
                 raise
             except Exception as error:
+                metrics.LEASE_RENEW_FAILURES.labels("error").inc()
                 delay = backoff.next()
                 log.warning(
                     "etcd lease refresh failed: error=%s retry_in=%.1fs",

@@ -14,12 +14,13 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import grpc
 
+from agent import metrics
 from agent.asides import LEDGER_KINDS, AsideLedger
 from agent.config import AgentConfig
 from agent.control_client import ControlClient
@@ -42,10 +43,20 @@ from agent.usage import DockerMounts, mount_records
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
 from ferry.cluster.etcd_tls import follow_renewals
+from ferry.cluster.events import EventLog
 from ferry.cluster.keyspace import Keyspace, Kind, endpoints_client
 from ferry.cluster.view import DESIRED_KINDS, read_view
 from ferry.core.plan import Action, Actual, Create, Desired, plan
-from ferry.core.records import NODE_STARTING, MountRecord, NodeInfo, NodeState
+from ferry.core.records import (
+    NODE_STARTING,
+    EventKind,
+    MountRecord,
+    Move,
+    NodeInfo,
+    NodeState,
+    Owner,
+)
+from ferry.metrics import contexts, serve_metrics
 from ferry.security.certificates import CertificateWatch
 from ferry.security.gate import KindGate
 from ferry.security.tls import warn_insecure
@@ -97,7 +108,8 @@ class AgentService:
         self._retired: list[PeerClient] = []
         self._mounts = DockerMounts(config.docker_mounts_file)
         local = PoolStore(store, self._mounts)
-        self._driver = MoveDriver(config.node, keyspace, local, self._remote_peer)
+        events = EventLog(keyspace, config.node)
+        self._driver = MoveDriver(config.node, keyspace, local, self._remote_peer, events=events)
         self._control: ControlClient | None = None
         self._replicator = Replicator(config.node, keyspace, store, self._remote_peer)
         self._executor = Executor(
@@ -105,7 +117,7 @@ class AgentService:
             keyspace,
             store,
             self._driver,
-            Activation(config.node, keyspace, local),
+            Activation(config.node, keyspace, local, finished=self._moved(events)),
             self._wakeup.set,
             self._replicator,
             self._report_create_failure,
@@ -160,6 +172,12 @@ class AgentService:
         site = None
         if self._config.plugin_socket is not None:
             site = await serve(plugin, self._config.plugin_socket)
+        metrics.watch_commands()
+        exporter = None
+        if self._config.metrics_address:
+            exporter = await serve_metrics(
+                metrics.REGISTRY, self._config.metrics_address, self._metrics_tls()
+            )
         tasks: list[asyncio.Task[None]] = []
         server: grpc.aio.Server | None = None
         data: DataListener | None = None
@@ -206,6 +224,8 @@ class AgentService:
             await self._executor.close()
             if site is not None:
                 await site.cleanup()
+            if exporter is not None:
+                await exporter.cleanup()
             await control.close()
             self._control = None
             if server is not None:
@@ -214,6 +234,22 @@ class AgentService:
                 await data.close()
             for peer in [*(p for p, _ in self._peers.values()), *self._retired]:
                 await peer.close()
+
+    def _moved(self, events: EventLog) -> Callable[[Move], Awaitable[None]]:
+        async def record(done: Move) -> None:
+            await events.record(
+                done.volume,
+                EventKind.MOVED,
+                f"{done.source} -> {self._config.node}: writable here after "
+                f"{done.attempt + 1} attempt(s)",
+            )
+
+        return record
+
+    def _metrics_tls(self) -> Callable[[], ssl.SSLContext] | None:
+        if self._config.tls is None:
+            return None
+        return contexts(self._config.tls, self._certificates)
 
     def _cert_not_after(self) -> float:
         return self._certificates.not_after if self._certificates else 0.0
@@ -363,6 +399,9 @@ class AgentService:
                 # A stuck volume is looked at again once its actions end.
                 task.add_done_callback(lambda _task: self._wakeup.set())
         await self._report()
+        self._show(
+            {n: o.value for n, o in view.owners.items()}, (m.value for m in view.moves.values())
+        )
         try:
             await self._asides.converge(self._registration.lease, view)
         except Exception as error:
@@ -422,7 +461,7 @@ class AgentService:
                 self._states[name] = NodeState(node=self._config.node, volume=name)
         held = set(volumes) | busy | set(self._store.unreadable) | receiving
         for name in held:
-            state = replace(
+            self._states[name] = state = replace(
                 self._states[name],
                 stuck=self._stuck(name),
                 replication_error=self._replicator.error(name),
@@ -433,6 +472,31 @@ class AgentService:
             self._states.pop(gone, None)
         self._reported = held
         await self._report_mounts(held)
+
+    def _show(self, owners: Mapping[str, Owner], moves: Iterable[Move]) -> None:
+        """The metrics' view of this node's volumes and of the moves it sends."""
+        views = []
+        for name, state in sorted(self._states.items()):
+            owner = owners.get(name)
+            if name in self._store.unreadable:
+                status = "unreadable"
+            elif state.stuck:
+                status = "stuck"
+            else:
+                status = "writable" if state.writable else "readonly"
+            views.append(
+                metrics.VolumeView(
+                    volume=name,
+                    state=status,
+                    role="owner" if owner and owner.node == self._config.node else "copy",
+                    epoch=owner.epoch if owner else 0,
+                    used_bytes=state.used_bytes,
+                    newest_snapshot_at=state.newest_snapshot_at,
+                    replication_failing=bool(state.replication_error),
+                )
+            )
+        metrics.show_volumes(views)
+        metrics.show_moves(move for move in moves if move.source == self._config.node)
 
     async def _report_mounts(self, volumes: Iterable[str]) -> None:
         """Mount records from the truth: Docker's IDs on disk and the kernel's users.
@@ -501,7 +565,9 @@ async def run(config: AgentConfig) -> None:
     client = await asyncio.to_thread(endpoints_client, config.etcd, certificates)
     try:
         keyspace = Keyspace(client, config.etcd_prefix)
-        store = VolumeStore(PoolRoot(config.pool), config.mount_root)
+        store = VolumeStore(
+            PoolRoot(config.pool), config.mount_root, events=EventLog(keyspace, config.node)
+        )
         await AgentService(config, keyspace, store, certificates).run()
     finally:
         await client.close()

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from agent import zfs
+from agent import metrics, zfs
 from agent.zfs.inuse import User
 from agent.zfs.streams import SnapshotReceive, SnapshotStream
 from agent.zfs.volumes import (
@@ -32,8 +32,9 @@ from agent.zfs.volumes import (
     PoolRoot,
     read_only_mounts,
 )
+from ferry.cluster.events import EventLog
 from ferry.core.plan import LocalVolume
-from ferry.core.records import VolumeSpec
+from ferry.core.records import EventKind, VolumeSpec
 from ferry.core.snapshots import FENCED_PREFIX, SnapshotRef, next_name, prunable
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,11 @@ class SelfFenced(Exception):
 class VolumeStore:
     """Async operations on this node's volume datasets."""
 
-    def __init__(self, root: PoolRoot, mount_root: Path) -> None:
+    def __init__(self, root: PoolRoot, mount_root: Path, events: EventLog | None = None) -> None:
         self._root = root
         self._mount_root = mount_root
+        self._events = events
+        """Where fences and copies kept aside are told (``ferryctl events``)."""
         self.receiving: set[str] = set()
         """Volumes a transfer is writing into now; convergence leaves them alone."""
         self.unreadable: dict[str, str] = {}
@@ -265,6 +268,13 @@ class VolumeStore:
             )
         await asyncio.to_thread(self._stop_writes, volume)
         name = await self.snapshot_head(volume, FENCED_PREFIX)
+        metrics.FENCED.inc()
+        if self._events is not None:
+            await self._events.record(
+                volume,
+                EventKind.FENCED,
+                f"this node no longer owns it: writes stopped, its last writes kept in {name}",
+            )
         log.warning("fenced: volume=%s kept=%s@%s", volume, volume, name)
 
     async def divergence(self, volume: str, base: str) -> str:
@@ -296,8 +306,10 @@ class VolumeStore:
 
         ``epoch`` is the owner epoch in force now; ``reason`` says what the copy holds.
         """
-        aside = await asyncio.to_thread(self._root.rename_aside, volume, epoch, reason)
-        return aside.decode()
+        aside = (await asyncio.to_thread(self._root.rename_aside, volume, epoch, reason)).decode()
+        if self._events is not None:
+            await self._events.record(volume, EventKind.DIVERGED_KEPT, f"as {aside}: {reason}")
+        return aside
 
     async def split_aside(self, volume: str, base: str | None, epoch: int, reason: str) -> str:
         """Keep the copy aside and leave a read-only copy ending at ``base`` in its place

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
+from control import live
 from ferry.core.declared import Current, DeclarationError, changes, parse
 from ferry.core.phases import ACTIVE_PHASES, ENDED_PHASES, MovePhase
 from ferry.security import ca
@@ -52,6 +53,17 @@ OUTPUT = click.option(
 # The declared-volumes file of `diff` and `apply`; the CA directory of the `ca` commands.
 DECLARED_FILE = click.option("-f", "--file", "file", type=click.Path(path_type=Path), required=True)
 CA_DIR = click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
+
+WATCH = click.option(
+    "-w", "--watch", is_flag=True, help="Keep following: redraw on each change until Ctrl-C."
+)
+INTERVAL = click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    show_default=True,
+    help="With --watch: seconds between reads of the list.",
+)
 
 console = Console()
 
@@ -169,7 +181,7 @@ def _volume_dict(volume: control_pb2.Volume) -> dict[str, Any]:
         copy["lag_seconds"] = round(float(copy.get("lag_seconds", 0.0)), 1)
     data["diverged"] = [_aside_dict(aside) for aside in volume.diverged]
     if volume.HasField("move"):
-        for key in ("bytes_sent", "bytes_total"):
+        for key in ("bytes_sent", "bytes_total", "attempt_bytes_sent"):
             data["move"][key] = int(data["move"].get(key, 0))
     else:
         data.pop("move", None)
@@ -199,14 +211,19 @@ def _emit(
     elif output == "yaml":
         click.echo(yaml.safe_dump(rows[0] if single else rows, sort_keys=True), nl=False)
     else:
-        table = Table(*[c.upper() for c in columns], box=None, pad_edge=False)
-        for row in rows:
-            table.add_row(*[_cell(row, c) for c in columns])
+        table = _table(rows, columns)
         if not whole:
             console.print(table)
             return
         needed = console.measure(table, options=console.options.update_width(1 << 16)).maximum
         Console(width=max(console.width, needed)).print(table)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> Table:
+    table = Table(*[c.upper() for c in columns], box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*[_cell(row, c) for c in columns])
+    return table
 
 
 def _emit_stuck(output: str, copies: list[tuple[str, str]]) -> None:
@@ -242,6 +259,11 @@ def _cell(row: dict[str, Any], column: str) -> str:
         return _human(int(row.get("free_bytes", 0)))
     if column == "used":
         return _human(int(row.get("used_bytes", 0)))
+    if column == "time":
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(row.get("at", 0))))
+    if column == "pause":
+        pause = float(row.get("pause_seconds", 0))
+        return f"{pause:.2f}s" if pause else "-"
     if column == "kept":
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("kept_at", 0)))
     if column == "dataset" and row.get("drop_requested"):
@@ -386,9 +408,15 @@ def volume_update(
 
 @volume.command("list")
 @OUTPUT
+@WATCH
+@INTERVAL
 @click.pass_obj
-def volume_list(api: Api, output: str) -> None:
-    """List volumes."""
+def volume_list(api: Api, output: str, watch: bool, interval: float) -> None:
+    """List volumes (--watch: and follow them, redrawn in place, until Ctrl-C)."""
+    if watch:
+        display = live.Display(output, "name", lambda rows: _table(rows, VOLUME_COLUMNS), console)
+        live.follow(display, live.every(interval, _volume_rows(api), time.sleep))
+        return
     reply = api.call("ListVolumes", control_pb2.ListVolumesRequest())
     _emit(output, [_volume_dict(v) for v in reply.volumes], VOLUME_COLUMNS)
     for record in reply.unreadable:
@@ -397,6 +425,24 @@ def volume_list(api: Api, output: str) -> None:
             f"it with etcdctl (its volume is not converged meanwhile)",
             err=True,
         )
+
+
+def _volume_rows(api: Api) -> Callable[[], list[dict[str, Any]]]:
+    """Reads of the volume list for --watch; while control cannot be reached, the last one."""
+    last: list[dict[str, Any]] = []
+
+    def read() -> list[dict[str, Any]]:
+        nonlocal last
+        try:
+            reply = api.stub.ListVolumes(control_pb2.ListVolumesRequest(), timeout=30)
+        except grpc.RpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                fail(_rpc_message(error))
+            return last
+        last = [_volume_dict(v) for v in reply.volumes]
+        return last
+
+    return read
 
 
 @volume.command("get")
@@ -588,12 +634,25 @@ def move_cancel(api: Api, name: str) -> None:
     click.echo(f"move of {name} cancelled: it stays on {source}")
 
 
+MOVE_COLUMNS = ["name", "phase", "source", "target", "bytes_sent", "bytes_total", "rate", "error"]
+WATCH_FOR_EVER_SECONDS = 365 * 86400.0
+
+
 @move.command("status")
 @click.argument("name")
 @OUTPUT
+@WATCH
 @click.pass_obj
-def move_status(api: Api, name: str, output: str) -> None:
-    """Show the current or last move of a volume."""
+def move_status(api: Api, name: str, output: str, watch: bool) -> None:
+    """Show the current or last move of a volume (--watch: and follow it until Ctrl-C)."""
+    if watch:
+        display = live.Display(output, "name", lambda rows: _table(rows, MOVE_COLUMNS), console)
+        updates = _watch(api, name, time.monotonic() + WATCH_FOR_EVER_SECONDS)
+        try:
+            live.follow(display, ([_move_row(name, current)] for current in updates))
+        except grpc.RpcError as error:
+            fail(_rpc_message(error))
+        return
     found = api.call("GetVolume", control_pb2.GetVolumeRequest(name=name))
     if not found.HasField("move"):
         fail(f"volume {name} has never moved")
@@ -602,10 +661,59 @@ def move_status(api: Api, name: str, output: str) -> None:
     _emit(
         output,
         [data],
-        ["phase", "source", "target", "bytes_sent", "bytes_total", "error"],
+        ["phase", "source", "target", "bytes_sent", "bytes_total", "attempt_bytes_sent", "error"],
         single=True,
     )
     _emit_stuck(output, [(c.node, c.stuck) for c in found.copies if c.node in moving])
+
+
+def _move_row(name: str, volume: control_pb2.Volume) -> dict[str, Any]:
+    """The volume's move as one row (phase ``-`` before its first move)."""
+    if not volume.HasField("move"):
+        return {"name": name, "phase": "-"}
+    row = {"name": name, **_volume_dict(volume)["move"]}
+    rate = float(row.get("rate_bps", 0))
+    row["rate"] = f"{filesize.decimal(int(rate))}/s" if rate else ""
+    return row
+
+
+EVENT_COLUMNS = ["time", "volume", "kind", "by", "pause", "detail"]
+
+
+@main.command("events")
+@click.option("--volume", "name", default="", help="Only this volume's events.")
+@click.option("-f", "--follow", is_flag=True, help="Then each new event, until Ctrl-C.")
+@OUTPUT
+@click.pass_obj
+def events(api: Api, name: str, follow: bool, output: str) -> None:
+    """What happened to volumes, oldest first (kept for 7 days): created, moved, handed off
+    with its pause, fenced, diverged copy kept, failed over, errors."""
+    request = control_pb2.WatchEventsRequest(volume=name, follow=follow)
+    stream = api.stub.WatchEvents(request, timeout=None if follow else 30)
+    try:
+        if not follow:
+            _emit(output, [_event_dict(e) for e in stream], EVENT_COLUMNS, whole=True)
+            return
+        if output == "table":
+            click.echo("  ".join(c.upper() for c in EVENT_COLUMNS))
+        for event in stream:
+            row = _event_dict(event)
+            if output == "json":
+                click.echo(json.dumps(row, sort_keys=True))
+            elif output == "yaml":
+                click.echo("---\n" + yaml.safe_dump(row, sort_keys=True), nl=False)
+            else:
+                click.echo("  ".join(_cell(row, c) for c in EVENT_COLUMNS))
+    except grpc.RpcError as error:
+        fail(_rpc_message(error))
+    except KeyboardInterrupt:
+        stream.cancel()
+
+
+def _event_dict(event: control_pb2.Event) -> dict[str, Any]:
+    return MessageToDict(
+        event, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 @main.group()

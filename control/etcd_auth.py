@@ -25,6 +25,7 @@ import click
 import grpc
 from aetcd import rpc
 
+from ferry.cluster.events import CONTROL_WRITER
 from ferry.cluster.keyspace import DEFAULT_PREFIX, KeyRange, endpoints_client, grant_range
 from ferry.security.tls import TlsFiles, endpoints
 
@@ -51,6 +52,7 @@ class Right:
     shared: str = ""
 
 
+# Own keys of control are its events' (events/control/...).
 CONTROL_WRITES = (
     Right("volumes"),
     Right("moves"),
@@ -61,6 +63,7 @@ CONTROL_WRITES = (
         "failover, which hands a volume whose owner's node is down to a standby copy "
         "(the one write of owners/ that the owner itself cannot make)",
     ),
+    Right("events", own=True),
 )
 
 NODE_WRITES = (
@@ -69,6 +72,7 @@ NODE_WRITES = (
     Right("state", own=True),
     Right("asides", own=True),
     Right("drops", own=True),
+    Right("events", own=True),
     Right(
         "owners",
         shared="the ownership compare-and-swap: an agent claims a new volume's first epoch, "
@@ -108,7 +112,9 @@ def roles(prefix: str, nodes: Sequence[str]) -> dict[str, tuple[str, set[tuple[i
             raise BootstrapError(
                 f"a node cannot be named {node!r}: etcd would take it for that user"
             )
-    table = {CONTROL_ROLE: (CONTROL_USER, wanted_permissions(prefix, CONTROL_WRITES))}
+    table = {
+        CONTROL_ROLE: (CONTROL_USER, wanted_permissions(prefix, CONTROL_WRITES, CONTROL_WRITER))
+    }
     for node in nodes:
         table[node_role(node)] = (node, wanted_permissions(prefix, NODE_WRITES, node))
     return table

@@ -18,6 +18,7 @@ import grpc
 from aetcd.exceptions import ClientError, RevisionCompactedError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from control import metrics
 from control.autofailover import AutoFailover
 from control.etcd_unreachable import EtcdUnreachable
 from control.operations import (
@@ -29,6 +30,7 @@ from control.operations import (
 )
 from control.purger import purge_forever
 from control.replicas import ReplicaKeeper
+from ferry.cluster.events import CONTROL_WRITER, EventLog
 from ferry.cluster.keyspace import (
     Keyspace,
     Kind,
@@ -38,9 +40,20 @@ from ferry.cluster.keyspace import (
     etcd_target,
 )
 from ferry.cluster.view import ClusterView, read_view
-from ferry.core.records import AsideCopy, MountRecord, Move, NodeState, Owner, VolumeSpec
+from ferry.core.records import (
+    AsideCopy,
+    Event,
+    EventKind,
+    MountRecord,
+    Move,
+    MovePhase,
+    NodeState,
+    Owner,
+    VolumeSpec,
+)
 from ferry.flags import service_flags
 from ferry.logs import setup_logging
+from ferry.metrics import contexts, parse_address, serve_metrics
 from ferry.security.authz import (
     CONTROL_API,
     NODE,
@@ -79,6 +92,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self._keyspace = keyspace
         self._ops = VolumeOps(keyspace)
         self._gate = gate
+        self._events = EventLog(keyspace, CONTROL_WRITER)
 
     async def CreateVolume(
         self, request: control_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
@@ -97,7 +111,11 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 failover_after=request.failover_after,
             ),
         )
-        return await self._volume(request.name, context)
+        created = await self._volume(request.name, context)
+        await self._events.record(
+            request.name, EventKind.CREATED, f"on {created.node}, asked by {caller.name}"
+        )
+        return created
 
     async def GetVolume(
         self, request: control_pb2.GetVolumeRequest, context: grpc.aio.ServicerContext
@@ -154,6 +172,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
         except UnreadableRecord as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        forced = " (forced)" if request.force else ""
+        await self._events.record(
+            request.name, EventKind.DELETED, f"asked by {caller.name}{forced}"
+        )
         return control_pb2.DeleteVolumeReply(notice=notice)
 
     async def MoveVolume(
@@ -163,7 +185,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
         refused = move_refusal(caller, request.node)
         if refused is not None:
             await self._gate.refuse(context, caller, MOVE, request.name, refused)
-        await self._guard(context, self._ops.move(request.name, request.node))
+        move = await self._guard(context, self._ops.move(request.name, request.node))
+        if isinstance(move, Move):
+            what = "cancelled" if move.phase == MovePhase.FAILED else "requested"
+            await self._events.record(
+                request.name,
+                EventKind.MOVE_REQUESTED,
+                f"{what}: {move.source} -> {move.target}, asked by {caller.name}",
+            )
         return await self._volume(request.name, context)
 
     async def ReportCreateFailure(
@@ -268,6 +297,32 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 log.warning(
                     "etcd unavailable while following a volume: volume=%s error=%s retry_in=%.1fs",
                     request.name,
+                    error,
+                    WATCH_RETRY_SECONDS,
+                )
+                await asyncio.sleep(WATCH_RETRY_SECONDS)
+
+    async def WatchEvents(
+        self, request: control_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[control_pb2.Event]:
+        """The events kept, oldest first; with ``follow``, then each new one. A follower rides
+        out etcd restarts from the revision after the last event it sent."""
+        kept, revision = await self._keyspace.list_events(request.volume)
+        for event in kept:
+            yield _event_message(event)
+        resume = revision + 1
+        while request.follow:
+            try:
+                async for found in self._keyspace.watch_events(resume):
+                    resume = found.revision + 1
+                    if not request.volume or found.value.volume == request.volume:
+                        yield _event_message(found.value)
+            except RevisionCompactedError:
+                resume = await self._keyspace.revision() + 1
+                log.warning("events compacted while following: some may be missing")
+            except ClientError as error:
+                log.warning(
+                    "etcd unavailable while following events: error=%s retry_in=%.1fs",
                     error,
                     WATCH_RETRY_SECONDS,
                 )
@@ -450,6 +505,17 @@ def _volume_message(
     return volume
 
 
+def _event_message(event: Event) -> control_pb2.Event:
+    return control_pb2.Event(
+        volume=event.volume,
+        kind=event.kind.value,
+        by=event.by,
+        at=event.at,
+        detail=event.detail,
+        pause_seconds=event.pause_seconds,
+    )
+
+
 def _aside_messages(view: ClusterView) -> list[control_pb2.AsideCopy]:
     """The view's copies kept aside, oldest first."""
     return [
@@ -471,15 +537,22 @@ def _aside_message(aside: AsideCopy, drop_requested: bool) -> control_pb2.AsideC
     )
 
 
-async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix: str) -> None:
-    """Serve the Control API and gRPC health checking until cancelled.
+async def serve(
+    etcd: tuple[str, ...],
+    listen: str,
+    tls: TlsFiles | None,
+    prefix: str,
+    metrics_address: str = "",
+) -> None:
+    """Serve the Control API and gRPC health checking (and metrics, at ``metrics_address``
+    unless it is empty) until cancelled.
 
     etcd is reached over mutual TLS with control's own certificate (etcd user
     ``control``), or in plaintext when control runs insecure.
     """
     client = await asyncio.to_thread(endpoints_client, etcd, tls)
     keyspace = Keyspace(client, prefix)
-    gate = KindGate(insecure=tls is None)
+    gate = KindGate(insecure=tls is None, observe=metrics.observe_call)
     server = grpc.aio.server(interceptors=[gate, EtcdUnreachable()])
     control_pb2_grpc.add_ControlServicer_to_server(ControlService(keyspace, gate), server)
     health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -489,6 +562,11 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
         server.add_insecure_port(listen)
     else:
         server.add_secure_port(listen, tls.server_credentials())
+    exporter = None
+    if metrics_address:
+        exporter = await serve_metrics(
+            metrics.REGISTRY, metrics_address, contexts(tls, None) if tls else None
+        )
     await server.start()
     purging = asyncio.create_task(purge_forever(keyspace), name="purge")
     failover = asyncio.create_task(
@@ -509,6 +587,8 @@ async def serve(etcd: tuple[str, ...], listen: str, tls: TlsFiles | None, prefix
         with contextlib.suppress(asyncio.CancelledError):
             await purging
         await server.stop(grace=2)
+        if exporter is not None:
+            await exporter.cleanup()
         await client.close()
 
 
@@ -524,16 +604,20 @@ def main(
     tls_key: str,
     insecure: bool,
     etcd_prefix: str,
+    metrics_address: str,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run ferry-control: the cluster's API for volumes and nodes."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         tls = from_flags(tls_ca, tls_cert, tls_key, insecure)
         etcd_target(endpoints(etcd))
+        if metrics_address:
+            parse_address(metrics_address)
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     try:
-        asyncio.run(serve(endpoints(etcd), listen, tls, etcd_prefix))
+        asyncio.run(serve(endpoints(etcd), listen, tls, etcd_prefix, metrics_address))
     except KeyboardInterrupt:
         log.info("ferry-control stopped")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from agent import failpoints
 from agent.replication.ports import LocalStore, MoveRecords
 from ferry.core import phases
 from ferry.core.phases import MovePhase, Writer
+from ferry.core.records import Move
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +22,18 @@ FINISH_ATTEMPTS = 10
 class Activation:
     """Makes this node's copy of a volume it owns writable, and ends a move into it."""
 
-    def __init__(self, node: str, records: MoveRecords, store: LocalStore) -> None:
+    def __init__(
+        self,
+        node: str,
+        records: MoveRecords,
+        store: LocalStore,
+        finished: Callable[[Move], Awaitable[None]] | None = None,
+    ) -> None:
         self._node = node
         self._records = records
         self._store = store
+        self._finished = finished
+        """Told of each move this node marked done (its event)."""
 
     async def activate(self, volume: str, epoch: int) -> None:
         """Writable and mounted, if this copy holds the handoff's final snapshot (a move into
@@ -69,6 +79,8 @@ class Activation:
                 return
             done = replace(move.value, phase=MovePhase.DONE, error="", updated_at=time.time())
             if await self._records.put_move(done, move.revision):
+                if self._finished is not None:
+                    await self._finished(done)
                 return
         log.warning(
             "move record not marked done after %d attempts: volume=%s", FINISH_ATTEMPTS, volume

@@ -4,9 +4,11 @@ of phase checked against ``ferry.core.phases`` first."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import replace
 
+from agent import metrics
 from agent.replication.ports import MoveRecords
 from ferry.cluster.keyspace import Versioned
 from ferry.core import phases
@@ -14,6 +16,8 @@ from ferry.core.phases import ACTIVE_PHASES, MovePhase, Writer
 from ferry.core.records import Move
 
 PROGRESS_SECONDS = 0.5
+# A stream that failed after this share of its estimated size was sent is taken as arrived.
+COMPLETE_SHARE = 0.95
 
 
 class MoveAbandoned(Exception):
@@ -26,6 +30,8 @@ class MoveRecord:
     def __init__(self, records: MoveRecords, current: Versioned[Move]) -> None:
         self._records = records
         self._current = current
+        self.attempt_sent = 0
+        """Bytes of this attempt's finished or cut streams (one driver run is one attempt)."""
 
     @property
     def move(self) -> Move:
@@ -76,7 +82,9 @@ class MoveRecord:
 
 
 class Progress:
-    """Bytes sent in this move so far, written to the move record at most every PROGRESS_SECONDS."""
+    """One stream's bytes, written to the move record at most every PROGRESS_SECONDS: added to
+    the move's bytes while it runs, taken out again if it is cut (the retry resends them), and
+    counted in the attempt's bytes either way."""
 
     def __init__(self, record: MoveRecord) -> None:
         self._record = record
@@ -88,6 +96,7 @@ class Progress:
         self.sent = 0
 
     def report(self, sent: int, estimated: int) -> None:
+        metrics.MOVE_SENT.inc(max(sent - self.sent, 0))
         self.sent, self._total = sent, estimated
         now = time.monotonic()
         if now - self._written_at >= PROGRESS_SECONDS and (
@@ -100,8 +109,24 @@ class Progress:
         """Write the totals of a finished stream (after any write still under way)."""
         if self._pending is not None:
             await self._pending
+        metrics.MOVE_SENT.inc(max(sent - self.sent, 0))
         self.sent, self._total = sent, estimated
         await self._write()
+        self._record.attempt_sent += self.sent
+
+    async def cut(self) -> None:
+        """The sync failed. Cut short of its estimated size, the stream left the target's copy
+        as it was: its bytes are taken out of the move's. Failed once (nearly) all was sent,
+        the target may hold it (the failure came after: a lost reply, a check), and they stay.
+        """
+        self._record.attempt_sent += self.sent
+        arrived = self.sent if self.sent >= COMPLETE_SHARE * self._total else 0
+        with contextlib.suppress(Exception):
+            if self._pending is not None:
+                await self._pending
+            await self._record.update(
+                bytes_sent=self._before + arrived, attempt_bytes_sent=self._record.attempt_sent
+            )
 
     async def _write(self) -> None:
         elapsed = max(time.monotonic() - self._started, 1e-6)
@@ -109,4 +134,5 @@ class Progress:
             bytes_sent=self._before + self.sent,
             bytes_total=self._before + max(self._total, self.sent),
             rate_bps=self.sent / elapsed,
+            attempt_bytes_sent=self._record.attempt_sent + self.sent,
         )

@@ -7,14 +7,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from agent import failpoints
+from agent import failpoints, metrics
 from agent.replication.ports import LocalStore, MoveRecords, Peer
 from agent.replication.record import MoveAbandoned, MoveRecord, Progress
 from agent.replication.sync import NoCommonSnapshot, sync_to_peer
 from agent.transfer.client import TransferFailed
 from agent.zfs.volumes import FilesystemBusy
+from ferry.cluster.events import EventLog
 from ferry.core.phases import ACTIVE_PHASES, MovePhase
-from ferry.core.records import Owner
+from ferry.core.records import EventKind, Owner
 from ferry.core.snapshots import SnapshotRef
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class MoveDriver:
         connect: PeerLookup,
         small_delta: int = SMALL_DELTA_BYTES,
         handoff_deadline: float = HANDOFF_DEADLINE_SECONDS,
+        events: EventLog | None = None,
     ) -> None:
         self._node = node
         self._records = records
@@ -50,6 +52,7 @@ class MoveDriver:
         self._connect = connect
         self._small_delta = small_delta
         self._handoff_deadline = handoff_deadline
+        self._events = events
 
     async def run(self, volume: str) -> None:
         """One attempt to finish the move; raises on failure, the caller retries with back-off."""
@@ -72,12 +75,20 @@ class MoveDriver:
         except MoveAbandoned:
             raise
         except Exception as error:
+            metrics.MOVE_FAILURES.labels(metrics.failure_reason(error)).inc()
+            if self._events is not None:
+                await self._events.record(
+                    volume,
+                    EventKind.MOVE_ERROR,
+                    f"attempt {record.move.attempt + 1} to {record.move.target} failed, "
+                    f"retried: {error}",
+                )
             # Kept in the record until a sync succeeds: 'move status' shows why it retries.
             await record.update(error=str(error), attempt=record.move.attempt + 1)
             raise
 
     async def _precopy(self, volume: str, epoch: int, peer: Peer, record: MoveRecord) -> None:
-        await record.update(phase=MovePhase.PRECOPY)
+        await record.update(phase=MovePhase.PRECOPY, attempt_bytes_sent=record.attempt_sent)
         while True:
             sent = await self._sync(volume, epoch, peer, record)
             users = await self._store.in_use(volume)
@@ -98,7 +109,7 @@ class MoveDriver:
                 return
 
     async def _handoff(self, volume: str, epoch: int, peer: Peer, record: MoveRecord) -> None:
-        await record.update(phase=MovePhase.HANDOFF)
+        await record.update(phase=MovePhase.HANDOFF, attempt_bytes_sent=record.attempt_sent)
         await self._refuse_if_in_use(volume, record, "was mounted again")
         # Asked before the freeze: an unreachable target must not stop writes here.
         remote = await peer.holdings(volume)
@@ -118,6 +129,8 @@ class MoveDriver:
                 )
                 stopped_for = time.monotonic() - paused
                 if swapped:
+                    metrics.MOVE_HANDOFF_PAUSE.observe(stopped_for)
+                    metrics.MOVE_HANDOFFS.inc()
                     failpoints.reached("handoff.after_cas")
                     await record.update(phase=MovePhase.ACTIVATING)
             finally:
@@ -130,6 +143,14 @@ class MoveDriver:
                     await self._store.thaw(volume)
         if not swapped:
             raise MoveAbandoned(f"ownership of {volume} changed during the handoff")
+        if self._events is not None:
+            await self._events.record(
+                volume,
+                EventKind.HANDED_OFF,
+                f"{self._node} -> {record.move.target} at epoch {epoch + 1}, final snapshot "
+                f"{final}",
+                pause_seconds=stopped_for,
+            )
         log.info(
             "handed off: volume=%s from=%s to=%s epoch=%d final=%s writes_stopped_for=%.2fs",
             volume,
@@ -222,16 +243,20 @@ class MoveDriver:
         """Bring the peer up to a snapshot taken now, the record following; returns the bytes."""
         await record.check()
         progress = Progress(record)
-        sent = await sync_to_peer(
-            self._store,
-            peer,
-            volume,
-            epoch=epoch,
-            sender=self._node,
-            remote=remote,
-            full_allowed=full_allowed,
-            on_progress=progress.report,
-        )
+        try:
+            sent = await sync_to_peer(
+                self._store,
+                peer,
+                volume,
+                epoch=epoch,
+                sender=self._node,
+                remote=remote,
+                full_allowed=full_allowed,
+                on_progress=progress.report,
+            )
+        except Exception:
+            await progress.cut()
+            raise
         await progress.finish(sent.bytes_sent, sent.estimated)
         if record.move.error:
             await record.update(error="")

@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent import metrics
 from agent.transfer import secure
 from agent.transfer.secure import SecureStream
 from agent.transfer.unadmitted import SUMMARY_SECONDS, Unadmitted
@@ -335,6 +336,7 @@ class DataListener:
             self._unadmitted.drop(host, "no_ticket")
             return
         del self._tickets[token]
+        metrics.DATA_ACCEPTED.inc()
         ticket.arrived.set_result(connection)
 
     async def _open(self, conn: socket.socket) -> tuple[DataConnection, bytes, str | None]:

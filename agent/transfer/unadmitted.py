@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from agent import metrics
+
 log = logging.getLogger(__name__)
 
 PER_PEER = 16
@@ -62,6 +64,7 @@ class Unadmitted:
         """A connection from ``peer`` was closed before admission, for ``reason``."""
         self._dropped[peer] += 1
         self._reasons[reason] += 1
+        metrics.DATA_REFUSED.labels(reason).inc()
         if self._clock() - self._last_summary >= self._interval:
             self.summarize()
 

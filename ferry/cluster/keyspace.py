@@ -13,6 +13,7 @@ Keys, under a prefix (default ``/ferry/v1``):
 | ``asides/<node>/<leaf>`` | AsideCopy, on the node's lease | that agent |
 | ``drops/<node>/<leaf>`` | AsideDrop | control asks, the agent deletes it once done |
 | ``seen/<node>`` | NodeSeen, not leased: outlives the node's lease | that agent |
+| ``events/<writer>/<time>-<n>`` | Event, on a retention lease | that node, or control |
 
 Every write that depends on what was read is a transaction comparing the
 key's ``mod_revision`` (or its absence); nothing is read-then-written.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 import socket
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +38,7 @@ from ferry.cluster.etcd_tls import CHANNEL_OPTIONS, TlsClient
 from ferry.core.records import (
     AsideCopy,
     AsideDrop,
+    Event,
     MountRecord,
     Move,
     NodeInfo,
@@ -66,6 +69,7 @@ class Kind(StrEnum):
     ASIDES = "asides"
     DROPS = "drops"
     SEEN = "seen"
+    EVENTS = "events"
 
 
 KINDS = tuple(Kind)
@@ -79,6 +83,7 @@ RECORDS: dict[Kind, type[Any]] = {
     Kind.ASIDES: AsideCopy,
     Kind.DROPS: AsideDrop,
     Kind.SEEN: NodeSeen,
+    Kind.EVENTS: Event,
 }
 # Kinds whose keys name the volume first (``mounts/<volume>/<node>``); the others name the
 # node first (``state/<node>/<volume>``, ``asides/<node>/<leaf>``) or only (``nodes/<node>``).
@@ -612,6 +617,44 @@ class Keyspace:
     async def delete_drop(self, node: str, leaf: str) -> None:
         await self.client.delete(self._key("drops", node, leaf))
 
+    # events
+
+    async def put_event(self, writer: str, event: Event, lease: aetcd.Lease) -> None:
+        """Record ``event`` under its writer's keys, on ``lease`` (its retention)."""
+        leaf = f"{int(event.at * 1_000_000):017d}-{secrets.token_hex(4)}"
+        await self.client.put(self._key("events", writer, leaf), event.to_json(), lease=lease)
+
+    async def list_events(self, volume: str = "") -> tuple[list[Event], int]:
+        """Every event kept (of ``volume`` only, when given), oldest first, and the etcd
+        revision they were read at (a follower watches from the one after: nothing is
+        missed or shown twice)."""
+        found = await self.client.get_prefix(self._key("events", ""))
+        events = []
+        for kv in found:
+            try:
+                events.append(self._decode(kv.key, kv.value, Event))
+            except UnreadableRecord as error:
+                log.warning("event skipped: key=%s reason=%s", error.skipped.key, error)
+        wanted = sorted((e for e in events if not volume or e.volume == volume), key=lambda e: e.at)
+        return wanted, int(found.header.revision)
+
+    async def watch_events(self, start_revision: int) -> AsyncGenerator[Versioned[Event], None]:
+        """Events written from ``start_revision`` on, as they come, with the revision each was
+        written at (resume from the one after); see ``watch`` for what ends it."""
+        prefix = self._key("events", "")
+        watch = await self.client.watch_prefix(prefix, start_revision=start_revision)
+        try:
+            async for change in watch:
+                if change.kind == "DELETE":
+                    continue
+                try:
+                    event = self._decode(change.kv.key, change.kv.value, Event)
+                    yield Versioned(event, change.kv.mod_revision)
+                except UnreadableRecord as error:
+                    log.warning("event skipped: key=%s reason=%s", error.skipped.key, error)
+        finally:
+            await watch.cancel()
+
     # watch
 
     async def revision(self) -> int:
@@ -654,7 +697,7 @@ class KeyRange:
     range_end: bytes
 
 
-PER_NODE_KINDS = ("nodes", "state", "asides", "drops", "seen")
+PER_NODE_KINDS = ("nodes", "state", "asides", "drops", "seen", "events")
 
 
 def grant_range(prefix: str, kind: str = "", node: str = "") -> KeyRange:

@@ -11,7 +11,7 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, Self
 
 from ferry.core import compression, fencing, names
@@ -266,6 +266,8 @@ class Move(_Record):
     target: str
     phase: MovePhase = MovePhase.PENDING
     bytes_sent: int = 0
+    """Bytes of this move the target holds: its finished streams and the running one's
+    progress. A stream cut half-way is taken out again (its retry sends them anew)."""
     bytes_total: int = 0
     rate_bps: float = 0.0
     error: str = ""
@@ -273,6 +275,8 @@ class Move(_Record):
     final_snapshot: str = ""
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    attempt_bytes_sent: int = 0
+    """Bytes the current (or last) attempt sent, a stream cut half-way included."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phase", MovePhase(self.phase))
@@ -348,3 +352,34 @@ def aside_leaf(dataset: str) -> str:
 def to_dict(record: Any) -> dict[str, Any]:
     """A record as plain JSON-able values (for ``-o json``)."""
     return dict(json.loads(record.to_json()))
+
+
+class EventKind(StrEnum):
+    """What happened to a volume, as ``ferryctl events`` lists it."""
+
+    CREATED = "created"
+    DELETED = "deleted"
+    MOVE_REQUESTED = "move_requested"
+    HANDED_OFF = "handed_off"
+    MOVED = "moved"
+    MOVE_ERROR = "move_error"
+    FENCED = "fenced"
+    DIVERGED_KEPT = "diverged_kept"
+    FAILED_OVER = "failed_over"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Event(_Record):
+    """One thing that happened to a volume: what, by whom (a node or ``control``), when, and
+    the pause writes saw when it was a handoff."""
+
+    volume: str
+    kind: EventKind
+    by: str
+    at: float = field(default_factory=time.time)
+    detail: str = ""
+    pause_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", EventKind(self.kind))

@@ -34,6 +34,8 @@ class HostDescription:
     run_prefix: tuple[str, ...]
     pool: str
     agent_address: str | None = None
+    metrics_address: str | None = None
+    """The agent's Prometheus endpoint (HTTPS unless the cluster is insecure)."""
     plugin_socket: str | None = None
     mount_root: str | None = None
     docker_host: str | None = None
@@ -73,6 +75,7 @@ class ClusterDescription:
     control_address: str | None = None
     """None when no ferry-control runs (``up --no-agents``)."""
     control_log: str | None = None
+    control_metrics_address: str | None = None
     tls: TlsDescription = field(default_factory=TlsDescription)
     swarm: SwarmDescription | None = None
 
@@ -118,6 +121,7 @@ class ClusterDescription:
             etcd_log=(raw["etcd"] or {}).get("log"),
             control_address=control.get("address"),
             control_log=control.get("log"),
+            control_metrics_address=control.get("metrics"),
             tls=TlsDescription(
                 insecure=bool(tls.get("insecure")),
                 **{key: _optional_path(tls.get(key)) for key in _TLS_PATHS},
@@ -129,6 +133,7 @@ class ClusterDescription:
                     run_prefix=tuple(h["run"]),
                     pool=h["pool"],
                     agent_address=h.get("agent"),
+                    metrics_address=h.get("metrics"),
                     plugin_socket=h.get("plugin_socket"),
                     mount_root=h.get("mount_root"),
                     docker_host=h.get("docker_host"),
@@ -146,7 +151,11 @@ class ClusterDescription:
             "kind": self.kind,
             "subnet": self.subnet,
             "etcd": {"endpoints": list(self.etcd_endpoints), "log": self.etcd_log},
-            "control": {"address": self.control_address, "log": self.control_log},
+            "control": {
+                "address": self.control_address,
+                "log": self.control_log,
+                "metrics": self.control_metrics_address,
+            },
             "tls": {
                 "insecure": self.tls.insecure,
                 **{key: _optional_str(getattr(self.tls, key)) for key in _TLS_PATHS},
@@ -158,6 +167,7 @@ class ClusterDescription:
                     "run": list(host.run_prefix),
                     "pool": host.pool,
                     "agent": host.agent_address,
+                    "metrics": host.metrics_address,
                     "plugin_socket": host.plugin_socket,
                     "mount_root": host.mount_root,
                     "docker_host": host.docker_host,

@@ -29,7 +29,10 @@ MAX_HOSTS = 20
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 CONTROL_PORT = 7070
+CONTROL_METRICS_PORT = 7079
 AGENT_PORT = 7080
+# The data port is AGENT_PORT + 1.
+AGENT_METRICS_PORT = 7089
 USER_CERT_NAME = "admin"
 SWARM_HOST_LABEL = "ferry.host"
 
@@ -70,6 +73,10 @@ class HostLayout:
     @property
     def agent_address(self) -> str:
         return f"{self.address}:{AGENT_PORT}"
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.address}:{AGENT_METRICS_PORT}"
 
     @property
     def agent_log(self) -> Path:
@@ -124,6 +131,10 @@ class Layout:
     @property
     def control_address(self) -> str:
         return f"{self.bridge_address}:{CONTROL_PORT}"
+
+    @property
+    def control_metrics_address(self) -> str:
+        return f"{self.bridge_address}:{CONTROL_METRICS_PORT}"
 
     @property
     def certs_dir(self) -> Path:
@@ -192,6 +203,7 @@ def describe(
         etcd_log=str(layout.state_dir / "etcd.log"),
         control_address=layout.control_address if agents else None,
         control_log=str(layout.state_dir / "control.log") if agents else None,
+        control_metrics_address=layout.control_metrics_address if agents else None,
         tls=TlsDescription(
             insecure=insecure,
             dir=certs if secure else None,
@@ -208,6 +220,7 @@ def describe(
                 run_prefix=tuple(host.run_prefix),
                 pool=host.pool,
                 agent_address=host.agent_address if agents else None,
+                metrics_address=host.metrics_address if agents else None,
                 plugin_socket=str(host.plugin_socket),
                 mount_root=str(host.mount_root),
                 docker_host=host.docker_host if docker else None,

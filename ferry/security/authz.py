@@ -56,6 +56,7 @@ RULES: dict[str, Rule] = {
     CONTROL_API + "WatchVolume": Rule(frozenset({USER}), False),
     CONTROL_API + "ListAsides": Rule(frozenset({USER}), False),
     CONTROL_API + "DropAside": Rule(frozenset({USER}), True),
+    CONTROL_API + "WatchEvents": Rule(frozenset({USER}), False),
     CONTROL_API + "ReportCreateFailure": Rule(frozenset({NODE}), True, NODE_CREATE_FAILURE_LIMIT),
     CONTROL_API + "FailoverVolume": Rule(frozenset({USER}), True),
     TRANSFER_API + "Holdings": Rule(frozenset({NODE}), False),

@@ -4,12 +4,16 @@ A server interceptor, so an RPC nobody wrote a check for is refused (the
 table is default deny) instead of open to any certificate the CA signed.
 Each mutating call is logged with who asked, before it runs; each refusal
 with why. On a server started with ``--insecure`` every caller is let in
-as kind ``insecure`` (and logged so).
+as kind ``insecure`` (and logged so). Every call's end is told to the
+``observe`` callback (metrics): method, caller kind (``none`` when the caller
+had no usable certificate), gRPC status code name, and seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,22 +23,36 @@ from ferry.security.authz import INSECURE, RULES, Caller, NoKind, caller_from_ce
 
 log = logging.getLogger(__name__)
 
+CallObserver = Callable[[str, str, str, float], None]
+"""Told of each call's end: method, caller kind, status code name, seconds."""
+NO_KIND = "none"
+
 
 class KindGate(grpc.aio.ServerInterceptor):
     """Admits a call only if ``ferry.security.authz`` lets the caller's certificate kind make it."""
 
-    def __init__(self, insecure: bool) -> None:
+    def __init__(self, insecure: bool, observe: CallObserver | None = None) -> None:
         self._insecure = insecure
+        self._observe = observe
 
     def caller(self, context: grpc.aio.ServicerContext) -> Caller:
         """Who is calling; NoKind if the certificate cannot be authorized."""
         return caller_of(context, self._insecure)
 
-    async def admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Caller:
-        """The caller, if it may call ``method``; otherwise the call is aborted with the reason."""
+    async def admit(
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        call: _Call | None = None,
+    ) -> Caller:
+        """The caller, if it may call ``method``; otherwise the call is aborted with the reason.
+        ``call`` learns the caller's kind before any refusal."""
         volume, node = _field(request, "name") or _field(request, "volume"), _field(request, "node")
         try:
             caller = self.caller(context)
+            if call is not None:
+                call.kind = caller.kind
         except NoKind as error:
             log.warning(
                 "call refused: peer=%s method=%s volume=%s reason=%s",
@@ -94,18 +112,61 @@ class KindGate(grpc.aio.ServerInterceptor):
 
     def _unary(self, method: str, behaviour: Any) -> Any:
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await self.admit(method, request, context)
-            return await behaviour(request, context)
+            call = _Call(method, self._observe)
+            try:
+                await self.admit(method, request, context, call)
+                reply = await behaviour(request, context)
+            except BaseException as error:
+                call.end(context, error)
+                raise
+            call.end(context, None)
+            return reply
 
         return admitted
 
     def _streaming(self, method: str, behaviour: Any) -> Any:
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await self.admit(method, request, context)
-            async for reply in behaviour(request, context):
-                yield reply
+            call = _Call(method, self._observe)
+            try:
+                await self.admit(method, request, context, call)
+                async for reply in behaviour(request, context):
+                    yield reply
+            except BaseException as error:
+                call.end(context, error)
+                raise
+            call.end(context, None)
 
         return admitted
+
+
+class _Call:
+    """One call as its observer hears of it."""
+
+    def __init__(self, method: str, observe: CallObserver | None) -> None:
+        self.method = method.lstrip("/")
+        self.kind = NO_KIND
+        self._observe = observe
+        self._started = time.monotonic()
+
+    def end(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        if self._observe is None:
+            return
+        code = _status(context.code())
+        if error is not None and code == grpc.StatusCode.OK:
+            # Raised without an abort: gRPC answers UNKNOWN (or the call was cancelled).
+            cancelled = isinstance(error, asyncio.CancelledError)
+            code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
+        self._observe(self.method, self.kind, code.name, time.monotonic() - self._started)
+
+
+def _status(code: object) -> grpc.StatusCode:
+    """The status a context holds (a StatusCode, its number, or None before any is set)."""
+    if isinstance(code, grpc.StatusCode):
+        return code
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.OK
 
 
 def caller_of(context: grpc.aio.ServicerContext, insecure: bool) -> Caller:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import secrets
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -89,16 +91,22 @@ def test_volumes_show_their_owner_and_remove_waits_for_containers(cluster: Clust
     host = docker_host(cluster)
     load_toolbox(host)
     name = f"dk-{secrets.token_hex(3)}"
+    before = time.time()
     cluster.docker(host, ["volume", "create", "-d", "ferry", "-o", "size=256M", name])
     inspected = json.loads(cluster.docker(host, ["volume", "inspect", name]).stdout)[0]
     assert inspected["Driver"] == "ferry"
+    created = datetime.datetime.fromisoformat(inspected["CreatedAt"]).timestamp()
+    assert before - 5 <= created <= time.time() + 5, inspected["CreatedAt"]
+    assert inspected["Mountpoint"] == ""  # no container uses it yet
     container = f"c-{name}"
     cluster.docker(
         host,
         ["run", "-d", "--name", container, "--network", "none", "-v", f"{name}:/data",
          TOOLBOX, "sh", "-c", "echo kept > /data/file && sleep 300"],
     )  # fmt: skip
-    status = json.loads(cluster.docker(host, ["volume", "inspect", name]).stdout)[0]["Status"]
+    inspected = json.loads(cluster.docker(host, ["volume", "inspect", name]).stdout)[0]
+    assert inspected["Mountpoint"] == f"{host.mount_root}/{name}"
+    status = inspected["Status"]
     assert status["owner"] == host.name and status["epoch"] == 1
     # Docker refuses by itself while one of its containers uses the volume; Ferry's own
     # refusal (what protects a volume a container on another host mounts) is asked for

@@ -99,6 +99,9 @@ def test_a_node_writes_its_own_records_and_not_another_nodes_nor_a_volume_spec(
         f"state:{me}",
         f"node:{other}",
         f"state:{other}",
+        f"event:{me}",
+        f"event:{other}",
+        "event:control",
         "volume",
         "escalate",
     )
@@ -107,6 +110,9 @@ def test_a_node_writes_its_own_records_and_not_another_nodes_nor_a_volume_spec(
         f"state:{me}": False,
         f"node:{other}": True,
         f"state:{other}": True,
+        f"event:{me}": False,
+        f"event:{other}": True,
+        "event:control": True,
         "volume": True,
         "escalate": True,
     }, outcomes
@@ -122,12 +128,16 @@ def test_control_writes_volumes_and_no_node_records(cluster: Cluster, certs: Pat
         "volume",
         f"node:{node}",
         f"state:{node}",
+        "event:control",
+        f"event:{node}",
     )
     assert refused(outcomes) == {
         "read": False,
         "volume": False,
         f"node:{node}": True,
         f"state:{node}": True,
+        "event:control": False,
+        f"event:{node}": True,
     }, outcomes
 
 

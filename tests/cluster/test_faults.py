@@ -155,6 +155,31 @@ def test_an_agent_killed_mid_transfer_leaves_the_source_owner_and_the_move_compl
     finish_and_check(cluster, name, data, b)
 
 
+def test_a_stream_cut_by_the_target_dying_is_not_counted_twice(
+    cluster: Cluster, loaded: tuple[str, dict[str, str]]
+) -> None:
+    """The move's bytes are what the target holds; the attempt's are what it sent (so 712 MB
+    "sent" for a 525 MB volume after one retry was the sum of both attempts)."""
+    name, data = loaded
+    b = cluster.hosts[1]
+    cluster.ferryctl(["volume", "move", name, b.name])
+    wait_for("the full stream to be under way", lambda: sent(cluster, name) >= 48 * MIB, 60)
+    cluster.agent(b.name, "kill")
+    wait_for(
+        "the source to see the cut",
+        lambda: int(cluster.volume(name)["move"].get("attempt", 0)) >= 1,
+        60,
+    )
+    cut = cluster.volume(name)["move"]
+    assert cut["bytes_sent"] < 48 * MIB, cut  # the target kept none of the cut stream
+    cluster.agent(b.name, "start")
+    finish_and_check(cluster, name, data, b)
+    move = cluster.volume(name)["move"]
+    # One full stream of 384 MiB and small incrementals, not the cut stream on top.
+    assert 384 * MIB <= move["bytes_sent"] < 400 * MIB, move
+    assert move["attempt_bytes_sent"] <= move["bytes_sent"], move
+
+
 def _move_until_the_source_dies_at(cluster: Cluster, name: str, failpoint: str) -> None:
     """Restart the source's agent armed with ``failpoint``, move the volume to the second
     host, and return once the source has died there."""

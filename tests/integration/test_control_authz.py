@@ -25,6 +25,7 @@ from ferry.security import ca
 from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 from tests.support.etcd import ClusterCerts, ControlServer, LiveNodes, ferryctl
+from tests.support.metrics import scrape, value
 
 pytestmark = pytest.mark.integration
 
@@ -270,6 +271,45 @@ async def test_mutating_calls_and_refusals_are_logged_with_the_caller(
         "call: caller=ct-admin kind=user method=ferry.v1.Control/DeleteVolume" in line
         for line in lines
     ), lines
+
+
+async def test_calls_are_counted_by_method_caller_kind_and_result(
+    control: ControlServer,
+    certs: ClusterCerts,
+    stubs: dict[str, control_pb2_grpc.ControlStub],
+    nodes: LiveNodes,
+) -> None:
+    def count(**labels: str) -> float:
+        samples = scrape(control.metrics_address, certs.admin)
+        return value(samples, "ferry_control_rpcs_total", **labels)
+
+    delete = "ferry.v1.Control/DeleteVolume"
+    name = unique("az-counted")
+    refusals = count(method=delete, caller_kind="node", result="PERMISSION_DENIED")
+    deletes = count(method=delete, caller_kind="user", result="OK")
+    kindless = count(caller_kind="none", result="UNAUTHENTICATED")
+    await stubs["az-host1"].CreateVolume(
+        control_pb2.CreateVolumeRequest(name=name, node="az-host1"), timeout=10
+    )
+    await refused(
+        stubs["az-host2"].DeleteVolume(control_pb2.DeleteVolumeRequest(name=name), timeout=10),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    await stubs["admin"].DeleteVolume(control_pb2.DeleteVolumeRequest(name=name), timeout=10)
+    async with grpc.aio.secure_channel(
+        control.address,
+        issue_without_kind(certs.directory, "az-uncounted").channel_credentials(),
+        options=[("grpc.ssl_target_name_override", "control")],
+    ) as channel:
+        await refused(
+            control_pb2_grpc.ControlStub(channel).ListVolumes(
+                control_pb2.ListVolumesRequest(), timeout=10
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+    assert count(method=delete, caller_kind="node", result="PERMISSION_DENIED") == refusals + 1
+    assert count(method=delete, caller_kind="user", result="OK") == deletes + 1
+    assert count(caller_kind="none", result="UNAUTHENTICATED") == kindless + 1
 
 
 async def test_a_certificate_from_another_ca_is_refused_with_what_to_check(

@@ -154,6 +154,11 @@ class Cluster:
         command = _ferry_command("ferryctl")
         return _run([command, *args], check, timeout, env=self.ferryctl_environment())
 
+    def ferryctl_argv(self, args: Sequence[str]) -> list[str]:
+        """The argv of a ferryctl for this cluster (with ``ferryctl_environment``), for tests
+        that run it themselves (in a terminal, following its output)."""
+        return [_ferry_command("ferryctl"), *args]
+
     def volume(self, name: str) -> dict[str, Any]:
         """``ferryctl volume get NAME -o json``, parsed."""
         return dict(json.loads(self.ferryctl(["volume", "get", name, "-o", "json"]).stdout))

@@ -363,6 +363,7 @@ class ControlServer(TestService):
         insecure: bool = False,
     ) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         self.certs = certs
         self.insecure = insecure
         self.log_path = log_dir / f"control-{self.port}.log"
@@ -393,12 +394,19 @@ class ControlServer(TestService):
                 str(tls.key),
                 "--etcd-prefix",
                 prefix,
+                "--metrics-address",
+                self.metrics_address,
             ]
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        """Its /metrics (HTTPS, the cluster CA's client certificates), when started with TLS."""
+        return f"127.0.0.1:{self.metrics_port}"
 
     def ferryctl_env(self, tls: TlsFiles | None = None) -> dict[str, str]:
         """Environment for a ``ferryctl`` talking to this control (the admin's certificate)."""

@@ -4,7 +4,8 @@
         ACTION [ACTION...]
 
 Actions: ``read`` (list volumes), ``volume`` (a volume spec write), ``node:NAME`` (rewrite that
-node's record), ``state:NODE`` (remove a state key of that node), ``escalate`` (grant the
+node's record), ``state:NODE`` (remove a state key of that node), ``event:WRITER`` (an event
+under that writer's keys, on a 30 s lease), ``escalate`` (grant the
 certificate's own user etcd's root role), ``http-put`` (a plaintext HTTP PUT through etcd's
 gateway, the attack that once fenced an owner). Writes are compare-and-swap on revisions
 that never match where that is possible, so an allowed write changes nothing; etcd checks
@@ -27,7 +28,7 @@ from pathlib import Path
 from aetcd import rpc
 
 from ferry.cluster.keyspace import Keyspace, endpoints_client
-from ferry.core.records import NodeInfo, VolumeSpec
+from ferry.core.records import Event, EventKind, NodeInfo, VolumeSpec
 from ferry.security.tls import TlsFiles
 
 NEVER = 1 << 62
@@ -55,6 +56,10 @@ async def _attempt(action: str, keyspace: Keyspace, endpoint: str, user: str) ->
             await asyncio.wait_for(keyspace.update_node(forged, lease), TIMEOUT)
         elif kind == "state":
             await asyncio.wait_for(keyspace.delete_state(name, PROBE_VOLUME), TIMEOUT)
+        elif kind == "event":
+            lease = await client.lease(30)
+            event = Event(volume=PROBE_VOLUME, kind=EventKind.ERROR, by=name, detail="probe")
+            await asyncio.wait_for(keyspace.put_event(name, event, lease), TIMEOUT)
         elif action == "escalate":
             await client.connect()
             await rpc.AuthStub(client.channel).UserGrantRole(

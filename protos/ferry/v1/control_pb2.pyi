@@ -19,6 +19,69 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class WatchEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    """Empty: every volume."""
+    follow: _builtins.bool
+    """False: the events kept, then the stream ends."""
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    BY_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    PAUSE_SECONDS_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    kind: _builtins.str
+    """created, deleted, move_requested, handed_off, moved, move_error, fenced,
+    diverged_kept, failed_over, error.
+    """
+    by: _builtins.str
+    """The node that did it, or "control"."""
+    at: _builtins.float
+    detail: _builtins.str
+    pause_seconds: _builtins.float
+    """Writes stopped for this long (handed_off)."""
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        by: _builtins.str = ...,
+        at: _builtins.float = ...,
+        detail: _builtins.str = ...,
+        pause_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "by", b"by", "detail", b"detail", "kind", b"kind", "pause_seconds", b"pause_seconds", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
 class CreateFailureRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -279,6 +342,7 @@ class MoveStatus(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     STUCK_FIELD_NUMBER: _builtins.int
+    ATTEMPT_BYTES_SENT_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     target: _builtins.str
     phase: _builtins.str
@@ -289,6 +353,8 @@ class MoveStatus(_message.Message):
     attempt: _builtins.int
     stuck: _builtins.str
     """What is stuck on the source or the target ("node: ..."), as the copies report it."""
+    attempt_bytes_sent: _builtins.int
+    """Bytes the current (or last) attempt sent; bytes_sent counts what the target holds."""
     def __init__(
         self,
         *,
@@ -301,10 +367,11 @@ class MoveStatus(_message.Message):
         error: _builtins.str = ...,
         attempt: _builtins.int = ...,
         stuck: _builtins.str = ...,
+        attempt_bytes_sent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bytes_sent", b"bytes_sent", "bytes_total", b"bytes_total", "error", b"error", "phase", b"phase", "rate_bps", b"rate_bps", "source", b"source", "stuck", b"stuck", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempt_bytes_sent", b"attempt_bytes_sent", "bytes_sent", b"bytes_sent", "bytes_total", b"bytes_total", "error", b"error", "phase", b"phase", "rate_bps", b"rate_bps", "source", b"source", "stuck", b"stuck", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

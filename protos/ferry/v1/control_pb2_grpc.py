@@ -84,6 +84,11 @@ class ControlStub:
                 request_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.DropAsideRequest.SerializeToString,
                 response_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.AsideCopy.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/ferry.v1.Control/WatchEvents',
+                request_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.Event.FromString,
+                _registered_method=True)
         self.ReportCreateFailure = channel.unary_unary(
                 '/ferry.v1.Control/ReportCreateFailure',
                 request_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.CreateFailureRequest.SerializeToString,
@@ -163,6 +168,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """What happened to volumes (of one, or all), oldest first, then, with follow, each new
+        event as it is written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportCreateFailure(self, request, context):
         """A node says ZFS refused for good to create a volume placed on it; the spec then
         carries why, and the node does not try again until the size changes.
@@ -231,6 +244,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.DropAside,
                     request_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.DropAsideRequest.FromString,
                     response_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.AsideCopy.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_control__pb2.WatchEventsRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_control__pb2.Event.SerializeToString,
             ),
             'ReportCreateFailure': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportCreateFailure,
@@ -513,6 +531,33 @@ class Control:
             '/ferry.v1.Control/DropAside',
             protos_dot_ferry_dot_v1_dot_control__pb2.DropAsideRequest.SerializeToString,
             protos_dot_ferry_dot_v1_dot_control__pb2.AsideCopy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ferry.v1.Control/WatchEvents',
+            protos_dot_ferry_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_control__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,
