@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from ferry.cluster.events import EventLog
 from ferry.cluster.keyspace import AlreadyExists, Keyspace, NodeChanged, Versioned
 from ferry.core import compression, fencing
 from ferry.core.failover import FailoverRefused, choose, loss
@@ -21,6 +22,7 @@ from ferry.core.placement import Candidate, after_move, place_replicas
 from ferry.core.records import (
     AsideCopy,
     AsideDrop,
+    EventKind,
     Move,
     MovePhase,
     NodeInfo,
@@ -116,8 +118,9 @@ class FailedOver:
 class VolumeOps:
     """Volume requests against the keyspace."""
 
-    def __init__(self, keyspace: Keyspace) -> None:
+    def __init__(self, keyspace: Keyspace, events: EventLog | None = None) -> None:
         self._keyspace = keyspace
+        self._events = events
 
     async def create(
         self,
@@ -390,6 +393,13 @@ class VolumeOps:
             chosen.snapshot,
             lost,
         )
+        if self._events is not None:
+            await self._events.record(
+                name,
+                EventKind.FAILED_OVER,
+                f"{old} -> {chosen.node} at epoch {owner.value.epoch + 1} from {chosen.snapshot}; "
+                f"{lost}",
+            )
         return FailedOver(name, old, chosen.node, owner.value.epoch + 1, chosen.snapshot, lost)
 
     async def _cancel(

@@ -90,9 +90,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     def __init__(self, keyspace: Keyspace, gate: KindGate) -> None:
         self._keyspace = keyspace
-        self._ops = VolumeOps(keyspace)
-        self._gate = gate
         self._events = EventLog(keyspace, CONTROL_WRITER)
+        self._ops = VolumeOps(keyspace, self._events)
+        self._gate = gate
 
     async def CreateVolume(
         self, request: control_pb2.CreateVolumeRequest, context: grpc.aio.ServicerContext
@@ -570,7 +570,8 @@ async def serve(
     await server.start()
     purging = asyncio.create_task(purge_forever(keyspace), name="purge")
     failover = asyncio.create_task(
-        AutoFailover(keyspace, VolumeOps(keyspace)).run(), name="auto-failover"
+        AutoFailover(keyspace, VolumeOps(keyspace, EventLog(keyspace, CONTROL_WRITER))).run(),
+        name="auto-failover",
     )
     keeper = asyncio.create_task(ReplicaKeeper(keyspace).run(), name="replicas")
     await health_service.set("ferry.v1.Control", health_pb2.HealthCheckResponse.SERVING)

@@ -8,6 +8,7 @@ them, on leases, so "down" is a lease that was revoked.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -95,6 +96,11 @@ async def test_a_failover_waits_for_the_owners_lease_then_says_what_is_lost(
     assert owner is not None and owner.value == Owner(b.name, 3)
     spec = await keyspace.get_volume(volume)
     assert spec is not None and spec.value.node == b.name
+    listed = await ferryctl(env, "events", "--volume", volume, "-o", "json")
+    assert listed.code == 0, listed.stderr
+    failed_over = [e for e in json.loads(listed.stdout) if e["kind"] == "failed_over"]
+    assert len(failed_over) == 1 and f"{a.name} -> {b.name}" in failed_over[0]["detail"]
+    assert f"writes on {a.name} after {taken}" in failed_over[0]["detail"]
 
     again = await ferryctl(env, "volume", "failover", volume, "--to", a.name)
     assert again.code != 0 and f"owner {b.name} is live" in again.stderr
