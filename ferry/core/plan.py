@@ -180,7 +180,9 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
             )
         return [Claim(name)]
     if owner.node != me:
-        if local is None:
+        if local is None or name in actual.running_moves:
+            # A running move driver is this node's handoff after its swap: it unmounts the
+            # frozen copy itself; that copy is no old owner's to rejoin.
             return []
         if local.writable:
             return [Fence(name)]

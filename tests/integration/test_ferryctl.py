@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.records import MountRecord
+from ferry.core.records import MountRecord, NodeState
 from tests.support.etcd import (
     CliResult,
     ControlServer,
@@ -166,6 +166,9 @@ async def test_delete_is_refused_while_mounted_unless_forced(
     ok(await ferryctl(env, "volume", "create", name, "--size", "1G", "--node", "ct-n1"))
     lease = await keyspace.client.lease(60)
     await keyspace.put_mount(MountRecord(volume=name, node="ct-n1", ids=("c1",)), lease)
+    # ct-n1 reports holding a copy, so control keeps the deleted spec until it is destroyed.
+    holding = await keyspace.client.lease(60)
+    await keyspace.put_state(NodeState(node="ct-n1", volume=name), holding)
     try:
         refused(await ferryctl(env, "volume", "delete", name), "mounted on ct-n1", "--force")
         assert (await listed(env))[name]["mounted_on"] == ["ct-n1"]
@@ -179,6 +182,7 @@ async def test_delete_is_refused_while_mounted_unless_forced(
     assert stored is not None and stored.value.deleted, "deletion is desired state for agents"
     again = ferryctl(env, "volume", "create", name, "--size", "1G", "--node", "ct-n1")
     refused(await again, "being destroyed", "no longer shows it")
+    await holding.revoke()
 
 
 async def test_node_list_shows_live_nodes(env: dict[str, str], nodes: LiveNodes) -> None:

@@ -119,6 +119,20 @@ def test_an_old_owner_fenced_or_frozen_after_a_failover_rejoins_as_a_replica() -
     assert plan(owned, Actual(volumes={"pg": frozen})) == [Activate("pg", 1)]
 
 
+def test_a_source_whose_handoff_swapped_ownership_is_left_to_its_move_driver() -> None:
+    """Between the swap and the driver's unmount the source's copy is frozen and mounted,
+    like an old owner's after a failover; a pass planned then must not set it aside."""
+    desired = Desired(
+        node="a",
+        volumes={"pg": spec(node="b")},
+        owners={"pg": Owner("b", 2)},
+        moves={"pg": move("a", "b")},
+    )
+    frozen = replace(writable(), writable=False)
+    handing_off = Actual(volumes={"pg": frozen}, running_moves=frozenset({"pg"}))
+    assert plan(desired, handing_off) == []
+
+
 def test_the_owner_drives_a_move_away_once() -> None:
     desired = Desired(
         node="a",
