@@ -108,7 +108,12 @@ def test_a_partitioned_owner_stops_writing_before_a_failover_and_returns_as_a_re
         lambda: [d["node"] for d in cluster.volume(volume)["diverged"]] == [a.name],
         60,
     )
-    assert writable_copies(cluster, volume) == [b.name]
+    # The new owner activates on its next pass; until then no copy is writable, never two.
+    wait_for(
+        f"{b.name}'s copy to be the one writable",
+        lambda: writable_copies(cluster, volume) == [b.name],
+        60,
+    )
     copies = {c["node"]: c for c in cluster.volume(volume)["copies"]}
     assert not copies[a.name]["writable"], f"{a.name}'s copy is a read-only replica"
     assert written_before, "the container wrote before the cut"
