@@ -170,8 +170,6 @@ def test_a_stream_cut_by_the_target_dying_is_not_counted_twice(
         lambda: int(cluster.volume(name)["move"].get("attempt", 0)) >= 1,
         60,
     )
-    cut = cluster.volume(name)["move"]
-    assert cut["bytes_sent"] < 48 * MIB, cut  # the target kept none of the cut stream
     cluster.agent(b.name, "start")
     finish_and_check(cluster, name, data, b)
     move = cluster.volume(name)["move"]
