@@ -23,7 +23,7 @@ from pathlib import Path
 
 from agent import metrics, zfs
 from agent.zfs.inuse import User
-from agent.zfs.streams import SnapshotReceive, SnapshotStream
+from agent.zfs.streams import ResumedStream, SnapshotReceive, SnapshotStream
 from agent.zfs.volumes import (
     TRANSFER_HOLD,
     UID_PROPERTY,
@@ -35,7 +35,7 @@ from agent.zfs.volumes import (
 from ferry.cluster.events import EventLog
 from ferry.core.plan import LocalVolume
 from ferry.core.records import EventKind, VolumeSpec
-from ferry.core.snapshots import FENCED_PREFIX, SnapshotRef, next_name, prunable
+from ferry.core.snapshots import FENCED_PREFIX, CutStream, SnapshotRef, next_name, prunable
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +370,25 @@ class VolumeStore:
         """The stream of snapshot ``short``, incremental from ``base`` when given."""
         source = self.snapshot_name(volume, base) if base else None
         return SnapshotStream(self.snapshot_name(volume, short), source)
+
+    async def cut_stream(self, volume: str, token: str) -> CutStream | None:
+        """What the rest of a peer's cut stream lands, if it can come from this copy (the
+        token's snapshot and base are still here); None where ZFS cannot resume a send."""
+        if not zfs.features().resumable_receive:
+            return None
+        return await asyncio.to_thread(self._root.cut_stream, volume, token)
+
+    def resume_stream(self, token: str) -> ResumedStream:
+        """The rest of a peer's cut stream, from where its ``token`` says it stopped."""
+        return ResumedStream(token)
+
+    async def resume_token(self, volume: str) -> str | None:
+        """The token of a cut receive into this copy, None when nothing waits to be resumed."""
+        return await asyncio.to_thread(self._root.resume_token, volume)
+
+    async def abort_receive(self, volume: str) -> None:
+        await asyncio.to_thread(self._root.abort_receive, volume)
+        log.info("partial receive discarded: volume=%s", volume)
 
     def receive_stream(self, volume: str, short: str) -> SnapshotReceive:
         """A receive into snapshot ``short`` of this node's copy (never forced)."""

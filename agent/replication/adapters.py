@@ -11,9 +11,9 @@ from agent.replication.ports import ProgressCallback, SendStream
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient
 from agent.usage import DockerMounts
-from agent.zfs.streams import SnapshotStream
+from agent.zfs.streams import OutgoingStream
 from ferry.core.records import VolumeSpec
-from ferry.core.snapshots import SnapshotRef
+from ferry.core.snapshots import CutStream, SnapshotRef
 from protos.ferry.v1 import transfer_pb2
 
 
@@ -38,6 +38,18 @@ class PoolStore:
 
     def send_stream(self, volume: str, short: str, base: str | None) -> SendStream:
         return self.store.send_stream(volume, short, base)
+
+    async def cut_stream(self, volume: str, token: str) -> CutStream | None:
+        return await self.store.cut_stream(volume, token)
+
+    def resume_stream(self, token: str) -> SendStream:
+        return self.store.resume_stream(token)
+
+    async def resume_token(self, volume: str) -> str | None:
+        return await self.store.resume_token(volume)
+
+    async def abort_receive(self, volume: str) -> None:
+        await self.store.abort_receive(volume)
 
     def held(self, volume: str, shorts: Sequence[str]) -> AbstractAsyncContextManager[None]:
         return self.store.held(volume, shorts)
@@ -98,5 +110,8 @@ class RemotePeer:
         stream: SendStream,
         on_progress: ProgressCallback,
     ) -> list[SnapshotRef]:
-        # The pool's streams are SnapshotStreams: PoolStore.send_stream makes them.
-        return await self.client.send(header, cast(SnapshotStream, stream), on_progress)
+        # The pool's streams: PoolStore.send_stream and resume_stream make them.
+        return await self.client.send(header, cast(OutgoingStream, stream), on_progress)
+
+    async def resume_token(self, volume: str) -> str | None:
+        return await self.client.resume_token(volume)

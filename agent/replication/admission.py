@@ -7,7 +7,8 @@ stream without losing anything: it is not writable (a writable copy is never
 overwritten), and it holds nothing after the stream's base (no newer
 snapshot, no byte written since). A copy that does hold more is kept aside,
 never rolled back; an incremental stream is then refused and the sender
-sends a full one.
+sends a full one. The rest of a cut stream (a resumable receive) continues
+only the very stream the copy holds part of.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Refusal(Enum):
     NO_COPY = "no copy to continue"
     WRITABLE = "copy here is writable"
     DIVERGED = "copy here diverged"
+    NOT_RESUMABLE = "no such cut stream here"
 
 
 class Refused(Exception):
@@ -70,29 +72,63 @@ async def authorize(
 
 
 async def prepare_base(node: str, header: transfer_pb2.StreamHeader, store: ReceivingStore) -> None:
-    """Make sure the local copy can take this stream without losing anything."""
+    """Make sure the local copy can take this stream without losing anything.
+
+    The rest of a cut stream is admitted only while this copy's resume token is
+    the one the sender resumes: the token names the snapshot the rest lands and
+    its base, and ZFS checks both. A new stream means the sender planned another
+    one (the cut stream's snapshot is gone there, a cancelled move, another
+    base): the part a cut left is discarded first, so the new stream and the
+    checks below see the copy at its newest complete snapshot.
+    """
     volume = header.volume
+    token = await store.resume_token(volume)
+    if header.resume_token:
+        if header.resume_token != token:
+            raise Refused(
+                Refusal.NOT_RESUMABLE,
+                f"{node} no longer holds the cut stream of {volume}@{header.to_snapshot} that "
+                "the sender resumes; ask its holdings again and send a new stream",
+            )
+        await _refuse_if_writable(node, header, store)
+        return
+    if token is not None:
+        log.info(
+            "discarding a cut receive for a new stream: volume=%s from=%s to=%s sender=%s",
+            volume,
+            header.from_snapshot or "(full)",
+            header.to_snapshot,
+            header.sender,
+        )
+        await store.abort_receive(volume)
     local = await store.snapshots(volume)
     if local is None:
         if header.from_snapshot:
             raise Refused(Refusal.NO_COPY, f"{node} holds no copy of {volume}; send a full stream")
         return
-    if await store.is_writable(volume):
-        log.warning(
-            "transfer refused, the copy here is writable: volume=%s sender=%s",
-            volume,
-            header.sender,
-        )
-        raise Refused(
-            Refusal.WRITABLE,
-            f"{node} holds a writable copy of {volume}; it must be fenced first",
-        )
+    await _refuse_if_writable(node, header, store)
     if not header.from_snapshot:
         reason = "a full stream came for a copy that already exists"
     else:
         reason = await store.divergence(volume, header.from_snapshot)
     if reason:
         await diverged(node, header, reason, store)
+
+
+async def _refuse_if_writable(
+    node: str, header: transfer_pb2.StreamHeader, store: ReceivingStore
+) -> None:
+    """A writable copy is never overwritten."""
+    if await store.is_writable(header.volume):
+        log.warning(
+            "transfer refused, the copy here is writable: volume=%s sender=%s",
+            header.volume,
+            header.sender,
+        )
+        raise Refused(
+            Refusal.WRITABLE,
+            f"{node} holds a writable copy of {header.volume}; it must be fenced first",
+        )
 
 
 async def diverged(

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from ferry.cluster.keyspace import Versioned
 from ferry.core.records import Move, Owner, VolumeSpec
-from ferry.core.snapshots import SnapshotRef
+from ferry.core.snapshots import CutStream, SnapshotRef
 from protos.ferry.v1 import transfer_pb2
 
 ProgressCallback = Callable[[int], None]
@@ -48,6 +48,13 @@ class SnapshotSource(Protocol):
 
     def send_stream(self, volume: str, short: str, base: str | None) -> SendStream: ...
 
+    async def cut_stream(self, volume: str, token: str) -> CutStream | None:
+        """What the rest of a peer's cut stream (its resume ``token``) lands, if it can come
+        from this copy; None when it cannot (snapshot or base gone, or no ``zfs send -t``)."""
+
+    def resume_stream(self, token: str) -> SendStream:
+        """The rest of the cut stream of ``token``."""
+
     def held(self, volume: str, shorts: Sequence[str]) -> AbstractAsyncContextManager[None]:
         """Snapshots kept from pruning while a stream needs them."""
 
@@ -65,6 +72,12 @@ class ReceivingStore(Protocol):
 
     async def keep_aside(self, volume: str, epoch: int, reason: str) -> str:
         """Rename the copy out of the way; returns its new name."""
+
+    async def resume_token(self, volume: str) -> str | None:
+        """The token of a cut receive into the copy, None when nothing waits to be resumed."""
+
+    async def abort_receive(self, volume: str) -> None:
+        """Discard what a cut receive left; the copy is at its newest complete snapshot."""
 
 
 class LocalStore(SnapshotSource, ReceivingStore, Protocol):
@@ -110,6 +123,10 @@ class Peer(Protocol):
     ) -> list[SnapshotRef]:
         """Stream to the peer; returns what it then holds. TransferFailed (the peer's copy as
         it was) when the peer refuses or the stream breaks."""
+
+    async def resume_token(self, volume: str) -> str | None:
+        """The token of a cut stream the peer can take the rest of (``header.resume_token``),
+        or None; TransferFailed if it is silent."""
 
 
 class MoveRecords(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ from agent.replication.ports import Peer, SnapshotSource
 from agent.transfer.client import TransferFailed
 from ferry.core.snapshots import SnapshotRef, newest_common, prunable, unsent
 from protos.ferry.v1 import transfer_pb2
+
+log = logging.getLogger(__name__)
 
 SyncProgress = Callable[[int, int], None]
 """Called with (bytes the peer has taken so far, the stream's estimated size or 0)."""
@@ -22,12 +25,14 @@ class NoCommonSnapshot(TransferFailed):
 @dataclass(frozen=True)
 class Sent:
     """What one sync did: the snapshot the peer now holds, the base it was sent from (None: a
-    full stream), and the bytes the peer took (of ``estimated``, 0 when unknown)."""
+    full stream), and the bytes the peer took (of ``estimated``, 0 when unknown), of which
+    ``resumed`` were the rest of a stream an earlier attempt was cut in (0: none resumed)."""
 
     snapshot: SnapshotRef
     base: str | None
     bytes_sent: int
     estimated: int
+    resumed: int = 0
 
 
 async def sync_to_peer(
@@ -49,11 +54,20 @@ async def sync_to_peer(
     against etcd; ``remote`` is what the peer holds if the caller has just asked it.
     Snapshots other peers still need as their base go in ``keep``: they are neither
     destroyed as leftovers of failed sends nor pruned. Both ends of the stream are held for
-    its duration. Raises TransferFailed (the peer's copy as it was) when the peer refuses,
-    the stream breaks, or the peer does not report the snapshot afterwards; returns what was
-    sent otherwise."""
+    its duration. A stream an earlier attempt was cut in, of which the peer kept a part, is
+    first finished where both ZFSes can (only the rest is sent; a full one only if
+    ``full_allowed``). Raises TransferFailed (the peer's copy as it was) when the peer
+    refuses, the stream breaks, or the peer does not report the snapshot afterwards;
+    returns what was sent otherwise."""
     if remote is None:
         remote = await peer.holdings(volume)
+    resumed = await _finish_cut_stream(
+        store, peer, volume, epoch, sender, remote, full_allowed, on_progress
+    )
+    if resumed is not None:
+        remote, resumed_bytes = resumed
+    else:
+        resumed_bytes = 0
     snapshot = await store.take_snapshot(volume, epoch)
     local = await store.snapshots(volume) or []
     base = newest_common(local, remote)
@@ -82,7 +96,7 @@ async def sync_to_peer(
         nonlocal taken
         taken = sent
         if on_progress is not None:
-            on_progress(sent, estimated)
+            on_progress(resumed_bytes + sent, estimated)
 
     async with store.held(volume, [name for name in (base, snapshot.name) if name]):
         held = await peer.send(header, store.send_stream(volume, snapshot.name, base), progress)
@@ -93,4 +107,77 @@ async def sync_to_peer(
         volume,
         prunable([ref.name for ref in local], keep=[snapshot.name, base or "", *keep]),
     )
-    return Sent(snapshot=snapshot, base=base, bytes_sent=taken, estimated=estimated)
+    return Sent(
+        snapshot=snapshot,
+        base=base,
+        bytes_sent=resumed_bytes + taken,
+        estimated=estimated,
+        resumed=resumed_bytes,
+    )
+
+
+async def _finish_cut_stream(
+    store: SnapshotSource,
+    peer: Peer,
+    volume: str,
+    epoch: int,
+    sender: str,
+    remote: Sequence[SnapshotRef],
+    full_allowed: bool,
+    on_progress: SyncProgress | None,
+) -> tuple[list[SnapshotRef], int] | None:
+    """If an earlier stream to ``peer`` was cut and the peer kept what arrived (resumable
+    receive), send only the rest; returns what the peer then holds and the bytes it took.
+
+    The rest lands exactly the snapshot the cut stream was planned to land: ZFS
+    names it in the peer's token by GUID, and this copy must still hold it and
+    its base (``cut_stream``), which the peer must hold too. Otherwise the plan
+    changed (the snapshot pruned, a cancelled move's, a base the peer lost):
+    nothing is resumed, and the new stream that follows makes the peer discard
+    the part (``admission.prepare_base``). None when nothing was resumed.
+    """
+    token = await peer.resume_token(volume)
+    if token is None:
+        return None
+    cut = await store.cut_stream(volume, token)
+    if cut is not None and cut.base is None and not full_allowed:
+        # The rest of a full stream is no final delta: pre-copy finishes it, writable.
+        return None
+    if cut is None or (cut.base is not None and cut.base not in remote):
+        log.info(
+            "cut stream not resumable, sending a new one: volume=%s peer=%s",
+            volume,
+            peer.node,
+        )
+        return None
+    header = transfer_pb2.StreamHeader(
+        volume=volume,
+        from_snapshot=cut.base.name if cut.base else "",
+        to_snapshot=cut.snapshot.name,
+        to_guid=cut.snapshot.guid,
+        epoch=epoch,
+        sender=sender,
+        estimated_bytes=cut.left,
+        resume_token=token,
+    )
+    taken = 0
+
+    def progress(sent: int) -> None:
+        nonlocal taken
+        taken = sent
+        if on_progress is not None:
+            on_progress(sent, cut.left)
+
+    names = [cut.snapshot.name, *([cut.base.name] if cut.base else [])]
+    async with store.held(volume, names):
+        held = await peer.send(header, store.resume_stream(token), progress)
+    if cut.snapshot not in held:
+        raise TransferFailed(f"{peer.node} does not report {volume}@{cut.snapshot.name} after send")
+    log.info(
+        "cut stream resumed: volume=%s peer=%s snapshot=%s bytes=%d",
+        volume,
+        peer.node,
+        cut.snapshot.name,
+        taken,
+    )
+    return held, taken

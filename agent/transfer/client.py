@@ -16,7 +16,7 @@ from agent.transfer.data import host_of
 from agent.transfer.options import CHANNEL_OPTIONS
 from agent.transfer.secure import FRAMES, SecureStream, stream_context
 from agent.zfs import ZFSError
-from agent.zfs.streams import SnapshotStream
+from agent.zfs.streams import OutgoingStream
 from ferry.core.snapshots import SnapshotRef
 from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import transfer_pb2, transfer_pb2_grpc
@@ -66,10 +66,20 @@ class PeerClient:
             raise TransferFailed(f"{self.node} ({self.address}): {error.details()}") from error
         return [SnapshotRef(s.name, s.guid) for s in reply.snapshots]
 
+    async def resume_token(self, volume: str) -> str | None:
+        """The token of a cut stream of ``volume`` the peer can take the rest of, or None."""
+        try:
+            reply = await self._stub.Holdings(
+                transfer_pb2.HoldingsRequest(volume=volume), timeout=HOLDINGS_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as error:
+            raise TransferFailed(f"{self.node} ({self.address}): {error.details()}") from error
+        return reply.resume_token or None
+
     async def send(
         self,
         header: transfer_pb2.StreamHeader,
-        source: SnapshotStream,
+        source: OutgoingStream,
         on_progress: ProgressCallback,
     ) -> list[SnapshotRef]:
         """Stream ``source`` to the peer over a data connection; returns what the peer then holds.
@@ -130,7 +140,7 @@ class PeerClient:
         self,
         call: ReceiveCall,
         sock: socket.socket,
-        source: SnapshotStream,
+        source: OutgoingStream,
         on_progress: ProgressCallback,
     ) -> None:
         """``zfs send`` writes into the socket itself; progress is what the peer acknowledged."""
@@ -148,7 +158,7 @@ class PeerClient:
         self,
         call: ReceiveCall,
         stream: SecureStream,
-        source: SnapshotStream,
+        source: OutgoingStream,
         on_progress: ProgressCallback,
     ) -> None:
         """``zfs send`` writes into a pipe; a relay thread encrypts it onto the connection."""

@@ -9,7 +9,11 @@ losing anything). Only then does it issue a ticket for the data connection
 volume, under its pool root. ``zfs receive`` never runs with force: a copy
 written to after the check makes ZFS refuse the stream, and that copy is
 kept aside too. A stream cut in half makes ``zfs receive`` fail, which
-leaves the dataset as it was.
+leaves the dataset's snapshots as they were; where ZFS has resumable receive
+the part that arrived is kept, Holdings reports its token, and the sender's
+next stream is the rest (``StreamHeader.resume_token``, admitted only while
+the token here is the same) or a new stream, before which the part is
+discarded.
 """
 
 from __future__ import annotations
@@ -196,7 +200,12 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
                     await admission.diverged(self._node, header, reason, self._holdings)
                 except admission.Refused as refused:
                     await context.abort(_STATUS[refused.why], str(refused))
-            log.warning("receive failed, copy unchanged: volume=%s error=%s", volume, error)
+            log.warning(
+                "receive failed, copy unchanged: volume=%s error=%s resumable=%s",
+                volume,
+                error,
+                await self._holdings.resume_token(volume) is not None,
+            )
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
                 f"receive of {volume}@{header.to_snapshot} failed, copy left unchanged: {error}",
@@ -230,7 +239,8 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
             local = await self._holdings.snapshots(volume)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        reply = transfer_pb2.HoldingsReply(volume=volume, node=self._node)
+        token = await self._holdings.resume_token(volume)
+        reply = transfer_pb2.HoldingsReply(volume=volume, node=self._node, resume_token=token or "")
         for ref in local or ():
             reply.snapshots.add(name=ref.name, guid=ref.guid)
         return reply
@@ -243,5 +253,6 @@ _STATUS = {
     admission.Refusal.NO_COPY: grpc.StatusCode.FAILED_PRECONDITION,
     admission.Refusal.WRITABLE: grpc.StatusCode.FAILED_PRECONDITION,
     admission.Refusal.DIVERGED: grpc.StatusCode.FAILED_PRECONDITION,
+    admission.Refusal.NOT_RESUMABLE: grpc.StatusCode.FAILED_PRECONDITION,
 }
 """The gRPC status a refusal ends the call with."""

@@ -20,6 +20,7 @@ from typing import Any
 from agent.zfs import cli, lzc
 from agent.zfs.cli import (
     Features,
+    ResumePoint,
     features,
     hold_count,
     lzc_get_props,
@@ -31,6 +32,7 @@ from agent.zfs.cli import (
     receive_abort,
     receive_resume_token,
     send_resume,
+    send_resume_point,
     snapshot_guids,
     zfs_mount,
     zfs_unmount,
@@ -75,6 +77,7 @@ lzc_promote = _NATIVE.get("lzc_promote", cli.lzc_promote)
 
 __all__ = [
     "Features",
+    "ResumePoint",
     "Running",
     "ZFSError",
     "backend_name",
@@ -107,6 +110,7 @@ __all__ = [
     "receive_resume_token",
     "running_commands",
     "send_resume",
+    "send_resume_point",
     "snapshot_guids",
     "zfs_mount",
     "zfs_unmount",

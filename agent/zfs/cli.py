@@ -39,6 +39,23 @@ class Features:
     send_flags: frozenset[str]
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a cut resumable receive stopped, as its token says, checked on the sender.
+
+    ``snapshot`` is the sender's full name of the snapshot the stream lands
+    (its GUID ``guid``), ``base_guid`` the GUID of its incremental source (None:
+    a full stream); ``bytes_received`` arrived before the cut and ``bytes_left``
+    is the estimated rest (0 when ZFS gives no estimate).
+    """
+
+    snapshot: bytes
+    guid: int
+    base_guid: int | None
+    bytes_received: int
+    bytes_left: int
+
+
 def _run(
     argv: Sequence[str],
     name: Name | None = None,
@@ -56,6 +73,10 @@ def _run(
 
 
 _PATTERNS: list[tuple[str, type[exc.ZFSError]]] = [
+    # `zfs send -t` of a token whose snapshot (or base) this ZFS no longer holds.
+    ("used in the initial send", exc.SnapshotNotFound),
+    ("no longer the same snapshot", exc.SnapshotNotFound),
+    ("no longer exists", exc.SnapshotNotFound),
     ("tag already exists", exc.HoldExists),
     ("no such tag", exc.HoldNotFound),
     ("dataset already exists", exc.DatasetExists),
@@ -304,9 +325,35 @@ def send_resume(token: str, fd: int) -> None:
     Runs on the sender (``zfs send -t``); libzfs_core has no parser for tokens,
     so both backends use the command.
     """
+    _run(_zfs("send", "-t", _valid_token(token)), None, stdout=fd)
+
+
+def send_resume_point(token: str) -> ResumePoint:
+    """What the rest of the cut stream of ``token`` lands, read on the sender (``zfs send -nvPt``).
+
+    ZFS looks the token's snapshot and base up by GUID: SnapshotNotFound when
+    this ZFS no longer holds them (the stream cannot be finished from here).
+    FeatureNotSupported without resumable receive (zfs-fuse).
+    """
+    if not features().resumable_receive:
+        raise exc.FeatureNotSupported(None, "this ZFS cannot resume a send (no 'zfs send -t')")
+    out = _run(_zfs("send", "-nvP", "-t", _valid_token(token)), None)
+    fields = dict(re.findall(r"^\s+(\w+) = (\S+)$", out, re.MULTILINE))
+    try:
+        snapshot = validate_snapshot(fields["toname"])
+        guid = int(fields["toguid"], 0)
+        received = int(fields["bytes"], 0)
+    except (KeyError, ValueError) as error:
+        raise exc.BadStream(None, f"unreadable resume token contents ({error}): {out!r}") from None
+    base = int(fields["fromguid"], 0) if "fromguid" in fields else None
+    sizes = re.findall(r"^size\s+(\d+)", out, re.MULTILINE)
+    return ResumePoint(snapshot, guid, base or None, received, int(sizes[-1]) if sizes else 0)
+
+
+def _valid_token(token: str) -> str:
     if not re.fullmatch(r"[0-9a-zA-Z-]+", token):
         raise exc.BadStream(None, "a resume token is letters, digits and dashes")
-    _run(_zfs("send", "-t", token), None, stdout=fd)
+    return token
 
 
 def receive_abort(name: Name) -> None:

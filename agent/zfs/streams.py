@@ -3,7 +3,9 @@
 ``SnapshotStream.write_to`` runs the backend's ``lzc_send`` into a descriptor
 and ``SnapshotReceive.read_from`` its ``lzc_receive`` from one, both
 blocking (the transfer runs them in worker threads, ``agent.transfer``). A
-receive from a stream cut short fails and leaves its target as it was.
+receive from a stream cut short fails and leaves its target's snapshots as
+they were; where ZFS has resumable receive (kernel OpenZFS) it also keeps
+what arrived, and ``ResumedStream`` (``zfs send -t``) sends only the rest.
 """
 
 from __future__ import annotations
@@ -43,11 +45,31 @@ class SnapshotStream:
 
 
 @dataclass(frozen=True)
+class ResumedStream:
+    """The rest of a cut stream, from where its receiver's resume ``token`` says it stopped."""
+
+    token: str
+
+    def write_to(self, fd: int) -> None:
+        """Blocking: the rest of the stream into ``fd``."""
+        zfs.send_resume(self.token, fd)
+
+
+OutgoingStream = SnapshotStream | ResumedStream
+"""What a sender writes into a data connection: a whole stream or the rest of a cut one."""
+
+
+@dataclass(frozen=True)
 class SnapshotReceive:
-    """A receive into exactly ``snapshot``, unmounted, never forced, from a descriptor."""
+    """A receive into exactly ``snapshot``, unmounted, never forced, from a descriptor;
+    resumable where ZFS can (a cut leaves what arrived, for the rest to continue)."""
 
     snapshot: bytes
 
     def read_from(self, fd: int) -> None:
-        """Blocking: the whole stream from ``fd``; ZFS refuses a copy modified since the base."""
-        zfs.lzc_receive(self.snapshot, fd)
+        """Blocking: the whole stream (or the rest of a cut one) from ``fd``; ZFS refuses a copy
+        modified since the base."""
+        if zfs.features().resumable_receive:
+            zfs.lzc_receive_resumable(self.snapshot, fd)
+        else:
+            zfs.lzc_receive(self.snapshot, fd)

@@ -26,6 +26,7 @@ from typing import TypeVar
 from agent import zfs
 from agent.zfs import inuse, runner
 from agent.zfs.exceptions import (
+    CommandTimeout,
     DatasetBusy,
     DatasetExists,
     HoldExists,
@@ -37,7 +38,7 @@ from agent.zfs.exceptions import (
 )
 from agent.zfs.names import validate_dataset, validate_under, validate_volume_name
 from ferry.core import compression
-from ferry.core.snapshots import SnapshotRef
+from ferry.core.snapshots import CutStream, SnapshotRef
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,40 @@ class PoolRoot:
         FeatureNotSupported where ZFS cannot estimate it."""
         source = self.snapshot_name(volume, base) if base else None
         return zfs.lzc_send_space(self.snapshot_name(volume, short), source)
+
+    def resume_token(self, volume: str) -> str | None:
+        """The token of a cut resumable receive into the volume's copy; None when there is none
+        (no copy, nothing cut, or a ZFS without resumable receive)."""
+        dataset = self.dataset(volume)
+        if not zfs.features().resumable_receive or not zfs.lzc_exists(dataset):
+            return None
+        return zfs.receive_resume_token(dataset)
+
+    def abort_receive(self, volume: str) -> None:
+        """Discard the partial state of a cut receive into the volume's copy (``receive -A``):
+        the copy is again at its newest complete snapshot, or gone if the cut stream was full."""
+        zfs.receive_abort(self.dataset(volume))
+
+    def cut_stream(self, volume: str, token: str) -> CutStream | None:
+        """What the rest of a peer's cut stream (its ``token``) lands, if that stream was of
+        this volume's snapshot and this copy still holds it and its base with their GUIDs;
+        None otherwise (the rest cannot come from here: the peer must discard what it has)."""
+        try:
+            point = zfs.send_resume_point(token)
+        except CommandTimeout:
+            raise
+        except zfs.ZFSError as error:
+            log.info("cut stream cannot continue from here: volume=%s reason=%s", volume, error)
+            return None
+        dataset, _, short = point.snapshot.partition(b"@")
+        if dataset != self.dataset(volume):
+            return None
+        held = self.snapshots(volume) or []
+        snapshot = SnapshotRef(short.decode(), point.guid)
+        base = next((ref for ref in held if ref.guid == point.base_guid), None)
+        if snapshot not in held or (point.base_guid is not None and base is None):
+            return None
+        return CutStream(snapshot, base, point.bytes_left)
 
     def hold(self, volume: str, shorts: Sequence[str], tag: str) -> None:
         zfs.lzc_hold({self.snapshot_name(volume, s): tag for s in shorts})

@@ -38,6 +38,20 @@ class SnapshotRef:
     guid: int
 
 
+@dataclass(frozen=True)
+class CutStream:
+    """A stream a peer received part of and can take the rest of (a resumable receive).
+
+    ``snapshot`` is what the rest lands on the peer, ``base`` the snapshot it
+    is incremental from (None: a full stream); ``left`` is the estimated size
+    of the rest in bytes (0 when unknown).
+    """
+
+    snapshot: SnapshotRef
+    base: SnapshotRef | None
+    left: int
+
+
 def parse(name: str) -> SnapshotName | None:
     """The Ferry snapshot name in ``name``, or None for snapshots Ferry did not take."""
     match = _PATTERN.match(name)

@@ -551,6 +551,44 @@ def test_a_cut_resumable_receive_continues_where_it_stopped(
     assert api.snapshot_guids(target)[0][1] == api.snapshot_guids(source)[0][1]
 
 
+def test_the_sender_reads_what_the_rest_of_a_cut_stream_lands(
+    api: Any, src: ScratchPool, dst: ScratchPool, tmp_path: Path
+) -> None:
+    """Kernel OpenZFS: a cut incremental's token names its snapshot and base by GUID and how
+    much arrived; once the sender no longer holds that snapshot, SnapshotNotFound (the rest
+    cannot come). zfs-fuse has no tokens: FeatureNotSupported."""
+    source, source_dir = fresh(src)
+    target, _ = fresh(dst)
+    if not cli.features().resumable_receive:
+        with pytest.raises(exc.FeatureNotSupported):
+            api.send_resume_point("1-0-0-0")
+        return
+    api.lzc_create(source, props={"compression": "off"})
+    api.lzc_snapshot([source + b"@s1"])
+    receive_file(api, target + b"@s1", send_to_file(api, source + b"@s1", None, tmp_path / "s1"))
+    write_random(source_dir / "f", 4 << 20)
+    api.lzc_snapshot([source + b"@s2"])
+    delta = send_to_file(api, source + b"@s2", source + b"@s1", tmp_path / "s2")
+    size = delta.stat().st_size
+    with pytest.raises(exc.ZFSError):
+        receive_resumable_file(api, target + b"@s2", _truncated(delta, size // 2))
+    token = api.receive_resume_token(target)
+    assert token
+
+    point = api.send_resume_point(token)
+    guids = dict(api.snapshot_guids(source))
+    assert (point.snapshot, point.guid, point.base_guid) == (
+        source + b"@s2",
+        guids[source + b"@s2"],
+        guids[source + b"@s1"],
+    )
+    assert 0 < point.bytes_received <= size // 2
+    assert point.bytes_left < size
+    api.lzc_destroy_snaps([source + b"@s2"], defer=False)
+    with pytest.raises(exc.SnapshotNotFound):
+        api.send_resume_point(token)
+
+
 def test_a_cut_receive_discarded_starts_again_from_nothing(
     api: Any, src: ScratchPool, dst: ScratchPool, tmp_path: Path
 ) -> None:

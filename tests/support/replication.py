@@ -19,7 +19,7 @@ from agent.transfer.client import TransferFailed
 from agent.zfs.volumes import FilesystemBusy
 from ferry.cluster.keyspace import Versioned
 from ferry.core.records import Move, Owner, VolumeSpec
-from ferry.core.snapshots import SnapshotRef, next_name, prunable
+from ferry.core.snapshots import CutStream, SnapshotRef, next_name, prunable
 from protos.ferry.v1 import transfer_pb2
 
 _guids = itertools.count(1000)
@@ -200,6 +200,20 @@ class FakeStore:
         self.asides.append((name, copy))
         return name
 
+    # As on zfs-fuse: no resumable receive, so a cut stream leaves nothing to resume.
+
+    async def cut_stream(self, volume: str, token: str) -> CutStream | None:
+        return None
+
+    def resume_stream(self, token: str) -> SendStream:
+        raise AssertionError("a FakeStore never reports a cut stream, so none is resumed")
+
+    async def resume_token(self, volume: str) -> str | None:
+        return None
+
+    async def abort_receive(self, volume: str) -> None:
+        raise AssertionError("a FakeStore keeps no cut receive to discard")
+
     async def activate(self, spec: VolumeSpec) -> None:
         copy = self.copies[spec.name]
         copy.readonly = False
@@ -260,6 +274,11 @@ class FakePeer:
         if not self.answers:
             raise TransferFailed(f"{self._node} (fake): Deadline Exceeded")
         return await self.store.snapshots(volume) or []
+
+    async def resume_token(self, volume: str) -> str | None:
+        if not self.answers:
+            raise TransferFailed(f"{self._node} (fake): Deadline Exceeded")
+        return await self.store.resume_token(volume)
 
     async def send(
         self,

@@ -80,10 +80,16 @@ class HoldingsReply(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     SNAPSHOTS_FIELD_NUMBER: _builtins.int
     BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     node: _builtins.str
     bytes_received: _builtins.int
     """Bytes of the stream that arrived on the data connection (Receive only)."""
+    resume_token: _builtins.str
+    """Where ZFS has resumable receive: the token of a stream cut before its end
+    (`zfs receive -s`), which the sender can finish with `zfs send -t`; empty
+    when nothing waits to be resumed (Holdings only).
+    """
     @_builtins.property
     def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Snapshot]:
         """Oldest first. Empty when the receiver has no copy."""
@@ -95,10 +101,11 @@ class HoldingsReply(_message.Message):
         node: _builtins.str = ...,
         snapshots: _abc.Iterable[Global___Snapshot] | None = ...,
         bytes_received: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "node", b"node", "snapshots", b"snapshots", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "node", b"node", "resume_token", b"resume_token", "snapshots", b"snapshots", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -115,6 +122,7 @@ class StreamHeader(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     SENDER_FIELD_NUMBER: _builtins.int
     ESTIMATED_BYTES_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     ENCRYPTED_FIELD_NUMBER: _builtins.int
     ENCRYPTED_FORMAT_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
@@ -127,6 +135,12 @@ class StreamHeader(_message.Message):
     sender: _builtins.str
     estimated_bytes: _builtins.int
     """Estimated stream size, for progress only (0 when unknown)."""
+    resume_token: _builtins.str
+    """Set when the stream is the rest of a cut one (`zfs send -t` of this token,
+    which the receiver reported in Holdings): it lands to_snapshot, whose GUID
+    the sender checked against the token. Empty for a new stream, which makes
+    the receiver discard any partial state first (`zfs receive -A`).
+    """
     encrypted: _builtins.bool
     """The sender will speak mutual TLS on the data connection (the default;
     false with --insecure-plain-streams); a receiver without that flag
@@ -147,12 +161,13 @@ class StreamHeader(_message.Message):
         epoch: _builtins.int = ...,
         sender: _builtins.str = ...,
         estimated_bytes: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
         encrypted: _builtins.bool = ...,
         encrypted_format: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted", b"encrypted", "encrypted_format", b"encrypted_format", "epoch", b"epoch", "estimated_bytes", b"estimated_bytes", "from_snapshot", b"from_snapshot", "sender", b"sender", "to_guid", b"to_guid", "to_snapshot", b"to_snapshot", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted", b"encrypted", "encrypted_format", b"encrypted_format", "epoch", b"epoch", "estimated_bytes", b"estimated_bytes", "from_snapshot", b"from_snapshot", "resume_token", b"resume_token", "sender", b"sender", "to_guid", b"to_guid", "to_snapshot", b"to_snapshot", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
