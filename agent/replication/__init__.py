@@ -53,5 +53,7 @@ the records; each case has a failpoint (``agent.failpoints``) and a test
   written. Its mount outlives the agent; convergence activates again (a no-op
   for the copy) and writes ``done``.
 
-A transfer cut in half leaves the target's copy as it was.
+A transfer cut in half leaves the target's snapshots as they were. Where both
+ZFSes have resumable receive, the target keeps what arrived and the next sync
+first sends only the rest of that very stream (``sync._finish_cut_stream``).
 """

@@ -57,12 +57,40 @@ class FakeStream:
     def write_to(self, fd: int) -> None:
         raise NotImplementedError("a FakeStream is read by a FakePeer, never written to a file")
 
+    @property
+    def size(self) -> int:
+        return len(self.snapshot.data) - (len(self.base.data) if self.base else 0)
+
+
+@dataclass(frozen=True)
+class FakeResumedStream:
+    """The rest of a cut stream, from the sender's copy: its token says where it stopped."""
+
+    token: str
+
+    def write_to(self, fd: int) -> None:
+        raise NotImplementedError("a FakeResumedStream is read by a FakePeer")
+
+
+def _token(stream: FakeStream, arrived: int) -> str:
+    """As ZFS's token: the snapshot's and the base's GUIDs and the bytes that arrived."""
+    return f"1-{stream.snapshot.guid}-{stream.base.guid if stream.base else 0}-{arrived}"
+
+
+def _read_token(token: str) -> tuple[int, int | None, int]:
+    _, guid, base, arrived = token.split("-")
+    return int(guid), int(base) or None, int(arrived)
+
 
 class FakeStore:
-    """One node's pool."""
+    """One node's pool; ``resumable`` as kernel OpenZFS (a cut receive keeps what arrived, and
+    its sender can send the rest), else as zfs-fuse."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, resumable: bool = False) -> None:
         self.node = node
+        self.resumable = resumable
+        self.partial: dict[str, tuple[FakeStream, int]] = {}
+        """What cut receives left: the stream and the bytes of it that arrived."""
         self.copies: dict[str, _Copy] = {}
         self.asides: list[tuple[str, _Copy]] = []
         self.users: dict[str, list[str]] = {}
@@ -200,19 +228,32 @@ class FakeStore:
         self.asides.append((name, copy))
         return name
 
-    # As on zfs-fuse: no resumable receive, so a cut stream leaves nothing to resume.
-
     async def cut_stream(self, volume: str, token: str) -> CutStream | None:
-        return None
+        if not self.resumable:
+            return None
+        guid, base_guid, arrived = _read_token(token)
+        by_guid = {s.guid: s for s in self.copies[volume].snapshots}
+        snapshot, base = by_guid.get(guid), by_guid.get(base_guid or -1)
+        if snapshot is None or (base_guid is not None and base is None):
+            return None
+        rest = len(snapshot.data) - (len(base.data) if base else 0) - arrived
+        return CutStream(
+            SnapshotRef(snapshot.name, snapshot.guid),
+            SnapshotRef(base.name, base.guid) if base else None,
+            rest,
+        )
 
     def resume_stream(self, token: str) -> SendStream:
-        raise AssertionError("a FakeStore never reports a cut stream, so none is resumed")
+        return FakeResumedStream(token)
 
     async def resume_token(self, volume: str) -> str | None:
-        return None
+        cut = self.partial.get(volume)
+        return _token(*cut) if cut else None
 
     async def abort_receive(self, volume: str) -> None:
-        raise AssertionError("a FakeStore keeps no cut receive to discard")
+        stream, _ = self.partial.pop(volume)
+        if stream.base is None:
+            del self.copies[volume]  # a cut full stream's copy held nothing complete
 
     async def activate(self, spec: VolumeSpec) -> None:
         copy = self.copies[spec.name]
@@ -220,6 +261,15 @@ class FakeStore:
         copy.mounted = True
 
     # The receiving end, for FakePeer.
+
+    def receive_cut(self, stream: FakeStream, arrived: int) -> None:
+        """A stream that ended after ``arrived`` bytes: resumable, the part stays (a cut full
+        stream's copy exists, holding no snapshot); else nothing changes."""
+        if not self.resumable:
+            return
+        if stream.base is None:
+            self.copies[stream.volume] = _Copy()
+        self.partial[stream.volume] = (stream, arrived)
 
     def receive(self, stream: FakeStream) -> None:
         """As ``zfs receive`` without force: a full stream makes the copy, an incremental one
@@ -253,8 +303,9 @@ class FakePeer:
     """Another node's Transfer service, over that node's ``FakeStore`` and the cluster's records.
 
     ``answers`` False: it does not answer at all (a cut link); ``streams_fail``: it
-    answers ``holdings`` but every stream breaks before it arrives; ``receive_fails``: a
-    stream it admits fails in ``zfs receive`` with that error (a full pool, say).
+    answers ``holdings`` but every stream breaks before it arrives; ``cut_after``: the
+    next stream breaks after that many bytes arrived; ``receive_fails``: a stream it
+    admits fails in ``zfs receive`` with that error (a full pool, say).
     """
 
     def __init__(self, node: str, store: FakeStore, records: MoveRecords) -> None:
@@ -263,6 +314,7 @@ class FakePeer:
         self.records = records
         self.answers = True
         self.streams_fail = False
+        self.cut_after: int | None = None
         self.receive_fails = ""
         self.streams: list[transfer_pb2.StreamHeader] = []
 
@@ -296,7 +348,13 @@ class FakePeer:
             raise TransferFailed(f"{self._node} (fake): {refused}") from refused
         if self.receive_fails:
             raise TransferFailed(f"{self._node} (fake): {self.receive_fails}")
+        if header.resume_token:
+            return self._finish(header, stream, on_progress)
         assert isinstance(stream, FakeStream), "only a FakeStore's streams reach a FakeStore"
+        if self.cut_after is not None:
+            self.store.receive_cut(stream, self.cut_after)
+            self.cut_after = None
+            raise TransferFailed(f"{self._node} (fake): the stream was cut")
         if (stream.snapshot.name, stream.snapshot.guid) != (header.to_snapshot, header.to_guid):
             raise TransferFailed(f"{self._node} (fake): the stream is not the header's snapshot")
         try:
@@ -311,8 +369,22 @@ class FakePeer:
             except admission.Refused as refused:
                 raise TransferFailed(f"{self._node} (fake): {refused}") from refused
         self.store.after_receive(header.volume)
-        on_progress(len(stream.snapshot.data) - (len(stream.base.data) if stream.base else 0))
+        on_progress(stream.size)
         return await self.store.snapshots(header.volume) or []
+
+    def _finish(
+        self, header: transfer_pb2.StreamHeader, stream: SendStream, on_progress: ProgressCallback
+    ) -> list[SnapshotRef]:
+        """The rest of a cut stream (admitted: the token is this store's)."""
+        assert isinstance(stream, FakeResumedStream), "the rest of a cut stream is resumed"
+        cut, arrived = self.store.partial.pop(header.volume)
+        assert (cut.snapshot.name, cut.snapshot.guid) == (header.to_snapshot, header.to_guid)
+        copy = self.store.copies[header.volume]
+        copy.snapshots.append(replace(cut.snapshot))
+        copy.data = cut.snapshot.data
+        self.store.after_receive(header.volume)
+        on_progress(cut.size - arrived)
+        return [SnapshotRef(s.name, s.guid) for s in copy.snapshots]
 
 
 class FakeRecords:

@@ -61,7 +61,9 @@ class TransferServicer:
         """The sender states the stream; the receiver replies with a DataTicket,
         waits for the stream on the data connection, and then replies with what
         it holds once `zfs receive` succeeded. Cancelling the call cuts the
-        data connection, which leaves the receiver's copy as it was.
+        data connection, which leaves the receiver's snapshots as they were
+        (where ZFS has resumable receive, with the part that arrived kept:
+        HoldingsReply.resume_token, StreamHeader.resume_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
