@@ -69,7 +69,9 @@ async def test_a_part_the_sender_can_no_longer_finish_is_discarded_for_a_new_str
     _, source, peer = await _nodes(resumable=True)
     await _cut(source, peer)
     # The plan changed: the cut stream's snapshot is gone here.
-    await source.destroy_snapshots(VOLUME, [ref.name for ref in await source.snapshots(VOLUME)])
+    await source.destroy_snapshots(
+        VOLUME, [ref.name for ref in await source.snapshots(VOLUME) or []]
+    )
 
     sent = await sync_to_peer(source, peer, VOLUME, epoch=1, sender=A)
 
