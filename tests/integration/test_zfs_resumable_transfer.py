@@ -79,7 +79,9 @@ class Cut:
             self.stream.write_to(spool.fileno())
             self.whole = spool.tell()
             spool.seek(0)
-            os.write(fd, spool.read(self.at))
+            part = memoryview(spool.read(self.at))
+            while part:
+                part = part[os.write(fd, part) :]
 
 
 class CuttingPeer:
