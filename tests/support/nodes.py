@@ -27,6 +27,7 @@ from agent.replication.source import MoveDriver
 from agent.store import VolumeStore
 from agent.transfer.client import PeerClient
 from agent.transfer.data import DataListener
+from agent.transfer.options import SERVER_OPTIONS
 from agent.transfer.server import TransferService
 from agent.usage import DockerMounts
 from agent.zfs.volumes import PoolRoot
@@ -82,7 +83,9 @@ async def running_nodes(
             data = DataListener("127.0.0.1", 0, None)
             await data.start()
             listeners.append(data)
-            server = grpc.aio.server()
+            # The agent's keepalive settings: without them a stream longer than the client's
+            # ping interval (a slow guest) ends in "too many pings".
+            server = grpc.aio.server(options=SERVER_OPTIONS)
             transfer_pb2_grpc.add_TransferServicer_to_server(
                 TransferService(
                     name, store, keyspace, data, insecure=True, require_encryption=False
