@@ -40,8 +40,8 @@ pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
-DATA_BYTES = 8 * MIB
-CUT_AT = 5 * MIB
+DATA_BYTES = 4 * MIB
+CUT_AT = 3 * MIB
 
 
 @pytest.fixture
