@@ -371,10 +371,13 @@ class VolumeStore:
         source = self.snapshot_name(volume, base) if base else None
         return SnapshotStream(self.snapshot_name(volume, short), source)
 
+    def can_resume(self) -> bool:
+        return zfs.features().resumable_receive
+
     async def cut_stream(self, volume: str, token: str) -> CutStream | None:
         """What the rest of a peer's cut stream lands, if it can come from this copy (the
         token's snapshot and base are still here); None where ZFS cannot resume a send."""
-        if not zfs.features().resumable_receive:
+        if not self.can_resume():
             return None
         return await asyncio.to_thread(self._root.cut_stream, volume, token)
 

@@ -39,6 +39,9 @@ class PoolStore:
     def send_stream(self, volume: str, short: str, base: str | None) -> SendStream:
         return self.store.send_stream(volume, short, base)
 
+    def can_resume(self) -> bool:
+        return self.store.can_resume()
+
     async def cut_stream(self, volume: str, token: str) -> CutStream | None:
         return await self.store.cut_stream(volume, token)
 

@@ -48,6 +48,9 @@ class SnapshotSource(Protocol):
 
     def send_stream(self, volume: str, short: str, base: str | None) -> SendStream: ...
 
+    def can_resume(self) -> bool:
+        """This ZFS can send the rest of a cut stream (``zfs send -t``)."""
+
     async def cut_stream(self, volume: str, token: str) -> CutStream | None:
         """What the rest of a peer's cut stream (its resume ``token``) lands, if it can come
         from this copy; None when it cannot (snapshot or base gone, or no ``zfs send -t``)."""

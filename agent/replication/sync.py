@@ -135,7 +135,11 @@ async def _finish_cut_stream(
     changed (the snapshot pruned, a cancelled move's, a base the peer lost):
     nothing is resumed, and the new stream that follows makes the peer discard
     the part (``admission.prepare_base``). None when nothing was resumed.
+    A sender that cannot resume does not ask (one call fewer, in the handoff
+    too); its new stream has the peer discard any part all the same.
     """
+    if not store.can_resume():
+        return None
     token = await peer.resume_token(volume)
     if token is None:
         return None

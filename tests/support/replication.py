@@ -228,6 +228,9 @@ class FakeStore:
         self.asides.append((name, copy))
         return name
 
+    def can_resume(self) -> bool:
+        return self.resumable
+
     async def cut_stream(self, volume: str, token: str) -> CutStream | None:
         if not self.resumable:
             return None

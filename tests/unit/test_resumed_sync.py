@@ -117,3 +117,17 @@ async def test_a_move_cut_in_pre_copy_continues_on_its_next_attempt() -> None:
     resumed = [h for h in peer.streams if h.resume_token]
     assert len(resumed) == 1 and resumed[0].to_snapshot == peer.streams[0].to_snapshot
     assert peer.store.data(VOLUME) == source.data(VOLUME)
+
+
+async def test_a_sender_that_cannot_resume_has_the_peer_discard_its_part() -> None:
+    """A zfs-fuse owner and a kernel-OpenZFS replica: the part stays until the new stream."""
+    records, source, _ = await _nodes(resumable=False)
+    peer = FakePeer(B, FakeStore(B, resumable=True), records)
+    await _cut(source, peer)
+    assert await peer.resume_token(VOLUME) is not None
+
+    sent = await sync_to_peer(source, peer, VOLUME, epoch=1, sender=A)
+
+    assert (sent.resumed, sent.base, sent.bytes_sent) == (0, None, len(DATA))
+    assert await peer.resume_token(VOLUME) is None
+    assert peer.store.data(VOLUME) == source.data(VOLUME)
