@@ -126,6 +126,11 @@ def test_replication_goes_on_across_an_agent_restart_and_an_etcd_restart(
         cluster.local_process(role, "start")
         restarted = time.time()
         wait_for(
+            f"ferry-control to answer again after the {role} restart",
+            lambda: cluster.ferryctl(["volume", "get", volume], check=False).returncode == 0,
+            timeout=10,
+        )
+        wait_for(
             f"a snapshot newer than the {role} restart on the replica",
             lambda since=restarted: (
                 copies(cluster, volume).get(replica, {}).get("newest_snapshot_at", 0) > since
