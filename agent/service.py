@@ -362,6 +362,10 @@ class AgentService:
         second forever).
         """
         busy = self._busy()
+        # What runs is read before the copies: a driver that ends while they are read has
+        # already unmounted its frozen copy, which then read "mounted" with no driver, and
+        # the pass took a clean handoff's source for an old owner to rejoin.
+        running_moves, replicating = self._executor.running_moves, self._executor.replicating
         local = await self._store.local_volumes(skip=busy)
         skipped = busy | set(self._store.unreadable)
         view = await read_view(self._keyspace, DESIRED_KINDS + LEDGER_KINDS, node=self._config.node)
@@ -374,8 +378,8 @@ class AgentService:
         )
         actual = Actual(
             volumes=local,
-            running_moves=self._executor.running_moves,
-            replicating=self._executor.replicating,
+            running_moves=running_moves,
+            replicating=replicating,
         )
         self._owned = {
             name: owner.value.epoch
