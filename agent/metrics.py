@@ -156,7 +156,8 @@ class _Views(Collector):
         )
         sent = GaugeMetricFamily(
             "ferry_move_bytes",
-            "Bytes of each move this node sends that its target holds (cut streams not counted).",
+            "Bytes of each move this node sends that its target holds (a failed stream's "
+            "until the next sync finds the target without it).",
             labels=["volume"],
         )
         attempt = GaugeMetricFamily(
