@@ -62,5 +62,5 @@ else
     scenario=tests.support.migration
 fi
 cluster_file="$(cat "$described")"
-echo "demo: cluster described in $cluster_file; its services' logs beside it" >&2
+echo "demo: cluster described in $cluster_file" >&2
 "$python" -m "$scenario" "$cluster_file"
