@@ -173,6 +173,7 @@ class AgentService:
         if self._config.plugin_socket is not None:
             site = await serve(plugin, self._config.plugin_socket)
         metrics.watch_commands()
+        metrics.watch_etcd()
         exporter = None
         if self._config.metrics_address:
             exporter = await serve_metrics(

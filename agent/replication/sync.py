@@ -11,8 +11,10 @@ from agent.transfer.client import TransferFailed
 from ferry.core.snapshots import SnapshotRef, newest_common, prunable, unsent
 from protos.ferry.v1 import transfer_pb2
 
-SyncProgress = Callable[[int, int], None]
-"""Called with (bytes the peer has taken so far, the stream's estimated size or 0)."""
+SyncProgress = Callable[[str, int, int], None]
+"""Called with (the snapshot being sent, bytes the peer has taken so far, the stream's
+estimated size or 0): once before the first byte, then as the stream goes, and last with
+its final count, whether it ended well or not."""
 
 
 class NoCommonSnapshot(TransferFailed):
@@ -49,9 +51,10 @@ async def sync_to_peer(
     against etcd; ``remote`` is what the peer holds if the caller has just asked it.
     Snapshots other peers still need as their base go in ``keep``: they are neither
     destroyed as leftovers of failed sends nor pruned. Both ends of the stream are held for
-    its duration. Raises TransferFailed (the peer's copy as it was) when the peer refuses,
-    the stream breaks, or the peer does not report the snapshot afterwards; returns what was
-    sent otherwise."""
+    its duration. Raises TransferFailed when the peer refuses, the stream breaks, or the
+    peer does not report the snapshot afterwards (the peer's copy as it was, unless the
+    stream arrived whole before its reply was lost: the next ``holdings`` tell); returns
+    what was sent otherwise."""
     if remote is None:
         remote = await peer.holdings(volume)
     snapshot = await store.take_snapshot(volume, epoch)
@@ -82,8 +85,9 @@ async def sync_to_peer(
         nonlocal taken
         taken = sent
         if on_progress is not None:
-            on_progress(sent, estimated)
+            on_progress(snapshot.name, sent, estimated)
 
+    progress(0)
     async with store.held(volume, [name for name in (base, snapshot.name) if name]):
         held = await peer.send(header, store.send_stream(volume, snapshot.name, base), progress)
         failpoints.reached("transfer.sent")

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from agent import failpoints
 from agent.replication import admission
 from agent.store import VolumeStore
 from agent.transfer.data import (
@@ -122,6 +123,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         reply = transfer_pb2.HoldingsReply(volume=volume, node=self._node, bytes_received=received)
         for ref in held:
             reply.snapshots.add(name=ref.name, guid=ref.guid)
+        failpoints.reached("transfer.received")
         yield transfer_pb2.ReceiveReply(done=reply)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> None:
