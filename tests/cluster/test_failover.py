@@ -7,7 +7,6 @@ to host1, and a move's source keeps a read-only copy.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
@@ -18,6 +17,7 @@ import pytest
 from ferry.core.fencing import FENCING_BOUND_SECONDS, LEASE_TTL_SECONDS
 from tests.support.cluster import Cluster, ClusterHost
 from tests.support.containers import TOOLBOX, container_writing, docker_hosts, logs
+from tests.support.hostloss import host_lost, link, live
 from tests.support.volumes import wait_for, writable_copies
 
 pytestmark = pytest.mark.cluster
@@ -39,15 +39,6 @@ def volume(cluster: Cluster) -> Iterator[str]:
     cluster.ferryctl(["volume", "move", name, a.name, "--wait", "--timeout", "120"])
     yield name
     cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
-
-
-def link(cluster: Cluster, host: ClusterHost, up: bool) -> None:
-    cluster.run(host, ["ip", "link", "set", "eth0", "up" if up else "down"])
-
-
-def live(cluster: Cluster, host: ClusterHost) -> bool:
-    nodes = json.loads(cluster.ferryctl(["node", "list", "-o", "json"]).stdout)
-    return any(node["name"] == host.name for node in nodes)
 
 
 def until_lease_gone(cluster: Cluster, host: ClusterHost, container: str) -> tuple[float, float]:
@@ -121,10 +112,7 @@ def test_a_partitioned_owner_stops_writing_before_a_failover_and_returns_as_a_re
 
 def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, volume: str) -> None:
     a, b = docker_hosts(cluster)
-    cluster.agent(a.name, "kill")
-    link(cluster, a, up=False)
-    lost = time.monotonic()
-    try:
+    with host_lost(cluster, a, docker=False) as lost:
         wait_for(f"{a.name}'s lease to expire", lambda: not live(cluster, a), 30)
         said = failover(cluster, volume, "--to", b.name)
         found = LOSS.search(said)
@@ -132,9 +120,6 @@ def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, vol
         print(said.strip())
         wait_for(f"{b.name}'s copy writable", lambda: writable_on(cluster, volume, b))
         print(f"manual failover: writable {time.monotonic() - lost:.1f} s after the loss")
-    finally:
-        link(cluster, a, up=True)
-        cluster.agent(a.name, "start")
     wait_for(f"{a.name} back as a replica", lambda: live(cluster, a), 60)
 
     auto = f"fa-{secrets.token_hex(3)}"
@@ -145,10 +130,7 @@ def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, vol
     try:
         wait_for(f"{auto} owned by {b.name}", lambda: cluster.volume(auto)["owner"] == b.name)
         cluster.ferryctl(["volume", "move", auto, a.name, "--wait", "--timeout", "120"])
-        cluster.agent(a.name, "kill")
-        link(cluster, a, up=False)
-        lost = time.monotonic()
-        try:
+        with host_lost(cluster, a, docker=False) as lost:
             # A container started on b at once: its Mount waits for the auto failover.
             ran = cluster.docker(
                 b,
@@ -165,9 +147,6 @@ def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, vol
                 f"(lease TTL {LEASE_TTL_SECONDS} s, failover_after {LEASE_TTL_SECONDS} s)"
             )
             assert took >= LEASE_TTL_SECONDS, "failed over before the owner's lease could expire"
-        finally:
-            link(cluster, a, up=True)
-            cluster.agent(a.name, "start")
         wait_for(f"{a.name} to register again", lambda: live(cluster, a), 60)
     finally:
         cluster.ferryctl(["volume", "delete", auto, "--force"], check=False)

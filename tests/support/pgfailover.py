@@ -35,7 +35,7 @@ from tests.support.pgworkload import (
     verify,
     wait_ready,
 )
-from tests.support.volumes import wait_for
+from tests.support.volumes import wait_for, writable_here
 
 Report = Callable[[str], None]
 
@@ -57,7 +57,7 @@ class HostLossResult:
     lag_seconds: float
     """From the newest replicated snapshot to the loss."""
     writable_after: float
-    """Seconds from the loss to the replica's copy writable (``volume get``)."""
+    """Seconds from the loss to the replica's copy mounted read-write on its host."""
     answering_after: float
     """Seconds from the loss to PostgreSQL on the replica's host answering a query."""
     loss_message: str
@@ -81,7 +81,9 @@ class HostLossResult:
         )
 
 
-def create_replicated(cluster: Cluster, volume: str, owner: ClusterHost, rpo: int, mode: str) -> str:
+def create_replicated(
+    cluster: Cluster, volume: str, owner: ClusterHost, rpo: int, mode: str
+) -> str:
     """The volume on ``owner`` with one replica, seeded; returns the replica's node."""
     cluster.ferryctl(
         [
@@ -123,7 +125,7 @@ def lose_owner_while_writing(
     report(f"PostgreSQL on {owner.name}: {len(writer.committed)} rows committed, still writing")
     with host_lost(cluster, owner) as lost:
         lost_at = time.time()
-        writable = _first_time(lambda: _writable_on(cluster, volume, replica), lost)
+        writable = _first_time(lambda: writable_here(cluster, replica, volume), lost)
         writer.stop()
         committed = writer.committed
         wait_for(f"{owner.name}'s lease to expire", lambda: not live(cluster, owner), 30)
@@ -164,10 +166,6 @@ def _failover(cluster: Cluster, volume: str, replica: ClusterHost) -> str:
     result = cluster.ferryctl(["volume", "failover", volume, "--to", replica.name], check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
-
-
-def _writable_on(cluster: Cluster, volume: str, host: ClusterHost) -> bool:
-    return any(c["node"] == host.name and c["writable"] for c in cluster.volume(volume)["copies"])
 
 
 class _FirstTime(threading.Thread):
