@@ -123,28 +123,31 @@ def lose_owner_while_writing(
         rpo + 60,
     )
     report(f"PostgreSQL on {owner.name}: {len(writer.committed)} rows committed, still writing")
-    with host_lost(cluster, owner) as lost:
-        lost_at = time.time()
-        writable = _first_time(lambda: writable_here(cluster, replica, volume), lost)
-        writer.stop()
-        committed = writer.committed
-        wait_for(f"{owner.name}'s lease to expire", lambda: not live(cluster, owner), 30)
-        snapshot_at = _newest_snapshot(cluster, replica, volume)
-        said = ""
-        if mode == "manual":
-            said = _failover(cluster, volume, replica)
-            report(said)
-        pg_b = run_postgres(client_b, volume, container)
-        wait_ready(pg_b, timeout=120)
-        answering_after = time.monotonic() - lost
-        writable.join(timeout=30)
-    wait_for(f"{owner.name} to register again", lambda: live(cluster, owner), 60)
-    client_a.containers.get(container).remove(force=True)
-    before = writer.committed_before(snapshot_at - SNAPSHOT_TIME_MARGIN_SECONDS)
-    verify(pg_b, before)
-    found = {int(line) for line in psql(pg_b, f"SELECT id FROM {TABLE}").split()}
-    problems = recovery_problems(log_since_start(pg_b))
-    pg_b.remove(force=True)
+    try:
+        with host_lost(cluster, owner) as lost:
+            lost_at = time.time() - (time.monotonic() - lost)
+            writable = _first_time(lambda: writable_here(cluster, replica, volume), lost)
+            writer.stop()
+            committed = writer.committed
+            wait_for(f"{owner.name}'s lease to expire", lambda: not live(cluster, owner), 30)
+            snapshot_at = _newest_snapshot(cluster, replica, volume)
+            said = ""
+            if mode == "manual":
+                said = _failover(cluster, volume, replica)
+                report(said)
+            pg_b = run_postgres(client_b, volume, container)
+            wait_ready(pg_b, timeout=120)
+            answering_after = time.monotonic() - lost
+            writable.join(timeout=30)
+        wait_for(f"{owner.name} to register again", lambda: live(cluster, owner), 60)
+        before = writer.committed_before(snapshot_at - SNAPSHOT_TIME_MARGIN_SECONDS)
+        verify(pg_b, before)
+        found = {int(line) for line in psql(pg_b, f"SELECT id FROM {TABLE}").split()}
+        problems = recovery_problems(log_since_start(pg_b))
+    finally:
+        for client in (client_a, client_b):
+            for leftover in client.containers.list(all=True, filters={"name": container}):
+                leftover.remove(force=True)
     in_flight = {max(committed, default=0) + 1}
     result = HostLossResult(
         rows_committed=len(committed),
