@@ -28,7 +28,7 @@ def live(cluster: Cluster, host: ClusterHost) -> bool:
 @contextmanager
 def host_lost(cluster: Cluster, host: ClusterHost, docker: bool = True) -> Iterator[float]:
     """``host`` lost (its dockerd too, with ``docker``) for the block; yields when
-    (time.monotonic) the loss began. It returns after the block: link up, dockerd and agent
+    (time.monotonic) the loss began. It returns after the block: link up, agent and dockerd
     started again."""
     cluster.agent(host.name, "kill")
     lost = time.monotonic()
@@ -39,6 +39,8 @@ def host_lost(cluster: Cluster, host: ClusterHost, docker: bool = True) -> Itera
         yield lost
     finally:
         link(cluster, host, up=True)
+        # The agent first, as at boot: a starting dockerd asks the Ferry plugin about each
+        # volume it knows, and waits (seconds each) for a plugin that does not answer.
+        cluster.agent(host.name, "start")
         if docker:
             cluster.local_process(f"docker:{host.name}", "start")
-        cluster.agent(host.name, "start")
