@@ -93,7 +93,7 @@ async def test_an_unknown_encrypted_format_is_refused_before_any_ticket_and_noth
             async for reply in transfer_pb2_grpc.TransferStub(channel).Receive(header):
                 replies.append(reply)
     finally:
-        await channel.close()
+        await channel.close(grace=None)
 
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert refused.value.details() == (
