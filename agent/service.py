@@ -191,6 +191,7 @@ class AgentService:
                     self._registration.keep_alive(self._registered_again), name="lease"
                 ),
                 asyncio.create_task(follow_renewals(self._keyspace.client), name="etcd-renewal"),
+                asyncio.create_task(control.follow_renewals(), name="control-renewal"),
                 asyncio.create_task(self._fence.run(), name="self-fence"),
             ]
             await self._mounts.load()

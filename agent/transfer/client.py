@@ -102,8 +102,9 @@ class PeerClient:
             else:
                 if ticket.encrypted_format != FRAMES:
                     raise TransferFailed(
-                        f"{self.node} runs an older Ferry whose encrypted streams this agent "
-                        "does not speak; upgrade it"
+                        f"{self.node} takes encrypted streams in format "
+                        f"{ticket.encrypted_format}, this agent speaks only format {FRAMES}: "
+                        "run the same Ferry version on both agents"
                     )
                 stream = await data.connect_tls(
                     host, ticket.port, ticket.token, self._ssl, self.node

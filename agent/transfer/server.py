@@ -84,8 +84,9 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         if request.encrypted and request.encrypted_format != FRAMES:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{request.sender} runs an older Ferry whose encrypted streams {self._node} "
-                "does not speak; upgrade it",
+                f"{request.sender} sends encrypted streams in format "
+                f"{request.encrypted_format}, {self._node} speaks only format {FRAMES}: run "
+                "the same Ferry version on both agents",
             )
         if volume in self._holdings.receiving:
             await context.abort(
