@@ -16,6 +16,7 @@ import grpc
 from agent.plugin import PluginError
 from ferry.core.plan import Create
 from ferry.security.certificates import CertificateWatch
+from ferry.security.redial import Redial, follow_renewals
 from ferry.security.tls import TlsFiles
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
 
@@ -29,35 +30,55 @@ CALL_TIMEOUT_SECONDS = 30.0
 class ControlClient:
     """``agent.plugin.ControlApi`` against ferry-control at ``address``."""
 
-    def __init__(self, address: str, tls: TlsFiles | CertificateWatch | None, here: str) -> None:
-        """With a CertificateWatch, a renewed certificate gets a new channel for the next call
-        (calls running on the old one finish there)."""
+    def __init__(
+        self,
+        address: str,
+        tls: TlsFiles | CertificateWatch | None,
+        here: str,
+        redial_grace: float = CALL_TIMEOUT_SECONDS,
+    ) -> None:
+        """With a CertificateWatch, ``redial_if_renewed`` (run by ``follow_renewals``) dials
+        again after a renewal; calls running on the old channel get ``redial_grace`` seconds
+        (by default as long as a call may take) before it is closed."""
         self._address = address
         self._here = here
-        self._tls = tls
-        self._generation = 0
-        self._channels: list[grpc.aio.Channel] = []
+        self._redial = None if tls is None else Redial(tls, "ferry-control client", redial_grace)
+        self._channel: grpc.aio.Channel | None = None
         self._current: control_pb2_grpc.ControlStub | None = None
 
     @property
     def _stub(self) -> control_pb2_grpc.ControlStub:
-        tls = self._tls
-        if isinstance(tls, CertificateWatch):
-            tls.check()
-            if tls.generation != self._generation:
-                self._generation, self._current = tls.generation, None
+        """The stub of the current channel, dialed on first use (in the running loop)."""
         if self._current is None:
-            if tls is None:
-                channel = grpc.aio.insecure_channel(self._address)
-            else:
-                channel = grpc.aio.secure_channel(
-                    self._address,
-                    tls.channel_credentials(),
-                    options=[("grpc.ssl_target_name_override", CONTROL_NAME)],
-                )
-            self._channels.append(channel)
-            self._current = control_pb2_grpc.ControlStub(channel)
+            self._channel = self._dial()
+            self._current = control_pb2_grpc.ControlStub(self._channel)
         return self._current
+
+    def _dial(self) -> grpc.aio.Channel:
+        if self._redial is None:
+            return grpc.aio.insecure_channel(self._address)
+        return grpc.aio.secure_channel(
+            self._address,
+            self._redial.credentials(),
+            options=[("grpc.ssl_target_name_override", CONTROL_NAME)],
+        )
+
+    async def redial_if_renewed(self) -> bool:
+        """A new channel with the renewed certificate, if the files were renewed since the
+        last dial; True if it dialed. Calls made from now on use the new channel, the old
+        one is closed once its calls had their grace."""
+        old = self._channel
+        if old is None or self._redial is None or not self._redial.due():
+            return False
+        self._channel = self._dial()
+        self._current = control_pb2_grpc.ControlStub(self._channel)
+        await self._redial.retire(old)
+        return True
+
+    async def follow_renewals(self) -> None:
+        """Until cancelled: dial again after each renewal of this node's certificate."""
+        if self._redial is not None:
+            await follow_renewals(self.redial_if_renewed, "ferry-control client")
 
     async def create_volume(
         self,
@@ -128,8 +149,8 @@ class ControlClient:
             raise self._failed(error) from error
 
     async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close(grace=None)
+        if self._channel is not None:
+            await self._channel.close(grace=None)
 
     def _failed(self, error: grpc.aio.AioRpcError) -> PluginError:
         """Control's one-sentence answer as Docker shows it; an unreachable control says so."""

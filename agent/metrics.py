@@ -2,15 +2,18 @@
 deploy/grafana-dashboard.json; tests/unit/test_metric_names.py keeps the three in step).
 
 Counters and histograms are counted where the thing happens (a handoff, a
-command, a connection). What a volume or a move *is* now (state, role,
-epoch, bytes, phase) is a view the convergence loop replaces after each
-pass (``show_volumes``, ``show_moves``) and the collector reads at scrape
-time, so a volume that left this node leaves the metrics with it.
+command, a keyspace operation, a connection). What a volume or a move *is* now
+(state, role, epoch, bytes, phase) is a view the convergence loop replaces
+after each pass (``show_volumes``, ``show_moves``), and a volume's replication
+one its replication loop replaces after each round (``show_replication``);
+the collector reads them at scrape time, so a volume that left this node
+leaves the metrics with it.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agent.zfs import runner
+from ferry.cluster import timing
 from ferry.core.records import Move, MovePhase
 
 REGISTRY = CollectorRegistry()
@@ -29,6 +33,8 @@ MOVE_PHASES = tuple(phase.value for phase in MovePhase)
 # Handoff pauses: from the freeze to the ownership swap (typically well under a second).
 PAUSE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 ZFS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# etcd operations: a few ms on a healthy cluster; seconds mean a slow disk or a lost leader.
+ETCD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 MOVE_HANDOFF_PAUSE = Histogram(
     "ferry_move_handoff_pause_seconds",
@@ -63,6 +69,20 @@ ZFS_COMMAND_ERRORS = Counter(
     "ferry_zfs_command_errors_total",
     "ZFS commands that failed, timed out or were stopped, by outcome.",
     ["command", "outcome"],
+    registry=REGISTRY,
+)
+ETCD_OPERATION_DURATION = Histogram(
+    "ferry_etcd_operation_duration_seconds",
+    "Keyspace operations on etcd (get_move, put_state, transfer_owner, ...), until they "
+    "answered or failed.",
+    ["operation"],
+    buckets=ETCD_BUCKETS,
+    registry=REGISTRY,
+)
+ETCD_OPERATION_ERRORS = Counter(
+    "ferry_etcd_operation_errors_total",
+    "Keyspace operations on etcd that raised (etcd unreachable, timed out, a record unreadable).",
+    ["operation"],
     registry=REGISTRY,
 )
 LEASE_RENEW_FAILURES = Counter(
@@ -102,14 +122,44 @@ class VolumeView:
     replication_failing: bool = False
 
 
+@dataclass(frozen=True)
+class ReplicaView:
+    """One replica of a volume this node owns, as its replication loop last saw it."""
+
+    replica: str
+    synced_at: float
+    """Wall time of the newest snapshot the replica confirmed (or when replication began)."""
+    succeeded_at: float = 0.0
+    """When the last send to it succeeded (0: none since this node began replicating)."""
+
+
+@dataclass(frozen=True)
+class ReplicationView:
+    """A volume this node owns with replicas: its RPO, how many replicas are not placed, and
+    each placed one."""
+
+    volume: str
+    rpo_seconds: int
+    unplaced: int
+    replicas: tuple[ReplicaView, ...]
+
+    def rpo_met(self, now: float) -> bool:
+        """Every replica placed and none further behind than the RPO."""
+        return not self.unplaced and all(
+            now - replica.synced_at <= self.rpo_seconds for replica in self.replicas
+        )
+
+
 class _Views(Collector):
-    """The per-volume and per-move gauges, from the last pass's views. A replica's lag is
-    ``time() - ferry_volume_newest_snapshot_timestamp_seconds`` (its newest snapshot's age);
-    whether the RPO is met is control's answer to the same question (``volume get``)."""
+    """The per-volume and per-move gauges, from the last pass's views, and the owner's
+    replication gauges, from each volume's last replication round. Lag and RPO are worked out
+    at scrape time from when each replica's newest confirmed snapshot was taken: a replica
+    that stopped answering grows late between two rounds too."""
 
     def __init__(self) -> None:
         self.volumes: tuple[VolumeView, ...] = ()
         self.moves: tuple[Move, ...] = ()
+        self.replication: dict[str, ReplicationView] = {}
 
     def collect(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(
@@ -156,7 +206,8 @@ class _Views(Collector):
         )
         sent = GaugeMetricFamily(
             "ferry_move_bytes",
-            "Bytes of each move this node sends that its target holds (cut streams not counted).",
+            "Bytes of each move this node sends that its target holds (a failed stream's "
+            "until the next sync finds the target without it).",
             labels=["volume"],
         )
         attempt = GaugeMetricFamily(
@@ -182,7 +233,33 @@ class _Views(Collector):
             total.add_metric([move.volume], move.bytes_total)
             rate.add_metric([move.volume], move.rate_bps)
         yield from (state, role, epoch, used, newest, failing)
+        yield from self._replication()
         yield from (phase, sent, attempt, total, rate)
+
+    def _replication(self) -> Iterator[Metric]:
+        lag = GaugeMetricFamily(
+            "ferry_volume_replication_lag_seconds",
+            "Age of the newest snapshot each replica of a volume this node owns has confirmed.",
+            labels=["volume", "replica"],
+        )
+        success = GaugeMetricFamily(
+            "ferry_volume_replication_last_success_timestamp_seconds",
+            "When the last send to each replica of a volume this node owns succeeded (Unix time).",
+            labels=["volume", "replica"],
+        )
+        met = GaugeMetricFamily(
+            "ferry_volume_rpo_met",
+            "1 while every replica of a volume this node owns is placed and within its RPO.",
+            labels=["volume"],
+        )
+        now = time.time()
+        for view in list(self.replication.values()):
+            met.add_metric([view.volume], float(view.rpo_met(now)))
+            for replica in view.replicas:
+                lag.add_metric([view.volume, replica.replica], max(0.0, now - replica.synced_at))
+                if replica.succeeded_at:
+                    success.add_metric([view.volume, replica.replica], replica.succeeded_at)
+        yield from (lag, success, met)
 
 
 _VIEWS = _Views()
@@ -191,6 +268,16 @@ REGISTRY.register(_VIEWS)
 
 def show_volumes(views: Iterable[VolumeView]) -> None:
     _VIEWS.volumes = tuple(views)
+
+
+def show_replication(view: ReplicationView) -> None:
+    """A volume's replication, after each round of its loop."""
+    _VIEWS.replication[view.volume] = view
+
+
+def forget_replication(volume: str) -> None:
+    """The volume's replication loop ended (moved away, no replicas any more)."""
+    _VIEWS.replication.pop(volume, None)
 
 
 def show_moves(moves: Iterable[Move]) -> None:
@@ -223,3 +310,14 @@ def _observe_command(argv: tuple[str, ...], seconds: float, outcome: runner.Outc
 def watch_commands() -> None:
     """Count every ZFS command from now on; the agent calls it once, at start."""
     runner.add_observer(_observe_command)
+
+
+def _observe_operation(operation: str, seconds: float, failed: bool) -> None:
+    ETCD_OPERATION_DURATION.labels(operation).observe(seconds)
+    if failed:
+        ETCD_OPERATION_ERRORS.labels(operation).inc()
+
+
+def watch_etcd() -> None:
+    """Time every keyspace operation from now on; the agent calls it at start."""
+    timing.add_observer(_observe_operation)

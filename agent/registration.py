@@ -115,6 +115,7 @@ class Registration:
         self._record, self._lease = record, lease
         self.renewed_at = granted
         self.registrations += 1
+        await self._seen()
         log.info("registered: node=%s address=%s", record.name, record.address)
 
     async def mark_ready(self) -> None:
@@ -163,7 +164,7 @@ class Registration:
                     registered_again()
                 else:
                     self.renewed_at = sent
-                    await self._keyspace.put_seen(NodeSeen(self._record.name, time.time()))
+                    await self._seen()
                     await self._report_changes()
                 backoff.reset()
             except NodeNameTaken:
@@ -176,6 +177,17 @@ class Registration:
                     str(error) or type(error).__name__,
                     delay,
                 )
+
+    async def _seen(self) -> None:
+        """Put on record that this node is live now (``seen/<node>``, kept after its lease):
+        a failover says from it how long the lost owner ran after the promoted snapshot.
+
+        Written at each registration as well as each renewal: written at renewals only,
+        the record was missing for a node lost before its first renewal, and a node that
+        registered again after losing its lease (a partition) was on record as last seen
+        before the partition, older than any snapshot taken since, until its next renewal.
+        """
+        await self._keyspace.put_seen(NodeSeen(self._record.name, time.time()))
 
     async def _report_changes(self) -> None:
         """Free space that moved by a step, and a renewed certificate's expiry."""

@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from agent import metrics
 from agent.replication.ports import Peer
 from agent.replication.sync import sync_to_peer
 from agent.retry import Backoff
@@ -47,6 +48,8 @@ class _Replica:
 
     synced_at: float
     """Wall time of the newest snapshot the replica confirmed (or when replication began)."""
+    succeeded_at: float = 0.0
+    """When the last send to it succeeded (0: none yet)."""
     due: float = 0.0
     error: str = ""
     out_of_rpo: bool = False
@@ -99,6 +102,7 @@ class Replicator:
                 await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
         finally:
             self._errors.pop(volume, None)
+            metrics.forget_replication(volume)
 
     async def _current(self, volume: str) -> VolumeSpec | None:
         """The spec, while this node should replicate the volume; None once it should stop."""
@@ -140,6 +144,17 @@ class Replicator:
         if due:
             await self._prune(volume)
         self._check_rpo(volume, spec, replicas)
+        metrics.show_replication(
+            metrics.ReplicationView(
+                volume=volume,
+                rpo_seconds=spec.rpo_seconds,
+                unplaced=max(0, spec.replicas - len(spec.replica_nodes)),
+                replicas=tuple(
+                    metrics.ReplicaView(node, replica.synced_at, replica.succeeded_at)
+                    for node, replica in sorted(replicas.items())
+                ),
+            )
+        )
 
     async def _reported_at(self, volume: str, node: str) -> float:
         """When the newest snapshot the replica last reported was taken; now for a replica
@@ -187,6 +202,7 @@ class Replicator:
             )
             return
         replica.synced_at = taken_at
+        replica.succeeded_at = time.time()
         replica.due = 0.0
         replica.error = ""
         replica.backoff.reset()

@@ -173,6 +173,7 @@ class AgentService:
         if self._config.plugin_socket is not None:
             site = await serve(plugin, self._config.plugin_socket)
         metrics.watch_commands()
+        metrics.watch_etcd()
         exporter = None
         if self._config.metrics_address:
             exporter = await serve_metrics(
@@ -190,6 +191,7 @@ class AgentService:
                     self._registration.keep_alive(self._registered_again), name="lease"
                 ),
                 asyncio.create_task(follow_renewals(self._keyspace.client), name="etcd-renewal"),
+                asyncio.create_task(control.follow_renewals(), name="control-renewal"),
                 asyncio.create_task(self._fence.run(), name="self-fence"),
             ]
             await self._mounts.load()
@@ -362,6 +364,10 @@ class AgentService:
         second forever).
         """
         busy = self._busy()
+        # What runs is read before the copies: a driver that ends while they are read has
+        # already unmounted its frozen copy, which then read "mounted" with no driver, and
+        # the pass took a clean handoff's source for an old owner to rejoin.
+        running_moves, replicating = self._executor.running_moves, self._executor.replicating
         local = await self._store.local_volumes(skip=busy)
         skipped = busy | set(self._store.unreadable)
         view = await read_view(self._keyspace, DESIRED_KINDS + LEDGER_KINDS, node=self._config.node)
@@ -374,8 +380,8 @@ class AgentService:
         )
         actual = Actual(
             volumes=local,
-            running_moves=self._executor.running_moves,
-            replicating=self._executor.replicating,
+            running_moves=running_moves,
+            replicating=replicating,
         )
         self._owned = {
             name: owner.value.epoch

@@ -8,11 +8,14 @@ Without this, a call made while etcd restarts or is cut off ended with gRPC's
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
+
+from ferry.security.calls import CallInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -27,46 +30,15 @@ def advice(method: str, error: Exception) -> str:
     )
 
 
-class EtcdUnreachable(grpc.aio.ServerInterceptor):
+class EtcdUnreachable(CallInterceptor):
     """Turns aetcd's connection errors into UNAVAILABLE, logged once per call."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method: str = handler_call_details.method
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_unary(method, handler.unary_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_streaming(method, handler.unary_stream))
-        return handler
-
-
-async def _abort(method: str, error: Exception, context: grpc.aio.ServicerContext) -> None:
-    log.warning("etcd unreachable: method=%s error=%s", method.lstrip("/"), error)
-    await context.abort(grpc.StatusCode.UNAVAILABLE, advice(method, error))
-
-
-def _unary(method: str, behaviour: Any) -> Any:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    @asynccontextmanager
+    async def around(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
         try:
-            return await behaviour(request, context)
+            yield
         except UNREACHABLE as error:
-            await _abort(method, error, context)
-
-    return guarded
-
-
-def _streaming(method: str, behaviour: Any) -> Any:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for reply in behaviour(request, context):
-                yield reply
-        except UNREACHABLE as error:
-            await _abort(method, error, context)
-
-    return guarded
+            log.warning("etcd unreachable: method=%s error=%s", method.lstrip("/"), error)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, advice(method, error))

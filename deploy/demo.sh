@@ -16,8 +16,13 @@
 # host2 where Ferry's plugin moves the volume before the Mount returns; then
 # host2 is drained and the task returns to host1, which holds the copy it
 # left. After each drain the demo checks every committed row and prints the
-# reschedule time (drain command to the first query answered). Run as root
-# on Debian or Ubuntu.
+# reschedule time (drain command to the first query answered). It ends
+# with a summary: rows written and found, the pause, the bytes moved. Run as
+# root on Debian or Ubuntu.
+#
+# One line per step; what the steps print goes to FERRY_DEMO_LOG (default
+# /var/log/ferry/demo.log; the install's to /var/log/ferry/install.log),
+# whose last lines are printed if a step fails.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,22 +37,30 @@ esac
 
 "$repo/deploy/install.sh"
 python="$venv/bin/python"
+# shellcheck source=deploy/steps.sh
+source "$repo/deploy/steps.sh"
+demo_log="${FERRY_DEMO_LOG:-/var/log/ferry/demo.log}"
+steps_open demo "$demo_log"
 
+described="$(mktemp)"
 cleanup() {
-    echo "== cleaning up"
-    "$python" "$repo/deploy/local-cluster" down --name "$name" >/dev/null 2>&1 || true
+    rm -f "$described"
+    step "cleaning up (cluster $name down)" "$python" "$repo/deploy/local-cluster" down --name "$name"
 }
 trap cleanup EXIT
 
+up() {
+    "$python" "$repo/deploy/local-cluster" up --name "$name" --hosts 2 "$@" >"$described"
+}
+
 cd "$repo"
 if "$swarm"; then
-    echo "== bringing up hosts host1 and host2 with their dockerds in one Docker Swarm"
-    cluster_file="$("$python" "$repo/deploy/local-cluster" up --name "$name" --hosts 2 --swarm)"
-    echo "== cluster described in $cluster_file"
-    "$python" -m tests.support.swarm "$cluster_file"
+    step "bringing up host1 and host2 with their dockerds in one Docker Swarm" up --swarm
+    scenario=tests.support.swarm
 else
-    echo "== bringing up hosts host1 and host2 (netns, ZFS pools, agents, dockerds, etcd, control)"
-    cluster_file="$("$python" "$repo/deploy/local-cluster" up --name "$name" --hosts 2 --docker)"
-    echo "== cluster described in $cluster_file"
-    "$python" -m tests.support.migration "$cluster_file"
+    step "bringing up host1 and host2 (netns, ZFS pools, agents, dockerds, etcd, control)" up --docker
+    scenario=tests.support.migration
 fi
+cluster_file="$(cat "$described")"
+echo "demo: cluster described in $cluster_file" >&2
+"$python" -m "$scenario" "$cluster_file"

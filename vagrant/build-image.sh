@@ -179,7 +179,7 @@ nice -n 19 ionice -c 3 timeout "$INSTALL_TIMEOUT" unshare --mount --propagation 
         PIP_DISABLE_PIP_VERSION_CHECK=1 bash "$2/deploy/install.sh" --dev
     chroot "$root" apt-get clean
 ' build-image "$rootfs" "$GUEST_REPO" "$ca_bundle" >&2 \
-    || die "deploy/install.sh --dev in the chroot failed (its output is above)"
+    || die "deploy/install.sh --dev in the chroot failed (the tail of its log is above)"
 rm -rf "${rootfs:?}$GUEST_REPO" "$rootfs/usr/sbin/policy-rc.d" "$rootfs/etc/resolv.conf"
 mkdir -p "$rootfs$GUEST_REPO"
 install -m 0755 "$repo/vagrant/vm-init.sh" "$rootfs/usr/local/sbin/ferry-vm-init"

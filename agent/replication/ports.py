@@ -124,8 +124,10 @@ class Peer(Protocol):
         stream: SendStream,
         on_progress: ProgressCallback,
     ) -> list[SnapshotRef]:
-        """Stream to the peer; returns what it then holds. TransferFailed (the peer's copy as
-        it was) when the peer refuses or the stream breaks."""
+        """Stream to the peer; returns what it then holds. TransferFailed when the peer
+        refuses or the stream breaks (the peer's copy as it was, unless the stream arrived
+        whole before the reply was lost). ``on_progress`` gets the bytes taken as the stream
+        goes and a last count when it ends, failed or not."""
 
     async def resume_token(self, volume: str) -> str | None:
         """The token of a cut stream the peer can take the rest of (``header.resume_token``),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 
 from agent import metrics
@@ -14,10 +15,9 @@ from ferry.cluster.keyspace import Versioned
 from ferry.core import phases
 from ferry.core.phases import ACTIVE_PHASES, MovePhase, Writer
 from ferry.core.records import Move
+from ferry.core.snapshots import SnapshotRef
 
 PROGRESS_SECONDS = 0.5
-# A stream that failed after this share of its estimated size was sent is taken as arrived.
-COMPLETE_SHARE = 0.95
 
 
 class MoveAbandoned(Exception):
@@ -77,33 +77,50 @@ class MoveRecord:
             if fresh.value.phase == MovePhase.DONE:
                 return  # the target finished the move; nothing the source says is newer
 
+    async def settle(self, held: Iterable[SnapshotRef]) -> None:
+        """Whether the pending stream arrived, from what the target holds now (``held``): its
+        bytes stay in the move's if the target holds its snapshot, and are taken out if not."""
+        move = self.move
+        if not move.pending_snapshot:
+            return
+        arrived = move.pending_snapshot in {ref.name for ref in held}
+        await self.update(
+            bytes_sent=move.bytes_sent - (0 if arrived else move.pending_bytes),
+            pending_snapshot="",
+            pending_bytes=0,
+        )
+
     def _same_move(self, other: Move) -> bool:
         return (other.target, other.started_at) == (self.move.target, self.move.started_at)
 
 
 class Progress:
-    """One stream's bytes, written to the move record at most every PROGRESS_SECONDS: added to
-    the move's bytes while it runs, taken out again if it is cut (the retry resends them), and
-    counted in the attempt's bytes either way."""
+    """One stream's bytes, written to the move record at most every PROGRESS_SECONDS: in the
+    move's bytes as its pending stream (``Move.pending_snapshot``) while it runs, no longer
+    pending once it ended well, still pending if it failed (``MoveRecord.settle`` asks the
+    target at the next sync), and counted in the attempt's bytes either way.
+
+    Created after ``settle``: the move's bytes then hold no pending stream."""
 
     def __init__(self, record: MoveRecord) -> None:
         self._record = record
         self._before = record.move.bytes_sent
+        self._snapshot = ""
         self._total = 0
         self._started = time.monotonic()
         self._written_at = 0.0
         self._pending: asyncio.Task[None] | None = None
         self.sent = 0
 
-    def report(self, sent: int, estimated: int) -> None:
+    def report(self, snapshot: str, sent: int, estimated: int) -> None:
         metrics.MOVE_SENT.inc(max(sent - self.sent, 0))
-        self.sent, self._total = sent, estimated
+        self._snapshot, self.sent, self._total = snapshot, sent, estimated
         now = time.monotonic()
         if now - self._written_at >= PROGRESS_SECONDS and (
             self._pending is None or self._pending.done()
         ):
             self._written_at = now
-            self._pending = asyncio.create_task(self._write())
+            self._pending = asyncio.create_task(self._write(self._snapshot))
 
     async def finish(self, sent: int, estimated: int) -> None:
         """Write the totals of a finished stream (after any write still under way)."""
@@ -111,28 +128,26 @@ class Progress:
             await self._pending
         metrics.MOVE_SENT.inc(max(sent - self.sent, 0))
         self.sent, self._total = sent, estimated
-        await self._write()
+        await self._write(pending="")
         self._record.attempt_sent += self.sent
 
     async def cut(self) -> None:
-        """The sync failed. Cut short of its estimated size, the stream left the target's copy
-        as it was: its bytes are taken out of the move's. Failed once (nearly) all was sent,
-        the target may hold it (the failure came after: a lost reply, a check), and they stay.
-        """
-        self._record.attempt_sent += self.sent
-        arrived = self.sent if self.sent >= COMPLETE_SHARE * self._total else 0
+        """The sync failed. Whether its stream arrived is not known here (a reply lost after
+        the stream, a target killed just after it arrived whole): it stays pending with its
+        final count, for the next sync to settle."""
         with contextlib.suppress(Exception):
             if self._pending is not None:
                 await self._pending
-            await self._record.update(
-                bytes_sent=self._before + arrived, attempt_bytes_sent=self._record.attempt_sent
-            )
+            await self._write(self._snapshot)
+        self._record.attempt_sent += self.sent
 
-    async def _write(self) -> None:
+    async def _write(self, pending: str) -> None:
         elapsed = max(time.monotonic() - self._started, 1e-6)
         await self._record.update(
             bytes_sent=self._before + self.sent,
             bytes_total=self._before + max(self._total, self.sent),
             rate_bps=self.sent / elapsed,
             attempt_bytes_sent=self._record.attempt_sent + self.sent,
+            pending_snapshot=pending,
+            pending_bytes=self.sent if pending else 0,
         )

@@ -240,8 +240,12 @@ class MoveDriver:
         remote: list[SnapshotRef] | None = None,
         full_allowed: bool = True,
     ) -> int:
-        """Bring the peer up to a snapshot taken now, the record following; returns the bytes."""
+        """Bring the peer up to a snapshot taken now, the record following; returns the bytes.
+        What the peer holds settles the record's pending stream first (``MoveRecord.settle``)."""
         await record.check()
+        if remote is None:
+            remote = await peer.holdings(volume)
+        await record.settle(remote)
         progress = Progress(record)
         try:
             sent = await sync_to_peer(

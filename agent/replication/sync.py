@@ -14,8 +14,11 @@ from protos.ferry.v1 import transfer_pb2
 
 log = logging.getLogger(__name__)
 
-SyncProgress = Callable[[int, int], None]
-"""Called with (bytes the peer has taken so far, the stream's estimated size or 0)."""
+SyncProgress = Callable[[str, int, int], None]
+"""Called with (the snapshot being sent, bytes the peer has taken so far, the stream's
+estimated size or 0): once before the first byte, then as the stream goes, and last with
+its final count, whether it ended well or not. The rest of a cut stream is reported as
+its own stream (its snapshot, its bytes)."""
 
 
 class NoCommonSnapshot(TransferFailed):
@@ -56,9 +59,10 @@ async def sync_to_peer(
     destroyed as leftovers of failed sends nor pruned. Both ends of the stream are held for
     its duration. A stream an earlier attempt was cut in, of which the peer kept a part, is
     first finished where both ZFSes can (only the rest is sent; a full one only if
-    ``full_allowed``). Raises TransferFailed (the peer's copy as it was) when the peer
-    refuses, the stream breaks, or the peer does not report the snapshot afterwards;
-    returns what was sent otherwise."""
+    ``full_allowed``). Raises TransferFailed when the peer refuses, the stream breaks, or
+    the peer does not report the snapshot afterwards (the peer's copy as it was, unless the
+    stream arrived whole before its reply was lost: the next ``holdings`` tell; or the
+    part of a cut stream where ZFS resumes); returns what was sent otherwise."""
     if remote is None:
         remote = await peer.holdings(volume)
     resumed = await _finish_cut_stream(
@@ -96,8 +100,9 @@ async def sync_to_peer(
         nonlocal taken
         taken = sent
         if on_progress is not None:
-            on_progress(resumed_bytes + sent, estimated)
+            on_progress(snapshot.name, sent, estimated)
 
+    progress(0)
     async with store.held(volume, [name for name in (base, snapshot.name) if name]):
         held = await peer.send(header, store.send_stream(volume, snapshot.name, base), progress)
         failpoints.reached("transfer.sent")
@@ -170,8 +175,9 @@ async def _finish_cut_stream(
         nonlocal taken
         taken = sent
         if on_progress is not None:
-            on_progress(sent, cut.left)
+            on_progress(cut.snapshot.name, sent, cut.left)
 
+    progress(0)
     names = [cut.snapshot.name, *([cut.base.name] if cut.base else [])]
     async with store.held(volume, names):
         held = await peer.send(header, store.resume_stream(token), progress)

@@ -31,7 +31,8 @@ REASON_WAIT_SECONDS = 10.0
 
 
 class TransferFailed(Exception):
-    """A transfer to a peer failed; the peer's copy is as it was before."""
+    """A transfer to a peer failed; the peer's copy is as it was before, unless the stream
+    had arrived whole before the failure (a lost reply): the peer's holdings tell."""
 
 
 class PeerClient:
@@ -84,8 +85,10 @@ class PeerClient:
     ) -> list[SnapshotRef]:
         """Stream ``source`` to the peer over a data connection; returns what the peer then holds.
 
-        On any failure the peer's copy is as it was, and TransferFailed
-        carries the peer's explanation when it gave one.
+        ``on_progress`` gets the bytes sent as the stream goes, and a last count when it ends,
+        whether it failed or not. On a failure TransferFailed carries the peer's explanation
+        when it gave one; the peer's copy is as it was unless the stream had arrived whole
+        before the failure (a lost reply): its ``holdings`` tell.
         """
         started = time.monotonic()
         stated = transfer_pb2.StreamHeader()
@@ -99,13 +102,19 @@ class PeerClient:
             ticket = (await self._expect(replies, "ticket")).ticket
             if self._ssl is None:
                 with await data.connect(host, ticket.port, ticket.token) as sock:
-                    await self._stream_plain(call, sock, source, on_progress)
-                    done = (await self._expect(replies, "done")).done
+                    try:
+                        await self._stream_plain(call, sock, source, on_progress)
+                        done = (await self._expect(replies, "done")).done
+                    finally:
+                        # Failed or not, the last count: up to PROGRESS_POLL_SECONDS newer
+                        # than the poll's, a whole stream if it arrived before the failure.
+                        on_progress(data.stream_bytes_acked(sock))
             else:
                 if ticket.encrypted_format != FRAMES:
                     raise TransferFailed(
-                        f"{self.node} runs an older Ferry whose encrypted streams this agent "
-                        "does not speak; upgrade it"
+                        f"{self.node} takes encrypted streams in format "
+                        f"{ticket.encrypted_format}, this agent speaks only format {FRAMES}: "
+                        "run the same Ferry version on both agents"
                     )
                 stream = await data.connect_tls(
                     host, ticket.port, ticket.token, self._ssl, self.node
@@ -114,6 +123,7 @@ class PeerClient:
                     await self._stream_encrypted(call, stream, source, on_progress)
                     done = (await self._expect(replies, "done")).done
                 finally:
+                    on_progress(stream.relayed)
                     stream.close()
         except grpc.aio.AioRpcError as error:
             raise TransferFailed(f"{self.node} ({self.address}): {error.details()}") from error

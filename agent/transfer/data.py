@@ -105,7 +105,8 @@ def _tcp_info(sock: socket.socket) -> bytes:
 
 
 def stream_bytes_acked(sock: socket.socket) -> int:
-    """Bytes of the stream (after the token) that the receiver acknowledged, before a shutdown.
+    """Bytes of the stream (after the token) that the receiver acknowledged (after a
+    shutdown whose FIN was acknowledged, one more).
 
     For the connecting side, as ``connect`` makes it.
     """

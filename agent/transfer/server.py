@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from agent import failpoints
 from agent.replication import admission
 from agent.store import VolumeStore
 from agent.transfer.data import (
@@ -87,8 +88,9 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         if request.encrypted and request.encrypted_format != FRAMES:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{request.sender} runs an older Ferry whose encrypted streams {self._node} "
-                "does not speak; upgrade it",
+                f"{request.sender} sends encrypted streams in format "
+                f"{request.encrypted_format}, {self._node} speaks only format {FRAMES}: run "
+                "the same Ferry version on both agents",
             )
         if volume in self._holdings.receiving:
             await context.abort(
@@ -126,6 +128,7 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         reply = transfer_pb2.HoldingsReply(volume=volume, node=self._node, bytes_received=received)
         for ref in held:
             reply.snapshots.add(name=ref.name, guid=ref.guid)
+        failpoints.reached("transfer.received")
         yield transfer_pb2.ReceiveReply(done=reply)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> None:

@@ -13,35 +13,37 @@ several members' addresses.
 
 A renewed certificate is taken up without a restart: ``follow_renewals`` has
 the client dial a new channel with the new files once ``CertificateWatch``
-accepted them, and closes the old one after REDIAL_GRACE_SECONDS. Without it
-the channel kept the old certificate for ever, and its first reconnect after
-the old certificate expired (an etcd restart, a cut link) was refused: the
-agent could no longer renew its lease and fenced all its volumes.
+accepted them, and close the old one after a grace (``ferry.security.redial``).
+Without it the channel kept the old certificate for ever, and its first
+reconnect after the old certificate expired (an etcd restart, a cut link) was
+refused: the agent could no longer renew its lease and fenced all its volumes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import aetcd
 import grpc
 from aetcd import rpc, watcher
 
+from ferry.security import redial
 from ferry.security.ca import ETCD_SERVER_NAME
 from ferry.security.certificates import CHECK_SECONDS, CertificateWatch
+from ferry.security.redial import Redial
 from ferry.security.tls import TlsFiles
 
-log = logging.getLogger(__name__)
-
-REDIAL_GRACE_SECONDS = 10.0
-"""Calls still running on the channel of the old certificate get this long to finish; a
-watch then ends with an error, and its caller watches again (on the new channel)."""
-
-# gRPC refuses a reply over 4 MiB by default; one cluster view (every spec, owner, mount and
-# node state in one transaction, 0.8-1.3 KB a volume) passes that at some 3,000-5,000 volumes.
-CHANNEL_OPTIONS: dict[str, Any] = {"grpc.max_receive_message_length": 256 << 20}
+CHANNEL_OPTIONS: dict[str, Any] = {
+    # gRPC refuses a reply over 4 MiB by default; one cluster view (every spec, owner, mount
+    # and node state in one transaction, 0.8-1.3 KB a volume) passes that at 3,000-5,000 volumes.
+    "grpc.max_receive_message_length": 256 << 20,
+    # gRPC's default redial backoff grows 1.6x a try up to 120 s: after a 20 s etcd outage the
+    # channel stayed down several seconds after etcd was back, and every call in that time
+    # failed fast. Redialing at least once a second costs one refused connect a second.
+    "grpc.initial_reconnect_backoff_ms": 250,
+    "grpc.max_reconnect_backoff_ms": 1000,
+}
 
 
 class TlsClient(aetcd.Client):
@@ -54,8 +56,7 @@ class TlsClient(aetcd.Client):
     ) -> None:
         """With a CertificateWatch the client can follow renewals (``redial_if_renewed``);
         with plain TlsFiles it dials with them as they are, unchecked."""
-        self._tls = tls
-        self._dialed_generation = 0
+        self._redial = Redial(tls, "etcd client")
         super().__init__(
             host=host,
             port=port,
@@ -73,10 +74,8 @@ class TlsClient(aetcd.Client):
         self._is_connecting = True
         try:
             options: list[tuple[str, Any]] = list(self._options.items())
-            if isinstance(self._tls, CertificateWatch):
-                self._dialed_generation = self._tls.generation
             self.channel = grpc.aio.secure_channel(
-                f"{self._host}:{self._port}", self._tls.channel_credentials(), options=options
+                f"{self._host}:{self._port}", self._redial.credentials(), options=options
             )
             self.kvstub = rpc.KVStub(self.channel)
             self.clusterstub = rpc.ClusterStub(self.channel)
@@ -93,31 +92,17 @@ class TlsClient(aetcd.Client):
     async def redial_if_renewed(self) -> bool:
         """A new channel with the renewed certificate, if the files were renewed since the
         last dial; True if it dialed. Calls made from now on use the new channel."""
-        certificates = self._tls
-        if not isinstance(certificates, CertificateWatch):
-            return False
-        certificates.check()
-        if not self._connected.is_set() or certificates.generation == self._dialed_generation:
+        if not self._connected.is_set() or not self._redial.due():
             return False
         old = self.channel
         self._connected.clear()
         await self.connect()  # no await before it sets _connected again: nobody sees a gap
-        log.info(
-            "etcd client dialed again with the renewed certificate: cert=%s",
-            certificates.files.cert,
-        )
-        await old.close(grace=REDIAL_GRACE_SECONDS)
+        await self._redial.retire(old)
         return True
 
 
 async def follow_renewals(client: aetcd.Client, every: float = CHECK_SECONDS) -> None:
     """Until cancelled: ``client`` dials again whenever its certificate was renewed (a
     plaintext client has nothing to follow)."""
-    if not isinstance(client, TlsClient):
-        return
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await client.redial_if_renewed()
-        except Exception as error:
-            log.warning("etcd redial with the renewed certificate failed: error=%s", error)
+    if isinstance(client, TlsClient):
+        await redial.follow_renewals(client.redial_if_renewed, "etcd client", every)

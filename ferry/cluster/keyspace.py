@@ -35,6 +35,7 @@ from aetcd import exceptions, rpc
 from aetcd.utils import prefix_range_end
 
 from ferry.cluster.etcd_tls import CHANNEL_OPTIONS, TlsClient
+from ferry.cluster.timing import timed_operations
 from ferry.core.records import (
     AsideCopy,
     AsideDrop,
@@ -181,8 +182,10 @@ class Entry:
     mod_revision: int
 
 
+@timed_operations
 class Keyspace:
-    """Typed access to Ferry's keys through an ``aetcd.Client``."""
+    """Typed access to Ferry's keys through an ``aetcd.Client``; each operation is timed for
+    the observers of ``ferry.cluster.timing``."""
 
     def __init__(self, client: aetcd.Client, prefix: str = DEFAULT_PREFIX) -> None:
         self.client = client

@@ -266,8 +266,7 @@ class Move(_Record):
     target: str
     phase: MovePhase = MovePhase.PENDING
     bytes_sent: int = 0
-    """Bytes of this move the target holds: its finished streams and the running one's
-    progress. A stream cut half-way is taken out again (its retry sends them anew)."""
+    """Bytes of this move's streams the target holds, and those of the pending stream."""
     bytes_total: int = 0
     rate_bps: float = 0.0
     error: str = ""
@@ -277,6 +276,14 @@ class Move(_Record):
     updated_at: float = field(default_factory=time.time)
     attempt_bytes_sent: int = 0
     """Bytes the current (or last) attempt sent, a stream cut half-way included."""
+    pending_snapshot: str = ""
+    """The snapshot of the stream not yet known to have arrived: running, or failed before
+    the target said it holds it (the reply lost, the target or the source killed). Its
+    ``pending_bytes`` are in ``bytes_sent`` until the next sync asks the target what it
+    holds: they stay if it holds this snapshot and are taken out if not (the retry sends
+    them anew). Asked, not guessed from how much was sent: a stream can arrive whole just
+    before the target dies, and one cut at 99 % leaves nothing."""
+    pending_bytes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phase", MovePhase(self.phase))

@@ -95,10 +95,10 @@ def parser() -> argparse.ArgumentParser:
     common(status_cmd)
     status_cmd.add_argument("-o", "--output", choices=("text", "json"), default="text")
     process_cmd = commands.add_parser(
-        "process", help="kill, stop or start etcd, control or agent:HOST"
+        "process", help="kill, stop or start etcd, control, agent:HOST or docker:HOST"
     )
     common(process_cmd)
-    process_cmd.add_argument("role", help="etcd, control or agent:HOST")
+    process_cmd.add_argument("role", help="etcd, control, agent:HOST or docker:HOST")
     process_cmd.add_argument("action", choices=("kill", "stop", "start"))
     load_cmd = commands.add_parser(
         "load-image", help="docker load a saved image tarball into every host's dockerd"

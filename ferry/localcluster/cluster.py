@@ -9,6 +9,7 @@ and pools), so it cleans up after a crashed ``up`` and can run any number of tim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,10 +61,12 @@ from ferry.localcluster.processes import (
     Started,
     argv_file,
     cluster_processes,
+    is_gone,
     main_pids_by_role,
     processes_in_netns,
     stop_pids,
     stop_role,
+    with_descendants,
 )
 from ferry.localcluster.services import (
     bootstrap_etcd,
@@ -314,38 +317,68 @@ def load_image(name: str, state_dir: Path, image: Path) -> None:
 
 
 def role_log(state_dir: Path, role: str) -> Path:
-    if role.startswith("agent:"):
-        return state_dir / "hosts" / role.split(":", 1)[1] / "agent.log"
+    kind, _, host = role.partition(":")
+    if kind == "agent" and host:
+        return state_dir / "hosts" / host / "agent.log"
+    if kind == "docker" and host:
+        return state_dir / "hosts" / host / "dockerd.log"
     if role in ("etcd", "control"):
         return state_dir / f"{role}.log"
-    raise ClusterError(f"unknown role {role!r}: use etcd, control or agent:HOST")
+    raise ClusterError(f"unknown role {role!r}: use etcd, control, agent:HOST or docker:HOST")
 
 
 def process_action(name: str, state_dir: Path, role: str, action: str) -> None:
-    """Kill, stop or start etcd, control or one host's agent (fault tests, experiments)."""
+    """Kill, stop or start etcd, control, one host's agent or one host's dockerd (fault
+    tests, experiments). Killing a dockerd kills its containers with it, as losing the
+    host would: every process of the role (containerd, the shims) and their descendants."""
     log_path = role_log(state_dir, role)
     if not argv_file(log_path).exists():
         raise ClusterError(f"cluster {name} never started {role} (no {argv_file(log_path)})")
     if action == "start":
         if main_pids_by_role(name).get(role):
             raise ClusterError(f"{role} is already running")
+        if role.startswith("docker:"):
+            # Left by a killed dockerd, which refuses to start while it exists.
+            (log_path.parent / "docker" / "docker.pid").unlink(missing_ok=True)
         started = Started(role, json.loads(argv_file(log_path).read_text()), log_path, name)
         if role.startswith("agent:"):
             wait_for_restarted_agent(state_dir, role, started)
+        if role.startswith("docker:"):
+            wait_for_restarted_dockerd(state_dir, role, started)
         return
     sig = signal.SIGKILL if action == "kill" else signal.SIGTERM
     pids = main_pids_by_role(name).get(role, [])
     if not pids:
         raise ClusterError(f"{role} is not running")
+    if role.startswith("docker:") and action == "kill":
+        pids = with_descendants([p.pid for p in cluster_processes(name) if p.role == role])
     for pid in pids:
-        os.kill(pid, sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
     wait_until(
         f"{role} to exit",
-        lambda: not main_pids_by_role(name).get(role),
+        lambda: not main_pids_by_role(name).get(role) and all(is_gone(p) for p in pids),
         READY_TIMEOUT_SECONDS,
         lambda: None,
     )
     log.info("%s %s pids=%s", role, "killed" if action == "kill" else "stopped", pids)
+
+
+def wait_for_restarted_dockerd(state_dir: Path, role: str, daemon: Started) -> None:
+    """`process docker:HOST start` returns once the dockerd answers, as `up` does."""
+    host = role.split(":", 1)[1]
+    described = read_if_present(description_file(state_dir))
+    found = described.host(host) if described else None
+    if found is None or not found.docker_host:
+        return
+    docker_host = found.docker_host
+    wait_until(
+        f"dockerd of {host} at {docker_host}",
+        lambda: docker_answers(docker_host),
+        READY_TIMEOUT_SECONDS,
+        daemon.check_alive,
+    )
+    log.info("dockerd ready host=%s docker_host=%s", host, docker_host)
 
 
 def wait_for_restarted_agent(state_dir: Path, role: str, agent: Started) -> None:

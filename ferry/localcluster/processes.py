@@ -100,6 +100,22 @@ def processes_in_netns(netns: str) -> list[int]:
     return pids
 
 
+def with_descendants(pids: list[int]) -> list[int]:
+    """``pids`` and every process descended from them, e.g. a dockerd's containers, whose
+    processes do not carry the marker (runc gives them the image's environment)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (status := read_proc_status(int(entry.name))) is not None:
+            children.setdefault(status[0], []).append(int(entry.name))
+    found, pending = set(pids), list(pids)
+    while pending:
+        for child in children.get(pending.pop(), []):
+            if child not in found:
+                found.add(child)
+                pending.append(child)
+    return sorted(found)
+
+
 def is_gone(pid: int) -> bool:
     status = read_proc_status(pid)
     return status is None or status[1] == "Z"

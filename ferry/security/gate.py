@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 
 from ferry.security.authz import INSECURE, RULES, Caller, NoKind, caller_from_certificate, refusal
+from ferry.security.calls import CallInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ CallObserver = Callable[[str, str, str, float], None]
 NO_KIND = "none"
 
 
-class KindGate(grpc.aio.ServerInterceptor):
+class KindGate(CallInterceptor):
     """Admits a call only if ``ferry.security.authz`` lets the caller's certificate kind make it."""
 
     def __init__(self, insecure: bool, observe: CallObserver | None = None) -> None:
@@ -93,50 +95,19 @@ class KindGate(grpc.aio.ServerInterceptor):
         )
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return handler  # an unknown method: gRPC answers UNIMPLEMENTED
-        method: str = handler_call_details.method
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(method, handler.unary_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._streaming(method, handler.unary_stream))
-        if handler.stream_unary is not None:
-            return handler._replace(stream_unary=self._unary(method, handler.stream_unary))
-        return handler._replace(stream_stream=self._streaming(method, handler.stream_stream))
-
-    def _unary(self, method: str, behaviour: Any) -> Any:
-        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(method, self._observe)
-            try:
-                await self.admit(method, request, context, call)
-                reply = await behaviour(request, context)
-            except BaseException as error:
-                call.end(context, error)
-                raise
-            call.end(context, None)
-            return reply
-
-        return admitted
-
-    def _streaming(self, method: str, behaviour: Any) -> Any:
-        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = _Call(method, self._observe)
-            try:
-                await self.admit(method, request, context, call)
-                async for reply in behaviour(request, context):
-                    yield reply
-            except BaseException as error:
-                call.end(context, error)
-                raise
-            call.end(context, None)
-
-        return admitted
+    @asynccontextmanager
+    async def around(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """The call runs only if admitted; its end, or its error, is told to the observer."""
+        call = _Call(method, self._observe)
+        try:
+            await self.admit(method, request, context, call)
+            yield
+        except BaseException as error:
+            call.end(context, error)
+            raise
+        call.end(context, None)
 
 
 class _Call:

@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--large-mib", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
+        "--name", default=f"bn{secrets.token_hex(2)}", help="the local cluster's name"
+    )
+    parser.add_argument(
         "--pauses",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -133,7 +136,7 @@ def main() -> None:
         if settings.exists()
         else "(none)",
     )
-    with local_cluster(f"bn{secrets.token_hex(2)}", hosts=2, pool_size="16G") as cluster:
+    with local_cluster(args.name, hosts=2, pool_size="16G") as cluster:
         a, b = cluster.hosts[0], cluster.hosts[1]
         raw: list[float] = []
         timed: dict[str, list[float]] = {"encrypted": [], "plain": []}

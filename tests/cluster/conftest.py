@@ -48,3 +48,20 @@ def cluster() -> Iterator[Cluster]:
         agents=env_flag("FERRY_CLUSTER_AGENTS", True),
     ) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def three_hosts(cluster: Cluster) -> Iterator[Cluster]:
+    """The session's cluster when it has 3 hosts, else one of 3 hosts (with dockerd as the
+    session's has) kept for the rest of the session: a replica placed anew needs a node
+    that is neither the owner nor the lost one, and a failover with 2 replicas 3 nodes."""
+    if len(cluster.hosts) >= 3:
+        yield cluster
+        return
+    requires_root()
+    with local_cluster(
+        f"lr{os.getpid() % 1_000_000}",
+        hosts=3,
+        docker=bool(cluster.hosts[0].docker_host),
+    ) as own:
+        yield own

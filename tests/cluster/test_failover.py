@@ -7,18 +7,26 @@ to host1, and a move's source keeps a read-only copy.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from ferry.core.fencing import FENCING_BOUND_SECONDS, LEASE_TTL_SECONDS
 from tests.support.cluster import Cluster, ClusterHost
 from tests.support.containers import TOOLBOX, container_writing, docker_hosts, logs
-from tests.support.volumes import wait_for, writable_copies
+from tests.support.hostloss import host_lost, link, live
+from tests.support.volumes import (
+    checksums,
+    mountpoint,
+    wait_for,
+    writable_copies,
+    writable_here,
+    write_random_on,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -39,15 +47,6 @@ def volume(cluster: Cluster) -> Iterator[str]:
     cluster.ferryctl(["volume", "move", name, a.name, "--wait", "--timeout", "120"])
     yield name
     cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
-
-
-def link(cluster: Cluster, host: ClusterHost, up: bool) -> None:
-    cluster.run(host, ["ip", "link", "set", "eth0", "up" if up else "down"])
-
-
-def live(cluster: Cluster, host: ClusterHost) -> bool:
-    nodes = json.loads(cluster.ferryctl(["node", "list", "-o", "json"]).stdout)
-    return any(node["name"] == host.name for node in nodes)
 
 
 def until_lease_gone(cluster: Cluster, host: ClusterHost, container: str) -> tuple[float, float]:
@@ -121,10 +120,7 @@ def test_a_partitioned_owner_stops_writing_before_a_failover_and_returns_as_a_re
 
 def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, volume: str) -> None:
     a, b = docker_hosts(cluster)
-    cluster.agent(a.name, "kill")
-    link(cluster, a, up=False)
-    lost = time.monotonic()
-    try:
+    with host_lost(cluster, a, docker=False) as lost:
         wait_for(f"{a.name}'s lease to expire", lambda: not live(cluster, a), 30)
         said = failover(cluster, volume, "--to", b.name)
         found = LOSS.search(said)
@@ -132,9 +128,6 @@ def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, vol
         print(said.strip())
         wait_for(f"{b.name}'s copy writable", lambda: writable_on(cluster, volume, b))
         print(f"manual failover: writable {time.monotonic() - lost:.1f} s after the loss")
-    finally:
-        link(cluster, a, up=True)
-        cluster.agent(a.name, "start")
     wait_for(f"{a.name} back as a replica", lambda: live(cluster, a), 60)
 
     auto = f"fa-{secrets.token_hex(3)}"
@@ -145,10 +138,7 @@ def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, vol
     try:
         wait_for(f"{auto} owned by {b.name}", lambda: cluster.volume(auto)["owner"] == b.name)
         cluster.ferryctl(["volume", "move", auto, a.name, "--wait", "--timeout", "120"])
-        cluster.agent(a.name, "kill")
-        link(cluster, a, up=False)
-        lost = time.monotonic()
-        try:
+        with host_lost(cluster, a, docker=False) as lost:
             # A container started on b at once: its Mount waits for the auto failover.
             ran = cluster.docker(
                 b,
@@ -165,9 +155,93 @@ def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, vol
                 f"(lease TTL {LEASE_TTL_SECONDS} s, failover_after {LEASE_TTL_SECONDS} s)"
             )
             assert took >= LEASE_TTL_SECONDS, "failed over before the owner's lease could expire"
-        finally:
-            link(cluster, a, up=True)
-            cluster.agent(a.name, "start")
         wait_for(f"{a.name} to register again", lambda: live(cluster, a), 60)
     finally:
         cluster.ferryctl(["volume", "delete", auto, "--force"], check=False)
+
+
+@contextmanager
+def streams_refused(cluster: Cluster, host: ClusterHost, sender: ClusterHost) -> Iterator[None]:
+    """Every TCP connection from ``sender`` to ``host`` reset at once: ``sender`` cannot
+    replicate to ``host`` (each send fails fast and backs off), and the rest goes on."""
+    rule = [
+        "INPUT",
+        "-s",
+        sender.address,
+        "-p",
+        "tcp",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ]
+    cluster.run(host, ["iptables", "-I", *rule])
+    try:
+        yield
+    finally:
+        cluster.run(host, ["iptables", "-D", *rule])
+
+
+def newest_at(cluster: Cluster, volume: str, node: str) -> float:
+    return next(
+        (
+            float(c["newest_snapshot_at"])
+            for c in cluster.volume(volume)["copies"]
+            if c["node"] == node
+        ),
+        0.0,
+    )
+
+
+def test_with_two_replicas_the_newest_is_promoted_and_the_other_follows_it(
+    three_hosts: Cluster,
+) -> None:
+    cluster = three_hosts
+    owner = cluster.hosts[0]
+    volume = f"f2-{secrets.token_hex(3)}"
+    cluster.ferryctl(
+        ["volume", "create", volume, "--size", "128M", "--node", owner.name,
+         "--replicas", "2", "--rpo", "6s"]
+    )  # fmt: skip
+    try:
+        wait_for("both replicas seeded", lambda: cluster.volume(volume)["meets_rpo"], 90)
+        ahead, behind = cluster.volume(volume)["replica_nodes"]
+        with streams_refused(cluster, cluster.host(behind), owner):
+            write_random_on(cluster, owner, f"{mountpoint(owner, volume)}/data", 4)
+            written = time.time()
+            data = checksums(cluster, owner, mountpoint(owner, volume))
+            wait_for(
+                f"{ahead} to hold the write, {behind} not",
+                lambda: newest_at(cluster, volume, ahead) > written,
+                60,
+            )
+            assert newest_at(cluster, volume, behind) < written
+            with host_lost(cluster, owner, docker=False):
+                wait_for(f"{owner.name}'s lease to expire", lambda: not live(cluster, owner), 30)
+                said = failover(cluster, volume)
+                failed_over = time.time()
+                print(said.strip())
+                assert f"to {ahead}" in said, said
+                assert cluster.volume(volume)["owner"] == ahead
+                wait_for(
+                    f"{behind} to follow {ahead}",
+                    lambda: newest_at(cluster, volume, behind) > failed_over,
+                    60,
+                )
+                wait_for(
+                    f"{ahead}'s copy mounted writable",
+                    lambda: writable_here(cluster, cluster.host(ahead), volume),
+                )
+                assert (
+                    checksums(cluster, cluster.host(ahead), mountpoint(cluster.host(ahead), volume))
+                    == data
+                )
+                assert behind in cluster.volume(volume)["replica_nodes"]
+            wait_for(f"{owner.name} to register again", lambda: live(cluster, owner), 60)
+        wait_for(
+            f"{owner.name} a replica of {ahead} in place of it",
+            lambda: sorted(cluster.volume(volume)["replica_nodes"]) == sorted([behind, owner.name]),
+            60,
+        )
+    finally:
+        cluster.ferryctl(["volume", "delete", volume, "--force"], check=False)

@@ -3,7 +3,10 @@
 A move that waits for a held mount is scraped while it waits (its phase,
 the bytes its pre-copy sent, the control call that started it), and again
 after its handoff (the pause histogram, the handoff counter, the new
-owner's role and epoch, the target's admitted data connections).
+owner's role and epoch, the target's admitted data connections, the
+ownership swap's etcd operation). A replicated volume's owner shows each
+replica's lag, its last successful send and whether the RPO is met, and
+that verdict turns to 0 while the replica's agent is down.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 import pytest
 
 from tests.support.cluster import Cluster
-from tests.support.metrics import Samples, scrape_cluster, value
+from tests.support.metrics import Samples, sample, scrape_cluster, value
 from tests.support.volumes import mount_held, mountpoint, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
@@ -106,5 +109,47 @@ def test_metrics_follow_a_move(cluster: Cluster) -> None:
         assert value(after, "ferry_zfs_command_duration_seconds_count", command="zfs send") > (
             value(source, "ferry_zfs_command_duration_seconds_count", command="zfs send")
         )
+        swaps = "ferry_etcd_operation_duration_seconds_count"
+        assert value(after, swaps, operation="transfer_owner") > value(
+            source, swaps, operation="transfer_owner"
+        )
+    finally:
+        cluster.ferryctl(["volume", "delete", volume, "--force"], check=False)
+
+
+RPO = 8
+
+
+def test_metrics_show_each_replicas_lag_and_whether_the_rpo_is_met(cluster: Cluster) -> None:
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    volume = f"mr-{secrets.token_hex(3)}"
+    cluster.ferryctl(
+        [
+            *("volume", "create", volume, "--size", "256M", "--node", a.name),
+            *("--replicas", "1", "--rpo", f"{RPO}s", "--replace-after", "1h"),
+        ]
+    )
+
+    def rpo_met() -> float | None:
+        return sample(_agent(cluster, 0), "ferry_volume_rpo_met", volume=volume)
+
+    try:
+        wait_for(f"{a.name}'s metrics to show {volume} within its RPO", lambda: rpo_met() == 1, 90)
+        now = _agent(cluster, 0)
+        replica = {"volume": volume, "replica": b.name}
+        lag = sample(now, "ferry_volume_replication_lag_seconds", **replica)
+        assert lag is not None and 0 <= lag <= RPO
+        success = sample(now, "ferry_volume_replication_last_success_timestamp_seconds", **replica)
+        assert success is not None and time.time() - RPO <= success <= time.time() + 1
+        assert value(now, "ferry_etcd_operation_duration_seconds_count", operation="put_state") > 0
+
+        cluster.agent(b.name, "stop")
+        try:
+            wait_for("the RPO to be missed with the replica down", lambda: rpo_met() == 0, 60)
+            late = sample(_agent(cluster, 0), "ferry_volume_replication_lag_seconds", **replica)
+            assert late is not None and late > RPO
+        finally:
+            cluster.agent(b.name, "start")
+        wait_for("the RPO to be met again once the replica is back", lambda: rpo_met() == 1, 90)
     finally:
         cluster.ferryctl(["volume", "delete", volume, "--force"], check=False)

@@ -8,7 +8,6 @@ tests read (each copy's role, newest snapshot and lag; whether the volume meets 
 
 from __future__ import annotations
 
-import os
 import secrets
 import statistics
 import subprocess
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import REPO, Cluster, ClusterHost, local_cluster
+from tests.support.cluster import REPO, Cluster, ClusterHost
 from tests.support.volumes import mountpoint, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
@@ -126,6 +125,11 @@ def test_replication_goes_on_across_an_agent_restart_and_an_etcd_restart(
         cluster.local_process(role, "start")
         restarted = time.time()
         wait_for(
+            f"ferry-control to answer again after the {role} restart",
+            lambda: cluster.ferryctl(["volume", "get", volume], check=False).returncode == 0,
+            timeout=10,
+        )
+        wait_for(
             f"a snapshot newer than the {role} restart on the replica",
             lambda since=restarted: (
                 copies(cluster, volume).get(replica, {}).get("newest_snapshot_at", 0) > since
@@ -133,17 +137,6 @@ def test_replication_goes_on_across_an_agent_restart_and_an_etcd_restart(
             timeout=90,
         )
     wait_for("the volume to meet its RPO", lambda: cluster.volume(volume)["meets_rpo"])
-
-
-@pytest.fixture
-def three_hosts(cluster: Cluster) -> Iterator[Cluster]:
-    """The session's cluster when it has 3 hosts, else one of 3 hosts for this test alone:
-    a replica placed anew needs a node that is neither the owner nor the lost one."""
-    if len(cluster.hosts) >= 3:
-        yield cluster
-        return
-    with local_cluster(f"lr{os.getpid() % 1_000_000}", hosts=3) as own:
-        yield own
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@ that ``ferryctl volume get`` and Docker's error show, and is not retried.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from agent.store import VolumeStore
 from agent.usage import DockerMounts
 from control.operations import VolumeOps
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.plan import Action, Actual, Desired
+from ferry.core.plan import Action, Actual, Desired, LocalVolume
 from ferry.core.records import Move, VolumeSpec
 from ferry.security import ca
 from ferry.security.tls import TlsFiles
@@ -220,3 +221,43 @@ async def test_a_move_requested_while_a_pass_reads_is_planned_whole(
             )
         await keyspace.purge_volume(name)
         await other.close()
+
+
+async def test_a_move_driver_ending_while_a_pass_reads_still_counts_as_running(
+    agent: tuple[AgentService, VolumeStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What runs is read before the copies: a copy read while its driver ran is planned with
+    that driver running.
+
+    Failed when ``running_moves`` was read after the copies and the view: a handoff whose
+    driver unmounted the frozen copy and ended in between left a copy that read "mounted",
+    owned elsewhere, with no driver, and the pass planned Rejoin on a clean handoff (it
+    snapshotted, split and re-received the old owner's copy).
+    """
+    service, store = agent
+    name = unique("ending")
+    driver_may_end = asyncio.Event()
+
+    async def driver() -> None:
+        await driver_may_end.wait()
+
+    service._executor._moves[name] = asyncio.create_task(driver())
+    read_copies = store.local_volumes
+
+    async def copies_read_as_the_driver_ends(skip: Iterable[str] = ()) -> dict[str, LocalVolume]:
+        found = await read_copies(skip=skip)
+        driver_may_end.set()
+        await asyncio.sleep(0.05)
+        return found
+
+    planned: list[Actual] = []
+
+    def record(desired: Desired, actual: Actual) -> list[Action]:
+        planned.append(actual)
+        return []
+
+    monkeypatch.setattr(store, "local_volumes", copies_read_as_the_driver_ends)
+    monkeypatch.setattr(agent_service, "plan", record)
+    await service.converge()
+    assert name not in service._executor.running_moves, "the stand-in driver did not end"
+    assert name in planned[0].running_moves

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aetcd
 import pytest
 
-from tests.support.etcd import EtcdServer
+from tests.support.etcd import ClusterCerts, EtcdServer
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +87,34 @@ async def test_prefix_watch_sees_puts_and_deletes(client: aetcd.Client) -> None:
     assert [key for _, key in seen] == [b"/ct/watched/x", b"/ct/watched/x"]
     assert "DELETE" in seen[1][0]
     assert "DELETE" not in seen[0][0]
+
+
+async def test_a_client_answers_within_seconds_of_etcd_returning_from_a_long_outage(
+    certs: ClusterCerts,
+) -> None:
+    """The channel redials etcd often enough that a long outage does not add a long wait:
+    gRPC's default backoff (1 s growing 1.6x to 120 s) left control answering "cannot reach
+    etcd" for several seconds after a 20 s outage had ended."""
+    with EtcdServer(certs=certs) as server:
+        client = server.client()
+        try:
+            await client.put(b"/ct/outage", b"before")
+            server.kill()
+            loop = asyncio.get_running_loop()
+            outage_ends = loop.time() + 20
+            while loop.time() < outage_ends:
+                with contextlib.suppress(aetcd.exceptions.ConnectionFailedError):
+                    await client.get(b"/ct/outage")
+                await asyncio.sleep(0.5)
+            server.start()
+            healthy = loop.time()
+            while True:
+                try:
+                    found = await client.get(b"/ct/outage")
+                    break
+                except aetcd.exceptions.ConnectionFailedError:
+                    assert loop.time() - healthy < 3, "no answer 3 s after etcd was healthy"
+                    await asyncio.sleep(0.1)
+            assert found is not None and found.value == b"before"
+        finally:
+            await client.close()

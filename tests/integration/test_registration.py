@@ -131,3 +131,15 @@ async def test_a_node_without_its_etcd_user_is_told_how_to_give_it_one(
         assert await Keyspace(root).get_node("rg-stranger") is None
     finally:
         await root.close()
+
+
+async def test_a_node_is_on_record_as_seen_from_its_registration_before_any_renewal(
+    keyspace: Keyspace, stores: tuple[VolumeStore, VolumeStore]
+) -> None:
+    """A node lost before its first renewal (a third of its TTL) must still say when it was
+    last seen: a failover tells from it how long the lost owner ran after the snapshot."""
+    before = time.time()
+    await agent(keyspace, stores[0], "10.0.0.1:7480", ttl=30).register()
+    seen = await keyspace.get_seen("n1")
+    assert seen is not None, "no seen/<node> record until the first renewal"
+    assert seen.at >= before

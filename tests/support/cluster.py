@@ -188,7 +188,8 @@ class Cluster:
         self.run(host, ["systemctl", *verbs[action], "ferry-agent"])
 
     def local_process(self, role: str, action: str, env: Mapping[str, str] | None = None) -> None:
-        """Kill, stop or start etcd, control or agent:HOST of a local cluster."""
+        """Kill, stop or start etcd, control, agent:HOST or docker:HOST of a local cluster
+        (killing a dockerd kills its containers)."""
         result = local_cluster_command("process", "--name", self.name, role, action, env=env)
         if result.returncode != 0:
             raise ClusterError(f"local-cluster process {role} {action} failed: {result.stderr}")

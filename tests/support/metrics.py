@@ -47,3 +47,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples whose labels include ``labels`` (0 when none)."""
     wanted = set(labels.items())
     return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    """The one sample of ``name`` with exactly ``labels``; None when there is none (a gauge
+    that is absent is not a gauge at 0)."""
+    return samples.get((name, frozenset(labels.items())))

@@ -52,7 +52,13 @@ class MigrationResult:
     pause_seconds: float
     volume_bytes: int
     precopied_bytes: int
+    moved_bytes: int
+    """The move's ``bytes_sent`` once done: what the target holds of its streams."""
     recovery_problems: tuple[str, ...]
+
+    @property
+    def intact(self) -> bool:
+        return self.checksum_found == self.checksum_committed and not self.recovery_problems
 
 
 def docker_client(host: ClusterHost) -> docker.DockerClient:
@@ -70,6 +76,15 @@ def load_image(host: ClusterHost) -> None:
         capture_output=True,
         timeout=1800,
     )
+
+
+def load_image_told(host: ClusterHost) -> None:
+    """``load_image``, on one line: what it does, then how long it took (the first build
+    from Debian packages takes minutes; later ones come from the cache)."""
+    print(f"loading {IMAGE} into {host.name}'s dockerd... ", end="", flush=True)
+    started = time.monotonic()
+    load_image(host)
+    print(f"done ({time.monotonic() - started:.0f} s)", flush=True)
 
 
 def run_postgres(client: docker.DockerClient, volume: str, name: str) -> Container:
@@ -127,6 +142,8 @@ def migrate(
     found = verify(pg_b, committed)
     logs = log_since_start(pg_b)
     info = cluster.volume(volume)
+    move = info.get("move") or {}
+    assert isinstance(move, dict)
     used = int(
         cluster.run(
             b, ["zfs", "get", "-Hp", "-o", "value", "used", f"{b.pool}/ferry/{volume}"]
@@ -148,7 +165,29 @@ def migrate(
         pause_seconds=pause,
         volume_bytes=used,
         precopied_bytes=precopied,
+        moved_bytes=int(move.get("bytes_sent", 0)),
         recovery_problems=tuple(recovery_problems(logs)),
+    )
+
+
+def summary(result: MigrationResult) -> str:
+    """The demo's closing lines: rows written and found, the pause, the bytes moved."""
+    same = result.checksum_found == result.checksum_committed
+    checksum = "checksum matches" if same else "checksum DIFFERS"
+    problems = ", ".join(result.recovery_problems) or "none"
+    return "\n".join(
+        [
+            "== summary",
+            f"rows written: {result.rows_committed}  rows found after the move: "
+            f"{result.rows_found}  ({checksum})",
+            f"pause: {result.pause_seconds:.2f} s (PostgreSQL stopped on the old host until "
+            "it answered on the new one)",
+            f"moved: {result.moved_bytes / MIB:.1f} MiB sent ({result.precopied_bytes / MIB:.1f}"
+            f" MiB of it pre-copied while PostgreSQL ran); the volume holds "
+            f"{result.volume_bytes / MIB:.0f} MiB",
+            f"recovery problems: {problems}",
+            "result: " + ("every committed row is there" if result.intact else "FAILED"),
+        ]
     )
 
 
@@ -160,17 +199,10 @@ def main() -> int:
     cluster = Cluster.load(args.cluster)
     a, b = cluster.hosts[0], cluster.hosts[1]
     for host in (a, b):
-        print(f"loading {IMAGE} into {host.name}'s dockerd", flush=True)
-        load_image(host)
+        load_image_told(host)
     result = migrate(cluster, args.volume, a, b, report=lambda line: print(line, flush=True))
-    intact = result.checksum_found == result.checksum_committed
-    print(
-        f"rows before: {result.rows_committed}  rows after: {result.rows_found}  "
-        f"checksum {'matches' if intact else 'DIFFERS'}  pause: {result.pause_seconds:.2f}s  "
-        f"volume: {result.volume_bytes / MIB:.0f} MiB  "
-        f"recovery problems: {list(result.recovery_problems) or 'none'}"
-    )
-    return 0 if intact and not result.recovery_problems else 1
+    print(summary(result), flush=True)
+    return 0 if result.intact else 1
 
 
 if __name__ == "__main__":

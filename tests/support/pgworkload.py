@@ -254,6 +254,7 @@ class Writer:
         self._pause = pause
         self._statement_timeout = statement_timeout
         self._committed: list[int] = []
+        self._acknowledged_at: list[float] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pg-writer", daemon=True)
@@ -264,6 +265,16 @@ class Writer:
     def committed(self) -> tuple[int, ...]:
         with self._lock:
             return tuple(self._committed)
+
+    def committed_before(self, when: float) -> tuple[int, ...]:
+        """The ids whose commit psql reported before ``when`` (time.time()): each was
+        committed, its WAL on disk, by then."""
+        with self._lock:
+            return tuple(
+                row_id
+                for row_id, at in zip(self._committed, self._acknowledged_at, strict=True)
+                if at < when
+            )
 
     @property
     def running(self) -> bool:
@@ -319,8 +330,10 @@ class Writer:
                 if returned != list(ids):
                     self.ended_because = f"psql returned ids {returned}, expected {list(ids)}"
                     return
+                acknowledged = time.time()
                 with self._lock:
                     self._committed.extend(returned)
+                    self._acknowledged_at.extend(acknowledged for _ in returned)
                 self._next_id += len(ids)
                 if self._pause:
                     self._stop.wait(self._pause)

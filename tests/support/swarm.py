@@ -22,14 +22,21 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from docker.models.containers import Container
 
 from tests.support.cluster import Cluster, ClusterHost
-from tests.support.migration import IMAGE, PGDATA, Report, docker_client, load_image
+from tests.support.migration import (
+    IMAGE,
+    MIB,
+    PGDATA,
+    Report,
+    docker_client,
+    load_image_told,
+)
 from tests.support.pgworkload import (
     PSQL,
     TABLE,
@@ -55,7 +62,17 @@ class DrainResult:
     old_host: str
     new_host: str
     owner: str
+    moved_bytes: int
+    """The move's ``bytes_sent``: what the new host holds of the move's streams."""
     recovery_problems: tuple[str, ...]
+
+    @property
+    def intact(self) -> bool:
+        return (
+            self.rows_found == self.rows_committed
+            and self.owner == self.new_host
+            and not self.recovery_problems
+        )
 
 
 def manager(cluster: Cluster) -> ClusterHost:
@@ -174,7 +191,10 @@ def drain_once(
         f"{reschedule:.2f}s after the drain command"
     )
     found = verify(pg_new, committed)
-    owner = str(cluster.volume(volume)["owner"])
+    info = cluster.volume(volume)
+    owner = str(info["owner"])
+    move = info.get("move") or {}
+    assert isinstance(move, dict)
     report(
         f"{found.count} of {len(committed)} committed rows on {new_host.name} "
         f"(volume owner {owner}, {found.uncertain} rows past the last acknowledged commit)"
@@ -187,6 +207,7 @@ def drain_once(
         old_host=old.name,
         new_host=new_host.name,
         owner=owner,
+        moved_bytes=int(move.get("bytes_sent", 0)),
         recovery_problems=tuple(recovery_problems(log_since_start(pg_new))),
     )
 
@@ -317,25 +338,34 @@ def main() -> int:
     args = parser.parse_args()
     cluster = Cluster.load(args.cluster)
     for host in cluster.hosts:
-        print(f"loading {IMAGE} into {host.name}'s dockerd", flush=True)
-        load_image(host)
+        load_image_told(host)
     results = drain_moves_postgres(
         cluster, args.volume, report=lambda line: print(line, flush=True)
     )
-    ok = True
+    print(drain_summary(results), flush=True)
+    return 0 if all(result.intact for result in results) else 1
+
+
+def drain_summary(results: Sequence[DrainResult]) -> str:
+    """The Swarm demo's closing lines: per drain, rows written and found, the reschedule
+    time, the bytes moved."""
+    lines = ["== summary"]
     for label, result in zip(
         ("onto a fresh node", "onto a node holding a copy"), results, strict=True
     ):
-        intact = result.rows_found == result.rows_committed and result.owner == result.new_host
-        ok = ok and intact and not result.recovery_problems
-        print(
-            f"drain {label} ({result.old_host} -> {result.new_host}): "
-            f"rows before: {result.rows_committed}  rows after: {result.rows_found}  "
-            f"{'intact' if intact else 'NOT INTACT'}  reschedule (drain to first query): "
-            f"{result.reschedule_seconds:.2f}s  "
-            f"recovery problems: {list(result.recovery_problems) or 'none'}"
+        lines.append(
+            f"drain {label} ({result.old_host} -> {result.new_host}): rows written: "
+            f"{result.rows_committed}  found: {result.rows_found}  reschedule (drain to first "
+            f"query): {result.reschedule_seconds:.2f} s  moved: "
+            f"{result.moved_bytes / MIB:.1f} MiB  "
+            f"recovery problems: {', '.join(result.recovery_problems) or 'none'}"
+            + ("" if result.intact else "  NOT INTACT")
         )
-    return 0 if ok else 1
+    lines.append(
+        "result: "
+        + ("every committed row is there" if all(r.intact for r in results) else "FAILED")
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -70,22 +70,24 @@ def mount_held(cluster: Cluster, volume: str, node: str) -> Iterator[None]:
 
 
 def writable_copies(cluster: Cluster, name: str) -> list[str]:
-    """Hosts where the volume's dataset is mounted read-write, in ZFS and in the mount table."""
-    found = []
-    for host in cluster.hosts[:2]:
-        out = cluster.run(
-            host,
-            ["zfs", "get", "-H", "-o", "value", "readonly,mounted", f"{host.pool}/ferry/{name}"],
-            check=False,
-        ).stdout.split()
-        if out != ["off", "yes"]:
-            continue
-        options = cluster.run(
-            host, ["findmnt", "-n", "-o", "OPTIONS", mountpoint(host, name)], check=False
-        ).stdout
-        if "ro" not in options.strip().split(","):
-            found.append(host.name)
-    return found
+    """Hosts (of the first two) where the volume's dataset is mounted read-write."""
+    return [host.name for host in cluster.hosts[:2] if writable_here(cluster, host, name)]
+
+
+def writable_here(cluster: Cluster, host: ClusterHost, name: str) -> bool:
+    """Whether the volume's dataset on ``host`` is mounted read-write, in ZFS and in the
+    mount table (what a container would get, not what an agent reports)."""
+    out = cluster.run(
+        host,
+        ["zfs", "get", "-H", "-o", "value", "readonly,mounted", f"{host.pool}/ferry/{name}"],
+        check=False,
+    ).stdout.split()
+    if out != ["off", "yes"]:
+        return False
+    options = cluster.run(
+        host, ["findmnt", "-n", "-o", "OPTIONS", mountpoint(host, name)], check=False
+    ).stdout
+    return "ro" not in options.strip().split(",")
 
 
 def move_phase(cluster: Cluster, name: str) -> str:

@@ -280,6 +280,99 @@ async def test_progress_is_written_in_the_record(cluster: Cluster) -> None:
     assert move.bytes_sent == move.bytes_total == len(b"written on a before the move\n")
 
 
+# The move's bytes: the streams that arrived, each once (docs/operations.md, "Bytes of a move").
+
+FULL = len(b"written on a before the move\n")
+
+
+def _first_stream_fails(cluster: Cluster, fail: Callable[..., Awaitable[Any]]) -> None:
+    """The first stream to B goes through ``fail(send, header, stream, on_progress)``, the
+    rest as usual."""
+    send = cluster.peers[B].send
+    calls = 0
+
+    async def first_fails(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await (fail(send, *args) if calls == 1 else send(*args))
+
+    cluster.peers[B].send = first_fails  # type: ignore[method-assign,assignment]
+
+
+async def _retried_to_the_end(cluster: Cluster) -> Move:
+    with pytest.raises(TransferFailed):
+        await cluster.driver().run(VOLUME)
+    await cluster.converge(A)
+    await cluster.converge(B)
+    await _moved_and_done(cluster)
+    return await _move(cluster)
+
+
+async def test_a_stream_cut_near_its_end_is_taken_out_once_the_target_lacks_it(
+    cluster: Cluster,
+) -> None:
+    """All but the last byte of the stream was sent, then the connection broke: the target
+    kept nothing and the retry sends it all again. (A guess from the share sent counted it
+    as arrived: the move showed nearly twice the volume.)"""
+
+    async def cut(send: Any, header: Any, stream: Any, on_progress: Any) -> Any:
+        on_progress(FULL - 1)
+        raise TransferFailed(f"{B} (fake): Connection reset by peer")
+
+    await cluster.request_move()
+    _first_stream_fails(cluster, cut)
+    move = await _retried_to_the_end(cluster)
+    assert (move.bytes_sent, move.pending_snapshot, move.pending_bytes) == (FULL, "", 0)
+    assert len([h for h in cluster.peers[B].streams if not h.from_snapshot]) == 1
+
+
+async def test_a_stream_that_arrived_before_its_reply_was_lost_is_counted_once(
+    cluster: Cluster,
+) -> None:
+    """The target took the whole stream and the reply was lost (it died just after): the
+    retry finds the snapshot there, sends only an incremental, and the stream still counts."""
+
+    async def lost_reply(send: Any, *args: Any) -> Any:
+        await send(*args)
+        raise TransferFailed(f"{B} (fake): Socket closed")
+
+    await cluster.request_move()
+    _first_stream_fails(cluster, lost_reply)
+    move = await _retried_to_the_end(cluster)
+    assert (move.bytes_sent, move.pending_snapshot) == (FULL, "")
+    assert len([h for h in cluster.peers[B].streams if not h.from_snapshot]) == 1
+
+
+async def test_a_source_killed_mid_stream_leaves_it_pending_and_its_restart_takes_it_out(
+    cluster: Cluster,
+) -> None:
+    """No failure handler runs in a killed agent: the record still counts the half stream,
+    as pending, and the restarted source's first sync finds the target without it. (It was
+    counted on top of the resent stream.)"""
+    half = FULL // 2
+
+    async def killed(send: Any, header: Any, stream: Any, on_progress: Any) -> Any:
+        on_progress(half)
+        for _ in range(100):
+            if (await _move(cluster)).pending_bytes == half:
+                break
+            await asyncio.sleep(0)
+        cluster.down = True
+        raise Crash
+
+    await cluster.request_move()
+    _first_stream_fails(cluster, killed)
+    await _dies(cluster.driver().run(VOLUME))
+    await cluster.restart(A)
+    cut = await _move(cluster)
+    assert (cut.bytes_sent, cut.pending_bytes) == (half, half) and cut.pending_snapshot
+    await cluster.converge(A)
+    await cluster.converge(B)
+    await _moved_and_done(cluster)
+    move = await _move(cluster)
+    assert (move.bytes_sent, move.pending_snapshot) == (FULL, "")
+
+
 async def test_a_volume_in_use_waits_and_hands_off_once_released(cluster: Cluster) -> None:
     cluster.stores[A].users[VOLUME] = ["container web"]
     await cluster.request_move()
