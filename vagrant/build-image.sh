@@ -18,7 +18,10 @@
 #         real node runs), which installs Ferry's venv editable from
 #         /srv/ferry, where the guest later mounts the repository, and
 #         vagrant/vm-init.sh as /usr/local/sbin/ferry-vm-init (a test guest's
-#         PID 1); then mkfs.ext4 -d makes the image without mounting anything.
+#         PID 1), sshd, sudo and a user vagrant (for vm-cluster.sh's nodes and
+#         the Vagrant box: the host keys are the image's, the same in every
+#         guest), a DHCP config for systemd-networkd; then mkfs.ext4 -d makes
+#         the image without mounting anything.
 #         Key: the base key, install.sh, pyproject.toml and vm-init.sh.
 # A layer of an older key is removed once its replacement is complete.
 # The contrib component is given only to the chroot and to a private apt
@@ -31,7 +34,7 @@ cache=/var/cache/ferry/vm
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --cache) cache="$2"; shift 2 ;;
-        -h|--help) sed -n '2,25p' "$script"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$script"; exit 0 ;;
         *) echo "build-image.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -177,12 +180,24 @@ nice -n 19 ionice -c 3 timeout "$INSTALL_TIMEOUT" unshare --mount --propagation 
     chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME=/root FERRY_ZFS=kernel DEBIAN_FRONTEND=noninteractive PIP_CERT=/tmp/build-ca.crt \
         PIP_DISABLE_PIP_VERSION_CHECK=1 bash "$2/deploy/install.sh" --dev
+    # What a guest reached over ssh needs (a node of vagrant/vm-cluster.sh, a
+    # Vagrant box): sshd and sudo, and the user a Vagrant box logs in as.
+    chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends openssh-server sudo
+    chroot "$root" useradd --create-home --shell /bin/bash vagrant
+    install -d -m 0700 "$root/home/vagrant/.ssh"
+    chroot "$root" chown vagrant:vagrant /home/vagrant/.ssh
+    printf "vagrant ALL=(ALL) NOPASSWD: ALL\n" >"$root/etc/sudoers.d/vagrant"
+    chmod 0440 "$root/etc/sudoers.d/vagrant"
     chroot "$root" apt-get clean
 ' build-image "$rootfs" "$GUEST_REPO" "$ca_bundle" >&2 \
-    || die "deploy/install.sh --dev in the chroot failed (its output is above)"
+    || die "deploy/install.sh --dev or the ssh packages in the chroot failed (the output is above)"
 rm -rf "${rootfs:?}$GUEST_REPO" "$rootfs/usr/sbin/policy-rc.d" "$rootfs/etc/resolv.conf"
 mkdir -p "$rootfs$GUEST_REPO"
 install -m 0755 "$repo/vagrant/vm-init.sh" "$rootfs/usr/local/sbin/ferry-vm-init"
+# DHCP on every wired NIC, for a guest booted with systemd-networkd wanted (the
+# Vagrant box's kernel command line); a node of vm-cluster.sh sets its address itself.
+printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n' >"$rootfs/etc/systemd/network/80-ferry-dhcp.network"
 
 kernel=$(find "$rootfs/boot" -name 'vmlinuz-*' | sort | tail -n 1)
 [ -n "$kernel" ] || die "the base has no kernel in /boot"
