@@ -18,7 +18,7 @@
 #         real node runs), which installs Ferry's venv editable from
 #         /srv/ferry, where the guest later mounts the repository, and
 #         vagrant/vm-init.sh as /usr/local/sbin/ferry-vm-init (a test guest's
-#         PID 1), sshd, sudo and a user vagrant (for vm-cluster.sh's nodes and
+#         PID 1), sshd, sudo, rsync and a user vagrant (for vm-cluster.sh's nodes and
 #         the Vagrant box: the host keys are the image's, the same in every
 #         guest), a DHCP config for systemd-networkd; then mkfs.ext4 -d makes
 #         the image without mounting anything.
@@ -181,9 +181,9 @@ nice -n 19 ionice -c 3 timeout "$INSTALL_TIMEOUT" unshare --mount --propagation 
         HOME=/root FERRY_ZFS=kernel DEBIAN_FRONTEND=noninteractive PIP_CERT=/tmp/build-ca.crt \
         PIP_DISABLE_PIP_VERSION_CHECK=1 bash "$2/deploy/install.sh" --dev
     # What a guest reached over ssh needs (a node of vagrant/vm-cluster.sh, a
-    # Vagrant box): sshd and sudo, and the user a Vagrant box logs in as.
+    # Vagrant box): sshd, sudo, rsync (synced folders), the user a box logs in as.
     chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends openssh-server sudo
+        apt-get install -y -qq --no-install-recommends openssh-server sudo rsync
     chroot "$root" useradd --create-home --shell /bin/bash vagrant
     install -d -m 0700 "$root/home/vagrant/.ssh"
     chroot "$root" chown vagrant:vagrant /home/vagrant/.ssh
