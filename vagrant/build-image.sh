@@ -168,6 +168,7 @@ cp -L /etc/resolv.conf "$rootfs/etc/resolv.conf"
 # environment, and this machine's CA bundle on the chroot's /tmp for pip.
 ca_bundle="${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}"
 [ -r "$ca_bundle" ] || die "no CA bundle at $ca_bundle (set PIP_CERT to the one pip should trust)"
+build_requires=$(python3 -c 'import sys, tomllib; print(" ".join(tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"]))' "$repo/pyproject.toml")
 # A private mount namespace: /proc, /sys, /dev and /tmp of the chroot vanish with it.
 # shellcheck disable=SC2016  # the inner script expands its own arguments
 nice -n 19 ionice -c 3 timeout "$INSTALL_TIMEOUT" unshare --mount --propagation private -- bash -euc '
@@ -180,6 +181,12 @@ nice -n 19 ionice -c 3 timeout "$INSTALL_TIMEOUT" unshare --mount --propagation 
     chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME=/root FERRY_ZFS=kernel DEBIAN_FRONTEND=noninteractive PIP_CERT=/tmp/build-ca.crt \
         PIP_DISABLE_PIP_VERSION_CHECK=1 bash "$2/deploy/install.sh" --dev
+    # The wheels pip builds Ferry with (the build-system of pyproject.toml), so that
+    # deploy/install.sh runs again in a guest without an index (PIP_NO_INDEX=1).
+    chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root PIP_CERT=/tmp/build-ca.crt \
+        PIP_DISABLE_PIP_VERSION_CHECK=1 /opt/ferry/venv/bin/python -m pip download -q \
+        --only-binary=:all: -d /var/cache/ferry/wheels $4  # $4: the requirements, split
+    printf "[global]\nfind-links = /var/cache/ferry/wheels\n" >"$root/etc/pip.conf"
     # What a guest reached over ssh needs (a node of vagrant/vm-cluster.sh, a
     # Vagrant box): sshd, sudo, rsync (synced folders), the user a box logs in as.
     chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
@@ -190,7 +197,7 @@ nice -n 19 ionice -c 3 timeout "$INSTALL_TIMEOUT" unshare --mount --propagation 
     printf "vagrant ALL=(ALL) NOPASSWD: ALL\n" >"$root/etc/sudoers.d/vagrant"
     chmod 0440 "$root/etc/sudoers.d/vagrant"
     chroot "$root" apt-get clean
-' build-image "$rootfs" "$GUEST_REPO" "$ca_bundle" >&2 \
+'  build-image "$rootfs" "$GUEST_REPO" "$ca_bundle" "$build_requires" >&2 \
     || die "deploy/install.sh --dev or the ssh packages in the chroot failed (the output is above)"
 rm -rf "${rootfs:?}$GUEST_REPO" "$rootfs/usr/sbin/policy-rc.d" "$rootfs/etc/resolv.conf"
 mkdir -p "$rootfs$GUEST_REPO"

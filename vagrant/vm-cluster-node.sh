@@ -4,13 +4,12 @@
 # shared read-only at /srv/ferry.
 #
 # Reads the node's settings from the 9p share "seed" (node.env, the ssh key
-# that may log in as root, the node's certificates, the wheels pip builds
-# Ferry with), gives the NIC with the seed's MAC its address (the guest has no
+# that may log in as root, the node's certificates), gives the NIC with the seed's MAC its address (the guest has no
 # route beyond the cluster's subnet), starts sshd, copies the repository to
 # /vagrant as Vagrant's rsync would, and provisions the node with
 # vagrant/provision.sh, the same script a Vagrant node runs (deploy/install.sh,
 # pool, certificates, units). The guest has no network beyond the cluster, so
-# pip works from the seed's wheels only (PIP_NO_INDEX). Writes
+# pip works from the image's wheels only (PIP_NO_INDEX; /etc/pip.conf finds them). Writes
 # /run/ferry-node-ready when done; its output goes to the serial console.
 set -euo pipefail
 exec >/dev/console 2>&1
@@ -50,7 +49,7 @@ timeout 120 modprobe zfs
 mkdir -p /vagrant
 tar -C /srv/ferry --exclude=./.git --exclude=__pycache__ --exclude='*.egg-info' \
     --exclude=./vagrant/.vagrant --exclude=./vagrant/.certs -cf - . | tar -C /vagrant -xf -
-PIP_NO_INDEX=1 PIP_FIND_LINKS=/srv/seed/wheels PIP_DISABLE_PIP_VERSION_CHECK=1 \
+PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     bash /vagrant/vagrant/provision.sh --node "$NODE" --nodes "$NODES" \
     --etcd-members "$ETCD_MEMBERS" --zfs kernel --repo /vagrant --pki /srv/seed/pki
 touch /run/ferry-node-ready

@@ -62,15 +62,6 @@ if [ -z "$image" ]; then
 fi
 log "image ready in $(since "$all_started") s: $image"
 
-# setuptools and wheel, which pip builds Ferry's editable install with: the
-# guests have no index to take them from.
-wheels="$cache/wheels"
-if ! compgen -G "$wheels/setuptools-*.whl" >/dev/null || ! compgen -G "$wheels/wheel-*.whl" >/dev/null; then
-    mkdir -p "$wheels"
-    timeout 600 "$venv/bin/python" -m pip download -q --only-binary=:all: -d "$wheels" \
-        'setuptools>=77' wheel || die "pip download of setuptools and wheel into $wheels failed"
-fi
-
 run=$(mktemp -d /var/tmp/ferry-vm-cluster.XXXXXX)
 tag="fvc$$"
 netns="$tag"
@@ -168,7 +159,6 @@ for i in "${!names[@]}"; do
     mkdir -p "$seed/pki"
     find "$run/pki" -maxdepth 1 -type f ! -name ca.key -exec cp {} "$seed/pki/" \;
     cp "$run/ssh/id.pub" "$seed/authorized_keys"
-    cp -r "$wheels" "$seed/wheels"
     printf 'NODE=%s\nADDRESS=%s\nPREFIX_LENGTH=24\nMAC=%s\nNODES=%s\nETCD_MEMBERS=%s\n' \
         "$name" "${addresses[$i]}" "${macs[$i]}" "$nodes_arg" "$etcd_members" >"$seed/node.env"
     truncate -s "${pool_gb}G" "$run/$name-pool.img"
