@@ -18,10 +18,7 @@
 #         real node runs), which installs Ferry's venv editable from
 #         /srv/ferry, where the guest later mounts the repository, and
 #         vagrant/vm-init.sh as /usr/local/sbin/ferry-vm-init (a test guest's
-#         PID 1), sshd, sudo, rsync and a user vagrant (for vm-cluster.sh's nodes and
-#         the Vagrant box: the host keys are the image's, the same in every
-#         guest), a DHCP config for systemd-networkd; then mkfs.ext4 -d makes
-#         the image without mounting anything.
+#         PID 1); then mkfs.ext4 -d makes the image without mounting anything.
 #         Key: the base key, install.sh, pyproject.toml and vm-init.sh.
 # A layer of an older key is removed once its replacement is complete.
 # The contrib component is given only to the chroot and to a private apt
@@ -34,7 +31,7 @@ cache=/var/cache/ferry/vm
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --cache) cache="$2"; shift 2 ;;
-        -h|--help) sed -n '2,28p' "$script"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$script"; exit 0 ;;
         *) echo "build-image.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -135,7 +132,12 @@ else
     log "built base $base_key in $(( $(date +%s) - started )) s"
 fi
 
-# --- image layer: the base, Ferry installed by deploy/install.sh, the test guest's init
+# --- image layer: the base, Ferry installed by deploy/install.sh, the test guest's init,
+# and what a guest reached over ssh needs (vm-cluster.sh's nodes, the Vagrant box of
+# build-box.sh): sshd, sudo, rsync, a user vagrant (the host keys are the image's, the
+# same in every guest), the wheels pip builds Ferry with (install.sh runs again there
+# without an index) and a DHCP config for systemd-networkd. (Documented here, not at the
+# top: the text above this line is the base's key.)
 image_key=$(
     {
         printf '%s\n' "$base_key"

@@ -17,7 +17,8 @@
 # the suite runs here and reaches the guests; the guests have no route beyond
 # the subnet, and no bridge is made in this machine's namespace.
 # The cluster description (docs/local-cluster.md; commands reach a node with
-# ssh as root) is written to the run directory, FERRY_CLUSTER_FILE for pytest.
+# vagrant/vm-ssh.sh, ssh as root) is written to the run directory, FERRY_CLUSTER_FILE
+# for pytest.
 # On exit, for any reason: qemu killed, the namespace (bridge, taps, veth)
 # deleted, the run directory (pool disks, certificates, ssh key) removed, each
 # checked and reported. Timings go to stderr ("vm-cluster: ... in N s").
@@ -206,14 +207,15 @@ for name in "${names[@]}"; do
 done
 
 description="$run/cluster.yaml"
-(cd "$repo" && "$venv/bin/python" - "$description" "$run/pki" "$run/ssh/config" "$POOL" "$etcd_members" "$nodes_arg" <<'PY'
+(cd "$repo" && "$venv/bin/python" - "$description" "$run/pki" "$repo/vagrant/vm-ssh.sh" "$run/ssh/config" \
+    "$POOL" "$etcd_members" "$nodes_arg" <<'PY'
 """The qemu cluster's description (docs/local-cluster.md), written with Ferry's own type."""
 import sys
 from pathlib import Path
 
 from ferry.localcluster.description import ClusterDescription, HostDescription, TlsDescription
 
-path, pki, ssh_config, pool, etcd_members, nodes = sys.argv[1:7]
+path, pki, vm_ssh, ssh_config, pool, etcd_members, nodes = sys.argv[1:8]
 hosts = [entry.split("=", 1) for entry in nodes.split(",")]
 tls = Path(pki)
 ClusterDescription(
@@ -223,7 +225,7 @@ ClusterDescription(
         HostDescription(
             name=name,
             address=address,
-            run_prefix=("ssh", "-F", ssh_config, name, "--"),
+            run_prefix=(vm_ssh, ssh_config, name),
             pool=pool,
             agent_address=f"{address}:7480",
             plugin_socket="/run/docker/plugins/ferry.sock",
