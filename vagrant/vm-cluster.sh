@@ -27,7 +27,8 @@
 # default 3), FERRY_VM_MEMORY_MB (per guest, default 2048), FERRY_VM_POOL_GB
 # (default 4), FERRY_VM_READY_TIMEOUT (seconds for the cluster to come up,
 # default 1800), FERRY_VM_TIMEOUT (qemu's lifetime, default 7200),
-# FERRY_VENV (this machine's Ferry, default /opt/ferry/venv).
+# FERRY_VM_NICE (qemu's niceness, default 0: under TCG each guest needs a
+# core's worth of time), FERRY_VENV (this machine's Ferry, default /opt/ferry/venv).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${FERRY_VM_CACHE:-/var/cache/ferry/vm}"
@@ -164,7 +165,7 @@ for i in "${!names[@]}"; do
         "$name" "${addresses[$i]}" "${macs[$i]}" "$nodes_arg" "$etcd_members" >"$seed/node.env"
     truncate -s "${pool_gb}G" "$run/$name-pool.img"
     # TMPDIR: where qemu keeps the root disk's copy-on-write snapshot (deleted with $run).
-    TMPDIR="$run" ip netns exec "$netns" nice -n 10 \
+    TMPDIR="$run" ip netns exec "$netns" nice -n "${FERRY_VM_NICE:-0}" \
         timeout --kill-after=10 "$qemu_timeout" qemu-system-x86_64 \
         -accel tcg -smp 1 -m "$memory_mb" -no-reboot \
         -display none -monitor none -serial "file:$run/$name.console" \
