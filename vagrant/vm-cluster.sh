@@ -148,7 +148,7 @@ ssh-keygen -q -t ed25519 -N '' -C "vm-cluster $tag" -f "$run/ssh/id"
     done
     printf 'Host *\n  User root\n  IdentityFile %s\n  IdentitiesOnly yes\n' "$run/ssh/id"
     printf '  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n'
-    printf '  BatchMode yes\n  ConnectTimeout 10\n  ServerAliveInterval 15\n'
+    printf '  BatchMode yes\n  ConnectTimeout 120\n  ServerAliveInterval 15\n'
     printf '  ControlMaster auto\n  ControlPath %s/%%h.sock\n  ControlPersist 900\n' "$run/ssh"
 } >"$run/ssh/config"
 # shellcheck disable=SC2317  # run by wait_for
