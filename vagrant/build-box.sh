@@ -11,6 +11,7 @@
 # software emulation, with systemd-networkd for DHCP. libvirt's qemu reads the
 # kernel and initrd from /var/lib/libvirt/boot. Cached in DIR (default
 # /var/cache/ferry/vm) by the image's key: a second run only checks.
+# FERRY_VM_IMAGE names an image directory to package instead (no cache check).
 # Prints the box file's path.
 set -euo pipefail
 
@@ -21,7 +22,7 @@ BOOT_DIR=/var/lib/libvirt/boot
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --cache) cache="$2"; shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "build-box.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -35,10 +36,13 @@ for tool in vagrant qemu-img debugfs; do
         || die "no $tool: apt-get install --no-install-recommends vagrant vagrant-libvirt qemu-utils e2fsprogs"
 done
 insecure_key=$(find /usr/share/rubygems-integration/all/gems /opt/vagrant/embedded/gems \
-    -path '*/vagrant-*/keys/vagrant.pub' 2>/dev/null | head -n 1)
+    -path '*/vagrant-*/keys/vagrant.pub' -print -quit 2>/dev/null || true)
 [ -n "$insecure_key" ] || die "Vagrant's keys/vagrant.pub not found (is Vagrant installed from Debian or HashiCorp?)"
 
-image=$("$repo/vagrant/build-image.sh" --cache "$cache")
+image="${FERRY_VM_IMAGE:-}"
+if [ -z "$image" ]; then
+    image=$("$repo/vagrant/build-image.sh" --cache "$cache")
+fi
 key="${image##*/image-}"
 box_dir="$cache/box-$key"
 box="$box_dir/$BOX_NAME.box"
