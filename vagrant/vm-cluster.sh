@@ -26,7 +26,7 @@
 # (boot this image directory instead of building one), FERRY_VM_NODES (1-9,
 # default 3), FERRY_VM_MEMORY_MB (per guest, default 2048), FERRY_VM_POOL_GB
 # (default 4), FERRY_VM_READY_TIMEOUT (seconds for the cluster to come up,
-# default 1800), FERRY_VM_TIMEOUT (qemu's lifetime, default 7200),
+# default 3600), FERRY_VM_TIMEOUT (qemu's lifetime, default 7200),
 # FERRY_VM_NICE (qemu's niceness, default 0: under TCG each guest needs a
 # core's worth of time), FERRY_VENV (this machine's Ferry, default /opt/ferry/venv).
 set -euo pipefail
@@ -35,7 +35,7 @@ cache="${FERRY_VM_CACHE:-/var/cache/ferry/vm}"
 node_count="${FERRY_VM_NODES:-3}"
 memory_mb="${FERRY_VM_MEMORY_MB:-2048}"
 pool_gb="${FERRY_VM_POOL_GB:-4}"
-ready_timeout="${FERRY_VM_READY_TIMEOUT:-1800}"
+ready_timeout="${FERRY_VM_READY_TIMEOUT:-3600}"
 qemu_timeout="${FERRY_VM_TIMEOUT:-7200}"
 venv="${FERRY_VENV:-/opt/ferry/venv}"
 SUBNET_PREFIX=10.213
