@@ -92,9 +92,6 @@ EOF
 fi
 if [ ! -e "$box_dir/.added" ] || ! vagrant box list 2>/dev/null | grep -q "^$BOX_NAME "; then
     VAGRANT_CHECKPOINT_DISABLE=1 vagrant box add --force --name "$BOX_NAME" "$box" >&2
-    # vagrant-libvirt keeps a box's disk in libvirt's pool under the box's name and
-    # version: the disk of an older box of that name would be used instead.
-    virsh -c qemu:///system vol-delete --pool default "${BOX_NAME}_vagrant_box_image_0_box.img" >/dev/null 2>&1 || true
     touch "$box_dir/.added"
 fi
 printf '%s\n' "$box"
