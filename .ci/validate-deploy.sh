@@ -80,7 +80,7 @@ while IFS= read -r -d '' file; do
         scripts+=("$file")
     fi
 done < <(find "$repo/deploy" "$repo/vagrant" -type f -not -path '*/.vagrant/*' -print0)
-shellcheck "${scripts[@]}"
+shellcheck -x "${scripts[@]}"
 printf '%s\n' "${scripts[@]#"$repo/"}"
 
 echo "== systemd units"

@@ -37,7 +37,7 @@ esac
 
 "$repo/deploy/install.sh"
 python="$venv/bin/python"
-# shellcheck source=deploy/steps.sh
+# shellcheck source=steps.sh source-path=SCRIPTDIR
 source "$repo/deploy/steps.sh"
 demo_log="${FERRY_DEMO_LOG:-/var/log/ferry/demo.log}"
 steps_open demo "$demo_log"

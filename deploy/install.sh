@@ -16,7 +16,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FERRY_VENV:-/opt/ferry/venv}"
-# shellcheck source=deploy/steps.sh
+# shellcheck source=steps.sh source-path=SCRIPTDIR
 source "$repo/deploy/steps.sh"
 dev=0
 for arg in "$@"; do

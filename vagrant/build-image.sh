@@ -132,7 +132,12 @@ else
     log "built base $base_key in $(( $(date +%s) - started )) s"
 fi
 
-# --- image layer: the base, Ferry installed by deploy/install.sh, the test guest's init
+# --- image layer: the base, Ferry installed by deploy/install.sh, the test guest's init,
+# and what a guest reached over ssh needs (vm-cluster.sh's nodes, the Vagrant box of
+# build-box.sh): sshd, sudo, rsync, a user vagrant (the host keys are the image's, the
+# same in every guest), the wheels pip builds Ferry with (install.sh runs again there
+# without an index) and a DHCP config for systemd-networkd. (Documented here, not at the
+# top: the text above this line is the base's key.)
 image_key=$(
     {
         printf '%s\n' "$base_key"
@@ -165,6 +170,7 @@ cp -L /etc/resolv.conf "$rootfs/etc/resolv.conf"
 # environment, and this machine's CA bundle on the chroot's /tmp for pip.
 ca_bundle="${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}"
 [ -r "$ca_bundle" ] || die "no CA bundle at $ca_bundle (set PIP_CERT to the one pip should trust)"
+build_requires=$(python3 -c 'import sys, tomllib; print(" ".join(tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"]))' "$repo/pyproject.toml")
 # A private mount namespace: /proc, /sys, /dev and /tmp of the chroot vanish with it.
 # shellcheck disable=SC2016  # the inner script expands its own arguments
 nice -n 19 ionice -c 3 timeout "$INSTALL_TIMEOUT" unshare --mount --propagation private -- bash -euc '
@@ -177,12 +183,30 @@ nice -n 19 ionice -c 3 timeout "$INSTALL_TIMEOUT" unshare --mount --propagation 
     chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME=/root FERRY_ZFS=kernel DEBIAN_FRONTEND=noninteractive PIP_CERT=/tmp/build-ca.crt \
         PIP_DISABLE_PIP_VERSION_CHECK=1 bash "$2/deploy/install.sh" --dev
+    # The wheels pip builds Ferry with (the build-system of pyproject.toml), so that
+    # deploy/install.sh runs again in a guest without an index (PIP_NO_INDEX=1).
+    chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root PIP_CERT=/tmp/build-ca.crt \
+        PIP_DISABLE_PIP_VERSION_CHECK=1 /opt/ferry/venv/bin/python -m pip download -q \
+        --only-binary=:all: -d /var/cache/ferry/wheels $4  # $4: the requirements, split
+    printf "[global]\nfind-links = /var/cache/ferry/wheels\n" >"$root/etc/pip.conf"
+    # What a guest reached over ssh needs (a node of vagrant/vm-cluster.sh, a
+    # Vagrant box): sshd, sudo, rsync (synced folders), the user a box logs in as.
+    chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends openssh-server sudo rsync
+    chroot "$root" useradd --create-home --shell /bin/bash vagrant
+    install -d -m 0700 "$root/home/vagrant/.ssh"
+    chroot "$root" chown vagrant:vagrant /home/vagrant/.ssh
+    printf "vagrant ALL=(ALL) NOPASSWD: ALL\n" >"$root/etc/sudoers.d/vagrant"
+    chmod 0440 "$root/etc/sudoers.d/vagrant"
     chroot "$root" apt-get clean
-' build-image "$rootfs" "$GUEST_REPO" "$ca_bundle" >&2 \
-    || die "deploy/install.sh --dev in the chroot failed (the tail of its log is above)"
+'  build-image "$rootfs" "$GUEST_REPO" "$ca_bundle" "$build_requires" >&2 \
+    || die "deploy/install.sh --dev or the ssh packages in the chroot failed (what they printed is above)"
 rm -rf "${rootfs:?}$GUEST_REPO" "$rootfs/usr/sbin/policy-rc.d" "$rootfs/etc/resolv.conf"
 mkdir -p "$rootfs$GUEST_REPO"
 install -m 0755 "$repo/vagrant/vm-init.sh" "$rootfs/usr/local/sbin/ferry-vm-init"
+# DHCP on every wired NIC, for a guest booted with systemd-networkd wanted (the
+# Vagrant box's kernel command line); a node of vm-cluster.sh sets its address itself.
+printf '[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n' >"$rootfs/etc/systemd/network/80-ferry-dhcp.network"
 
 kernel=$(find "$rootfs/boot" -name 'vmlinuz-*' | sort | tail -n 1)
 [ -n "$kernel" ] || die "the base has no kernel in /boot"

@@ -5,6 +5,8 @@ require "yaml"
 
 module FerryCluster
   POOL = "ferry".freeze
+  # The libvirt box vagrant/build-box.sh adds (FERRY_BOX=ferry-local).
+  LOCAL_BOX = "ferry-local".freeze
   AGENT_PORT = 7480
   CONTROL_PORT = 7070
   ETCD_CLIENT_PORT = 2379

@@ -78,9 +78,9 @@ def restart_agent(cluster: Cluster, host: ClusterHost) -> None:
 
 
 def restart_etcd(cluster: Cluster, host: ClusterHost) -> None:
-    cluster.local_process("etcd", "kill")
+    cluster.process("etcd", "kill")
     time.sleep(12)  # down longer than the agents' lease: they re-register on new leases
-    cluster.local_process("etcd", "start")
+    cluster.process("etcd", "start")
     wait_for("both agents to register again", lambda: both_registered(cluster), 60)
     # etcd revives the old leases at its start; nobody renews them now, and the
     # records they carried (a mount record among them) go when they expire.

@@ -407,9 +407,9 @@ def test_etcd_restarted_mid_move_loses_nothing_and_the_move_completes(
     with LogWriter(cluster, a, name) as writer:
         cluster.ferryctl(["volume", "move", name, b.name])
         wait_for("the transfer to start", lambda: sent(cluster, name) > 0, 60)
-        cluster.local_process("etcd", "kill")
+        cluster.process("etcd", "kill")
         time.sleep(3)
-        cluster.local_process("etcd", "start")
+        cluster.process("etcd", "start")
         wait_for(
             "control to read etcd again",
             lambda: cluster.ferryctl(["volume", "get", name], check=False).returncode == 0,

@@ -121,8 +121,8 @@ def test_replication_goes_on_across_an_agent_restart_and_an_etcd_restart(
 ) -> None:
     owner, (replica,) = create_replicated(cluster, volume)
     for role in (f"agent:{owner}", "etcd"):
-        cluster.local_process(role, "kill")
-        cluster.local_process(role, "start")
+        cluster.process(role, "kill")
+        cluster.process(role, "start")
         restarted = time.time()
         wait_for(
             f"ferry-control to answer again after the {role} restart",

@@ -177,22 +177,44 @@ class Cluster:
         return env
 
     def agent(self, host: str, action: str, env: Mapping[str, str] | None = None) -> None:
-        """Kill (SIGKILL), stop (SIGTERM) or start a host's agent: local-cluster's own
-        command for netns hosts, systemd's on real machines. ``env`` adds FERRY_*
-        settings (FERRY_FAILPOINTS, FERRY_INSECURE_PLAIN_STREAMS) to the started agent (local
-        clusters only)."""
-        if self.kind == "local":
-            self.local_process(f"agent:{host}", action, env)
-            return
-        verbs = {"kill": ["kill", "--signal=SIGKILL"], "stop": ["stop"], "start": ["start"]}
-        self.run(host, ["systemctl", *verbs[action], "ferry-agent"])
+        """Kill (SIGKILL), stop (SIGTERM) or start a host's agent (``process`` says how).
+        ``env`` adds FERRY_* settings (FERRY_FAILPOINTS, FERRY_INSECURE_PLAIN_STREAMS) to the
+        started agent (local clusters only)."""
+        self.process(f"agent:{host}", action, env)
 
-    def local_process(self, role: str, action: str, env: Mapping[str, str] | None = None) -> None:
-        """Kill, stop or start etcd, control, agent:HOST or docker:HOST of a local cluster
-        (killing a dockerd kills its containers)."""
-        result = local_cluster_command("process", "--name", self.name, role, action, env=env)
-        if result.returncode != 0:
-            raise ClusterError(f"local-cluster process {role} {action} failed: {result.stderr}")
+    def process(self, role: str, action: str, env: Mapping[str, str] | None = None) -> None:
+        """Kill, stop or start etcd, control, agent:HOST or docker:HOST (killing a dockerd
+        kills its containers): local-cluster's own command on a local cluster, systemd's
+        units on real machines (etcd: every member). A kill is SIGKILL and the process
+        stays down until started, as on a local cluster: on systemd the kill is followed
+        by a stop, which cancels the unit's Restart=on-failure (without it a killed agent
+        is back 5 s later)."""
+        if self.kind == "local":
+            result = local_cluster_command("process", "--name", self.name, role, action, env=env)
+            if result.returncode != 0:
+                raise ClusterError(f"local-cluster process {role} {action} failed: {result.stderr}")
+            return
+        if env:
+            raise ClusterError(f"settings for a started {role} need a local cluster: {self.kind}")
+        for host, unit in self._units(role):
+            if action == "kill":
+                self.run(host, ["systemctl", "kill", "--signal=SIGKILL", unit])
+                self.run(host, ["systemctl", "stop", unit])
+            else:
+                self.run(host, ["systemctl", action, unit])
+
+    def _units(self, role: str) -> list[tuple[ClusterHost, str]]:
+        """The hosts and systemd units of a role (units of deploy/systemd)."""
+        if role.startswith("agent:"):
+            return [(self.host(role.removeprefix("agent:")), "ferry-agent")]
+        if role.startswith("docker:"):
+            return [(self.host(role.removeprefix("docker:")), "docker")]
+        by_address = {host.address: host for host in self.hosts}
+        if role == "etcd":
+            return [(by_address[e.rsplit(":", 1)[0]], "ferry-etcd") for e in self.etcd_endpoints]
+        if role == "control" and self.control_address:
+            return [(by_address[self.control_address.rsplit(":", 1)[0]], "ferry-control")]
+        raise ClusterError(f"{self.path} has no {role!r} to kill, stop or start")
 
     def docker(
         self,

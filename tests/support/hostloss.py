@@ -33,7 +33,7 @@ def host_lost(cluster: Cluster, host: ClusterHost, docker: bool = True) -> Itera
     cluster.agent(host.name, "kill")
     lost = time.monotonic()
     if docker:
-        cluster.local_process(f"docker:{host.name}", "kill")
+        cluster.process(f"docker:{host.name}", "kill")
     link(cluster, host, up=False)
     try:
         yield lost
@@ -43,4 +43,4 @@ def host_lost(cluster: Cluster, host: ClusterHost, docker: bool = True) -> Itera
         # volume it knows, and waits (seconds each) for a plugin that does not answer.
         cluster.agent(host.name, "start")
         if docker:
-            cluster.local_process(f"docker:{host.name}", "start")
+            cluster.process(f"docker:{host.name}", "start")

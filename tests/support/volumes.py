@@ -48,14 +48,18 @@ def checksums(cluster: Cluster, host: ClusterHost, directory: str) -> dict[str, 
 def mount_held(cluster: Cluster, volume: str, node: str) -> Iterator[None]:
     """A mount of ``volume`` on ``node`` as a container holds one: a bind mount of the
     volume in a mount namespace of its own. A move of the volume waits for it to go
-    before its handoff (the agent reads the kernel's mount tables, not a record)."""
+    before its handoff (the agent reads the kernel's mount tables, not a record).
+    The holder writes to its stdout every second and ends when that fails: over ssh,
+    killing the local client signals nothing on the host, but it closes the pipe."""
     host = cluster.host(node)
     inside = f"/tmp/held-{volume}"
     script = (
-        f"mkdir -p {inside} && mount --bind {mountpoint(host, volume)} {inside} && exec sleep 600"
+        f"mkdir -p {inside} && mount --bind {mountpoint(host, volume)} {inside} && "
+        "while echo held; do sleep 1; done"
     )
     holder = subprocess.Popen(
-        [*host.run_prefix, "unshare", "-m", "--propagation", "slave", "sh", "-c", script]
+        [*host.run_prefix, "unshare", "-m", "--propagation", "slave", "sh", "-c", script],
+        stdout=subprocess.PIPE,
     )
     try:
         wait_for(
