@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent import failpoints
-from agent.replication.ports import Peer, SnapshotSource
+from agent.replication.ports import Peer, SendStream, SnapshotSource
 from agent.transfer.client import TransferFailed
 from ferry.core.snapshots import SnapshotRef, newest_common, prunable, unsent
 from protos.ferry.v1 import transfer_pb2
@@ -94,20 +94,9 @@ async def sync_to_peer(
         sender=sender,
         estimated_bytes=estimated,
     )
-    taken = 0
-
-    def progress(sent: int) -> None:
-        nonlocal taken
-        taken = sent
-        if on_progress is not None:
-            on_progress(snapshot.name, sent, estimated)
-
-    progress(0)
-    async with store.held(volume, [name for name in (base, snapshot.name) if name]):
-        held = await peer.send(header, store.send_stream(volume, snapshot.name, base), progress)
-        failpoints.reached("transfer.sent")
-    if snapshot not in held:
-        raise TransferFailed(f"{peer.node} does not report {volume}@{snapshot.name} after send")
+    _, taken = await _send_one(
+        store, peer, header, store.send_stream(volume, snapshot.name, base), on_progress
+    )
     await store.destroy_snapshots(
         volume,
         prunable([ref.name for ref in local], keep=[snapshot.name, base or "", *keep]),
@@ -169,20 +158,7 @@ async def _finish_cut_stream(
         estimated_bytes=cut.left,
         resume_token=token,
     )
-    taken = 0
-
-    def progress(sent: int) -> None:
-        nonlocal taken
-        taken = sent
-        if on_progress is not None:
-            on_progress(cut.snapshot.name, sent, cut.left)
-
-    progress(0)
-    names = [cut.snapshot.name, *([cut.base.name] if cut.base else [])]
-    async with store.held(volume, names):
-        held = await peer.send(header, store.resume_stream(token), progress)
-    if cut.snapshot not in held:
-        raise TransferFailed(f"{peer.node} does not report {volume}@{cut.snapshot.name} after send")
+    held, taken = await _send_one(store, peer, header, store.resume_stream(token), on_progress)
     log.info(
         "cut stream resumed: volume=%s peer=%s snapshot=%s bytes=%d",
         volume,
@@ -190,4 +166,34 @@ async def _finish_cut_stream(
         cut.snapshot.name,
         taken,
     )
+    return held, taken
+
+
+async def _send_one(
+    store: SnapshotSource,
+    peer: Peer,
+    header: transfer_pb2.StreamHeader,
+    stream: SendStream,
+    on_progress: SyncProgress | None,
+) -> tuple[list[SnapshotRef], int]:
+    """Send one stream with its snapshot and base held from pruning; returns what the peer
+    then holds and the bytes it took. TransferFailed unless the peer reports the snapshot
+    (by name and GUID) afterwards."""
+    taken = 0
+
+    def progress(sent: int) -> None:
+        nonlocal taken
+        taken = sent
+        if on_progress is not None:
+            on_progress(header.to_snapshot, sent, header.estimated_bytes)
+
+    progress(0)
+    names = [name for name in (header.from_snapshot, header.to_snapshot) if name]
+    async with store.held(header.volume, names):
+        held = await peer.send(header, stream, progress)
+        failpoints.reached("transfer.sent")
+    if SnapshotRef(header.to_snapshot, header.to_guid) not in held:
+        raise TransferFailed(
+            f"{peer.node} does not report {header.volume}@{header.to_snapshot} after send"
+        )
     return held, taken
