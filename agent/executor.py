@@ -14,6 +14,7 @@ from agent.replication.record import MoveAbandoned
 from agent.replication.source import MoveDriver
 from agent.retry import Backoff
 from agent.store import VolumeStore
+from agent.usage import DockerMounts, unmount_unused
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.plan import (
     Action,
@@ -27,6 +28,7 @@ from ferry.core.plan import (
     Rejoin,
     Replicate,
     SetAside,
+    UnmountUnused,
 )
 from ferry.core.snapshots import FENCED_PREFIX, newest_common
 
@@ -54,8 +56,10 @@ class Executor:
         replicator: Replicator,
         report_create_failure: CreateFailureReport,
         connect: Callable[[str], Awaitable[Peer]],
+        mounts: DockerMounts,
     ) -> None:
         self._node = node
+        self._mounts = mounts
         self._connect = connect
         self._keyspace = keyspace
         self._store = store
@@ -94,6 +98,10 @@ class Executor:
                 await self._rejoin(volume)
             case Activate(volume, epoch):
                 await self._activation.activate(volume, epoch)
+            case UnmountUnused(volume):
+                held = await unmount_unused(volume, self._mounts, self._store)
+                if held:
+                    log.info("stays mounted: volume=%s used_by=%s", volume, "; ".join(held))
             case DriveMove(volume):
                 await self._stop_replicating(volume)
                 self._moves[volume] = asyncio.create_task(self._drive(volume))

@@ -10,9 +10,12 @@ Mounts are counted by Docker's request ``ID``, kept on local disk
 Mount records its ID first (refused while a handoff of the volume runs
 here), then mounts, then publishes the mount record in etcd (which blocks a
 delete); if any step fails, the ID and the record are taken back and Docker
-gets the reason. The record is released when the last container lets go.
-Whether a move may hand off is decided from the kernel's view, not from
-the record (``agent.replication.source``).
+gets the reason. The record is released when the last container lets go,
+and the dataset is unmounted then unless something else here still holds
+it (``agent.usage.unmount_unused``; convergence retries what is left): a
+volume is mounted only while it is used. Whether a move may hand off is
+decided from the kernel's view, not from the record
+(``agent.replication.source``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from agent.store import VolumeStore
-from agent.usage import DockerMounts, HandoffRunning, mount_records
+from agent.usage import DockerMounts, HandoffRunning, mount_records, unmount_unused
 from ferry.cluster.keyspace import Keyspace, Versioned
 from ferry.core.fencing import LEASE_TTL_SECONDS
 from ferry.core.records import MovePhase, Owner, VolumeSpec
@@ -148,10 +151,30 @@ class VolumePlugin:
     async def unmount(self, name: str, request_id: str) -> None:
         async with self._lock(name):
             await self._release(name, request_id)
-        log.info("unmounted: volume=%s id=%s", name, request_id)
+            try:
+                held = await unmount_unused(name, self.mounts, self.store)
+            except Exception as error:
+                # Docker's Unmount is done either way: the next convergence pass retries.
+                log.warning(
+                    "dataset not unmounted after the last Unmount: volume=%s error=%s; "
+                    "convergence tries again",
+                    name,
+                    error,
+                )
+                held = [str(error)]
+        log.info(
+            "unmount: volume=%s id=%s dataset=%s",
+            name,
+            request_id,
+            f"still mounted ({'; '.join(held)})" if held else "unmounted",
+        )
 
     async def path(self, name: str) -> str:
-        return str(self.store.mountpoint(name)) if self.mounts.ids(name) else ""
+        """The mountpoint while the dataset is mounted here, else "" (as Docker shows it)."""
+        return self._path(name, await self.store.mounted_here())
+
+    def _path(self, name: str, mounted: set[str]) -> str:
+        return str(self.store.mountpoint(name)) if name in mounted else ""
 
     async def get(self, name: str) -> dict[str, Any]:
         spec = await self.keyspace.get_volume(name)
@@ -165,10 +188,11 @@ class VolumePlugin:
         }
 
     async def list(self) -> list[dict[str, Any]]:
+        mounted = await self.store.mounted_here()
         return [
             {
                 "Name": v.value.name,
-                "Mountpoint": await self.path(v.value.name),
+                "Mountpoint": self._path(v.value.name, mounted),
                 "CreatedAt": _rfc3339(v.value.created_at),
             }
             for v in await self.keyspace.list_volumes()
@@ -202,14 +226,16 @@ class VolumePlugin:
             await self.keyspace.put_mount(record, self.lease())
 
     async def _take_back(self, name: str, request_id: str) -> None:
-        """Undo a Mount that failed half-way: the ID first (local, certain), then the record."""
+        """Undo a Mount that failed half-way: the ID first (local, certain), then the dataset's
+        mount (unless something else holds it) and the record."""
         await self.mounts.discard(name, request_id)
         try:
+            await unmount_unused(name, self.mounts, self.store)
             await self._publish(name)
         except Exception as error:
             log.warning(
-                "mount record not taken back: volume=%s error=%s; the next convergence pass "
-                "rewrites it from what the kernel shows",
+                "mount not taken back: volume=%s error=%s; the next convergence pass unmounts "
+                "it if unused and rewrites its record from what the kernel shows",
                 name,
                 error,
             )

@@ -39,7 +39,7 @@ from agent.transfer.data import DataListener, host_of
 from agent.transfer.options import SERVER_OPTIONS
 from agent.transfer.secure import stream_context
 from agent.transfer.server import TransferService
-from agent.usage import DockerMounts, mount_records
+from agent.usage import DockerMounts, mount_records, volumes_in_use
 from agent.zfs import ZFSError
 from agent.zfs.volumes import PoolRoot
 from ferry.cluster.etcd_tls import follow_renewals
@@ -122,6 +122,7 @@ class AgentService:
             self._replicator,
             self._report_create_failure,
             self._remote_peer,
+            self._mounts,
         )
         self._registration = Registration(
             keyspace,
@@ -382,6 +383,11 @@ class AgentService:
             volumes=local,
             running_moves=running_moves,
             replicating=replicating,
+            in_use=await volumes_in_use(
+                (name for name, volume in local.items() if volume.mounted),
+                self._mounts,
+                self._store,
+            ),
         )
         self._owned = {
             name: owner.value.epoch

@@ -6,10 +6,16 @@ calls no ``lzc_*`` function itself. Every
 call runs in a worker thread (the ZFS layer is synchronous) so the event
 loop keeps serving gRPC, the plugin socket and etcd watches meanwhile.
 
-A volume is ``<pool>/<root>/<name>``. The owner's copy is writable and
-mounted at ``<mount root>/<name>``; every other copy is read-only and not
-mounted. Copies that cannot continue a stream are renamed aside, never
-destroyed.
+A volume is ``<pool>/<root>/<name>``. The owner's copy is writable, and
+mounted at ``<mount root>/<name>`` only while something on this host uses it
+(a container's Mount, the operator's); every other copy is read-only and not
+mounted. Snapshots, sends and receives need no mount. Copies that cannot
+continue a stream are renamed aside, never destroyed.
+
+Mounts and unmounts of a volume run one at a time under its mount lock: a
+Mount, a fence, a handoff's unmount and an unmount of a copy nobody uses
+never interleave (else an unmount that checked "unused" could land just
+after a Mount answered, and the container would bind an empty directory).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -44,6 +50,10 @@ class SelfFenced(Exception):
     """A copy would become writable while this node's lease is unconfirmed (agent.selffence)."""
 
 
+class NotActive(Exception):
+    """A Mount of a copy that is not the active owner's here (not activated, or fenced)."""
+
+
 class VolumeStore:
     """Async operations on this node's volume datasets."""
 
@@ -58,6 +68,10 @@ class VolumeStore:
         """Volumes whose dataset the last ``local_volumes`` could not read, with the error."""
         self.self_fenced = False
         """The etcd lease went unconfirmed (agent.selffence): nothing makes a copy writable."""
+        self._mount_locks: dict[str, asyncio.Lock] = {}
+
+    def _mount_lock(self, volume: str) -> asyncio.Lock:
+        return self._mount_locks.setdefault(volume, asyncio.Lock())
 
     async def ensure_root(self) -> None:
         await asyncio.to_thread(self._root.ensure)
@@ -169,8 +183,9 @@ class VolumeStore:
         log.info("dataset created: volume=%s size=%d uid=%s", volume, size_bytes, uid)
 
     async def activate(self, spec: VolumeSpec) -> None:
-        """Make this node's copy the writable, mounted one, with the spec's size, compression
-        and uid (a received copy whose agent died before stamping it gets it here)."""
+        """Make this node's copy the writable one, with the spec's size, compression and uid
+        (a received copy whose agent died before stamping it gets it here). It is not
+        mounted: ``ensure_mounted`` does that when something uses it."""
         self._refuse_while_fenced(spec.name)
         await asyncio.to_thread(self._activate, spec)
 
@@ -187,12 +202,59 @@ class VolumeStore:
         if spec.uid:
             self._root.stamp_uid(spec.name, spec.uid)
         self._root.set_readonly(spec.name, False)
-        self._root.mount(spec.name, self.mountpoint(spec.name))
 
     async def ensure_mounted(self, volume: str) -> None:
-        """Mount the owner's copy if it is not (after the last container unmounted it)."""
-        self._refuse_while_fenced(volume)
-        await asyncio.to_thread(self._root.mount, volume, self.mountpoint(volume))
+        """Mount the owner's copy for a user, if it is not mounted yet (NotActive otherwise).
+
+        The mount gate: only an activated copy is mounted (writable: only the owner's
+        activation at its epoch makes it so, and a fence, under this same lock, undoes
+        it before it unmounts), and never while the lease is unconfirmed. A copy frozen
+        by a handoff is not writable either: the handoff's gate refuses its Mounts first.
+        """
+        async with self._mount_lock(volume):
+            self._refuse_while_fenced(volume)
+            await asyncio.to_thread(self._mount_active, volume)
+
+    def _mount_active(self, volume: str) -> None:
+        if not self._is_writable(volume):
+            raise NotActive(
+                f"the copy of {volume} here is not the owner's writable one (not activated "
+                "yet, or fenced)"
+            )
+        self._root.mount(volume, self.mountpoint(volume))
+
+    async def unmount_unused(
+        self, volume: str, holders: Callable[[list[User]], list[str]]
+    ) -> list[str]:
+        """Unmount the owner's copy unless something here still uses it; returns what does
+        (then it stays mounted), empty once it is unmounted (or was not mounted).
+
+        ``holders`` says, from the kernel's users of the filesystem (read under the
+        mount lock), what keeps it mounted: those users and Docker's mount IDs. No
+        acknowledged write is lost: with no user, no file is open, and ZFS writes out
+        what was written before it unmounts (or refuses while a file is open, which
+        counts as a user: then it stays mounted). A copy frozen by a handoff is left to
+        the handoff. The copy stays writable; the next Mount mounts it again.
+        """
+        async with self._mount_lock(volume):
+            if str(self.mountpoint(volume)) in read_only_mounts():
+                return ["frozen by a handoff"]
+            if volume not in await self.mounted_here():
+                return []
+            reasons = holders((await self.users([volume]))[volume])
+            if reasons:
+                return reasons
+            try:
+                await asyncio.to_thread(self._root.unmount, volume, False)
+            except zfs.DatasetBusy:
+                return ["a file on it is open (the unmount was refused as busy)"]
+        log.info("unmounted, nothing uses it: volume=%s", volume)
+        return []
+
+    async def mounted_here(self) -> set[str]:
+        """Mountpoints of this node's volumes that the kernel's mount table shows mounted
+        (no ZFS command: cheap for a list of every volume)."""
+        return await asyncio.to_thread(self._mounted_at, False)
 
     def commands_running(self, volume: str, older_than: float = 0.0) -> list[str]:
         """ZFS/mount commands on the volume's dataset (or its snapshots) running for at least
@@ -227,22 +289,23 @@ class VolumeStore:
     async def mounted_writable(self) -> list[str]:
         """Volumes mounted read-write at their mountpoint here, from the kernel's mount table
         alone (no ZFS command: this must answer when ZFS is slow)."""
-        return await asyncio.to_thread(self._mounted_writable)
+        return sorted(await asyncio.to_thread(self._mounted_at, True))
 
-    def _mounted_writable(self) -> list[str]:
+    def _mounted_at(self, writable_only: bool) -> set[str]:
         prefix = str(self._mount_root).rstrip("/") + "/"
-        found = []
+        found = set()
         for line in Path("/proc/self/mounts").read_text().splitlines():
             fields = line.split()
             if len(fields) > 3 and fields[1].startswith(prefix):
                 name = fields[1][len(prefix) :]
-                if "/" not in name and "rw" in fields[3].split(","):
-                    found.append(name)
+                if "/" not in name and (not writable_only or "rw" in fields[3].split(",")):
+                    found.add(name)
         return found
 
     async def stop_writes(self, volume: str) -> None:
         """Unmount and make read-only: after this, nothing writes to this copy."""
-        await asyncio.to_thread(self._stop_writes, volume)
+        async with self._mount_lock(volume):
+            await asyncio.to_thread(self._stop_writes, volume)
 
     def _stop_writes(self, volume: str) -> None:
         self._root.unmount(volume)
@@ -255,18 +318,20 @@ class VolumeStore:
         container's bind mount writing. A process holding a file open for
         writing keeps the kernel from freezing; that is logged with who it is.
         """
-        try:
-            await self.freeze(volume)
-        except FilesystemBusy as busy:
-            users = (await self.users([volume]))[volume]
-            log.error(
-                "fence could not stop every writer: volume=%s error=%s users=%s; stop them "
-                "(docker stop, or end the process): this node no longer owns the volume",
-                volume,
-                busy,
-                "; ".join(user.describe() for user in users),
-            )
-        await asyncio.to_thread(self._stop_writes, volume)
+        async with self._mount_lock(volume):
+            try:
+                await self.freeze(volume)
+            except FilesystemBusy as busy:
+                users = (await self.users([volume]))[volume]
+                log.error(
+                    "fence could not stop every writer: volume=%s error=%s users=%s; stop "
+                    "them (docker stop, or end the process): this node no longer owns the "
+                    "volume",
+                    volume,
+                    busy,
+                    "; ".join(user.describe() for user in users),
+                )
+            await asyncio.to_thread(self._stop_writes, volume)
         name = await self.snapshot_head(volume, FENCED_PREFIX)
         metrics.FENCED.inc()
         if self._events is not None:
@@ -428,17 +493,17 @@ class VolumeStore:
         self._root.destroy_snapshots(volume, shorts, defer=True)
 
     async def destroy(self, volume: str) -> None:
-        await asyncio.to_thread(self._root.destroy_volume, volume)
+        async with self._mount_lock(volume):
+            await asyncio.to_thread(self._root.destroy_volume, volume)
         log.info("dataset destroyed: volume=%s", volume)
 
 
 def _writable(props: dict[str, str], read_only_mounts: set[str]) -> bool:
-    """Writable means mounted read-write: a copy being received is neither, and is left alone.
+    """Writable means activated (``readonly`` off, which only the owner's activation sets:
+    volumes inherit ``on`` from their root), mounted or not: an unmounted copy is written
+    again as soon as it is mounted, so a node that no longer owns it fences it the same.
 
     A frozen copy (mounted, but read-only in the kernel's mount table) is not writable.
     """
-    return (
-        props.get("readonly") == "off"
-        and props.get("mounted") == "yes"
-        and props.get("mountpoint") not in read_only_mounts
-    )
+    frozen = props.get("mounted") == "yes" and props.get("mountpoint") in read_only_mounts
+    return props.get("readonly") == "off" and not frozen

@@ -11,6 +11,11 @@ makes the container's bind mount: the kernel sees nothing in between). An
 older ID that the kernel does not back is stale (its container is gone
 without an Unmount, e.g. dockerd was killed) and is only counted.
 
+What keeps a volume's dataset mounted is wider than what keeps a move
+waiting: every recorded mount ID, of any age, or any user the kernel shows
+(``holders``). A Mount ID stands for a container (or an operator's Mount
+through the plugin socket) until its Unmount; only then may the dataset go.
+
 The handoff gate closes the race between a handoff and a new Mount: both
 run on the agent's one event loop and check-and-set without awaiting, so a
 Mount either lands before the handoff starts (and the handoff sees its ID)
@@ -86,6 +91,17 @@ class DockerMounts:
         ]
         return reasons
 
+    def holders(self, volume: str, kernel_users: list[User]) -> list[str]:
+        """What keeps the volume's dataset mounted, for the operator; empty when nothing does.
+
+        Every mount ID counts until its Unmount, however old: a stale one (dockerd killed
+        without an Unmount) keeps one dataset mounted, where dropping a live one would
+        pull the dataset from under a container whose bind the kernel does not show yet.
+        """
+        return [user.describe() for user in kernel_users] + [
+            f"mount {request_id[:12] or '(no id)'}" for request_id in self.ids(volume)
+        ]
+
     def begin_handoff(self, volume: str) -> None:
         """Close the gate: from now on a Mount of the volume is refused (HandoffRunning)."""
         self._handoffs.add(volume)
@@ -122,6 +138,23 @@ class DockerMounts:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self._path)
+
+
+async def unmount_unused(volume: str, mounts: DockerMounts, store: VolumeStore) -> list[str]:
+    """Unmount the volume's dataset here if nothing holds it (``DockerMounts.holders``);
+    returns what still does. See ``VolumeStore.unmount_unused``."""
+    return await store.unmount_unused(volume, lambda users: mounts.holders(volume, users))
+
+
+async def volumes_in_use(
+    volumes: Iterable[str], mounts: DockerMounts, store: VolumeStore
+) -> frozenset[str]:
+    """Those of ``volumes`` that something here holds (one read of the kernel's view)."""
+    names = list(volumes)
+    if not names:
+        return frozenset()
+    users = await store.users(names)
+    return frozenset(name for name in names if mounts.holders(name, users[name]))
 
 
 async def mount_records(

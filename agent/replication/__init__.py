@@ -28,8 +28,8 @@ Read top to bottom; each phase says what it waits for and what it writes
    happened.
 4. ``activating`` -> ``done`` (target, ``activation``): the target sees that it
    owns the volume, checks that it holds the final snapshot, makes its copy
-   writable and mounts it, and writes ``done``. The source keeps a read-only
-   copy.
+   writable, and writes ``done``; the copy is mounted when something uses it
+   (the waiting Mount). The source keeps a read-only copy.
 
 Cancel (control, phase ``failed``) is possible until the swap: the swap
 compares the record's revision, so the cancel or the swap wins, never both.

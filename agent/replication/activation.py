@@ -36,8 +36,9 @@ class Activation:
         """Told of each move this node marked done (its event)."""
 
     async def activate(self, volume: str, epoch: int) -> None:
-        """Writable and mounted, if this copy holds the handoff's final snapshot (a move into
-        this node) or no move says otherwise; then the move is marked done."""
+        """Writable (mounted by the next Mount), if this copy holds the handoff's final
+        snapshot (a move into this node) or no move says otherwise; then the move is
+        marked done."""
         move = await self._records.get_move(volume)
         # A move a failover ended (its source was lost) brings nothing to wait for.
         incoming = (

@@ -87,8 +87,9 @@ class LocalStore(SnapshotSource, ReceivingStore, Protocol):
     """This node's copies of its volumes: what a move and a receive need of them."""
 
     async def freeze(self, volume: str) -> None:
-        """Every writer stops, the copy stays mounted; FilesystemBusy while a file is open
-        for writing. ``thaw`` or ``stop_writes`` follows."""
+        """Every writer stops, the copy stays mounted (an unmounted one has no writer and
+        is left as it is); FilesystemBusy while a file is open for writing. ``thaw`` or
+        ``stop_writes`` follows."""
 
     async def thaw(self, volume: str) -> None: ...
 
@@ -106,7 +107,8 @@ class LocalStore(SnapshotSource, ReceivingStore, Protocol):
         """Outside commands on the volume running now, described for an operator."""
 
     async def activate(self, spec: VolumeSpec) -> None:
-        """Make this copy the writable, mounted one, with the spec's properties."""
+        """Make this copy the writable one, with the spec's properties; it is mounted only
+        when something here uses it (a Mount), not by this."""
 
 
 class Peer(Protocol):

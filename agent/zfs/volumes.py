@@ -58,6 +58,8 @@ ASIDE_VOLUME = "ferry:aside-volume"
 ASIDE_EPOCH = "ferry:aside-epoch"
 ASIDE_AT = "ferry:aside-at"
 ASIDE_REASON = "ferry:aside-reason"
+# What every volume inherits from its root (PoolRoot.ensure says why).
+ROOT_PROPERTIES = {"atime": "off", "readonly": "on"}
 BUSY_ATTEMPTS = 20
 BUSY_DELAY_SECONDS = 0.25
 
@@ -161,18 +163,25 @@ class PoolRoot:
         return validate_under(self.base + b"/" + volume.encode(), self.base)
 
     def ensure(self) -> None:
-        """Create the roots if missing; volumes inherit ``atime=off`` from their root.
+        """Create the roots if missing; volumes inherit ``atime=off`` and ``readonly=on``.
 
         With access times on, reading a file changes the dataset, and ZFS then
         refuses the next incremental receive into it as modified: a copy that
-        was only read would count as diverged.
+        was only read would count as diverged. Read-only by inheritance makes
+        "writable" mean "activated": only ``set_readonly(volume, False)``, which
+        the owner's activation makes, overrides it, so a copy that was created
+        or fully received and not activated yet (its agent died in between) is
+        never taken for an owner's copy, mounted or not.
         """
         for root in (self.base, self.aside):
             if not zfs.lzc_exists(root):
-                zfs.lzc_create(root, props={"mountpoint": "none", "atime": "off"})
+                zfs.lzc_create(root, props={"mountpoint": "none", **ROOT_PROPERTIES})
                 log.info("created ferry root: dataset=%s", root.decode())
-            elif zfs.lzc_get_props(root).get("atime") != "off":
-                zfs.lzc_set_prop(root, "atime", "off")
+                continue
+            props = zfs.lzc_get_props(root)
+            for prop, value in ROOT_PROPERTIES.items():
+                if props.get(prop) != value:
+                    zfs.lzc_set_prop(root, prop, value)
 
     def volumes(self) -> list[str]:
         """Names of the volumes this pool holds."""
@@ -188,6 +197,8 @@ class PoolRoot:
             "refquota": size_bytes,
             "compression": validate_compression(compression),
             "mountpoint": str(mountpoint),
+            # Mounted only while used (``mount``): never by ZFS itself, e.g. at its start.
+            "canmount": "noauto",
         }
         if uid:
             props[UID_PROPERTY] = uid
@@ -301,14 +312,23 @@ class PoolRoot:
             # Busy for a moment when another dataset was just unmounted from ``path``.
             retry_busy(lambda: zfs.zfs_mount(dataset), f"mount {volume}")
 
-    def unmount(self, volume: str) -> None:
-        """Unmount (retrying while busy) and keep it from being mounted automatically. The
-        mountpoint left behind is guarded (see ``mount``): nothing can be written under it."""
+    def unmount(self, volume: str, wait_while_busy: bool = True) -> None:
+        """Unmount and keep it from being mounted automatically. The mountpoint left
+        behind is guarded (see ``mount``): nothing can be written under it.
+
+        ZFS writes out everything written before it unmounts, or refuses (``DatasetBusy``)
+        while a file is open: an unmount loses no write. ``wait_while_busy`` retries
+        that refusal for a while; without it the first one is raised.
+        """
         dataset = self.dataset(volume)
         props = zfs.lzc_get_props(dataset)
         if props.get("mounted") == "yes":
-            retry_busy(lambda: zfs.zfs_unmount(dataset), f"unmount {volume}")
-        zfs.lzc_set_prop(dataset, "canmount", "noauto")
+            if wait_while_busy:
+                retry_busy(lambda: zfs.zfs_unmount(dataset), f"unmount {volume}")
+            else:
+                zfs.zfs_unmount(dataset)
+        if props.get("canmount") != "noauto":
+            zfs.lzc_set_prop(dataset, "canmount", "noauto")
 
     def freeze(self, volume: str, at: Path | None = None) -> None:
         """Stop every writer of the mounted volume at once, and flush what was written.

@@ -49,6 +49,9 @@ class Actual:
     running_moves: frozenset[str] = frozenset()
     replicating: frozenset[str] = frozenset()
     """Volumes whose replication loop runs here now."""
+    in_use: frozenset[str] = frozenset()
+    """Mounted volumes that something here uses (a Docker mount ID, or a user the kernel
+    shows): they stay mounted."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,18 @@ class Rejoin:
 
 @dataclass(frozen=True)
 class Activate:
-    """This node owns the volume at ``epoch``: make the copy writable and mount it."""
+    """This node owns the volume at ``epoch``: make the copy writable (a Mount mounts it)."""
 
     volume: str
     epoch: int
+
+
+@dataclass(frozen=True)
+class UnmountUnused:
+    """The owner's copy is mounted and nothing here uses it: unmount it. It stays writable,
+    and the next Mount mounts it again; the executor checks "unused" again first."""
+
+    volume: str
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,7 @@ Action = (
     | Fence
     | Rejoin
     | Activate
+    | UnmountUnused
     | DriveMove
     | Replicate
     | Destroy
@@ -193,11 +205,14 @@ def _plan_volume(name: str, desired: Desired, actual: Actual) -> list[Action]:
         return [Missing(name)]
     if move is not None and move.source == me and move.phase in ACTIVE_PHASES:
         return [] if name in actual.running_moves else [DriveMove(name)]
-    if not local.writable or not local.mounted or _to_end_here(move, me):
+    if not local.writable or _to_end_here(move, me):
         return [Activate(name, owner.epoch)]
+    actions: list[Action] = []
+    if local.mounted and name not in actual.in_use:
+        actions.append(UnmountUnused(name))
     if spec.replicas and name not in actual.replicating:
-        return [Replicate(name)]
-    return []
+        actions.append(Replicate(name))
+    return actions
 
 
 def _to_end_here(move: Move | None, me: str) -> bool:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.cluster import Cluster, ClusterHost
 from tests.support.containers import TOOLBOX, WRITER, container_writing, docker_hosts, logs
-from tests.support.volumes import mountpoint, wait_for, writable_copies
+from tests.support.volumes import used_on, wait_for, writable_copies
 from tests.support.writer import acknowledged, lines_in, start_writer
 
 pytestmark = pytest.mark.cluster
@@ -55,9 +55,9 @@ class CopySampler:
 
 
 def lines_on(cluster: Cluster, host: ClusterHost, volume: str) -> set[int]:
-    return lines_in(
-        cluster.run(host, ["cat", f"{mountpoint(host, volume)}/log"], check=False).stdout
-    )
+    """The lines of the volume's log on ``host``, its owner (used while read)."""
+    with used_on(cluster, host, volume) as where:
+        return lines_in(cluster.run(host, ["cat", f"{where}/log"], check=False).stdout)
 
 
 @pytest.fixture
@@ -204,7 +204,18 @@ def test_a_writer_outside_docker_holding_its_file_open_is_waited_for(
 ) -> None:
     """Like a database's WAL: the kernel shows the open file, the move waits for it."""
     a, b = docker_hosts(cluster)
-    writer = start_writer(f"{mountpoint(a, volume)}/log", hold=True, prefix=a.run_prefix)
+    with used_on(cluster, a, volume) as where:
+        writer = start_writer(f"{where}/log", hold=True, prefix=a.run_prefix)
+        out = wait_for_the_move_past(cluster, volume, writer, a, b)
+    written = acknowledged(out)
+    assert written and written <= lines_on(cluster, b, volume)
+
+
+def wait_for_the_move_past(
+    cluster: Cluster, volume: str, writer: subprocess.Popen[str], a: ClusterHost, b: ClusterHost
+) -> str:
+    """Move ``volume`` to ``b`` while ``writer`` holds its file on ``a``: the move waits,
+    then ends once the writer is killed; the writer's output."""
     try:
         with CopySampler(cluster, volume):
             wait_for("the writer to start", lambda: lines_on(cluster, a, volume))
@@ -216,8 +227,7 @@ def test_a_writer_outside_docker_holding_its_file_open_is_waited_for(
     finally:
         writer.kill()
         writer.wait()
-    written = acknowledged(out)
-    assert written and written <= lines_on(cluster, b, volume)
+    return out
 
 
 def test_a_writer_that_reopens_its_file_loses_no_acknowledged_line(
@@ -227,15 +237,17 @@ def test_a_writer_that_reopens_its_file_loses_no_acknowledged_line(
     it: its writes are then refused (the freeze, then no mountpoint to write into), and
     every line it was told was written is on the new owner."""
     a, b = docker_hosts(cluster)
-    writer = start_writer(f"{mountpoint(a, volume)}/log", hold=False, prefix=a.run_prefix)
-    try:
-        with CopySampler(cluster, volume):
-            wait_for("the writer to start", lambda: lines_on(cluster, a, volume))
-            cluster.ferryctl(["volume", "move", volume, b.name, "--wait", "--timeout", "120"])
-            time.sleep(1)
-    finally:
-        writer.kill()
-        out, _ = writer.communicate()
+    with used_on(cluster, a, volume) as where:
+        writer = start_writer(f"{where}/log", hold=False, prefix=a.run_prefix)
+        try:
+            with CopySampler(cluster, volume):
+                wait_for("the writer to start", lambda: lines_on(cluster, a, volume))
+                move = ["volume", "move", volume, b.name, "--wait", "--timeout", "120"]
+                cluster.ferryctl(move)
+                time.sleep(1)
+        finally:
+            writer.kill()
+            out, _ = writer.communicate()
     written = acknowledged(out)
     assert any(line.startswith("err ") for line in out.splitlines()), "writes were refused"
     assert written and written <= lines_on(cluster, b, volume)
@@ -247,12 +259,13 @@ def test_a_container_binding_the_mountpoints_host_path_is_waited_for(
     """``-v /var/lib/ferry/mnt/NAME:/data`` never reaches the plugin; the kernel still sees it."""
     a, b = docker_hosts(cluster)
     name = f"bind-{volume}"
-    cluster.docker(
-        a,
-        ["run", "-d", "--name", name, "--network", "none",
-         "-v", f"{mountpoint(a, volume)}:/data", TOOLBOX, "sh", "-c",
-         WRITER.format(log="/data/log")],
-    )  # fmt: skip
+    with used_on(cluster, a, volume) as where:  # mounted, so there is something to bind
+        cluster.docker(
+            a,
+            ["run", "-d", "--name", name, "--network", "none",
+             "-v", f"{where}:/data", TOOLBOX, "sh", "-c",
+             WRITER.format(log="/data/log")],
+        )  # fmt: skip
     try:
         with CopySampler(cluster, volume):
             wait_for("the writer to start", lambda: len(logs(cluster, a, name)) > 10)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.cluster import Cluster, ClusterHost
-from tests.support.volumes import mountpoint, wait_for, write_random_on
+from tests.support.volumes import mountpoint, used_on, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
 
@@ -73,7 +73,8 @@ def test_late_writes_on_the_old_copy_are_kept_aside_listed_and_dropped_on_reques
 
     back = cluster.volume(volume)
     assert (back["owner"], back["epoch"], back["move"]["phase"]) == (a.name, 3, "done")
-    files = cluster.run(a, ["ls", "-A", mountpoint(a, volume)]).stdout.split()
+    with used_on(cluster, a, volume) as where:
+        files = cluster.run(a, ["ls", "-A", where]).stdout.split()
     assert "before" in files and "late.log" not in files
     wait_for(
         f"volume get to list the copy {a.name} kept aside",

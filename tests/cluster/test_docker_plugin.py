@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.agent import plugin_call
 from tests.support.cluster import Cluster, ClusterHost
+from tests.support.volumes import dataset_mounted, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -123,6 +124,13 @@ def test_volumes_show_their_owner_and_remove_waits_for_containers(cluster: Clust
     assert name in volume_names(cluster)
     assert cluster.docker(host, ["exec", container, "cat", "/data/file"]).stdout == "kept\n"
     cluster.docker(host, ["rm", "-f", container])
+    wait_for(
+        "the dataset unmounted after the container's Unmount",
+        lambda: not dataset_mounted(cluster, host, name),
+        timeout=60,
+    )
+    inspected = json.loads(cluster.docker(host, ["volume", "inspect", name]).stdout)[0]
+    assert inspected["Mountpoint"] == ""
     cluster.docker(host, ["volume", "rm", name])
     assert name not in volume_names(cluster)
 

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import grpc
 import pytest
@@ -27,7 +27,9 @@ from tests.support.volumes import (
     finish_and_check,
     mountpoint,
     move_error,
+    move_phase,
     sent,
+    used_on,
     wait_for,
     writable_copies,
     write_random_on,
@@ -90,10 +92,11 @@ class LogWriter:
         self._host = host
         self._name = name
         self._process: subprocess.Popen[str] | None = None
+        self._used = ExitStack()
 
     def __enter__(self) -> LogWriter:
-        log = f"{mountpoint(self._host, self._name)}/log"
-        self._process = start_writer(log, hold=False, prefix=self._host.run_prefix)
+        where = self._used.enter_context(used_on(self._cluster, self._host, self._name))
+        self._process = start_writer(f"{where}/log", hold=False, prefix=self._host.run_prefix)
         wait_for("the writer to start", lambda: lines_on(self._cluster, self._host, self._name))
         return self
 
@@ -101,6 +104,7 @@ class LogWriter:
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
             self._process.wait()
+        self._used.close()
 
     def stop(self) -> set[int]:
         """Stop it; the numbers of the lines it was told were written."""
@@ -113,8 +117,10 @@ class LogWriter:
 
 
 def lines_on(cluster: Cluster, host: ClusterHost, name: str) -> set[int]:
-    """The lines a LogWriter's file holds in the host's copy of the volume."""
-    out = cluster.run(host, ["cat", f"{mountpoint(host, name)}/log"], check=False).stdout
+    """The lines a LogWriter's file holds in the copy of the volume on ``host``, its owner
+    (used while read)."""
+    with used_on(cluster, host, name) as where:
+        out = cluster.run(host, ["cat", f"{where}/log"], check=False).stdout
     return lines_in(out)
 
 
@@ -439,13 +445,16 @@ def test_a_handoff_whose_final_send_hangs_thaws_the_source_and_the_move_complete
         cluster.agent(a.name, "start", hung)
         wait_for("the armed agent", lambda: _port_open(a.agent_address or ""), 30)
         cluster.ferryctl(["volume", "move", name, b.name])
-        wait_for(
-            "the handoff to freeze the source", lambda: not writable_copies(cluster, name), 120
-        )
+        # Unused, the copy is not mounted: the freeze has no writer to stop, so the handoff
+        # shows in the move's phase, not in the copy's mount.
+        wait_for("the handoff to start", lambda: move_phase(cluster, name) == "handoff", 120)
         frozen_at = time.monotonic()
         wait_for(
-            "the source to thaw after the handoff deadline",
-            lambda: writable_copies(cluster, name) == [a.name],
+            "the source to take writes again after the handoff deadline",
+            lambda: (
+                move_phase(cluster, name) != "handoff"
+                and writable_copies(cluster, name) == [a.name]
+            ),
             HANDOFF_DEADLINE_SECONDS + 30,
         )
         assert time.monotonic() - frozen_at < HANDOFF_DEADLINE_SECONDS + 30

@@ -14,7 +14,7 @@ import pytest
 
 from ferry.cluster.keyspace import Keyspace
 from tests.support.cluster import Cluster, ClusterHost
-from tests.support.volumes import mountpoint, wait_for
+from tests.support.volumes import used_on, wait_for, writable_copies
 
 pytestmark = pytest.mark.cluster
 
@@ -24,8 +24,9 @@ def test_a_new_volume_never_adopts_a_deleted_namesakes_leftover(cluster: Cluster
     name = f"ns-{secrets.token_hex(3)}"
     create = ["volume", "create", name, "--size", "64M", "--node", host.name]
     cluster.ferryctl(create)
-    wait_for(f"{name} mounted on {host.name}", lambda: mounted(cluster, host, name))
-    cluster.run(host, ["sh", "-c", f"echo old-volume > {mountpoint(host, name)}/old"])
+    wait_for(f"{name} owned on {host.name}", lambda: owned_here(cluster, host, name))
+    with used_on(cluster, host, name) as where:
+        cluster.run(host, ["sh", "-c", f"echo old-volume > {where}/old"])
 
     cluster.agent(host.name, "stop")
     try:
@@ -42,9 +43,8 @@ def test_a_new_volume_never_adopts_a_deleted_namesakes_leftover(cluster: Cluster
         lambda: cluster.ferryctl(create, check=False).returncode == 0,
     )
     try:
-        # First the old dataset goes aside: until then it is still mounted where the new
-        # volume will be (the agent was stopped, not its mounts), and a listing taken
-        # then would see the old data whoever is right.
+        # First the old dataset goes aside: until then it sits where the new volume will
+        # be, and a listing taken then would see the old data whoever is right.
         wait_for(
             f"the old data listed as a copy of {name} kept aside on {host.name}",
             lambda: any(
@@ -52,17 +52,17 @@ def test_a_new_volume_never_adopts_a_deleted_namesakes_leftover(cluster: Cluster
                 for c in cluster.volume(name)["diverged"]
             ),
         )
-        wait_for(f"new {name} mounted on {host.name}", lambda: mounted(cluster, host, name))
-        listing = cluster.run(host, ["ls", "-A", mountpoint(host, name)]).stdout.split()
+        wait_for(f"new {name} owned on {host.name}", lambda: owned_here(cluster, host, name))
+        with used_on(cluster, host, name) as where:
+            listing = cluster.run(host, ["ls", "-A", where]).stdout.split()
         assert "old" not in listing, "the new volume adopted the deleted volume's data"
     finally:
         cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
 
 
-def mounted(cluster: Cluster, host: ClusterHost, name: str) -> bool:
-    dataset = f"{host.pool}/ferry/{name}"
-    result = cluster.run(host, ["zfs", "get", "-H", "-o", "value", "mounted", dataset], check=False)
-    return result.stdout.strip() == "yes"
+def owned_here(cluster: Cluster, host: ClusterHost, name: str) -> bool:
+    """The host's copy is the volume's writable one (mounted only while used)."""
+    return writable_copies(cluster, name) == [host.name]
 
 
 def stored(cluster: Cluster, name: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.cluster import REPO, Cluster, ClusterHost
-from tests.support.volumes import mountpoint, wait_for, write_random_on
+from tests.support.volumes import mountpoint, used_on, wait_for, write_random_on
 
 pytestmark = pytest.mark.cluster
 
@@ -81,12 +81,13 @@ def test_replication_keeps_the_lag_under_the_rpo_with_a_steady_writer(
     owner, (replica,) = create_replicated(cluster, volume)
     found = copies(cluster, volume)
     assert found[owner]["role"] == "owner" and found[replica]["role"] == "replica"
-    running = writer(cluster.host(owner), f"{mountpoint(cluster.host(owner), volume)}/log")
-    try:
-        lags = sample_lags(cluster, volume, replica, 30)
-    finally:
-        running.kill()
-        running.wait()
+    with used_on(cluster, cluster.host(owner), volume) as where:
+        running = writer(cluster.host(owner), f"{where}/log")
+        try:
+            lags = sample_lags(cluster, volume, replica, 30)
+        finally:
+            running.kill()
+            running.wait()
     p50, p99 = statistics.median(lags), sorted(lags)[int(len(lags) * 0.99) - 1]
     print(f"lag over {len(lags)} samples: p50 {p50:.1f}s p99 {p99:.1f}s rpo {RPO}s")
     assert p99 < RPO

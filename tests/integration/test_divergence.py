@@ -161,6 +161,7 @@ async def test_the_receiver_refuses_a_stream_into_its_own_writable_copy(
     assert spec is not None
     await b.store.create(volume, spec.value.size_bytes, "off", spec.value.uid)
     await b.store.activate(spec.value)
+    await b.store.ensure_mounted(volume)
     mine = append_lines(b.path(volume) / "b.log", 3, "b's own")
     snapshot = await a.store.take_snapshot(volume, 1)
     header = transfer_pb2.StreamHeader(

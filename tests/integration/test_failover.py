@@ -171,6 +171,7 @@ async def test_an_old_owner_keeps_its_late_writes_aside_and_rejoins_from_the_com
     assert listed_copy["dataset"] == kept.decode() and listed_copy["node"] == a.name
 
     # A replica again: the next stream from the owner continues from the common snapshot.
+    await b.store.ensure_mounted(volume)  # a container on b uses it
     after = append_lines(b.path(volume) / "new.log", 5, "on b")
     assert await move(keyspace, b, a, volume) == 4
     assert (a.path(volume) / "new.log").read_text().splitlines() == after

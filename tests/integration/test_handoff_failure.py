@@ -62,6 +62,7 @@ async def source(
     spec = VolumeSpec(name=name, size_bytes=SIZE, node="ho-b")
     await store.create(name, SIZE, "off", "")
     await store.activate(spec)
+    await store.ensure_mounted(name)
     await keyspace.create_volume(spec)
     assert await keyspace.claim_owner(name, "ho-a")
     await store.take_snapshot(name, 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.zfs.volumes import FilesystemBusy, PoolRoot
-from tests.support.pools import scratch_pool
+from tests.support.pools import create_in_use, scratch_pool
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ class Writer:
 @pytest.fixture
 def volume(root: PoolRoot, tmp_path: Path) -> Path:
     where = tmp_path / "mnt" / "db"
-    root.create_volume("db", 64 << 20, "off", where)
+    create_in_use(root, "db", 64 << 20, "off", where)
     return where
 
 

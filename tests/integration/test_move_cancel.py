@@ -70,6 +70,7 @@ async def source(
     spec = VolumeSpec(name=name, size_bytes=SIZE, node=TARGET)
     await store.create(name, SIZE, "off", "")
     await store.activate(spec)
+    await store.ensure_mounted(name)
     await keyspace.create_volume(spec)
     assert await keyspace.claim_owner(name, SOURCE)
     assert await keyspace.put_move(Move(volume=name, source=SOURCE, target=TARGET), None)

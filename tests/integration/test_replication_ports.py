@@ -22,6 +22,7 @@ from agent.replication.adapters import PoolStore, RemotePeer
 from agent.replication.ports import LocalStore, Peer
 from agent.replication.sync import NoCommonSnapshot, sync_to_peer
 from agent.transfer.client import PeerClient, TransferFailed
+from agent.usage import unmount_unused
 from agent.zfs.volumes import FilesystemBusy
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import Move, Owner, VolumeSpec
@@ -51,7 +52,20 @@ class RealWorld:
         assert await self.records.claim_owner(volume, A)
         await self.pools[A].store.create(volume, SIZE, "off", "")
         await self.stores[A].activate(spec)
+        await self.mount(A, volume)
         return spec
+
+    async def mount(self, node: str, volume: str) -> None:
+        """As a container's Mount does."""
+        await self.pools[node].store.ensure_mounted(volume)
+
+    async def unmount(self, node: str, volume: str) -> None:
+        """As the last Unmount does."""
+        pool = self.pools[node]
+        assert await unmount_unused(volume, pool.mounts, pool.store) == []
+
+    async def mounted(self, node: str, volume: str) -> bool:
+        return volume in await self.pools[node].store.mounted_here()
 
     def write(self, node: str, volume: str, data: bytes) -> bool:
         try:
@@ -88,6 +102,15 @@ class FakeWorld:
         assert await self.records.claim_owner(volume, A)
         self.stores[A].create(volume)
         return spec
+
+    async def mount(self, node: str, volume: str) -> None:
+        self.stores[node].mount(volume)
+
+    async def unmount(self, node: str, volume: str) -> None:
+        self.stores[node].unmount(volume)
+
+    async def mounted(self, node: str, volume: str) -> bool:
+        return self.stores[node].copies[volume].mounted
 
     def write(self, node: str, volume: str, data: bytes) -> bool:
         return self.stores[node].write(volume, data)
@@ -164,6 +187,7 @@ async def test_a_copy_written_after_its_base_is_kept_aside_and_the_stream_refuse
     await sync_to_peer(world.stores[A], world.peer, volume, epoch=1, sender=A)
     target = world.stores[B]
     await target.activate(spec)
+    await world.mount(B, volume)
     assert world.write(B, volume, b"written on the replica\n")
     await target.stop_writes(volume)
     with pytest.raises(TransferFailed, match="kept aside"):
@@ -211,6 +235,27 @@ async def test_freeze_stops_writes_thaw_gives_them_back_stop_ends_them(
     await store.freeze(volume)  # a stopped copy: nothing to freeze
     await store.thaw(volume)
     assert not await store.is_writable(volume)
+
+
+async def test_an_unused_copy_unmounted_stays_writable_and_syncs_without_a_mount(
+    world: Worlds, volume: str
+) -> None:
+    await world.create_owned(volume)
+    store = world.stores[A]
+    assert world.write(A, volume, b"before the unmount\n")
+    await world.unmount(A, volume)
+    assert not await world.mounted(A, volume)
+    assert await store.is_writable(volume), "activated: it takes writes at its next mount"
+    assert not world.write(A, volume, b"unmounted\n")
+    assert await store.in_use(volume) == []
+    await store.freeze(volume)  # no writer to stop
+    synced = await sync_to_peer(store, world.peer, volume, epoch=1, sender=A)
+    assert synced.bytes_sent > 0
+    assert await _held(world, B, volume) == await _held(world, A, volume) != []
+    assert not await world.mounted(A, volume), "snapshots and sends need no mount"
+    await store.thaw(volume)
+    await world.mount(A, volume)
+    assert world.write(A, volume, b"after the mount\n")
 
 
 async def test_a_file_open_for_writing_refuses_the_freeze_and_is_in_use(

@@ -27,7 +27,7 @@ from agent.zfs.streams import SnapshotReceive, SnapshotStream
 from agent.zfs.volumes import PoolRoot
 from ferry.core.snapshots import SnapshotRef
 from tests.support.files import write_random
-from tests.support.pools import ScratchPool, pool_fixture
+from tests.support.pools import ScratchPool, create_in_use, pool_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -678,7 +678,7 @@ def test_pool_root_snapshots_properties_and_holds(
     root = PoolRoot(src.name, root=f"ferry{next(_counter)}")
     root.ensure()
     assert root.snapshots("vol") is None
-    root.create_volume("vol", 16 << 20, "off", tmp_path / "vol")
+    create_in_use(root, "vol", 16 << 20, "off", tmp_path / "vol")
     try:
         assert root.snapshots("vol") == []
         assert root.props("vol")["refquota"] == str(16 << 20)
@@ -722,7 +722,7 @@ def test_snapshot_streams_through_a_descriptor(
     receiver = PoolRoot(dst.name, root=f"ferry{next(_counter)}")
     sender.ensure()
     receiver.ensure()
-    sender.create_volume("vol", 16 << 20, "off", tmp_path / "vol")
+    create_in_use(sender, "vol", 16 << 20, "off", tmp_path / "vol")
     try:
         write_random(tmp_path / "vol" / "f", 1 << 20)
         sender.snapshot("vol", "s1")

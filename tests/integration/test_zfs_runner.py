@@ -27,7 +27,7 @@ from agent.zfs.exceptions import CommandTimeout
 from agent.zfs.volumes import PoolRoot
 from ferry.security import ca
 from ferry.security.tls import TlsFiles
-from tests.support.pools import ScratchPool, scratch_pool
+from tests.support.pools import ScratchPool, create_in_use, scratch_pool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -100,7 +100,7 @@ def test_a_hung_sync_in_a_freeze_is_bounded(
 ) -> None:
     root = PoolRoot(pool.name)
     root.ensure()
-    root.create_volume("to-freeze", 16 << 20, "off", tmp_path / "to-freeze")
+    create_in_use(root, "to-freeze", 16 << 20, "off", tmp_path / "to-freeze")
     root.mount("to-freeze", tmp_path / "to-freeze")
     try:
         monkeypatch.setenv("FERRY_FAILPOINTS", "hang:sync")

@@ -18,7 +18,7 @@ from agent.store import VolumeStore
 from agent.zfs.exceptions import NameInvalid
 from agent.zfs.volumes import TRANSFER_HOLD, UID_PROPERTY, PoolRoot
 from ferry.core.records import VolumeSpec
-from tests.support.pools import ScratchPool, scratch_pool
+from tests.support.pools import ScratchPool, create_in_use, scratch_pool
 
 pytestmark = pytest.mark.integration
 
@@ -44,21 +44,29 @@ def test_ensure_is_idempotent_and_roots_are_not_mounted(pool: ScratchPool) -> No
     assert zfs.lzc_get_props(pool.dataset("ferry-t"))["atime"] == "off", (
         "volumes inherit atime=off: a read would otherwise count as a change of the copy"
     )
+    assert zfs.lzc_get_props(pool.dataset("ferry-t"))["readonly"] == "on", (
+        "volumes inherit readonly=on: a copy is writable only once activated"
+    )
     assert root.volumes() == []
 
 
-def test_a_volume_is_created_mounted_and_limited(
+def test_a_volume_is_created_unmounted_read_only_until_activated_and_limited(
     pool: ScratchPool, root: PoolRoot, tmp_path: Path
 ) -> None:
+    """Mounted only when used; writable only once its owner activates it (the root's
+    inherited readonly=on is what tells a never-activated copy from the owner's)."""
     where = tmp_path / "mnt" / "db"
     root.create_volume("db", 4 << 20, "gzip", where)
     props = zfs.lzc_get_props(root.dataset("db"))
-    assert (props["refquota"], props["compression"], props["mounted"]) == (
+    assert (props["refquota"], props["compression"], props["mounted"], props["readonly"]) == (
         str(4 << 20),
         "gzip",
-        "yes",
+        "no",
+        "on",
     )
     assert root.volumes() == ["db"]
+    root.set_readonly("db", False)
+    root.mount("db", where)
     (where / "hello").write_text("hi")
     with pytest.raises(OSError) as full, (where / "big").open("wb") as out:
         for _ in range(16):
@@ -72,20 +80,20 @@ def test_lz4_where_this_zfs_has_it_else_refused(root: PoolRoot, tmp_path: Path) 
     """Kernel OpenZFS compresses with lz4; zfs-fuse refuses it, naming what it accepts."""
     if zfs.features().lz4:
         where = tmp_path / "db"
-        root.create_volume("db", 64 << 20, "lz4", where)
+        create_in_use(root, "db", 64 << 20, "lz4", where)
         assert zfs.lzc_get_props(root.dataset("db"))["compression"] == "lz4"
         (where / "text").write_bytes(b"ferry moves volumes\n" * (400 << 10))
         zfs.lzc_snapshot([root.dataset("db") + b"@synced"])  # a snapshot waits for the txg
         assert int(zfs.lzc_get_props(root.dataset("db"))["used"]) < (2 << 20)
         return
     with pytest.raises(zfs.PropertyInvalid, match="gzip"):
-        root.create_volume("db", 1 << 20, "lz4", tmp_path / "db")
+        create_in_use(root, "db", 1 << 20, "lz4", tmp_path / "db")
     assert root.volumes() == []
 
 
 def test_unmount_then_mount_elsewhere(root: PoolRoot, tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
-    root.create_volume("db", 8 << 20, "off", first)
+    create_in_use(root, "db", 8 << 20, "off", first)
     (first / "kept").write_text("data")
     root.unmount("db")
     assert not root.is_mounted("db")
@@ -99,7 +107,7 @@ def test_readonly_refuses_writes_and_reads_back_when_unmounted(
     root: PoolRoot, tmp_path: Path
 ) -> None:
     where = tmp_path / "db"
-    root.create_volume("db", 8 << 20, "off", where)
+    create_in_use(root, "db", 8 << 20, "off", where)
     root.set_readonly("db", True)
     with pytest.raises(OSError) as refused:
         (where / "x").write_text("no")
@@ -113,7 +121,7 @@ def test_readonly_refuses_writes_and_reads_back_when_unmounted(
 
 def test_destroy_a_mounted_volume_with_snapshots(root: PoolRoot, tmp_path: Path) -> None:
     where = tmp_path / "db"
-    root.create_volume("db", 8 << 20, "off", where)
+    create_in_use(root, "db", 8 << 20, "off", where)
     (where / "f").write_bytes(os.urandom(100_000))
     zfs.lzc_snapshot([root.dataset("db") + b"@one"])
     zfs.lzc_snapshot([root.dataset("db") + b"@two"])
@@ -123,7 +131,7 @@ def test_destroy_a_mounted_volume_with_snapshots(root: PoolRoot, tmp_path: Path)
 
 
 def test_an_operators_hold_stops_destroy(root: PoolRoot, tmp_path: Path) -> None:
-    root.create_volume("db", 8 << 20, "off", tmp_path / "db")
+    create_in_use(root, "db", 8 << 20, "off", tmp_path / "db")
     snap = root.dataset("db") + b"@held"
     zfs.lzc_snapshot([snap])
     zfs.lzc_hold({snap: "backup"})
@@ -136,7 +144,7 @@ def test_an_operators_hold_stops_destroy(root: PoolRoot, tmp_path: Path) -> None
 def test_transfer_holds_left_behind_are_released_and_others_kept(
     root: PoolRoot, tmp_path: Path
 ) -> None:
-    root.create_volume("db", 8 << 20, "off", tmp_path / "db")
+    create_in_use(root, "db", 8 << 20, "off", tmp_path / "db")
     left, shared, free = (root.dataset("db") + s for s in (b"@left", b"@shared", b"@free"))
     zfs.lzc_snapshot([left])
     zfs.lzc_snapshot([shared])
@@ -156,7 +164,7 @@ def test_freeze_refuses_writes_at_once_and_keeps_what_was_written(
     root: PoolRoot, tmp_path: Path
 ) -> None:
     where = tmp_path / "db"
-    root.create_volume("db", 16 << 20, "off", where)
+    create_in_use(root, "db", 16 << 20, "off", where)
     (where / "before").write_bytes(b"kept")
     root.freeze("db")
     with pytest.raises(OSError) as refused:
@@ -174,7 +182,7 @@ def test_thaw_accepts_writes_again_where_freeze_stopped_them(
     root: PoolRoot, tmp_path: Path
 ) -> None:
     where = tmp_path / "db"
-    root.create_volume("db", 16 << 20, "off", where)
+    create_in_use(root, "db", 16 << 20, "off", where)
     root.freeze("db")
     root.thaw("db")
     (where / "after").write_bytes(b"accepted")
@@ -187,7 +195,7 @@ def test_rename_aside_keeps_the_data_out_of_the_volume_list_and_lists_it(
     pool: ScratchPool, root: PoolRoot, tmp_path: Path
 ) -> None:
     where = tmp_path / "db"
-    root.create_volume("db", 8 << 20, "off", where)
+    create_in_use(root, "db", 8 << 20, "off", where)
     (where / "f").write_text("diverged")
     zfs.lzc_snapshot([root.dataset("db") + b"@s"])
     before = time.time()
@@ -197,7 +205,7 @@ def test_rename_aside_keeps_the_data_out_of_the_volume_list_and_lists_it(
     assert re.fullmatch(r"db-e3-\d{8}T\d{6}Z", leaf), leaf
     assert root.volumes() == []
     assert zfs.lzc_list_snaps(aside) == [aside + b"@s"]
-    root.create_volume("db", 8 << 20, "off", where)
+    create_in_use(root, "db", 8 << 20, "off", where)
     assert root.volumes() == ["db"]
     again = root.rename_aside("db", 3, "a second time in the same second")
     assert again != aside, "a second copy kept aside never takes the first one's name"
@@ -211,11 +219,11 @@ def test_rename_aside_keeps_the_data_out_of_the_volume_list_and_lists_it(
 
 
 def test_only_a_copy_kept_aside_can_be_destroyed_as_one(root: PoolRoot, tmp_path: Path) -> None:
-    root.create_volume("db", 8 << 20, "off", tmp_path / "db")
+    create_in_use(root, "db", 8 << 20, "off", tmp_path / "db")
     zfs.lzc_snapshot([root.dataset("db") + b"@s"])
     zfs.lzc_hold({root.dataset("db") + b"@s": TRANSFER_HOLD})
     aside = root.rename_aside("db", 1, "test").decode()
-    root.create_volume("db", 8 << 20, "off", tmp_path / "db")
+    create_in_use(root, "db", 8 << 20, "off", tmp_path / "db")
     for not_aside in (root.dataset("db").decode(), f"{aside}@s", root.aside.decode()):
         with pytest.raises(NameInvalid):
             root.destroy_aside(not_aside)
@@ -250,7 +258,7 @@ async def test_created_and_received_copies_carry_the_volume_uid(
 
 def test_free_bytes_shrinks_as_data_is_written(root: PoolRoot, tmp_path: Path) -> None:
     where = tmp_path / "db"
-    root.create_volume("db", 64 << 20, "off", where)
+    create_in_use(root, "db", 64 << 20, "off", where)
     before = root.free_bytes()
     assert 0 < before < 1 << 30
     with (where / "f").open("wb") as out:
@@ -267,14 +275,14 @@ def test_free_bytes_shrinks_as_data_is_written(root: PoolRoot, tmp_path: Path) -
 def test_names_outside_the_root_never_reach_zfs(root: PoolRoot) -> None:
     for bad in ("../../etc", "a/b", "db@snap", "-rf", ""):
         with pytest.raises(zfs.NameInvalid):
-            root.create_volume(bad, 1 << 20, "off", Path("/nonexistent"))
+            create_in_use(root, bad, 1 << 20, "off", Path("/nonexistent"))
 
 
 def test_no_write_lands_on_the_hosts_disk_under_an_unmounted_volume(
     root: PoolRoot, tmp_path: Path
 ) -> None:
     where = tmp_path / "db"
-    root.create_volume("db", 16 << 20, "off", where)
+    create_in_use(root, "db", 16 << 20, "off", where)
     (where / "log").write_text("in the volume")
     root.unmount("db")
     with pytest.raises(PermissionError):
@@ -289,7 +297,7 @@ def test_a_replicas_base_is_held_until_the_next_and_a_destroy_releases_every_hol
     root: PoolRoot, tmp_path: Path
 ) -> None:
     root.ensure()
-    root.create_volume("rb", 64 << 20, "off", tmp_path / "rb")
+    create_in_use(root, "rb", 64 << 20, "off", tmp_path / "rb")
     dataset = root.dataset("rb")
     snaps = [dataset + f"@ferry-1-{n}".encode() for n in (1, 2, 3)]
     for snap in snaps:

@@ -111,6 +111,7 @@ async def running_nodes(
                 replicator,
                 _no_control,
                 connect,
+                mounts,
             )
             nodes[name] = Node(name, root, store, workdir / name, address, mounts, driver, executor)
         yield nodes
@@ -129,18 +130,20 @@ async def running_nodes(
 
 
 async def create_owned(node: Node, keyspace: Keyspace, name: str) -> VolumeSpec:
-    """A new volume owned (epoch 1), writable and mounted on ``node``."""
+    """A new volume owned (epoch 1), writable and mounted (as a Mount does) on ``node``."""
     spec = VolumeSpec(name=name, size_bytes=VOLUME_BYTES, node=node.name, uid=os.urandom(8).hex())
     await keyspace.create_volume(spec)
     await node.store.create(name, spec.size_bytes, spec.compression, spec.uid)
     assert await keyspace.claim_owner(name, node.name)
     await node.store.activate(spec)
+    await node.store.ensure_mounted(name)
     return spec
 
 
 async def move(keyspace: Keyspace, source: Node, target: Node, name: str) -> int:
     """Move ``name`` as the agents do: the source's driver (retrying as the executor does)
-    until the target owns it, then the target's activation; returns the new epoch."""
+    until the target owns it, then the target's activation and a container's Mount there;
+    returns the new epoch."""
     previous = await keyspace.get_move(name)
     record = Move(volume=name, source=source.name, target=target.name, started_at=time.time())
     assert await keyspace.put_move(record, previous.revision if previous else None)
@@ -153,6 +156,7 @@ async def move(keyspace: Keyspace, source: Node, target: Node, name: str) -> int
             await source.executor.apply(DriveMove(name))
         await asyncio.sleep(0.2)
     await target.executor.apply(Activate(name, owner.value.epoch))
+    await target.store.ensure_mounted(name)
     while name in source.executor.running_moves:
         assert time.monotonic() < deadline, f"the driver of {name} on {source.name} did not end"
         await asyncio.sleep(0.1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.zfs.volumes import guard_mountpoint
+from agent.zfs.volumes import PoolRoot, guard_mountpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,16 @@ class ScratchPool:
     def path(self, *components: str) -> Path:
         """Where ``pool/a/b`` is mounted when it inherits its mountpoint."""
         return self.mount_base.joinpath(*components)
+
+
+def create_in_use(
+    root: PoolRoot, volume: str, size_bytes: int, compression: str, where: Path
+) -> None:
+    """A volume as its owner holds it while a container uses it: created, activated (not
+    read-only) and mounted at ``where``."""
+    root.create_volume(volume, size_bytes, compression, where)
+    root.set_readonly(volume, False)
+    root.mount(volume, where)
 
 
 def _zpool(*args: str) -> subprocess.CompletedProcess[str]:

@@ -100,7 +100,18 @@ class FakeStore:
     # What a test does to the copy.
 
     def create(self, volume: str) -> None:
+        """A new volume, activated and mounted (a container uses it)."""
         self.copies[volume] = _Copy(mounted=True, readonly=False)
+
+    def mount(self, volume: str) -> None:
+        """A Mount (``VolumeStore.ensure_mounted``): only of the activated copy."""
+        copy = self.copies[volume]
+        assert not copy.readonly, f"{volume} is not activated here"
+        copy.mounted = True
+
+    def unmount(self, volume: str) -> None:
+        """The last Unmount (``VolumeStore.unmount_unused``): the copy stays writable."""
+        self.copies[volume].mounted = False
 
     def plant(self, volume: str, held: Sequence[SnapshotRef]) -> None:
         """A received (read-only, unmounted) copy holding snapshots of these names and GUIDs."""
@@ -210,7 +221,7 @@ class FakeStore:
 
     async def is_writable(self, volume: str) -> bool:
         copy = self.copies[volume]
-        return copy.mounted and not copy.readonly and not copy.frozen
+        return not copy.readonly and not copy.frozen
 
     async def divergence(self, volume: str, base: str) -> str:
         names = [s.name for s in self.copies[volume].snapshots]
@@ -259,9 +270,7 @@ class FakeStore:
             del self.copies[volume]  # a cut full stream's copy held nothing complete
 
     async def activate(self, spec: VolumeSpec) -> None:
-        copy = self.copies[spec.name]
-        copy.readonly = False
-        copy.mounted = True
+        self.copies[spec.name].readonly = False
 
     # The receiving end, for FakePeer.
 

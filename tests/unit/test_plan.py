@@ -19,6 +19,7 @@ from ferry.core.plan import (
     Missing,
     Rejoin,
     SetAside,
+    UnmountUnused,
     plan,
 )
 from ferry.core.records import Move, MovePhase, Owner, VolumeSpec
@@ -45,8 +46,9 @@ def move(source: str, target: str, phase: MovePhase = MovePhase.PENDING) -> Move
     )
 
 
-def writable(name: str = "pg", uid: str = UID) -> LocalVolume:
-    return LocalVolume(name=name, snapshots=("ferry-1-1",), writable=True, mounted=True, uid=uid)
+def writable(name: str = "pg", uid: str = UID, mounted: bool = False) -> LocalVolume:
+    """The owner's activated copy: unmounted while nothing uses it."""
+    return LocalVolume(name=name, snapshots=("ferry-1-1",), writable=True, mounted=mounted, uid=uid)
 
 
 def replica(name: str = "pg", uid: str = UID) -> LocalVolume:
@@ -89,6 +91,27 @@ def test_the_owner_activates_its_copy_and_then_rests() -> None:
     assert plan(desired, Actual(volumes={"pg": writable()})) == []
 
 
+def test_the_owners_copy_stays_mounted_while_used_and_is_unmounted_after() -> None:
+    desired = Desired(node="b", volumes={"pg": spec(node="b")}, owners={"pg": Owner("b", 2)})
+    mounted = {"pg": writable(mounted=True)}
+    used = Actual(volumes=mounted, in_use=frozenset({"pg"}))
+    assert plan(desired, used) == []
+    assert plan(desired, Actual(volumes=mounted)) == [UnmountUnused("pg")]
+
+
+def test_a_mounted_copy_with_a_move_away_is_left_to_the_move() -> None:
+    """The handoff unmounts it; an unmount planned beside it would race the freeze."""
+    desired = Desired(
+        node="a",
+        volumes={"pg": spec(node="a")},
+        owners={"pg": Owner("a", 1)},
+        moves={"pg": move("a", "b", MovePhase.PRECOPY)},
+    )
+    assert plan(desired, Actual(volumes={"pg": writable(mounted=True)})) == [DriveMove("pg")]
+    driven = Actual(volumes={"pg": writable(mounted=True)}, running_moves=frozenset({"pg"}))
+    assert plan(desired, driven) == []
+
+
 @pytest.mark.parametrize("phase", [MovePhase.HANDOFF, MovePhase.ACTIVATING])
 def test_a_move_into_a_writable_copy_not_marked_done_is_activated_again(phase: MovePhase) -> None:
     """The target's agent died between making its copy writable and writing done."""
@@ -104,15 +127,18 @@ def test_a_move_into_a_writable_copy_not_marked_done_is_activated_again(phase: M
 
 
 def test_a_writable_copy_on_a_node_that_lost_ownership_is_fenced() -> None:
+    """Mounted or not: an unmounted activated copy may hold writes the new owner lacks,
+    and would take writes again at its next mount."""
     desired = Desired(node="a", volumes={"pg": spec(node="b")}, owners={"pg": Owner("b", 2)})
     assert plan(desired, Actual(volumes={"pg": writable()})) == [Fence("pg")]
+    assert plan(desired, Actual(volumes={"pg": writable(mounted=True)})) == [Fence("pg")]
     assert plan(desired, Actual(volumes={"pg": replica()})) == []
 
 
 def test_an_old_owner_fenced_or_frozen_after_a_failover_rejoins_as_a_replica() -> None:
     desired = Desired(node="a", volumes={"pg": spec(node="b")}, owners={"pg": Owner("b", 2)})
     fenced = replace(replica(), snapshots=("ferry-1-1", "fenced-1700000000"))
-    frozen = replace(writable(), writable=False)  # mounted read-only by the self-fence
+    frozen = replace(writable(mounted=True), writable=False)  # read-only by the self-fence
     assert plan(desired, Actual(volumes={"pg": fenced})) == [Rejoin("pg")]
     assert plan(desired, Actual(volumes={"pg": frozen})) == [Rejoin("pg")]
     owned = Desired(node="a", volumes={"pg": spec(node="a")}, owners={"pg": Owner("a", 1)})
@@ -164,7 +190,9 @@ def test_an_owner_without_data_reports_and_never_creates_an_empty_copy() -> None
 def test_deleted_volumes_are_destroyed_and_left_to_control_to_purge() -> None:
     desired = Desired(node="a", volumes={"pg": spec(deleted=True)}, owners={"pg": Owner("a", 1)})
     assert plan(desired, Actual(volumes={"pg": replica()})) == [Destroy("pg")]
-    assert plan(desired, Actual(volumes={"pg": writable()})) == [Fence("pg"), Destroy("pg")]
+    mounted = writable(mounted=True)
+    assert plan(desired, Actual(volumes={"pg": mounted})) == [Fence("pg"), Destroy("pg")]
+    assert plan(desired, Actual(volumes={"pg": writable()})) == [Destroy("pg")]
     assert plan(desired, Actual()) == []
 
 

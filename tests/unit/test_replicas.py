@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from ferry.core.placement import Candidate, after_move, place_replicas
-from ferry.core.plan import Activate, Actual, Desired, LocalVolume, Replicate, plan
+from ferry.core.plan import (
+    Activate,
+    Actual,
+    Desired,
+    LocalVolume,
+    Replicate,
+    UnmountUnused,
+    plan,
+)
 from ferry.core.records import Move, Owner, VolumeSpec, parse_duration
 from ferry.core.snapshots import prunable_with_replicas, replication_interval
 
@@ -111,9 +119,14 @@ def test_the_owner_replicates_once_active_and_not_during_a_move() -> None:
     spec = VolumeSpec(
         name="pg", size_bytes=GIB, node="a", replicas=1, rpo_seconds=15, replica_nodes=("b",)
     )
-    active = LocalVolume("pg", writable=True, mounted=True)
+    active = LocalVolume("pg", writable=True)
     inactive = LocalVolume("pg")
     assert plan(_desired(spec), Actual(volumes={"pg": active})) == [Replicate("pg")]
+    unused = LocalVolume("pg", writable=True, mounted=True)
+    assert plan(_desired(spec), Actual(volumes={"pg": unused})) == [
+        UnmountUnused("pg"),
+        Replicate("pg"),
+    ]
     assert plan(_desired(spec), Actual(volumes={"pg": inactive})) == [Activate("pg", 1)]
     running = Actual(volumes={"pg": active}, replicating=frozenset({"pg"}))
     assert plan(_desired(spec), running) == []

@@ -86,7 +86,7 @@ class Cluster:
         copy = store.copies.get(VOLUME)
         local = {}
         if copy is not None:
-            writable = copy.mounted and not copy.readonly and not copy.frozen
+            writable = not copy.readonly and not copy.frozen
             names = tuple(s.name for s in copy.snapshots)
             local[VOLUME] = LocalVolume(VOLUME, names, writable, copy.mounted, "", 0)
         desired = Desired(
@@ -229,6 +229,24 @@ async def test_a_move_goes_pending_precopy_handoff_activating_done(cluster: Clus
     _path_is_in_the_table(cluster.phases)
     assert cluster.frozen_streams == 1
     assert [bool(h.from_snapshot) for h in cluster.peers[B].streams] == [False, True]
+
+
+async def test_an_unmounted_volume_moves_and_stays_unmounted_on_its_new_owner(
+    cluster: Cluster,
+) -> None:
+    """Nothing used it (its last Unmount unmounted it): snapshots and streams need no mount,
+    the freeze has no writer to stop, and the new owner mounts it only for a user."""
+    a, b = cluster.stores[A], cluster.stores[B]
+    a.unmount(VOLUME)
+    await cluster.request_move()
+    await cluster.converge(A)
+    await cluster.converge(B)
+    await _moved_and_done(cluster)
+    assert not b.copies[VOLUME].mounted, "mounted on the target before anything used it"
+    assert b.data(VOLUME) == b"written on a before the move\n"
+    b.mount(VOLUME)
+    assert b.write(VOLUME, b"written on B\n")
+    assert not a.write(VOLUME, b"late\n"), "the old owner's copy takes no mount's writes"
 
 
 async def test_a_target_that_is_down_leaves_the_move_pending_with_why(cluster: Cluster) -> None:

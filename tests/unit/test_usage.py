@@ -55,6 +55,24 @@ async def test_an_old_id_the_kernel_does_not_back_is_stale(
     assert mounts.ids("pg") == ("c1",), "still counted, so the last Unmount is known"
 
 
+async def test_the_dataset_stays_mounted_until_the_last_unmount_however_old_the_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A move may go once an ID is stale; the mount stays until its Unmount (the container
+    may still bind it, and an operator's Mount has no container the kernel shows)."""
+    mounts = DockerMounts(tmp_path / "m.json")
+    assert mounts.holders("pg", []) == []
+    await mounts.add("pg", "operator")
+    later = time.time() + BIND_GRACE_SECONDS + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert mounts.in_use("pg", []) == []
+    assert mounts.holders("pg", []) == ["mount operator"]
+    await mounts.discard("pg", "operator")
+    shell = User("process", 7, "bash", "/var/lib/ferry/volumes/pg")
+    assert mounts.holders("pg", [shell]) == [shell.describe()]
+    assert mounts.holders("pg", []) == []
+
+
 async def test_a_mount_during_a_handoff_is_refused(tmp_path: Path) -> None:
     mounts = DockerMounts(tmp_path / "m.json")
     mounts.begin_handoff("pg")
