@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,13 +28,14 @@ import click
 import grpc
 import yaml
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from rich import filesize
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
 from control import live
-from ferry.core.declared import Current, DeclarationError, changes, parse
+from ferry.core.declared import Change, Current, DeclarationError, Declared, changes, parse
 from ferry.core.phases import ACTIVE_PHASES, ENDED_PHASES, MovePhase
 from ferry.security import ca
 from ferry.security.tls import TlsFiles
@@ -43,6 +45,7 @@ DEFAULT_CONFIG = Path("~/.config/ferry/ferryctl.yaml").expanduser()
 SETTINGS = ("control", "tls_ca", "tls_cert", "tls_key", "insecure")
 CONTROL_NAME = "control"
 RECONNECT_SECONDS = 1.0
+APPLY_PARALLELISM = 16
 OUTPUT = click.option(
     "-o",
     "--output",
@@ -750,7 +753,7 @@ def _replica_nodes_down(api: Api, live: set[str]) -> None:
             click.echo(f"{found.name}: {event}")
 
 
-def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
+def _plan(api: Api, file: Path, prune: bool) -> list[tuple[Change, Declared | None]]:
     try:
         declared = parse(file.read_text(), str(file))
     except OSError as error:
@@ -772,10 +775,8 @@ def _plan(api: Api, file: Path, prune: bool) -> list[Any]:
         )
         for v in reply.volumes
     }
-    return [
-        (change, next((d for d in declared if d.name == change.name), None))
-        for change in changes(declared, current, prune)
-    ]
+    by_name = {d.name: d for d in declared}
+    return [(change, by_name.get(change.name)) for change in changes(declared, current, prune)]
 
 
 @main.command("diff")
@@ -793,53 +794,88 @@ def diff(api: Api, file: Path, prune: bool, output: str) -> None:
 @DECLARED_FILE
 @click.option("--prune", is_flag=True, help="Delete volumes that are not in the file.")
 @click.option("--dry-run", is_flag=True, help="Only show what would change.")
+@click.option(
+    "--parallelism",
+    type=click.IntRange(1, 64),
+    default=APPLY_PARALLELISM,
+    show_default=True,
+    help="Changes sent to control at once.",
+)
 @click.pass_obj
-def apply(api: Api, file: Path, prune: bool, dry_run: bool) -> None:
-    """Make the cluster match a file of volumes (idempotent)."""
+def apply(api: Api, file: Path, prune: bool, dry_run: bool, parallelism: int) -> None:
+    """Make the cluster match a file of volumes (idempotent).
+
+    Each change is one call to control. The changes of one volume are made in
+    order (a move before a resize), and up to ``--parallelism`` volumes at once.
+    A change that fails is reported, its volume's later changes are skipped and
+    the other volumes go on; then apply exits 1, and running it again does what
+    is left.
+    """
     planned = _plan(api, file, prune)
     if not planned:
         click.echo("nothing to change")
         return
-    actions: dict[str, Callable[[Any], Any]] = {
-        "create": lambda d: api.call(
-            "CreateVolume",
-            control_pb2.CreateVolumeRequest(
-                name=d.name,
-                size=d.size,
-                compression=d.compression,
-                node=d.node,
-                replicas=d.replicas,
-                rpo=d.rpo,
-                replace_after=d.replace_after,
-                failover=d.failover,
-                failover_after=d.failover_after,
-            ),
-        ),
-        "move": lambda d: api.call(
-            "MoveVolume", control_pb2.MoveVolumeRequest(name=d.name, node=d.node)
-        ),
-        "update": lambda d: api.call(
-            "UpdateVolume",
-            control_pb2.CreateVolumeRequest(
-                name=d.name,
-                size=d.size,
-                compression=d.compression,
-                replicas=d.replicas,
-                rpo=d.rpo,
-                replace_after=d.replace_after,
-                failover=d.failover,
-                failover_after=d.failover_after,
-            ),
-        ),
-    }
-    for change, wanted in planned:
+    for change, _ in planned:
         click.echo(f"{'would ' if dry_run else ''}{change.action} {change.name}: {change.detail}")
-        if dry_run:
-            continue
-        if change.action == "delete":
-            api.call("DeleteVolume", control_pb2.DeleteVolumeRequest(name=change.name))
-        else:
-            actions[change.action](wanted)
+    if dry_run:
+        return
+    by_volume: dict[str, list[tuple[Change, Declared | None]]] = {}
+    for change, wanted in planned:
+        by_volume.setdefault(change.name, []).append((change, wanted))
+    with ThreadPoolExecutor(max_workers=parallelism) as pool:
+        outcomes = list(pool.map(lambda changes: _apply_volume(api, changes), by_volume.values()))
+    failed = [failure for failure in outcomes if failure is not None]
+    for change, error in failed:
+        click.echo(f"ferryctl: {change.action} {change.name} failed: {error}", err=True)
+    if failed:
+        fail(
+            f"{len(failed)} of {len(by_volume)} volumes were not changed as the file says "
+            f"(above); the others were. Fix the cause and run apply again: it does only what "
+            f"is left"
+        )
+
+
+def _apply_volume(
+    api: Api, planned: list[tuple[Change, Declared | None]]
+) -> tuple[Change, str] | None:
+    """One volume's changes in order, until one fails: that change and its error."""
+    for change, wanted in planned:
+        error = _apply_change(api, change, wanted)
+        if error:
+            return change, error
+    return None
+
+
+def _apply_change(api: Api, change: Change, wanted: Declared | None) -> str:
+    """One planned change, as one call to control; the error, or empty when it was made."""
+    request: Message
+    if change.action == "delete":
+        method, request = "DeleteVolume", control_pb2.DeleteVolumeRequest(name=change.name)
+    elif change.action == "move":
+        assert wanted is not None
+        method, request = (
+            "MoveVolume",
+            control_pb2.MoveVolumeRequest(name=wanted.name, node=wanted.node),
+        )
+    else:
+        assert wanted is not None
+        method = "CreateVolume" if change.action == "create" else "UpdateVolume"
+        request = control_pb2.CreateVolumeRequest(
+            name=wanted.name,
+            size=wanted.size,
+            compression=wanted.compression,
+            node=wanted.node if change.action == "create" else "",
+            replicas=wanted.replicas,
+            rpo=wanted.rpo,
+            replace_after=wanted.replace_after,
+            failover=wanted.failover,
+            failover_after=wanted.failover_after,
+        )
+    try:
+        getattr(api.stub, method)(request, timeout=30.0)
+    except grpc.RpcError as error:
+        return _rpc_message(error)
+    return ""
 
 
 @main.group("ca")

@@ -262,6 +262,29 @@ async def test_apply_creates_then_changes_nothing_then_moves_then_prunes(
     assert stray not in after and a in after and b in after
 
 
+async def test_apply_makes_every_change_it_can_and_names_the_one_it_could_not(
+    env: dict[str, str], nodes: LiveNodes, tmp_path: Path
+) -> None:
+    stranded, first, second = unique("stranded"), unique("first"), unique("second")
+    file = write(
+        tmp_path / "volumes.yaml",
+        [
+            {"name": stranded, "size": "1G", "node": "ct-nowhere"},
+            {"name": first, "size": "1G", "node": "ct-n1"},
+            {"name": second, "size": "1G", "node": "ct-n2"},
+        ],
+    )
+    result = await ferryctl(env, "apply", "-f", str(file))
+    assert result.code == 1, result.stdout
+    assert f"create {stranded} failed" in result.stderr and "ct-nowhere" in result.stderr
+    assert "1 of 3 volumes" in result.stderr and "run apply again" in result.stderr
+    now = await listed(env)
+    assert stranded not in now
+    assert (now[first]["node"], now[second]["node"]) == ("ct-n1", "ct-n2")
+    planned = json.loads(ok(await ferryctl(env, "diff", "-f", str(file), "-o", "json")).stdout)
+    assert [change["name"] for change in planned] == [stranded], "only the failed one is left"
+
+
 async def test_a_malformed_file_is_rejected_whole_with_its_line(
     env: dict[str, str], nodes: LiveNodes, tmp_path: Path
 ) -> None:
