@@ -3,7 +3,9 @@
 Runs a real etcd and a real ``ferry-control`` (mutual TLS) per size, so the
 100-volume and 1,000-volume runs start from the same empty state. Prints
 the cost per create and per listed volume, the growth ratio from 100 to
-1,000, and how long a WatchVolume watcher takes to see a MoveVolume.
+1,000, how long a WatchVolume watcher takes to see a MoveVolume, and
+``ferryctl apply`` of one file of volumes made one at a time against the
+default ``--parallelism``, side by side on one control plane.
 
     /opt/ferry/venv/bin/python -m tests.bench.bench_control
 """
@@ -18,13 +20,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
+import yaml
 
 from ferry.cluster.keyspace import Keyspace
 from ferry.core.records import MovePhase, Owner
 from protos.ferry.v1 import control_pb2, control_pb2_grpc
-from tests.support.etcd import ControlServer, EtcdServer, LiveNodes, issue_certificates
+from tests.support.etcd import ControlServer, EtcdServer, LiveNodes, ferryctl, issue_certificates
 
 SIZES = (100, 1000)
+APPLIED = 200
+APPLY_PARALLELISM = (1, 16)
 LIST_RUNS = 5
 WATCH_SAMPLES = 20
 ROOMY = 1 << 50
@@ -116,6 +121,28 @@ async def _watch_latency(control: ControlServer, keyspace: Keyspace) -> list[flo
     return latencies
 
 
+async def _apply_seconds(control: ControlServer, keyspace: Keyspace, work: Path) -> list[float]:
+    """Seconds for ``ferryctl apply`` of APPLIED new volumes at each APPLY_PARALLELISM."""
+    nodes = LiveNodes(keyspace)
+    await nodes.add("bench-a", ROOMY, ttl=600)
+    env = control.ferryctl_env()
+    seconds = []
+    try:
+        for parallelism in APPLY_PARALLELISM:
+            names = [{"name": f"apply{parallelism}-{i:04d}", "size": "1M"} for i in range(APPLIED)]
+            file = work / f"apply-{parallelism}.yaml"
+            file.write_text(yaml.safe_dump({"volumes": names}))
+            started = time.perf_counter()
+            result = await ferryctl(
+                env, "apply", "-f", str(file), "--parallelism", str(parallelism)
+            )
+            seconds.append(time.perf_counter() - started)
+            assert result.code == 0, result.stderr
+    finally:
+        await nodes.revoke_all()
+    return seconds
+
+
 async def _complete_move(keyspace: Keyspace, name: str, owner: Owner, target: str) -> None:
     assert await keyspace.transfer_owner(name, owner, target)
     move = await keyspace.get_move(name)
@@ -123,7 +150,9 @@ async def _complete_move(keyspace: Keyspace, name: str, owner: Owner, target: st
     assert await keyspace.put_move(replace(move.value, phase=MovePhase.DONE), move.revision)
 
 
-async def _with_control_plane(work: Path, count: int | None) -> ScaleResult | list[float]:
+async def _with_control_plane(
+    work: Path, count: int | None, applying: bool = False
+) -> ScaleResult | list[float]:
     certs = issue_certificates(work / f"ca-{count}")
     with (
         EtcdServer("ctbench", certs=certs) as etcd,
@@ -132,6 +161,8 @@ async def _with_control_plane(work: Path, count: int | None) -> ScaleResult | li
         client = etcd.client()
         try:
             keyspace = Keyspace(client)
+            if applying:
+                return await _apply_seconds(control, keyspace, work)
             if count is None:
                 return await _watch_latency(control, keyspace)
             return await _scale(control, keyspace, count)
@@ -163,6 +194,13 @@ async def _main() -> None:
         print(
             f"MoveVolume -> WatchVolume sees it: median {statistics.median(latencies):.1f} ms, "
             f"min {min(latencies):.1f}, max {max(latencies):.1f} (n={len(latencies)})"
+        )
+        applied = await _with_control_plane(work, None, applying=True)
+        assert isinstance(applied, list)
+        one, parallel = applied
+        print(
+            f"apply of {APPLIED} volumes: one at a time {one:.1f} s, --parallelism "
+            f"{APPLY_PARALLELISM[1]} {parallel:.1f} s (x{parallel / one:.2f})"
         )
 
 
