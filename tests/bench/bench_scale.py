@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.localcluster.processes import main_pids_by_role
 from tests.support.cluster import Cluster, local_cluster
 
 CLUSTER = "mt3"
@@ -172,23 +173,10 @@ def converged(cluster: Cluster) -> int:
     )
 
 
-def agent_pids(cluster: Cluster) -> list[int]:
-    """The cluster's agents: ferry-agent processes started with one of its pools."""
-    pools = {host.pool for host in cluster.hosts}
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        words = [word.decode(errors="replace") for word in argv]
-        if any("ferry-agent" in word or "agent.main" in word for word in words[:3]) and any(
-            word in pools or word.startswith(tuple(f"--pool={p}" for p in pools)) for word in words
-        ):
-            found.append(int(entry.name))
-    return found
+def agent_pids() -> list[int]:
+    """The cluster's agents, by the role local-cluster started each with."""
+    by_role = main_pids_by_role(CLUSTER)
+    return [pid for role, pids in by_role.items() if role.startswith("agent:") for pid in pids]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -196,9 +184,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def idle_cpu_percent(cluster: Cluster) -> float:
+def idle_cpu_percent() -> float:
     """The agents' CPU over IDLE_SECONDS with nothing to do, as % of one core (summed)."""
-    pids = agent_pids(cluster)
+    pids = agent_pids()
     if not pids:
         return float("nan")
     before = sum(cpu_seconds(pid) for pid in pids)
@@ -251,7 +239,7 @@ def run_size(volumes: int) -> Result:
         as_json = statistics.median(
             timed(cluster, ["volume", "list", "-o", "json"])[0] for _ in range(LISTS)
         )
-        idle = idle_cpu_percent(cluster)
+        idle = idle_cpu_percent()
         mounted = mounted_datasets(cluster)
         return Result(
             volumes=volumes,
