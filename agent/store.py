@@ -29,7 +29,7 @@ from pathlib import Path
 
 from agent import metrics, zfs
 from agent.zfs.inuse import User
-from agent.zfs.streams import ResumedStream, SnapshotReceive, SnapshotStream
+from agent.zfs.streams import ResumedStream, SnapshotReceive, SnapshotStream, stream_features
 from agent.zfs.volumes import (
     TRANSFER_HOLD,
     UID_PROPERTY,
@@ -41,7 +41,14 @@ from agent.zfs.volumes import (
 from ferry.cluster.events import EventLog
 from ferry.core.plan import LocalVolume
 from ferry.core.records import EventKind, VolumeSpec
-from ferry.core.snapshots import FENCED_PREFIX, CutStream, SnapshotRef, next_name, prunable
+from ferry.core.snapshots import (
+    FENCED_PREFIX,
+    Base,
+    CutStream,
+    SnapshotRef,
+    next_name,
+    prunable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -419,22 +426,53 @@ class VolumeStore:
         return [ref for ref in held if ref.name not in pruned]
 
     async def take_snapshot(self, volume: str, epoch: int) -> SnapshotRef:
-        existing = [ref.name for ref in await self.snapshots(volume) or ()]
-        short = next_name(existing, epoch)
+        """The next Ferry snapshot; its sequence follows bookmarks too, so a name is never
+        used twice on a volume even after its snapshots were destroyed."""
+        held = [*(await self.snapshots(volume) or ()), *await self.bookmarks(volume)]
+        short = next_name([ref.name for ref in held], epoch)
         await asyncio.to_thread(self._root.snapshot, volume, short)
         return SnapshotRef(short, await self.guid(volume, short))
 
-    async def send_space(self, volume: str, short: str, base: str | None) -> int:
+    async def send_space(
+        self, volume: str, short: str, base: Base | None, flags: Sequence[str] = ()
+    ) -> int:
         """Estimated stream size, or 0 when the ZFS backend cannot estimate."""
         try:
-            return await asyncio.to_thread(self._root.send_space, volume, short, base)
+            return await asyncio.to_thread(self._root.send_space, volume, short, base, flags)
         except zfs.FeatureNotSupported:
             return 0
 
-    def send_stream(self, volume: str, short: str, base: str | None) -> SnapshotStream:
-        """The stream of snapshot ``short``, incremental from ``base`` when given."""
-        source = self.snapshot_name(volume, base) if base else None
-        return SnapshotStream(self.snapshot_name(volume, short), source)
+    def send_stream(
+        self, volume: str, short: str, base: Base | None, flags: Sequence[str] = ()
+    ) -> SnapshotStream:
+        """The stream of snapshot ``short``, incremental from ``base`` when given (its
+        snapshot, or its bookmark), sent with ``flags``."""
+        source = self._root.stream_source(volume, base)
+        return SnapshotStream(self.snapshot_name(volume, short), source, tuple(flags))
+
+    def stream_features(self) -> frozenset[str]:
+        """The negotiated stream features this ZFS sends and receives (``-c``, ``-L``)."""
+        return stream_features()
+
+    async def bookmarks(self, volume: str) -> list[SnapshotRef]:
+        """The volume's bookmarks, oldest first (empty where ZFS has none)."""
+        return await asyncio.to_thread(self._root.bookmarks, volume)
+
+    async def keep_bookmark(self, volume: str, short: str) -> None:
+        """Bookmark snapshot ``short``, which a peer confirmed, as a base for later streams;
+        nothing where ZFS has no bookmarks. A bookmark that cannot be made is logged and
+        left out: streams then start from snapshots alone, as without bookmarks."""
+        if not zfs.features().bookmarks:
+            return
+        try:
+            await asyncio.to_thread(self._root.bookmark, volume, short)
+        except zfs.CommandTimeout:
+            raise
+        except zfs.ZFSError as error:
+            log.warning("bookmark not kept: volume=%s snapshot=%s error=%s", volume, short, error)
+
+    async def destroy_bookmarks(self, volume: str, shorts: Sequence[str]) -> None:
+        await asyncio.to_thread(self._root.destroy_bookmarks, volume, shorts)
 
     def can_resume(self) -> bool:
         return zfs.features().resumable_receive

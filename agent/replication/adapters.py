@@ -13,7 +13,7 @@ from agent.transfer.client import PeerClient
 from agent.usage import DockerMounts
 from agent.zfs.streams import OutgoingStream
 from ferry.core.records import VolumeSpec
-from ferry.core.snapshots import CutStream, SnapshotRef
+from ferry.core.snapshots import Base, CutStream, SnapshotRef
 from protos.ferry.v1 import transfer_pb2
 
 
@@ -33,11 +33,27 @@ class PoolStore:
     async def destroy_snapshots(self, volume: str, shorts: Sequence[str]) -> None:
         await self.store.destroy_snapshots(volume, shorts)
 
-    async def send_space(self, volume: str, short: str, base: str | None) -> int:
-        return await self.store.send_space(volume, short, base)
+    async def send_space(
+        self, volume: str, short: str, base: Base | None, flags: Sequence[str] = ()
+    ) -> int:
+        return await self.store.send_space(volume, short, base, flags)
 
-    def send_stream(self, volume: str, short: str, base: str | None) -> SendStream:
-        return self.store.send_stream(volume, short, base)
+    def send_stream(
+        self, volume: str, short: str, base: Base | None, flags: Sequence[str] = ()
+    ) -> SendStream:
+        return self.store.send_stream(volume, short, base, flags)
+
+    def stream_features(self) -> frozenset[str]:
+        return self.store.stream_features()
+
+    async def bookmarks(self, volume: str) -> list[SnapshotRef]:
+        return await self.store.bookmarks(volume)
+
+    async def keep_bookmark(self, volume: str, short: str) -> None:
+        await self.store.keep_bookmark(volume, short)
+
+    async def destroy_bookmarks(self, volume: str, shorts: Sequence[str]) -> None:
+        await self.store.destroy_bookmarks(volume, shorts)
 
     def can_resume(self) -> bool:
         return self.store.can_resume()
@@ -118,3 +134,6 @@ class RemotePeer:
 
     async def resume_token(self, volume: str) -> str | None:
         return await self.client.resume_token(volume)
+
+    async def stream_features(self, volume: str) -> frozenset[str]:
+        return await self.client.stream_features(volume)

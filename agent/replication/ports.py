@@ -19,7 +19,7 @@ from typing import Protocol
 
 from ferry.cluster.keyspace import Versioned
 from ferry.core.records import Move, Owner, VolumeSpec
-from ferry.core.snapshots import CutStream, SnapshotRef
+from ferry.core.snapshots import Base, CutStream, SnapshotRef
 from protos.ferry.v1 import transfer_pb2
 
 ProgressCallback = Callable[[int], None]
@@ -43,10 +43,28 @@ class SnapshotSource(Protocol):
 
     async def destroy_snapshots(self, volume: str, shorts: Sequence[str]) -> None: ...
 
-    async def send_space(self, volume: str, short: str, base: str | None) -> int:
+    async def send_space(
+        self, volume: str, short: str, base: Base | None, flags: Sequence[str] = ()
+    ) -> int:
         """Estimated stream size, 0 when unknown."""
 
-    def send_stream(self, volume: str, short: str, base: str | None) -> SendStream: ...
+    def send_stream(
+        self, volume: str, short: str, base: Base | None, flags: Sequence[str] = ()
+    ) -> SendStream:
+        """The stream of snapshot ``short``, incremental from ``base`` (a snapshot or a
+        bookmark of one), sent with ``flags`` (of ``stream_features``)."""
+
+    def stream_features(self) -> frozenset[str]:
+        """What this ZFS sends beyond a plain stream, of ``compress`` and ``large_blocks``."""
+
+    async def bookmarks(self, volume: str) -> list[SnapshotRef]:
+        """Bookmarks of the copy (named and with the GUIDs of the snapshots they mark), oldest
+        first; empty where ZFS has none."""
+
+    async def keep_bookmark(self, volume: str, short: str) -> None:
+        """Bookmark snapshot ``short`` (a peer holds it); nothing where ZFS has no bookmarks."""
+
+    async def destroy_bookmarks(self, volume: str, shorts: Sequence[str]) -> None: ...
 
     def can_resume(self) -> bool:
         """This ZFS can send the rest of a cut stream (``zfs send -t``)."""
@@ -134,6 +152,10 @@ class Peer(Protocol):
     async def resume_token(self, volume: str) -> str | None:
         """The token of a cut stream the peer can take the rest of (``header.resume_token``),
         or None; TransferFailed if it is silent."""
+
+    async def stream_features(self, volume: str) -> frozenset[str]:
+        """What the peer's ZFS receives beyond a plain stream (``compress``, ``large_blocks``);
+        empty from an agent that does not say. TransferFailed if it is silent."""
 
 
 class MoveRecords(Protocol):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from agent import failpoints
 from agent.replication.ports import Peer, SendStream, SnapshotSource
 from agent.transfer.client import TransferFailed
-from ferry.core.snapshots import SnapshotRef, newest_common, prunable, unsent
+from ferry.core.snapshots import SnapshotRef, prunable, stream_base, unsent
 from protos.ferry.v1 import transfer_pb2
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,17 @@ class NoCommonSnapshot(TransferFailed):
 @dataclass(frozen=True)
 class Sent:
     """What one sync did: the snapshot the peer now holds, the base it was sent from (None: a
-    full stream), and the bytes the peer took (of ``estimated``, 0 when unknown), of which
-    ``resumed`` were the rest of a stream an earlier attempt was cut in (0: none resumed)."""
+    full stream; ``from_bookmark``: this copy's bookmark of it), the stream's ``features``,
+    and the bytes the peer took (of ``estimated``, 0 when unknown), of which ``resumed``
+    were the rest of a stream an earlier attempt was cut in (0: none resumed)."""
 
     snapshot: SnapshotRef
     base: str | None
     bytes_sent: int
     estimated: int
     resumed: int = 0
+    from_bookmark: bool = False
+    features: tuple[str, ...] = ()
 
 
 async def sync_to_peer(
@@ -51,12 +54,16 @@ async def sync_to_peer(
     on_progress: SyncProgress | None = None,
 ) -> Sent:
     """Snapshot ``volume`` now and send that snapshot to ``peer``, incremental from the newest
-    snapshot both hold with the same GUID (a full stream when there is none, unless
-    ``full_allowed`` is false: then NoCommonSnapshot, nothing sent or kept).
+    snapshot both hold with the same GUID, here as a snapshot or, once that is destroyed, as
+    its bookmark (a full stream when there is none, unless ``full_allowed`` is false: then
+    NoCommonSnapshot, nothing sent or kept). The stream is compressed and carries large
+    blocks where both ZFSes can (``stream_features``); a plain one otherwise.
     ``sender`` and ``epoch`` are this node and its owner epoch, which the peer checks
     against etcd; ``remote`` is what the peer holds if the caller has just asked it.
     Snapshots other peers still need as their base go in ``keep``: they are neither
-    destroyed as leftovers of failed sends nor pruned. Both ends of the stream are held for
+    destroyed as leftovers of failed sends nor pruned, and their bookmarks stay. Once the
+    peer reports the new snapshot, this copy bookmarks it (where ZFS has bookmarks) and
+    drops the bookmarks no peer needs any more. Both ends of the stream are held for
     its duration. A stream an earlier attempt was cut in, of which the peer kept a part, is
     first finished where both ZFSes can (only the rest is sent; a full one only if
     ``full_allowed``). Raises TransferFailed when the peer refuses, the stream breaks, or
@@ -74,7 +81,8 @@ async def sync_to_peer(
         resumed_bytes = 0
     snapshot = await store.take_snapshot(volume, epoch)
     local = await store.snapshots(volume) or []
-    base = newest_common(local, remote)
+    bookmarks = await store.bookmarks(volume)
+    base = stream_base(local, remote, bookmarks)
     if base is None and not full_allowed:
         # Taken and dropped rather than listed first: a handoff calls this frozen.
         await store.destroy_snapshots(volume, [snapshot.name])
@@ -82,32 +90,48 @@ async def sync_to_peer(
             f"{peer.node} holds no snapshot of {volume} in common with {sender}; "
             "it needs a full stream"
         )
-    leftovers = [name for name in unsent(local, remote, epoch, snapshot.name) if name not in keep]
-    await store.destroy_snapshots(volume, leftovers)
-    estimated = await store.send_space(volume, snapshot.name, base)
+    leftovers = unsent(local, remote, epoch, snapshot.name, bookmarks)
+    await store.destroy_snapshots(volume, [name for name in leftovers if name not in keep])
+    features = await _stream_features(store, peer, volume)
+    estimated = await store.send_space(volume, snapshot.name, base, features)
     header = transfer_pb2.StreamHeader(
         volume=volume,
-        from_snapshot=base or "",
+        from_snapshot=base.name if base else "",
         to_snapshot=snapshot.name,
         to_guid=snapshot.guid,
         epoch=epoch,
         sender=sender,
         estimated_bytes=estimated,
+        stream_features=features,
     )
-    _, taken = await _send_one(
-        store, peer, header, store.send_stream(volume, snapshot.name, base), on_progress
-    )
+    stream = store.send_stream(volume, snapshot.name, base, features)
+    from_bookmark = base is not None and base.bookmark
+    _, taken = await _send_one(store, peer, header, stream, on_progress, from_bookmark)
+    await store.keep_bookmark(volume, snapshot.name)
+    await store.destroy_bookmarks(volume, [ref.name for ref in bookmarks if ref.name not in keep])
+    kept_base = base.name if base and not base.bookmark else ""
     await store.destroy_snapshots(
         volume,
-        prunable([ref.name for ref in local], keep=[snapshot.name, base or "", *keep]),
+        prunable([ref.name for ref in local], keep=[snapshot.name, kept_base, *keep]),
     )
     return Sent(
         snapshot=snapshot,
-        base=base,
+        base=base.name if base else None,
         bytes_sent=resumed_bytes + taken,
         estimated=estimated,
         resumed=resumed_bytes,
+        from_bookmark=from_bookmark,
+        features=tuple(features),
     )
+
+
+async def _stream_features(store: SnapshotSource, peer: Peer, volume: str) -> list[str]:
+    """What both ZFSes have of the negotiated stream features (sorted). A sender that has
+    none (zfs-fuse) does not ask; a peer that does not say gets a plain stream."""
+    ours = store.stream_features()
+    if not ours:
+        return []
+    return sorted(ours & await peer.stream_features(volume))
 
 
 async def _finish_cut_stream(
@@ -175,10 +199,12 @@ async def _send_one(
     header: transfer_pb2.StreamHeader,
     stream: SendStream,
     on_progress: SyncProgress | None,
+    from_bookmark: bool = False,
 ) -> tuple[list[SnapshotRef], int]:
-    """Send one stream with its snapshot and base held from pruning; returns what the peer
-    then holds and the bytes it took. TransferFailed unless the peer reports the snapshot
-    (by name and GUID) afterwards."""
+    """Send one stream with its snapshot and base held from pruning (a bookmark, the base
+    ``from_bookmark``, cannot be held, nor destroyed by a prune); returns what the peer then
+    holds and the bytes it took. TransferFailed unless the peer reports the snapshot (by
+    name and GUID) afterwards."""
     taken = 0
 
     def progress(sent: int) -> None:
@@ -188,7 +214,8 @@ async def _send_one(
             on_progress(header.to_snapshot, sent, header.estimated_bytes)
 
     progress(0)
-    names = [name for name in (header.from_snapshot, header.to_snapshot) if name]
+    base = "" if from_bookmark else header.from_snapshot
+    names = [name for name in (base, header.to_snapshot) if name]
     async with store.held(header.volume, names):
         held = await peer.send(header, stream, progress)
         failpoints.reached("transfer.sent")

@@ -59,23 +59,24 @@ class PeerClient:
 
     async def holdings(self, volume: str) -> list[SnapshotRef]:
         """The peer's snapshots of ``volume``, oldest first."""
-        try:
-            reply = await self._stub.Holdings(
-                transfer_pb2.HoldingsRequest(volume=volume), timeout=HOLDINGS_TIMEOUT_SECONDS
-            )
-        except grpc.aio.AioRpcError as error:
-            raise TransferFailed(f"{self.node} ({self.address}): {error.details()}") from error
+        reply = await self._holdings(volume)
         return [SnapshotRef(s.name, s.guid) for s in reply.snapshots]
 
     async def resume_token(self, volume: str) -> str | None:
         """The token of a cut stream of ``volume`` the peer can take the rest of, or None."""
+        return (await self._holdings(volume)).resume_token or None
+
+    async def stream_features(self, volume: str) -> frozenset[str]:
+        """What the peer's ZFS receives beyond a plain stream; empty from an older agent."""
+        return frozenset((await self._holdings(volume)).stream_features)
+
+    async def _holdings(self, volume: str) -> transfer_pb2.HoldingsReply:
         try:
-            reply = await self._stub.Holdings(
+            return await self._stub.Holdings(
                 transfer_pb2.HoldingsRequest(volume=volume), timeout=HOLDINGS_TIMEOUT_SECONDS
             )
         except grpc.aio.AioRpcError as error:
             raise TransferFailed(f"{self.node} ({self.address}): {error.details()}") from error
-        return reply.resume_token or None
 
     async def send(
         self,

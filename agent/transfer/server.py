@@ -178,12 +178,13 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         volume = header.volume
         work = self._holdings.receive_stream(volume, header.to_snapshot).read_from
         log.info(
-            "receiving: volume=%s from=%s to=%s sender=%s epoch=%d",
+            "receiving: volume=%s from=%s to=%s sender=%s epoch=%d features=%s",
             volume,
             header.from_snapshot or "(full)",
             header.to_snapshot,
             header.sender,
             header.epoch,
+            ",".join(header.stream_features) or "-",
         )
         started = time.monotonic()
         try:
@@ -243,7 +244,12 @@ class TransferService(transfer_pb2_grpc.TransferServicer):
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         token = await self._holdings.resume_token(volume)
-        reply = transfer_pb2.HoldingsReply(volume=volume, node=self._node, resume_token=token or "")
+        reply = transfer_pb2.HoldingsReply(
+            volume=volume,
+            node=self._node,
+            resume_token=token or "",
+            stream_features=sorted(self._holdings.stream_features()),
+        )
         for ref in local or ():
             reply.snapshots.add(name=ref.name, guid=ref.guid)
         return reply

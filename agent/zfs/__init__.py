@@ -21,6 +21,7 @@ from agent.zfs import cli, lzc
 from agent.zfs.cli import (
     Features,
     ResumePoint,
+    bookmark_guids,
     features,
     hold_count,
     lzc_get_props,
@@ -74,6 +75,8 @@ lzc_rollback_to = _NATIVE.get("lzc_rollback_to", cli.lzc_rollback_to)
 lzc_rename = _NATIVE.get("lzc_rename", cli.lzc_rename)
 lzc_clone = _NATIVE.get("lzc_clone", cli.lzc_clone)
 lzc_promote = _NATIVE.get("lzc_promote", cli.lzc_promote)
+lzc_bookmark = _NATIVE.get("lzc_bookmark", cli.lzc_bookmark)
+lzc_destroy_bookmarks = _NATIVE.get("lzc_destroy_bookmarks", cli.lzc_destroy_bookmarks)
 
 __all__ = [
     "Features",
@@ -81,11 +84,14 @@ __all__ = [
     "Running",
     "ZFSError",
     "backend_name",
+    "bookmark_guids",
     "features",
     "hold_count",
+    "lzc_bookmark",
     "lzc_clone",
     "lzc_create",
     "lzc_destroy",
+    "lzc_destroy_bookmarks",
     "lzc_destroy_snaps",
     "lzc_exists",
     "lzc_get_holds",

@@ -78,6 +78,7 @@ _PATTERNS: list[tuple[str, type[exc.ZFSError]]] = [
     ("no longer the same snapshot", exc.SnapshotNotFound),
     ("no longer exists", exc.SnapshotNotFound),
     ("tag already exists", exc.HoldExists),
+    ("bookmark exists", exc.BookmarkExists),
     ("no such tag", exc.HoldNotFound),
     ("dataset already exists", exc.DatasetExists),
     ("destination already exists", exc.DatasetExists),
@@ -251,8 +252,18 @@ def _send_args(snap: bytes, fromsnap: Name | None, flags: Sequence[str] | None) 
         )
     args = [_SEND_FLAGS[flag] for flag in flags or ()]
     if fromsnap:
-        args += ["-i", validate_snapshot(fromsnap).decode()]
+        args += ["-i", _send_source(fromsnap).decode()]
     return args
+
+
+def _send_source(name: Name) -> bytes:
+    """The base of an incremental stream: a snapshot, or a bookmark of one (``fs#mark``)."""
+    raw = validate(name)
+    if b"@" not in raw and b"#" not in raw:
+        raise exc.NameInvalid(
+            raw, "Invalid name: an incremental stream starts at a snapshot or bookmark"
+        )
+    return raw
 
 
 def lzc_send(
@@ -366,6 +377,60 @@ def receive_abort(name: Name) -> None:
     if not features().resumable_receive:
         raise exc.FeatureNotSupported(raw, "this ZFS keeps no partial receives to discard")
     _run(_zfs("receive", "-A", raw), raw)
+
+
+def lzc_bookmark(bookmarks: Mapping[Name, Name]) -> None:
+    """Create bookmarks (``fs#mark`` -> its snapshot ``fs@snap``). A bookmark keeps the
+    snapshot's GUID and createtxg but no data: an incremental stream can start from it once
+    the snapshot is destroyed. FeatureNotSupported where ZFS has none (zfs-fuse)."""
+    pairs = [
+        (validate(mark, "bookmark"), validate_snapshot(snap)) for mark, snap in bookmarks.items()
+    ]
+    if not features().bookmarks:
+        raise exc.FeatureNotSupported(None, "this ZFS has no bookmarks: keep the snapshot instead")
+    errors: list[exc.ZFSError] = []
+    for mark, snap in pairs:
+        try:
+            _run(_zfs("bookmark", snap, mark), mark)
+        except exc.ZFSError as error:
+            errors.append(error)
+    if errors:
+        raise exc.BookmarkFailure(errors)
+
+
+def bookmark_guids(name: Name) -> list[tuple[bytes, int]]:
+    """The filesystem's bookmarks, oldest first, with the GUIDs of the snapshots they mark;
+    empty where ZFS has no bookmarks."""
+    raw = validate_dataset(name)
+    if not features().bookmarks:
+        return []
+    out = _run(
+        _zfs("list", "-Hp", "-t", "bookmark", "-o", "name,guid", "-s", "createtxg", "-d", "1", raw),
+        raw,
+    )
+    prefix = raw.decode() + "#"
+    pairs = (line.split("\t") for line in out.splitlines())
+    return [(mark.encode(), int(guid)) for mark, guid in pairs if mark.startswith(prefix)]
+
+
+def lzc_destroy_bookmarks(bookmarks: Iterable[Name]) -> None:
+    """Destroy bookmarks; those that do not exist are ignored, as libzfs_core does."""
+    marks = [validate(mark, "bookmark") for mark in bookmarks]
+    if not marks or not features().bookmarks:
+        return
+    present: set[bytes] = set()
+    for fs in {mark.split(b"#")[0] for mark in marks}:
+        present.update(mark for mark, _ in bookmark_guids(fs))
+    errors: list[exc.ZFSError] = []
+    for mark in marks:
+        if mark not in present:
+            continue
+        try:
+            _run(_zfs("destroy", mark), mark)
+        except exc.ZFSError as error:
+            errors.append(error)
+    if errors:
+        raise exc.BookmarkDestructionFailure(errors)
 
 
 def lzc_send_space(

@@ -148,6 +148,16 @@ class HoldReleaseFailure(MultipleOperationsFailure):
 ReleaseFailure = HoldReleaseFailure
 
 
+class BookmarkFailure(MultipleOperationsFailure):
+    errno = _errno.EIO
+    message = "Creation of bookmark(s) failed for one or more reasons"
+
+
+class BookmarkDestructionFailure(MultipleOperationsFailure):
+    errno = _errno.EIO
+    message = "Destruction of bookmark(s) failed for one or more reasons"
+
+
 class HoldExists(ZFSError):
     errno = _errno.EEXIST
     message = "Hold with a given tag already exists on snapshot"

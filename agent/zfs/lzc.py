@@ -156,6 +156,8 @@ _NAME_ARGS = {
     "lzc_rename": 2,
     "lzc_promote": 1,
     "lzc_destroy": 1,
+    "lzc_bookmark": 1,
+    "lzc_destroy_bookmarks": 1,
 }
 
 

@@ -32,16 +32,28 @@ async def readable(fd: int) -> None:
         loop.remove_reader(fd)
 
 
+NEGOTIATED_FEATURES = frozenset({"compress", "large_blocks"})
+"""Stream features a sender uses where the receiver says it takes them: blocks as they are
+compressed on disk (``zfs send -c``) and records over 128 KiB whole (``-L``)."""
+
+
+def stream_features() -> frozenset[str]:
+    """The negotiated features this ZFS sends, and so receives (zfs-fuse: none)."""
+    return zfs.features().send_flags & NEGOTIATED_FEATURES
+
+
 @dataclass(frozen=True)
 class SnapshotStream:
-    """The send stream of ``snapshot`` (incremental from ``base``), for a descriptor."""
+    """The send stream of ``snapshot`` (incremental from ``base``, a snapshot or bookmark),
+    for a descriptor, sent with ``flags`` (pyzfs's names: ``compress``, ``large_blocks``)."""
 
     snapshot: bytes
     base: bytes | None
+    flags: tuple[str, ...] = ()
 
     def write_to(self, fd: int) -> None:
         """Blocking: the whole stream into ``fd``."""
-        zfs.lzc_send(self.snapshot, self.base, fd)
+        zfs.lzc_send(self.snapshot, self.base, fd, list(self.flags) or None)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from typing import TypeVar
 from agent import zfs
 from agent.zfs import inuse, runner
 from agent.zfs.exceptions import (
+    BookmarkExists,
+    BookmarkFailure,
     CommandTimeout,
     DatasetBusy,
     DatasetExists,
@@ -38,7 +40,7 @@ from agent.zfs.exceptions import (
 )
 from agent.zfs.names import validate_dataset, validate_under, validate_volume_name
 from ferry.core import compression
-from ferry.core.snapshots import CutStream, SnapshotRef
+from ferry.core.snapshots import Base, CutStream, SnapshotRef
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +246,51 @@ class PoolRoot:
         if shorts:
             zfs.lzc_destroy_snaps([self.snapshot_name(volume, s) for s in shorts], defer=defer)
 
-    def send_space(self, volume: str, short: str, base: str | None) -> int:
-        """Estimated size of the stream of ``short`` (incremental from ``base``);
-        FeatureNotSupported where ZFS cannot estimate it."""
-        source = self.snapshot_name(volume, base) if base else None
-        return zfs.lzc_send_space(self.snapshot_name(volume, short), source)
+    def bookmark_name(self, volume: str, short: str) -> bytes:
+        """The full name of the volume's bookmark ``short``."""
+        return self.dataset(volume) + b"#" + short.encode()
+
+    def stream_source(self, volume: str, base: Base | None) -> bytes | None:
+        """The full name an incremental stream from ``base`` starts at: its snapshot or its
+        bookmark; None for a full stream."""
+        if base is None:
+            return None
+        if base.bookmark:
+            return self.bookmark_name(volume, base.name)
+        return self.snapshot_name(volume, base.name)
+
+    def send_space(
+        self, volume: str, short: str, base: Base | None, flags: Sequence[str] = ()
+    ) -> int:
+        """Estimated size of the stream of ``short`` (incremental from ``base``, sent with
+        ``flags``); FeatureNotSupported where ZFS cannot estimate it."""
+        source = self.stream_source(volume, base)
+        return zfs.lzc_send_space(self.snapshot_name(volume, short), source, list(flags))
+
+    def bookmarks(self, volume: str) -> list[SnapshotRef]:
+        """The volume's bookmarks, oldest first, with the GUIDs of the snapshots they mark;
+        empty without a dataset or where ZFS has no bookmarks."""
+        dataset = self.dataset(volume)
+        if not zfs.features().bookmarks or not zfs.lzc_exists(dataset):
+            return []
+        return [
+            SnapshotRef(full.split(b"#", 1)[1].decode(), guid)
+            for full, guid in zfs.bookmark_guids(dataset)
+        ]
+
+    def bookmark(self, volume: str, short: str) -> None:
+        """Bookmark the volume's snapshot ``short`` under the same name; one already there
+        is kept (a bookmark of a name marks that snapshot: Ferry never reuses names)."""
+        try:
+            zfs.lzc_bookmark({self.bookmark_name(volume, short): self.snapshot_name(volume, short)})
+        except BookmarkFailure as failure:
+            if not all(isinstance(error, BookmarkExists) for error in failure.errors):
+                raise
+
+    def destroy_bookmarks(self, volume: str, shorts: Sequence[str]) -> None:
+        """Destroy the volume's bookmarks ``shorts`` (those missing are ignored)."""
+        if shorts:
+            zfs.lzc_destroy_bookmarks([self.bookmark_name(volume, s) for s in shorts])
 
     def resume_token(self, volume: str) -> str | None:
         """The token of a cut resumable receive into the volume's copy; None when there is none
@@ -643,9 +685,11 @@ def _record_bases(dataset: bytes, bases: dict[str, str]) -> None:
 
 
 def _destroy_with_snapshots(dataset: bytes) -> None:
-    """Destroy an unmounted dataset and its snapshots, Ferry's holds released first."""
+    """Destroy an unmounted dataset, its snapshots and its bookmarks, Ferry's holds released
+    first."""
     what = dataset.decode()
     _release_transfer_holds(dataset, replicas=True)
+    zfs.lzc_destroy_bookmarks([mark for mark, _ in zfs.bookmark_guids(dataset)])
     snapshots = zfs.lzc_list_snaps(dataset)
     if snapshots:
         retry_busy(lambda: zfs.lzc_destroy_snaps(snapshots, defer=False), f"destroy {what}@*")

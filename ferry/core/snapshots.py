@@ -4,7 +4,9 @@ Ferry names its snapshots ``ferry-<epoch>-<seq>``: the owner epoch that took
 it, and a sequence number that only grows on a volume across epochs, so the
 newest snapshot is the one with the highest sequence. Identity of data is
 decided by ZFS GUID, never by name: a fenced old owner may hold a snapshot
-with a familiar name and different data.
+with a familiar name and different data. Where ZFS has bookmarks, the sender
+keeps one of each snapshot a peer confirmed, named as the snapshot: it keeps
+the snapshot's GUID, so a stream can start from it once the snapshot is gone.
 """
 
 from __future__ import annotations
@@ -52,6 +54,16 @@ class CutStream:
     left: int
 
 
+@dataclass(frozen=True)
+class Base:
+    """Where an incremental stream starts on the sender: its snapshot ``name`` (the peer holds
+    a snapshot of that name and GUID), or with ``bookmark`` only this copy's bookmark of it,
+    the snapshot itself destroyed here since."""
+
+    name: str
+    bookmark: bool = False
+
+
 def parse(name: str) -> SnapshotName | None:
     """The Ferry snapshot name in ``name``, or None for snapshots Ferry did not take."""
     match = _PATTERN.match(name)
@@ -79,18 +91,54 @@ def newest_common(local: Sequence[SnapshotRef], remote: Sequence[SnapshotRef]) -
     return None
 
 
+def stream_base(
+    local: Sequence[SnapshotRef],
+    remote: Sequence[SnapshotRef],
+    bookmarks: Sequence[SnapshotRef] = (),
+) -> Base | None:
+    """The newest snapshot of ``remote`` (oldest first) that this copy holds with the same
+    GUID: as a snapshot of ``local``, else as one of its ``bookmarks``. None: no common base.
+
+    Newest by the peer's order, because the peer takes an incremental stream
+    only from its newest snapshot; a snapshot is preferred to its bookmark.
+    """
+    snapshots = {ref.guid: ref.name for ref in local}
+    marks = {ref.guid: ref.name for ref in bookmarks}
+    for ref in reversed(remote):
+        if ref.guid in snapshots:
+            return Base(snapshots[ref.guid])
+        if ref.guid in marks:
+            return Base(marks[ref.guid], bookmark=True)
+    return None
+
+
 def unsent(
-    local: Sequence[SnapshotRef], remote: Sequence[SnapshotRef], epoch: int, newest: str
+    local: Sequence[SnapshotRef],
+    remote: Sequence[SnapshotRef],
+    epoch: int,
+    newest: str,
+    bookmarks: Sequence[SnapshotRef] = (),
 ) -> list[str]:
-    """Snapshots of this ``epoch`` newer than the newest common one that ``remote`` lacks,
-    but ``newest``: what failed sends left behind.
+    """Snapshots of this ``epoch`` newer than the common base that ``remote`` lacks, but
+    ``newest``: what failed sends left behind.
 
     A retry sends from the common base to a new snapshot, so these serve no
     stream; kept, every retry of a move to an unreachable target added one.
+    A base that is a bookmark is placed among the snapshots by its Ferry
+    sequence (bookmarks are named as their snapshots).
     """
-    base = newest_common(local, remote)
+    base = stream_base(local, remote, bookmarks)
     names = [ref.name for ref in local]
-    after = names.index(base) + 1 if base is not None else 0
+    if base is None:
+        after = 0
+    elif not base.bookmark:
+        after = names.index(base.name) + 1
+    else:
+        marked = parse(base.name)
+        later = [
+            at for at, name in enumerate(names) if marked and (p := parse(name)) and p > marked
+        ]
+        after = later[0] if later else len(names)
     remote_guids = {ref.guid for ref in remote}
     return [
         ref.name

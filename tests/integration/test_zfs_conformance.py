@@ -8,7 +8,6 @@ two hosts; every test uses fresh dataset names in them.
 from __future__ import annotations
 
 import errno
-import hashlib
 import itertools
 import os
 import subprocess
@@ -25,8 +24,8 @@ from agent.zfs import cli, lzc, runner
 from agent.zfs import exceptions as exc
 from agent.zfs.streams import SnapshotReceive, SnapshotStream
 from agent.zfs.volumes import PoolRoot
-from ferry.core.snapshots import SnapshotRef
-from tests.support.files import write_random
+from ferry.core.snapshots import Base, SnapshotRef
+from tests.support.files import tree_digest, write_random
 from tests.support.pools import ScratchPool, create_in_use, pool_fixture
 
 pytestmark = pytest.mark.integration
@@ -54,15 +53,6 @@ def fresh(pool: ScratchPool) -> tuple[bytes, Path]:
     """A dataset name not used before in this pool, and where it mounts."""
     component = f"ds{next(_counter)}"
     return pool.dataset(component), pool.path(component)
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every regular file under ``root``, by relative path."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and ".zfs" not in p.parts
-    }
 
 
 def send_to_file(api: Any, snap: bytes, fromsnap: bytes | None, path: Path) -> Path:
@@ -635,6 +625,96 @@ def test_a_compressed_send_is_smaller_and_receives_the_same_files(
     assert tree_digest(mounted_copy(api, target, target_dir)) == tree_digest(source_dir)
 
 
+def test_an_incremental_stream_starts_from_a_bookmark_of_a_destroyed_snapshot(
+    api: Any, src: ScratchPool, dst: ScratchPool, tmp_path: Path
+) -> None:
+    """Kernel OpenZFS: a bookmark keeps its snapshot's GUID, and once the snapshot is gone an
+    incremental stream from the bookmark continues a copy that holds the snapshot. zfs-fuse
+    has no bookmarks: FeatureNotSupported, none listed, nothing to destroy."""
+    source, source_dir = fresh(src)
+    target, target_dir = fresh(dst)
+    api.lzc_create(source, props={"compression": "off"})
+    write_random(source_dir / "f", 2 << 20)
+    api.lzc_snapshot([source + b"@s1"])
+    if not cli.features().bookmarks:
+        with pytest.raises(exc.FeatureNotSupported):
+            api.lzc_bookmark({source + b"#s1": source + b"@s1"})
+        assert api.bookmark_guids(source) == []
+        api.lzc_destroy_bookmarks([source + b"#s1"])
+        return
+    receive_file(api, target + b"@s1", send_to_file(api, source + b"@s1", None, tmp_path / "s1"))
+    api.lzc_bookmark({source + b"#s1": source + b"@s1"})
+    with pytest.raises(exc.BookmarkFailure) as again:
+        api.lzc_bookmark({source + b"#s1": source + b"@s1"})
+    assert [type(error) for error in again.value.errors] == [exc.BookmarkExists]
+    guid = dict(api.snapshot_guids(source))[source + b"@s1"]
+    assert api.bookmark_guids(source) == [(source + b"#s1", guid)]
+
+    api.lzc_destroy_snaps([source + b"@s1"], defer=False)
+    write_random(source_dir / "g", 256 << 10)
+    api.lzc_snapshot([source + b"@s2"])
+    assert api.lzc_send_space(source + b"@s2", source + b"#s1") < 1 << 20
+    delta = send_to_file(api, source + b"@s2", source + b"#s1", tmp_path / "s2")
+    assert delta.stat().st_size < 1 << 20, "only what was written after s1"
+    receive_file(api, target + b"@s2", delta)
+    assert tree_digest(mounted_copy(api, target, target_dir)) == tree_digest(source_dir)
+
+    api.lzc_destroy_bookmarks([source + b"#s1", source + b"#never"])
+    assert api.bookmark_guids(source) == []
+
+
+def test_pool_root_bookmarks_mark_snapshots_and_go_with_the_volume(
+    door: Any, src: ScratchPool, tmp_path: Path
+) -> None:
+    """PoolRoot's bookmarks: named as their snapshots, with their GUIDs, kept after the
+    snapshot is destroyed, made again without error, destroyed with the volume."""
+    root = PoolRoot(src.name, root=f"ferry{next(_counter)}")
+    root.ensure()
+    create_in_use(root, "vol", 16 << 20, "off", tmp_path / "vol")
+    root.snapshot("vol", "s1")
+    if not cli.features().bookmarks:
+        assert root.bookmarks("vol") == []
+        root.destroy_volume("vol")
+        return
+    root.bookmark("vol", "s1")
+    root.bookmark("vol", "s1")
+    assert root.bookmarks("vol") == root.snapshots("vol")
+    root.destroy_snapshots("vol", ["s1"], defer=False)
+    assert [ref.name for ref in root.bookmarks("vol")] == ["s1"]
+    root.destroy_volume("vol")
+    assert not door.lzc_exists(root.dataset("vol"))
+    assert root.bookmarks("vol") == []
+
+
+def test_a_large_block_compressed_send_keeps_blocks_whole(
+    api: Any, src: ScratchPool, dst: ScratchPool, tmp_path: Path
+) -> None:
+    """Kernel OpenZFS: `zfs send -c -L` of 1 MiB records carries them compressed and whole;
+    the copy reads back the same files with the same block size. zfs-fuse refuses the flags."""
+    source, source_dir = fresh(src)
+    target, target_dir = fresh(dst)
+    flags = ["compress", "large_blocks"]
+    if not {"compress", "large_blocks"} <= cli.features().send_flags:
+        api.lzc_create(source)
+        api.lzc_snapshot([source + b"@s1"])
+        with pytest.raises(exc.FeatureNotSupported), (tmp_path / "s").open("wb") as out:
+            api.lzc_send(source + b"@s1", None, out.fileno(), flags)
+        return
+    api.lzc_create(source, props={"compression": "gzip", "recordsize": "1M"})
+    (source_dir / "text").write_bytes(b"ferry moves volumes\n" * (400 << 10))
+    write_random(source_dir / "random", 2 << 20)
+    api.lzc_snapshot([source + b"@s1"])
+    plain = send_to_file(api, source + b"@s1", None, tmp_path / "plain")
+    stream = tmp_path / "large"
+    with stream.open("wb") as out:
+        api.lzc_send(source + b"@s1", None, out.fileno(), flags)
+    assert stream.stat().st_size < 0.5 * plain.stat().st_size
+    receive_file(api, target + b"@s1", stream)
+    copy = mounted_copy(api, target, target_dir)
+    assert tree_digest(copy) == tree_digest(source_dir)
+    assert (copy / "random").stat().st_blksize == (source_dir / "random").stat().st_blksize
+
+
 def test_a_call_past_its_limit_raises_command_timeout_and_is_listed_until_it_ends(
     api: Any, src: ScratchPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -698,10 +778,10 @@ def test_pool_root_snapshots_properties_and_holds(
         ]
         assert root.send_space("vol", "s1", None) > 1 << 20
         if cli.features().send_estimate:
-            assert root.send_space("vol", "s2", "s1") < 200_000
+            assert root.send_space("vol", "s2", Base("s1")) < 200_000
         else:
             with pytest.raises(exc.FeatureNotSupported):
-                root.send_space("vol", "s2", "s1")
+                root.send_space("vol", "s2", Base("s1"))
 
         root.hold("vol", ["s1", "s2"], "ferry-test")
         assert (door.hold_count(s1), door.hold_count(s2)) == (1, 1)

@@ -99,6 +99,9 @@ class CuttingPeer:
     async def resume_token(self, volume: str) -> str | None:
         return await self._peer.resume_token(volume)
 
+    async def stream_features(self, volume: str) -> frozenset[str]:
+        return await self._peer.stream_features(volume)
+
     async def send(
         self, header: transfer_pb2.StreamHeader, stream: SendStream, on_progress: ProgressCallback
     ) -> list[SnapshotRef]:

@@ -15,3 +15,12 @@ def write_random(path: Path, size: int) -> str:
         out.flush()
         os.fsync(out.fileno())
     return hashlib.sha256(data).hexdigest()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``root``, by relative path (``.zfs`` left out)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".zfs" not in p.parts
+    }

@@ -19,7 +19,7 @@ from agent.transfer.client import TransferFailed
 from agent.zfs.volumes import FilesystemBusy
 from ferry.cluster.keyspace import Versioned
 from ferry.core.records import Move, Owner, VolumeSpec
-from ferry.core.snapshots import CutStream, SnapshotRef, next_name, prunable
+from ferry.core.snapshots import Base, CutStream, SnapshotRef, next_name, prunable
 from protos.ferry.v1 import transfer_pb2
 
 _guids = itertools.count(1000)
@@ -38,6 +38,8 @@ class _Copy:
 
     data: bytes = b""
     snapshots: list[_Snapshot] = field(default_factory=list)
+    bookmarks: list[_Snapshot] = field(default_factory=list)
+    """As ZFS's bookmarks, but keeping the data: the fake's streams are made of it."""
     mounted: bool = False
     readonly: bool = True
     frozen: bool = False
@@ -48,11 +50,13 @@ class _Copy:
 
 @dataclass(frozen=True)
 class FakeStream:
-    """A send stream: the snapshot's name, GUID and data, and the base it continues."""
+    """A send stream: the snapshot's name, GUID and data, the base it continues (a snapshot
+    or a bookmark), and the features it is sent with."""
 
     volume: str
     snapshot: _Snapshot
     base: _Snapshot | None
+    flags: tuple[str, ...] = ()
 
     def write_to(self, fd: int) -> None:
         raise NotImplementedError("a FakeStream is read by a FakePeer, never written to a file")
@@ -84,11 +88,20 @@ def _read_token(token: str) -> tuple[int, int | None, int]:
 
 class FakeStore:
     """One node's pool; ``resumable`` as kernel OpenZFS (a cut receive keeps what arrived, and
-    its sender can send the rest), else as zfs-fuse."""
+    its sender can send the rest), else as zfs-fuse; ``has_bookmarks`` and the stream
+    ``features`` it sends and receives (``compress``, ``large_blocks``) as kernel OpenZFS."""
 
-    def __init__(self, node: str, resumable: bool = False) -> None:
+    def __init__(
+        self,
+        node: str,
+        resumable: bool = False,
+        has_bookmarks: bool = False,
+        features: frozenset[str] = frozenset(),
+    ) -> None:
         self.node = node
         self.resumable = resumable
+        self.has_bookmarks = has_bookmarks
+        self.features = features
         self.partial: dict[str, tuple[FakeStream, int]] = {}
         """What cut receives left: the stream and the bytes of it that arrived."""
         self.copies: dict[str, _Copy] = {}
@@ -157,7 +170,7 @@ class FakeStore:
 
     async def take_snapshot(self, volume: str, epoch: int) -> SnapshotRef:
         copy = self.copies[volume]
-        name = next_name([s.name for s in copy.snapshots], epoch)
+        name = next_name([s.name for s in copy.snapshots + copy.bookmarks], epoch)
         snapshot = _Snapshot(name, next(_guids), copy.data)
         copy.snapshots.append(snapshot)
         copy.written = False
@@ -167,13 +180,35 @@ class FakeStore:
         copy = self.copies[volume]
         copy.snapshots = [s for s in copy.snapshots if s.name not in shorts]
 
-    async def send_space(self, volume: str, short: str, base: str | None) -> int:
-        stream = self.send_stream(volume, short, base)
-        return len(stream.snapshot.data) - (len(stream.base.data) if stream.base else 0)
+    async def send_space(
+        self, volume: str, short: str, base: Base | None, flags: Sequence[str] = ()
+    ) -> int:
+        return self.send_stream(volume, short, base, flags).size
 
-    def send_stream(self, volume: str, short: str, base: str | None) -> FakeStream:
-        by_name = {s.name: s for s in self.copies[volume].snapshots}
-        return FakeStream(volume, by_name[short], by_name[base] if base else None)
+    def send_stream(
+        self, volume: str, short: str, base: Base | None, flags: Sequence[str] = ()
+    ) -> FakeStream:
+        copy = self.copies[volume]
+        by_name = {s.name: s for s in copy.snapshots}
+        marks = {s.name: s for s in copy.bookmarks}
+        source = None if base is None else (marks if base.bookmark else by_name)[base.name]
+        return FakeStream(volume, by_name[short], source, tuple(flags))
+
+    def stream_features(self) -> frozenset[str]:
+        return self.features
+
+    async def bookmarks(self, volume: str) -> list[SnapshotRef]:
+        copy = self.copies.get(volume)
+        return [SnapshotRef(s.name, s.guid) for s in copy.bookmarks] if copy else []
+
+    async def keep_bookmark(self, volume: str, short: str) -> None:
+        copy = self.copies[volume]
+        if self.has_bookmarks and short not in [s.name for s in copy.bookmarks]:
+            copy.bookmarks.append(replace(next(s for s in copy.snapshots if s.name == short)))
+
+    async def destroy_bookmarks(self, volume: str, shorts: Sequence[str]) -> None:
+        copy = self.copies[volume]
+        copy.bookmarks = [s for s in copy.bookmarks if s.name not in shorts]
 
     @asynccontextmanager
     async def held(self, volume: str, shorts: Sequence[str]) -> AsyncIterator[None]:
@@ -317,7 +352,9 @@ class FakePeer:
     ``answers`` False: it does not answer at all (a cut link); ``streams_fail``: it
     answers ``holdings`` but every stream breaks before it arrives; ``cut_after``: the
     next stream breaks after that many bytes arrived; ``receive_fails``: a stream it
-    admits fails in ``zfs receive`` with that error (a full pool, say).
+    admits fails in ``zfs receive`` with that error (a full pool, say); ``states_features``
+    False: an agent from before stream features, which says nothing of them. A stream with
+    a feature its store does not receive fails, as ``zfs receive`` refuses it.
     """
 
     def __init__(self, node: str, store: FakeStore, records: MoveRecords) -> None:
@@ -328,6 +365,8 @@ class FakePeer:
         self.streams_fail = False
         self.cut_after: int | None = None
         self.receive_fails = ""
+        self.states_features = True
+        self.feature_questions = 0
         self.streams: list[transfer_pb2.StreamHeader] = []
 
     @property
@@ -343,6 +382,12 @@ class FakePeer:
         if not self.answers:
             raise TransferFailed(f"{self._node} (fake): Deadline Exceeded")
         return await self.store.resume_token(volume)
+
+    async def stream_features(self, volume: str) -> frozenset[str]:
+        self.feature_questions += 1
+        if not self.answers:
+            raise TransferFailed(f"{self._node} (fake): Deadline Exceeded")
+        return self.store.stream_features() if self.states_features else frozenset()
 
     async def send(
         self,
@@ -369,6 +414,8 @@ class FakePeer:
             raise TransferFailed(f"{self._node} (fake): the stream was cut")
         if (stream.snapshot.name, stream.snapshot.guid) != (header.to_snapshot, header.to_guid):
             raise TransferFailed(f"{self._node} (fake): the stream is not the header's snapshot")
+        if set(stream.flags) - self.store.stream_features():
+            raise TransferFailed(f"{self._node} (fake): stream features {stream.flags} unknown")
         try:
             self.store.receive(stream)
         except TransferFailed as failed:

@@ -1,6 +1,15 @@
 """Ferry snapshot names, the common base between two copies, and pruning."""
 
-from ferry.core.snapshots import SnapshotRef, newest_common, next_name, parse, prunable, unsent
+from ferry.core.snapshots import (
+    Base,
+    SnapshotRef,
+    newest_common,
+    next_name,
+    parse,
+    prunable,
+    stream_base,
+    unsent,
+)
 
 
 def test_names_round_trip_and_foreign_names_are_ignored() -> None:
@@ -51,3 +60,27 @@ def test_what_failed_sends_left_is_dropped_and_nothing_a_stream_needs() -> None:
     assert unsent(local, [], epoch=2, newest="ferry-2-4") == ["ferry-2-2", "ferry-2-3"]
     assert unsent(local, [], epoch=3, newest="ferry-2-4") == [], "older epochs are not its own"
     assert unsent(local, [SnapshotRef("ferry-2-4", 24)], epoch=2, newest="ferry-2-4") == []
+
+
+def test_a_bookmark_stands_for_its_destroyed_snapshot_by_guid() -> None:
+    remote = [SnapshotRef("ferry-1-1", 11), SnapshotRef("ferry-1-2", 12)]
+    marks = [SnapshotRef("ferry-1-1", 11), SnapshotRef("ferry-1-2", 12)]
+    assert stream_base([SnapshotRef("ferry-1-2", 12)], remote, marks) == Base("ferry-1-2")
+    assert stream_base([], remote, marks) == Base("ferry-1-2", bookmark=True)
+    # The peer takes a stream only from its newest: a newer bookmark beats an older snapshot.
+    assert stream_base([SnapshotRef("ferry-1-1", 11)], remote, marks) == Base(
+        "ferry-1-2", bookmark=True
+    )
+    assert stream_base([], remote, [SnapshotRef("ferry-1-2", 99)]) is None
+    assert stream_base([], [], marks) is None
+
+
+def test_leftovers_of_failed_sends_are_found_after_a_bookmark_base() -> None:
+    local = [
+        SnapshotRef("ferry-2-1", 21),
+        SnapshotRef("ferry-2-3", 23),
+        SnapshotRef("ferry-2-4", 24),
+    ]
+    remote = [SnapshotRef("ferry-2-2", 22)]
+    marks = [SnapshotRef("ferry-2-2", 22)]
+    assert unsent(local, remote, epoch=2, newest="ferry-2-4", bookmarks=marks) == ["ferry-2-3"]

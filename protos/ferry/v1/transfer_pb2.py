@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/ferry/v1/transfer.proto\x12\x08\x66\x65rry.v1\"!\n\x0fHoldingsRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"&\n\x08Snapshot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04guid\x18\x02 \x01(\x04\"\x82\x01\n\rHoldingsReply\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12%\n\tsnapshots\x18\x03 \x03(\x0b\x32\x12.ferry.v1.Snapshot\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x14\n\x0cresume_token\x18\x05 \x01(\t\"\xd7\x01\n\x0cStreamHeader\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x15\n\rfrom_snapshot\x18\x02 \x01(\t\x12\x13\n\x0bto_snapshot\x18\x03 \x01(\t\x12\x0f\n\x07to_guid\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0e\n\x06sender\x18\x06 \x01(\t\x12\x17\n\x0f\x65stimated_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cresume_token\x18\t \x01(\t\x12\x11\n\tencrypted\x18\x08 \x01(\x08\x12\x19\n\x10\x65ncrypted_format\x18\xf0\x01 \x01(\r\"D\n\nDataTicket\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x19\n\x10\x65ncrypted_format\x18\xf0\x01 \x01(\r\"g\n\x0cReceiveReply\x12&\n\x06ticket\x18\x01 \x01(\x0b\x32\x14.ferry.v1.DataTicketH\x00\x12\'\n\x04\x64one\x18\x02 \x01(\x0b\x32\x17.ferry.v1.HoldingsReplyH\x00\x42\x06\n\x04part2\x87\x01\n\x08Transfer\x12>\n\x08Holdings\x12\x19.ferry.v1.HoldingsRequest\x1a\x17.ferry.v1.HoldingsReply\x12;\n\x07Receive\x12\x16.ferry.v1.StreamHeader\x1a\x16.ferry.v1.ReceiveReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/ferry/v1/transfer.proto\x12\x08\x66\x65rry.v1\"!\n\x0fHoldingsRequest\x12\x0e\n\x06volume\x18\x01 \x01(\t\"&\n\x08Snapshot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04guid\x18\x02 \x01(\x04\"\x9b\x01\n\rHoldingsReply\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12%\n\tsnapshots\x18\x03 \x03(\x0b\x32\x12.ferry.v1.Snapshot\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x14\n\x0cresume_token\x18\x05 \x01(\t\x12\x17\n\x0fstream_features\x18\x06 \x03(\t\"\xf0\x01\n\x0cStreamHeader\x12\x0e\n\x06volume\x18\x01 \x01(\t\x12\x15\n\rfrom_snapshot\x18\x02 \x01(\t\x12\x13\n\x0bto_snapshot\x18\x03 \x01(\t\x12\x0f\n\x07to_guid\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0e\n\x06sender\x18\x06 \x01(\t\x12\x17\n\x0f\x65stimated_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cresume_token\x18\t \x01(\t\x12\x17\n\x0fstream_features\x18\n \x03(\t\x12\x11\n\tencrypted\x18\x08 \x01(\x08\x12\x19\n\x10\x65ncrypted_format\x18\xf0\x01 \x01(\r\"D\n\nDataTicket\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x19\n\x10\x65ncrypted_format\x18\xf0\x01 \x01(\r\"g\n\x0cReceiveReply\x12&\n\x06ticket\x18\x01 \x01(\x0b\x32\x14.ferry.v1.DataTicketH\x00\x12\'\n\x04\x64one\x18\x02 \x01(\x0b\x32\x17.ferry.v1.HoldingsReplyH\x00\x42\x06\n\x04part2\x87\x01\n\x08Transfer\x12>\n\x08Holdings\x12\x19.ferry.v1.HoldingsRequest\x1a\x17.ferry.v1.HoldingsReply\x12;\n\x07Receive\x12\x16.ferry.v1.StreamHeader\x1a\x16.ferry.v1.ReceiveReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SNAPSHOT']._serialized_start=79
   _globals['_SNAPSHOT']._serialized_end=117
   _globals['_HOLDINGSREPLY']._serialized_start=120
-  _globals['_HOLDINGSREPLY']._serialized_end=250
-  _globals['_STREAMHEADER']._serialized_start=253
-  _globals['_STREAMHEADER']._serialized_end=468
-  _globals['_DATATICKET']._serialized_start=470
-  _globals['_DATATICKET']._serialized_end=538
-  _globals['_RECEIVEREPLY']._serialized_start=540
-  _globals['_RECEIVEREPLY']._serialized_end=643
-  _globals['_TRANSFER']._serialized_start=646
-  _globals['_TRANSFER']._serialized_end=781
+  _globals['_HOLDINGSREPLY']._serialized_end=275
+  _globals['_STREAMHEADER']._serialized_start=278
+  _globals['_STREAMHEADER']._serialized_end=518
+  _globals['_DATATICKET']._serialized_start=520
+  _globals['_DATATICKET']._serialized_end=588
+  _globals['_RECEIVEREPLY']._serialized_start=590
+  _globals['_RECEIVEREPLY']._serialized_end=693
+  _globals['_TRANSFER']._serialized_start=696
+  _globals['_TRANSFER']._serialized_end=831
 # @@protoc_insertion_point(module_scope)

@@ -81,6 +81,7 @@ class HoldingsReply(_message.Message):
     SNAPSHOTS_FIELD_NUMBER: _builtins.int
     BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    STREAM_FEATURES_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
     node: _builtins.str
     bytes_received: _builtins.int
@@ -94,6 +95,13 @@ class HoldingsReply(_message.Message):
     def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Snapshot]:
         """Oldest first. Empty when the receiver has no copy."""
 
+    @_builtins.property
+    def stream_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What this node's ZFS receives beyond a plain stream: "compress" (`zfs send
+        -c`, blocks as compressed on disk) and "large_blocks" (`-L`). The sender
+        uses those it can send too; empty (an older agent, zfs-fuse): a plain stream.
+        """
+
     def __init__(
         self,
         *,
@@ -102,10 +110,11 @@ class HoldingsReply(_message.Message):
         snapshots: _abc.Iterable[Global___Snapshot] | None = ...,
         bytes_received: _builtins.int = ...,
         resume_token: _builtins.str = ...,
+        stream_features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "node", b"node", "resume_token", b"resume_token", "snapshots", b"snapshots", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "node", b"node", "resume_token", b"resume_token", "snapshots", b"snapshots", "stream_features", b"stream_features", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -123,6 +132,7 @@ class StreamHeader(_message.Message):
     SENDER_FIELD_NUMBER: _builtins.int
     ESTIMATED_BYTES_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    STREAM_FEATURES_FIELD_NUMBER: _builtins.int
     ENCRYPTED_FIELD_NUMBER: _builtins.int
     ENCRYPTED_FORMAT_FIELD_NUMBER: _builtins.int
     volume: _builtins.str
@@ -151,6 +161,12 @@ class StreamHeader(_message.Message):
     (agent.transfer.secure.FRAMES). 0 is an older agent's TLS records: refused, so that
     agents of two versions fail at once, with a reason, instead of waiting on each other.
     """
+    @_builtins.property
+    def stream_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The features the stream is sent with (of the receiver's
+        HoldingsReply.stream_features), for the receiver's log.
+        """
+
     def __init__(
         self,
         *,
@@ -162,12 +178,13 @@ class StreamHeader(_message.Message):
         sender: _builtins.str = ...,
         estimated_bytes: _builtins.int = ...,
         resume_token: _builtins.str = ...,
+        stream_features: _abc.Iterable[_builtins.str] | None = ...,
         encrypted: _builtins.bool = ...,
         encrypted_format: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted", b"encrypted", "encrypted_format", b"encrypted_format", "epoch", b"epoch", "estimated_bytes", b"estimated_bytes", "from_snapshot", b"from_snapshot", "resume_token", b"resume_token", "sender", b"sender", "to_guid", b"to_guid", "to_snapshot", b"to_snapshot", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted", b"encrypted", "encrypted_format", b"encrypted_format", "epoch", b"epoch", "estimated_bytes", b"estimated_bytes", "from_snapshot", b"from_snapshot", "resume_token", b"resume_token", "sender", b"sender", "stream_features", b"stream_features", "to_guid", b"to_guid", "to_snapshot", b"to_snapshot", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
