@@ -9,20 +9,24 @@
 # Environment: FERRY_VENV (default /opt/ferry/venv); FERRY_ZFS=kernel or fuse
 # instead of that detection (a chroot of a kernel-ZFS image runs the build
 # machine's kernel, so it cannot see the module it is installing for);
-# FERRY_INSTALL_LOG (default /var/log/ferry/install.log).
+# FERRY_INSTALL_LOG (default /var/log/ferry/install.log); FERRY_BIN_DIR (where
+# the commands are linked, default /usr/local/bin).
 # It prints one line per step; apt's and pip's output goes to that log, whose
-# last lines it prints when a step fails.
+# last lines it prints when a step fails. A second run does only what changed:
+# apt only for missing packages, pip only when the checkout, the extras or
+# pyproject.toml differ from what the last run installed (recorded in the venv).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FERRY_VENV:-/opt/ferry/venv}"
+bin_dir="${FERRY_BIN_DIR:-/usr/local/bin}"
 # shellcheck source=steps.sh source-path=SCRIPTDIR
 source "$repo/deploy/steps.sh"
 dev=0
 for arg in "$@"; do
     case "$arg" in
         --dev) dev=1 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown argument '$arg' (use --dev or nothing)" >&2; exit 2 ;;
     esac
 done
@@ -32,10 +36,12 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+# One dpkg-query for all of them: each run reads dpkg's whole database.
 missing_packages() {
-    local pkg
+    local installed pkg
+    installed=$(dpkg-query -W -f='${Package} ${Status}\n' "$@" 2>/dev/null || true)
     for pkg in "$@"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || printf '%s\n' "$pkg"
+        grep -qx "$pkg install ok installed" <<<"$installed" || printf '%s\n' "$pkg"
     done
 }
 
@@ -59,7 +65,17 @@ make_venv() {
     fi
 }
 
+# What install_ferry installs: this checkout, the extras and pyproject.toml (dependencies,
+# entry points). When the venv holds the same, pip has nothing to do; its resolver and the
+# editable build still take minutes on a slow host (an emulated guest), so it is skipped.
+installed_stamp="$venv/.ferry-installed"
+install_key() {
+    printf 'checkout %s\ndev %s\npyproject.toml %s\n' "$repo" "$dev" \
+        "$(sha256sum <"$repo/pyproject.toml" | cut -d' ' -f1)"
+}
+
 install_ferry() {
+    rm -f "$installed_stamp"
     "$venv/bin/python" -m pip install --upgrade pip
     # Editable: the venv runs this checkout, so an update of the checkout is the update of
     # Ferry, and a plain install never shadows a development one with a stale copy.
@@ -68,6 +84,7 @@ install_ferry() {
     else
         "$venv/bin/python" -m pip install -e "$repo"
     fi
+    install_key >"$installed_stamp"
 }
 
 case "${FERRY_ZFS:-}" in
@@ -84,8 +101,9 @@ else
     packages+=(zfs-fuse fuse)
 fi
 if [ "$dev" -eq 1 ]; then
-    # ruby: the tests load vagrant/ferry_cluster.rb.
-    packages+=(shellcheck ruby)
+    # ruby: the tests load vagrant/ferry_cluster.rb; curl: the cluster tests call the
+    # plugin socket on each host with it.
+    packages+=(shellcheck ruby curl)
 fi
 install_log="${FERRY_INSTALL_LOG:-/var/log/ferry/install.log}"
 steps_open install "$install_log"
@@ -96,9 +114,15 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
     step "virtualenv $venv" make_venv
 fi
-step "ferry and its Python packages$( [ "$dev" -eq 1 ] && echo ", test and lint tools" )" install_ferry
+what="ferry and its Python packages$( [ "$dev" -eq 1 ] && echo ", test and lint tools" )"
+if [ -f "$installed_stamp" ] && [ "$(cat "$installed_stamp")" = "$(install_key)" ]; then
+    printf 'install: %s: installed from this checkout already, pyproject.toml unchanged\n' "$what" >&2
+else
+    step "$what" install_ferry
+fi
+mkdir -p "$bin_dir"
 for tool in ferryctl ferry-control ferry-agent ferry-etcd-bootstrap; do
-    ln -sf "$venv/bin/$tool" "/usr/local/bin/$tool"
+    ln -sf "$venv/bin/$tool" "$bin_dir/$tool"
 done
 printf 'install: ferry installed in %s (%s); log: %s\n' "$venv" \
     "$( [ "$kernel_zfs" -eq 1 ] && echo "kernel OpenZFS" || echo "zfs-fuse" )" "$install_log" >&2

@@ -13,13 +13,17 @@
 #   base  (DIR/base-<key>.tar): mmdebstrap of bookworm `main contrib` with the
 #         kernel, its headers and zfs-dkms, whose DKMS build makes zfs.ko for
 #         the guest's kernel (~6 minutes, most of it compiling). Key: this
-#         script and the versions Debian offers today for PACKAGES.
+#         script's commands (comment lines do not count) and the versions
+#         Debian offers today for PACKAGES.
 #   image: the base plus the repository's own deploy/install.sh --dev (what a
 #         real node runs), which installs Ferry's venv editable from
-#         /srv/ferry, where the guest later mounts the repository, and
+#         /vagrant, where a provisioned guest has the repository (a Vagrant
+#         node's synced folder, a node of vm-cluster.sh's copy), so that
+#         install.sh run again there by provision.sh has nothing to do; and
 #         vagrant/vm-init.sh as /usr/local/sbin/ferry-vm-init (a test guest's
-#         PID 1); then mkfs.ext4 -d makes the image without mounting anything.
-#         Key: the base key, install.sh, pyproject.toml and vm-init.sh.
+#         PID 1, which mounts the repository at /srv/ferry and runs it from
+#         there); then mkfs.ext4 -d makes the image without mounting anything.
+#         Key: the base key, install.sh, steps.sh, pyproject.toml, vm-init.sh.
 # A layer of an older key is removed once its replacement is complete.
 # The contrib component is given only to the chroot and to a private apt
 # directory, never to this machine's apt. Runs under nice/ionice.
@@ -31,7 +35,7 @@ cache=/var/cache/ferry/vm
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --cache) cache="$2"; shift 2 ;;
-        -h|--help) sed -n '2,25p' "$script"; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$script"; exit 0 ;;
         *) echo "build-image.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -40,7 +44,7 @@ MIRROR=http://deb.debian.org/debian
 SECURITY_MIRROR=http://deb.debian.org/debian-security
 SUITE=bookworm
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-# Where the guest mounts the repository (9p); Ferry's editable install points here.
+# Where a test guest mounts the repository (9p, vagrant/vm-init.sh).
 GUEST_REPO=/srv/ferry
 IMAGE_SPARE_BYTES=$((3 << 30))
 BASE_TIMEOUT=3600
@@ -109,7 +113,7 @@ work=$(mktemp -d "$cache/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 versions=$(candidate_versions)
-base_key=$( { sed -n '/^# --- image layer/q;p' "$script"; printf '%s\n' "$versions"; } | hash_of)
+base_key=$( { sed -n '/^# --- image layer/q;p' "$script" | grep -v '^[[:space:]]*#'; printf '%s\n' "$versions"; } | hash_of)
 base="$cache/base-$base_key.tar"
 if [ -f "$base" ]; then
     log "cached base $base"
@@ -132,17 +136,20 @@ else
     log "built base $base_key in $(( $(date +%s) - started )) s"
 fi
 
-# --- image layer: the base, Ferry installed by deploy/install.sh, the test guest's init,
+# --- image layer: the base, Ferry installed by deploy/install.sh from where a provisioned
+# guest has the repository (INSTALL_REPO), the test guest's init,
 # and what a guest reached over ssh needs (vm-cluster.sh's nodes, the Vagrant box of
 # build-box.sh): sshd, sudo, rsync, a user vagrant (the host keys are the image's, the
 # same in every guest), the wheels pip builds Ferry with (install.sh runs again there
 # without an index) and a DHCP config for systemd-networkd. (Documented here, not at the
-# top: the text above this line is the base's key.)
+# top: the commands above this line are the base's key.)
+INSTALL_REPO=/vagrant
 image_key=$(
     {
         printf '%s\n' "$base_key"
         sed -n '/^# --- image layer/,$p' "$script"
-        cat "$repo/deploy/install.sh" "$repo/pyproject.toml" "$repo/vagrant/vm-init.sh"
+        cat "$repo/deploy/install.sh" "$repo/deploy/steps.sh" "$repo/pyproject.toml" \
+            "$repo/vagrant/vm-init.sh"
     } | hash_of
 )
 image="$cache/image-$image_key"
@@ -157,10 +164,10 @@ log "building image $image_key on base $base_key (deploy/install.sh --dev in the
 rootfs="$work/rootfs"
 mkdir -p "$rootfs"
 tar -C "$rootfs" --numeric-owner --xattrs --xattrs-include='*' -xpf "$base"
-mkdir -p "$rootfs$GUEST_REPO" "$rootfs/srv/out"
-# What install.sh needs to install Ferry editable; the guest mounts the real repository over it.
+mkdir -p "$rootfs$INSTALL_REPO" "$rootfs$GUEST_REPO" "$rootfs/srv/out"
+# What install.sh needs to install Ferry editable; a provisioned guest puts the repository here again.
 tar -C "$repo" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' -cf - . \
-    | tar -C "$rootfs$GUEST_REPO" -xf -
+    | tar -C "$rootfs$INSTALL_REPO" -xf -
 # No service starts in the chroot (docker.io's and etcd-server's postinst would try).
 printf '#!/bin/sh\nexit 101\n' >"$rootfs/usr/sbin/policy-rc.d"
 chmod 0755 "$rootfs/usr/sbin/policy-rc.d"
@@ -199,10 +206,10 @@ nice -n 19 ionice -c 3 timeout "$INSTALL_TIMEOUT" unshare --mount --propagation 
     printf "vagrant ALL=(ALL) NOPASSWD: ALL\n" >"$root/etc/sudoers.d/vagrant"
     chmod 0440 "$root/etc/sudoers.d/vagrant"
     chroot "$root" apt-get clean
-'  build-image "$rootfs" "$GUEST_REPO" "$ca_bundle" "$build_requires" >&2 \
+'  build-image "$rootfs" "$INSTALL_REPO" "$ca_bundle" "$build_requires" >&2 \
     || die "deploy/install.sh --dev or the ssh packages in the chroot failed (what they printed is above)"
-rm -rf "${rootfs:?}$GUEST_REPO" "$rootfs/usr/sbin/policy-rc.d" "$rootfs/etc/resolv.conf"
-mkdir -p "$rootfs$GUEST_REPO"
+rm -rf "${rootfs:?}$INSTALL_REPO" "$rootfs/usr/sbin/policy-rc.d" "$rootfs/etc/resolv.conf"
+mkdir -p "$rootfs$INSTALL_REPO"
 install -m 0755 "$repo/vagrant/vm-init.sh" "$rootfs/usr/local/sbin/ferry-vm-init"
 # DHCP on every wired NIC, for a guest booted with systemd-networkd wanted (the
 # Vagrant box's kernel command line); a node of vm-cluster.sh sets its address itself.

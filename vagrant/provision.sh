@@ -263,14 +263,22 @@ start_services() {
     run systemctl restart --no-block docker.service
 }
 
+# A step and its time on one line: on an emulated guest they take seconds to many minutes.
+timed() {
+    local what="$1" started=$SECONDS
+    shift
+    "$@"
+    log "$what: $((SECONDS - started)) s"
+}
+
 log "role: etcd=$is_etcd_member control=$is_control zfs=$zfs address=$address"
 if [ "$zfs" = kernel ]; then
-    load_kernel_zfs
+    timed "zfs kernel module" load_kernel_zfs
 fi
-run bash "$repo/deploy/install.sh" --dev
-create_pool
+timed "deploy/install.sh --dev" run bash "$repo/deploy/install.sh" --dev
+timed "pool $POOL" create_pool
 install_certificates
 write_configs
 install_units
-start_services
+timed "units enabled and started" start_services
 log "done: agent $address:$AGENT_PORT, control $control_address, etcd $etcd_endpoints"

@@ -15,6 +15,7 @@ set -euo pipefail
 exec >/dev/console 2>&1
 
 log() { printf 'vm-cluster-node: %s\n' "$*"; }
+log "started $(cut -d' ' -f1 /proc/uptime) s after the kernel"
 
 mkdir -p /srv/seed
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro seed /srv/seed
@@ -46,9 +47,12 @@ log "sshd started"
 
 started=$(date +%s)
 timeout 120 modprobe zfs
+log "zfs module loaded in $(( $(date +%s) - started )) s"
+step_started=$(date +%s)
 mkdir -p /vagrant
 tar -C /srv/ferry --exclude=./.git --exclude=__pycache__ --exclude='*.egg-info' \
     --exclude=./vagrant/.vagrant --exclude=./vagrant/.certs -cf - . | tar -C /vagrant -xf -
+log "repository copied to /vagrant in $(( $(date +%s) - step_started )) s"
 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     bash /vagrant/vagrant/provision.sh --node "$NODE" --nodes "$NODES" \
     --etcd-members "$ETCD_MEMBERS" --zfs kernel --repo /vagrant --pki /srv/seed/pki

@@ -19,16 +19,22 @@
 # The cluster description (docs/local-cluster.md; commands reach a node with
 # vagrant/vm-ssh.sh, ssh as root) is written to the run directory, FERRY_CLUSTER_FILE
 # for pytest.
+# The description's time_scale (FERRY_VM_TIME_SCALE, default 10) stretches the
+# suite's waits: emulated guests on a shared machine are that much slower.
 # On exit, for any reason: qemu killed, the namespace (bridge, taps, veth)
 # deleted, the run directory (pool disks, certificates, ssh key) removed, each
-# checked and reported. Timings go to stderr ("vm-cluster: ... in N s").
+# checked and reported. Timings go to stderr ("vm-cluster: ... in N s"), with
+# each guest's own provisioning steps and the load average of this machine
+# (sampled every 30 s) over boot, provisioning and the suite.
 # Environment: FERRY_VM_CACHE (default /var/cache/ferry/vm), FERRY_VM_IMAGE
 # (boot this image directory instead of building one), FERRY_VM_NODES (1-9,
 # default 3), FERRY_VM_MEMORY_MB (per guest, default 2048), FERRY_VM_POOL_GB
 # (default 4), FERRY_VM_READY_TIMEOUT (seconds for the cluster to come up,
 # default 3600), FERRY_VM_TIMEOUT (qemu's lifetime, default 7200),
-# FERRY_VM_NICE (qemu's niceness, default 0: under TCG each guest needs a
-# core's worth of time), FERRY_VENV (this machine's Ferry, default /opt/ferry/venv).
+# FERRY_VM_NAME (prefix of the run's namespace and link, default fvc; the
+# process id follows), FERRY_VM_NICE (qemu's niceness, default 19: the guests take what the
+# machine's other work leaves; 0 on a machine of your own), FERRY_VM_TIME_SCALE,
+# FERRY_VENV (this machine's Ferry, default /opt/ferry/venv).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${FERRY_VM_CACHE:-/var/cache/ferry/vm}"
@@ -37,6 +43,8 @@ memory_mb="${FERRY_VM_MEMORY_MB:-2048}"
 pool_gb="${FERRY_VM_POOL_GB:-4}"
 ready_timeout="${FERRY_VM_READY_TIMEOUT:-3600}"
 qemu_timeout="${FERRY_VM_TIMEOUT:-7200}"
+qemu_nice="${FERRY_VM_NICE:-19}"
+time_scale="${FERRY_VM_TIME_SCALE:-10}"
 venv="${FERRY_VENV:-/opt/ferry/venv}"
 SUBNET_PREFIX=10.213
 ETCD_MEMBERS_MAX=3
@@ -48,6 +56,7 @@ since() { echo $(( $(date +%s) - $1 )); }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (network namespace, taps, the image build)"
 [[ "$node_count" =~ ^[1-9]$ ]] || die "FERRY_VM_NODES=$node_count: give 1 to 9"
+[[ "$time_scale" =~ ^[1-9][0-9]*(\.[0-9]+)?$ ]] || die "FERRY_VM_TIME_SCALE=$time_scale: give a number of at least 1"
 for tool in qemu-system-x86_64 ip ssh ssh-keygen; do
     command -v "$tool" >/dev/null \
         || die "no $tool: apt-get install --no-install-recommends qemu-system-x86 iproute2 openssh-client"
@@ -65,13 +74,17 @@ fi
 log "image ready in $(since "$all_started") s: $image"
 
 run=$(mktemp -d /var/tmp/ferry-vm-cluster.XXXXXX)
-tag="fvc$$"
+tag="${FERRY_VM_NAME:-fvc}$$"
 netns="$tag"
 veth="$tag"
+made_netns=0 made_veth=0
 qemu_pids=()
+sampler_pid=""
 # shellcheck disable=SC2317  # runs from the EXIT trap
 cleanup() {
     local status=$? pid left=()
+    # Its sleep killed, the sampler's loop ends.
+    [ -z "$sampler_pid" ] || pkill -P "$sampler_pid" sleep 2>/dev/null || true
     for pid in "${qemu_pids[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
@@ -82,11 +95,11 @@ cleanup() {
     for sock in "$run"/ssh/*.sock; do
         [ -S "$sock" ] && ssh -S "$sock" -O exit dummy 2>/dev/null
     done
-    ip netns delete "$netns" 2>/dev/null || true
-    ip link delete "$veth" 2>/dev/null || true
+    [ "$made_netns" -eq 0 ] || ip netns delete "$netns" 2>/dev/null || true
+    [ "$made_veth" -eq 0 ] || ip link delete "$veth" 2>/dev/null || true
     rm -rf "$run"
-    ! ip netns list | grep -qw "$netns" || left+=("netns $netns")
-    ! ip link show "$veth" >/dev/null 2>&1 || left+=("link $veth")
+    [ "$made_netns" -eq 0 ] || [ ! -e "/run/netns/$netns" ] || left+=("netns $netns")
+    [ "$made_veth" -eq 0 ] || ! ip link show "$veth" >/dev/null 2>&1 || left+=("link $veth")
     [ ! -e "$run" ] || left+=("$run")
     if [ "${#left[@]}" -eq 0 ]; then
         log "torn down: ${#qemu_pids[@]} qemu processes ended, netns $netns and link $veth deleted, $run removed"
@@ -98,6 +111,19 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# This machine's load average (1 min) every 30 s, as "EPOCH LOAD" lines.
+while sleep 30; do
+    printf '%s %s\n' "$(date +%s)" "$(cut -d' ' -f1 /proc/loadavg)" >>"$run/loadavg"
+done &
+sampler_pid=$!
+# The samples from $1 to now (epoch seconds): min, median, max.
+load_since() {
+    awk -v from="$1" '$1 >= from {print $2}' "$run/loadavg" 2>/dev/null | sort -n | awk '
+        {v[NR] = $1}
+        END {if (NR) printf "load average %s to %s, median %s (%d samples)", v[1], v[NR], v[int((NR + 1) / 2)], NR
+             else printf "load average %s", "not sampled (under 30 s)"}'
+}
 
 # A /24 that no address or route here uses yet.
 used=$(ip -o -4 addr show; ip -4 route show)
@@ -123,11 +149,16 @@ done
 nodes_arg=$(IFS=,; printf '%s' "${entries[*]}")
 etcd_members=$(( node_count < ETCD_MEMBERS_MAX ? node_count : ETCD_MEMBERS_MAX ))
 
+# Names of this run only: another run's namespace or link of the same name is left alone.
+[ ! -e "/run/netns/$netns" ] || die "a network namespace $netns exists already (another run's?)"
+! ip link show "$veth" >/dev/null 2>&1 || die "a link $veth exists already (another run's?)"
 ip netns add "$netns"
+made_netns=1
 ip -n "$netns" link set lo up
 ip -n "$netns" link add br0 type bridge
 ip -n "$netns" link set br0 up
 ip link add "$veth" type veth peer name uplink netns "$netns"
+made_veth=1
 ip -n "$netns" link set uplink master br0 up
 ip addr add "$subnet.1/24" dev "$veth"
 ip link set "$veth" up
@@ -165,7 +196,7 @@ for i in "${!names[@]}"; do
         "$name" "${addresses[$i]}" "${macs[$i]}" "$nodes_arg" "$etcd_members" >"$seed/node.env"
     truncate -s "${pool_gb}G" "$run/$name-pool.img"
     # TMPDIR: where qemu keeps the root disk's copy-on-write snapshot (deleted with $run).
-    TMPDIR="$run" ip netns exec "$netns" nice -n "${FERRY_VM_NICE:-0}" \
+    TMPDIR="$run" ip netns exec "$netns" nice -n "$qemu_nice" \
         timeout --kill-after=10 "$qemu_timeout" qemu-system-x86_64 \
         -accel tcg -smp 1 -m "$memory_mb" -no-reboot \
         -display none -monitor none -serial "file:$run/$name.console" \
@@ -183,7 +214,7 @@ systemd.run_success_action=none systemd.run_failure_action=none" \
         </dev/null &
     qemu_pids+=("$!")
 done
-log "booting ${names[*]} (TCG, 1 CPU and ${memory_mb} MB each, pool disks of ${pool_gb} GB)"
+log "booting ${names[*]} (TCG, 1 CPU and ${memory_mb} MB each, pool disks of ${pool_gb} GB, nice $qemu_nice)"
 
 # Each node answers ssh, then finishes provisioning; a guest that died stops the wait.
 deadline=$(( $(date +%s) + ready_timeout ))
@@ -204,19 +235,23 @@ for name in "${names[@]}"; do
 done
 for name in "${names[@]}"; do
     wait_for "$name provisioned" ssh_to "$name" test -e /run/ferry-node-ready
-    log "$name provisioned $(since "$boot_started") s after qemu started"
+    log "$name provisioned $(since "$boot_started") s after qemu started; its steps:"
+    grep -a -E '^(vm-cluster-node|provision [^:]*|install): ' "$run/$name.console" | tr -d '\r' \
+        | sed "s/^/    /" >&2 || true
 done
+provisioned_at=$(date +%s)
+log "every node provisioned; qemu start to here: $(load_since "$boot_started")"
 
 description="$run/cluster.yaml"
 (cd "$repo" && "$venv/bin/python" - "$description" "$run/pki" "$repo/vagrant/vm-ssh.sh" "$run/ssh/config" \
-    "$POOL" "$etcd_members" "$nodes_arg" <<'PY'
+    "$POOL" "$etcd_members" "$nodes_arg" "$time_scale" <<'PY'
 """The qemu cluster's description (docs/local-cluster.md), written with Ferry's own type."""
 import sys
 from pathlib import Path
 
 from ferry.localcluster.description import ClusterDescription, HostDescription, TlsDescription
 
-path, pki, vm_ssh, ssh_config, pool, etcd_members, nodes = sys.argv[1:8]
+path, pki, vm_ssh, ssh_config, pool, etcd_members, nodes, time_scale = sys.argv[1:9]
 hosts = [entry.split("=", 1) for entry in nodes.split(",")]
 tls = Path(pki)
 ClusterDescription(
@@ -236,6 +271,7 @@ ClusterDescription(
         )
         for name, address in hosts
     ),
+    time_scale=float(time_scale),
     etcd_endpoints=tuple(f"{address}:2379" for _, address in hosts[: int(etcd_members)]),
     control_address=f"{hosts[0][1]}:7070",
     tls=TlsDescription(
@@ -258,12 +294,28 @@ all_nodes_live() {
         | "$venv/bin/python" -c 'import json, sys; sys.exit(len(json.load(sys.stdin)) < int(sys.argv[1]))' "$node_count"
 }
 wait_for "every agent live at ferry-control" all_nodes_live
-log "cluster up in $(since "$boot_started") s from qemu start ($(since "$all_started") s in all)"
+for i in "${!names[@]}"; do
+    wait_for "dockerd on ${names[$i]}" timeout 60 docker -H "tcp://${addresses[$i]}:2375" version
+done
+log "cluster up (agents live, every dockerd answers) in $(since "$boot_started") s from qemu start," \
+    "$(since "$provisioned_at") s after the last node was provisioned ($(since "$all_started") s in all)"
+# How much slower than here a guest runs, for choosing FERRY_VM_TIME_SCALE.
+speed_report() {
+    local loop here guest
+    loop='import time; t = time.perf_counter(); sum(range(3_000_000)); print(time.perf_counter() - t)'
+    here=$("$venv/bin/python" -c "$loop") && guest=$(ssh_to "${names[0]}" /opt/ferry/venv/bin/python -c "'$loop'") \
+        || return 0
+    log "a Python loop of $(printf '%.2f' "$here") s here takes $(printf '%.2f' "$guest") s in ${names[0]}:" \
+        "$(awk -v g="$guest" -v h="$here" 'BEGIN {printf "%.0f", g / h}') times as long (time_scale $time_scale)"
+}
+speed_report
 
 tests_started=$(date +%s)
 set +e
 (cd "$repo" && FERRY_CLUSTER_FILE="$description" "$venv/bin/python" -m pytest -p no:cacheprovider -rs "$@")
 tests_status=$?
 set -e
-log "cluster suite ran $(since "$tests_started") s (exit status $tests_status): $*"
+log "cluster suite ran $(since "$tests_started") s (exit status $tests_status), $(load_since "$tests_started"): $*"
+log "in all: qemu start to cluster up $(( tests_started - boot_started )) s, suite $(since "$tests_started") s;" \
+    "$(load_since "$boot_started")"
 exit "$tests_status"

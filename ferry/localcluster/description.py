@@ -78,6 +78,12 @@ class ClusterDescription:
     control_metrics_address: str | None = None
     tls: TlsDescription = field(default_factory=TlsDescription)
     swarm: SwarmDescription | None = None
+    time_scale: float = 1.0
+    """How many times longer than a host of its own a step takes here (emulated guests
+    sharing a machine: more than 1); the suite stretches its waits by it."""
+
+    def __post_init__(self) -> None:
+        _check_time_scale(self.time_scale)
 
     def host(self, name: str) -> HostDescription | None:
         return next((host for host in self.hosts if host.name == name), None)
@@ -142,6 +148,7 @@ class ClusterDescription:
                 for h in raw["hosts"]
             ),
             swarm=SwarmDescription(swarm["manager"], swarm["host_label"]) if swarm else None,
+            time_scale=_check_time_scale(raw.get("time_scale", 1.0)),
         )
 
     def to_mapping(self) -> dict[str, object]:
@@ -180,10 +187,17 @@ class ClusterDescription:
                 if self.swarm
                 else None
             ),
+            "time_scale": self.time_scale,
         }
 
 
 _TLS_PATHS = ("dir", "ca", "user_cert", "user_key", "etcd_root_cert", "etcd_root_key")
+
+
+def _check_time_scale(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1:
+        raise DescriptionError(f"time_scale {value!r}: give a number of at least 1")
+    return float(value)
 
 
 def _optional_path(value: str | None) -> Path | None:

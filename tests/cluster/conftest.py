@@ -16,12 +16,29 @@ from pathlib import Path
 
 import pytest
 
+from ferry.localcluster.description import ClusterDescription
 from tests.support.cluster import Cluster, local_cluster
 
 NOT_ROOT_REASON = (
     "a local cluster needs root (network namespaces, zpools, dockerd); run as root, "
     "or set FERRY_CLUSTER_FILE to the description file of a running cluster"
 )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A described cluster slower than hosts of their own (``time_scale``) gets each of its
+    tests' time limits (pytest-timeout's, from pyproject.toml or a marker) stretched alike."""
+    described = os.environ.get("FERRY_CLUSTER_FILE")
+    if not described:
+        return
+    scale = ClusterDescription.load(Path(described)).time_scale
+    here = Path(__file__).parent
+    for item in items:
+        if scale == 1.0 or here not in item.path.parents:
+            continue
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker and marker.args else float(config.getini("timeout"))
+        item.add_marker(pytest.mark.timeout(limit * scale))
 
 
 def requires_root() -> None:

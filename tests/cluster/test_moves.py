@@ -39,6 +39,7 @@ def moving_while_mounted(
         wait_for(
             "the move to wait for the unmount",
             lambda: cluster.volume(volume)["move"]["phase"] == "waiting_for_unmount",
+            cluster.seconds(60),
         )
         yield
 
@@ -48,7 +49,11 @@ def volume(cluster: Cluster) -> Iterator[str]:
     name = f"mv-{secrets.token_hex(3)}"
     first = cluster.hosts[0].name
     cluster.ferryctl(["volume", "create", name, "--size", "1G", "--node", first])
-    wait_for(f"{name} owned by {first}", lambda: cluster.volume(name)["owner"] == first)
+    wait_for(
+        f"{name} owned by {first}",
+        lambda: cluster.volume(name)["owner"] == first,
+        cluster.seconds(60),
+    )
     yield name
     cluster.ferryctl(["volume", "delete", name, "--force"], check=False)
 
@@ -61,7 +66,8 @@ def test_a_volume_moves_with_its_data_and_comes_back_incrementally(
     write_random_on(cluster, a, f"{mountpoint(a, volume)}/small", 1)
     before = checksums(cluster, a, mountpoint(a, volume))
 
-    cluster.ferryctl(["volume", "move", volume, b.name, "--wait", "--timeout", "300"])
+    move_timeout = str(round(cluster.seconds(300)))
+    cluster.ferryctl(["volume", "move", volume, b.name, "--wait", "--timeout", move_timeout])
     there = cluster.volume(volume)
     assert (there["owner"], there["epoch"]) == (b.name, 2)
     assert checksums(cluster, b, mountpoint(b, volume)) == before
@@ -71,11 +77,12 @@ def test_a_volume_moves_with_its_data_and_comes_back_incrementally(
         f"volume get to show the copy on {b.name} writable and {a.name}'s read-only, both at "
         "the final snapshot",
         lambda: copies_of(cluster, volume) == {b.name: True, a.name: False},
+        cluster.seconds(60),
     )
 
     write_random_on(cluster, b, f"{mountpoint(b, volume)}/new-on-b", 4)
     after_b = checksums(cluster, b, mountpoint(b, volume))
-    cluster.ferryctl(["volume", "move", volume, a.name, "--wait", "--timeout", "300"])
+    cluster.ferryctl(["volume", "move", volume, a.name, "--wait", "--timeout", move_timeout])
     back = cluster.volume(volume)
     assert (back["owner"], back["epoch"]) == (a.name, 3)
     assert checksums(cluster, a, mountpoint(a, volume)) == after_b
@@ -99,13 +106,14 @@ def test_a_move_waits_while_mounted_and_completes_after_unmount(
     a, b = cluster.hosts[0], cluster.hosts[1]
     with moving_while_mounted(cluster, volume, a, b):
         write_random_on(cluster, a, f"{mountpoint(a, volume)}/while-mounted", 8)
-        time.sleep(1)
+        time.sleep(cluster.seconds(1))
         assert cluster.volume(volume)["owner"] == a.name, "still writable on a while mounted"
         expected = checksums(cluster, a, mountpoint(a, volume))
-    wait_for("the handoff", lambda: cluster.volume(volume)["owner"] == b.name, 120)
+    wait_for("the handoff", lambda: cluster.volume(volume)["owner"] == b.name, cluster.seconds(120))
     wait_for(
         "the move to finish",
         lambda: cluster.volume(volume)["move"]["phase"] == "done",
+        cluster.seconds(60),
     )
     assert checksums(cluster, b, mountpoint(b, volume)) == expected
 
@@ -117,7 +125,8 @@ def test_moving_back_during_a_move_cancels_it_and_the_source_keeps_the_volume(
     with moving_while_mounted(cluster, volume, a, b):
         back = cluster.ferryctl(["volume", "move", volume, a.name]).stdout
         assert "cancelled" in back
-    time.sleep(5)  # nothing mounts it now: a move still running would hand off in this time
+    # Nothing mounts it now: a move still running would hand off in this time.
+    time.sleep(cluster.seconds(5))
     there = cluster.volume(volume)
     assert (there["owner"], there["epoch"], there["node"]) == (a.name, 1, a.name)
     assert there["move"]["phase"] == "failed"

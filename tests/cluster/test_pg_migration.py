@@ -17,7 +17,7 @@ def test_postgres_moves_to_another_host_with_every_committed_row(cluster: Cluste
     if not (a.docker_host and b.docker_host):
         pytest.skip("this cluster runs no dockerd per host (FERRY_CLUSTER_DOCKER=0)")
     for host in (a, b):
-        load_image(host)
+        load_image(host, cluster.seconds(1800))
     volume = f"pg-{secrets.token_hex(3)}"
     lines: list[str] = []
     result = migrate(cluster, volume, a, b, report=lines.append)

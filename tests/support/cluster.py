@@ -64,6 +64,11 @@ class Cluster:
     def kind(self) -> str:
         return self.description.kind
 
+    def seconds(self, native: float) -> float:
+        """A duration the suite states for hosts of their own (a wait's limit, an RPO, a
+        sampling window), stretched by the description's ``time_scale`` for this cluster."""
+        return native * self.description.time_scale
+
     @property
     def hosts(self) -> tuple[ClusterHost, ...]:
         return self.description.hosts
@@ -141,9 +146,10 @@ class Cluster:
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a command on a host through its argv prefix; `input` goes to its stdin.
-        Pass plain words: a remote prefix (ssh) joins them with spaces, so avoid `sh -c`."""
+        Pass plain words: a remote prefix (ssh) joins them with spaces, so avoid `sh -c`.
+        Here and below, ``timeout`` is for hosts of their own (``seconds`` stretches it)."""
         target = host if isinstance(host, ClusterHost) else self.host(host)
-        return _run([*target.run_prefix, *argv], check, timeout, input=input)
+        return _run([*target.run_prefix, *argv], check, self.seconds(timeout), input=input)
 
     def ferryctl(
         self, args: Sequence[str], check: bool = True, timeout: float = COMMAND_TIMEOUT_SECONDS
@@ -152,7 +158,7 @@ class Cluster:
         if self.control_address is None:
             raise ClusterError(f"cluster {self.name} runs no ferry-control (up --no-agents)")
         command = _ferry_command("ferryctl")
-        return _run([command, *args], check, timeout, env=self.ferryctl_environment())
+        return _run([command, *args], check, self.seconds(timeout), env=self.ferryctl_environment())
 
     def ferryctl_argv(self, args: Sequence[str]) -> list[str]:
         """The argv of a ferryctl for this cluster (with ``ferryctl_environment``), for tests
@@ -196,7 +202,14 @@ class Cluster:
             return
         if env:
             raise ClusterError(f"settings for a started {role} need a local cluster: {self.kind}")
-        for host, unit in self._units(role):
+        units = self._units(role)
+        if action == "start" and len(units) > 1:
+            # etcd's unit is started once the member has a quorum: a start that waits on the
+            # first member waits for ever for the next ones. Every member's start is queued
+            # first, then each one waited for.
+            for host, unit in units:
+                self.run(host, ["systemctl", "start", "--no-block", unit])
+        for host, unit in units:
             if action == "kill":
                 self.run(host, ["systemctl", "kill", "--signal=SIGKILL", unit])
                 self.run(host, ["systemctl", "stop", unit])
@@ -227,7 +240,7 @@ class Cluster:
         description gives one, otherwise `docker` run on the host with its default daemon."""
         target = host if isinstance(host, ClusterHost) else self.host(host)
         if target.docker_host:
-            return _run(["docker", "-H", target.docker_host, *args], check, timeout)
+            return _run(["docker", "-H", target.docker_host, *args], check, self.seconds(timeout))
         return self.run(target, ["docker", *args], check, timeout)
 
 

@@ -61,20 +61,20 @@ class MigrationResult:
         return self.checksum_found == self.checksum_committed and not self.recovery_problems
 
 
-def docker_client(host: ClusterHost) -> docker.DockerClient:
+def docker_client(host: ClusterHost, timeout: float = 180) -> docker.DockerClient:
     if not host.docker_host:
         raise RuntimeError(f"{host.name} has no docker_host in the cluster description")
-    return docker.DockerClient(base_url=host.docker_host, timeout=180)
+    return docker.DockerClient(base_url=host.docker_host, timeout=round(timeout))
 
 
-def load_image(host: ClusterHost) -> None:
+def load_image(host: ClusterHost, timeout: float = 1800) -> None:
     """Build (or take from the cache) the PostgreSQL image and import it into the host's dockerd."""
     assert host.docker_host
     subprocess.run(
         [str(REPO / "deploy/images/build.sh"), "--docker-host", host.docker_host, IMAGE],
         check=True,
         capture_output=True,
-        timeout=1800,
+        timeout=timeout,
     )
 
 
@@ -102,20 +102,22 @@ def run_postgres(client: docker.DockerClient, volume: str, name: str) -> Contain
 def migrate(
     cluster: Cluster, volume: str, a: ClusterHost, b: ClusterHost, report: Report = print
 ) -> MigrationResult:
-    """Run PostgreSQL on ``a``, write, move to ``b`` while writing, verify every committed row."""
-    client_a, client_b = docker_client(a), docker_client(b)
+    """Run PostgreSQL on ``a``, write, move to ``b`` while writing, verify every committed row.
+    Its waits are stretched by the cluster's ``time_scale``."""
+    seconds = cluster.seconds
+    client_a, client_b = docker_client(a, seconds(180)), docker_client(b, seconds(180))
     container = f"pg-{volume}"
     report(f"creating volume {volume} on {a.name} through the Docker plugin")
     client_a.volumes.create(volume, driver="ferry", driver_opts={"size": "1G", "node": a.name})
     pg_a = run_postgres(client_a, volume, container)
-    wait_ready(pg_a, timeout=120)
+    wait_ready(pg_a, timeout=seconds(120))
     create_table(pg_a)
-    writer = Writer(pg_a, rows_per_commit=10).start()
-    writer.wait_for_rows(2000, timeout=120)
+    writer = Writer(pg_a, rows_per_commit=10, statement_timeout=seconds(30)).start()
+    writer.wait_for_rows(2000, timeout=seconds(120))
     report(f"PostgreSQL on {a.name}: {len(writer.committed)} rows committed so far, still writing")
 
     cluster.ferryctl(["volume", "move", volume, b.name])
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + seconds(180)
     while True:
         move = cluster.volume(volume).get("move") or {}
         assert isinstance(move, dict)
@@ -132,12 +134,12 @@ def migrate(
     time.sleep(2)
 
     stopped_at = time.monotonic()
-    pg_a.stop(timeout=30)
-    committed = writer.stop()
+    pg_a.stop(timeout=round(seconds(30)))
+    committed = writer.stop(timeout=seconds(60))
     report(f"stopped PostgreSQL on {a.name} with {len(committed)} committed rows")
 
     pg_b = run_postgres(client_b, volume, container)
-    wait_ready(pg_b, timeout=120)
+    wait_ready(pg_b, timeout=seconds(120))
     pause = time.monotonic() - stopped_at
     found = verify(pg_b, committed)
     logs = log_since_start(pg_b)
@@ -154,7 +156,7 @@ def migrate(
         f"{found.count} rows, checksum {found.checksum[:12]}; pause {pause:.2f}s; "
         f"volume holds {used / MIB:.0f} MiB"
     )
-    pg_b.stop(timeout=30)
+    pg_b.stop(timeout=round(seconds(30)))
     pg_a.remove()
     pg_b.remove()
     return MigrationResult(

@@ -117,7 +117,7 @@ def mount_held(cluster: Cluster, volume: str, node: str) -> Iterator[None]:
             wait_for(
                 f"{volume} to show as mounted on {node}",
                 lambda: node in cluster.volume(volume)["mounted_on"],
-                timeout=30,
+                timeout=cluster.seconds(30),
             )
             yield
         finally:
@@ -170,6 +170,14 @@ def move_error(cluster: Cluster, name: str) -> str:
 def finish_and_check(
     cluster: Cluster, name: str, data: dict[str, str], target: ClusterHost
 ) -> None:
-    wait_for("the move to finish", lambda: cluster.volume(name)["owner"] == target.name, 180)
-    wait_for("the target to serve it", lambda: writable_copies(cluster, name) == [target.name], 60)
+    wait_for(
+        "the move to finish",
+        lambda: cluster.volume(name)["owner"] == target.name,
+        cluster.seconds(180),
+    )
+    wait_for(
+        "the target to serve it",
+        lambda: writable_copies(cluster, name) == [target.name],
+        cluster.seconds(60),
+    )
     assert checksums(cluster, target, mountpoint(target, name)) == data

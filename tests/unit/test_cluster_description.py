@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,15 @@ import yaml
 
 from ferry.localcluster.description import ClusterDescription, DescriptionError
 from ferry.localcluster.layout import describe, make_layout
+from tests.support.cluster import Cluster
 
 SUBNET = ipaddress.IPv4Network("10.212.7.0/24")
+MINIMAL = {
+    "version": 1,
+    "name": "vm",
+    "etcd": {"endpoints": ["10.213.1.11:2379"]},
+    "hosts": [{"name": "node1", "address": "10.213.1.11", "run": ["env"], "pool": "ferry"}],
+}
 
 
 @pytest.mark.parametrize(
@@ -78,4 +86,31 @@ def test_an_unusable_description_is_refused_saying_why(
     path = tmp_path / "cluster.yaml"
     path.write_text(text)
     with pytest.raises(DescriptionError, match=says):
+        ClusterDescription.load(path)
+
+
+def test_a_description_without_time_scale_is_of_hosts_of_their_own(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert ClusterDescription.load(path).time_scale == 1.0
+
+
+def test_the_suite_stretches_its_waits_and_commands_by_the_time_scale(tmp_path: Path) -> None:
+    """Emulated guests (vagrant/vm-cluster.sh) say they are slower; a command that takes
+    2 s passes a 0.5 s limit stated for hosts of their own there, and fails it elsewhere."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "time_scale": 10}))
+    slow = Cluster.load(path)
+    assert slow.seconds(90) == 900
+    assert slow.run("node1", ["sleep", "2"], timeout=0.5).returncode == 0
+    path.write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(subprocess.TimeoutExpired):
+        Cluster.load(path).run("node1", ["sleep", "2"], timeout=0.5)
+
+
+@pytest.mark.parametrize("scale", [0.5, "fast"])
+def test_a_time_scale_below_one_is_refused(tmp_path: Path, scale: object) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "time_scale": scale}))
+    with pytest.raises(DescriptionError, match=r"time_scale .*: give a number of at least 1"):
         ClusterDescription.load(path)
