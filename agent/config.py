@@ -28,7 +28,8 @@ class AgentConfig:
     """ferry-control's HOST:PORT: the Docker plugin asks it to create and move volumes."""
     plain_streams: bool = False
     etcd_prefix: str = DEFAULT_PREFIX
-    lease_ttl: int = fencing.LEASE_TTL_SECONDS
+    lease_ttl: int = fencing.DEFAULT_LEASE_TTL_SECONDS
+    """Seconds; every self-fence duration is a share of it (``ferry.core.fencing``)."""
     resync_seconds: float = 10.0
     state_dir: Path | None = None
     """Where the agent keeps what must survive its restarts; beside the mount root if unset."""
@@ -51,6 +52,7 @@ class AgentConfig:
                 "--control is required: ferry-control's HOST:PORT, which the Docker plugin "
                 "(--plugin-socket) asks to create and move volumes"
             )
+        fencing.check_lease_ttl(self.lease_ttl)
         if self.metrics_address:
             parse_address(self.metrics_address)
         if not 0 <= self.data_port < 65536:

@@ -12,6 +12,7 @@ from agent.config import AgentConfig
 from agent.registration import NodeNameTaken, NodeNotAuthorized
 from agent.service import run
 from agent.zfs import runner
+from ferry.core.fencing import DEFAULT_LEASE_TTL_SECONDS
 from ferry.flags import service_flags
 from ferry.logs import setup_logging
 from ferry.security.tls import endpoints, from_flags
@@ -64,6 +65,14 @@ log = logging.getLogger("agent")
     "network between agents can read or alter volume data; says so loudly). Default: "
     "mutual TLS, and plain streams are refused.",
 )
+@click.option(
+    "--lease-ttl",
+    type=int,
+    default=DEFAULT_LEASE_TTL_SECONDS,
+    help="Seconds of the agent's etcd lease, the same on every host. The agent freezes its "
+    "volumes after 0.6 x this without a confirmed renewal, and a failover waits at least "
+    "this long; raise it only on hosts too slow to renew in time (a VM under emulation).",
+)
 @service_flags(
     cert_help="This node's certificate (PEM, CN = node name).",
     key_help="This node's private key (PEM).",
@@ -84,6 +93,7 @@ def main(
     tls_key: str,
     insecure: bool,
     insecure_plain_streams: bool,
+    lease_ttl: int,
     etcd_prefix: str,
     metrics_address: str,
     log_level: str,
@@ -106,6 +116,7 @@ def main(
             control=control,
             plain_streams=insecure_plain_streams,
             etcd_prefix=etcd_prefix,
+            lease_ttl=lease_ttl,
             metrics_address=metrics_address,
         )
         runner.limits()

@@ -34,7 +34,7 @@ from aiohttp import web
 from agent.store import VolumeStore
 from agent.usage import DockerMounts, HandoffRunning, mount_records, unmount_unused
 from ferry.cluster.keyspace import Keyspace, Versioned
-from ferry.core.fencing import LEASE_TTL_SECONDS
+from ferry.core.fencing import DEFAULT_LEASE_TTL_SECONDS
 from ferry.core.records import MovePhase, Owner, VolumeSpec
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ class VolumePlugin:
     control: ControlApi
     lease: Callable[[], Any]
     mounts: DockerMounts
+    lease_ttl: int = DEFAULT_LEASE_TTL_SECONDS
+    """The cluster's lease TTL (the same on every host): a lost owner's lease lasts this long."""
 
     def __post_init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
@@ -285,7 +287,7 @@ class VolumePlugin:
                 f"'ferryctl volume failover {name}' (--to {self.node} for this host's copy), "
                 f"then start the container again; or start {lost.node} again"
             )
-        due = LEASE_TTL_SECONDS + spec.failover_after
+        due = self.lease_ttl + spec.failover_after
         if due > MOUNT_WAIT_SECONDS:
             raise PluginError(
                 f"volume {name}'s owner {lost.node} is down; its auto failover comes up to "

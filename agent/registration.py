@@ -23,7 +23,7 @@ from agent import metrics
 from agent.retry import Backoff
 from agent.store import VolumeStore
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.fencing import RENEW_RETRY_SECONDS
+from ferry.core.fencing import FencingTiming
 from ferry.core.records import NODE_READY, NodeInfo, NodeSeen
 
 log = logging.getLogger(__name__)
@@ -145,18 +145,18 @@ class Registration:
     async def keep_alive(self, registered_again: Callable[[], None]) -> None:
         """Refresh the lease and the free space on record until cancelled; register again when
         the lease was lost (etcd down too long), then call ``registered_again``."""
-        # Scaled to this lease; with the default TTL these are ferry.core.fencing's numbers.
-        interval = self._ttl / 3
+        timing = FencingTiming(self._ttl)
+        interval = timing.renew_interval
         # Retried soon after a failure, and each attempt bounded: a renewal hung on a cut
         # link must not hold the next one back past the self-fence (agent.selffence).
-        backoff = Backoff(first=RENEW_RETRY_SECONDS / 2, cap=RENEW_RETRY_SECONDS)
+        backoff = Backoff(first=timing.renew_retry / 2, cap=timing.renew_retry)
         delay = interval
         while True:
             await asyncio.sleep(delay)
             delay = interval
             try:
                 sent = time.monotonic()
-                async with asyncio.timeout(interval / 2):
+                async with asyncio.timeout(timing.renew_timeout):
                     remaining = await self._keyspace.refresh_lease(self.lease)
                 if remaining <= 0:
                     metrics.LEASE_RENEW_FAILURES.labels("expired").inc()

@@ -3,7 +3,7 @@
 Never two writers. A failover hands a volume to another node only once the
 owner's lease is gone (``control.failover``); the owner cannot learn that
 when it cannot reach etcd. So it acts on time alone: once no renewal was
-confirmed for FENCE_AFTER_SECONDS it freezes every volume it owns
+confirmed for ``FencingTiming.fence_after`` it freezes every volume it owns
 (``PoolRoot.freeze``: every writer in every mount namespace gets EROFS),
 well before the lease can expire (``ferry.core.fencing`` has the numbers,
 docs/failover.md the argument). While fenced, nothing here makes a copy
@@ -27,11 +27,7 @@ from agent.registration import Registration
 from agent.store import VolumeStore
 from agent.zfs.volumes import FilesystemBusy
 from ferry.cluster.keyspace import Keyspace
-from ferry.core.fencing import (
-    FENCE_AFTER_SECONDS,
-    FREEZE_RETRY_SECONDS,
-    WATCHDOG_TICK_SECONDS,
-)
+from ferry.core.fencing import FencingTiming
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +44,7 @@ class SelfFence:
         store: VolumeStore,
         registration: Registration,
         owned: Callable[[], Mapping[str, int]],
+        timing: FencingTiming,
     ) -> None:
         """``owned`` is what the last convergence pass saw this node own: volume -> epoch."""
         self._node = node
@@ -55,6 +52,7 @@ class SelfFence:
         self._store = store
         self._registration = registration
         self._owned = owned
+        self._timing = timing
         self._fenced_at: float | None = None
         self._frozen: dict[str, int] = {}
 
@@ -65,10 +63,10 @@ class SelfFence:
     async def run(self) -> None:
         """Until cancelled: freeze when the lease goes unconfirmed, thaw once it is back."""
         while True:
-            await asyncio.sleep(WATCHDOG_TICK_SECONDS)
+            await asyncio.sleep(self._timing.watchdog_tick)
             silent = time.monotonic() - self._registration.renewed_at
             if self._fenced_at is None:
-                if silent >= FENCE_AFTER_SECONDS:
+                if silent >= self._timing.fence_after:
                     await self._fence(silent)
             elif self._registration.renewed_at > self._fenced_at:
                 try:
@@ -89,7 +87,7 @@ class SelfFence:
             self._node,
             ",".join(sorted(self._frozen)) or "none",
         )
-        deadline = self._fenced_at + FREEZE_RETRY_SECONDS
+        deadline = self._fenced_at + self._timing.freeze_retry
         await asyncio.gather(
             *(self._freeze(volume, deadline, volume in writable) for volume in self._frozen)
         )

@@ -46,6 +46,7 @@ from ferry.cluster.etcd_tls import follow_renewals
 from ferry.cluster.events import EventLog
 from ferry.cluster.keyspace import Keyspace, Kind, endpoints_client
 from ferry.cluster.view import DESIRED_KINDS, read_view
+from ferry.core.fencing import FencingTiming
 from ferry.core.plan import Action, Actual, Create, Desired, plan
 from ferry.core.records import (
     NODE_STARTING,
@@ -147,7 +148,12 @@ class AgentService:
         self._owned: dict[str, int] = {}
         """Volume -> epoch this node owned at the last convergence pass (for the self-fence)."""
         self._fence = SelfFence(
-            config.node, keyspace, store, self._registration, lambda: self._owned
+            config.node,
+            keyspace,
+            store,
+            self._registration,
+            lambda: self._owned,
+            FencingTiming(config.lease_ttl),
         )
 
     async def run(self) -> None:
@@ -169,6 +175,7 @@ class AgentService:
             control=control,
             lease=lambda: self._registration.lease,
             mounts=self._mounts,
+            lease_ttl=self._config.lease_ttl,
         )
         site = None
         if self._config.plugin_socket is not None:

@@ -100,6 +100,11 @@ if [ "$kernel_zfs" -eq 1 ]; then
 else
     packages+=(zfs-fuse fuse)
 fi
+# A kernel with AppArmor on (Debian's and Ubuntu's are): dockerd starts no container
+# without apparmor_parser, which loads its docker-default profile.
+if [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ]; then
+    packages+=(apparmor)
+fi
 if [ "$dev" -eq 1 ]; then
     # ruby: the tests load vagrant/ferry_cluster.rb; curl: the cluster tests call the
     # plugin socket on each host with it.

@@ -49,10 +49,12 @@ GUEST_REPO=/srv/ferry
 IMAGE_SPARE_BYTES=$((3 << 30))
 BASE_TIMEOUT=3600
 INSTALL_TIMEOUT=1800
+# apparmor: Debian's kernel enables AppArmor, and dockerd then starts no container
+# without apparmor_parser (it loads its docker-default profile with it).
 PACKAGES=(
     linux-image-amd64 linux-headers-amd64 dkms zfs-dkms zfsutils-linux python3-pyzfs
     systemd-sysv udev kmod initramfs-tools e2fsprogs iproute2 procps ca-certificates
-    python3 python3-venv python3-pip
+    python3 python3-venv python3-pip apparmor
 )
 
 log() { printf 'build-image: %s\n' "$*" >&2; }

@@ -3,6 +3,7 @@
 #
 #   provision.sh --node NAME --nodes NAME=IP[,NAME=IP...] --etcd-members N
 #                [--zfs kernel|fuse] [--repo DIR] [--pki DIR] [--disk DEV]
+#                [--lease-ttl SECONDS]
 #                [--dry-run --root DIR]
 #
 # Steps: the zfs kernel module (DKMS, --zfs kernel), the repository's
@@ -11,7 +12,8 @@
 # and deploy/etcd, then the systemd units. The first N nodes of --nodes run
 # etcd (client and peer mutual TLS), the first one runs ferry-control and
 # ferry-etcd-bootstrap (etcd users and roles for control and every node, then
-# auth on). Run it again at any time: every step
+# auth on). --lease-ttl sets the agents' FERRY_LEASE_TTL (the same on every node;
+# raise it on guests too slow to renew their etcd lease in time). Run it again at any time: every step
 # checks first.
 #
 # --dry-run prints the commands that change the system instead of running
@@ -25,7 +27,7 @@ AGENT_PORT=7480
 CONTROL_PORT=7070
 DOCKER_TCP_PORT=2375
 
-node="" nodes="" etcd_members="" zfs=kernel repo=/vagrant pki="" disk="" dry_run=0 root=""
+node="" nodes="" etcd_members="" zfs=kernel repo=/vagrant pki="" disk="" lease_ttl="" dry_run=0 root=""
 
 log() { printf 'provision %s: %s\n' "${node:-?}" "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -39,9 +41,10 @@ while [ "$#" -gt 0 ]; do
         --repo) repo="$2"; shift 2 ;;
         --pki) pki="$2"; shift 2 ;;
         --disk) disk="$2"; shift 2 ;;
+        --lease-ttl) lease_ttl="$2"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         --root) root="$2"; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -122,6 +125,9 @@ write_configs() {
     set_env /etc/ferry/agent.env FERRY_POOL "$POOL"
     set_env /etc/ferry/agent.env FERRY_LISTEN "$address:$AGENT_PORT"
     set_env /etc/ferry/agent.env FERRY_ADVERTISE "$address:$AGENT_PORT"
+    if [ -n "$lease_ttl" ]; then
+        set_env /etc/ferry/agent.env FERRY_LEASE_TTL "$lease_ttl"
+    fi
     if [ "$is_control" -eq 1 ]; then
         install_template deploy/config/control.env /etc/ferry/control.env 0644
         set_env /etc/ferry/control.env FERRY_ETCD "$etcd_endpoints"

@@ -21,7 +21,7 @@ mkdir -p /srv/seed
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro seed /srv/seed
 # shellcheck source=/dev/null  # written by vm-cluster.sh for this node
 . /srv/seed/node.env
-: "${NODE:?}" "${ADDRESS:?}" "${PREFIX_LENGTH:?}" "${MAC:?}" "${NODES:?}" "${ETCD_MEMBERS:?}"
+: "${NODE:?}" "${ADDRESS:?}" "${PREFIX_LENGTH:?}" "${MAC:?}" "${NODES:?}" "${ETCD_MEMBERS:?}" "${LEASE_TTL:?}"
 
 hostname "$NODE"
 echo "$NODE" >/etc/hostname
@@ -55,6 +55,7 @@ tar -C /srv/ferry --exclude=./.git --exclude=__pycache__ --exclude='*.egg-info' 
 log "repository copied to /vagrant in $(( $(date +%s) - step_started )) s"
 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     bash /vagrant/vagrant/provision.sh --node "$NODE" --nodes "$NODES" \
-    --etcd-members "$ETCD_MEMBERS" --zfs kernel --repo /vagrant --pki /srv/seed/pki
+    --etcd-members "$ETCD_MEMBERS" --zfs kernel --repo /vagrant --pki /srv/seed/pki \
+    --lease-ttl "$LEASE_TTL"
 touch /run/ferry-node-ready
 log "provisioned in $(( $(date +%s) - started )) s"

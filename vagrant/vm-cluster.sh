@@ -21,6 +21,9 @@
 # for pytest.
 # The description's time_scale (FERRY_VM_TIME_SCALE, default 10) stretches the
 # suite's waits: emulated guests on a shared machine are that much slower.
+# FERRY_VM_LEASE_TTL (default 30) is the agents' --lease-ttl, in the description
+# too: under emulation an etcd renewal can take longer than the default 10 s
+# lease's self-fence allows, and an owner would freeze its volumes.
 # On exit, for any reason: qemu killed, the namespace (bridge, taps, veth)
 # deleted, the run directory (pool disks, certificates, ssh key) removed, each
 # checked and reported. Timings go to stderr ("vm-cluster: ... in N s"), with
@@ -45,6 +48,7 @@ ready_timeout="${FERRY_VM_READY_TIMEOUT:-3600}"
 qemu_timeout="${FERRY_VM_TIMEOUT:-7200}"
 qemu_nice="${FERRY_VM_NICE:-19}"
 time_scale="${FERRY_VM_TIME_SCALE:-10}"
+lease_ttl="${FERRY_VM_LEASE_TTL:-30}"
 venv="${FERRY_VENV:-/opt/ferry/venv}"
 SUBNET_PREFIX=10.213
 ETCD_MEMBERS_MAX=3
@@ -56,6 +60,7 @@ since() { echo $(( $(date +%s) - $1 )); }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (network namespace, taps, the image build)"
 [[ "$node_count" =~ ^[1-9]$ ]] || die "FERRY_VM_NODES=$node_count: give 1 to 9"
+[[ "$lease_ttl" =~ ^[0-9]+$ ]] || die "FERRY_VM_LEASE_TTL=$lease_ttl: give whole seconds (5 to 600)"
 [[ "$time_scale" =~ ^[1-9][0-9]*(\.[0-9]+)?$ ]] || die "FERRY_VM_TIME_SCALE=$time_scale: give a number of at least 1"
 for tool in qemu-system-x86_64 ip ssh ssh-keygen; do
     command -v "$tool" >/dev/null \
@@ -192,8 +197,8 @@ for i in "${!names[@]}"; do
     mkdir -p "$seed/pki"
     find "$run/pki" -maxdepth 1 -type f ! -name ca.key -exec cp {} "$seed/pki/" \;
     cp "$run/ssh/id.pub" "$seed/authorized_keys"
-    printf 'NODE=%s\nADDRESS=%s\nPREFIX_LENGTH=24\nMAC=%s\nNODES=%s\nETCD_MEMBERS=%s\n' \
-        "$name" "${addresses[$i]}" "${macs[$i]}" "$nodes_arg" "$etcd_members" >"$seed/node.env"
+    printf 'NODE=%s\nADDRESS=%s\nPREFIX_LENGTH=24\nMAC=%s\nNODES=%s\nETCD_MEMBERS=%s\nLEASE_TTL=%s\n' \
+        "$name" "${addresses[$i]}" "${macs[$i]}" "$nodes_arg" "$etcd_members" "$lease_ttl" >"$seed/node.env"
     truncate -s "${pool_gb}G" "$run/$name-pool.img"
     # TMPDIR: where qemu keeps the root disk's copy-on-write snapshot (deleted with $run).
     TMPDIR="$run" ip netns exec "$netns" nice -n "$qemu_nice" \
@@ -244,14 +249,14 @@ log "every node provisioned; qemu start to here: $(load_since "$boot_started")"
 
 description="$run/cluster.yaml"
 (cd "$repo" && "$venv/bin/python" - "$description" "$run/pki" "$repo/vagrant/vm-ssh.sh" "$run/ssh/config" \
-    "$POOL" "$etcd_members" "$nodes_arg" "$time_scale" <<'PY'
+    "$POOL" "$etcd_members" "$nodes_arg" "$time_scale" "$lease_ttl" <<'PY'
 """The qemu cluster's description (docs/local-cluster.md), written with Ferry's own type."""
 import sys
 from pathlib import Path
 
 from ferry.localcluster.description import ClusterDescription, HostDescription, TlsDescription
 
-path, pki, vm_ssh, ssh_config, pool, etcd_members, nodes, time_scale = sys.argv[1:9]
+path, pki, vm_ssh, ssh_config, pool, etcd_members, nodes, time_scale, lease_ttl = sys.argv[1:10]
 hosts = [entry.split("=", 1) for entry in nodes.split(",")]
 tls = Path(pki)
 ClusterDescription(
@@ -272,6 +277,7 @@ ClusterDescription(
         for name, address in hosts
     ),
     time_scale=float(time_scale),
+    lease_ttl=int(lease_ttl),
     etcd_endpoints=tuple(f"{address}:2379" for _, address in hosts[: int(etcd_members)]),
     control_address=f"{hosts[0][1]}:7070",
     tls=TlsDescription(

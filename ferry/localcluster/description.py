@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from ferry.core import fencing
+
 FORMAT_VERSION = 1
 FILE_NAME = "cluster.yaml"
 
@@ -81,9 +83,13 @@ class ClusterDescription:
     time_scale: float = 1.0
     """How many times longer than a host of its own a step takes here (emulated guests
     sharing a machine: more than 1); the suite stretches its waits by it."""
+    lease_ttl: int = fencing.DEFAULT_LEASE_TTL_SECONDS
+    """The agents' ``--lease-ttl`` (more than the default on guests too slow to renew in
+    time): the suite's fencing and failover expectations follow from it."""
 
     def __post_init__(self) -> None:
         _check_time_scale(self.time_scale)
+        _check_lease_ttl(self.lease_ttl)
 
     def host(self, name: str) -> HostDescription | None:
         return next((host for host in self.hosts if host.name == name), None)
@@ -149,6 +155,7 @@ class ClusterDescription:
             ),
             swarm=SwarmDescription(swarm["manager"], swarm["host_label"]) if swarm else None,
             time_scale=_check_time_scale(raw.get("time_scale", 1.0)),
+            lease_ttl=_check_lease_ttl(raw.get("lease_ttl", fencing.DEFAULT_LEASE_TTL_SECONDS)),
         )
 
     def to_mapping(self) -> dict[str, object]:
@@ -188,6 +195,7 @@ class ClusterDescription:
                 else None
             ),
             "time_scale": self.time_scale,
+            "lease_ttl": self.lease_ttl,
         }
 
 
@@ -198,6 +206,15 @@ def _check_time_scale(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1:
         raise DescriptionError(f"time_scale {value!r}: give a number of at least 1")
     return float(value)
+
+
+def _check_lease_ttl(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DescriptionError(f"lease_ttl {value!r}: give a whole number of seconds")
+    try:
+        return fencing.check_lease_ttl(value)
+    except ValueError as exc:
+        raise DescriptionError(f"lease_ttl: {exc}") from exc
 
 
 def _optional_path(value: str | None) -> Path | None:

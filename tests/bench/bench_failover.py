@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ferry.core.fencing import FENCING_BOUND_SECONDS, LEASE_TTL_SECONDS
+from ferry.core.fencing import FencingTiming
 from tests.support.cluster import Cluster, local_cluster
 from tests.support.migration import load_image
 from tests.support.pgfailover import HostLossResult, create_replicated, lose_owner_while_writing
@@ -46,12 +46,14 @@ def main() -> None:
         for host in cluster.hosts:
             load_image(host)
         results = {mode: one_loss(cluster, mode, args.rpo) for mode in ("manual", "auto")}
-    print(f"lease TTL {LEASE_TTL_SECONDS} s, fencing bound {FENCING_BOUND_SECONDS} s")
+    timing = FencingTiming(cluster.description.lease_ttl)
+    ttl = timing.lease_ttl
+    print(f"lease TTL {ttl} s, fencing bound {timing.fencing_bound} s")
     for mode, result in results.items():
         print(
             f"{mode:>6} failover: writable {result.writable_after:.1f} s "
-            f"({result.writable_after / LEASE_TTL_SECONDS:.2f} x TTL), PostgreSQL answering "
-            f"{result.answering_after:.1f} s ({result.answering_after / LEASE_TTL_SECONDS:.2f} "
+            f"({result.writable_after / ttl:.2f} x TTL), PostgreSQL answering "
+            f"{result.answering_after:.1f} s ({result.answering_after / ttl:.2f} "
             f"x TTL); {result.rows_lost} of {result.rows_committed} rows lost, lag "
             f"{result.lag_seconds:.1f} s ({result.lag_seconds / args.rpo:.2f} of rpo)"
         )

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from ferry.core.fencing import FENCING_BOUND_SECONDS, LEASE_TTL_SECONDS
+from ferry.core.fencing import MIN_FAILOVER_AFTER_SECONDS, FencingTiming
 from tests.support.cluster import Cluster, ClusterHost
 from tests.support.containers import TOOLBOX, container_writing, docker_hosts, logs
 from tests.support.hostloss import host_lost, link, live
@@ -77,6 +77,7 @@ def test_a_partitioned_owner_stops_writing_before_a_failover_and_returns_as_a_re
     cluster: Cluster, volume: str
 ) -> None:
     a, b = docker_hosts(cluster)
+    bound = FencingTiming(cluster.description.lease_ttl).fencing_bound
     with container_writing(cluster, a, volume) as container:
         written_before = logs(cluster, a, container)
         link(cluster, a, up=False)
@@ -87,9 +88,9 @@ def test_a_partitioned_owner_stops_writing_before_a_failover_and_returns_as_a_re
             written_at, gone_at = until_lease_gone(cluster, a, container)
             print(
                 f"writes stopped {written_at - cut:.1f} s after the cut (bound "
-                f"{FENCING_BOUND_SECONDS} s), the lease went {gone_at - cut:.1f} s after it"
+                f"{bound} s), the lease went {gone_at - cut:.1f} s after it"
             )
-            assert written_at - cut <= FENCING_BOUND_SECONDS + OBSERVED_SLACK_SECONDS
+            assert written_at - cut <= bound + OBSERVED_SLACK_SECONDS
             assert written_at < gone_at, "a write was acknowledged after the lease was gone"
             assert "Read-only file system" in cluster.docker(a, ["logs", container]).stderr
             said = failover(cluster, volume)
@@ -130,10 +131,11 @@ def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, vol
         print(f"manual failover: writable {time.monotonic() - lost:.1f} s after the loss")
     wait_for(f"{a.name} back as a replica", lambda: live(cluster, a), 60)
 
+    ttl = cluster.description.lease_ttl
     auto = f"fa-{secrets.token_hex(3)}"
     cluster.ferryctl(
         ["volume", "create", auto, "--size", "128M", "--node", b.name, "--failover", "auto",
-         "--failover-after", str(LEASE_TTL_SECONDS)]
+         "--failover-after", f"{MIN_FAILOVER_AFTER_SECONDS:g}"]
     )  # fmt: skip
     try:
         wait_for(f"{auto} owned by {b.name}", lambda: cluster.volume(auto)["owner"] == b.name)
@@ -152,9 +154,9 @@ def test_a_failover_after_host_loss_by_hand_then_by_itself(cluster: Cluster, vol
             assert cluster.volume(auto)["owner"] == b.name
             print(
                 f"auto failover: a container on {b.name} ran {took:.1f} s after the loss "
-                f"(lease TTL {LEASE_TTL_SECONDS} s, failover_after {LEASE_TTL_SECONDS} s)"
+                f"(lease TTL {ttl} s, failover_after {MIN_FAILOVER_AFTER_SECONDS:g} s)"
             )
-            assert took >= LEASE_TTL_SECONDS, "failed over before the owner's lease could expire"
+            assert took >= ttl, "failed over before the owner's lease could expire"
         wait_for(f"{a.name} to register again", lambda: live(cluster, a), 60)
     finally:
         cluster.ferryctl(["volume", "delete", auto, "--force"], check=False)

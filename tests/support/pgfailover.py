@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ferry.core.fencing import LEASE_TTL_SECONDS
+from ferry.core.fencing import MIN_FAILOVER_AFTER_SECONDS
 from tests.support.cluster import Cluster, ClusterHost
 from tests.support.hostloss import host_lost, live
 from tests.support.migration import docker_client, run_postgres
@@ -65,6 +65,8 @@ class HostLossResult:
     unexpected_rows: tuple[int, ...]
     """Ids found that were never committed (nor the one commit in flight): must be none."""
     recovery_problems: tuple[str, ...]
+    lease_ttl: int
+    """The lost owner's lease TTL (the cluster's)."""
 
     @property
     def rows_lost(self) -> int:
@@ -77,7 +79,7 @@ class HostLossResult:
             f"{self.rows_before_snapshot} before the newest replicated snapshot); lag "
             f"{self.lag_seconds:.1f} s; writable {self.writable_after:.1f} s and PostgreSQL "
             f"answering {self.answering_after:.1f} s after the loss (lease TTL "
-            f"{LEASE_TTL_SECONDS} s)"
+            f"{self.lease_ttl} s)"
         )
 
 
@@ -89,7 +91,7 @@ def create_replicated(
         [
             *("volume", "create", volume, "--size", "1G", "--node", owner.name),
             *("--replicas", "1", "--rpo", f"{rpo}s", "--failover", mode),
-            *("--failover-after", str(LEASE_TTL_SECONDS)),
+            *("--failover-after", f"{MIN_FAILOVER_AFTER_SECONDS:g}"),
         ]
     )
     wait_for("the replica to be seeded", lambda: cluster.volume(volume)["meets_rpo"], 120)
@@ -160,6 +162,7 @@ def lose_owner_while_writing(
         loss_message=said,
         unexpected_rows=tuple(sorted(found - set(committed) - in_flight)),
         recovery_problems=tuple(problems),
+        lease_ttl=cluster.description.lease_ttl,
     )
     report(result.summary())
     return result

@@ -30,3 +30,9 @@ def test_the_plugin_needs_the_control_address_and_says_which_flag() -> None:
         config(control="")
     assert config().control == "127.0.0.1:7070"
     assert config(control="", plugin_socket=None).plugin_socket is None
+
+
+def test_a_lease_ttl_too_short_for_the_self_fence_is_refused_with_the_range() -> None:
+    with pytest.raises(ValueError, match="--lease-ttl 3: give 5 to 600 seconds"):
+        config(lease_ttl=3)
+    assert config(lease_ttl=30).lease_ttl == 30

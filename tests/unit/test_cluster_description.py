@@ -114,3 +114,23 @@ def test_a_time_scale_below_one_is_refused(tmp_path: Path, scale: object) -> Non
     path.write_text(yaml.safe_dump({**MINIMAL, "time_scale": scale}))
     with pytest.raises(DescriptionError, match=r"time_scale .*: give a number of at least 1"):
         ClusterDescription.load(path)
+
+
+def test_a_described_lease_ttl_is_what_the_suite_expects_of_the_agents(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert ClusterDescription.load(path).lease_ttl == 10
+    path.write_text(yaml.safe_dump({**MINIMAL, "lease_ttl": 30}))
+    described = ClusterDescription.load(path)
+    assert described.lease_ttl == 30
+    saved = tmp_path / "saved.yaml"
+    described.save(saved)
+    assert ClusterDescription.load(saved).lease_ttl == 30
+
+
+@pytest.mark.parametrize("ttl", [3, 2.5, "long"])
+def test_a_lease_ttl_the_agents_would_refuse_is_refused(tmp_path: Path, ttl: object) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "lease_ttl": ttl}))
+    with pytest.raises(DescriptionError, match="lease_ttl"):
+        ClusterDescription.load(path)

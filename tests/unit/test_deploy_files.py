@@ -274,7 +274,12 @@ def test_vagrant_refuses_a_node_count_it_cannot_address(value: str) -> None:
 
 
 def provision(
-    tmp_path: Path, node: str, nodes: str, etcd_members: int, make_certs: bool = True
+    tmp_path: Path,
+    node: str,
+    nodes: str,
+    etcd_members: int,
+    make_certs: bool = True,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """vagrant/provision.sh --dry-run: files go under tmp_path/root, commands to stdout.
     The certificates are placeholders: provisioning only copies them."""
@@ -292,6 +297,7 @@ def provision(
             *("--node", node, "--nodes", nodes, "--etcd-members", str(etcd_members)),
             *("--zfs", "fuse", "--repo", str(REPO), "--pki", str(pki), "--disk", "/dev/vdb"),
             *("--dry-run", "--root", str(tmp_path / "root")),
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -324,6 +330,20 @@ def test_provisioning_node1_makes_it_etcd_member_control_and_agent(tmp_path: Pat
     assert control["FERRY_LISTEN"] == "192.168.56.11:7070"
     assert (etc / "pki/control.key").read_text() == "key of control\n"
     assert (etc / "pki/control.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_lease_ttl_given_to_provisioning_reaches_the_agent_and_none_keeps_the_default(
+    tmp_path: Path,
+) -> None:
+    slow, plain = tmp_path / "slow", tmp_path / "plain"
+    slow.mkdir()
+    plain.mkdir()
+    result = provision(slow, "node2", THREE_NODES, 3, extra=("--lease-ttl", "30"))
+    assert result.returncode == 0, result.stderr
+    assert set_lines(slow / "root/etc/ferry/agent.env")["FERRY_LEASE_TTL"] == "30"
+    result = provision(plain, "node2", THREE_NODES, 3)
+    assert result.returncode == 0, result.stderr
+    assert "FERRY_LEASE_TTL" not in set_lines(plain / "root/etc/ferry/agent.env")
 
 
 def set_lines(path: Path) -> dict[str, str]:

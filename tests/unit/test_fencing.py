@@ -8,16 +8,33 @@ from ferry.core import fencing
 from ferry.core.records import VolumeSpec
 
 
-def test_the_owner_freezes_before_its_lease_can_expire() -> None:
-    assert fencing.fencing_holds()
+@pytest.mark.parametrize(
+    "ttl",
+    [
+        fencing.MIN_LEASE_TTL_SECONDS,
+        fencing.DEFAULT_LEASE_TTL_SECONDS,
+        30,
+        fencing.MAX_LEASE_TTL_SECONDS,
+    ],
+)
+def test_the_owner_freezes_before_its_lease_can_expire(ttl: int) -> None:
+    timing = fencing.FencingTiming(fencing.check_lease_ttl(ttl))
+    assert timing.holds()
     # An attempt cut off, then the retry (its back-off has 20 % jitter) sent before the freeze.
-    one_lost = (
-        fencing.RENEW_INTERVAL_SECONDS
-        + fencing.RENEW_TIMEOUT_SECONDS
-        + 1.2 * fencing.RENEW_RETRY_SECONDS
-    )
-    assert one_lost <= fencing.FENCE_AFTER_SECONDS, "one lost renewal alone freezes nothing"
-    assert fencing.FREEZE_RETRY_SECONDS < fencing.FREEZE_WINDOW_SECONDS
+    one_lost = timing.renew_interval + timing.renew_timeout + 1.2 * timing.renew_retry
+    assert one_lost <= timing.fence_after, "one lost renewal alone freezes nothing"
+    assert timing.freeze_retry < timing.freeze_window
+
+
+def test_the_default_timing_is_the_documented_one() -> None:
+    timing = fencing.DEFAULT_TIMING
+    assert (timing.lease_ttl, timing.fence_after, timing.fencing_bound) == (10, 6.0, 8.25)
+
+
+@pytest.mark.parametrize("ttl", [0, 4, 601])
+def test_a_lease_ttl_out_of_range_is_refused_with_the_range(ttl: int) -> None:
+    with pytest.raises(ValueError, match="give 5 to 600 seconds"):
+        fencing.check_lease_ttl(ttl)
 
 
 def test_a_volume_fails_over_by_hand_after_30_s_unless_its_spec_says_otherwise() -> None:
