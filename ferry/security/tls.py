@@ -12,6 +12,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -94,7 +95,7 @@ def certificate_name(certificate: dict[str, object] | None) -> str | None:
     return None
 
 
-def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
+def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     """The common name of the peer's verified client certificate, or None without one."""
     names = list(context.auth_context().get("x509_common_name") or [])
     return names[0].decode() if names else None
