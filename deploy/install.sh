@@ -119,7 +119,10 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
     step "virtualenv $venv" make_venv
 fi
-what="ferry and its Python packages$( [ "$dev" -eq 1 ] && echo ", test and lint tools" )"
+what="ferry and its Python packages"
+if [ "$dev" -eq 1 ]; then
+    what+=", test and lint tools"
+fi
 if [ -f "$installed_stamp" ] && [ "$(cat "$installed_stamp")" = "$(install_key)" ]; then
     printf 'install: %s: installed from this checkout already, pyproject.toml unchanged\n' "$what" >&2
 else

@@ -47,7 +47,9 @@ def sandbox(tmp_path: Path) -> Path:
     return checkout
 
 
-def install(tmp_path: Path, fail_pip: bool = False) -> subprocess.CompletedProcess[str]:
+def install(
+    tmp_path: Path, fail_pip: bool = False, dev: bool = True
+) -> subprocess.CompletedProcess[str]:
     env = {
         "PATH": f"{tmp_path / 'shims'}:/usr/bin:/bin",
         "HOME": str(tmp_path),
@@ -59,7 +61,7 @@ def install(tmp_path: Path, fail_pip: bool = False) -> subprocess.CompletedProce
         **({"FAIL_PIP": "1"} if fail_pip else {}),
     }
     return subprocess.run(
-        ["bash", str(tmp_path / "checkout/deploy/install.sh"), "--dev"],
+        ["bash", str(tmp_path / "checkout/deploy/install.sh"), *(["--dev"] if dev else [])],
         capture_output=True,
         text=True,
         env=env,
@@ -113,3 +115,16 @@ def test_a_failed_pip_install_is_tried_again_by_the_next_run(tmp_path: Path) -> 
     retried = install(tmp_path)
     assert retried.returncode == 0, retried.stderr
     assert f"python -m pip install -e {checkout}[dev]" in calls(tmp_path)
+
+
+def test_a_node_install_without_dev_tools_installs_ferry_and_its_commands(
+    tmp_path: Path,
+) -> None:
+    """What the demo and a real node run (no --dev): it once stopped silently after the
+    zfs-fuse step, exit status 1, with nothing installed."""
+    checkout = sandbox(tmp_path)
+    plain = install(tmp_path, dev=False)
+    assert plain.returncode == 0, plain.stderr
+    assert f"python -m pip install -e {checkout}" in calls(tmp_path)
+    assert "ferry installed in" in plain.stderr
+    assert os.readlink(tmp_path / "bin/ferry-agent") == str(tmp_path / "venv/bin/ferry-agent")
